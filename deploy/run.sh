@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs what is missing, builds, and runs the ArcFace engine on the weights (its offline
+# throughput benchmark, until the gRPC server lands).
+# Weights: $ARCFACE_WEIGHTS, else models/arcface_r50.safetensors (deploy/fetch-weights.sh gets
+# it). Without weights it says so and offers the demo weights (--demo-weights or
+# ARCFACE_DEMO_WEIGHTS=true): seeded random weights, a real pipeline, meaningless embeddings.
+# Usage: deploy/run.sh [--demo-weights] [extra arguments for the program]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD=${ARCFACE_BUILD_DIR:-build}
+
+demo=${ARCFACE_DEMO_WEIGHTS:-false}
+args=()
+for a in "$@"; do
+  if [[ $a == --demo-weights ]]; then demo=true; else args+=("$a"); fi
+done
+
+deploy/install-deps.sh
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build "$BUILD" -j"$(nproc)" --target engine_bench
+
+weights=${ARCFACE_WEIGHTS:-models/arcface_r50.safetensors}
+weight_args=()
+if [[ -f $weights ]]; then
+  weight_args=(--weights "$weights")
+elif [[ $demo == true ]]; then
+  echo "run: no weights; using DEMO weights (seeded random): the pipeline is real, the embeddings are NOT meaningful" >&2
+  weight_args=(--demo-weights)
+else
+  echo "run: no weights at '$weights'." >&2
+  echo "run:   get them:  deploy/fetch-weights.sh   (py-feat/arcface_r50, non-commercial licence)" >&2
+  echo "run:   or point ARCFACE_WEIGHTS at a .safetensors or InsightFace .onnx file" >&2
+  echo "run:   or try the pipeline on seeded random weights: deploy/run.sh --demo-weights" >&2
+  if [[ -t 0 ]]; then
+    read -r -p "Use the demo weights now? [y/N] " answer
+    [[ $answer == [yY]* ]] || exit 1
+    weight_args=(--demo-weights)
+  else
+    exit 1
+  fi
+fi
+exec "$BUILD/tests/bench/engine_bench" "${weight_args[@]}" "${args[@]}"

@@ -1,0 +1,171 @@
+#include "server/engine/engine.h"
+
+#include <utility>
+
+#include <ATen/Parallel.h>
+#include <torch/torch.h>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "server/model/iresnet.h"
+
+namespace arcface::engine {
+
+static_assert(kEmbeddingDim == model::kEmbeddingDim && kCropSize == model::kInputSize);
+
+struct Engine::Impl {
+  model::IResNet net{nullptr};
+  torch::Device device{torch::kCPU};
+  torch::ScalarType dtype = torch::kFloat32;
+  bool channels_last = true;
+
+  torch::Tensor Forward(const uint8_t* data, int64_t n) {
+    c10::InferenceMode inference;
+    // from_blob does not copy; the single copy is the transfer to the device (or, on the CPU,
+    // the conversion to float below).
+    torch::Tensor nhwc = torch::from_blob(const_cast<uint8_t*>(data), {n, kCropSize, kCropSize, 3},
+                                          torch::kUInt8);
+    torch::Tensor x = nhwc.to(device, /*non_blocking=*/false).permute({0, 3, 1, 2});
+    x = x.to(torch::kFloat32).sub_(127.5).div_(127.5);
+    x = x.contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+    if (dtype != torch::kFloat32) x = x.to(dtype);
+    return net->forward(x).to(torch::kFloat32).to(torch::kCPU).contiguous();
+  }
+};
+
+absl::StatusOr<Precision> ParsePrecision(const std::string& name) {
+  if (name == "fp32") return Precision::kFp32;
+  if (name == "fp16") return Precision::kFp16;
+  if (name == "bf16") return Precision::kBf16;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown precision '", name, "': expected fp32, fp16 or bf16"));
+}
+
+const char* PrecisionName(Precision precision) {
+  switch (precision) {
+    case Precision::kFp32: return "fp32";
+    case Precision::kFp16: return "fp16";
+    case Precision::kBf16: return "bf16";
+  }
+  return "?";
+}
+
+bool BuiltWithCuda() { return at::hasCUDA(); }
+
+namespace {
+
+absl::StatusOr<torch::Device> ResolveDevice(const std::string& name) {
+  const bool cuda_built = BuiltWithCuda();
+  if (name == "auto") {
+    return cuda_built && torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0)
+                                                      : torch::Device(torch::kCPU);
+  }
+  if (name == "cpu") return torch::Device(torch::kCPU);
+  if (name == "cuda" || absl::StartsWith(name, "cuda:")) {
+    int index = 0;
+    if (name != "cuda" && (!absl::SimpleAtoi(name.substr(5), &index) || index < 0)) {
+      return absl::InvalidArgumentError(absl::StrCat("device '", name, "': bad CUDA device index"));
+    }
+    if (!cuda_built) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "device '", name, "': this server is built against a CPU-only libtorch; use --device=cpu "
+          "or build against a CUDA libtorch"));
+    }
+    const int count = static_cast<int>(torch::cuda::device_count());
+    if (index >= count) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("device '", name, "': ", count, " CUDA device(s) visible"));
+    }
+    return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown device '", name, "': expected auto, cpu, cuda or cuda:N"));
+}
+
+torch::ScalarType ScalarTypeOf(Precision precision) {
+  switch (precision) {
+    case Precision::kFp16: return torch::kFloat16;
+    case Precision::kBf16: return torch::kBFloat16;
+    case Precision::kFp32: break;
+  }
+  return torch::kFloat32;
+}
+
+}  // namespace
+
+Engine::Engine(std::unique_ptr<Impl> impl, std::string device_name, Precision precision,
+               std::string arch)
+    : impl_(std::move(impl)),
+      device_name_(std::move(device_name)),
+      precision_(precision),
+      arch_(std::move(arch)) {}
+
+Engine::~Engine() = default;
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& checkpoint,
+                                                       const EngineOptions& options) {
+  absl::StatusOr<torch::Device> device = ResolveDevice(options.device);
+  if (!device.ok()) return device.status();
+  if (options.precision == Precision::kFp16 && device->is_cpu()) {
+    return absl::InvalidArgumentError(
+        "precision fp16 is not supported on the CPU (libtorch has no fp16 CPU convolutions); "
+        "use fp32 or bf16");
+  }
+  if (options.threads < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("threads must be >= 0, got ", options.threads));
+  }
+  if (options.warmup_batch_size < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("warm-up batch size must be >= 0, got ", options.warmup_batch_size));
+  }
+  if (options.threads > 0) at::set_num_threads(options.threads);
+
+  auto impl = std::make_unique<Impl>();
+  impl->device = *device;
+  impl->dtype = ScalarTypeOf(options.precision);
+  impl->channels_last = options.channels_last;
+  try {
+    absl::StatusOr<model::IResNet> net = model::BuildIResNet(checkpoint);
+    if (!net.ok()) return net.status();
+    impl->net = *std::move(net);
+    impl->net->to(impl->device, impl->dtype);
+    if (options.warmup_batch_size > 0) {
+      std::vector<uint8_t> zeros(kCropBytes * options.warmup_batch_size, 0);
+      impl->Forward(zeros.data(), options.warmup_batch_size);
+    }
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("could not place the model on ", device->str(), " in ",
+                                            PrecisionName(options.precision), ": ",
+                                            e.what_without_backtrace()));
+  }
+  return std::unique_ptr<Engine>(
+      new Engine(std::move(impl), device->str(), options.precision, checkpoint.arch));
+}
+
+absl::StatusOr<EmbeddingBatch> Engine::Run(absl::Span<const uint8_t> crops) {
+  if (crops.empty() || crops.size() % kCropBytes != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("crop buffer of ", crops.size(),
+                                                   " bytes is not a positive multiple of ",
+                                                   kCropBytes, " (112x112x3)"));
+  }
+  const int64_t n = static_cast<int64_t>(crops.size() / kCropBytes);
+  EmbeddingBatch batch;
+  batch.size = static_cast<int>(n);
+  try {
+    torch::Tensor out;
+    {
+      absl::MutexLock lock(&mu_);
+      out = impl_->Forward(crops.data(), n);
+    }
+    batch.values.assign(out.data_ptr<float>(), out.data_ptr<float>() + n * kEmbeddingDim);
+    torch::Tensor norms = out.norm(2, {1});
+    batch.norms.assign(norms.data_ptr<float>(), norms.data_ptr<float>() + n);
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("forward pass on ", device_name_, " failed: ",
+                                            e.what_without_backtrace()));
+  }
+  return batch;
+}
+
+}  // namespace arcface::engine

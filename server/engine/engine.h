@@ -1,0 +1,87 @@
+// Engine: an IResNet resident on one device, turning batches of 112×112 uint8 RGB crops into
+// raw 512-d embeddings.
+//
+// Contract
+// - Create() validates the options (device, precision, threads), builds the network from the
+//   checkpoint, moves it to the device in the requested precision and warms it up. Errors name
+//   the option and the reason (e.g. "cuda" on a CPU-only build, fp16 on the CPU).
+// - Run() copies the uint8 batch to the device once, converts and normalizes it there
+//   ((x - 127.5) / 127.5, the numbers of py-feat's x/255*2-1), runs the network under
+//   InferenceMode and returns float32 embeddings (raw, not normalized) and their L2 norms.
+// - Blocking: Run() blocks for the forward pass. Calls are serialized by an internal mutex, so
+//   it is safe to call from any thread; the batcher calls it from its one batch thread.
+// - Errors: torch exceptions are caught here and returned as INTERNAL (a device or runtime
+//   failure, never a caller's mistake); a batch of 0 or a wrong buffer size is INVALID_ARGUMENT.
+// - Threads: intra-op parallelism is a process-wide libtorch setting; Create() sets it when
+//   options.threads > 0.
+#ifndef ARCFACE_SERVER_ENGINE_ENGINE_H_
+#define ARCFACE_SERVER_ENGINE_ENGINE_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
+#include "server/model/checkpoint.h"
+
+namespace arcface::engine {
+
+enum class Precision { kFp32, kFp16, kBf16 };
+
+absl::StatusOr<Precision> ParsePrecision(const std::string& name);  // "fp32", "fp16", "bf16"
+const char* PrecisionName(Precision precision);
+
+// Whether the libtorch this binary links has CUDA support compiled in.
+bool BuiltWithCuda();
+
+struct EngineOptions {
+  std::string device = "cpu";     // "cpu", "cuda", "cuda:N", or "auto" (cuda if present)
+  Precision precision = Precision::kFp32;
+  int threads = 0;                // intra-op threads; 0 keeps libtorch's default
+  int warmup_batch_size = 8;      // 0 skips warm-up
+  bool channels_last = true;      // memory format of activations (faster on oneDNN and cuDNN)
+};
+
+struct EmbeddingBatch {
+  int size = 0;
+  std::vector<float> values;  // size × 512, row-major, raw embeddings
+  std::vector<float> norms;   // size, L2 norm of each raw row
+};
+
+inline constexpr int kCropSize = 112;
+inline constexpr size_t kCropBytes = size_t{kCropSize} * kCropSize * 3;
+inline constexpr int kEmbeddingDim = 512;
+
+class Engine {
+ public:
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const model::Checkpoint& checkpoint,
+                                                        const EngineOptions& options);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // `crops` holds n = crops.size() / kCropBytes crops, each 112×112×3 RGB HWC.
+  absl::StatusOr<EmbeddingBatch> Run(absl::Span<const uint8_t> crops);
+
+  const std::string& device() const { return device_name_; }
+  Precision precision() const { return precision_; }
+  const std::string& arch() const { return arch_; }
+
+ private:
+  struct Impl;
+  Engine(std::unique_ptr<Impl> impl, std::string device_name, Precision precision, std::string arch);
+
+  absl::Mutex mu_;
+  std::unique_ptr<Impl> impl_ ABSL_GUARDED_BY(mu_);
+  const std::string device_name_;
+  const Precision precision_;
+  const std::string arch_;
+};
+
+}  // namespace arcface::engine
+
+#endif  // ARCFACE_SERVER_ENGINE_ENGINE_H_

@@ -1,0 +1,113 @@
+// arcface::image — turns what a client sends (encoded or raw pixels, plus an optional box or
+// five landmarks) into the 112×112×3 uint8 RGB crop the ArcFace model consumes.
+//
+// Contract
+// - Ownership: inputs are borrowed for the duration of the call only. Every returned cv::Mat
+//   and Crop owns its pixels; none aliases the caller's buffers, so a request's bytes may be
+//   freed as soon as a call returns.
+// - Blocking: calls are CPU-bound and synchronous (no I/O, no locks of this library's own).
+//   Decoding costs grow with the image; the size caps in Limits bound them, and the pixel cap
+//   is enforced from the image header before any pixel is decoded or any canvas allocated.
+// - Errors: every rejection caused by the input is INVALID_ARGUMENT whose message names the
+//   reason (callers prefix the face index). INTERNAL only if OpenCV fails on input this library
+//   already validated. No exception escapes: OpenCV's are caught here and become a status.
+// - Thread safety: all functions are pure (no state between calls) and may run concurrently
+//   from any number of threads.
+// - Pixel conventions: images are cv::Mat CV_8UC3 in RGB order; a Crop is kCropBytes of RGB,
+//   row-major HWC. Coordinates are in pixels with integer pixel centres (pixel (0,0) spans
+//   [-0.5, 0.5)). Resizing is bilinear with half-pixel centres and no antialiasing (py-feat's
+//   F.interpolate(align_corners=False)); it is done by OpenCV's 8-bit fixed-point path, so
+//   results may differ by 1 from rounding a float bilinear interpolation.
+#ifndef ARCFACE_SERVER_IMAGE_IMAGE_H_
+#define ARCFACE_SERVER_IMAGE_IMAGE_H_
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <opencv2/core.hpp>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+
+namespace arcface::image {
+
+inline constexpr int kCropSize = 112;
+inline constexpr size_t kCropBytes = size_t{kCropSize} * kCropSize * 3;
+
+// kCropSize × kCropSize × 3 bytes, RGB, row-major HWC; always exactly kCropBytes long.
+using Crop = std::vector<uint8_t>;
+
+// Layout of tightly packed raw pixels (no row padding).
+enum class PixelFormat { kRgb8, kBgr8, kGray8 };
+
+struct Limits {
+  // Caps width × height of decoded and raw images, and the area of a crop box (which may
+  // reach outside the image and so needs a canvas of its own).
+  int64_t max_pixels = 40'000'000;
+  size_t max_encoded_bytes = size_t{64} << 20;
+};
+
+struct Box {
+  float x_min, y_min, x_max, y_max;  // pixels
+};
+
+struct Point {
+  float x, y;
+};
+
+// The header of an encoded image. `format` is one of "jpeg", "png", "bmp", "webp", "tiff".
+// The size is the one stored in the file (JPEG EXIF orientation is not applied).
+struct ImageInfo {
+  std::string format;
+  int width = 0;
+  int height = 0;
+};
+
+// Reads the format and declared size from the header alone, without decoding pixels.
+// Bounds-checked: garbage or truncated input yields an error, never a read past the end.
+absl::StatusOr<ImageInfo> ProbeImage(std::string_view encoded);
+
+// Decodes JPEG, PNG, BMP, WebP or TIFF into an 8-bit RGB image (CV_8UC3). Grayscale is
+// replicated to three channels, alpha is dropped, 16-bit samples are reduced to 8 bits, and
+// JPEG EXIF orientation is ignored (as py-feat / torchvision's read_image do). Images whose
+// declared width × height exceeds limits.max_pixels are refused from the header, before any
+// pixel is decoded; so are inputs over limits.max_encoded_bytes and any other format.
+absl::StatusOr<cv::Mat> DecodeImage(std::string_view encoded, const Limits& limits);
+
+// Copies (converting as needed) tightly packed pixels into an RGB image. Checks width and
+// height > 0, width × height ≤ limits.max_pixels and data.size() == width × height × channels.
+absl::StatusOr<cv::Mat> RawToRgb(std::string_view data, int width, int height, PixelFormat format,
+                                 const Limits& limits);
+
+// The whole image as the crop: copied exactly when already 112×112, else resized.
+absl::StatusOr<Crop> ResizeWhole(const cv::Mat& rgb);
+
+// The box region as the crop. Edges are rounded to whole pixels with floor(v + 0.5): the region
+// is columns [round(x_min), round(x_max)) and rows [round(y_min), round(y_max)). Parts outside
+// the image are black. The region is copied exactly when 112×112, else resized. Errors: a
+// non-finite coordinate, an empty region after rounding, an area over limits.max_pixels.
+absl::StatusOr<Crop> CropBox(const cv::Mat& rgb, const Box& box, const Limits& limits = Limits());
+
+// InsightFace's norm_crop: the five landmarks (left eye, right eye, nose tip, left mouth corner,
+// right mouth corner) are mapped onto ArcFaceTemplate() by EstimateSimilarity, and the image is
+// warped bilinearly into 112×112 with a black border. Errors: not exactly 5 landmarks, a
+// non-finite landmark, degenerate (coincident) landmarks.
+absl::StatusOr<Crop> AlignFace(const cv::Mat& rgb, absl::Span<const Point> landmarks);
+
+// Least-squares similarity transform with scale (Umeyama 1991, as skimage's
+// SimilarityTransform.estimate) taking src[i] to dst[i]: a 2×3 matrix [sR | t], R a proper
+// rotation. Computed in double. Errors: different or too few point counts, non-finite
+// points, coincident source or destination points ("degenerate landmarks").
+absl::StatusOr<cv::Matx23d> EstimateSimilarity(absl::Span<const Point> src,
+                                               absl::Span<const Point> dst);
+
+// The five ArcFace landmark positions in the 112×112 crop.
+const std::array<Point, 5>& ArcFaceTemplate();
+
+}  // namespace arcface::image
+
+#endif  // ARCFACE_SERVER_IMAGE_IMAGE_H_

@@ -1,0 +1,967 @@
+// Tests of the dynamic batcher against its contract (server/batching/dynamic_batcher.h).
+// Time is a FakeClock moved by hand; the tests never sleep. They wait only on the batcher's own
+// state (WaitUntilIdle) or on notifications, with generous real-time timeouts as a safety net.
+#include "server/batching/dynamic_batcher.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <functional>
+#include <memory>
+#include <numeric>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "server/batching/clock.h"
+#include "server/batching/fake_clock.h"
+
+namespace arcface::batching {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::ElementsAreArray;
+using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+
+constexpr absl::Duration kSafety = absl::Seconds(60);
+
+std::vector<int> Range(int first, int n) {
+  std::vector<int> v(n);
+  std::iota(v.begin(), v.end(), first);
+  return v;
+}
+
+// A request: its items are integer ids; the BatchFn writes id * 10 into each output slot.
+struct TestTask : Task {
+  std::vector<int> ids;
+  std::vector<int> outputs;
+  std::atomic<int> done_calls{0};
+
+  absl::Status result() {
+    absl::MutexLock lock(&mu);
+    return status;
+  }
+
+  absl::Mutex mu;
+  absl::Status status ABSL_GUARDED_BY(mu) = absl::UnknownError("done not called");
+};
+
+std::shared_ptr<TestTask> MakeTask(int first_id, int n,
+                                   absl::Time deadline = absl::InfiniteFuture()) {
+  auto task = std::make_shared<TestTask>();
+  task->num_items = n;
+  task->ids = Range(first_id, n);
+  task->outputs.assign(n, -1);
+  task->deadline = deadline;
+  TestTask* raw = task.get();
+  task->done = [raw](absl::Status status) {
+    {
+      absl::MutexLock lock(&raw->mu);
+      raw->status = std::move(status);
+    }
+    raw->done_calls.fetch_add(1);
+  };
+  return task;
+}
+
+// Stands in for the model: records what each batch held, fills the outputs, and fails the
+// batches the test asks it to fail.
+class Recorder {
+ public:
+  BatchFn Fn() {
+    return [this](Batch& batch) { return Run(batch); };
+  }
+
+  absl::Status Run(Batch& batch) {
+    std::vector<int> ids;
+    int total = 0;
+    for (const BatchSlice& slice : batch.slices) {
+      auto* task = static_cast<TestTask*>(slice.task);
+      for (int i = 0; i < slice.num_items; ++i) {
+        const int item = slice.first_item + i;
+        ids.push_back(task->ids[item]);
+        task->outputs[item] = task->ids[item] * 10;
+      }
+      total += slice.num_items;
+    }
+    EXPECT_EQ(total, batch.size);
+    absl::Status status;
+    {
+      absl::MutexLock lock(&mu_);
+      batches_.push_back(ids);
+      num_slices_.push_back(static_cast<int>(batch.slices.size()));
+      if (fail_if_) status = fail_if_(ids);
+      if (slice_status_) {
+        for (BatchSlice& slice : batch.slices) slice.status = slice_status_(slice);
+      }
+    }
+    return status;
+  }
+
+  void FailIf(std::function<absl::Status(const std::vector<int>&)> f) {
+    absl::MutexLock lock(&mu_);
+    fail_if_ = std::move(f);
+  }
+  void SetSliceStatus(std::function<absl::Status(const BatchSlice&)> f) {
+    absl::MutexLock lock(&mu_);
+    slice_status_ = std::move(f);
+  }
+
+  std::vector<std::vector<int>> batches() {
+    absl::MutexLock lock(&mu_);
+    return batches_;
+  }
+  std::vector<int> sizes() {
+    absl::MutexLock lock(&mu_);
+    std::vector<int> out;
+    for (const auto& b : batches_) out.push_back(static_cast<int>(b.size()));
+    return out;
+  }
+  std::vector<int> all_ids() {
+    absl::MutexLock lock(&mu_);
+    std::vector<int> out;
+    for (const auto& b : batches_) out.insert(out.end(), b.begin(), b.end());
+    return out;
+  }
+  std::vector<int> num_slices() {
+    absl::MutexLock lock(&mu_);
+    return num_slices_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::vector<std::vector<int>> batches_ ABSL_GUARDED_BY(mu_);
+  std::vector<int> num_slices_ ABSL_GUARDED_BY(mu_);
+  std::function<absl::Status(const std::vector<int>&)> fail_if_ ABSL_GUARDED_BY(mu_);
+  std::function<absl::Status(const BatchSlice&)> slice_status_ ABSL_GUARDED_BY(mu_);
+};
+
+class RecordingObserver : public BatcherObserver {
+ public:
+  void OnBatch(const BatchInfo& info) override {
+    absl::MutexLock lock(&mu_);
+    sizes_.push_back(info.size);
+    waits_.emplace_back(info.queue_waits.begin(), info.queue_waits.end());
+  }
+  void OnRejected(RejectReason reason, int num_items) override {
+    absl::MutexLock lock(&mu_);
+    rejected_.push_back(reason);
+  }
+  void OnDropped(DropReason reason, int num_items_dropped) override {
+    absl::MutexLock lock(&mu_);
+    dropped_.emplace_back(reason, num_items_dropped);
+  }
+
+  std::vector<std::vector<absl::Duration>> waits() {
+    absl::MutexLock lock(&mu_);
+    return waits_;
+  }
+  std::vector<RejectReason> rejected() {
+    absl::MutexLock lock(&mu_);
+    return rejected_;
+  }
+  std::vector<std::pair<DropReason, int>> dropped() {
+    absl::MutexLock lock(&mu_);
+    return dropped_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::vector<int> sizes_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::vector<absl::Duration>> waits_ ABSL_GUARDED_BY(mu_);
+  std::vector<RejectReason> rejected_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::pair<DropReason, int>> dropped_ ABSL_GUARDED_BY(mu_);
+};
+
+DynamicBatcher::Options MakeOptions(int max_batch, absl::Duration delay, int max_queue,
+                                    bool thread = true) {
+  DynamicBatcher::Options options;
+  options.max_batch_size = max_batch;
+  options.max_queue_delay = delay;
+  options.max_queue_size = max_queue;
+  options.start_batch_thread = thread;
+  return options;
+}
+
+std::unique_ptr<DynamicBatcher> MustCreate(const DynamicBatcher::Options& options, BatchFn fn,
+                                           Clock* clock) {
+  auto batcher = DynamicBatcher::Create(options, std::move(fn), clock);
+  EXPECT_TRUE(batcher.ok()) << batcher.status();
+  return batcher.ok() ? std::move(*batcher) : nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Options
+
+TEST(DynamicBatcherOptions, DefaultsMatchTheDesign) {
+  DynamicBatcher::Options options;
+  EXPECT_EQ(options.max_batch_size, 32);
+  EXPECT_EQ(options.max_queue_delay, absl::Milliseconds(2));
+  EXPECT_EQ(options.max_queue_size, 4096);
+  FakeClock clock;
+  Recorder model;
+  EXPECT_TRUE(DynamicBatcher::Create(options, model.Fn(), &clock).ok());
+}
+
+TEST(DynamicBatcherOptions, RejectsBadValuesNamingTheOption) {
+  FakeClock clock;
+  Recorder model;
+  auto check = [&](DynamicBatcher::Options options, const char* name) {
+    auto batcher = DynamicBatcher::Create(options, model.Fn(), &clock);
+    ASSERT_FALSE(batcher.ok()) << name;
+    EXPECT_EQ(batcher.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(batcher.status().message(), HasSubstr(name));
+  };
+  check(MakeOptions(0, absl::Milliseconds(2), 64), "max_batch_size");
+  check(MakeOptions(-3, absl::Milliseconds(2), 64), "max_batch_size");
+  check(MakeOptions(32, absl::Milliseconds(2), 31), "max_queue_size");
+  check(MakeOptions(32, -absl::Microseconds(1), 64), "max_queue_delay");
+  check(MakeOptions(32, absl::InfiniteDuration(), 64), "max_queue_delay");
+
+  auto no_fn = DynamicBatcher::Create(DynamicBatcher::Options(), nullptr, &clock);
+  ASSERT_FALSE(no_fn.ok());
+  EXPECT_THAT(no_fn.status().message(), HasSubstr("batch_fn"));
+
+  // The edges are valid.
+  EXPECT_TRUE(DynamicBatcher::Create(MakeOptions(1, absl::ZeroDuration(), 1), model.Fn(), &clock)
+                  .ok());
+}
+
+TEST(DynamicBatcherOptions, NullClockMeansRealClock) {
+  Recorder model;
+  auto batcher = MustCreate(MakeOptions(1, absl::ZeroDuration(), 4), model.Fn(), nullptr);
+  ASSERT_NE(batcher, nullptr);
+  auto task = MakeTask(0, 1);
+  ASSERT_TRUE(batcher->Schedule(task).ok());
+  batcher->Shutdown();
+  EXPECT_EQ(task->done_calls.load(), 1);
+  EXPECT_TRUE(task->result().ok());
+}
+
+// ---------------------------------------------------------------------------------------------
+// When a batch runs
+
+TEST(DynamicBatcher, TimeoutBoundaryIsExact) {
+  FakeClock clock;
+  Recorder model;
+  auto batcher = MustCreate(MakeOptions(32, absl::Milliseconds(2), 4096), model.Fn(), &clock);
+  auto a = MakeTask(0, 1);
+  auto b = MakeTask(1, 2);
+  auto c = MakeTask(3, 1);
+  ASSERT_TRUE(batcher->Schedule(a).ok());
+  ASSERT_TRUE(batcher->Schedule(b).ok());
+  ASSERT_TRUE(batcher->Schedule(c).ok());
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.batches(), IsEmpty());
+
+  clock.Advance(absl::Milliseconds(2) - absl::Microseconds(1));
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.batches(), IsEmpty());
+  EXPECT_EQ(batcher->queue_depth(), 4);
+  EXPECT_EQ(a->done_calls.load(), 0);
+
+  clock.Advance(absl::Microseconds(1));
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.batches(), ElementsAre(ElementsAre(0, 1, 2, 3)));
+  EXPECT_EQ(batcher->queue_depth(), 0);
+  for (auto* t : {a.get(), b.get(), c.get()}) {
+    EXPECT_EQ(t->done_calls.load(), 1);
+    EXPECT_TRUE(t->result().ok()) << t->result();
+  }
+  EXPECT_THAT(b->outputs, ElementsAre(10, 20));
+}
+
+TEST(DynamicBatcher, DelayCountsFromTheOldestItemsSchedule) {
+  FakeClock clock;
+  Recorder model;
+  RecordingObserver observer;
+  auto options = MakeOptions(32, absl::Milliseconds(2), 4096);
+  options.observer = &observer;
+  auto batcher = MustCreate(options, model.Fn(), &clock);
+
+  ASSERT_TRUE(batcher->Schedule(MakeTask(0, 1)).ok());
+  clock.Advance(absl::Milliseconds(1));
+  ASSERT_TRUE(batcher->Schedule(MakeTask(1, 2)).ok());
+  clock.Advance(absl::Milliseconds(1) - absl::Microseconds(1));
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.batches(), IsEmpty());
+
+  clock.Advance(absl::Microseconds(1));
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.batches(), ElementsAre(ElementsAre(0, 1, 2)));
+  EXPECT_THAT(observer.waits(),
+              ElementsAre(ElementsAre(absl::Milliseconds(2), absl::Milliseconds(1),
+                                      absl::Milliseconds(1))));
+}
+
+TEST(DynamicBatcher, FullBatchRunsWithoutWaitingForTheDelay) {
+  FakeClock clock;
+  Recorder model;
+  auto batcher = MustCreate(MakeOptions(4, absl::Seconds(1), 64), model.Fn(), &clock);
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(batcher->Schedule(MakeTask(i, 1)).ok());
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.batches(), IsEmpty());
+
+  ASSERT_TRUE(batcher->Schedule(MakeTask(3, 1)).ok());  // the 4th item fills the batch
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.batches(), ElementsAre(ElementsAre(0, 1, 2, 3)));
+
+  // A 5th item starts a new batch that again waits for its delay.
+  ASSERT_TRUE(batcher->Schedule(MakeTask(4, 1)).ok());
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_EQ(model.batches().size(), 1u);
+  clock.Advance(absl::Seconds(1));
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.batches(), ElementsAre(ElementsAre(0, 1, 2, 3), ElementsAre(4)));
+}
+
+TEST(DynamicBatcher, ZeroDelayRunsWhatIsQueuedAtOnce) {
+  FakeClock clock;
+  Recorder model;
+  auto batcher = MustCreate(MakeOptions(32, absl::ZeroDuration(), 64), model.Fn(), &clock);
+  auto task = MakeTask(0, 3);
+  ASSERT_TRUE(batcher->Schedule(task).ok());
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.batches(), ElementsAre(ElementsAre(0, 1, 2)));
+  EXPECT_EQ(task->done_calls.load(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admission
+
+TEST(DynamicBatcher, ExactQueueCapacity) {
+  FakeClock clock;
+  Recorder model;
+  RecordingObserver observer;
+  auto options = MakeOptions(4, absl::Milliseconds(2), 8, /*thread=*/false);
+  options.observer = &observer;
+  auto batcher = MustCreate(options, model.Fn(), &clock);
+
+  for (int i = 0; i < 8; ++i) ASSERT_TRUE(batcher->Schedule(MakeTask(i, 1)).ok()) << i;
+  EXPECT_EQ(batcher->queue_depth(), 8);
+  absl::Status full = batcher->Schedule(MakeTask(8, 1));
+  EXPECT_EQ(full.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(full.message(), "queue full: 8 + 1 items over the limit of 8");
+
+  ASSERT_EQ(*batcher->RunOnce(), 4);  // a full batch is due at once
+  EXPECT_EQ(batcher->queue_depth(), 4);
+  ASSERT_TRUE(batcher->Schedule(MakeTask(8, 3)).ok());
+  EXPECT_EQ(batcher->Schedule(MakeTask(11, 2)).code(), absl::StatusCode::kResourceExhausted);
+  ASSERT_TRUE(batcher->Schedule(MakeTask(11, 1)).ok());
+  EXPECT_EQ(batcher->queue_depth(), 8);
+
+  BatcherCounters counters = batcher->counters();
+  EXPECT_EQ(counters.rejected_queue_full, 2);
+  EXPECT_EQ(counters.tasks_accepted, 10);
+  EXPECT_THAT(observer.rejected(),
+              ElementsAre(RejectReason::kQueueFull, RejectReason::kQueueFull));
+}
+
+TEST(DynamicBatcher, ItemsInFlightDoNotTakeQueueRoom) {
+  FakeClock clock;
+  Recorder model;
+  absl::Notification entered, release;
+  std::atomic<int> calls{0};
+  auto fn = [&](Batch& batch) {
+    if (calls.fetch_add(1) == 0) {
+      entered.Notify();
+      release.WaitForNotificationWithTimeout(kSafety);
+    }
+    return model.Run(batch);
+  };
+  auto batcher = MustCreate(MakeOptions(4, absl::Seconds(1), 8), fn, &clock);
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(batcher->Schedule(MakeTask(i, 1)).ok());
+  ASSERT_TRUE(entered.WaitForNotificationWithTimeout(kSafety));
+  // The first batch is in the model; the whole queue is free again.
+  EXPECT_EQ(batcher->queue_depth(), 0);
+  ASSERT_TRUE(batcher->Schedule(MakeTask(4, 3)).ok());
+  ASSERT_TRUE(batcher->Schedule(MakeTask(7, 5)).ok());
+  EXPECT_EQ(batcher->Schedule(MakeTask(12, 1)).code(), absl::StatusCode::kResourceExhausted);
+  release.Notify();
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.batches(), ElementsAre(ElementsAre(0, 1, 2, 3), ElementsAre(4, 5, 6, 7),
+                                           ElementsAre(8, 9, 10, 11)));
+}
+
+TEST(DynamicBatcher, RejectsBadTasksAndTasksLargerThanTheQueue) {
+  FakeClock clock;
+  Recorder model;
+  RecordingObserver observer;
+  auto options = MakeOptions(4, absl::Milliseconds(2), 8);
+  options.observer = &observer;
+  auto batcher = MustCreate(options, model.Fn(), &clock);
+
+  EXPECT_EQ(batcher->Schedule(nullptr).code(), absl::StatusCode::kInvalidArgument);
+  auto empty = MakeTask(0, 0);
+  EXPECT_EQ(batcher->Schedule(empty).code(), absl::StatusCode::kInvalidArgument);
+  auto no_done = MakeTask(0, 1);
+  no_done->done = nullptr;
+  EXPECT_EQ(batcher->Schedule(no_done).code(), absl::StatusCode::kInvalidArgument);
+
+  auto huge = MakeTask(0, 9);
+  absl::Status status = batcher->Schedule(huge);
+  EXPECT_EQ(status.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(status.message(), HasSubstr("limit of 8"));
+
+  batcher->Shutdown();
+  EXPECT_EQ(empty->done_calls.load(), 0);
+  EXPECT_EQ(huge->done_calls.load(), 0);
+  EXPECT_THAT(model.batches(), IsEmpty());
+  BatcherCounters counters = batcher->counters();
+  EXPECT_EQ(counters.rejected_invalid, 3);
+  EXPECT_EQ(counters.rejected_too_large, 1);
+  EXPECT_EQ(counters.tasks_accepted, 0);
+  EXPECT_THAT(observer.rejected(),
+              ElementsAre(RejectReason::kInvalid, RejectReason::kInvalid, RejectReason::kInvalid,
+                          RejectReason::kTooLarge));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Order and splitting
+
+TEST(DynamicBatcher, FifoAcrossTasks) {
+  FakeClock clock;
+  Recorder model;
+  auto batcher = MustCreate(MakeOptions(4, absl::Milliseconds(2), 64), model.Fn(), &clock);
+  std::vector<std::shared_ptr<TestTask>> tasks;
+  int next = 0;
+  for (int n : {3, 5, 2, 7, 1}) {
+    tasks.push_back(MakeTask(next, n));
+    next += n;
+    ASSERT_TRUE(batcher->Schedule(tasks.back()).ok());
+  }
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.sizes(), ElementsAre(4, 4, 4, 4));  // 2 of 18 wait for the delay
+  clock.Advance(absl::Milliseconds(2));
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.sizes(), ElementsAre(4, 4, 4, 4, 2));
+  EXPECT_THAT(model.all_ids(), ElementsAreArray(Range(0, 18)));
+  for (auto& t : tasks) {
+    EXPECT_EQ(t->done_calls.load(), 1);
+    EXPECT_TRUE(t->result().ok());
+    for (size_t i = 0; i < t->ids.size(); ++i) EXPECT_EQ(t->outputs[i], t->ids[i] * 10);
+  }
+}
+
+TEST(DynamicBatcher, LargeTaskIsSplitAcrossBatchesAndDoneOnce) {
+  FakeClock clock;
+  Recorder model;
+  auto batcher = MustCreate(MakeOptions(32, absl::Milliseconds(2), 4096), model.Fn(), &clock);
+  auto task = MakeTask(0, 70);
+  ASSERT_TRUE(batcher->Schedule(task).ok());
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.sizes(), ElementsAre(32, 32));
+  EXPECT_EQ(task->done_calls.load(), 0);  // 6 items still queued
+  EXPECT_EQ(batcher->queue_depth(), 6);
+
+  clock.Advance(absl::Milliseconds(2));
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.sizes(), ElementsAre(32, 32, 6));
+  EXPECT_THAT(model.all_ids(), ElementsAreArray(Range(0, 70)));
+  EXPECT_EQ(task->done_calls.load(), 1);
+  EXPECT_TRUE(task->result().ok());
+  std::vector<int> expected;
+  for (int i = 0; i < 70; ++i) expected.push_back(i * 10);
+  EXPECT_THAT(task->outputs, ElementsAreArray(expected));
+}
+
+TEST(DynamicBatcher, BatchMixesTasksAndPartsOfTasks) {
+  FakeClock clock;
+  Recorder model;
+  auto batcher = MustCreate(MakeOptions(4, absl::Milliseconds(2), 64, false), model.Fn(), &clock);
+  auto a = MakeTask(0, 3);
+  auto b = MakeTask(3, 3);
+  ASSERT_TRUE(batcher->Schedule(a).ok());
+  ASSERT_TRUE(batcher->Schedule(b).ok());
+  ASSERT_EQ(*batcher->RunOnce(), 4);
+  EXPECT_EQ(a->done_calls.load(), 1);  // all of a ran
+  EXPECT_EQ(b->done_calls.load(), 0);  // one of b's three ran
+  EXPECT_EQ(*batcher->RunOnce(), 0);   // b's rest waits for its delay
+  clock.Advance(absl::Milliseconds(2));
+  ASSERT_EQ(*batcher->RunOnce(), 2);
+  EXPECT_EQ(b->done_calls.load(), 1);
+  EXPECT_THAT(model.batches(), ElementsAre(ElementsAre(0, 1, 2, 3), ElementsAre(4, 5)));
+  EXPECT_THAT(model.num_slices(), ElementsAre(2, 1));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shutdown
+
+TEST(DynamicBatcher, ShutdownFlushesEverythingAtOnce) {
+  FakeClock clock;
+  Recorder model;
+  auto batcher = MustCreate(MakeOptions(32, absl::Hours(1), 4096), model.Fn(), &clock);
+  std::vector<std::shared_ptr<TestTask>> tasks;
+  for (int i = 0; i < 8; ++i) {
+    tasks.push_back(MakeTask(i * 5, 5));
+    ASSERT_TRUE(batcher->Schedule(tasks.back()).ok());
+  }
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_EQ(model.sizes().size(), 1u);  // 40 items: one full batch, 8 wait for the hour
+
+  batcher->Shutdown();  // no clock advance: the flush does not wait for the delay
+  EXPECT_THAT(model.sizes(), ElementsAre(32, 8));
+  EXPECT_THAT(model.all_ids(), ElementsAreArray(Range(0, 40)));
+  for (auto& t : tasks) {
+    EXPECT_EQ(t->done_calls.load(), 1);
+    EXPECT_TRUE(t->result().ok());
+  }
+  auto late = MakeTask(100, 1);
+  absl::Status status = batcher->Schedule(late);
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable);
+  batcher->Shutdown();  // idempotent
+  batcher.reset();      // and the destructor's call too
+  EXPECT_EQ(late->done_calls.load(), 0);
+  for (auto& t : tasks) EXPECT_EQ(t->done_calls.load(), 1);
+}
+
+TEST(DynamicBatcher, PuppetShutdownFlushesOnTheCaller) {
+  FakeClock clock;
+  Recorder model;
+  auto batcher = MustCreate(MakeOptions(4, absl::Hours(1), 64, false), model.Fn(), &clock);
+  auto a = MakeTask(0, 6);
+  ASSERT_TRUE(batcher->Schedule(a).ok());
+  batcher->Shutdown();
+  EXPECT_THAT(model.sizes(), ElementsAre(4, 2));
+  EXPECT_EQ(a->done_calls.load(), 1);
+  EXPECT_EQ(batcher->Schedule(MakeTask(6, 1)).code(), absl::StatusCode::kUnavailable);
+}
+
+TEST(DynamicBatcher, DestructorFinishesAcceptedTasks) {
+  FakeClock clock;
+  Recorder model;
+  auto task = MakeTask(0, 3);
+  {
+    auto batcher = MustCreate(MakeOptions(32, absl::Hours(1), 64), model.Fn(), &clock);
+    ASSERT_TRUE(batcher->Schedule(task).ok());
+  }
+  EXPECT_EQ(task->done_calls.load(), 1);
+  EXPECT_TRUE(task->result().ok());
+}
+
+TEST(DynamicBatcher, ShutdownFromADoneCallbackDoesNotDeadlock) {
+  FakeClock clock;
+  Recorder model;
+  auto batcher = MustCreate(MakeOptions(1, absl::Hours(1), 64), model.Fn(), &clock);
+  DynamicBatcher* raw = batcher.get();
+  auto first = MakeTask(0, 1);
+  absl::Status late_status;
+  first->done = [raw, &late_status](absl::Status) {
+    raw->Shutdown();
+    late_status = raw->Schedule(MakeTask(9, 1));
+  };
+  ASSERT_TRUE(batcher->Schedule(first).ok());
+  batcher->Shutdown();
+  EXPECT_EQ(late_status.code(), absl::StatusCode::kUnavailable);
+}
+
+TEST(DynamicBatcher, RunOnceNeedsPuppetMode) {
+  FakeClock clock;
+  Recorder model;
+  auto batcher = MustCreate(MakeOptions(4, absl::Milliseconds(2), 64), model.Fn(), &clock);
+  EXPECT_EQ(batcher->RunOnce().status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Expiry, cancellation, failures
+
+TEST(DynamicBatcher, ExpiredTaskNeverReachesTheModel) {
+  FakeClock clock;
+  Recorder model;
+  RecordingObserver observer;
+  auto options = MakeOptions(32, absl::Milliseconds(2), 64);
+  options.observer = &observer;
+  auto batcher = MustCreate(options, model.Fn(), &clock);
+  auto expiring = MakeTask(0, 2, clock.Now() + absl::Milliseconds(1));
+  auto living = MakeTask(2, 1, clock.Now() + absl::Milliseconds(3));
+  ASSERT_TRUE(batcher->Schedule(expiring).ok());
+  ASSERT_TRUE(batcher->Schedule(living).ok());
+  clock.Advance(absl::Milliseconds(2));
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.batches(), ElementsAre(ElementsAre(2)));
+  EXPECT_EQ(expiring->done_calls.load(), 1);
+  EXPECT_EQ(expiring->result().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(living->done_calls.load(), 1);
+  EXPECT_TRUE(living->result().ok());
+  EXPECT_THAT(expiring->outputs, ElementsAre(-1, -1));
+  BatcherCounters counters = batcher->counters();
+  EXPECT_EQ(counters.tasks_expired, 1);
+  EXPECT_EQ(counters.items_dropped, 2);
+  EXPECT_THAT(observer.dropped(), ElementsAre(std::make_pair(DropReason::kExpired, 2)));
+}
+
+TEST(DynamicBatcher, DeadlineIsInclusive) {
+  FakeClock clock;
+  Recorder model;
+  auto batcher = MustCreate(MakeOptions(32, absl::Milliseconds(2), 64), model.Fn(), &clock);
+  auto task = MakeTask(0, 1, clock.Now() + absl::Milliseconds(2));  // expires as the batch forms
+  ASSERT_TRUE(batcher->Schedule(task).ok());
+  clock.Advance(absl::Milliseconds(2));
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.batches(), IsEmpty());
+  EXPECT_EQ(task->result().code(), absl::StatusCode::kDeadlineExceeded);
+}
+
+TEST(DynamicBatcher, CancelledTaskNeverReachesTheModel) {
+  FakeClock clock;
+  Recorder model;
+  auto batcher = MustCreate(MakeOptions(32, absl::Milliseconds(2), 64), model.Fn(), &clock);
+  auto flag = std::make_shared<std::atomic<bool>>(false);
+  auto cancelled = MakeTask(0, 3);
+  cancelled->is_cancelled = [flag] { return flag->load(); };
+  auto other = MakeTask(3, 1);
+  ASSERT_TRUE(batcher->Schedule(cancelled).ok());
+  ASSERT_TRUE(batcher->Schedule(other).ok());
+  flag->store(true);
+  clock.Advance(absl::Milliseconds(2));
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.batches(), ElementsAre(ElementsAre(3)));
+  EXPECT_EQ(cancelled->done_calls.load(), 1);
+  EXPECT_EQ(cancelled->result().code(), absl::StatusCode::kCancelled);
+  EXPECT_TRUE(other->result().ok());
+  EXPECT_EQ(batcher->counters().tasks_cancelled, 1);
+}
+
+TEST(DynamicBatcher, DroppedTaskLeavesRoomForTheNextItems) {
+  FakeClock clock;
+  Recorder model;
+  auto batcher = MustCreate(MakeOptions(4, absl::Milliseconds(2), 64, false), model.Fn(), &clock);
+  auto cancelled = MakeTask(0, 2);
+  cancelled->is_cancelled = [] { return true; };
+  auto big = MakeTask(2, 6);
+  ASSERT_TRUE(batcher->Schedule(cancelled).ok());
+  ASSERT_TRUE(batcher->Schedule(big).ok());
+  ASSERT_EQ(*batcher->RunOnce(), 4);  // the batch is topped up to full after the drop
+  EXPECT_THAT(model.batches(), ElementsAre(ElementsAre(2, 3, 4, 5)));
+  EXPECT_THAT(model.num_slices(), ElementsAre(1));  // one slice, not two pieces of `big`
+  EXPECT_EQ(cancelled->result().code(), absl::StatusCode::kCancelled);
+  clock.Advance(absl::Milliseconds(2));
+  ASSERT_EQ(*batcher->RunOnce(), 2);
+  EXPECT_TRUE(big->result().ok());
+  EXPECT_EQ(big->done_calls.load(), 1);
+}
+
+TEST(DynamicBatcher, TaskThatExpiresMidwayEndsDeadlineExceeded) {
+  FakeClock clock;
+  Recorder model;
+  auto batcher = MustCreate(MakeOptions(32, absl::Milliseconds(2), 4096), model.Fn(), &clock);
+  auto task = MakeTask(0, 70, clock.Now() + absl::Milliseconds(1));
+  ASSERT_TRUE(batcher->Schedule(task).ok());
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.sizes(), ElementsAre(32, 32));
+  EXPECT_EQ(task->done_calls.load(), 0);
+  clock.Advance(absl::Milliseconds(2));
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.sizes(), ElementsAre(32, 32));  // the last 6 never ran
+  EXPECT_EQ(task->done_calls.load(), 1);
+  EXPECT_EQ(task->result().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(batcher->queue_depth(), 0);
+  BatcherCounters counters = batcher->counters();
+  EXPECT_EQ(counters.items_batched, 64);
+  EXPECT_EQ(counters.items_dropped, 6);
+}
+
+TEST(DynamicBatcher, FailingBatchFailsOnlyTheTasksInIt) {
+  FakeClock clock;
+  Recorder model;
+  model.FailIf([](const std::vector<int>& ids) {
+    return ids.front() == 0 ? absl::InternalError("model exploded") : absl::OkStatus();
+  });
+  auto batcher = MustCreate(MakeOptions(4, absl::Milliseconds(2), 64, false), model.Fn(), &clock);
+  auto a = MakeTask(0, 2);
+  auto b = MakeTask(2, 2);
+  auto c = MakeTask(4, 4);
+  auto d = MakeTask(8, 1);
+  for (auto& t : {a, b, c, d}) ASSERT_TRUE(batcher->Schedule(t).ok());
+  ASSERT_EQ(*batcher->RunOnce(), 4);
+  ASSERT_EQ(*batcher->RunOnce(), 4);
+  clock.Advance(absl::Milliseconds(2));
+  ASSERT_EQ(*batcher->RunOnce(), 1);
+  EXPECT_EQ(a->result(), absl::InternalError("model exploded"));
+  EXPECT_EQ(b->result(), absl::InternalError("model exploded"));
+  EXPECT_TRUE(c->result().ok());
+  EXPECT_TRUE(d->result().ok());
+  for (auto& t : {a, b, c, d}) EXPECT_EQ(t->done_calls.load(), 1);
+  BatcherCounters counters = batcher->counters();
+  EXPECT_EQ(counters.batches, 3);
+  EXPECT_EQ(counters.batches_failed, 1);
+  EXPECT_EQ(counters.tasks_failed, 2);
+  EXPECT_EQ(counters.tasks_succeeded, 2);
+}
+
+TEST(DynamicBatcher, FailedSplitTaskDropsItsRestAndEndsAtOnce) {
+  FakeClock clock;
+  Recorder model;
+  model.FailIf([](const std::vector<int>& ids) {
+    return ids.front() == 0 ? absl::UnavailableError("device lost") : absl::OkStatus();
+  });
+  auto batcher = MustCreate(MakeOptions(4, absl::Milliseconds(2), 64, false), model.Fn(), &clock);
+  auto split = MakeTask(0, 10);
+  auto next = MakeTask(10, 1);
+  ASSERT_TRUE(batcher->Schedule(split).ok());
+  ASSERT_TRUE(batcher->Schedule(next).ok());
+  ASSERT_EQ(*batcher->RunOnce(), 4);
+  EXPECT_EQ(split->done_calls.load(), 1);  // not kept waiting for items that cannot help
+  EXPECT_EQ(split->result().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(batcher->queue_depth(), 1);
+  clock.Advance(absl::Milliseconds(2));
+  ASSERT_EQ(*batcher->RunOnce(), 1);
+  EXPECT_THAT(model.batches(), ElementsAre(ElementsAre(0, 1, 2, 3), ElementsAre(10)));
+  EXPECT_TRUE(next->result().ok());
+  EXPECT_EQ(batcher->counters().items_dropped, 6);
+}
+
+TEST(DynamicBatcher, SliceStatusFailsOnlyThatTask) {
+  FakeClock clock;
+  Recorder model;
+  model.SetSliceStatus([](const BatchSlice& slice) {
+    auto* task = static_cast<TestTask*>(slice.task);
+    return task->ids.front() == 2 ? absl::InvalidArgumentError("face 1: unusable crop")
+                                  : absl::OkStatus();
+  });
+  auto batcher = MustCreate(MakeOptions(8, absl::Milliseconds(2), 64, false), model.Fn(), &clock);
+  auto a = MakeTask(0, 2);
+  auto bad = MakeTask(2, 2);
+  auto c = MakeTask(4, 2);
+  for (auto& t : {a, bad, c}) ASSERT_TRUE(batcher->Schedule(t).ok());
+  clock.Advance(absl::Milliseconds(2));
+  ASSERT_EQ(*batcher->RunOnce(), 6);
+  EXPECT_TRUE(a->result().ok());
+  EXPECT_EQ(bad->result(), absl::InvalidArgumentError("face 1: unusable crop"));
+  EXPECT_TRUE(c->result().ok());
+}
+
+TEST(DynamicBatcher, DoneReleasesTheTask) {
+  FakeClock clock;
+  Recorder model;
+  auto batcher = MustCreate(MakeOptions(1, absl::Milliseconds(2), 64), model.Fn(), &clock);
+  std::weak_ptr<TestTask> weak;
+  std::atomic<int> calls{0};
+  {
+    auto task = MakeTask(0, 1);
+    weak = task;
+    // A done that keeps its own task alive, as a gRPC reactor might.
+    task->done = [task, &calls](absl::Status) { calls.fetch_add(1); };
+    ASSERT_TRUE(batcher->Schedule(std::move(task)).ok());
+  }
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_EQ(calls.load(), 1);
+  EXPECT_TRUE(weak.expired());
+}
+
+TEST(DynamicBatcher, CountersBalance) {
+  FakeClock clock;
+  Recorder model;
+  model.FailIf([](const std::vector<int>& ids) {
+    return ids.front() == 20 ? absl::InternalError("x") : absl::OkStatus();
+  });
+  auto batcher = MustCreate(MakeOptions(4, absl::Milliseconds(2), 16, false), model.Fn(), &clock);
+  auto cancelled = MakeTask(0, 3);
+  cancelled->is_cancelled = [] { return true; };
+  ASSERT_TRUE(batcher->Schedule(cancelled).ok());
+  ASSERT_TRUE(batcher->Schedule(MakeTask(3, 5, clock.Now() + absl::Milliseconds(1))).ok());
+  ASSERT_TRUE(batcher->Schedule(MakeTask(20, 6)).ok());
+  ASSERT_TRUE(batcher->Schedule(MakeTask(30, 2)).ok());
+  EXPECT_FALSE(batcher->Schedule(MakeTask(40, 1)).ok());  // 16 queued
+  clock.Advance(absl::Milliseconds(5));
+  batcher->Shutdown();
+  BatcherCounters c = batcher->counters();
+  EXPECT_EQ(c.tasks_accepted, 4);
+  EXPECT_EQ(c.tasks_accepted, c.tasks_succeeded + c.tasks_failed + c.tasks_expired +
+                                  c.tasks_cancelled);
+  EXPECT_EQ(c.items_accepted, 16);
+  EXPECT_EQ(c.items_accepted, c.items_batched + c.items_dropped);
+  EXPECT_EQ(c.tasks_cancelled, 1);
+  EXPECT_EQ(c.tasks_expired, 1);
+  EXPECT_EQ(c.tasks_failed, 1);
+  EXPECT_EQ(c.tasks_succeeded, 1);
+  EXPECT_EQ(c.rejected_queue_full, 1);
+  EXPECT_EQ(batcher->queue_depth(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Concurrency (real clock): exact accounting, not timing.
+
+TEST(DynamicBatcherConcurrency, ManyThreadsSingleItemTasks) {
+  constexpr int kThreads = 64;
+  constexpr int kPerThread = 200;
+  constexpr int kMaxBatch = 16;
+  std::atomic<int64_t> items_in_batches{0};
+  std::atomic<int> max_seen{0};
+  std::atomic<int> num_batches{0};
+  auto fn = [&](Batch& batch) {
+    int64_t n = 0;
+    for (const BatchSlice& slice : batch.slices) {
+      auto* task = static_cast<TestTask*>(slice.task);
+      for (int i = 0; i < slice.num_items; ++i) {
+        task->outputs[slice.first_item + i] = task->ids[slice.first_item + i] * 10;
+      }
+      n += slice.num_items;
+    }
+    items_in_batches.fetch_add(n);
+    num_batches.fetch_add(1);
+    int prev = max_seen.load();
+    while (prev < batch.size && !max_seen.compare_exchange_weak(prev, batch.size)) {
+    }
+    return absl::OkStatus();
+  };
+  // A queue smaller than the callers' burst, so that both paths are exercised.
+  auto batcher = MustCreate(MakeOptions(kMaxBatch, absl::Microseconds(200), 256), fn,
+                            RealClock::Get());
+  ASSERT_NE(batcher, nullptr);
+
+  std::vector<std::shared_ptr<TestTask>> tasks(kThreads * kPerThread);
+  for (int i = 0; i < kThreads * kPerThread; ++i) tasks[i] = MakeTask(i, 1);
+  std::vector<char> accepted(tasks.size(), 0);
+  std::atomic<int> ok{0}, rejected{0}, wrong_code{0};
+  std::atomic<int> ready{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      ready.fetch_add(1);
+      while (ready.load() < kThreads) std::this_thread::yield();
+      for (int i = 0; i < kPerThread; ++i) {
+        const int index = t * kPerThread + i;
+        absl::Status status = batcher->Schedule(tasks[index]);
+        if (status.ok()) {
+          accepted[index] = 1;
+          ok.fetch_add(1);
+        } else {
+          rejected.fetch_add(1);
+          if (status.code() != absl::StatusCode::kResourceExhausted) wrong_code.fetch_add(1);
+          std::this_thread::yield();  // back off as a client would
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  batcher->Shutdown();
+
+  EXPECT_EQ(ok.load() + rejected.load(), kThreads * kPerThread);
+  EXPECT_EQ(wrong_code.load(), 0);
+  EXPECT_GT(ok.load(), 0);
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    ASSERT_EQ(tasks[i]->done_calls.load(), accepted[i] ? 1 : 0) << i;
+    if (accepted[i]) {
+      ASSERT_TRUE(tasks[i]->result().ok()) << i;
+      ASSERT_EQ(tasks[i]->outputs[0], static_cast<int>(i) * 10) << i;
+    }
+  }
+  EXPECT_EQ(items_in_batches.load(), ok.load());
+  EXPECT_LE(max_seen.load(), kMaxBatch);
+  BatcherCounters c = batcher->counters();
+  EXPECT_EQ(c.tasks_accepted, ok.load());
+  EXPECT_EQ(c.tasks_succeeded, ok.load());
+  EXPECT_EQ(c.rejected_queue_full, rejected.load());
+  EXPECT_EQ(c.items_batched, ok.load());
+  EXPECT_EQ(c.batches, num_batches.load());
+  std::printf("accepted %d, rejected %d, %d batches (mean %.1f items)\n", ok.load(),
+              rejected.load(), num_batches.load(),
+              num_batches.load() ? double(ok.load()) / num_batches.load() : 0.0);
+}
+
+TEST(DynamicBatcherConcurrency, ShutdownRacingWithSchedulers) {
+  constexpr int kThreads = 16;
+  std::atomic<int64_t> items_in_batches{0};
+  auto fn = [&](Batch& batch) {
+    items_in_batches.fetch_add(batch.size);
+    return absl::OkStatus();
+  };
+  auto batcher = MustCreate(MakeOptions(8, absl::Microseconds(100), 256), fn, RealClock::Get());
+  ASSERT_NE(batcher, nullptr);
+  std::atomic<bool> stop{false};
+  std::atomic<int> ok{0}, unavailable{0}, full{0}, other{0};
+  std::vector<std::shared_ptr<TestTask>> per_thread_tasks[kThreads];
+  std::vector<std::thread> threads;
+  absl::Notification started;
+  std::atomic<int> scheduled_any{0};
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      int i = 0;
+      while (!stop.load()) {
+        auto task = MakeTask(t * 1'000'000 + i, 1 + i % 3);
+        ++i;
+        absl::Status status = batcher->Schedule(task);
+        if (status.ok()) {
+          ok.fetch_add(1);
+          per_thread_tasks[t].push_back(task);
+          if (scheduled_any.fetch_add(1) == 100) started.Notify();
+        } else if (status.code() == absl::StatusCode::kUnavailable) {
+          unavailable.fetch_add(1);
+          if (task->done_calls.load() != 0) other.fetch_add(1);
+          break;
+        } else if (status.code() == absl::StatusCode::kResourceExhausted) {
+          full.fetch_add(1);
+          std::this_thread::yield();
+        } else {
+          other.fetch_add(1);
+        }
+      }
+    });
+  }
+  ASSERT_TRUE(started.WaitForNotificationWithTimeout(kSafety));
+  batcher->Shutdown();
+  stop.store(true);
+  for (auto& th : threads) th.join();
+
+  EXPECT_EQ(other.load(), 0);
+  int64_t accepted_items = 0;
+  for (auto& tasks : per_thread_tasks) {
+    for (auto& task : tasks) {
+      ASSERT_EQ(task->done_calls.load(), 1);
+      ASSERT_TRUE(task->result().ok());
+      accepted_items += task->num_items;
+    }
+  }
+  EXPECT_EQ(items_in_batches.load(), accepted_items);
+  BatcherCounters c = batcher->counters();
+  EXPECT_EQ(c.tasks_accepted, ok.load());
+  EXPECT_EQ(c.tasks_succeeded, ok.load());
+  EXPECT_EQ(c.rejected_shutting_down, unavailable.load());
+}
+
+// ---------------------------------------------------------------------------------------------
+// FakeClock itself
+
+TEST(FakeClock, WaitReturnsOnlyWhenTheDeadlineIsReached) {
+  FakeClock clock;
+  absl::Mutex mu;
+  absl::CondVar cv;
+  std::atomic<bool> returned{false};
+  const absl::Time deadline = clock.Now() + absl::Milliseconds(5);
+  std::thread waiter([&] {
+    absl::MutexLock lock(&mu);
+    while (clock.Now() < deadline) clock.WaitUntil(mu, cv, deadline);
+    returned.store(true);
+  });
+  // Wait for the waiter to block, without sleeping.
+  while (clock.num_waiters() == 0) std::this_thread::yield();
+  clock.Advance(absl::Milliseconds(5) - absl::Nanoseconds(1));
+  EXPECT_EQ(clock.num_waiters(), 1);  // still blocked: not due
+  EXPECT_FALSE(returned.load());
+  clock.Advance(absl::Nanoseconds(1));
+  waiter.join();
+  EXPECT_TRUE(returned.load());
+  EXPECT_EQ(clock.num_waiters(), 0);
+}
+
+TEST(FakeClock, TimeNeverGoesBackwards) {
+  FakeClock clock;
+  const absl::Time start = clock.Now();
+  clock.SetTime(start - absl::Seconds(1));
+  EXPECT_EQ(clock.Now(), start);
+  clock.Advance(-absl::Seconds(1));
+  EXPECT_EQ(clock.Now(), start);
+  clock.SetTime(start + absl::Seconds(1));
+  EXPECT_EQ(clock.Now(), start + absl::Seconds(1));
+}
+
+}  // namespace
+}  // namespace arcface::batching

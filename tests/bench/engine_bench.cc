@@ -1,0 +1,89 @@
+// engine_bench: the engine's offline throughput on one weights file, one JSON line per batch
+// size, then the process's peak RSS. tests/bench/engine_vs_onnxruntime.py runs it beside
+// ONNX Runtime and prints the table.
+#include <sys/resource.h>
+
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "server/engine/engine.h"
+#include "server/model/checkpoint.h"
+#include "server/model/demo_weights.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"Offline throughput of the ArcFace engine"};
+  std::string weights;
+  std::vector<int> batches = {1, 8, 32};
+  arcface::engine::EngineOptions options;
+  std::string precision = "fp32";
+  double seconds = 10;
+  options.threads = 2;
+  bool demo = false;
+  auto* weights_opt = app.add_option("--weights", weights, "safetensors or ONNX weights file");
+  app.add_flag("--demo-weights", demo, "seeded random weights (meaningless embeddings)")
+      ->excludes(weights_opt);
+  app.add_option("--batch", batches, "batch sizes")->delimiter(',');
+  app.add_option("--threads", options.threads, "intra-op threads");
+  app.add_option("--device", options.device, "cpu, cuda, cuda:N, auto");
+  app.add_option("--precision", precision, "fp32, fp16, bf16");
+  app.add_option("--seconds", seconds, "measuring time per batch size (after warm-up)");
+  app.add_flag("!--no-channels-last", options.channels_last, "use NCHW activations");
+  CLI11_PARSE(app, argc, argv);
+
+  auto parsed = arcface::engine::ParsePrecision(precision);
+  if (!parsed.ok()) {
+    std::fprintf(stderr, "%s\n", parsed.status().ToString().c_str());
+    return 2;
+  }
+  options.precision = *parsed;
+  options.warmup_batch_size = 0;
+  if (!demo && weights.empty()) {
+    std::fprintf(stderr, "--weights FILE or --demo-weights is required\n");
+    return 2;
+  }
+  auto checkpoint = demo ? absl::StatusOr<arcface::model::Checkpoint>(arcface::model::MakeDemoCheckpoint())
+                         : arcface::model::LoadCheckpoint(weights);
+  if (!checkpoint.ok()) {
+    std::fprintf(stderr, "%s\n", checkpoint.status().ToString().c_str());
+    return 1;
+  }
+  auto engine = arcface::engine::Engine::Create(*checkpoint, options);
+  if (!engine.ok()) {
+    std::fprintf(stderr, "%s\n", engine.status().ToString().c_str());
+    return 1;
+  }
+  std::mt19937 rng(1);
+  for (int batch : batches) {
+    std::vector<uint8_t> crops(arcface::engine::kCropBytes * batch);
+    for (auto& v : crops) v = static_cast<uint8_t>(rng());
+    // Warm-up: oneDNN picks and caches kernels per shape on the first calls.
+    for (int i = 0; i < 2; ++i) (void)(*engine)->Run(crops);
+    using Clock = std::chrono::steady_clock;
+    const auto start = Clock::now();
+    int64_t faces = 0;
+    double elapsed = 0;
+    do {
+      auto out = (*engine)->Run(crops);
+      if (!out.ok()) {
+        std::fprintf(stderr, "%s\n", out.status().ToString().c_str());
+        return 1;
+      }
+      faces += batch;
+      elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    } while (elapsed < seconds);
+    std::printf("{\"batch\": %d, \"faces_per_s\": %.3f, \"faces\": %lld, \"seconds\": %.3f}\n", batch,
+                faces / elapsed, static_cast<long long>(faces), elapsed);
+    std::fflush(stdout);
+  }
+  if (demo) std::fprintf(stderr, "note: DEMO weights (seeded random): embeddings are not meaningful\n");
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  std::printf("{\"peak_rss_mib\": %.1f, \"device\": \"%s\", \"precision\": \"%s\"}\n",
+              usage.ru_maxrss / 1024.0, (*engine)->device().c_str(), precision.c_str());
+  return 0;
+}

@@ -1,0 +1,289 @@
+// The engine against two independent references: Debian's PyTorch running tests/reference's
+// functional network, and ONNX Runtime running the exported ONNX files, on seeded random
+// checkpoints in the exact layout and on the real photos. Inputs go through the same image
+// library the service uses (decode, box crop, alignment).
+#include <cmath>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "server/engine/engine.h"
+#include "server/image/image.h"
+#include "server/model/checkpoint.h"
+
+namespace arcface::engine {
+namespace {
+
+using ::testing::HasSubstr;
+using Json = nlohmann::json;
+
+const std::string kGoldenDir = ARCFACE_GOLDEN_DIR;
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  EXPECT_TRUE(in.good()) << "cannot open " << path;
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+Json ReadJson(const std::string& path) { return Json::parse(ReadFile(path)); }
+
+struct Comparison {
+  double cosine = 0;
+  double max_abs_diff = 0;
+  double ref_norm = 0;
+};
+
+Comparison Compare(const float* got, const std::vector<float>& ref) {
+  double dot = 0, gg = 0, rr = 0, max_diff = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    dot += double{got[i]} * ref[i];
+    gg += double{got[i]} * got[i];
+    rr += double{ref[i]} * ref[i];
+    max_diff = std::max(max_diff, std::abs(double{got[i]} - ref[i]));
+  }
+  return {dot / std::sqrt(gg * rr), max_diff, std::sqrt(rr)};
+}
+
+// ARCFACE exactness bar: 112×112 inputs match to float rounding; resampled crops (uint8 in the
+// service, float in py-feat's reference) to cosine 0.9999.
+void ExpectMatches(const std::string& what, const float* got, const std::vector<float>& ref,
+                   bool exact) {
+  Comparison c = Compare(got, ref);
+  if (exact) {
+    EXPECT_GE(c.cosine, 0.99999) << what;
+    EXPECT_LE(c.max_abs_diff, 1e-4 * c.ref_norm) << what << " ref norm " << c.ref_norm;
+  } else {
+    EXPECT_GE(c.cosine, 0.9999) << what;
+  }
+}
+
+struct GoldenCase {
+  std::string name;
+  std::string model;
+  bool exact = false;
+  image::Crop crop;
+  std::vector<float> embedding;
+};
+
+image::Crop MakeCrop(const Json& input) {
+  if (input.at("kind") == "crop") {
+    std::string bytes = ReadFile(kGoldenDir + "/" + input.at("file").get<std::string>());
+    return image::Crop(bytes.begin(), bytes.end());
+  }
+  const std::string path = input.at("path");
+  absl::StatusOr<cv::Mat> rgb = image::DecodeImage(ReadFile(path), image::Limits{});
+  EXPECT_TRUE(rgb.ok()) << path << ": " << rgb.status();
+  absl::StatusOr<image::Crop> crop;
+  if (input.contains("box")) {
+    const auto& b = input.at("box");
+    crop = image::CropBox(*rgb, {b[0].get<float>(), b[1].get<float>(), b[2].get<float>(),
+                                 b[3].get<float>()});
+  } else if (input.contains("landmarks")) {
+    std::vector<image::Point> points;
+    for (const auto& p : input.at("landmarks")) points.push_back({p[0].get<float>(), p[1].get<float>()});
+    crop = image::AlignFace(*rgb, points);
+  } else {
+    crop = image::ResizeWhole(*rgb);
+  }
+  EXPECT_TRUE(crop.ok()) << path << ": " << crop.status();
+  return crop.ok() ? *crop : image::Crop(image::kCropBytes, 0);
+}
+
+class EngineGoldenTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    goldens_ = new Json(ReadJson(kGoldenDir + "/goldens.json"));
+    cases_ = new std::vector<GoldenCase>();
+    for (const auto& c : goldens_->at("cases")) {
+      cases_->push_back({c.at("name"), c.at("model"), c.at("tolerance") == "exact",
+                         MakeCrop(c.at("input")), c.at("embedding").get<std::vector<float>>()});
+    }
+    engines_ = new std::map<std::string, std::unique_ptr<Engine>>();
+    checkpoints_ = new std::map<std::string, model::Checkpoint>();
+    for (const auto& [key, model] : goldens_->at("models").items()) {
+      absl::StatusOr<model::Checkpoint> ckpt =
+          model::LoadCheckpoint(kGoldenDir + "/" + model.at("file").get<std::string>());
+      ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+      EngineOptions options;
+      options.threads = 2;
+      options.warmup_batch_size = 1;
+      absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(*ckpt, options);
+      ASSERT_TRUE(engine.ok()) << engine.status();
+      (*engines_)[key] = *std::move(engine);
+      (*checkpoints_)[key] = *std::move(ckpt);
+    }
+  }
+  static void TearDownTestSuite() {
+    delete engines_;
+    delete checkpoints_;
+    delete cases_;
+    delete goldens_;
+  }
+
+  static std::vector<const GoldenCase*> CasesOf(const std::string& model) {
+    std::vector<const GoldenCase*> out;
+    for (const auto& c : *cases_) {
+      if (c.model == model) out.push_back(&c);
+    }
+    return out;
+  }
+
+  // Runs the cases of `model` as one batch (crops of different kinds side by side).
+  static EmbeddingBatch RunBatch(const std::vector<const GoldenCase*>& cases, const std::string& model) {
+    std::vector<uint8_t> buffer;
+    for (const auto* c : cases) buffer.insert(buffer.end(), c->crop.begin(), c->crop.end());
+    absl::StatusOr<EmbeddingBatch> out = engines_->at(model)->Run(buffer);
+    EXPECT_TRUE(out.ok()) << out.status();
+    return out.ok() ? *std::move(out) : EmbeddingBatch{};
+  }
+
+  static Json* goldens_;
+  static std::vector<GoldenCase>* cases_;
+  static std::map<std::string, std::unique_ptr<Engine>>* engines_;
+  static std::map<std::string, model::Checkpoint>* checkpoints_;
+};
+Json* EngineGoldenTest::goldens_ = nullptr;
+std::vector<GoldenCase>* EngineGoldenTest::cases_ = nullptr;
+std::map<std::string, std::unique_ptr<Engine>>* EngineGoldenTest::engines_ = nullptr;
+std::map<std::string, model::Checkpoint>* EngineGoldenTest::checkpoints_ = nullptr;
+
+TEST_F(EngineGoldenTest, GoldensCoverEveryModelAndInputKind) {
+  std::map<std::string, int> kinds;
+  for (const auto& c : goldens_->at("cases")) {
+    const Json& in = c.at("input");
+    kinds[in.at("kind") == "crop" ? "crop" : in.contains("box") ? "box"
+                                   : in.contains("landmarks") ? "aligned" : "whole"]++;
+  }
+  for (const char* kind : {"crop", "box", "aligned", "whole"}) EXPECT_GT(kinds[kind], 0) << kind;
+  for (const char* model : {"r50", "r100", "insightface_r50"}) EXPECT_FALSE(CasesOf(model).empty()) << model;
+  EXPECT_EQ(checkpoints_->at("r50").arch, "r50");
+  EXPECT_EQ(checkpoints_->at("r100").arch, "r100");
+  EXPECT_EQ(checkpoints_->at("insightface_r50").format, "onnx");
+}
+
+TEST_F(EngineGoldenTest, CheckpointHashIsTheFilesSha256) {
+  for (const auto& [key, model] : goldens_->at("models").items()) {
+    if (!model.contains("sha256")) continue;
+    EXPECT_EQ(checkpoints_->at(key).sha256, model.at("sha256").get<std::string>()) << key;
+    EXPECT_EQ(checkpoints_->at(key).ModelId(),
+              "arcface-" + checkpoints_->at(key).arch + "@" + model.at("sha256").get<std::string>().substr(0, 12));
+  }
+}
+
+// Each model's cases in one batch, compared with the PyTorch reference.
+TEST_F(EngineGoldenTest, MatchesPyTorchReference) {
+  for (const char* model : {"r50", "r100", "insightface_r50"}) {
+    auto cases = CasesOf(model);
+    EmbeddingBatch out = RunBatch(cases, model);
+    ASSERT_EQ(out.size, static_cast<int>(cases.size()));
+    for (size_t i = 0; i < cases.size(); ++i) {
+      const float* row = out.values.data() + i * kEmbeddingDim;
+      ExpectMatches(std::string(model) + "/" + cases[i]->name, row, cases[i]->embedding, cases[i]->exact);
+      double norm = 0;
+      for (int k = 0; k < kEmbeddingDim; ++k) norm += double{row[k]} * row[k];
+      EXPECT_NEAR(out.norms[i], std::sqrt(norm), 1e-4 * std::sqrt(norm)) << cases[i]->name;
+    }
+  }
+}
+
+// ONNX Runtime on the reference's float inputs: a second, independent implementation.
+TEST_F(EngineGoldenTest, MatchesOnnxRuntime) {
+  for (const char* model : {"r50", "insightface_r50"}) {
+    Json ort = ReadJson(kGoldenDir + "/ort_" + model + ".json").at("cases");
+    auto cases = CasesOf(model);
+    EmbeddingBatch out = RunBatch(cases, model);
+    ASSERT_EQ(out.size, static_cast<int>(cases.size()));
+    for (size_t i = 0; i < cases.size(); ++i) {
+      ASSERT_TRUE(ort.contains(cases[i]->name)) << cases[i]->name;
+      ExpectMatches(std::string("onnxruntime ") + model + "/" + cases[i]->name,
+                    out.values.data() + i * kEmbeddingDim,
+                    ort.at(cases[i]->name).get<std::vector<float>>(), cases[i]->exact);
+    }
+  }
+}
+
+// A crop's embedding does not depend on what else shares its batch.
+TEST_F(EngineGoldenTest, BatchCompositionDoesNotChangeResults) {
+  auto cases = CasesOf("r50");
+  EmbeddingBatch batch = RunBatch(cases, "r50");
+  for (size_t i = 0; i < cases.size(); i += 3) {
+    EmbeddingBatch single = RunBatch({cases[i]}, "r50");
+    ASSERT_EQ(single.size, 1);
+    std::vector<float> row(batch.values.begin() + i * kEmbeddingDim,
+                           batch.values.begin() + (i + 1) * kEmbeddingDim);
+    ExpectMatches("single vs batch " + cases[i]->name, single.values.data(), row, /*exact=*/true);
+  }
+}
+
+TEST_F(EngineGoldenTest, DifferentFacesGiveDifferentEmbeddings) {
+  auto cases = CasesOf("r50");
+  EmbeddingBatch out = RunBatch(cases, "r50");
+  for (size_t i = 0; i + 1 < cases.size(); ++i) {
+    std::vector<float> next(out.values.begin() + (i + 1) * kEmbeddingDim,
+                            out.values.begin() + (i + 2) * kEmbeddingDim);
+    EXPECT_LT(Compare(out.values.data() + i * kEmbeddingDim, next).cosine, 0.99)
+        << cases[i]->name << " vs " << cases[i + 1]->name;
+  }
+}
+
+TEST_F(EngineGoldenTest, Bf16StaysCloseToFp32) {
+  EngineOptions options;
+  options.precision = Precision::kBf16;
+  options.warmup_batch_size = 0;
+  absl::StatusOr<std::unique_ptr<Engine>> bf16 = Engine::Create(checkpoints_->at("r50"), options);
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  EXPECT_EQ((*bf16)->precision(), Precision::kBf16);
+  auto cases = CasesOf("r50");
+  cases.resize(2);
+  std::vector<uint8_t> buffer;
+  for (const auto* c : cases) buffer.insert(buffer.end(), c->crop.begin(), c->crop.end());
+  absl::StatusOr<EmbeddingBatch> out = (*bf16)->Run(buffer);
+  ASSERT_TRUE(out.ok()) << out.status();
+  for (size_t i = 0; i < cases.size(); ++i) {
+    EXPECT_GE(Compare(out->values.data() + i * kEmbeddingDim, cases[i]->embedding).cosine, 0.999)
+        << cases[i]->name;
+  }
+}
+
+TEST_F(EngineGoldenTest, RefusesMalformedBatches) {
+  Engine& engine = *engines_->at("r50");
+  std::vector<uint8_t> partial(kCropBytes + 7, 0);
+  absl::StatusOr<EmbeddingBatch> out = engine.Run(partial);
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(out.status().message(), HasSubstr("112x112x3"));
+  EXPECT_EQ(engine.Run({}).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(EngineGoldenTest, RefusesBadOptions) {
+  const model::Checkpoint& ckpt = checkpoints_->at("r50");
+  auto create = [&](const std::string& device, Precision precision, int threads) {
+    EngineOptions o;
+    o.device = device;
+    o.precision = precision;
+    o.threads = threads;
+    o.warmup_batch_size = 0;
+    return Engine::Create(ckpt, o).status();
+  };
+  absl::Status cuda = create("cuda", Precision::kFp32, 0);
+  if (!BuiltWithCuda()) {
+    EXPECT_EQ(cuda.code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(cuda.message(), HasSubstr("CPU-only libtorch"));
+  }
+  absl::Status fp16 = create("cpu", Precision::kFp16, 0);
+  EXPECT_EQ(fp16.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(fp16.message(), HasSubstr("fp16"));
+  EXPECT_THAT(create("tpu", Precision::kFp32, 0).message(), HasSubstr("unknown device 'tpu'"));
+  EXPECT_THAT(create("cuda:x", Precision::kFp32, 0).message(), HasSubstr("bad CUDA device index"));
+  EXPECT_THAT(create("cpu", Precision::kFp32, -1).message(), HasSubstr("threads"));
+  EXPECT_THAT(ParsePrecision("fp8").status().message(), HasSubstr("unknown precision 'fp8'"));
+}
+
+}  // namespace
+}  // namespace arcface::engine
