@@ -17,7 +17,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "server/model/onnx_weights.h"
 #include "server/model/onnx_weights.pb.h"
 #include "server/model/safetensors.h"

@@ -221,7 +221,7 @@ absl::StatusOr<HostTensor> ToHostTensor(TensorProto* t, const std::string& origi
     }
     out.values.resize(numel);
     if (type == TensorProto::FLOAT) {
-      std::memcpy(out.values.data(), raw.data(), raw.size());
+      if (numel > 0) std::memcpy(out.values.data(), raw.data(), raw.size());
     } else {
       for (uint64_t i = 0; i < numel; ++i) {
         uint16_t bits;

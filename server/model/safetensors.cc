@@ -45,9 +45,17 @@ absl::Status Invalid(absl::string_view tensor, absl::string_view reason) {
   return absl::InvalidArgumentError(absl::StrCat("tensor '", tensor, "': ", reason));
 }
 
-// JSON for an error message, cut short: a hostile header could hold megabytes in one value.
+// A JSON value for an error message. Arrays and objects are only described, never dumped:
+// dump() recurses, and a hostile header can nest millions of levels deep.
 std::string Brief(const Json& v) {
-  std::string text = v.dump();
+  if (v.is_array()) {
+    bool flat = true;
+    for (const Json& e : v) flat = flat && !e.is_structured();
+    if (!flat || v.size() > 8) return absl::StrCat("a JSON array of ", v.size(), " elements");
+  } else if (v.is_object()) {
+    return absl::StrCat("a JSON object of ", v.size(), " fields");
+  }
+  std::string text = v.dump();  // a scalar or a short flat array
   constexpr size_t kMax = 64;
   if (text.size() > kMax) text = text.substr(0, kMax) + "...";
   return text;
@@ -221,7 +229,7 @@ HostTensor Convert(const Entry& e, const char* data) {
   const char* src = data + e.begin;
   switch (e.dtype) {
     case DType::kF32:
-      std::memcpy(t.values.data(), src, e.numel * sizeof(float));
+      if (e.numel > 0) std::memcpy(t.values.data(), src, e.numel * sizeof(float));
       break;
     case DType::kF16:
     case DType::kBF16:

@@ -359,6 +359,15 @@ INSTANTIATE_TEST_SUITE_P(
                   "unexpected field \"scale\""}),
     [](const ::testing::TestParamInfo<EntryCase>& info) { return info.param.label; });
 
+TEST(SafetensorsLoad, DeeplyNestedValueIsDescribedNotDumped) {
+  // Serializing this for the message would recurse a million levels and overflow the stack.
+  const std::string nested = std::string(1000000, '[') + std::string(1000000, ']');
+  const std::string header =
+      absl::StrCat(R"({"w":{"dtype":"F32","shape":)", nested, R"(,"data_offsets":[0,0]}})");
+  EXPECT_THAT(LoadError(EncodeRaw(header, "")),
+              HasSubstr("\"shape\" holds a JSON array of 1 elements"));
+}
+
 TEST(SafetensorsLoad, TruncatedData) {
   std::string bytes = EncodeSafetensors(ToEntries(SmallExact16(), "F16"));
   // Entries are laid out in key order; cut into the last one only (prelu.weight, 128 bytes).

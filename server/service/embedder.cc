@@ -1,0 +1,116 @@
+#include "server/service/embedder.h"
+
+#include <sys/stat.h>
+
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+
+namespace arcface::service {
+
+struct Embedder::EmbedTask : batching::Task {
+  std::vector<uint8_t> crops;  // num_items × kCropBytes
+  std::vector<float> values;   // num_items × kEmbeddingDim, filled by RunBatch
+  Done user_done;
+};
+
+absl::StatusOr<std::unique_ptr<Embedder>> Embedder::Create(const EmbedderOptions& options,
+                                                           EmbeddingModel* model,
+                                                           batching::Clock* clock) {
+  if (model == nullptr) return absl::InvalidArgumentError("embedder: no model");
+  std::unique_ptr<Embedder> embedder(new Embedder(options, model));
+  Embedder* raw = embedder.get();
+  auto batcher = batching::DynamicBatcher::Create(
+      options.batching, [raw](batching::Batch& batch) { return raw->RunBatch(batch); }, clock);
+  if (!batcher.ok()) return batcher.status();
+  embedder->batcher_ = std::move(*batcher);
+  return embedder;
+}
+
+Embedder::Embedder(const EmbedderOptions& options, EmbeddingModel* model)
+    : options_(options), model_(model) {}
+
+Embedder::~Embedder() { Shutdown(); }
+
+void Embedder::Shutdown() {
+  if (batcher_) batcher_->Shutdown();
+}
+
+absl::Status Embedder::Submit(std::vector<uint8_t> crops, absl::Time deadline,
+                              std::function<bool()> is_cancelled, Done done) {
+  if (crops.empty() || crops.size() % kCropBytes != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("crops buffer of ", crops.size(), " bytes is not a whole number of crops"));
+  }
+  auto task = std::make_shared<EmbedTask>();
+  task->num_items = static_cast<int>(crops.size() / kCropBytes);
+  task->deadline = deadline;
+  task->is_cancelled = std::move(is_cancelled);
+  task->crops = std::move(crops);
+  task->user_done = std::move(done);
+  // The batcher destroys `done` right after calling it, which releases this self-reference.
+  task->done = [task](absl::Status status) {
+    // The crops are no longer needed once the task ended; free them before the caller's work.
+    std::vector<uint8_t>().swap(task->crops);
+    Done user_done = std::move(task->user_done);
+    if (status.ok()) {
+      user_done(std::move(task->values));
+    } else {
+      user_done(std::move(status));
+    }
+  };
+  return batcher_->Schedule(task);
+}
+
+void Embedder::WaitWhileHeld() {
+  if (options_.hold_file.empty()) return;
+  struct stat st;
+  while (::stat(options_.hold_file.c_str(), &st) == 0) {
+    held_.store(true);
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  held_.store(false);
+}
+
+absl::Status Embedder::RunBatch(batching::Batch& batch) {
+  WaitWhileHeld();
+  absl::Span<const uint8_t> input;
+  if (batch.slices.size() == 1) {
+    // One request's crops are already contiguous: no gather copy.
+    const batching::BatchSlice& s = batch.slices[0];
+    const auto* task = static_cast<const EmbedTask*>(s.task);
+    input = absl::MakeConstSpan(task->crops.data() + size_t(s.first_item) * kCropBytes,
+                                size_t(s.num_items) * kCropBytes);
+  } else {
+    gather_.resize(size_t(batch.size) * kCropBytes);
+    uint8_t* dst = gather_.data();
+    for (const batching::BatchSlice& s : batch.slices) {
+      const auto* task = static_cast<const EmbedTask*>(s.task);
+      size_t bytes = size_t(s.num_items) * kCropBytes;
+      std::memcpy(dst, task->crops.data() + size_t(s.first_item) * kCropBytes, bytes);
+      dst += bytes;
+    }
+    input = absl::MakeConstSpan(gather_);
+  }
+  absl::StatusOr<std::vector<float>> out = model_->Run(input);
+  if (!out.ok()) return out.status();
+  if (out->size() != size_t(batch.size) * kEmbeddingDim) {
+    return absl::InternalError(absl::StrCat("the model returned ", out->size(), " values for ",
+                                            batch.size, " crops, expected ",
+                                            size_t(batch.size) * kEmbeddingDim));
+  }
+  const float* src = out->data();
+  for (batching::BatchSlice& s : batch.slices) {
+    auto* task = static_cast<EmbedTask*>(s.task);
+    if (task->values.empty()) task->values.resize(size_t(task->num_items) * kEmbeddingDim);
+    size_t n = size_t(s.num_items) * kEmbeddingDim;
+    std::memcpy(task->values.data() + size_t(s.first_item) * kEmbeddingDim, src,
+                n * sizeof(float));
+    src += n;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace arcface::service

@@ -1,0 +1,85 @@
+// Embedder: the bridge between request handlers and the model. It owns the DynamicBatcher whose
+// BatchFn gathers the crops of many requests into one contiguous batch, runs the EmbeddingModel
+// and hands each request its rows.
+//
+// Contract
+// - Input: Submit() takes crops already prepared (decoded, cropped, aligned) by the caller, on
+//   the caller's thread or pool; the batch thread only copies bytes and runs the model.
+// - Ownership: Submit() takes the crops; the model is borrowed and must outlive the Embedder.
+// - Blocking: Submit() never blocks (see DynamicBatcher::Schedule). Shutdown() blocks until
+//   every accepted request got its `done` and the batch thread has exited.
+// - Results: on an OK Submit(), `done` is called exactly once, on the batch thread, with
+//   n × kEmbeddingDim raw floats in crop order, or with the request's error:
+//   DEADLINE_EXCEEDED / CANCELLED when it expired or was cancelled while queued (its crops never
+//   reached the model), or the model's error for a batch it was in. A failure never touches the
+//   crops of requests in other batches. `done` must be short and must not block on the model.
+// - Errors of Submit() itself (then `done` is never called): INVALID_ARGUMENT (no crops, or a
+//   size that is not a multiple of kCropBytes), RESOURCE_EXHAUSTED (queue full — transient — or
+//   more crops than the whole queue holds), UNAVAILABLE (shutting down).
+// - Test hook: while the file options.hold_file names exists, the BatchFn waits before running
+//   the model (polling every 2 ms); held() is true meanwhile. The batch it holds has already
+//   left the queue, so queue space counts only what arrives after it.
+// - Thread safety: all methods may be called from any thread.
+#ifndef ARCFACE_SERVER_SERVICE_EMBEDDER_H_
+#define ARCFACE_SERVER_SERVICE_EMBEDDER_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/functional/any_invocable.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "server/batching/clock.h"
+#include "server/batching/dynamic_batcher.h"
+#include "server/service/embedding_model.h"
+
+namespace arcface::service {
+
+struct EmbedderOptions {
+  batching::DynamicBatcher::Options batching;
+  std::string hold_file;  // test hook; empty: off
+};
+
+class Embedder {
+ public:
+  using Done = absl::AnyInvocable<void(absl::StatusOr<std::vector<float>>)>;
+
+  // `clock` null: real time. Errors name the offending batching option.
+  static absl::StatusOr<std::unique_ptr<Embedder>> Create(const EmbedderOptions& options,
+                                                          EmbeddingModel* model,
+                                                          batching::Clock* clock = nullptr);
+  ~Embedder();
+  Embedder(const Embedder&) = delete;
+  Embedder& operator=(const Embedder&) = delete;
+
+  // `crops` holds n >= 1 crops of kCropBytes each. `deadline` is on the batcher's clock;
+  // `is_cancelled` may be empty.
+  absl::Status Submit(std::vector<uint8_t> crops, absl::Time deadline,
+                      std::function<bool()> is_cancelled, Done done);
+
+  void Shutdown();
+
+  batching::DynamicBatcher& batcher() { return *batcher_; }
+  bool held() const { return held_.load(); }
+
+ private:
+  struct EmbedTask;
+  Embedder(const EmbedderOptions& options, EmbeddingModel* model);
+  absl::Status RunBatch(batching::Batch& batch);
+  void WaitWhileHeld();
+
+  const EmbedderOptions options_;
+  EmbeddingModel* const model_;
+  std::vector<uint8_t> gather_;  // batch thread only: reused contiguous input buffer
+  std::atomic<bool> held_{false};
+  std::unique_ptr<batching::DynamicBatcher> batcher_;
+};
+
+}  // namespace arcface::service
+
+#endif  // ARCFACE_SERVER_SERVICE_EMBEDDER_H_

@@ -1,0 +1,47 @@
+// EmbeddingModel: what the service needs of a model, so that the service can be tested with a
+// fake and never includes torch. The production implementation wraps engine::Engine (main.cc).
+//
+// Contract
+// - Run() receives n = crops.size() / kCropBytes crops (112×112×3 uint8 RGB, HWC, row-major),
+//   n >= 1, and returns n × kEmbeddingDim raw (not normalized) floats, row i for crop i.
+// - Blocking: Run() blocks for the forward pass. The service calls it from the batcher's one
+//   batch thread only, so an implementation need not be reentrant.
+// - Errors: a non-OK status fails every request with crops in that batch (the model, not the
+//   caller, failed: INTERNAL or UNAVAILABLE, never INVALID_ARGUMENT for valid crops).
+#ifndef ARCFACE_SERVER_SERVICE_EMBEDDING_MODEL_H_
+#define ARCFACE_SERVER_SERVICE_EMBEDDING_MODEL_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+
+namespace arcface::service {
+
+inline constexpr int kCropSize = 112;
+inline constexpr size_t kCropBytes = size_t{kCropSize} * kCropSize * 3;
+inline constexpr int kEmbeddingDim = 512;
+
+class EmbeddingModel {
+ public:
+  virtual ~EmbeddingModel() = default;
+  virtual absl::StatusOr<std::vector<float>> Run(absl::Span<const uint8_t> crops) = 0;
+};
+
+// What GetModelInfo, /metrics and the logs report about the served model.
+struct ModelDescription {
+  std::string arch;            // "r50", "r100"
+  std::string model_id;        // "arcface-r50@<12 hex>"
+  std::string weights_sha256;  // full hex
+  std::string weights_path;    // empty for demo weights
+  std::string device;          // "cpu", "cuda:0"
+  std::string precision;       // "fp32", "fp16", "bf16"
+  bool demo_weights = false;
+};
+
+}  // namespace arcface::service
+
+#endif  // ARCFACE_SERVER_SERVICE_EMBEDDING_MODEL_H_

@@ -1,0 +1,137 @@
+// FaceEmbeddingService: the arcface.v1.FaceEmbedding gRPC service on the callback API.
+//
+// Contract
+// - Handlers return at once. Faces are decoded, cropped and aligned on the preprocessing
+//   WorkQueue, their crops go through the Embedder's batcher, and the call is finished from the
+//   batch thread when its last crop came back (or at once on an early error). Every call is
+//   finished exactly once; a stream's reactor deletes itself in OnDone.
+// - Errors (absl::Status inside, mapped to grpc::Status only when a call finishes):
+//   INVALID_ARGUMENT naming the face or probe and the reason ("face 3: undecodable image ...",
+//   "query 2: embedding has 128 values, expected 512"); RESOURCE_EXHAUSTED for too many faces,
+//   a Compare matrix over the cap, a full batcher or preprocessing queue (transient);
+//   DEADLINE_EXCEEDED / CANCELLED when the call's deadline passed or it was cancelled before its
+//   crops ran (they then never reach the model); UNAVAILABLE before SetReady() and after
+//   BeginDrain(). One request's failure never fails another's crops.
+// - EmbedStream: one response per request message, in order, request_id echoed; a message's
+//   error travels in EmbedResponse.error and the stream goes on. At most
+//   ServiceOptions::stream_max_in_flight messages of one stream are processed at a time; the
+//   stream stops reading until the oldest is answered (backpressure through gRPC flow control).
+//   When a drain begins, a stream finishes after answering the messages it had read, with
+//   UNAVAILABLE if the client had not half-closed.
+// - Lifetime: the service must outlive the grpc::Server it is registered with (destroy the
+//   server, or Shutdown() it, first). The Embedder, metrics and work queue are borrowed and must
+//   outlive every call (shut the server down before them).
+// - Thread safety: every public method may be called from any thread.
+#ifndef ARCFACE_SERVER_SERVICE_FACE_EMBEDDING_SERVICE_H_
+#define ARCFACE_SERVER_SERVICE_FACE_EMBEDDING_SERVICE_H_
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/functional/any_invocable.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "arcface/v1/face_embedding.grpc.pb.h"
+#include "server/image/image.h"
+#include "server/service/embedder.h"
+#include "server/service/embedding_model.h"
+#include "server/service/metrics.h"
+#include "server/service/work_queue.h"
+
+namespace arcface::service {
+
+struct ServiceOptions {
+  int max_faces_per_request = 256;  // Embed faces; Compare face probes (queries + references)
+  int max_compare_rows = 4096;      // Compare: queries
+  int max_compare_cols = 4096;      // Compare: references
+  int stream_max_in_flight = 16;    // EmbedStream messages processed at once per stream
+  image::Limits image_limits;
+  // Reported by GetModelInfo only (enforced by the gRPC server and the batcher).
+  uint64_t max_message_bytes = uint64_t{64} << 20;
+  std::string server_version;
+};
+
+class FaceEmbeddingService final : public arcface::v1::FaceEmbedding::CallbackService {
+ public:
+  // `metrics` and `preprocess` are borrowed.
+  FaceEmbeddingService(const ServiceOptions& options, ServiceMetrics* metrics,
+                       WorkQueue* preprocess);
+  ~FaceEmbeddingService() override;
+
+  // The model is loaded and warm: calls are served from now on. `embedder` is borrowed.
+  void SetReady(Embedder* embedder, const ModelDescription& model) ABSL_LOCKS_EXCLUDED(mu_);
+  // New calls get UNAVAILABLE; open streams finish once their read messages are answered.
+  void BeginDrain() ABSL_LOCKS_EXCLUDED(mu_);
+  // Blocks until no accepted call is unfinished or until `deadline`; true when idle.
+  bool WaitForIdle(absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);
+  int inflight() const ABSL_LOCKS_EXCLUDED(mu_);
+
+  grpc::ServerUnaryReactor* Embed(grpc::CallbackServerContext* context,
+                                  const arcface::v1::EmbedRequest* request,
+                                  arcface::v1::EmbedResponse* response) override;
+  grpc::ServerBidiReactor<arcface::v1::EmbedRequest, arcface::v1::EmbedResponse>* EmbedStream(
+      grpc::CallbackServerContext* context) override;
+  grpc::ServerUnaryReactor* Compare(grpc::CallbackServerContext* context,
+                                    const arcface::v1::CompareRequest* request,
+                                    arcface::v1::CompareResponse* response) override;
+  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
+                                         const arcface::v1::GetModelInfoRequest* request,
+                                         arcface::v1::ModelInfo* response) override;
+
+ private:
+  class StreamReactor;
+  class RejectedStream;
+  struct CallContext {
+    absl::Time deadline = absl::InfiniteFuture();
+    std::function<bool()> is_cancelled;
+  };
+  using DoneFn = absl::AnyInvocable<void(absl::Status)>;
+
+  // Counts an accepted call, or says why it is refused.
+  absl::Status Admit() ABSL_LOCKS_EXCLUDED(mu_);
+  void Release() ABSL_LOCKS_EXCLUDED(mu_);
+  // A stream's OnDone: forget it and release its call.
+  void Unregister(StreamReactor* stream) ABSL_LOCKS_EXCLUDED(mu_);
+  Embedder* embedder() ABSL_LOCKS_EXCLUDED(mu_);
+
+  // The work of one Embed (or stream message): fills *response; calls `done` exactly once,
+  // possibly before returning. `request` and `response` must live until then.
+  void StartEmbed(const arcface::v1::EmbedRequest* request, arcface::v1::EmbedResponse* response,
+                  CallContext call, DoneFn done);
+  void StartCompare(const arcface::v1::CompareRequest* request,
+                    arcface::v1::CompareResponse* response, CallContext call, DoneFn done);
+  void FinishUnary(grpc::ServerUnaryReactor* reactor, const char* rpc, absl::Time start,
+                   const absl::Status& status);
+
+  static CallContext ContextOf(grpc::CallbackServerContext* context);
+
+  const ServiceOptions options_;
+  ServiceMetrics* const metrics_;
+  WorkQueue* const preprocess_;
+
+  mutable absl::Mutex mu_;
+  absl::CondVar idle_;
+  bool ready_ ABSL_GUARDED_BY(mu_) = false;
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  int inflight_ ABSL_GUARDED_BY(mu_) = 0;
+  Embedder* embedder_ ABSL_GUARDED_BY(mu_) = nullptr;
+  absl::flat_hash_set<StreamReactor*> streams_ ABSL_GUARDED_BY(mu_);
+  // Written once by SetReady() before ready_ becomes true; read-only afterwards.
+  ModelDescription model_;
+};
+
+// The cosine similarity matrix of unit-length rows (rows × dim and cols × dim, row-major):
+// similarities[i * cols + j] = dot(a_i, b_j). Exposed for tests.
+std::vector<float> CosineMatrix(const std::vector<float>& a_unit, const std::vector<float>& b_unit,
+                                int rows, int cols, int dim);
+
+}  // namespace arcface::service
+
+#endif  // ARCFACE_SERVER_SERVICE_FACE_EMBEDDING_SERVICE_H_

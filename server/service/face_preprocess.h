@@ -1,0 +1,34 @@
+// Face preprocessing: turns an API Face (encoded or raw image, plus optional box or five
+// landmarks) into the 112×112×3 RGB crop the model consumes, per DESIGN.md: 5 landmarks →
+// aligned to the ArcFace template; else a box → that region, cropped and resized; else the
+// whole image.
+//
+// Contract
+// - Errors are INVALID_ARGUMENT with the reason (never naming the face index: callers prefix
+//   it with WithContext, e.g. "face 3: undecodable image: ..."); INTERNAL only when OpenCV
+//   fails on input already validated. Cheap checks (landmark count, pixel format, sizes) come
+//   before any decoding.
+// - CPU-bound and synchronous; pure (thread-safe, no state). The Face is borrowed for the call.
+#ifndef ARCFACE_SERVER_SERVICE_FACE_PREPROCESS_H_
+#define ARCFACE_SERVER_SERVICE_FACE_PREPROCESS_H_
+
+#include <cstdint>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "arcface/v1/face_embedding.pb.h"
+#include "server/image/image.h"
+
+namespace arcface::service {
+
+// Appends the face's crop (kCropBytes) to *out; on error *out is unchanged.
+absl::Status AppendFaceCrop(const arcface::v1::Face& face, const image::Limits& limits,
+                            std::vector<uint8_t>* out);
+
+// The same status with "<context>: " before its message (OK stays OK).
+absl::Status WithContext(const absl::Status& status, std::string_view context);
+
+}  // namespace arcface::service
+
+#endif  // ARCFACE_SERVER_SERVICE_FACE_PREPROCESS_H_

@@ -1,0 +1,66 @@
+// ServerConfig: arcface-server's command line. Every flag has an ARCFACE_* environment variable
+// (the flag wins when both are given); `arcface-server --help` lists them.
+//
+// Contract
+// - ParseServerFlags() never exits the process: it returns the exit status the caller should
+//   exit with (0 after --help/--version, 2 for any bad flag or value, with a message naming the
+//   flag written to `err`), or -1 with a validated config to run with.
+// - Validation covers syntax and ranges (positive sizes, queue size >= batch size, a known
+//   device/precision/log level, TLS files that exist and come in the right combinations,
+//   exactly one of --weights/--demo-weights). Whether the device or precision is available on
+//   this machine is decided later, by the engine.
+// - Pure apart from reading the environment and checking that named files exist; thread-safe.
+#ifndef ARCFACE_SERVER_SERVICE_SERVER_CONFIG_H_
+#define ARCFACE_SERVER_SERVICE_SERVER_CONFIG_H_
+
+#include <cstdint>
+#include <ostream>
+#include <string>
+
+#include "absl/time/time.h"
+
+namespace arcface::service {
+
+struct ServerConfig {
+  std::string weights;
+  bool demo_weights = false;
+  std::string listen = "0.0.0.0:50051";
+  std::string http_listen = "0.0.0.0:8080";
+  std::string device = "auto";
+  std::string precision = "fp32";
+  int threads = 0;
+  int max_batch_size = 32;
+  int64_t max_queue_delay_us = 2000;
+  int max_queue_size = 4096;
+  int max_faces_per_request = 256;
+  int64_t max_message_bytes = int64_t{64} << 20;
+  int64_t max_image_pixels = 40'000'000;
+  int max_compare_rows = 4096;
+  int max_compare_cols = 4096;
+  int preprocess_threads = 0;  // 0: the number of hardware threads (at least 2)
+  int warmup_batch_size = 8;
+  absl::Duration drain_timeout = absl::Seconds(30);
+  std::string log_level = "info";
+  std::string log_format = "text";
+  bool reflection = false;
+  std::string tls_cert;
+  std::string tls_key;
+  std::string tls_client_ca;
+  std::string port_file;
+  std::string test_hold_model_file;
+};
+
+struct ParsedFlags {
+  int exit_code = -1;  // >= 0: exit now with this status
+  ServerConfig config;
+};
+
+ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& out,
+                             std::ostream& err);
+
+// "30s", "1.5m", "500ms" (absl::ParseDuration) or a plain number of seconds ("30", "0.5").
+bool ParseDrainTimeout(const std::string& text, absl::Duration* out);
+
+}  // namespace arcface::service
+
+#endif  // ARCFACE_SERVER_SERVICE_SERVER_CONFIG_H_

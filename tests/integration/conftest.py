@@ -1,0 +1,94 @@
+"""Fixtures: real arcface-server processes on 127.0.0.1 (ephemeral ports), torn down with
+SIGTERM and an exit-status check.
+
+Servers are expensive on this machine (an IResNet-50 forward is ~65 ms per face on 2 CPU
+cores), so one r50 server with the golden weights is shared by the whole session; tests that
+need special flags start small dedicated servers (usually with --demo-weights) through
+`start_server`.
+"""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import arcface_testlib as lib  # noqa: E402
+
+
+def pytest_configure(config):
+    missing = [k for k in ("ARCFACE_SERVER_BIN", "ARCFACE_GOLDEN_DIR", "ARCFACE_SHARED_DATA")
+               if not os.environ.get(k)]
+    if missing:
+        raise pytest.UsageError(f"set {', '.join(missing)} (ctest sets them: "
+                                "ctest -R integration_pytest)")
+
+
+@pytest.fixture(scope="session")
+def goldens():
+    return lib.Goldens(lib.GOLDEN_DIR, lib.SHARED_DATA)
+
+
+class _Servers:
+    """Starts servers and stops them all at teardown, asserting exit status 0."""
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.servers = []
+
+    def __call__(self, args, name="server", **kw):
+        server = lib.ServerProcess(args, self.workdir, name=name, **kw)
+        self.servers.append(server)
+        return server.start()
+
+    def stop_all(self):
+        errors = []
+        for server in reversed(self.servers):
+            if server.proc is None:
+                continue
+            try:
+                server.stop()
+            except AssertionError as e:
+                errors.append(str(e))
+        assert not errors, "\n\n".join(errors)
+
+
+@pytest.fixture(scope="session")
+def session_servers(tmp_path_factory):
+    servers = _Servers(str(tmp_path_factory.mktemp("servers")))
+    yield servers
+    servers.stop_all()
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """start_server(args, name=..., tls=..., env=...) → a started ServerProcess, stopped (and
+    its exit status checked) when the test ends unless the test already stopped it."""
+    servers = _Servers(str(tmp_path))
+    yield servers
+    servers.stop_all()
+
+
+@pytest.fixture(scope="session")
+def r50_server(session_servers, goldens):
+    """The r50 golden weights, small batches, short delay; shared by the session."""
+    return session_servers([
+        "--weights", goldens.model_path("r50"),
+        "--device", "cpu", "--threads", str(lib.THREADS),
+        "--max-batch-size", str(lib.R50_MAX_BATCH),
+        "--max-queue-delay-us", str(lib.R50_QUEUE_DELAY_US),
+        "--max-faces-per-request", str(lib.R50_MAX_FACES),
+        "--max-image-pixels", str(lib.R50_MAX_PIXELS),
+        "--drain-timeout", "20",
+    ], name="r50")
+
+
+@pytest.fixture(scope="session")
+def onnx_server(session_servers, goldens):
+    return session_servers([
+        "--weights", goldens.model_path("insightface_r50"),
+        "--device", "cpu", "--threads", str(lib.THREADS),
+        "--max-batch-size", "4", "--max-queue-delay-us", "1000",
+    ], name="insightface_r50")
+
