@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Installs what is missing, builds, and runs the ArcFace engine on the weights (its offline
-# throughput benchmark, until the gRPC server lands).
+# Installs what is missing, builds, and starts arcface-server (gRPC on :50051, HTTP /metrics
+# /healthz /readyz on :8080; every flag also has an ARCFACE_* variable: arcface-server --help).
 # Weights: $ARCFACE_WEIGHTS, else models/arcface_r50.safetensors (deploy/fetch-weights.sh gets
 # it). Without weights it says so and offers the demo weights (--demo-weights or
 # ARCFACE_DEMO_WEIGHTS=true): seeded random weights, a real pipeline, meaningless embeddings.
-# Usage: deploy/run.sh [--demo-weights] [extra arguments for the program]
+# Usage: deploy/run.sh [--demo-weights] [extra arguments for arcface-server, e.g. --listen 0.0.0.0:50052]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${ARCFACE_BUILD_DIR:-build}
@@ -17,7 +17,7 @@ done
 
 deploy/install-deps.sh
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
-cmake --build "$BUILD" -j"$(nproc)" --target engine_bench
+cmake --build "$BUILD" -j"$(nproc)" --target arcface-server
 
 weights=${ARCFACE_WEIGHTS:-models/arcface_r50.safetensors}
 weight_args=()
@@ -39,4 +39,6 @@ else
     exit 1
   fi
 fi
-exec "$BUILD/tests/bench/engine_bench" "${weight_args[@]}" "${args[@]}"
+# The choice is made here: the server must not see a second one through its environment.
+unset ARCFACE_WEIGHTS ARCFACE_DEMO_WEIGHTS
+exec "$BUILD/server/arcface-server" "${weight_args[@]}" "${args[@]}"

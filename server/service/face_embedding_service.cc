@@ -1,10 +1,13 @@
 #include "server/service/face_embedding_service.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <deque>
 #include <memory>
 #include <utility>
+
+#include <spdlog/spdlog.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -79,15 +82,18 @@ std::vector<float> CosineMatrix(const std::vector<float>& a_unit, const std::vec
   for (int j = 0; j < cols; ++j) {
     for (int k = 0; k < dim; ++k) bt[size_t(k) * cols + j] = b_unit[size_t(j) * dim + k];
   }
-  std::vector<float> out(size_t(rows) * cols, 0.0f);
+  std::vector<float> out(size_t(rows) * cols);
+  std::vector<double> acc(cols);  // double sums: cos(a, a) is 1 to float rounding
   for (int i = 0; i < rows; ++i) {
-    float* row = out.data() + size_t(i) * cols;
+    std::fill(acc.begin(), acc.end(), 0.0);
     const float* a = a_unit.data() + size_t(i) * dim;
     for (int k = 0; k < dim; ++k) {
-      const float ak = a[k];
+      const double ak = a[k];
       const float* b = bt.data() + size_t(k) * cols;
-      for (int j = 0; j < cols; ++j) row[j] += ak * b[j];
+      for (int j = 0; j < cols; ++j) acc[j] += ak * b[j];
     }
+    float* row = out.data() + size_t(i) * cols;
+    for (int j = 0; j < cols; ++j) row[j] = static_cast<float>(acc[j]);
   }
   return out;
 }
@@ -331,6 +337,18 @@ bool FaceEmbeddingService::WaitForIdle(absl::Time deadline) {
   return true;
 }
 
+void FaceEmbeddingService::WaitForQuiet(absl::Duration quiet, absl::Time deadline) {
+  while (true) {
+    absl::Time wake;
+    {
+      absl::MutexLock lock(&mu_);
+      wake = std::min(last_arrival_ + quiet, deadline);
+    }
+    if (absl::Now() >= wake) return;
+    absl::SleepFor(std::min(wake - absl::Now(), absl::Milliseconds(10)));
+  }
+}
+
 int FaceEmbeddingService::inflight() const {
   absl::MutexLock lock(&mu_);
   return inflight_;
@@ -338,6 +356,7 @@ int FaceEmbeddingService::inflight() const {
 
 absl::Status FaceEmbeddingService::Admit() {
   absl::MutexLock lock(&mu_);
+  last_arrival_ = absl::Now();
   if (draining_) {
     metrics_->RecordRejected("draining");
     return absl::UnavailableError("the server is draining (shutting down); retry elsewhere");
@@ -350,6 +369,8 @@ absl::Status FaceEmbeddingService::Admit() {
 
 void FaceEmbeddingService::Release() {
   absl::MutexLock lock(&mu_);
+  // A client that just got its answer sends its next call soon: that counts as activity too.
+  last_arrival_ = absl::Now();
   --inflight_;
   metrics_->inflight().Add(-1);
   if (inflight_ == 0) idle_.SignalAll();
@@ -383,6 +404,7 @@ FaceEmbeddingService::CallContext FaceEmbeddingService::ContextOf(
 void FaceEmbeddingService::FinishUnary(grpc::ServerUnaryReactor* reactor, const char* rpc,
                                        absl::Time start, const absl::Status& status) {
   metrics_->RecordRequest(rpc, status, Seconds(start));
+  if (!status.ok()) spdlog::debug("{} failed: {}", rpc, status.ToString());
   reactor->Finish(ToGrpcStatus(status));
 }
 

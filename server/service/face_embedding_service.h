@@ -71,6 +71,12 @@ class FaceEmbeddingService final : public arcface::v1::FaceEmbedding::CallbackSe
   void BeginDrain() ABSL_LOCKS_EXCLUDED(mu_);
   // Blocks until no accepted call is unfinished or until `deadline`; true when idle.
   bool WaitForIdle(absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);
+  // Blocks until no call has arrived (refused ones count) or finished for `quiet`, or until
+  // `deadline`.
+  // Between the drain and the gRPC server's shutdown: calls still arriving when the server shuts
+  // down are killed by gRPC before any handler sees them (clients get CANCELLED instead of this
+  // service's UNAVAILABLE), so the server waits until clients have heard UNAVAILABLE and stopped.
+  void WaitForQuiet(absl::Duration quiet, absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);
   int inflight() const ABSL_LOCKS_EXCLUDED(mu_);
 
   grpc::ServerUnaryReactor* Embed(grpc::CallbackServerContext* context,
@@ -121,6 +127,7 @@ class FaceEmbeddingService final : public arcface::v1::FaceEmbedding::CallbackSe
   bool ready_ ABSL_GUARDED_BY(mu_) = false;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   int inflight_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::Time last_arrival_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
   Embedder* embedder_ ABSL_GUARDED_BY(mu_) = nullptr;
   absl::flat_hash_set<StreamReactor*> streams_ ABSL_GUARDED_BY(mu_);
   // Written once by SetReady() before ready_ becomes true; read-only afterwards.

@@ -13,7 +13,7 @@
 #define ARCFACE_SERVER_SERVICE_FACE_PREPROCESS_H_
 
 #include <cstdint>
-#include <string_view>
+#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/status/status.h"
@@ -27,7 +27,7 @@ absl::Status AppendFaceCrop(const arcface::v1::Face& face, const image::Limits& 
                             std::vector<uint8_t>* out);
 
 // The same status with "<context>: " before its message (OK stays OK).
-absl::Status WithContext(const absl::Status& status, std::string_view context);
+absl::Status WithContext(const absl::Status& status, absl::string_view context);
 
 }  // namespace arcface::service
 

@@ -233,8 +233,12 @@ std::string FormatMetricValue(double value) {
   if (value == std::floor(value) && std::fabs(value) < 1e15) {
     return absl::StrCat(static_cast<int64_t>(value));
   }
+  // The shortest form that reads back as the same double (0.005, not 0.0050000000000000001).
   char buf[64];
-  std::snprintf(buf, sizeof(buf), "%.17g", value);
+  for (int precision = 6; precision <= 17; ++precision) {
+    std::snprintf(buf, sizeof(buf), "%.*g", precision, value);
+    if (std::strtod(buf, nullptr) == value) break;
+  }
   return buf;
 }
 

@@ -283,8 +283,8 @@ def http_get(url, timeout=5.0):
 class ServerProcess:
     """An arcface-server process on 127.0.0.1 with ephemeral ports.
 
-    The ports come from the server itself: it binds port 0 and writes the bound ports into
-    --port-file. Output goes to a log file; failures quote its tail.
+    The ports come from the server itself: it binds port 0 and, once SERVING, writes the bound
+    ports into --port-file. Output goes to a log file; failures quote its tail.
     """
 
     def __init__(self, args, workdir, name="server", tls=None, env=None):
@@ -442,27 +442,12 @@ class ServerProcess:
 
 
 def parse_port_file(text):
-    """(grpc_port, http_port) from the server's --port-file, or None while incomplete."""
-    text = text.strip()
-    if not text:
+    """(grpc_port, http_port) from the server's --port-file ("<grpc port> <http port>\\n",
+    written whole once SERVING), or None while it is not there yet."""
+    fields = text.split()
+    if len(fields) != 2:
         return None
-    try:
-        doc = json.loads(text)
-    except ValueError:
-        doc = None
-    if isinstance(doc, dict):
-        g = doc.get("grpc") or doc.get("grpc_port") or doc.get("listen")
-        h = doc.get("http") or doc.get("http_port") or doc.get("http_listen")
-    else:
-        kv = dict(re.findall(r"([a-zA-Z_]+)\s*[=:]\s*(\S+)", text))
-        g, h = kv.get("grpc"), kv.get("http")
-    if g is None or h is None:
-        return None
-    return _port_of(g), _port_of(h)
-
-
-def _port_of(value):
-    return int(str(value).rsplit(":", 1)[-1])
+    return int(fields[0]), int(fields[1])
 
 
 # --------------------------------------------------------------------------------------------

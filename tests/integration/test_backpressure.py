@@ -161,6 +161,8 @@ def test_expired_and_cancelled_never_run(held_server):
     h0, h1 = before.histogram("arcface_batch_size"), after.histogram("arcface_batch_size")
     assert h1["count"] - h0["count"] == 2
     assert h1["sum"] - h0["sum"] == 2
+    assert (after.histogram("arcface_inference_seconds")["count"]
+            - before.histogram("arcface_inference_seconds")["count"]) == 2
     assert d("arcface_faces_total") == 2
     assert d("arcface_requests_total", rpc="Embed", code="OK") == 2
     assert d("arcface_requests_total", rpc="Embed", code="DEADLINE_EXCEEDED") == 1

@@ -52,6 +52,7 @@ def test_64_concurrent_callers(r50_server, goldens):
     assert len({it[1].SerializeToString() for it in items}) == THREADS, "inputs not distinct"
 
     before = server.metrics()
+    log_lines = len(server.log_text().splitlines())
     results = [None] * THREADS
     barrier = threading.Barrier(THREADS)
 
@@ -118,3 +119,5 @@ def test_64_concurrent_callers(r50_server, goldens):
     assert 0 < batches < len(ok)
     assert faces / batches > 1, f"mean batch {faces / batches}"
     assert after.get("arcface_queue_depth") == 0
+    # No per-request lines at the default (info) level.
+    assert len(server.log_text().splitlines()) == log_lines, server.log_tail(20)

@@ -1,15 +1,21 @@
 """Command-line flags and their ARCFACE_* environment variables: a bad flag or value ends the
 process with status 2 and a message naming it; good ones take effect."""
 
+import json
 import os
 import re
+import signal
 import subprocess
+import time
 
 import grpc
+import numpy as np
 import pytest
 
 import arcface_testlib as lib
 from arcface.v1 import face_embedding_pb2 as pb
+from arcface.v1 import face_embedding_pb2_grpc as pb_grpc
+from grpc_health_v1 import health_pb2, health_pb2_grpc
 
 # The rest of the command line is valid, so only the named flag can be at fault.
 BASE = ["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]
@@ -103,3 +109,82 @@ def test_reflection_off_by_default(r50_server):
     with pytest.raises(grpc.RpcError) as err:
         list(call(iter([b"\x3a\x00"]), timeout=10))
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_not_serving_until_model_is_ready(tmp_path):
+    """While the model loads, the ports are open but health says NOT_SERVING, /readyz is 503 and
+    calls get UNAVAILABLE; then SERVING. Also: --log-format json writes one JSON object per
+    line. (Fixed ports here, because the port file is only written once SERVING.)"""
+    gport, hport = lib.free_port(), lib.free_port()
+    log_path = tmp_path / "startup.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [lib.SERVER_BIN, *lib.demo_args("--log-format", "json"),
+             "--listen", f"127.0.0.1:{gport}", "--http-listen", f"127.0.0.1:{hport}"],
+            env=clean_env({}), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def http_up():
+        assert proc.poll() is None, log_path.read_text()
+        try:
+            return lib.http_get(f"http://127.0.0.1:{hport}/readyz")[0]
+        except OSError:
+            return None
+
+    # HTTP starts after the gRPC port listens; a channel made before that would sit in
+    # reconnect backoff through the loading phase.
+    try:
+        lib.wait_until(http_up, 60, interval=0.02, what="the HTTP port")
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=30)
+        raise
+    channel = grpc.insecure_channel(f"127.0.0.1:{gport}")
+    health = health_pb2_grpc.HealthStub(channel)
+    stub = pb_grpc.FaceEmbeddingStub(channel)
+    request = pb.EmbedRequest(faces=[lib.raw_face(np.zeros((lib.CROP, lib.CROP, 3), np.uint8))])
+    seen_loading = 0
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "never SERVING"
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+            except grpc.RpcError as e:
+                raise AssertionError(f"health Check failed while loading: {e}")
+            if status == lib.SERVING:
+                break
+            assert status == lib.NOT_SERVING
+            ready = lib.http_get(f"http://127.0.0.1:{hport}/readyz")[0]
+            try:
+                stub.Embed(request, timeout=10)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as e:
+                code = e.code()
+            # The model may have become ready between the three probes; only while health
+            # still says NOT_SERVING afterwards do the other two have to agree.
+            if health.Check(health_pb2.HealthCheckRequest(service=""),
+                            timeout=2).status == lib.NOT_SERVING:
+                assert ready == 503
+                assert code == grpc.StatusCode.UNAVAILABLE
+                seen_loading += 1
+            time.sleep(0.02)
+        assert seen_loading > 0, "the loading phase was never observed"
+        assert lib.http_get(f"http://127.0.0.1:{hport}/readyz")[0] == 200
+        assert len(stub.Embed(request, timeout=60).embeddings) == 1
+    finally:
+        channel.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert rc == 0, log_path.read_text()
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    assert len(lines) >= 3
+    for line in lines:
+        doc = json.loads(line)
+        assert isinstance(doc, dict), line
+    assert any("SERVING" in json.dumps(json.loads(line)) for line in lines)

@@ -132,6 +132,10 @@ CASES = {
     "faces_100000": (lambda: ("Embed", pb.EmbedRequest(faces=[
         pb.Face(image=pb.Image(raw=pb.RawImage(width=1, height=1, data=b"\0\0\0")))] * 100000)),
         EXHAUSTED, ["100000", str(lib.R50_MAX_FACES)], True),
+    "compare_too_many_face_probes": (lambda: ("Compare", pb.CompareRequest(
+        queries=[pb.Probe(face=good_face())] * 40,
+        references=[pb.Probe(face=good_face())] * (lib.R50_MAX_FACES - 39))),
+        EXHAUSTED, [str(lib.R50_MAX_FACES + 1), str(lib.R50_MAX_FACES)], True),
     # Refused by gRPC's receive limit (--max-message-bytes, 64 MiB by default) before any
     # handler runs; the message names the sizes.
     "message_100MiB": (lambda: embed_bad(pb.Face(image=pb.Image(raw=pb.RawImage(

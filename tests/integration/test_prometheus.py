@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import urllib.error
 import urllib.parse
 
 import pytest
@@ -17,7 +18,10 @@ PROMETHEUS = "/usr/bin/prometheus"
 
 def query(port, expr):
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    status, body = lib.http_get(url)
+    try:
+        status, body = lib.http_get(url)
+    except urllib.error.URLError:  # still starting: not listening yet
+        return None
     if status != 200:
         return None
     doc = json.loads(body)

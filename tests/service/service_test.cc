@@ -1,0 +1,1112 @@
+// Unit tests of the service library (server/service): metrics exposition, status mapping, flag
+// parsing, the Embedder over a puppet batcher, and the FaceEmbedding service through a real
+// in-process gRPC server on 127.0.0.1:0 with a fake model (no torch): the fake's embedding of a
+// crop is a deterministic function of its bytes, so every expected value is computed here.
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <numeric>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "arcface/v1/face_embedding.grpc.pb.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "server/batching/fake_clock.h"
+#include "server/service/embedder.h"
+#include "server/service/embedding_model.h"
+#include "server/service/face_embedding_service.h"
+#include "server/service/face_preprocess.h"
+#include "server/service/metrics.h"
+#include "server/service/server_config.h"
+#include "server/service/status_mapping.h"
+#include "server/service/work_queue.h"
+
+namespace arcface::service {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+namespace v1 = ::arcface::v1;
+
+// ---------------------------------------------------------------------------------------------
+// The fake model
+
+// A crop's fake embedding: row j is a function of the crop's bytes (a hash) and j, with values
+// of both signs so that cosines spread over [-1, 1].
+std::vector<float> FakeEmbedding(const uint8_t* crop) {
+  uint64_t h = 1469598103934665603ull;
+  for (size_t i = 0; i < kCropBytes; ++i) h = (h ^ crop[i]) * 1099511628211ull;
+  std::vector<float> v(kEmbeddingDim);
+  uint64_t x = h;
+  for (int j = 0; j < kEmbeddingDim; ++j) {
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    v[j] = static_cast<float>(int((x * 2685821657736338717ull) >> 40) % 2001 - 1000) / 100.0f;
+  }
+  return v;
+}
+
+class FakeModel final : public EmbeddingModel {
+ public:
+  absl::StatusOr<std::vector<float>> Run(absl::Span<const uint8_t> crops) override {
+    const int n = static_cast<int>(crops.size() / kCropBytes);
+    {
+      absl::MutexLock lock(&mu_);
+      batch_sizes_.push_back(n);
+      if (!fail_next_.ok()) {
+        absl::Status s = fail_next_;
+        fail_next_ = absl::OkStatus();
+        return s;
+      }
+    }
+    std::vector<float> out;
+    out.reserve(size_t(n) * kEmbeddingDim);
+    for (int i = 0; i < n; ++i) {
+      std::vector<float> e = FakeEmbedding(crops.data() + size_t(i) * kCropBytes);
+      out.insert(out.end(), e.begin(), e.end());
+    }
+    return out;
+  }
+  void FailNext(absl::Status s) {
+    absl::MutexLock lock(&mu_);
+    fail_next_ = std::move(s);
+  }
+  std::vector<int> batch_sizes() {
+    absl::MutexLock lock(&mu_);
+    return batch_sizes_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::vector<int> batch_sizes_ ABSL_GUARDED_BY(mu_);
+  absl::Status fail_next_ ABSL_GUARDED_BY(mu_);
+};
+
+// A 112×112 RGB crop filled from a seed; a raw 112×112 face is copied into the crop unchanged.
+std::vector<uint8_t> SeededCrop(int seed) {
+  std::vector<uint8_t> c(kCropBytes);
+  uint32_t x = 2463534242u + seed * 7919u;
+  for (auto& b : c) {
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    b = static_cast<uint8_t>(x);
+  }
+  return c;
+}
+
+v1::Face RawFace(const std::vector<uint8_t>& rgb, int width = kCropSize, int height = kCropSize) {
+  v1::Face face;
+  v1::RawImage* raw = face.mutable_image()->mutable_raw();
+  raw->set_width(width);
+  raw->set_height(height);
+  raw->set_format(v1::RGB8);
+  raw->set_data(std::string(rgb.begin(), rgb.end()));
+  return face;
+}
+
+double Norm(const std::vector<float>& v) {
+  double s = 0;
+  for (float x : v) s += double(x) * x;
+  return std::sqrt(s);
+}
+
+double Cosine(const std::vector<float>& a, const std::vector<float>& b) {
+  double dot = 0;
+  for (size_t i = 0; i < a.size(); ++i) dot += double(a[i]) * b[i];
+  return dot / (Norm(a) * Norm(b));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics
+
+struct Sample {
+  std::string name;
+  std::map<std::string, std::string> labels;
+  double value;
+};
+
+// Parses the exposition back: "# TYPE" lines into `types`, every sample line into a Sample.
+std::vector<Sample> ParseExposition(const std::string& text,
+                                    std::map<std::string, std::string>* types) {
+  std::vector<Sample> samples;
+  const std::regex sample_re(R"(^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$)");
+  const std::regex label_re(R"re(([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)")re");
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (line.empty()) continue;
+    std::string l(line);
+    if (absl::StartsWith(l, "# TYPE ")) {
+      std::vector<std::string> parts = absl::StrSplit(l, ' ');
+      EXPECT_EQ(parts.size(), 4u) << l;
+      (*types)[parts[2]] = parts[3];
+      continue;
+    }
+    if (absl::StartsWith(l, "# HELP ")) continue;
+    std::smatch m;
+    EXPECT_TRUE(std::regex_match(l, m, sample_re)) << "not a sample line: " << l;
+    if (m.empty()) continue;
+    Sample s;
+    s.name = m[1];
+    std::string labels = m[3];
+    for (auto it = std::sregex_iterator(labels.begin(), labels.end(), label_re);
+         it != std::sregex_iterator(); ++it) {
+      s.labels[(*it)[1]] = (*it)[2];
+    }
+    std::string v = m[4];
+    if (v == "+Inf") {
+      s.value = INFINITY;
+    } else {
+      EXPECT_TRUE(absl::SimpleAtod(v, &s.value)) << l;
+    }
+    samples.push_back(s);
+  }
+  return samples;
+}
+
+TEST(Metrics, CountersGaugesAndLabelsRenderAndParseBack) {
+  MetricsRegistry registry;
+  auto& requests = registry.AddCounter("t_requests_total", "Requests.", {"rpc", "code"});
+  requests.WithLabels({"Embed", "OK"}).Inc();
+  requests.WithLabels({"Embed", "OK"}).Inc(2);
+  requests.WithLabels({"Compare", "INVALID_ARGUMENT"}).Inc();
+  auto& odd = registry.AddGauge("t_odd", "Odd label values.", {"v"});
+  odd.WithLabels({"a\"b\\c\nd"}).Set(1.5);
+  registry.AddCallbackGauge("t_callback", "Read at render.", [] { return 7.0; });
+
+  const std::string text = registry.Render();
+  EXPECT_THAT(text, HasSubstr("# HELP t_requests_total Requests.\n# TYPE t_requests_total counter\n"));
+  EXPECT_THAT(text, HasSubstr("t_requests_total{rpc=\"Embed\",code=\"OK\"} 3\n"));
+  EXPECT_THAT(text, HasSubstr("t_odd{v=\"a\\\"b\\\\c\\nd\"} 1.5\n"));
+  EXPECT_THAT(text, HasSubstr("t_callback 7\n"));
+
+  std::map<std::string, std::string> types;
+  std::vector<Sample> samples = ParseExposition(text, &types);
+  EXPECT_EQ(types["t_requests_total"], "counter");
+  EXPECT_EQ(types["t_odd"], "gauge");
+  EXPECT_EQ(types["t_callback"], "gauge");
+  ASSERT_EQ(samples.size(), 4u);
+  EXPECT_EQ(samples[0].name, "t_requests_total");
+  EXPECT_EQ(samples[0].labels["rpc"], "Compare");  // children in label-value order
+  EXPECT_EQ(samples[0].labels["code"], "INVALID_ARGUMENT");
+  EXPECT_EQ(samples[0].value, 1);
+}
+
+TEST(Metrics, HistogramBucketsAreCumulativeWithSumAndCount) {
+  MetricsRegistry registry;
+  auto& h = registry.AddHistogram("t_seconds", "Latency.", {0.005, 0.1, 1}, {"rpc"});
+  for (double v : {0.001, 0.005, 0.05, 0.5, 2.0}) h.WithLabels({"Embed"}).Observe(v);
+
+  std::map<std::string, std::string> types;
+  std::vector<Sample> samples = ParseExposition(registry.Render(), &types);
+  EXPECT_EQ(types["t_seconds"], "histogram");
+  std::vector<std::pair<std::string, double>> buckets;
+  double sum = -1, count = -1;
+  for (const Sample& s : samples) {
+    EXPECT_EQ(s.labels.at("rpc"), "Embed");
+    if (s.name == "t_seconds_bucket") buckets.push_back({s.labels.at("le"), s.value});
+    if (s.name == "t_seconds_sum") sum = s.value;
+    if (s.name == "t_seconds_count") count = s.value;
+  }
+  // 0.005 falls in le="0.005" (upper bounds are inclusive).
+  EXPECT_THAT(buckets, ElementsAre(std::pair<std::string, double>{"0.005", 2},
+                                   std::pair<std::string, double>{"0.1", 3},
+                                   std::pair<std::string, double>{"1", 4},
+                                   std::pair<std::string, double>{"+Inf", 5}));
+  EXPECT_NEAR(sum, 2.556, 1e-12);
+  EXPECT_EQ(count, 5);
+}
+
+TEST(Metrics, ServiceMetricsHaveTheRequiredFamilies) {
+  ServiceMetrics m(/*max_batch_size=*/24);
+  m.SetModelInfo("r50", "arcface-r50@0123456789ab", "cpu", "fp32");
+  m.SetQueueDepthSource([] { return 3.0; });
+  m.RecordRequest("Embed", absl::OkStatus(), 0.01);
+  m.RecordRequest("Embed", absl::InvalidArgumentError("x"), 0.001);
+  m.AddFaces(4);
+  m.OnRejected(batching::RejectReason::kQueueFull, 1);
+  m.OnDropped(batching::DropReason::kExpired, 2);
+  absl::Duration waits[] = {absl::Milliseconds(1), absl::Milliseconds(2)};
+  batching::BatchInfo info;
+  info.size = 24;
+  info.num_tasks = 2;
+  info.queue_waits = waits;
+  info.run_time = absl::Milliseconds(30);
+  m.OnBatch(info);
+
+  std::map<std::string, std::string> types;
+  std::vector<Sample> samples = ParseExposition(m.Render(), &types);
+  EXPECT_EQ(types["arcface_requests_total"], "counter");
+  EXPECT_EQ(types["arcface_faces_total"], "counter");
+  EXPECT_EQ(types["arcface_batch_size"], "histogram");
+  EXPECT_EQ(types["arcface_queue_wait_seconds"], "histogram");
+  EXPECT_EQ(types["arcface_inference_seconds"], "histogram");
+  EXPECT_EQ(types["arcface_request_seconds"], "histogram");
+  EXPECT_EQ(types["arcface_queue_depth"], "gauge");
+  EXPECT_EQ(types["arcface_rejected_total"], "counter");
+  EXPECT_EQ(types["arcface_model_info"], "gauge");
+  std::map<std::string, double> flat;
+  for (const Sample& s : samples) {
+    std::string key = s.name;
+    for (const auto& [k, v] : s.labels) absl::StrAppend(&key, ",", k, "=", v);
+    flat[key] = s.value;
+  }
+  EXPECT_EQ(flat["arcface_requests_total,code=OK,rpc=Embed"], 1);
+  EXPECT_EQ(flat["arcface_requests_total,code=INVALID_ARGUMENT,rpc=Embed"], 1);
+  EXPECT_EQ(flat["arcface_faces_total"], 4);
+  EXPECT_EQ(flat["arcface_queue_depth"], 3);
+  EXPECT_EQ(flat["arcface_rejected_total,reason=queue_full"], 1);
+  EXPECT_EQ(flat["arcface_dropped_total,reason=expired"], 1);
+  EXPECT_EQ(flat["arcface_model_info,arch=r50,device=cpu,model_id=arcface-r50@0123456789ab,"
+                 "precision=fp32"],
+            1);
+  // Batch-size buckets: powers of two up to the limit, and the limit itself.
+  EXPECT_EQ(flat["arcface_batch_size_bucket,le=16"], 0);
+  EXPECT_EQ(flat["arcface_batch_size_bucket,le=24"], 1);
+  EXPECT_EQ(flat.count("arcface_batch_size_bucket,le=32"), 0u);
+  EXPECT_EQ(flat["arcface_batch_size_sum"], 24);
+  EXPECT_EQ(flat["arcface_queue_wait_seconds_count"], 2);
+  EXPECT_NEAR(flat["arcface_inference_seconds_sum"], 0.03, 1e-12);
+}
+
+TEST(Metrics, ValueFormatting) {
+  EXPECT_EQ(FormatMetricValue(3), "3");
+  EXPECT_EQ(FormatMetricValue(0.005), "0.005");
+  EXPECT_EQ(FormatMetricValue(0.1), "0.1");
+  EXPECT_EQ(FormatMetricValue(INFINITY), "+Inf");
+  EXPECT_EQ(FormatMetricValue(-INFINITY), "-Inf");
+  EXPECT_EQ(FormatMetricValue(NAN), "NaN");
+  EXPECT_EQ(EscapeLabelValue("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Status mapping
+
+TEST(StatusMapping, KeepsCodeAndMessage) {
+  for (int code = 0; code <= 16; ++code) {
+    absl::Status s(static_cast<absl::StatusCode>(code), code == 0 ? "" : "why");
+    grpc::Status g = ToGrpcStatus(s);
+    EXPECT_EQ(static_cast<int>(g.error_code()), code);
+    if (code != 0) {
+      EXPECT_EQ(g.error_message(), "why");
+    }
+    EXPECT_EQ(FromGrpcStatus(g), s);
+  }
+  EXPECT_EQ(ToGrpcStatus(absl::InvalidArgumentError("face 3: undecodable image")).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(ToGrpcStatus(absl::Status(static_cast<absl::StatusCode>(99), "odd")).error_code(),
+            grpc::StatusCode::UNKNOWN);
+  v1::Status proto;
+  ToProtoStatus(absl::ResourceExhaustedError("queue full"), &proto);
+  EXPECT_EQ(proto.code(), 8);
+  EXPECT_EQ(proto.message(), "queue full");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flags
+
+struct FlagRun {
+  int exit_code;
+  std::string out;
+  std::string err;
+  ServerConfig config;
+};
+
+FlagRun RunFlags(std::vector<std::string> args) {
+  args.insert(args.begin(), "arcface-server");
+  std::vector<const char*> argv;
+  for (const auto& a : args) argv.push_back(a.c_str());
+  std::ostringstream out, err;
+  ParsedFlags p = ParseServerFlags(static_cast<int>(argv.size()), argv.data(), out, err);
+  return {p.exit_code, out.str(), err.str(), p.config};
+}
+
+TEST(ServerFlags, DefaultsWithDemoWeights) {
+  FlagRun r = RunFlags({"--demo-weights"});
+  ASSERT_EQ(r.exit_code, -1) << r.err;
+  EXPECT_TRUE(r.config.demo_weights);
+  EXPECT_EQ(r.config.listen, "0.0.0.0:50051");
+  EXPECT_EQ(r.config.http_listen, "0.0.0.0:8080");
+  EXPECT_EQ(r.config.device, "auto");
+  EXPECT_EQ(r.config.precision, "fp32");
+  EXPECT_EQ(r.config.max_batch_size, 32);
+  EXPECT_EQ(r.config.max_queue_delay_us, 2000);
+  EXPECT_EQ(r.config.max_queue_size, 4096);
+  EXPECT_EQ(r.config.max_faces_per_request, 256);
+  EXPECT_EQ(r.config.max_message_bytes, 64 << 20);
+  EXPECT_EQ(r.config.max_image_pixels, 40000000);
+  EXPECT_EQ(r.config.drain_timeout, absl::Seconds(30));
+}
+
+TEST(ServerFlags, BadValuesExitTwoNamingTheFlag) {
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{}, "--weights"},
+      {{"--demo-weights", "--weights", "/nonexistent"}, "--weights"},
+      {{"--weights", "/nonexistent/w.safetensors"}, "--weights"},
+      {{"--demo-weights", "--bogus"}, "--bogus"},
+      {{"--demo-weights", "--max-batch-size", "0"}, "--max-batch-size"},
+      {{"--demo-weights", "--max-batch-size", "abc"}, "--max-batch-size"},
+      {{"--demo-weights", "--max-queue-size", "8", "--max-batch-size", "16"}, "--max-queue-size"},
+      {{"--demo-weights", "--max-queue-delay-us", "-1"}, "--max-queue-delay-us"},
+      {{"--demo-weights", "--max-faces-per-request", "0"}, "--max-faces-per-request"},
+      {{"--demo-weights", "--max-message-bytes", "10"}, "--max-message-bytes"},
+      {{"--demo-weights", "--max-image-pixels", "0"}, "--max-image-pixels"},
+      {{"--demo-weights", "--device", "gpu"}, "--device"},
+      {{"--demo-weights", "--precision", "int8"}, "--precision"},
+      {{"--demo-weights", "--threads", "-2"}, "--threads"},
+      {{"--demo-weights", "--drain-timeout", "soon"}, "--drain-timeout"},
+      {{"--demo-weights", "--log-level", "loud"}, "--log-level"},
+      {{"--demo-weights", "--log-format", "xml"}, "--log-format"},
+      {{"--demo-weights", "--listen", "nonsense"}, "--listen"},
+      {{"--demo-weights", "--http-listen", "1.2.3.4:99999"}, "--http-listen"},
+      {{"--demo-weights", "--tls-cert", "/etc/hostname"}, "--tls-cert"},
+      {{"--demo-weights", "--tls-cert", "/nonexistent", "--tls-key", "/nonexistent"},
+       "--tls-cert"},
+  };
+  for (const auto& [args, flag] : cases) {
+    FlagRun r = RunFlags(args);
+    EXPECT_EQ(r.exit_code, 2) << absl::StrJoin(args, " ");
+    EXPECT_THAT(r.err, HasSubstr(flag)) << absl::StrJoin(args, " ");
+  }
+}
+
+TEST(ServerFlags, EnvironmentVariablesAndHelp) {
+  setenv("ARCFACE_DEMO_WEIGHTS", "true", 1);
+  setenv("ARCFACE_MAX_BATCH_SIZE", "8", 1);
+  setenv("ARCFACE_DRAIN_TIMEOUT", "1.5", 1);
+  FlagRun r = RunFlags({"--max-queue-size", "64"});
+  unsetenv("ARCFACE_DEMO_WEIGHTS");
+  unsetenv("ARCFACE_MAX_BATCH_SIZE");
+  unsetenv("ARCFACE_DRAIN_TIMEOUT");
+  ASSERT_EQ(r.exit_code, -1) << r.err;
+  EXPECT_TRUE(r.config.demo_weights);
+  EXPECT_EQ(r.config.max_batch_size, 8);
+  EXPECT_EQ(r.config.max_queue_size, 64);
+  EXPECT_EQ(r.config.drain_timeout, absl::Milliseconds(1500));
+
+  FlagRun help = RunFlags({"--help"});
+  EXPECT_EQ(help.exit_code, 0);
+  EXPECT_THAT(help.out, HasSubstr("ARCFACE_MAX_FACES_PER_REQUEST"));
+  EXPECT_THAT(help.out, ::testing::Not(HasSubstr("test-hold-model-file")));
+}
+
+TEST(ServerFlags, DrainTimeoutForms) {
+  absl::Duration d;
+  ASSERT_TRUE(ParseDrainTimeout("30s", &d));
+  EXPECT_EQ(d, absl::Seconds(30));
+  ASSERT_TRUE(ParseDrainTimeout("500ms", &d));
+  EXPECT_EQ(d, absl::Milliseconds(500));
+  ASSERT_TRUE(ParseDrainTimeout("2", &d));
+  EXPECT_EQ(d, absl::Seconds(2));
+  EXPECT_FALSE(ParseDrainTimeout("forever", &d));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedder over a puppet batcher
+
+TEST(Embedder, SplitsAcrossBatchesAndKeepsOrder) {
+  FakeModel model;
+  batching::FakeClock clock;
+  EmbedderOptions options;
+  options.batching.max_batch_size = 4;
+  options.batching.max_queue_size = 64;
+  options.batching.max_queue_delay = absl::Milliseconds(1);
+  options.batching.start_batch_thread = false;
+  auto embedder = Embedder::Create(options, &model, &clock);
+  ASSERT_TRUE(embedder.ok()) << embedder.status();
+
+  // Request a: 3 crops; request b: 6 crops. Batches: [a0 a1 a2 b0] [b1 b2 b3 b4] [b5].
+  std::vector<std::vector<uint8_t>> crops_a, crops_b;
+  std::vector<uint8_t> buf_a, buf_b;
+  for (int i = 0; i < 3; ++i) {
+    crops_a.push_back(SeededCrop(i));
+    buf_a.insert(buf_a.end(), crops_a.back().begin(), crops_a.back().end());
+  }
+  for (int i = 0; i < 6; ++i) {
+    crops_b.push_back(SeededCrop(100 + i));
+    buf_b.insert(buf_b.end(), crops_b.back().begin(), crops_b.back().end());
+  }
+  absl::StatusOr<std::vector<float>> out_a = absl::UnknownError("not done");
+  absl::StatusOr<std::vector<float>> out_b = absl::UnknownError("not done");
+  int done_a = 0, done_b = 0;
+  ASSERT_TRUE((*embedder)
+                  ->Submit(std::move(buf_a), absl::InfiniteFuture(), nullptr,
+                           [&](absl::StatusOr<std::vector<float>> r) {
+                             out_a = std::move(r);
+                             ++done_a;
+                           })
+                  .ok());
+  ASSERT_TRUE((*embedder)
+                  ->Submit(std::move(buf_b), absl::InfiniteFuture(), nullptr,
+                           [&](absl::StatusOr<std::vector<float>> r) {
+                             out_b = std::move(r);
+                             ++done_b;
+                           })
+                  .ok());
+  auto& batcher = (*embedder)->batcher();
+  EXPECT_EQ(*batcher.RunOnce(), 4);
+  EXPECT_EQ(*batcher.RunOnce(), 4);
+  EXPECT_EQ(*batcher.RunOnce(), 0);  // b5 waits for its delay
+  clock.Advance(absl::Milliseconds(1));
+  EXPECT_EQ(*batcher.RunOnce(), 1);
+  EXPECT_THAT(model.batch_sizes(), ElementsAre(4, 4, 1));
+  EXPECT_EQ(done_a, 1);
+  EXPECT_EQ(done_b, 1);
+  ASSERT_TRUE(out_a.ok());
+  ASSERT_TRUE(out_b.ok());
+  ASSERT_EQ(out_a->size(), 3u * kEmbeddingDim);
+  ASSERT_EQ(out_b->size(), 6u * kEmbeddingDim);
+  for (int i = 0; i < 3; ++i) {
+    std::vector<float> want = FakeEmbedding(crops_a[i].data());
+    EXPECT_TRUE(std::equal(want.begin(), want.end(), out_a->begin() + i * kEmbeddingDim))
+        << "a" << i;
+  }
+  for (int i = 0; i < 6; ++i) {
+    std::vector<float> want = FakeEmbedding(crops_b[i].data());
+    EXPECT_TRUE(std::equal(want.begin(), want.end(), out_b->begin() + i * kEmbeddingDim))
+        << "b" << i;
+  }
+}
+
+TEST(Embedder, AModelFailureFailsOnlyItsBatch) {
+  FakeModel model;
+  batching::FakeClock clock;
+  EmbedderOptions options;
+  options.batching.max_batch_size = 2;
+  options.batching.max_queue_size = 16;
+  options.batching.start_batch_thread = false;
+  auto embedder = Embedder::Create(options, &model, &clock);
+  ASSERT_TRUE(embedder.ok());
+  std::vector<absl::Status> results(3, absl::UnknownError("not done"));
+  for (int i = 0; i < 3; ++i) {
+    std::vector<uint8_t> crop = SeededCrop(i);
+    ASSERT_TRUE((*embedder)
+                    ->Submit(std::move(crop), absl::InfiniteFuture(), nullptr,
+                             [&results, i](absl::StatusOr<std::vector<float>> r) {
+                               results[i] = r.status();
+                             })
+                    .ok());
+  }
+  model.FailNext(absl::InternalError("device lost"));
+  EXPECT_EQ(*(*embedder)->batcher().RunOnce(), 2);  // tasks 0 and 1 fail
+  clock.Advance(absl::Milliseconds(5));
+  EXPECT_EQ(*(*embedder)->batcher().RunOnce(), 1);  // task 2 succeeds
+  EXPECT_EQ(results[0].code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(results[1].code(), absl::StatusCode::kInternal);
+  EXPECT_TRUE(results[2].ok());
+}
+
+TEST(Embedder, ExpiredAndCancelledNeverReachTheModel) {
+  FakeModel model;
+  batching::FakeClock clock;
+  EmbedderOptions options;
+  options.batching.max_batch_size = 4;
+  options.batching.max_queue_size = 16;
+  options.batching.start_batch_thread = false;
+  auto embedder = Embedder::Create(options, &model, &clock);
+  ASSERT_TRUE(embedder.ok());
+  absl::Status expired = absl::UnknownError(""), cancelled = absl::UnknownError("");
+  ASSERT_TRUE((*embedder)
+                  ->Submit(SeededCrop(1), clock.Now() + absl::Milliseconds(1), nullptr,
+                           [&](absl::StatusOr<std::vector<float>> r) { expired = r.status(); })
+                  .ok());
+  ASSERT_TRUE((*embedder)
+                  ->Submit(SeededCrop(2), absl::InfiniteFuture(), [] { return true; },
+                           [&](absl::StatusOr<std::vector<float>> r) { cancelled = r.status(); })
+                  .ok());
+  clock.Advance(absl::Milliseconds(5));
+  EXPECT_EQ(*(*embedder)->batcher().RunOnce(), 0);
+  EXPECT_EQ(expired.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(cancelled.code(), absl::StatusCode::kCancelled);
+  EXPECT_TRUE(model.batch_sizes().empty());
+}
+
+TEST(Embedder, RejectsBadBuffersAndAFullQueue) {
+  FakeModel model;
+  batching::FakeClock clock;
+  EmbedderOptions options;
+  options.batching.max_batch_size = 2;
+  options.batching.max_queue_size = 2;
+  options.batching.start_batch_thread = false;
+  auto embedder = Embedder::Create(options, &model, &clock);
+  ASSERT_TRUE(embedder.ok());
+  auto noop = [](absl::StatusOr<std::vector<float>>) {};
+  EXPECT_EQ((*embedder)->Submit({}, absl::InfiniteFuture(), nullptr, noop).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*embedder)->Submit(std::vector<uint8_t>(100), absl::InfiniteFuture(), nullptr, noop)
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  std::vector<uint8_t> two = SeededCrop(1);
+  two.insert(two.end(), two.begin(), two.end());
+  EXPECT_TRUE((*embedder)->Submit(std::move(two), absl::InfiniteFuture(), nullptr, noop).ok());
+  EXPECT_EQ((*embedder)->Submit(SeededCrop(2), absl::InfiniteFuture(), nullptr, noop).code(),
+            absl::StatusCode::kResourceExhausted);
+  (*embedder)->Shutdown();
+  EXPECT_EQ((*embedder)->Submit(SeededCrop(3), absl::InfiniteFuture(), nullptr, noop).code(),
+            absl::StatusCode::kUnavailable);
+}
+
+TEST(Embedder, HoldFileHoldsTheBatchUntilRemoved) {
+  FakeModel model;
+  EmbedderOptions options;
+  options.batching.max_batch_size = 1;
+  options.batching.max_queue_size = 4;
+  options.batching.max_queue_delay = absl::ZeroDuration();
+  options.hold_file = absl::StrCat(::testing::TempDir(), "/hold.", getpid());
+  { std::ofstream(options.hold_file) << "hold"; }
+  auto embedder = Embedder::Create(options, &model);
+  ASSERT_TRUE(embedder.ok());
+  absl::Notification done;
+  ASSERT_TRUE((*embedder)
+                  ->Submit(SeededCrop(1), absl::InfiniteFuture(), nullptr,
+                           [&](absl::StatusOr<std::vector<float>> r) { done.Notify(); })
+                  .ok());
+  for (int i = 0; i < 5000 && !(*embedder)->held(); ++i) absl::SleepFor(absl::Milliseconds(1));
+  EXPECT_TRUE((*embedder)->held());
+  EXPECT_FALSE(done.WaitForNotificationWithTimeout(absl::Milliseconds(50)));
+  EXPECT_TRUE(model.batch_sizes().empty());
+  std::remove(options.hold_file.c_str());
+  EXPECT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  EXPECT_FALSE((*embedder)->held());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Face preprocessing
+
+TEST(FacePreprocess, RawWholeImageIsCopiedAndErrorsNameTheReason) {
+  std::vector<uint8_t> crops;
+  std::vector<uint8_t> rgb = SeededCrop(5);
+  ASSERT_TRUE(AppendFaceCrop(RawFace(rgb), image::Limits(), &crops).ok());
+  EXPECT_EQ(crops, rgb);
+
+  v1::Face four = RawFace(rgb);
+  for (int i = 0; i < 4; ++i) four.add_landmarks()->set_x(10 * i);
+  absl::Status s = AppendFaceCrop(four, image::Limits(), &crops);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("expected 5 landmarks, got 4"));
+  EXPECT_EQ(crops.size(), kCropBytes);  // unchanged on error
+  EXPECT_EQ(WithContext(s, "face 3").message(), "face 3: expected 5 landmarks, got 4");
+  EXPECT_TRUE(WithContext(absl::OkStatus(), "face 3").ok());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The service through gRPC
+
+class ServiceTest : public ::testing::Test {
+ protected:
+  void Start(ServiceOptions options = ServiceOptions(), int max_batch_size = 4,
+             int max_queue_size = 64, absl::Duration delay = absl::Milliseconds(1)) {
+    metrics_ = std::make_unique<ServiceMetrics>(max_batch_size);
+    pool_ = *WorkQueue::Create(2, 64);
+    service_ = std::make_unique<FaceEmbeddingService>(options, metrics_.get(), pool_.get());
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
+    builder.RegisterService(service_.get());
+    server_ = builder.BuildAndStart();
+    ASSERT_NE(server_, nullptr);
+    ASSERT_GT(port_, 0);
+    stub_ = v1::FaceEmbedding::NewStub(
+        grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_), grpc::InsecureChannelCredentials()));
+
+    EmbedderOptions eo;
+    eo.batching.max_batch_size = max_batch_size;
+    eo.batching.max_queue_size = max_queue_size;
+    eo.batching.max_queue_delay = delay;
+    eo.batching.observer = metrics_.get();
+    embedder_ = *Embedder::Create(eo, &model_);
+    model_desc_.arch = "r50";
+    model_desc_.model_id = "arcface-r50@0123456789ab";
+    model_desc_.weights_sha256 = std::string(64, 'a');
+    model_desc_.device = "cpu";
+    model_desc_.precision = "fp32";
+    model_desc_.demo_weights = true;
+  }
+  void Ready() { service_->SetReady(embedder_.get(), model_desc_); }
+
+  void TearDown() override {
+    if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    if (embedder_) embedder_->Shutdown();
+    if (pool_) pool_->Shutdown();
+  }
+
+  grpc::Status Embed(const v1::EmbedRequest& req, v1::EmbedResponse* resp) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    return stub_->Embed(&ctx, req, resp);
+  }
+  grpc::Status Compare(const v1::CompareRequest& req, v1::CompareResponse* resp) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    return stub_->Compare(&ctx, req, resp);
+  }
+
+  FakeModel model_;
+  ModelDescription model_desc_;
+  std::unique_ptr<ServiceMetrics> metrics_;
+  std::unique_ptr<WorkQueue> pool_;
+  std::unique_ptr<FaceEmbeddingService> service_;
+  std::unique_ptr<Embedder> embedder_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<v1::FaceEmbedding::Stub> stub_;
+  int port_ = 0;
+};
+
+TEST_F(ServiceTest, UnavailableUntilReady) {
+  Start();
+  v1::EmbedRequest req;
+  *req.add_faces() = RawFace(SeededCrop(1));
+  v1::EmbedResponse resp;
+  grpc::Status s = Embed(req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(s.error_message(), HasSubstr("loading"));
+  Ready();
+  EXPECT_TRUE(Embed(req, &resp).ok());
+}
+
+TEST_F(ServiceTest, EmbedReturnsEachFacesEmbeddingInOrderAcrossSplitBatches) {
+  Start(ServiceOptions(), /*max_batch_size=*/4);
+  Ready();
+  v1::EmbedRequest req;
+  req.set_request_id("frame-7");
+  std::vector<std::vector<uint8_t>> crops;
+  for (int i = 0; i < 11; ++i) {
+    crops.push_back(SeededCrop(i));
+    *req.add_faces() = RawFace(crops.back());
+  }
+  v1::EmbedResponse resp;
+  ASSERT_TRUE(Embed(req, &resp).ok());
+  EXPECT_EQ(resp.request_id(), "frame-7");
+  EXPECT_EQ(resp.model_id(), "arcface-r50@0123456789ab");
+  ASSERT_EQ(resp.embeddings_size(), 11);
+  for (int i = 0; i < 11; ++i) {
+    std::vector<float> want = FakeEmbedding(crops[i].data());
+    std::vector<float> got(resp.embeddings(i).values().begin(), resp.embeddings(i).values().end());
+    EXPECT_EQ(got, want) << "face " << i;
+    EXPECT_NEAR(resp.embeddings(i).norm(), Norm(want), 1e-3);
+  }
+  for (int n : model_.batch_sizes()) EXPECT_LE(n, 4);
+}
+
+TEST_F(ServiceTest, NormalizeGivesUnitVectorsAndKeepsTheRawNorm) {
+  Start();
+  Ready();
+  v1::EmbedRequest req;
+  req.set_normalize(true);
+  std::vector<uint8_t> crop = SeededCrop(3);
+  *req.add_faces() = RawFace(crop);
+  v1::EmbedResponse resp;
+  ASSERT_TRUE(Embed(req, &resp).ok());
+  std::vector<float> want = FakeEmbedding(crop.data());
+  const double norm = Norm(want);
+  std::vector<float> got(resp.embeddings(0).values().begin(), resp.embeddings(0).values().end());
+  EXPECT_NEAR(Norm(got), 1.0, 1e-6);
+  for (int j = 0; j < kEmbeddingDim; ++j) EXPECT_NEAR(got[j], want[j] / norm, 1e-6);
+  EXPECT_NEAR(resp.embeddings(0).norm(), norm, norm * 1e-6);
+}
+
+TEST_F(ServiceTest, EmptyRequestIsAnEmptyAnswer) {
+  Start();
+  Ready();
+  v1::EmbedRequest req;
+  req.set_request_id("none");
+  v1::EmbedResponse resp;
+  ASSERT_TRUE(Embed(req, &resp).ok());
+  EXPECT_EQ(resp.embeddings_size(), 0);
+  EXPECT_EQ(resp.request_id(), "none");
+}
+
+TEST_F(ServiceTest, InvalidRequestsNameTheFaceAndTheReason) {
+  ServiceOptions options;
+  options.max_faces_per_request = 8;
+  options.image_limits.max_pixels = 150 * 150;
+  Start(options);
+  Ready();
+  const std::vector<uint8_t> good = SeededCrop(1);
+  struct Case {
+    std::string name;
+    std::function<void(v1::EmbedRequest*)> build;
+    grpc::StatusCode code;
+    std::string message;
+  };
+  std::vector<Case> cases = {
+      {"undecodable",
+       [&](v1::EmbedRequest* r) {
+         *r->add_faces() = RawFace(good);
+         r->add_faces()->mutable_image()->set_encoded("definitely not an image");
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "face 1: "},
+      {"empty encoded",
+       [&](v1::EmbedRequest* r) { r->add_faces()->mutable_image()->set_encoded(""); },
+       grpc::StatusCode::INVALID_ARGUMENT, "face 0: "},
+      {"no image", [&](v1::EmbedRequest* r) { r->add_faces(); },
+       grpc::StatusCode::INVALID_ARGUMENT, "face 0: no image"},
+      {"four landmarks",
+       [&](v1::EmbedRequest* r) {
+         v1::Face* f = r->add_faces();
+         *f = RawFace(good);
+         for (int i = 0; i < 4; ++i) f->add_landmarks();
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "face 0: expected 5 landmarks, got 4"},
+      {"nan landmark",
+       [&](v1::EmbedRequest* r) {
+         *r->add_faces() = RawFace(good);
+         v1::Face* f = r->add_faces();
+         *f = RawFace(good);
+         for (int i = 0; i < 5; ++i) {
+           f->add_landmarks()->set_x(i == 2 ? NAN : 10 * i + 20);
+           f->mutable_landmarks(i)->set_y(40 + (i % 2) * 10);
+         }
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "face 1: landmark 2 is not finite"},
+      {"raw size mismatch",
+       [&](v1::EmbedRequest* r) {
+         v1::Face* f = r->add_faces();
+         f->mutable_image()->mutable_raw()->set_width(10);
+         f->mutable_image()->mutable_raw()->set_height(10);
+         f->mutable_image()->mutable_raw()->set_data("abc");
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "face 0: raw image data is 3 bytes"},
+      {"unknown pixel format",
+       [&](v1::EmbedRequest* r) {
+         *r->add_faces() = RawFace(good);
+         r->mutable_faces(0)->mutable_image()->mutable_raw()->set_format(
+             static_cast<v1::PixelFormat>(7));
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "face 0: raw image has unknown pixel format 7"},
+      {"over the pixel cap",
+       [&](v1::EmbedRequest* r) {
+         v1::Face* f = r->add_faces();
+         f->mutable_image()->mutable_raw()->set_width(200);
+         f->mutable_image()->mutable_raw()->set_height(200);
+         f->mutable_image()->mutable_raw()->set_data(std::string(200 * 200 * 3, '\0'));
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "face 0: "},
+      {"box not finite",
+       [&](v1::EmbedRequest* r) {
+         *r->add_faces() = RawFace(good);
+         r->mutable_faces(0)->mutable_box()->set_x_max(INFINITY);
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "face 0: box x_max is not finite"},
+      {"box empty",
+       [&](v1::EmbedRequest* r) {
+         *r->add_faces() = RawFace(good);
+         r->mutable_faces(0)->mutable_box();  // all zero
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "face 0: "},
+      {"too many faces",
+       [&](v1::EmbedRequest* r) {
+         for (int i = 0; i < 9; ++i) *r->add_faces() = RawFace(good);
+       },
+       grpc::StatusCode::RESOURCE_EXHAUSTED, "too many faces: 9"},
+  };
+  for (const Case& c : cases) {
+    v1::EmbedRequest req;
+    c.build(&req);
+    v1::EmbedResponse resp;
+    grpc::Status s = Embed(req, &resp);
+    EXPECT_EQ(s.error_code(), c.code) << c.name << ": " << s.error_message();
+    EXPECT_THAT(s.error_message(), HasSubstr(c.message)) << c.name;
+  }
+  // Nothing bad reached the model, and a valid call still works.
+  EXPECT_TRUE(model_.batch_sizes().empty());
+  v1::EmbedRequest ok;
+  *ok.add_faces() = RawFace(good);
+  v1::EmbedResponse resp;
+  EXPECT_TRUE(Embed(ok, &resp).ok());
+}
+
+TEST_F(ServiceTest, CompareMatchesHandComputedCosines) {
+  Start();
+  Ready();
+  std::vector<std::vector<uint8_t>> faces = {SeededCrop(10), SeededCrop(11), SeededCrop(12)};
+  std::vector<std::vector<float>> embs;
+  for (const auto& f : faces) embs.push_back(FakeEmbedding(f.data()));
+  std::vector<float> given(kEmbeddingDim);
+  for (int j = 0; j < kEmbeddingDim; ++j) given[j] = std::sin(0.1 * j) * 3;
+
+  // Queries: face 0, embedding `given`; references: face 1, face 2, embedding of face 0 (raw).
+  v1::CompareRequest req;
+  *req.add_queries()->mutable_face() = RawFace(faces[0]);
+  req.add_queries()->mutable_embedding()->mutable_values()->Assign(given.begin(), given.end());
+  *req.add_references()->mutable_face() = RawFace(faces[1]);
+  *req.add_references()->mutable_face() = RawFace(faces[2]);
+  req.add_references()->mutable_embedding()->mutable_values()->Assign(embs[0].begin(),
+                                                                       embs[0].end());
+  req.set_threshold(0.05f);
+  v1::CompareResponse resp;
+  grpc::Status s = Compare(req, &resp);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(resp.rows(), 2u);
+  EXPECT_EQ(resp.cols(), 3u);
+  EXPECT_EQ(resp.model_id(), "arcface-r50@0123456789ab");
+  const std::vector<std::vector<float>> q = {embs[0], given};
+  const std::vector<std::vector<float>> r = {embs[1], embs[2], embs[0]};
+  ASSERT_EQ(resp.similarities_size(), 6);
+  ASSERT_EQ(resp.matches_size(), 6);
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 3; ++j) {
+      const double want = Cosine(q[i], r[j]);
+      EXPECT_NEAR(resp.similarities(i * 3 + j), want, 1e-6) << i << "," << j;
+      EXPECT_EQ(resp.matches(i * 3 + j), resp.similarities(i * 3 + j) >= 0.05f);
+    }
+  }
+  EXPECT_NEAR(resp.similarities(2), 1.0, 1e-6);  // face 0 against its own embedding
+
+  // Without a threshold there are no matches.
+  req.clear_threshold();
+  ASSERT_TRUE(Compare(req, &resp).ok());
+  EXPECT_EQ(resp.matches_size(), 0);
+}
+
+TEST_F(ServiceTest, CompareRejectsBadProbesAndOversizedMatrices) {
+  ServiceOptions options;
+  options.max_compare_rows = 3;
+  options.max_compare_cols = 2;
+  Start(options);
+  Ready();
+  std::vector<float> good(kEmbeddingDim, 0.5f);
+  auto embedding = [](v1::Probe* p, const std::vector<float>& v) {
+    p->mutable_embedding()->mutable_values()->Assign(v.begin(), v.end());
+  };
+  struct Case {
+    std::string name;
+    std::function<void(v1::CompareRequest*)> build;
+    grpc::StatusCode code;
+    std::string message;
+  };
+  std::vector<Case> cases = {
+      {"short embedding",
+       [&](v1::CompareRequest* r) {
+         embedding(r->add_queries(), good);
+         embedding(r->add_queries(), good);
+         embedding(r->add_queries(), std::vector<float>(128, 1.0f));
+         embedding(r->add_references(), good);
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "query 2: embedding has 128 values, expected 512"},
+      {"nan value",
+       [&](v1::CompareRequest* r) {
+         embedding(r->add_queries(), good);
+         std::vector<float> bad = good;
+         bad[7] = NAN;
+         embedding(r->add_references(), bad);
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "reference 0: embedding value 7 is not finite"},
+      {"zero embedding",
+       [&](v1::CompareRequest* r) {
+         embedding(r->add_queries(), std::vector<float>(kEmbeddingDim, 0.0f));
+         embedding(r->add_references(), good);
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "query 0: embedding has zero norm"},
+      {"empty probe",
+       [&](v1::CompareRequest* r) {
+         embedding(r->add_queries(), good);
+         r->add_references();
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "reference 0: probe has neither"},
+      {"bad face",
+       [&](v1::CompareRequest* r) {
+         embedding(r->add_queries(), good);
+         r->add_references()->mutable_face()->mutable_image()->set_encoded("junk");
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "reference 0: "},
+      {"nan threshold",
+       [&](v1::CompareRequest* r) {
+         embedding(r->add_queries(), good);
+         embedding(r->add_references(), good);
+         r->set_threshold(NAN);
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "threshold is not finite"},
+      {"too many rows",
+       [&](v1::CompareRequest* r) {
+         for (int i = 0; i < 4; ++i) embedding(r->add_queries(), good);
+         embedding(r->add_references(), good);
+       },
+       grpc::StatusCode::RESOURCE_EXHAUSTED, "4 queries x 1 references is over the limit of 3 x 2"},
+      {"too many cols",
+       [&](v1::CompareRequest* r) {
+         embedding(r->add_queries(), good);
+         for (int i = 0; i < 3; ++i) embedding(r->add_references(), good);
+       },
+       grpc::StatusCode::RESOURCE_EXHAUSTED, "over the limit of 3 x 2"},
+  };
+  for (const Case& c : cases) {
+    v1::CompareRequest req;
+    c.build(&req);
+    v1::CompareResponse resp;
+    grpc::Status s = Compare(req, &resp);
+    EXPECT_EQ(s.error_code(), c.code) << c.name << ": " << s.error_message();
+    EXPECT_THAT(s.error_message(), HasSubstr(c.message)) << c.name;
+  }
+}
+
+TEST_F(ServiceTest, GetModelInfoReportsTheModelAndLimits) {
+  ServiceOptions options;
+  options.server_version = "9.9.9";
+  options.max_faces_per_request = 17;
+  Start(options, /*max_batch_size=*/4, /*max_queue_size=*/64, absl::Microseconds(1500));
+  Ready();
+  grpc::ClientContext ctx;
+  v1::ModelInfo info;
+  ASSERT_TRUE(stub_->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info).ok());
+  EXPECT_EQ(info.arch(), "r50");
+  EXPECT_EQ(info.embedding_dim(), 512u);
+  EXPECT_EQ(info.input_size(), 112u);
+  EXPECT_EQ(info.weights_sha256(), std::string(64, 'a'));
+  EXPECT_EQ(info.model_id(), "arcface-r50@0123456789ab");
+  EXPECT_EQ(info.device(), "cpu");
+  EXPECT_EQ(info.precision(), "fp32");
+  EXPECT_TRUE(info.demo_weights());
+  EXPECT_EQ(info.server_version(), "9.9.9");
+  EXPECT_EQ(info.batching().max_batch_size(), 4u);
+  EXPECT_EQ(info.batching().max_queue_delay_us(), 1500u);
+  EXPECT_EQ(info.batching().max_queue_size(), 64u);
+  EXPECT_EQ(info.max_faces_per_request(), 17u);
+}
+
+TEST_F(ServiceTest, StreamAnswersInOrderAndCarriesErrors) {
+  ServiceOptions options;
+  options.stream_max_in_flight = 3;  // fewer than the messages: backpressure kicks in
+  Start(options, /*max_batch_size=*/2);
+  Ready();
+  grpc::ClientContext ctx;
+  auto stream = stub_->EmbedStream(&ctx);
+  const int n = 12;
+  std::vector<std::vector<uint8_t>> crops;
+  for (int i = 0; i < n; ++i) crops.push_back(SeededCrop(200 + i));
+  std::thread writer([&] {
+    for (int i = 0; i < n; ++i) {
+      v1::EmbedRequest req;
+      req.set_request_id(absl::StrCat("m", i));
+      if (i == 4) {
+        req.add_faces()->mutable_image()->set_encoded("junk");
+      } else {
+        *req.add_faces() = RawFace(crops[i]);
+        if (i % 3 == 0) *req.add_faces() = RawFace(crops[(i + 1) % n]);
+      }
+      ASSERT_TRUE(stream->Write(req));
+    }
+    stream->WritesDone();
+  });
+  std::vector<v1::EmbedResponse> responses;
+  v1::EmbedResponse resp;
+  while (stream->Read(&resp)) responses.push_back(resp);
+  writer.join();
+  grpc::Status s = stream->Finish();
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  ASSERT_EQ(responses.size(), size_t(n));
+  for (int i = 0; i < n; ++i) {
+    const v1::EmbedResponse& r = responses[i];
+    EXPECT_EQ(r.request_id(), absl::StrCat("m", i));
+    EXPECT_EQ(r.model_id(), "arcface-r50@0123456789ab");
+    if (i == 4) {
+      EXPECT_EQ(r.error().code(), int(grpc::StatusCode::INVALID_ARGUMENT));
+      EXPECT_THAT(r.error().message(), HasSubstr("face 0: "));
+      EXPECT_EQ(r.embeddings_size(), 0);
+      continue;
+    }
+    EXPECT_EQ(r.error().code(), 0);
+    ASSERT_EQ(r.embeddings_size(), i % 3 == 0 ? 2 : 1);
+    std::vector<float> want = FakeEmbedding(crops[i].data());
+    EXPECT_TRUE(std::equal(want.begin(), want.end(), r.embeddings(0).values().begin()));
+  }
+}
+
+TEST_F(ServiceTest, DrainRefusesNewCallsAndEndsOpenStreams) {
+  Start();
+  Ready();
+  grpc::ClientContext stream_ctx;
+  auto stream = stub_->EmbedStream(&stream_ctx);
+  v1::EmbedRequest req;
+  req.set_request_id("before");
+  *req.add_faces() = RawFace(SeededCrop(1));
+  ASSERT_TRUE(stream->Write(req));
+  v1::EmbedResponse resp;
+  ASSERT_TRUE(stream->Read(&resp));
+  EXPECT_EQ(resp.request_id(), "before");
+
+  service_->BeginDrain();
+  EXPECT_FALSE(stream->Read(&resp));
+  grpc::Status s = stream->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(s.error_message(), HasSubstr("draining"));
+
+  v1::EmbedRequest unary;
+  *unary.add_faces() = RawFace(SeededCrop(2));
+  s = Embed(unary, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_TRUE(service_->WaitForIdle(absl::Now() + absl::Seconds(10)));
+  EXPECT_EQ(service_->inflight(), 0);
+}
+
+TEST_F(ServiceTest, DeadlinePassingWhileQueuedIsDeadlineExceededAndNeverRuns) {
+  ServiceOptions options;
+  Start(options, /*max_batch_size=*/4, /*max_queue_size=*/64, absl::Milliseconds(1));
+  Ready();
+  v1::EmbedRequest req;
+  *req.add_faces() = RawFace(SeededCrop(1));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() - std::chrono::milliseconds(1));
+  v1::EmbedResponse resp;
+  grpc::Status s = stub_->Embed(&ctx, req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_TRUE(model_.batch_sizes().empty());
+}
+
+TEST_F(ServiceTest, MetricsCountRequestsAndFaces) {
+  Start();
+  Ready();
+  v1::EmbedRequest req;
+  *req.add_faces() = RawFace(SeededCrop(1));
+  *req.add_faces() = RawFace(SeededCrop(2));
+  v1::EmbedResponse resp;
+  ASSERT_TRUE(Embed(req, &resp).ok());
+  v1::EmbedRequest bad;
+  bad.add_faces();
+  EXPECT_FALSE(Embed(bad, &resp).ok());
+  const std::string text = metrics_->Render();
+  EXPECT_THAT(text, HasSubstr("arcface_requests_total{rpc=\"Embed\",code=\"OK\"} 1\n"));
+  EXPECT_THAT(text,
+              HasSubstr("arcface_requests_total{rpc=\"Embed\",code=\"INVALID_ARGUMENT\"} 1\n"));
+  EXPECT_THAT(text, HasSubstr("arcface_faces_total 2\n"));
+  EXPECT_THAT(text, HasSubstr("arcface_request_seconds_count{rpc=\"Embed\"} 2\n"));
+}
+
+TEST(CosineMatrix, MatchesDirectDotProducts) {
+  const int rows = 3, cols = 5, dim = 7;
+  std::vector<float> a(rows * dim), b(cols * dim);
+  for (size_t i = 0; i < a.size(); ++i) a[i] = std::cos(0.3 * i);
+  for (size_t i = 0; i < b.size(); ++i) b[i] = std::sin(0.7 * i);
+  std::vector<float> m = CosineMatrix(a, b, rows, cols, dim);
+  for (int i = 0; i < rows; ++i) {
+    for (int j = 0; j < cols; ++j) {
+      double dot = 0;
+      for (int k = 0; k < dim; ++k) dot += double(a[i * dim + k]) * b[j * dim + k];
+      EXPECT_NEAR(m[i * cols + j], dot, 1e-6);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace arcface::service
