@@ -12,6 +12,7 @@
 //    streams finish after their read messages; every accepted call finishes; the gRPC server
 //    shuts down (calls still running at the drain deadline are cancelled), the batcher flushes;
 //    exit 0. A second signal exits at once with status 1.
+#include <dlfcn.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -26,7 +27,6 @@
 #include <thread>
 
 #include <grpc/support/log.h>
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <spdlog/spdlog.h>
@@ -188,7 +188,11 @@ int Run(const service::ServerConfig& cfg, const sigset_t& signals) {
   }
 
   grpc::EnableDefaultHealthCheckService(true);
-  if (cfg.reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  // Loading the reflection library registers its plugin with every ServerBuilder made after.
+  if (cfg.reflection && dlopen(ARCFACE_REFLECTION_LIBRARY, RTLD_NOW | RTLD_GLOBAL) == nullptr) {
+    spdlog::error("--reflection: cannot load {}: {}", ARCFACE_REFLECTION_LIBRARY, dlerror());
+    return 2;
+  }
   grpc::ServerBuilder builder;
   int grpc_port = 0;
   builder.AddListeningPort(cfg.listen, creds->creds, &grpc_port);
@@ -244,9 +248,17 @@ int Run(const service::ServerConfig& cfg, const sigset_t& signals) {
   absl::StatusOr<std::unique_ptr<engine::Engine>> engine =
       engine::Engine::Create(checkpoint, engine_options);
   if (!engine.ok()) {
-    spdlog::error("engine: {}", std::string(engine.status().message()));
+    spdlog::error("engine (--device {}, --precision {}, --threads {}): {}", cfg.device,
+                  cfg.precision, cfg.threads, std::string(engine.status().message()));
     server->Shutdown(std::chrono::system_clock::now());
-    return engine.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+    // A device or precision this machine cannot serve is a bad flag value; anything else
+    // (out of memory, a runtime failure) is not.
+    const absl::StatusCode code = engine.status().code();
+    return code == absl::StatusCode::kInvalidArgument ||
+                   code == absl::StatusCode::kFailedPrecondition ||
+                   code == absl::StatusCode::kUnimplemented
+               ? 2
+               : 1;
   }
   EngineModel engine_model(engine->get());
 
@@ -357,6 +369,10 @@ int Run(const service::ServerConfig& cfg, const sigset_t& signals) {
 int main(int argc, char** argv) {
   // Before any thread exists, so that every thread inherits the mask and only sigwait() sees
   // the signals (no async-signal-safety concerns in handlers).
+  // A process started in the background by a shell inherits SIGINT ignored, and an ignored
+  // signal is discarded even while blocked: restore the default so that sigwait() sees it.
+  signal(SIGTERM, SIG_DFL);
+  signal(SIGINT, SIG_DFL);
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);

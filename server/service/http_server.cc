@@ -1,6 +1,7 @@
 #include "server/service/http_server.h"
 
 #include <httplib.h>
+#include <sys/socket.h>
 
 #include <utility>
 
@@ -67,6 +68,12 @@ absl::Status HttpServer::Start(const std::string& address) {
     res.set_content(render_metrics_(), "text/plain; version=0.0.4; charset=utf-8");
   });
 
+  // httplib sets SO_REUSEPORT by default, which would let a second server share a busy port
+  // (and steal half its connections) instead of failing to bind.
+  server_->set_socket_options([](socket_t sock) {
+    int yes = 1;
+    ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+  });
   if (port == 0) {
     port_ = server_->bind_to_any_port(host);
   } else {

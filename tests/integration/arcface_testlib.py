@@ -5,6 +5,7 @@ Debian's python3-grpcio, photos read in place from ARCFACE_SHARED_DATA, the gold
 tests/reference, openssl for certificates. Every wait is bounded.
 """
 
+import ctypes
 import hashlib
 import json
 import math
@@ -67,6 +68,16 @@ def wait_until(predicate, timeout, interval=0.05, what="condition"):
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
         time.sleep(interval)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent():
+    """Popen preexec_fn: the child gets SIGTERM when the test process dies (say, killed by a
+    ctest timeout), so no server or Prometheus outlives the run."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def free_port():
@@ -161,7 +172,8 @@ def check_embedding(emb, ref, tolerance, what=""):
     assert got.shape == (EMBEDDING_DIM,), f"{what}: {got.shape}"
     assert np.all(np.isfinite(got)), what
     raw_norm = float(np.linalg.norm(got))
-    assert abs(emb.norm - raw_norm) <= 1e-5 * raw_norm, f"{what}: norm field {emb.norm} vs {raw_norm}"
+    assert abs(emb.norm - raw_norm) <= 1e-5 * raw_norm, (
+        f"{what}: norm field {emb.norm} vs {raw_norm}")
     c = cosine(got, ref)
     ref_norm = float(np.linalg.norm(ref))
     if tolerance == "exact":
@@ -322,7 +334,8 @@ class ServerProcess:
                 del env[k]
         env.update(self.env or {})
         self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env)
+                                     stdin=subprocess.DEVNULL, env=env,
+                                     preexec_fn=die_with_parent)
         try:
             self._wait_serving(timeout)
         except BaseException:

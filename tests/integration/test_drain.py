@@ -65,6 +65,7 @@ def test_sigterm_finishes_accepted_calls(start_server, tmp_path):
         "--drain-timeout", str(DRAIN_TIMEOUT_S), "--test-hold-model-file", hold),
         name="drain-held")
     watch = HealthWatch(server)
+    gate = threading.Event()  # holds the stream below open (not half-closed)
     try:
         lib.wait_until(lambda: lib.SERVING in watch.statuses, 10, what="Watch: SERVING")
         open(hold, "w").close()
@@ -75,6 +76,25 @@ def test_sigterm_finishes_accepted_calls(start_server, tmp_path):
                   for i in (1, 2, 3)]
         lib.wait_until(lambda: server.metrics().get("arcface_queue_depth") == 3, 20,
                        what="3 queued")
+        # An open stream (not half-closed) with one message queued.
+        def stream_requests():
+            yield embed_request(4, "s0")
+            gate.wait(timeout=60)  # keeps the stream open until the test ends
+
+        stream = server.stub.EmbedStream(stream_requests(), timeout=120)
+        stream_out = []
+
+        def read_stream():
+            try:
+                for r in stream:
+                    stream_out.append(r)
+            except grpc.RpcError as e:
+                stream_out.append(e.code())
+
+        reader = threading.Thread(target=read_stream, daemon=True)
+        reader.start()
+        lib.wait_until(lambda: server.metrics().get("arcface_queue_depth") == 4, 20,
+                       what="the stream's message queued")
 
         sigterm_at = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
@@ -102,12 +122,20 @@ def test_sigterm_finishes_accepted_calls(start_server, tmp_path):
         for f in [first] + queued:
             resp = f.result(timeout=60)
             assert len(resp.embeddings) == 1
+        # The stream answers the message it had read, then ends with UNAVAILABLE.
+        reader.join(timeout=60)
+        assert not reader.is_alive()
+        assert len(stream_out) == 2, stream_out
+        assert stream_out[0].request_id == "s0" and len(stream_out[0].embeddings) == 1
+        assert not stream_out[0].HasField("error")
+        assert stream_out[1] == grpc.StatusCode.UNAVAILABLE
         rc = server.proc.wait(timeout=DRAIN_TIMEOUT_S)
         assert rc == 0, server.log_tail()
         assert time.monotonic() - sigterm_at < DRAIN_TIMEOUT_S
     finally:
         if os.path.exists(hold):
             os.unlink(hold)
+        gate.set()
         watch.close()
     server.stop()  # already exited: closes the channel and checks the status once more
 

@@ -57,7 +57,7 @@ def test_bad_flag_exits_2(case):
     cmd = [lib.SERVER_BIN] + base + BASE[2:] + args
     try:
         p = subprocess.run(cmd, env=clean_env(env), stdin=subprocess.DEVNULL,
-                           capture_output=True, timeout=120)
+                           capture_output=True, timeout=120, preexec_fn=lib.die_with_parent)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{case}: still running after 120 s (the bad value was accepted)")
     out = (p.stdout + p.stderr).decode(errors="replace")
@@ -121,7 +121,8 @@ def test_not_serving_until_model_is_ready(tmp_path):
         proc = subprocess.Popen(
             [lib.SERVER_BIN, *lib.demo_args("--log-format", "json"),
              "--listen", f"127.0.0.1:{gport}", "--http-listen", f"127.0.0.1:{hport}"],
-            env=clean_env({}), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            env=clean_env({}), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=lib.die_with_parent)
 
     def http_up():
         assert proc.poll() is None, log_path.read_text()

@@ -126,6 +126,12 @@ CASES = {
                                   INVALID, [PROBE1, "511", "512"], True),
     "compare_embedding_not_finite": (lambda: compare_bad([0.5] * 100 + [NAN] + [0.5] * 411),
                                      INVALID, [PROBE1, "finite"], True),
+    "compare_empty_probe": (lambda: ("Compare", pb.CompareRequest(
+        queries=[pb.Probe(embedding=pb.Embedding(values=[1.0] * lib.EMBEDDING_DIM)), pb.Probe()],
+        references=[pb.Probe(embedding=pb.Embedding(values=[1.0] * lib.EMBEDDING_DIM))])),
+        INVALID, [PROBE1, "neither|empty|no face"], True),
+    "compare_embedding_zero_norm": (lambda: compare_bad([0.0] * lib.EMBEDDING_DIM),
+                                    INVALID, [PROBE1, "zero"], True),
     "too_many_faces": (lambda: ("Embed", pb.EmbedRequest(
         faces=[good_face()] * (lib.R50_MAX_FACES + 1))),
         EXHAUSTED, [str(lib.R50_MAX_FACES + 1), str(lib.R50_MAX_FACES)], True),

@@ -51,7 +51,8 @@ def test_prometheus_scrapes_metrics(r50_server, goldens, tmp_path):
     proc = subprocess.Popen(
         [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
          f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        preexec_fn=lib.die_with_parent)
 
     def log_tail():
         return (tmp_path / "prometheus.log").read_text(errors="replace")[-4000:]
