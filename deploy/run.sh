@@ -15,17 +15,18 @@ for a in "$@"; do
   if [[ $a == --demo-weights ]]; then demo=true; else args+=("$a"); fi
 done
 
-deploy/install-deps.sh
-cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+# The server alone needs no test tools (PyTorch, Node, Prometheus).
+deploy/install-deps.sh --runtime-only
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DARCFACE_BUILD_TESTS=OFF >/dev/null
 cmake --build "$BUILD" -j"$(nproc)" --target arcface-server
 
 weights=${ARCFACE_WEIGHTS:-models/arcface_r50.safetensors}
 weight_args=()
-if [[ -f $weights ]]; then
-  weight_args=(--weights "$weights")
-elif [[ $demo == true ]]; then
-  echo "run: no weights; using DEMO weights (seeded random): the pipeline is real, the embeddings are NOT meaningful" >&2
+if [[ $demo == true ]]; then
+  echo "run: using DEMO weights (seeded random): the pipeline is real, the embeddings are NOT meaningful" >&2
   weight_args=(--demo-weights)
+elif [[ -f $weights ]]; then
+  weight_args=(--weights "$weights")
 else
   echo "run: no weights at '$weights'." >&2
   echo "run:   get them:  deploy/fetch-weights.sh   (py-feat/arcface_r50, non-commercial licence)" >&2

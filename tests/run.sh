@@ -13,6 +13,6 @@ if [[ ! -d tests/reference/node_modules/onnxruntime-node ]]; then
   (cd tests/reference && npm install --ignore-scripts --no-audit --no-fund --loglevel=error)
 fi
 
-cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DARCFACE_BUILD_TESTS=ON >/dev/null
 cmake --build "$BUILD" -j"$(nproc)"
 ctest --test-dir "$BUILD" --output-on-failure "$@"

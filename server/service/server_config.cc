@@ -72,7 +72,7 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
   app.add_option("--http-listen", c.http_listen, "HTTP address for /metrics /healthz /readyz")
       ->envname("ARCFACE_HTTP_LISTEN");
   app.add_option("--device", c.device, "auto, cpu, cuda or cuda:N")->envname("ARCFACE_DEVICE");
-  app.add_option("--precision", c.precision, "fp32, fp16 or bf16 (the last two on CUDA)")
+  app.add_option("--precision", c.precision, "fp32, bf16, or fp16 (CUDA only); reduced precision is opt-in")
       ->envname("ARCFACE_PRECISION");
   app.add_option("--threads", c.threads, "Intra-op threads of the model; 0: libtorch's default")
       ->envname("ARCFACE_THREADS");
