@@ -129,6 +129,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
     absl::StatusOr<model::IResNet> net = model::BuildIResNet(checkpoint);
     if (!net.ok()) return net.status();
     impl->net = *std::move(net);
+    impl->net->FoldHead();
+    if (impl->channels_last) impl->net->WeightsToChannelsLast();
     impl->net->to(impl->device, impl->dtype);
     if (options.warmup_batch_size > 0) {
       std::vector<uint8_t> zeros(kCropBytes * options.warmup_batch_size, 0);

@@ -1,6 +1,7 @@
 #include "server/model/iresnet.h"
 
 #include <set>
+#include <utility>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -62,9 +63,49 @@ IResNetImpl::IResNetImpl(const std::array<int, 4>& blocks) {
 torch::Tensor IResNetImpl::forward(const torch::Tensor& x) {
   torch::Tensor h = prelu_(conv1_(x));
   for (auto& layer : layers_) h = layer->forward(h);
+  if (head_weight_.defined()) return torch::conv2d(h, head_weight_, head_bias_).flatten(1);
   // Flatten must be channel-major (NCHW order) whatever the memory format was.
   h = bn2_(h).contiguous().flatten(1);
   return features_(fc_(h));
+}
+
+namespace {
+
+// Inference BatchNorm as y = x * scale + shift, in double.
+std::pair<torch::Tensor, torch::Tensor> BatchNormAffine(const torch::Tensor& weight,
+                                                        const torch::Tensor& bias,
+                                                        const torch::Tensor& mean,
+                                                        const torch::Tensor& var) {
+  torch::Tensor scale = weight.to(torch::kFloat64) / (var.to(torch::kFloat64) + kBatchNormEps).sqrt();
+  return {scale, bias.to(torch::kFloat64) - mean.to(torch::kFloat64) * scale};
+}
+
+}  // namespace
+
+void IResNetImpl::FoldHead() {
+  torch::NoGradGuard no_grad;
+  auto [s1, t1] = BatchNormAffine(bn2_->weight, bn2_->bias, bn2_->running_mean, bn2_->running_var);
+  auto [s2, t2] = BatchNormAffine(features_->weight, features_->bias, features_->running_mean,
+                                  features_->running_var);
+  // fc's input index is c·49 + h·7 + w (channel-major flatten), i.e. a [512, 512, 7, 7] kernel.
+  torch::Tensor w = fc_->weight.to(torch::kFloat64).view({kEmbeddingDim, 512, 7, 7});
+  torch::Tensor b = fc_->bias.to(torch::kFloat64) + (w * t1.view({1, 512, 1, 1})).sum({1, 2, 3});
+  head_weight_ = (w * s1.view({1, 512, 1, 1}) * s2.view({kEmbeddingDim, 1, 1, 1})).to(torch::kFloat32);
+  head_bias_ = (b * s2 + t2).to(torch::kFloat32);
+  head_weight_ = register_buffer("head_weight", head_weight_);
+  head_bias_ = register_buffer("head_bias", head_bias_);
+  // The unfolded head is dead weight now (51 MB for fc alone).
+  fc_->weight.set_data(torch::empty({0}));
+}
+
+void IResNetImpl::WeightsToChannelsLast() {
+  torch::NoGradGuard no_grad;
+  for (auto& p : parameters()) {
+    if (p.dim() == 4) p.set_data(p.contiguous(at::MemoryFormat::ChannelsLast));
+  }
+  for (auto& b : buffers()) {
+    if (b.dim() == 4) b.set_data(b.contiguous(at::MemoryFormat::ChannelsLast));
+  }
 }
 
 absl::StatusOr<IResNet> BuildIResNet(const Checkpoint& checkpoint) {

@@ -42,7 +42,19 @@ class IResNetImpl : public torch::nn::Module {
   explicit IResNetImpl(const std::array<int, 4>& blocks);
   torch::Tensor forward(const torch::Tensor& x);
 
+  // Inference-only rewrites, each the same function up to float rounding; call after loading
+  // the weights and before moving to another device or dtype.
+  // FoldHead: bn2 → flatten → fc → features becomes one 7×7 convolution (both BNs folded into
+  // fc's weights, computed in double). It runs on oneDNN like the other convolutions instead of
+  // a BLAS GEMV (Debian's libtorch calls the reference BLAS there: 11 ms a face).
+  void FoldHead();
+  // Stores the convolution weights channels-last, matching channels-last activations, so
+  // oneDNN does not reorder every weight on every call.
+  void WeightsToChannelsLast();
+
  private:
+  torch::Tensor head_weight_;  // [512, 512, 7, 7] once FoldHead() ran
+  torch::Tensor head_bias_;    // [512]
   torch::nn::Conv2d conv1_{nullptr};
   torch::nn::PReLU prelu_{nullptr};
   std::array<torch::nn::Sequential, 4> layers_;
