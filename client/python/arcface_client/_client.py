@@ -1,0 +1,419 @@
+"""ArcFaceClient: a thin, NumPy-native client of arcface.v1.FaceEmbedding.
+
+Needs the stubs the build generates (``<build>/python`` on PYTHONPATH: ``arcface.v1`` and
+``grpc_health_v1``), Debian's ``python3-grpcio`` and ``python3-numpy``. Nothing here imports
+OpenCV or torch.
+"""
+
+import os
+import threading
+import time
+
+import grpc
+import numpy as np
+
+from arcface.v1 import face_embedding_pb2 as pb
+from arcface.v1 import face_embedding_pb2_grpc as pb_grpc
+
+try:  # the health stubs are generated next to arcface.v1; wait_ready needs them
+    from grpc_health_v1 import health_pb2, health_pb2_grpc
+except ImportError:  # pragma: no cover
+    health_pb2 = health_pb2_grpc = None
+
+__all__ = ["ArcFaceClient", "ArcFaceError", "FaceSpec", "DEFAULT_MAX_FACES_PER_REQUEST"]
+
+EMBEDDING_DIM = 512
+DEFAULT_MAX_FACES_PER_REQUEST = 256  # the server's default --max-faces-per-request
+DEFAULT_TIMEOUT = 60.0
+
+# gRPC's Python default caps received messages at 4 MiB; the server has its own limit
+# (ModelInfo.max_message_bytes), which is the one a large request should meet.
+DEFAULT_OPTIONS = (
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+)
+
+
+class ArcFaceError(Exception):
+    """A failed call. ``code`` is the ``grpc.StatusCode`` (e.g. ``INVALID_ARGUMENT`` for an
+    undecodable image, ``UNAVAILABLE`` when the server cannot be reached), ``details`` the
+    server's message."""
+
+    def __init__(self, code, details, method=""):
+        self.code = code
+        self.details = details or ""
+        self.method = method
+        name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        where = f"{method}: " if method else ""
+        super().__init__(f"{where}{name}: {self.details}")
+
+    @classmethod
+    def from_rpc_error(cls, err, method=""):
+        code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+        details = err.details() if hasattr(err, "details") else str(err)
+        return cls(code, details, method)
+
+
+def _status_code(value):
+    """grpc.StatusCode of a numeric code (EmbedResponse.error.code)."""
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+class FaceSpec:
+    """One face to embed: an image with optional 5 landmarks or a box, for the places that
+    take one item per face (``embed_stream``, ``compare``).
+
+    ``image``: a file path (``str`` / ``os.PathLike``), encoded bytes (JPEG, PNG, BMP, WebP,
+    TIFF), or a uint8 array (HxWx3 RGB, HxWx4 RGBA — alpha dropped —, HxW or HxWx1 gray).
+    ``landmarks``: 5 (x, y) pixel points: left eye, right eye, nose, left and right mouth
+    corner; the face is aligned to the ArcFace template. ``box``: (x_min, y_min, x_max, y_max)
+    pixels, cropped and resized. Neither: the whole image is the crop (resized to 112x112).
+    """
+
+    __slots__ = ("image", "landmarks", "box")
+
+    def __init__(self, image, landmarks=None, box=None):
+        self.image = image
+        self.landmarks = landmarks
+        self.box = box
+
+
+def _image_message(image):
+    if isinstance(image, pb.Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        with open(image, "rb") as f:
+            return pb.Image(encoded=f.read())
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return pb.Image(encoded=bytes(image))
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise TypeError(f"image arrays must be uint8 (got {image.dtype}); "
+                            "scale floats to 0..255 first")
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        if image.ndim == 2:
+            fmt = pb.GRAY8
+        elif image.ndim == 3 and image.shape[2] in (3, 4):
+            image = image[:, :, :3]
+            fmt = pb.RGB8
+        else:
+            raise ValueError(f"image arrays must be HxWx3 RGB or HxW gray, got {image.shape}")
+        h, w = image.shape[:2]
+        if h == 0 or w == 0:
+            raise ValueError(f"empty image array {image.shape}")
+        data = np.ascontiguousarray(image).tobytes()
+        return pb.Image(raw=pb.RawImage(width=w, height=h, format=fmt, data=data))
+    raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, "
+                    "encoded bytes or a uint8 numpy array")
+
+
+def _face_message(image, landmarks=None, box=None):
+    if isinstance(image, pb.Face):
+        return image
+    if isinstance(image, FaceSpec):
+        image, landmarks, box = image.image, image.landmarks, image.box
+    face = pb.Face(image=_image_message(image))
+    if landmarks is not None:
+        pts = np.asarray(landmarks, np.float64).reshape(-1, 2)
+        face.landmarks.extend(pb.Point(x=float(x), y=float(y)) for x, y in pts)
+    if box is not None:
+        b = [float(v) for v in np.asarray(box, np.float64).reshape(-1)]
+        if len(b) != 4:
+            raise ValueError(f"a box is (x_min, y_min, x_max, y_max), got {box!r}")
+        face.box.CopyFrom(pb.Box(x_min=b[0], y_min=b[1], x_max=b[2], y_max=b[3]))
+    return face
+
+
+def _is_single_image(images):
+    return isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, pb.Image,
+                               pb.Face, FaceSpec)) or (
+        isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim in (2, 3)
+        and not (images.ndim == 3 and images.shape[2] not in (1, 3, 4)))
+
+
+def _per_face(values, n, what):
+    if values is None:
+        return [None] * n
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"{len(values)} {what} for {n} images")
+    return values
+
+
+def _embeddings_array(embeddings, dim=None):
+    if not embeddings:
+        return np.zeros((0, dim or EMBEDDING_DIM), np.float32)
+    return np.asarray([e.values for e in embeddings], np.float32)
+
+
+class ArcFaceClient:
+    """A client of the ArcFace embedding service.
+
+    >>> with ArcFaceClient("localhost:50051") as client:
+    ...     client.wait_ready(30)
+    ...     emb = client.embed(["a.jpg", "b.jpg"])            # float32 [2, 512], raw
+    ...     sim, same = client.compare(["a.jpg"], ["b.jpg"], threshold=0.4)
+
+    ``target``: ``host:port`` (any gRPC target string). ``timeout``: deadline of each call in
+    seconds. ``credentials``: a ``grpc.ChannelCredentials`` (``grpc.ssl_channel_credentials``,
+    with a key and chain for mutual TLS) for a TLS channel; plaintext when None.
+    ``options``: extra channel arguments, added to unlimited client-side message sizes.
+    ``max_faces_per_request``: faces per Embed request; None reads the server's limit from
+    GetModelInfo on first use (256 if that fails). Large lists are split into several calls;
+    the result keeps the input order.
+    """
+
+    def __init__(self, target, timeout=DEFAULT_TIMEOUT, credentials=None, options=(),
+                 max_faces_per_request=None, channel=None):
+        self.target = target
+        self.timeout = timeout
+        merged = dict(DEFAULT_OPTIONS)
+        merged.update(dict(options or ()))
+        if channel is not None:
+            self._channel = channel
+        elif credentials is not None:
+            self._channel = grpc.secure_channel(target, credentials, options=list(merged.items()))
+        else:
+            self._channel = grpc.insecure_channel(target, options=list(merged.items()))
+        self._stub = pb_grpc.FaceEmbeddingStub(self._channel)
+        self._max_faces = max_faces_per_request
+        self._max_bytes = None
+        self._info = None
+        self._lock = threading.Lock()
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def close(self):
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    @property
+    def channel(self):
+        return self._channel
+
+    def wait_ready(self, timeout=30.0):
+        """Polls the standard gRPC health service until it answers SERVING (the model is
+        loaded and warmed up). Returns True, or False when ``timeout`` seconds passed first."""
+        if health_pb2 is None:
+            raise RuntimeError("grpc_health_v1 stubs are not on PYTHONPATH")
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=""),
+                               timeout=min(max(left, 0.05), 5.0), wait_for_ready=True)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def _call(self, method, request, timeout=None):
+        try:
+            return getattr(self._stub, method)(
+                request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as e:
+            raise ArcFaceError.from_rpc_error(e, method) from None
+
+    def model_info(self, timeout=None):
+        """GetModelInfo as a dict (proto field names; ``batching`` a nested dict)."""
+        info = self._call("GetModelInfo", pb.GetModelInfoRequest(), timeout)
+        with self._lock:
+            self._info = info
+            if self._max_faces is None and info.max_faces_per_request:
+                self._max_faces = int(info.max_faces_per_request)
+            if info.max_message_bytes:
+                self._max_bytes = int(info.max_message_bytes)
+        b = info.batching
+        return {
+            "arch": info.arch,
+            "embedding_dim": info.embedding_dim,
+            "input_size": info.input_size,
+            "weights_sha256": info.weights_sha256,
+            "model_id": info.model_id,
+            "device": info.device,
+            "precision": info.precision,
+            "demo_weights": info.demo_weights,
+            "server_version": info.server_version,
+            "batching": {
+                "max_batch_size": b.max_batch_size,
+                "max_queue_delay_us": b.max_queue_delay_us,
+                "max_queue_size": b.max_queue_size,
+            },
+            "max_faces_per_request": info.max_faces_per_request,
+            "max_message_bytes": info.max_message_bytes,
+        }
+
+    @property
+    def max_faces_per_request(self):
+        """Faces per Embed request: the constructor's value, else the server's (read once)."""
+        if self._max_faces is None:
+            try:
+                self.model_info()
+            except ArcFaceError:
+                pass
+            if self._max_faces is None:
+                self._max_faces = DEFAULT_MAX_FACES_PER_REQUEST
+        return self._max_faces
+
+    def _chunks(self, faces):
+        """Splits faces into requests of at most max_faces_per_request faces and (when the
+        server's limit is known) under its message size."""
+        limit = max(1, int(self.max_faces_per_request))
+        max_bytes = self._max_bytes
+        budget = int(max_bytes * 0.9) if max_bytes else None
+        chunk, size = [], 0
+        for face in faces:
+            fsize = face.ByteSize() + 8
+            if chunk and (len(chunk) >= limit or (budget and size + fsize > budget)):
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(face)
+            size += fsize
+        if chunk:
+            yield chunk
+
+    def faces(self, images, landmarks=None, boxes=None):
+        """The Face messages embed() would send (also useful with the raw stubs)."""
+        if _is_single_image(images):
+            raise TypeError("embed() takes a list of images; wrap a single image in a list")
+        images = list(images)
+        lms = _per_face(landmarks, len(images), "landmarks")
+        bxs = _per_face(boxes, len(images), "boxes")
+        return [_face_message(img, lm, bx) for img, lm, bx in zip(images, lms, bxs)]
+
+    def embed(self, images, landmarks=None, boxes=None, normalize=False, timeout=None):
+        """Embeds one face per image → float32 array [N, 512] in input order.
+
+        ``images``: a list of file paths, encoded bytes, uint8 arrays (HxWx3 RGB, HxW gray),
+        or ``FaceSpec`` items. ``landmarks``: None or one entry per image (5 (x, y) points or
+        None). ``boxes``: None or one entry per image ((x_min, y_min, x_max, y_max) or None).
+        ``normalize``: unit-length rows instead of the raw embeddings.
+        Raises ArcFaceError (``code`` INVALID_ARGUMENT for a bad image, naming its index
+        within the request).
+        """
+        faces = self.faces(images, landmarks, boxes)
+        if not faces:
+            return np.zeros((0, EMBEDDING_DIM), np.float32)
+        parts = []
+        for chunk in self._chunks(faces):
+            resp = self._call("Embed", pb.EmbedRequest(faces=chunk, normalize=normalize),
+                              timeout)
+            if len(resp.embeddings) != len(chunk):
+                raise ArcFaceError(grpc.StatusCode.INTERNAL,
+                                   f"{len(resp.embeddings)} embeddings for {len(chunk)} faces",
+                                   "Embed")
+            parts.append(_embeddings_array(resp.embeddings))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def embed_stream(self, images, normalize=False, timeout=None, errors="raise"):
+        """Embeds a (possibly endless) iterable through one EmbedStream call, one request per
+        item, and yields the results in order as they arrive: for video frames.
+
+        Each item is one face (path, bytes, uint8 array, FaceSpec), which yields a float32
+        array [512]; or a list of them (say, every face of a frame), which yields [k, 512].
+        ``errors``: "raise" raises ArcFaceError at a failed item (ending the stream);
+        "yield" yields the ArcFaceError in its place and goes on. ``timeout`` bounds the whole
+        stream (None: no deadline).
+        """
+        if errors not in ("raise", "yield"):
+            raise ValueError("errors must be 'raise' or 'yield'")
+        shapes = []  # per request: True when the item was a single face
+        lock = threading.Lock()
+
+        def requests():
+            for i, item in enumerate(images):
+                single = _is_single_image(item)
+                faces = [_face_message(item)] if single else [_face_message(f) for f in item]
+                with lock:
+                    shapes.append(single)
+                yield pb.EmbedRequest(faces=faces, normalize=normalize, request_id=str(i))
+
+        call = self._stub.EmbedStream(requests(), timeout=timeout)
+        index = 0
+        try:
+            for resp in call:
+                with lock:
+                    single = shapes[index]
+                if resp.request_id != str(index):
+                    raise ArcFaceError(grpc.StatusCode.INTERNAL,
+                                       f"response {resp.request_id!r} for request {index}",
+                                       "EmbedStream")
+                index += 1
+                if resp.HasField("error") and resp.error.code != 0:
+                    err = ArcFaceError(_status_code(resp.error.code), resp.error.message,
+                                       "EmbedStream")
+                    if errors == "raise":
+                        raise err
+                    yield err
+                    continue
+                arr = _embeddings_array(resp.embeddings)
+                yield arr[0] if single else arr
+        except grpc.RpcError as e:
+            raise ArcFaceError.from_rpc_error(e, "EmbedStream") from None
+        finally:
+            call.cancel()
+
+    def _probe(self, item):
+        if isinstance(item, pb.Probe):
+            return item
+        if isinstance(item, np.ndarray) and item.dtype != np.uint8 and item.ndim == 1:
+            return pb.Probe(embedding=pb.Embedding(values=np.asarray(item, np.float32).tolist()))
+        return pb.Probe(face=_face_message(item))
+
+    def _probes(self, items):
+        if isinstance(items, np.ndarray) and items.dtype != np.uint8 and items.ndim == 2:
+            items = list(items)  # [N, 512] embeddings
+        elif _is_single_image(items):
+            items = [items]
+        return [self._probe(x) for x in items]
+
+    def compare(self, queries, references, threshold=None, timeout=None):
+        """Cosine similarity of every query against every reference.
+
+        Queries and references are lists of faces (paths, bytes, uint8 arrays, FaceSpec) or
+        embeddings (1-D float arrays, or one float array [N, 512]); faces are embedded by the
+        server. Returns ``(similarity, matches)``: float32 [rows, cols], and bool [rows, cols]
+        (similarity >= threshold) when a threshold is given, else None. When the faces exceed
+        the server's per-request limit they are embedded first (split) and compared as
+        embeddings, which gives the same numbers.
+        """
+        q = self._probes(queries)
+        r = self._probes(references)
+        n_faces = sum(p.HasField("face") for p in q + r)
+        if n_faces > self.max_faces_per_request:
+            q, r = self._embed_probes(q, timeout), self._embed_probes(r, timeout)
+        req = pb.CompareRequest(queries=q, references=r)
+        if threshold is not None:
+            req.threshold = float(threshold)
+        resp = self._call("Compare", req, timeout)
+        sim = np.asarray(resp.similarities, np.float32).reshape(resp.rows, resp.cols)
+        matches = None
+        if threshold is not None:
+            matches = np.asarray(resp.matches, bool).reshape(resp.rows, resp.cols)
+        return sim, matches
+
+    def _embed_probes(self, probes, timeout):
+        idx = [i for i, p in enumerate(probes) if p.HasField("face")]
+        if not idx:
+            return probes
+        emb = self.embed([probes[i].face for i in idx], timeout=timeout)
+        out = list(probes)
+        for i, e in zip(idx, emb):
+            out[i] = pb.Probe(embedding=pb.Embedding(values=e.tolist()))
+        return out
