@@ -12,8 +12,6 @@
 
 namespace arcface::engine {
 
-static_assert(kEmbeddingDim == model::kEmbeddingDim && kCropSize == model::kInputSize);
-
 struct Engine::Impl {
   model::IResNet net{nullptr};
   torch::Device device{torch::kCPU};

@@ -52,9 +52,9 @@ struct EmbeddingBatch {
   std::vector<float> norms;   // size, L2 norm of each raw row
 };
 
-inline constexpr int kCropSize = 112;
+inline constexpr int kCropSize = model::kInputSize;
 inline constexpr size_t kCropBytes = size_t{kCropSize} * kCropSize * 3;
-inline constexpr int kEmbeddingDim = 512;
+using model::kEmbeddingDim;
 
 class Engine {
  public:

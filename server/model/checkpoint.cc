@@ -28,7 +28,6 @@ namespace {
 
 constexpr int64_t kStageWidths[4] = {64, 128, 256, 512};
 constexpr int64_t kStemWidth = 64;
-constexpr int64_t kEmbeddingDim = 512;
 constexpr int64_t kFcInputs = 512 * 7 * 7;
 // Block indices beyond this are not read as blocks (a 10^6-block IResNet does not exist), so
 // that a hostile key cannot make the expected key set huge.

@@ -23,6 +23,10 @@
 
 namespace arcface::model {
 
+// The network's fixed shapes (ARCFACE.md): 112×112 RGB in, 512 values out.
+inline constexpr int kInputSize = 112;
+inline constexpr int kEmbeddingDim = 512;
+
 // A dense row-major float32 tensor in host memory.
 struct HostTensor {
   std::vector<int64_t> shape;

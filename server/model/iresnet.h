@@ -64,9 +64,6 @@ class IResNetImpl : public torch::nn::Module {
 };
 TORCH_MODULE(IResNet);
 
-inline constexpr int kEmbeddingDim = 512;
-inline constexpr int kInputSize = 112;
-
 // Builds the network and loads `checkpoint` into it (float32, CPU, eval mode).
 absl::StatusOr<IResNet> BuildIResNet(const Checkpoint& checkpoint);
 

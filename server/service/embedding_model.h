@@ -18,12 +18,13 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "server/engine/engine.h"
 
 namespace arcface::service {
 
-inline constexpr int kCropSize = 112;
-inline constexpr size_t kCropBytes = size_t{kCropSize} * kCropSize * 3;
-inline constexpr int kEmbeddingDim = 512;
+using engine::kCropBytes;
+using engine::kCropSize;
+using engine::kEmbeddingDim;
 
 class EmbeddingModel {
  public:

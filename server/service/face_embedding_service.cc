@@ -408,22 +408,29 @@ void FaceEmbeddingService::FinishUnary(grpc::ServerUnaryReactor* reactor, const 
   reactor->Finish(ToGrpcStatus(status));
 }
 
-grpc::ServerUnaryReactor* FaceEmbeddingService::Embed(grpc::CallbackServerContext* context,
-                                                      const EmbedRequest* request,
-                                                      EmbedResponse* response) {
+grpc::ServerUnaryReactor* FaceEmbeddingService::ServeUnary(
+    grpc::CallbackServerContext* context, const char* rpc,
+    absl::AnyInvocable<void(CallContext, DoneFn)> work) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   const absl::Time start = absl::Now();
   absl::Status admitted = Admit();
   if (!admitted.ok()) {
-    FinishUnary(reactor, "Embed", start, admitted);
+    FinishUnary(reactor, rpc, start, admitted);
     return reactor;
   }
-  StartEmbed(request, response, ContextOf(context),
-             [this, reactor, start](absl::Status status) {
-               FinishUnary(reactor, "Embed", start, status);
-               Release();
-             });
+  work(ContextOf(context), [this, reactor, rpc, start](absl::Status status) {
+    FinishUnary(reactor, rpc, start, status);
+    Release();
+  });
   return reactor;
+}
+
+grpc::ServerUnaryReactor* FaceEmbeddingService::Embed(grpc::CallbackServerContext* context,
+                                                      const EmbedRequest* request,
+                                                      EmbedResponse* response) {
+  return ServeUnary(context, "Embed", [this, request, response](CallContext call, DoneFn done) {
+    StartEmbed(request, response, std::move(call), std::move(done));
+  });
 }
 
 grpc::ServerBidiReactor<EmbedRequest, EmbedResponse>* FaceEmbeddingService::EmbedStream(
@@ -447,50 +454,33 @@ grpc::ServerBidiReactor<EmbedRequest, EmbedResponse>* FaceEmbeddingService::Embe
 grpc::ServerUnaryReactor* FaceEmbeddingService::Compare(grpc::CallbackServerContext* context,
                                                         const CompareRequest* request,
                                                         CompareResponse* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  const absl::Time start = absl::Now();
-  absl::Status admitted = Admit();
-  if (!admitted.ok()) {
-    FinishUnary(reactor, "Compare", start, admitted);
-    return reactor;
-  }
-  StartCompare(request, response, ContextOf(context),
-               [this, reactor, start](absl::Status status) {
-                 FinishUnary(reactor, "Compare", start, status);
-                 Release();
-               });
-  return reactor;
+  return ServeUnary(context, "Compare", [this, request, response](CallContext call, DoneFn done) {
+    StartCompare(request, response, std::move(call), std::move(done));
+  });
 }
 
 grpc::ServerUnaryReactor* FaceEmbeddingService::GetModelInfo(
     grpc::CallbackServerContext* context, const arcface::v1::GetModelInfoRequest* request,
     arcface::v1::ModelInfo* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  const absl::Time start = absl::Now();
-  absl::Status admitted = Admit();
-  if (!admitted.ok()) {
-    FinishUnary(reactor, "GetModelInfo", start, admitted);
-    return reactor;
-  }
-  response->set_arch(model_.arch);
-  response->set_embedding_dim(kEmbeddingDim);
-  response->set_input_size(kCropSize);
-  response->set_weights_sha256(model_.weights_sha256);
-  response->set_model_id(model_.model_id);
-  response->set_device(model_.device);
-  response->set_precision(model_.precision);
-  response->set_demo_weights(model_.demo_weights);
-  response->set_server_version(options_.server_version);
-  const auto& batching = embedder()->batcher().options();
-  response->mutable_batching()->set_max_batch_size(batching.max_batch_size);
-  response->mutable_batching()->set_max_queue_delay_us(
-      static_cast<uint64_t>(absl::ToInt64Microseconds(batching.max_queue_delay)));
-  response->mutable_batching()->set_max_queue_size(batching.max_queue_size);
-  response->set_max_faces_per_request(options_.max_faces_per_request);
-  response->set_max_message_bytes(options_.max_message_bytes);
-  FinishUnary(reactor, "GetModelInfo", start, absl::OkStatus());
-  Release();
-  return reactor;
+  return ServeUnary(context, "GetModelInfo", [this, response](CallContext, DoneFn done) {
+    response->set_arch(model_.arch);
+    response->set_embedding_dim(kEmbeddingDim);
+    response->set_input_size(kCropSize);
+    response->set_weights_sha256(model_.weights_sha256);
+    response->set_model_id(model_.model_id);
+    response->set_device(model_.device);
+    response->set_precision(model_.precision);
+    response->set_demo_weights(model_.demo_weights);
+    response->set_server_version(options_.server_version);
+    const auto& batching = embedder()->batcher().options();
+    response->mutable_batching()->set_max_batch_size(batching.max_batch_size);
+    response->mutable_batching()->set_max_queue_delay_us(
+        static_cast<uint64_t>(absl::ToInt64Microseconds(batching.max_queue_delay)));
+    response->mutable_batching()->set_max_queue_size(batching.max_queue_size);
+    response->set_max_faces_per_request(options_.max_faces_per_request);
+    response->set_max_message_bytes(options_.max_message_bytes);
+    done(absl::OkStatus());
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

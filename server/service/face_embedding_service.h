@@ -115,6 +115,10 @@ class FaceEmbeddingService final : public arcface::v1::FaceEmbedding::CallbackSe
                     arcface::v1::CompareResponse* response, CallContext call, DoneFn done);
   void FinishUnary(grpc::ServerUnaryReactor* reactor, const char* rpc, absl::Time start,
                    const absl::Status& status);
+  // The life of every unary call: admit it (or finish it with the refusal), run `work`, which
+  // calls its DoneFn exactly once, then finish, meter and release the call from there.
+  grpc::ServerUnaryReactor* ServeUnary(grpc::CallbackServerContext* context, const char* rpc,
+                                       absl::AnyInvocable<void(CallContext, DoneFn)> work);
 
   static CallContext ContextOf(grpc::CallbackServerContext* context);
 

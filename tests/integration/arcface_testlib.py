@@ -29,6 +29,15 @@ SERVER_BIN = os.environ.get("ARCFACE_SERVER_BIN", "")
 GOLDEN_DIR = os.environ.get("ARCFACE_GOLDEN_DIR", "")
 SHARED_DATA = os.environ.get("ARCFACE_SHARED_DATA", "")
 
+
+def missing_environment(ctest_name):
+    """None when ctest's environment is there, else a message saying what to set."""
+    missing = [k for k in ("ARCFACE_SERVER_BIN", "ARCFACE_GOLDEN_DIR", "ARCFACE_SHARED_DATA")
+               if not os.environ.get(k)]
+    if missing:
+        return f"set {', '.join(missing)} (ctest sets them: ctest -R {ctest_name})"
+    return None
+
 SERVICE_NAME = "arcface.v1.FaceEmbedding"
 EMBEDDING_DIM = 512
 CROP = 112

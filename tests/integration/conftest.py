@@ -18,11 +18,9 @@ import arcface_testlib as lib  # noqa: E402
 
 
 def pytest_configure(config):
-    missing = [k for k in ("ARCFACE_SERVER_BIN", "ARCFACE_GOLDEN_DIR", "ARCFACE_SHARED_DATA")
-               if not os.environ.get(k)]
-    if missing:
-        raise pytest.UsageError(f"set {', '.join(missing)} (ctest sets them: "
-                                "ctest -R integration_pytest)")
+    problem = lib.missing_environment("integration_pytest")
+    if problem:
+        raise pytest.UsageError(problem)
 
 
 @pytest.fixture(scope="session")

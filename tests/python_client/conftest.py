@@ -15,11 +15,9 @@ MAX_FACES = 4
 
 
 def pytest_configure(config):
-    missing = [k for k in ("ARCFACE_SERVER_BIN", "ARCFACE_GOLDEN_DIR", "ARCFACE_SHARED_DATA")
-               if not os.environ.get(k)]
-    if missing:
-        raise pytest.UsageError(f"set {', '.join(missing)} (ctest sets them: "
-                                "ctest -R python_client_pytest)")
+    problem = lib.missing_environment("python_client_pytest")
+    if problem:
+        raise pytest.UsageError(problem)
 
 
 @pytest.fixture(scope="session")
