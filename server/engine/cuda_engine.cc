@@ -210,10 +210,4 @@ DeviceMemory CudaEngine::Memory() const {
   return memory;
 }
 
-int64_t CudaEngine::PaddedSize(int64_t n) const {
-  const auto& graphs = state_->lanes.front()->graphs;
-  auto graph = graphs.lower_bound(std::min<int64_t>(n, state_->options.max_batch_size));
-  return graph == graphs.end() ? n : graph->first;
-}
-
 }  // namespace arcface::engine

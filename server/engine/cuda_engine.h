@@ -60,9 +60,6 @@ class CudaEngine {
   // The caching allocator's view of the engine's device (the whole process's use of it).
   DeviceMemory Memory() const;
 
-  // The size a batch of n is padded to (n itself when no graph is that large).
-  int64_t PaddedSize(int64_t n) const;
-
  private:
   struct State;
   explicit CudaEngine(std::unique_ptr<State> state);

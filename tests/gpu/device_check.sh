@@ -48,7 +48,8 @@ JOBS=$(nproc)
 START=$(date +%s)
 log() { echo "[device_check $(( $(date +%s) - START ))s] $*"; }
 
-cmake_args=(-G Ninja -DCMAKE_BUILD_TYPE=Release)
+# The policy floor lets a CMake 4 read the carried packages' older config files.
+cmake_args=(-G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_POLICY_VERSION_MINIMUM=3.5)
 if command -v ccache > /dev/null; then
   cmake_args+=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 fi
