@@ -151,8 +151,10 @@ std::shared_ptr<CudaEngine> CudaEngine::Create(model::IResNet net,
     const auto pinned = torch::TensorOptions().pinned_memory(true);
     lane->host_in = torch::empty({max, kCropSize, kCropSize, 3}, pinned.dtype(torch::kUInt8));
     lane->host_out = torch::empty({max, kOutWidth}, pinned.dtype(torch::kFloat32));
-    lane->dev_in = torch::zeros({max, kCropSize, kCropSize, 3},
-                                torch::TensorOptions().device(device).dtype(torch::kUInt8));
+    // Random pixels, not zeros, for the warm-up: the autotuner times kernels on this data.
+    lane->dev_in = torch::empty({max, kCropSize, kCropSize, 3},
+                                torch::TensorOptions().device(device).dtype(torch::kUInt8))
+                       .random_(0, 256);
     lane->dev_out = torch::zeros({max, kOutWidth},
                                  torch::TensorOptions().device(device).dtype(torch::kFloat32));
     state->lanes.push_back(std::move(lane));

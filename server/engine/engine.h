@@ -48,7 +48,7 @@ struct EngineOptions {
   std::string device = "cpu";     // "cpu", "cuda", "cuda:N", or "auto" (cuda if present)
   Precision precision = Precision::kFp32;
   int threads = 0;                // intra-op threads; 0 keeps libtorch's default
-  int warmup_batch_size = 8;      // 0 skips warm-up
+  int warmup_batch_size = 8;      // CPU: 0 skips warm-up; CUDA warms every graph size anyway
   bool channels_last = true;      // memory format of activations (faster on oneDNN and cuDNN)
   // CUDA only (validated everywhere, ignored by the CPU):
   int max_batch_size = 512;       // the largest captured graph; larger batches run in pieces

@@ -82,6 +82,7 @@ if [ "$MODE" = device ]; then
 fi
 
 log "configure ($BUILD)"
+rm -f "$BUILD/CMakeCache.txt"  # no library paths cached from a run with(out) .gpu-deps
 set -o pipefail
 cmake -S "$ROOT/tests/gpu" -B "$BUILD" "${cmake_args[@]}" > "$OUT/build.log" 2>&1 \
   || { tail -40 "$OUT/build.log"; exit 1; }
