@@ -4,11 +4,13 @@
 // 1. Reference: the seeded demo checkpoint (r50) through the CPU engine in fp32.
 // 2. Per precision: an engine on --device; its embeddings of the same crops, run as several batch
 //    sizes (padded graph sizes, a batch above the largest graph), against the reference:
-//    cosine >= 0.99999 for fp32, >= 0.999 for fp16/bf16; norms agree with the values.
+//    cosine >= 0.99999 for fp32, >= 0.999 for fp16/bf16; norms agree with the values; the same
+//    with --callers threads at once, row by row.
 // 3. Per precision and batch size: faces/s with one caller and with --callers callers at once
 //    (the engine's lanes overlap copies and compute); batch-1 latency, median and p99.
 // Output: one JSON object per line to --json (and stdout), a table last. Exit 1 when a check
-// fails, 2 on bad flags.
+// fails, 2 on bad flags. Flags (--name=value): device, precisions, batches, max-batch, callers,
+// lanes, seconds, latency-runs, check-crops, graphs, channels-last, json.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -48,6 +50,7 @@ struct Flags {
   int latency_runs = 300;
   int check_crops = 24;
   bool graphs = true;
+  bool channels_last = true;
   std::string json;
 };
 
@@ -91,6 +94,8 @@ bool ParseFlags(int argc, char** argv, Flags* f) {
         f->check_crops = std::stoi(value);
       } else if (name == "graphs") {
         f->graphs = value != "0" && value != "false";
+      } else if (name == "channels-last") {
+        f->channels_last = value != "0" && value != "false";
       } else if (name == "json") {
         f->json = value;
       } else {
@@ -247,6 +252,7 @@ int main(int argc, char** argv) {
     o.max_batch_size = flags.max_batch;
     o.cuda_lanes = flags.lanes;
     o.cuda_graphs = flags.graphs;
+    o.channels_last = flags.channels_last;
     o.warmup_batch_size = 0;
     const auto created = Clock::now();
     auto engine = Engine::Create(checkpoint, o);
@@ -371,9 +377,10 @@ int main(int argc, char** argv) {
     }
   }
 
-  std::printf("\nengine on %s, demo r50 weights, %d lanes, graphs %s; faces/s with 1 | %d "
+  std::printf("\nengine on %s, demo r50 weights, %d lanes, graphs %s, %s; faces/s with 1 | %d "
               "callers\n",
-              flags.device.c_str(), flags.lanes, flags.graphs ? "on" : "off", flags.callers);
+              flags.device.c_str(), flags.lanes, flags.graphs ? "on" : "off",
+              flags.channels_last ? "channels-last" : "NCHW", flags.callers);
   std::printf("%6s", "batch");
   for (const auto& [name, row] : rows) std::printf(" | %21s", name.c_str());
   std::printf("\n");
