@@ -41,7 +41,7 @@ enum class Precision { kFp32, kFp16, kBf16 };
 absl::StatusOr<Precision> ParsePrecision(const std::string& name);  // "fp32", "fp16", "bf16"
 const char* PrecisionName(Precision precision);
 
-// Whether the libtorch this binary links has CUDA support compiled in.
+// Whether this binary has the CUDA path compiled in (ARCFACE_WITH_CUDA) and its libtorch has CUDA.
 bool BuiltWithCuda();
 
 struct EngineOptions {
@@ -58,8 +58,8 @@ struct EngineOptions {
 
 // The caching allocator's view of the model's CUDA device; zeros on the CPU.
 struct DeviceMemory {
-  int64_t allocated_bytes = 0;  // held by live tensors (weights, buffers, graph pools)
-  int64_t reserved_bytes = 0;   // taken from the driver by the allocator (>= allocated)
+  int64_t allocated_bytes = 0;  // held by live tensors (weights, staging and output buffers)
+  int64_t reserved_bytes = 0;   // taken from the driver (>= allocated; holds the graphs' pools)
 };
 
 struct EmbeddingBatch {
