@@ -526,3 +526,56 @@ def test_exit_codes(r50_address, tmp_path):
     r = run_cli("info", env=cli_env(ARCFACE_SERVER=r50_address))
     assert r.returncode == 0 and "arcface-r50@" in r.stdout, r.stderr
     assert run_cli("--help").returncode == 0
+
+
+# --------------------------------------------------------------------------------------------
+# The Python package's additions: several servers (round_robin), retries of UNAVAILABLE
+
+
+def test_python_client_round_robin_and_retries(demo_trio, start_server, goldens, tmp_path):
+    from arcface_client import ArcFaceClient, ArcFaceError
+
+    crop = goldens.crop_u8(goldens.cases["crop_uniform_0"])
+    targets = [f"127.0.0.1:{s.grpc_port}" for s in demo_trio]
+    before = [embed_counts(s.metrics())[0] for s in demo_trio]
+    with ArcFaceClient(",".join(targets), timeout=60, max_faces_per_request=4) as c:
+        assert c.target.startswith("ipv4:")
+        for _ in range(6):
+            c.embed([crop])
+    deltas = [embed_counts(s.metrics())[0] - b for s, b in zip(demo_trio, before)]
+    assert sum(deltas) == 6 and min(deltas) >= 1, deltas
+
+    # A draining server answers UNAVAILABLE; with retries each call moves on to the next one.
+    hold = tmp_path / "hold"
+    draining = start_server(lib.demo_args("--warmup-batch-size", "1", "--drain-timeout", "60",
+                                          "--test-hold-model-file", str(hold)), name="draining")
+    hold.touch()
+    held = threading.Thread(target=lambda: draining.embed([lib.raw_face(crop)], timeout=90))
+    held.start()
+    try:
+        lib.wait_until(lambda: draining.metrics().get("arcface_inflight_requests") >= 1, 30,
+                       what="a call held in the draining server")
+        draining.proc.send_signal(signal.SIGTERM)
+        lib.wait_until(lambda: draining.health_status() == lib.NOT_SERVING, 30, what="draining")
+        pair = [f"127.0.0.1:{draining.grpc_port}", targets[0]]
+        refused = lambda: draining.metrics().sum("arcface_requests_total", rpc="GetModelInfo",
+                                                 code="UNAVAILABLE")
+        start = refused()
+        with ArcFaceClient(pair, timeout=30) as c:
+            infos = [c.model_info() for _ in range(6)]
+        assert all(i["demo_weights"] for i in infos)
+        assert refused() - start >= 1  # some attempts met the draining server and were retried
+        with ArcFaceClient(pair, timeout=30, retries=1) as c:
+            failures = 0
+            for _ in range(6):
+                try:
+                    c.model_info()
+                except ArcFaceError as e:
+                    assert e.code.name == "UNAVAILABLE"
+                    failures += 1
+        assert failures >= 1
+    finally:
+        if hold.exists():
+            hold.unlink()
+        held.join(timeout=90)
+    assert draining.proc.wait(timeout=60) == 0
