@@ -148,7 +148,7 @@ cv::Mat DrawDetections(const cv::Mat& image, const std::vector<cv::Rect>& boxes)
 
 absl::Status WritePng(const std::string& path, const cv::Mat& image) {
   try {
-    if (cv::imwrite(path, image)) return absl::OkStatus();
+    if (cv::imwrite(path, image, {cv::IMWRITE_PNG_COMPRESSION, 9})) return absl::OkStatus();
     return absl::PermissionDeniedError(absl::StrCat("cannot write ", path));
   } catch (const cv::Exception& e) {
     return absl::InvalidArgumentError(absl::StrCat("cannot write ", path, ": ", e.what()));
