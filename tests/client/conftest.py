@@ -38,30 +38,6 @@ def run_cli(*args, timeout=300, env=None, **kw):
                           timeout=timeout, env=env or cli_env(), stdin=subprocess.DEVNULL, **kw)
 
 
-class Servers:
-    """Starts servers; stops them all at teardown, asserting exit status 0."""
-
-    def __init__(self, workdir):
-        self.workdir = workdir
-        self.servers = []
-
-    def __call__(self, args, name="server", server_class=lib.ServerProcess, **kw):
-        server = server_class(args, self.workdir, name=name, **kw)
-        self.servers.append(server)
-        return server.start()
-
-    def stop_all(self):
-        errors = []
-        for server in reversed(self.servers):
-            if server.proc is None or server.proc.poll() is not None:
-                continue
-            try:
-                server.stop()
-            except AssertionError as e:
-                errors.append(str(e))
-        assert not errors, "\n\n".join(errors)
-
-
 @pytest.fixture(scope="session")
 def goldens():
     return lib.Goldens(lib.GOLDEN_DIR, lib.SHARED_DATA)
@@ -69,14 +45,14 @@ def goldens():
 
 @pytest.fixture(scope="session")
 def session_servers(tmp_path_factory):
-    servers = Servers(str(tmp_path_factory.mktemp("servers")))
+    servers = lib.ServerSet(str(tmp_path_factory.mktemp("servers")))
     yield servers
     servers.stop_all()
 
 
 @pytest.fixture
 def start_server(tmp_path):
-    servers = Servers(str(tmp_path))
+    servers = lib.ServerSet(str(tmp_path))
     yield servers
     servers.stop_all()
 

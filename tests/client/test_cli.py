@@ -377,6 +377,7 @@ def test_retries_recover_from_a_restarted_server(start_server, goldens, tmp_path
     r = run_cli("--server", f"127.0.0.1:{port}", "embed", crop, "--out", tmp_path / "a.npy")
     assert r.returncode == 0, r.stderr
     first.kill()  # gone without a drain, as in a crash
+    start_server.forget(first)
 
     proc = subprocess.Popen([CLIENT_BIN, "--server", f"127.0.0.1:{port}", "--retries", "30",
                              "embed", crop, "--out", str(tmp_path / "b.npy")],
@@ -518,6 +519,8 @@ def test_exit_codes(r50_address, tmp_path):
         assert r.returncode == 3, (args, r.stderr)
         assert "unreachable" in r.stderr
     assert "retrying" in run_cli("--server", free, "--retries", "2", "info").stderr
+    r = run_cli("--server", free, "health", "--wait", "1")
+    assert r.returncode == 3 and "no answer from the server" in r.stderr, r.stderr
     r = run_cli("--server", r50_address, "embed", crop, tmp_path / "missing.jpg")
     assert r.returncode == 1, r.stderr
     r = run_cli("--server", r50_address, "health", "--wait", "5")
