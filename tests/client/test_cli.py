@@ -211,6 +211,11 @@ def test_progress_bar_only_on_a_terminal(r50_address, goldens, tmp_path):
     # Neither: plain pipes.
     r = run_cli(*args)
     assert r.returncode == 0 and "ETA" not in r.stderr and "\r" not in r.stderr
+    # bench: a progress line while it runs, on a terminal.
+    rc, terminal, _ = _run_in_pty(["--server", r50_address, "bench", "--concurrency", "1",
+                                   "--duration", "1"], stdout_is_tty=True)
+    assert rc == 0, terminal
+    assert re.search(rb"\r\x1b\[Kconcurrency 1: [0-9.]+/1 s, \d+ requests", terminal), terminal
 
 
 # --------------------------------------------------------------------------------------------
