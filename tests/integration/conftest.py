@@ -15,33 +15,13 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import arcface_testlib as lib  # noqa: E402
+from server_fixtures import goldens, session_servers, start_server  # noqa: E402,F401
 
 
 def pytest_configure(config):
     problem = lib.missing_environment("integration_pytest")
     if problem:
         raise pytest.UsageError(problem)
-
-
-@pytest.fixture(scope="session")
-def goldens():
-    return lib.Goldens(lib.GOLDEN_DIR, lib.SHARED_DATA)
-
-
-@pytest.fixture(scope="session")
-def session_servers(tmp_path_factory):
-    servers = lib.ServerSet(str(tmp_path_factory.mktemp("servers")))
-    yield servers
-    servers.stop_all()
-
-
-@pytest.fixture
-def start_server(tmp_path):
-    """start_server(args, name=..., tls=..., env=...) → a started ServerProcess, stopped (and
-    its exit status checked) when the test ends unless the test already stopped it."""
-    servers = lib.ServerSet(str(tmp_path))
-    yield servers
-    servers.stop_all()
 
 
 @pytest.fixture(scope="session")
