@@ -36,6 +36,7 @@ absl::Status EmbedFiles(Client& client, const std::vector<std::string>& files,
                         const FaceOptions& face_options, bool normalize, ProgressBar& progress,
                         std::vector<FileOutcome>* outcomes) {
   outcomes->assign(files.size(), FileOutcome{});
+  for (size_t i = 0; i < files.size(); ++i) (*outcomes)[i].file = files[i];
   std::atomic<int64_t> done{0};
   auto finished = [&](size_t i) {
     const FileOutcome& o = (*outcomes)[i];
@@ -50,7 +51,6 @@ absl::Status EmbedFiles(Client& client, const std::vector<std::string>& files,
     while (next_index < files.size()) {
       const size_t i = next_index++;
       FileOutcome& o = (*outcomes)[i];
-      o.file = files[i];
       absl::StatusOr<FaceInput> face = FaceInput::FromFile(files[i]);
       if (!face.ok()) {
         o.embedding = face.status();
@@ -179,8 +179,7 @@ int RunHealth(const CommonOptions& common, double wait_s) {
       std::cout << "SERVING\n";
       return kExitOk;
     }
-    std::cout << "NOT SERVING\n";
-    return Fail("health", s);
+    return Fail("health", s);  // 3 when the server never answered
   }
   absl::StatusOr<client::ServingStatus> status = (*client)->CheckHealth();
   if (!status.ok()) return Fail("health", status.status());

@@ -432,9 +432,8 @@ absl::Status Client::EmbedStream(
     absl::Time last_progress = absl::Now();
 
     // The writer sends what is pending (re-sending after a reconnect), then pulls new items,
-    // and watches the oldest outstanding message's wait.
+    // keeping at most `window` messages unanswered, and half-closes after the last.
     std::thread writer([&] {
-      bool writes_done = false;
       absl::MutexLock lock(&mu);
       while (!reader_done) {
         if (sent < pending.size() && sent < window) {
@@ -443,7 +442,7 @@ absl::Status Client::EmbedStream(
           mu.Unlock();
           const bool ok = stream->Write(p.request);
           mu.Lock();
-          if (!ok) break;  // the stream is broken; Read returns false and Finish says why
+          if (!ok) return;  // the stream is broken; Read returns false and Finish says why
           continue;
         }
         if (!source_done && sent == pending.size() && sent < window) {
@@ -462,17 +461,24 @@ absl::Status Client::EmbedStream(
           if (sent == 0) last_progress = absl::Now();
           continue;
         }
-        if (source_done && sent == pending.size() && !writes_done) {
-          writes_done = true;
+        if (source_done && sent == pending.size()) {
           mu.Unlock();
           stream->WritesDone();
           mu.Lock();
-          continue;
+          return;
         }
+        changed.Wait(&mu);  // the window is full: until an answer (or the end)
+      }
+    });
+    // Its own thread, so that it fires even while the writer is blocked in Write: the oldest
+    // unanswered message may wait at most `timeout`.
+    std::thread watchdog([&] {
+      absl::MutexLock lock(&mu);
+      while (!reader_done) {
         if (sent > 0 && absl::Now() - last_progress > options_.timeout) {
           timed_out = true;
           context.TryCancel();
-          break;
+          return;
         }
         changed.WaitWithTimeout(&mu, absl::Milliseconds(100));
       }
@@ -523,6 +529,7 @@ absl::Status Client::EmbedStream(
       changed.SignalAll();
     }
     writer.join();
+    watchdog.join();
     absl::Status status = ToAbsl(stream->Finish());
     if (timed_out) {
       status = absl::DeadlineExceededError(absl::StrCat(
@@ -648,12 +655,14 @@ absl::Status Client::WaitForHealthy(absl::Duration timeout) {
   auto stub = health::Health::NewStub(channel_);
   const absl::Time deadline = absl::Now() + timeout;
   std::string last = "no answer yet";
+  bool answered = false;  // the last check got an answer (that was not SERVING)
   while (true) {
     const absl::Duration left = deadline - absl::Now();
     if (left <= absl::ZeroDuration()) {
-      return absl::DeadlineExceededError(absl::StrCat(
-          "the server was not SERVING within ", absl::FormatDuration(timeout), " (last: ", last,
-          ")"));
+      const std::string why = absl::StrCat(" within ", absl::FormatDuration(timeout),
+                                           " (last: ", last, ")");
+      if (!answered) return absl::UnavailableError(absl::StrCat("no answer from the server", why));
+      return absl::DeadlineExceededError(absl::StrCat("the server was not SERVING", why));
     }
     grpc::ClientContext context;
     // Waits for a connection rather than failing at once while the server is not up.
@@ -664,6 +673,7 @@ absl::Status Client::WaitForHealthy(absl::Duration timeout) {
     if (s.ok() && response.status() == health::HealthCheckResponse::SERVING) {
       return absl::OkStatus();
     }
+    answered = s.ok();
     last = s.ok() ? health::HealthCheckResponse::ServingStatus_Name(response.status())
                   : absl::StrCat(absl::StatusCodeToString(ToAbsl(s).code()), ": ",
                                  s.error_message());

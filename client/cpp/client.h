@@ -152,7 +152,9 @@ class Client {
 
   // One grpc.health.v1 Check of the whole server ("" service); errors as statuses.
   absl::StatusOr<ServingStatus> CheckHealth();
-  // Polls health until SERVING: OK, or DEADLINE_EXCEEDED naming the last state or error.
+  // Polls health until SERVING: OK. When `timeout` passes first: UNAVAILABLE if the last check
+  // got no answer (server down, unreachable), DEADLINE_EXCEEDED if the server answered but was
+  // not SERVING (still loading, draining); either names the last state or error.
   absl::Status WaitForHealthy(absl::Duration timeout);
 
   const std::string& target() const { return target_; }

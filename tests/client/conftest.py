@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
 
 import arcface_testlib as lib  # noqa: E402
+from server_fixtures import goldens, session_servers, start_server  # noqa: E402,F401
 
 CLIENT_BIN = os.environ.get("ARCFACE_CLIENT_BIN", "")
 LIBRARY_TEST = os.environ.get("ARCFACE_CLIENT_LIBRARY_TEST", "")
@@ -36,49 +37,6 @@ def run_cli(*args, timeout=300, env=None, **kw):
     """Runs arcface-client; returns the CompletedProcess (text output)."""
     return subprocess.run([CLIENT_BIN, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env or cli_env(), stdin=subprocess.DEVNULL, **kw)
-
-
-class Servers:
-    """Starts servers; stops them all at teardown, asserting exit status 0."""
-
-    def __init__(self, workdir):
-        self.workdir = workdir
-        self.servers = []
-
-    def __call__(self, args, name="server", server_class=lib.ServerProcess, **kw):
-        server = server_class(args, self.workdir, name=name, **kw)
-        self.servers.append(server)
-        return server.start()
-
-    def stop_all(self):
-        errors = []
-        for server in reversed(self.servers):
-            if server.proc is None or server.proc.poll() is not None:
-                continue
-            try:
-                server.stop()
-            except AssertionError as e:
-                errors.append(str(e))
-        assert not errors, "\n\n".join(errors)
-
-
-@pytest.fixture(scope="session")
-def goldens():
-    return lib.Goldens(lib.GOLDEN_DIR, lib.SHARED_DATA)
-
-
-@pytest.fixture(scope="session")
-def session_servers(tmp_path_factory):
-    servers = Servers(str(tmp_path_factory.mktemp("servers")))
-    yield servers
-    servers.stop_all()
-
-
-@pytest.fixture
-def start_server(tmp_path):
-    servers = Servers(str(tmp_path))
-    yield servers
-    servers.stop_all()
 
 
 @pytest.fixture(scope="session")

@@ -211,6 +211,11 @@ def test_progress_bar_only_on_a_terminal(r50_address, goldens, tmp_path):
     # Neither: plain pipes.
     r = run_cli(*args)
     assert r.returncode == 0 and "ETA" not in r.stderr and "\r" not in r.stderr
+    # bench: a progress line while it runs, on a terminal.
+    rc, terminal, _ = _run_in_pty(["--server", r50_address, "bench", "--concurrency", "1",
+                                   "--duration", "1"], stdout_is_tty=True)
+    assert rc == 0, terminal
+    assert re.search(rb"\r\x1b\[Kconcurrency 1: [0-9.]+/1 s, \d+ requests", terminal), terminal
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,6 +382,7 @@ def test_retries_recover_from_a_restarted_server(start_server, goldens, tmp_path
     r = run_cli("--server", f"127.0.0.1:{port}", "embed", crop, "--out", tmp_path / "a.npy")
     assert r.returncode == 0, r.stderr
     first.kill()  # gone without a drain, as in a crash
+    start_server.forget(first)
 
     proc = subprocess.Popen([CLIENT_BIN, "--server", f"127.0.0.1:{port}", "--retries", "30",
                              "embed", crop, "--out", str(tmp_path / "b.npy")],
@@ -518,6 +524,8 @@ def test_exit_codes(r50_address, tmp_path):
         assert r.returncode == 3, (args, r.stderr)
         assert "unreachable" in r.stderr
     assert "retrying" in run_cli("--server", free, "--retries", "2", "info").stderr
+    r = run_cli("--server", free, "health", "--wait", "1")
+    assert r.returncode == 3 and "no answer from the server" in r.stderr, r.stderr
     r = run_cli("--server", r50_address, "embed", crop, tmp_path / "missing.jpg")
     assert r.returncode == 1, r.stderr
     r = run_cli("--server", r50_address, "health", "--wait", "5")

@@ -463,6 +463,34 @@ class ServerProcess:
         return self.stub.Embed(pb.EmbedRequest(faces=faces, **kw), timeout=timeout)
 
 
+class ServerSet:
+    """Starts servers (ServerProcess, or the subclass given) and stops them all at teardown,
+    asserting exit status 0; a server a test killed on purpose is forget()-ten first."""
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.servers = []
+
+    def __call__(self, args, name="server", server_class=ServerProcess, **kw):
+        server = server_class(args, self.workdir, name=name, **kw)
+        self.servers.append(server)
+        return server.start()
+
+    def forget(self, server):
+        self.servers.remove(server)
+
+    def stop_all(self):
+        errors = []
+        for server in reversed(self.servers):
+            if server.proc is None:
+                continue
+            try:
+                server.stop()
+            except AssertionError as e:
+                errors.append(str(e))
+        assert not errors, "\n\n".join(errors)
+
+
 def parse_port_file(text):
     """(grpc_port, http_port) from the server's --port-file ("<grpc port> <http port>\\n",
     written whole once SERVING), or None while it is not there yet."""

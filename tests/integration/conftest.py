@@ -15,57 +15,13 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import arcface_testlib as lib  # noqa: E402
+from server_fixtures import goldens, session_servers, start_server  # noqa: E402,F401
 
 
 def pytest_configure(config):
     problem = lib.missing_environment("integration_pytest")
     if problem:
         raise pytest.UsageError(problem)
-
-
-@pytest.fixture(scope="session")
-def goldens():
-    return lib.Goldens(lib.GOLDEN_DIR, lib.SHARED_DATA)
-
-
-class _Servers:
-    """Starts servers and stops them all at teardown, asserting exit status 0."""
-
-    def __init__(self, workdir):
-        self.workdir = workdir
-        self.servers = []
-
-    def __call__(self, args, name="server", **kw):
-        server = lib.ServerProcess(args, self.workdir, name=name, **kw)
-        self.servers.append(server)
-        return server.start()
-
-    def stop_all(self):
-        errors = []
-        for server in reversed(self.servers):
-            if server.proc is None:
-                continue
-            try:
-                server.stop()
-            except AssertionError as e:
-                errors.append(str(e))
-        assert not errors, "\n\n".join(errors)
-
-
-@pytest.fixture(scope="session")
-def session_servers(tmp_path_factory):
-    servers = _Servers(str(tmp_path_factory.mktemp("servers")))
-    yield servers
-    servers.stop_all()
-
-
-@pytest.fixture
-def start_server(tmp_path):
-    """start_server(args, name=..., tls=..., env=...) → a started ServerProcess, stopped (and
-    its exit status checked) when the test ends unless the test already stopped it."""
-    servers = _Servers(str(tmp_path))
-    yield servers
-    servers.stop_all()
 
 
 @pytest.fixture(scope="session")
