@@ -2,20 +2,22 @@
 # A Docker engine for building and testing the image on a machine where none runs and no
 # registry is reachable (see README "Deployment"):
 #
-#   eval "$(deploy/docker-engine.sh start)"   # prints DOCKER_HOST=...; starts dockerd if needed
+#   eval "$(deploy/docker-engine.sh start)"   # sets DOCKER_HOST and ARCFACE_DOCKERD_STARTED
 #   deploy/docker-engine.sh base              # makes debian:bookworm if the engine lacks it
 #   deploy/docker-engine.sh stop              # stops the dockerd that `start` started, if any
 #
-# start: when $DOCKER_HOST (or the default socket) answers, that engine is used and nothing is
-#   started. Otherwise dockerd runs on private paths: data under $ARCFACE_DOCKER_ROOT
-#   (default /var/lib/arcface-docker, kept between runs so the base image and the build cache
-#   are reused), its runtime state and socket under /run/arcface-docker. It must run as root.
-#   Fails (exit 1, with dockerd's log tail) when the engine cannot start: callers never skip.
+# start: when $DOCKER_HOST (or this script's socket) answers, that engine is used and nothing
+#   is started (ARCFACE_DOCKERD_STARTED=0; the caller leaves it running). Otherwise dockerd
+#   runs on private paths: data under $ARCFACE_DOCKER_ROOT (default /var/lib/arcface-docker,
+#   kept between runs so the base image and the build cache are reused), its runtime state and
+#   socket under /run/arcface-docker. It must run as root. Fails (exit 1, with dockerd's log
+#   tail) when the engine cannot start: callers fail too, they never skip.
 # base: `debian:bookworm` cannot be pulled here, so it is made from the Debian archive this
 #   machine uses: debootstrap --variant=minbase, this machine's apt sources copied in, apt's
-#   cache and lists emptied, then `docker import`. About 35 s and 120 MB, once per data root.
-# stop: only the dockerd this script started (its pid file); removes the docker0 bridge that
-#   dockerd made. Containers, networks and images are the caller's to remove before.
+#   cache and lists emptied, then `docker import`. About 30 s and 120 MB, once per data root.
+# stop: only a dockerd this script started (its pid file), and only when the caller's `start`
+#   started it (ARCFACE_DOCKERD_STARTED=1); then removes the docker0 bridge dockerd made.
+#   Containers, networks and images are the caller's to remove first.
 set -euo pipefail
 
 ROOT=${ARCFACE_DOCKER_ROOT:-/var/lib/arcface-docker}
@@ -30,12 +32,12 @@ reachable() { "$DOCKER" version --format '{{.Server.Version}}' >/dev/null 2>&1; 
 
 start() {
   if [[ -n ${DOCKER_HOST:-} ]] && reachable; then
-    echo "export DOCKER_HOST=$DOCKER_HOST"
+    echo "export DOCKER_HOST=$DOCKER_HOST ARCFACE_DOCKERD_STARTED=0"
     return
   fi
   export DOCKER_HOST=unix://$SOCK
   if reachable; then
-    echo "export DOCKER_HOST=$DOCKER_HOST"
+    echo "export DOCKER_HOST=$DOCKER_HOST ARCFACE_DOCKERD_STARTED=0"
     return
   fi
   [[ $(id -u) -eq 0 ]] || { log "no engine answers and starting dockerd needs root"; exit 1; }
@@ -58,7 +60,7 @@ start() {
     exit 1
   fi
   touch "$RUN/started-by-us"
-  echo "export DOCKER_HOST=$DOCKER_HOST"
+  echo "export DOCKER_HOST=$DOCKER_HOST ARCFACE_DOCKERD_STARTED=1"
 }
 
 base() {
@@ -90,7 +92,7 @@ base() {
 }
 
 stop() {
-  [[ -f $RUN/started-by-us ]] || return 0
+  [[ ${ARCFACE_DOCKERD_STARTED:-0} == 1 && -f $RUN/started-by-us ]] || return 0
   local pid
   pid=$(cat "$RUN/dockerd.pid" 2>/dev/null || true)
   if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then

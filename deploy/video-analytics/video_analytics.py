@@ -100,10 +100,12 @@ def main(argv=None):
     p.add_argument("--server", default=os.environ.get("ARCFACE_SERVER", "localhost:50051"),
                    help="the service (env ARCFACE_SERVER; default localhost:50051)")
     p.add_argument("--no-loop", action="store_true", help="stop at the end of the input")
-    p.add_argument("--fps", type=float, default=2.0, help="frames per second at most (0: no pause)")
+    p.add_argument("--fps", type=float, default=float(os.environ.get("VIDEO_FPS", "2")),
+                   help="frames per second at most, 0: no pause (env VIDEO_FPS; default 2)")
     p.add_argument("--max-frames", type=int, default=0, help="stop after this many frames (0: never)")
-    p.add_argument("--threshold", type=float, default=0.4,
-                   help="cosine at which a face is an identity already seen (InsightFace's 0.4)")
+    p.add_argument("--threshold", type=float, default=float(os.environ.get("VIDEO_THRESHOLD", "0.4")),
+                   help="cosine at which a face is an identity already seen (env "
+                        "VIDEO_THRESHOLD; default InsightFace's 0.4)")
     p.add_argument("--min-face", type=int, default=40, help="smallest face side in pixels")
     p.add_argument("--cascade", default=CASCADE, help="Haar cascade file (Debian opencv-data)")
     p.add_argument("--wait", type=float, default=120.0,
