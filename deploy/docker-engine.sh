@@ -16,7 +16,9 @@
 #   machine uses: debootstrap --variant=minbase, this machine's apt sources copied in, apt's
 #   cache and lists emptied, then `docker import`. About 30 s and 120 MB, once per data root.
 # stop: only a dockerd this script started (its pid file), and only when the caller's `start`
-#   started it (ARCFACE_DOCKERD_STARTED=1); then removes the docker0 bridge dockerd made.
+#   started it (ARCFACE_DOCKERD_STARTED=1); then removes the docker0 bridge and the iptables
+#   chains and rules dockerd made, when there were none before it, and restores the FORWARD
+#   policy and net.ipv4.ip_forward it changed.
 #   Containers, networks and images are the caller's to remove first.
 set -euo pipefail
 
@@ -46,6 +48,9 @@ start() {
   local had_bridge=0
   ip link show docker0 >/dev/null 2>&1 && had_bridge=1
   echo "$had_bridge" >"$RUN/had-docker0"
+  # dockerd turns IP forwarding on and the FORWARD policy to DROP; stop puts them back.
+  cat /proc/sys/net/ipv4/ip_forward >"$RUN/ip_forward" 2>/dev/null || true
+  iptables -S FORWARD 2>/dev/null | awk '$1 == "-P" {print $3}' >"$RUN/forward-policy" || true
   # setsid: dockerd outlives this script and is not hit by the caller's terminal signals.
   setsid dockerd --data-root "$ROOT/data" --exec-root "$RUN/exec" --pidfile "$RUN/dockerd.pid" \
     -H "unix://$SOCK" >"$RUN/dockerd.log" 2>&1 </dev/null &
@@ -104,10 +109,30 @@ stop() {
     done
     kill -0 "$pid" 2>/dev/null && { log "dockerd $pid did not stop; killing it"; kill -9 "$pid"; }
   fi
-  if [[ $(cat "$RUN/had-docker0" 2>/dev/null || echo 1) == 0 ]] && ip link show docker0 >/dev/null 2>&1; then
-    ip link delete docker0 || log "could not remove docker0"
+  # Only when no engine had set up Docker's networking before ours: its bridge, and the
+  # iptables rules and chains dockerd adds (and never removes).
+  if [[ $(cat "$RUN/had-docker0" 2>/dev/null || echo 1) == 0 ]]; then
+    if ip link show docker0 >/dev/null 2>&1; then
+      ip link delete docker0 || log "could not remove docker0"
+    fi
+    local table rule chain
+    for table in nat filter; do
+      command -v iptables >/dev/null || break
+      iptables -t "$table" -S 2>/dev/null | grep -E '^-A .*(-j DOCKER|docker0)' | sed 's/^-A/-D/' |
+        while read -r rule; do eval iptables -t "$table" "$rule" || true; done
+      for chain in $(iptables -t "$table" -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^DOCKER/ {print $2}'); do
+        iptables -t "$table" -F "$chain" || true
+      done
+      for chain in $(iptables -t "$table" -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^DOCKER/ {print $2}'); do
+        iptables -t "$table" -X "$chain" || true
+      done
+    done
+    local policy
+    policy=$(cat "$RUN/forward-policy" 2>/dev/null || true)
+    [[ -n $policy ]] && { iptables -P FORWARD "$policy" || true; }
+    [[ -s $RUN/ip_forward ]] && { cat "$RUN/ip_forward" >/proc/sys/net/ipv4/ip_forward || true; }
   fi
-  rm -f "$RUN/started-by-us" "$RUN/had-docker0"
+  rm -f "$RUN/started-by-us" "$RUN/had-docker0" "$RUN/forward-policy" "$RUN/ip_forward"
 }
 
 case ${1:-} in

@@ -124,7 +124,7 @@ def stack(engine, images):
         up = True
         yield env, ports
     finally:
-        if up:
+        if up and leftovers(env):  # the test failed before its own `down`: show why
             print(compose(env, "logs", "--no-color", "--tail", "40", check=False)[-8000:])
         compose(env, "down", "--volumes", "--remove-orphans", check=False)
 

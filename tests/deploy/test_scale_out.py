@@ -148,6 +148,7 @@ def test_round_robin_spreads_and_survives_a_crash(servers, goldens):
         assert load.wrong == [] and load.failures == [], (load.wrong, load.failures)
         assert load.ok == calls
         served = [ok_calls(s) - b for s, b in zip(servers, before)]
+        print(f"all three up: calls per server {served}")
         assert sum(served) == calls, served
         for i, n in enumerate(served):
             assert n >= 0.2 * calls, f"server{i} served {n} of {calls} calls: {served}"
@@ -161,6 +162,7 @@ def test_round_robin_spreads_and_survives_a_crash(servers, goldens):
         ok_at_kill = load.ok
         lib.wait_until(lambda: load.ok >= ok_at_kill + 30, 180, what="calls after the crash")
         load.finish()
+        print(f"crash: {load.ok} calls succeeded, {len(load.failures)} failed: {load.failures}")
         assert load.wrong == [], load.wrong
         # Only the calls that were on the killed server when it died may fail, as UNAVAILABLE.
         assert len(load.failures) <= CALLERS, load.failures
