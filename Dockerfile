@@ -52,7 +52,7 @@ FROM python-client AS builder
 ENV CCACHE_DIR=/root/.cache/ccache
 RUN --mount=type=cache,target=/root/.cache/ccache \
     cmake --build /build -j"$(nproc)" --target arcface-server arcface-client \
- && ccache --show-stats | grep -iE 'hits|misses' || true
+ && { ccache --show-stats | grep -iE 'hits|misses' || true; }
 RUN mkdir -p /out/bin \
  && cp /build/server/arcface-server /build/client/arcface-client /out/bin/ \
  && strip /out/bin/*
@@ -78,7 +78,7 @@ RUN install-deps.sh --sidecar && rm -rf /var/lib/apt/lists/* \
 COPY --from=python-client /out/python /opt/arcface/python
 COPY deploy/video-analytics/video_analytics.py /opt/arcface/video_analytics.py
 ENV PYTHONPATH=/opt/arcface/python PYTHONUNBUFFERED=1
-USER analytics
+USER 10002:10002
 ENTRYPOINT ["python3", "/opt/arcface/video_analytics.py"]
 
 # ---- runtime (default): runtime libraries, the two binaries, the Python client --------------
@@ -104,7 +104,8 @@ ENV ARCFACE_WEIGHTS=/models/arcface_r50.safetensors \
     OPENCV_IO_MAX_IMAGE_PIXELS=67108864 \
     PYTHONPATH=/opt/arcface/python \
     LD_LIBRARY_PATH=/opt/libtorch/lib
-USER arcface
+# Numeric, so that Kubernetes can verify runAsNonRoot without knowing the image.
+USER 10001:10001
 EXPOSE 50051 8080
 # start-period: loading the weights and warming up takes a few seconds on a CPU.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \

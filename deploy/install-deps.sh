@@ -27,6 +27,7 @@ BUILD_PKGS=(
 LIB_PKGS=(
   libtorch1.13 libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623
   libopencv-core406 libopencv-imgproc406 libopencv-imgcodecs406
+  libopencv-objdetect406               # arcface-client's detect (Haar cascade)
   libspdlog1.10 libfmt9 libssl3 libcpp-httplib0.11
   python3 python3-grpcio python3-numpy   # the Python client (arcface_client)
 )

@@ -268,7 +268,7 @@ class Checker:
                     self.bad(where, "asks for a GPU but does not run --device cuda")
             elif arg_value(c, "--device", "ARCFACE_DEVICE") in ("cuda", "cuda:0"):
                 self.bad(where, "runs --device cuda without an nvidia.com/gpu limit")
-        return {"labels": labels, "ports": ports, "replicas": replicas, "pod": pod}
+        return {"labels": labels, "ports": ports, "replicas": replicas}
 
     def selects(self, where, spec, deployments):
         selector = spec.get("selector")
