@@ -114,17 +114,16 @@ def stack(engine, images):
              "PROMETHEUS_PORT": lib.free_port()}
     # The demo weights are a random network: unrelated faces already reach cosines of 0.4-0.85
     # there, so the sidecar's identity threshold is raised to tell the photos' faces apart.
-    env = dict(engine, ARCFACE_DEMO_WEIGHTS="true", ARCFACE_VIDEO_INPUT=lib.SHARED_DATA,
+    env = dict(engine, ARCFACE_DEMO_WEIGHTS="true",
+               ARCFACE_VIDEO_INPUT=os.path.realpath(lib.SHARED_DATA),
                VIDEO_THRESHOLD="0.95", VIDEO_FPS="4",
                **{k: str(v) for k, v in ports.items()},
                **{k: image for k, (image, _) in IMAGES.items()})
-    up = False
     try:
         compose(env, "up", "-d", "--no-build", timeout=600)
-        up = True
         yield env, ports
     finally:
-        if up and leftovers(env):  # the test failed before its own `down`: show why
+        if leftovers(env):  # the test failed before its own `down`: show why
             print(compose(env, "logs", "--no-color", "--tail", "40", check=False)[-8000:])
         compose(env, "down", "--volumes", "--remove-orphans", check=False)
 
