@@ -90,6 +90,9 @@ def images(engine):
         yield built
     finally:
         run([DOCKER, "image", "rm", "--force", *built], engine, timeout=300, check=False)
+        # Keep the build cache (dependency layers, ccache) for the next run, within bounds.
+        run([DOCKER, "builder", "prune", "--force", "--keep-storage", "12gb"], engine,
+            timeout=300, check=False)
 
 
 def compose(env, *args, timeout=300, check=True):
