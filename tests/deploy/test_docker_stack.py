@@ -174,6 +174,29 @@ def assert_same(got, ref, what):
         f"{what}: cosine {cos:.7f}, max|Δ| {diff:.3g}")
 
 
+def test_image_contract(engine, images):
+    """Non-root, the ports, the health check, the environment, and the entry point's answer
+    when there are no weights."""
+    image = images[0]
+    config = json.loads(run([DOCKER, "image", "inspect", "-f", "{{json .Config}}", image],
+                            engine, 60))
+    assert config["User"] == "10001:10001", config["User"]
+    assert set(config["ExposedPorts"]) == {"50051/tcp", "8080/tcp"}
+    assert config["Healthcheck"]["Test"][:3] == ["CMD", "arcface-client", "health"]
+    env = dict(e.split("=", 1) for e in config["Env"])
+    assert env["ARCFACE_WEIGHTS"].startswith("/models/") and env["ARCFACE_DEMO_WEIGHTS"] == "false"
+    assert int(env["OPENCV_IO_MAX_IMAGE_PIXELS"]) >= 40_000_000
+    assert run([DOCKER, "run", "--rm", image, "id", "-u"], engine, 120).strip() == "10001"
+    out = subprocess.run([DOCKER, "run", "--rm", image], env=engine, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "no readable weights at ARCFACE_WEIGHTS" in out.stderr, out
+    out = subprocess.run([DOCKER, "run", "--rm", image, "--demo-weights", "--max-batch-size", "0"],
+                         env=engine, capture_output=True, text=True, timeout=120)
+    # Flags reach the server, and --demo-weights replaced the image's ARCFACE_WEIGHTS.
+    assert out.returncode == 2 and "--max-batch-size" in out.stderr, out
+    assert "give exactly one" not in out.stderr, out.stderr
+
+
 SIDECAR_EMBED = """
 import json
 from arcface_client import ArcFaceClient
