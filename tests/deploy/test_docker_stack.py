@@ -10,6 +10,7 @@ weights and the shared photos as the sidecar's input, and checks:
   same inputs through arcface-server built on the host with the same demo weights;
 - the sidecar logs faces with identities, the same identity for the same face every loop;
 - Prometheus (published port 9090) reports its scrape target arcface:8080 up;
+- `docker-compose stop`: the server (PID 1 through the entry point) and the sidecar exit 0;
 - `docker-compose down` leaves no container, network or volume of the project behind.
 The images it built are removed at the end; the base image and the build cache stay in the
 engine's data root, so a second run on the same machine rebuilds only what changed.
@@ -265,6 +266,13 @@ def test_compose_stack(engine, stack, reference):
 
     result = lib.wait_until(target_up, 120, interval=1, what="Prometheus to see arcface up")
     assert result[0]["metric"]["instance"] == "arcface:8080", result
+
+    # SIGTERM (stop): the server drains and exits 0 as PID 1; the sidecar finishes its frame.
+    ids = {name: container(env, name) for name in ("arcface", "video-analytics")}
+    compose(env, "stop")
+    for name, cid in ids.items():
+        code = run([DOCKER, "inspect", "-f", "{{.State.ExitCode}}", cid], env, 60).strip()
+        assert code == "0", f"{name} exited with {code} on SIGTERM"
 
     # down leaves nothing of the project behind.
     compose(env, "down", "--volumes", "--remove-orphans")

@@ -172,6 +172,7 @@ def test_compose_stack_is_consistent():
     assert {p["target"] for p in arc["ports"]} == {50051, 8080}
     assert arc["healthcheck"]["test"][:3] == ["CMD", "arcface-client", "health"]
     assert arc["restart"] == "unless-stopped"
+    assert arc["read_only"] is True and arc["cap_drop"] == ["ALL"]
     assert arc["deploy"]["resources"]["limits"]["memory"]
     assert any(v.endswith(":/models:ro") for v in arc["volumes"]), arc["volumes"]
     drain = k8s_check.duration_seconds(arc["environment"]["ARCFACE_DRAIN_TIMEOUT"])
