@@ -16,6 +16,7 @@ The images it built are removed at the end; the base image and the build cache s
 engine's data root, so a second run on the same machine rebuilds only what changed.
 """
 
+import fcntl
 import json
 import os
 import subprocess
@@ -55,7 +56,10 @@ def run(args, env, timeout, check=True):
 @pytest.fixture(scope="module")
 def engine():
     """DOCKER_HOST of a running engine with debian:bookworm; stops the engine afterwards if
-    this fixture started it."""
+    this fixture started it. One such test at a time per machine (a lock), so that no run
+    stops the engine under another one."""
+    lock = open("/tmp/arcface-docker-test.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
     env = dict(os.environ)
     out = subprocess.run([ENGINE, "start"], env=env, capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
@@ -70,6 +74,7 @@ def engine():
         yield env
     finally:
         run([ENGINE, "stop"], env, timeout=120)
+        lock.close()
 
 
 @pytest.fixture(scope="module")
