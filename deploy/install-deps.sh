@@ -15,6 +15,7 @@ BUILD_PKGS=(
   libtorch-dev                     # the model runtime (libtorch, CPU build)
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libopencv-dev                    # decode, crop, align
+  opencv-data                      # Haar cascades for arcface-client detect
   libspdlog-dev libfmt-dev         # logging
   nlohmann-json3-dev               # safetensors header, JSON output
   libcli11-dev                     # flags

@@ -245,6 +245,7 @@ int Run(const service::ServerConfig& cfg, const sigset_t& signals) {
   engine_options.precision = *precision;
   engine_options.threads = cfg.threads;
   engine_options.warmup_batch_size = cfg.warmup_batch_size;
+  engine_options.max_batch_size = cfg.max_batch_size;  // CUDA graphs up to the batcher's limit
   absl::StatusOr<std::unique_ptr<engine::Engine>> engine =
       engine::Engine::Create(checkpoint, engine_options);
   if (!engine.ok()) {
@@ -270,6 +271,7 @@ int Run(const service::ServerConfig& cfg, const sigset_t& signals) {
   model.device = (*engine)->device();
   model.precision = engine::PrecisionName((*engine)->precision());
   model.demo_weights = cfg.demo_weights;
+  model.device_memory = [e = engine->get()] { return e->device_memory(); };
   checkpoint = model::Checkpoint();  // the engine holds its own copy of the weights
 
   service::EmbedderOptions embedder_options;
@@ -288,6 +290,7 @@ int Run(const service::ServerConfig& cfg, const sigset_t& signals) {
   metrics.SetModelInfo(model.arch, model.model_id, model.device, model.precision);
   metrics.SetQueueDepthSource([emb] { return double(emb->batcher().queue_depth()); });
   metrics.SetHeldSource([emb] { return emb->held() ? 1.0 : 0.0; });
+  metrics.SetDeviceMemorySource(model.device_memory);
 
   spdlog::info("model: arch {} model_id {} weights {} sha256 {}", model.arch, model.model_id,
                cfg.demo_weights ? std::string("(demo)") : cfg.weights, model.weights_sha256);

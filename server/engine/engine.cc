@@ -10,6 +10,10 @@
 #include "absl/strings/str_cat.h"
 #include "server/model/iresnet.h"
 
+#ifdef ARCFACE_WITH_CUDA
+#include "server/engine/cuda_engine.h"
+#endif
+
 namespace arcface::engine {
 
 struct Engine::Impl {
@@ -49,7 +53,13 @@ const char* PrecisionName(Precision precision) {
   return "?";
 }
 
-bool BuiltWithCuda() { return at::hasCUDA(); }
+bool BuiltWithCuda() {
+#ifdef ARCFACE_WITH_CUDA
+  return at::hasCUDA();
+#else
+  return false;  // the CUDA path is not compiled in, whatever the libtorch
+#endif
+}
 
 namespace {
 
@@ -67,8 +77,8 @@ absl::StatusOr<torch::Device> ResolveDevice(const std::string& name) {
     }
     if (!cuda_built) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "device '", name, "': this server is built against a CPU-only libtorch; use --device=cpu "
-          "or build against a CUDA libtorch"));
+          "device '", name, "': this server was built without CUDA (against a CPU-only libtorch); "
+          "use --device=cpu, or rebuild with -DTorch_DIR=<a CUDA libtorch>/share/cmake/Torch"));
     }
     const int count = static_cast<int>(torch::cuda::device_count());
     if (index >= count) {
@@ -92,9 +102,10 @@ torch::ScalarType ScalarTypeOf(Precision precision) {
 
 }  // namespace
 
-Engine::Engine(std::unique_ptr<Impl> impl, std::string device_name, Precision precision,
-               std::string arch)
+Engine::Engine(std::unique_ptr<Impl> impl, std::shared_ptr<CudaEngine> cuda,
+               std::string device_name, Precision precision, std::string arch)
     : impl_(std::move(impl)),
+      cuda_(std::move(cuda)),
       device_name_(std::move(device_name)),
       precision_(precision),
       arch_(std::move(arch)) {}
@@ -117,9 +128,18 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
     return absl::InvalidArgumentError(
         absl::StrCat("warm-up batch size must be >= 0, got ", options.warmup_batch_size));
   }
+  if (options.max_batch_size < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max batch size must be >= 1, got ", options.max_batch_size));
+  }
+  if (options.cuda_lanes < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CUDA lanes must be >= 1, got ", options.cuda_lanes));
+  }
   if (options.threads > 0) at::set_num_threads(options.threads);
 
   auto impl = std::make_unique<Impl>();
+  std::shared_ptr<CudaEngine> cuda;
   impl->device = *device;
   impl->dtype = ScalarTypeOf(options.precision);
   impl->channels_last = options.channels_last;
@@ -129,10 +149,25 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
     impl->net = *std::move(net);
     impl->net->FoldHead();
     if (impl->channels_last) impl->net->WeightsToChannelsLast();
-    impl->net->to(impl->device, impl->dtype);
-    if (options.warmup_batch_size > 0) {
-      std::vector<uint8_t> zeros(kCropBytes * options.warmup_batch_size, 0);
-      impl->Forward(zeros.data(), options.warmup_batch_size);
+    if (impl->device.is_cuda()) {
+#ifdef ARCFACE_WITH_CUDA
+      CudaEngineOptions cuda_options;
+      cuda_options.device_index = impl->device.index();
+      cuda_options.dtype = impl->dtype;
+      cuda_options.channels_last = impl->channels_last;
+      cuda_options.max_batch_size = options.max_batch_size;
+      if (options.cuda_graphs) {
+        cuda_options.graph_batch_sizes = DefaultGraphBatchSizes(options.max_batch_size);
+      }
+      cuda_options.lanes = options.cuda_lanes;
+      cuda = CudaEngine::Create(std::move(impl->net), cuda_options);
+#endif
+    } else {
+      impl->net->to(impl->device, impl->dtype);
+      if (options.warmup_batch_size > 0) {
+        std::vector<uint8_t> zeros(kCropBytes * options.warmup_batch_size, 0);
+        impl->Forward(zeros.data(), options.warmup_batch_size);
+      }
     }
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("could not place the model on ", device->str(), " in ",
@@ -140,7 +175,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
                                             e.what_without_backtrace()));
   }
   return std::unique_ptr<Engine>(
-      new Engine(std::move(impl), device->str(), options.precision, checkpoint.arch));
+      new Engine(std::move(impl), std::move(cuda), device->str(), options.precision, checkpoint.arch));
 }
 
 absl::StatusOr<EmbeddingBatch> Engine::Run(absl::Span<const uint8_t> crops) {
@@ -153,6 +188,14 @@ absl::StatusOr<EmbeddingBatch> Engine::Run(absl::Span<const uint8_t> crops) {
   EmbeddingBatch batch;
   batch.size = static_cast<int>(n);
   try {
+#ifdef ARCFACE_WITH_CUDA
+    if (cuda_) {
+      batch.values.resize(static_cast<size_t>(n) * kEmbeddingDim);
+      batch.norms.resize(static_cast<size_t>(n));
+      cuda_->Run(crops.data(), n, batch.values.data(), batch.norms.data());
+      return batch;
+    }
+#endif
     torch::Tensor out;
     {
       absl::MutexLock lock(&mu_);
@@ -166,6 +209,13 @@ absl::StatusOr<EmbeddingBatch> Engine::Run(absl::Span<const uint8_t> crops) {
                                             e.what_without_backtrace()));
   }
   return batch;
+}
+
+DeviceMemory Engine::device_memory() const {
+#ifdef ARCFACE_WITH_CUDA
+  if (cuda_) return cuda_->Memory();
+#endif
+  return DeviceMemory();
 }
 
 }  // namespace arcface::engine

@@ -8,12 +8,18 @@
 // - Run() copies the uint8 batch to the device once, converts and normalizes it there
 //   ((x - 127.5) / 127.5, the numbers of py-feat's x/255*2-1), runs the network under
 //   InferenceMode and returns float32 embeddings (raw, not normalized) and their L2 norms.
-// - Blocking: Run() blocks for the forward pass. Calls are serialized by an internal mutex, so
-//   it is safe to call from any thread; the batcher calls it from its one batch thread.
+// - Blocking: Run() blocks for the forward pass. It is safe to call from any thread; on the CPU
+//   calls are serialized by an internal mutex (see CUDA below for the GPU).
 // - Errors: torch exceptions are caught here and returned as INTERNAL (a device or runtime
 //   failure, never a caller's mistake); a batch of 0 or a wrong buffer size is INVALID_ARGUMENT.
 // - Threads: intra-op parallelism is a process-wide libtorch setting; Create() sets it when
 //   options.threads > 0.
+// - CUDA (only when built against a CUDA libtorch; else "cuda" is refused with "built without
+//   CUDA"): the work is done by CudaEngine (cuda_engine.h): pinned staging buffers, device-side
+//   normalization, cuDNN autotuning, CUDA graphs captured in Create() for powers of two up to
+//   max_batch_size (a batch is padded up to the next), and `cuda_lanes` batches in flight, so
+//   Run() is NOT serialized on CUDA: up to cuda_lanes callers run at once, more wait for a lane.
+//   Create() then blocks for the warm-up and the captures (seconds).
 #ifndef ARCFACE_SERVER_ENGINE_ENGINE_H_
 #define ARCFACE_SERVER_ENGINE_ENGINE_H_
 
@@ -35,15 +41,25 @@ enum class Precision { kFp32, kFp16, kBf16 };
 absl::StatusOr<Precision> ParsePrecision(const std::string& name);  // "fp32", "fp16", "bf16"
 const char* PrecisionName(Precision precision);
 
-// Whether the libtorch this binary links has CUDA support compiled in.
+// Whether this binary has the CUDA path compiled in (ARCFACE_WITH_CUDA) and its libtorch has CUDA.
 bool BuiltWithCuda();
 
 struct EngineOptions {
   std::string device = "cpu";     // "cpu", "cuda", "cuda:N", or "auto" (cuda if present)
   Precision precision = Precision::kFp32;
   int threads = 0;                // intra-op threads; 0 keeps libtorch's default
-  int warmup_batch_size = 8;      // 0 skips warm-up
+  int warmup_batch_size = 8;      // CPU: 0 skips warm-up; CUDA warms every graph size anyway
   bool channels_last = true;      // memory format of activations (faster on oneDNN and cuDNN)
+  // CUDA only (validated everywhere, ignored by the CPU):
+  int max_batch_size = 512;       // the largest captured graph; larger batches run in pieces
+  bool cuda_graphs = true;        // false: run eagerly (for comparison; graphs are faster)
+  int cuda_lanes = 2;             // batches in flight at once (a stream and staging buffers each)
+};
+
+// The caching allocator's view of the model's CUDA device; zeros on the CPU.
+struct DeviceMemory {
+  int64_t allocated_bytes = 0;  // held by live tensors (weights, staging and output buffers)
+  int64_t reserved_bytes = 0;   // taken from the driver (>= allocated; holds the graphs' pools)
 };
 
 struct EmbeddingBatch {
@@ -55,6 +71,8 @@ struct EmbeddingBatch {
 inline constexpr int kCropSize = model::kInputSize;
 inline constexpr size_t kCropBytes = size_t{kCropSize} * kCropSize * 3;
 using model::kEmbeddingDim;
+
+class CudaEngine;
 
 class Engine {
  public:
@@ -70,13 +88,19 @@ class Engine {
   const std::string& device() const { return device_name_; }
   Precision precision() const { return precision_; }
   const std::string& arch() const { return arch_; }
+  // Current device memory use; thread-safe, cheap (reads the allocator's counters).
+  DeviceMemory device_memory() const;
 
  private:
   struct Impl;
-  Engine(std::unique_ptr<Impl> impl, std::string device_name, Precision precision, std::string arch);
+  Engine(std::unique_ptr<Impl> impl, std::shared_ptr<CudaEngine> cuda, std::string device_name,
+         Precision precision, std::string arch);
 
   absl::Mutex mu_;
-  std::unique_ptr<Impl> impl_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<Impl> impl_ ABSL_GUARDED_BY(mu_);  // the CPU path
+  // The CUDA path (thread-safe itself, so not behind mu_); null on the CPU. A shared_ptr, whose
+  // deleter is bound where it is made, so that CPU builds never reference CudaEngine's code.
+  const std::shared_ptr<CudaEngine> cuda_;
   const std::string device_name_;
   const Precision precision_;
   const std::string arch_;

@@ -13,6 +13,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -41,6 +42,8 @@ struct ModelDescription {
   std::string device;          // "cpu", "cuda:0"
   std::string precision;       // "fp32", "fp16", "bf16"
   bool demo_weights = false;
+  // Live device memory of the model (read per GetModelInfo call and per scrape); empty: zeros.
+  std::function<engine::DeviceMemory()> device_memory;
 };
 
 }  // namespace arcface::service

@@ -479,6 +479,11 @@ grpc::ServerUnaryReactor* FaceEmbeddingService::GetModelInfo(
     response->mutable_batching()->set_max_queue_size(batching.max_queue_size);
     response->set_max_faces_per_request(options_.max_faces_per_request);
     response->set_max_message_bytes(options_.max_message_bytes);
+    if (model_.device_memory) {
+      const engine::DeviceMemory memory = model_.device_memory();
+      response->set_device_memory_allocated_bytes(static_cast<uint64_t>(memory.allocated_bytes));
+      response->set_device_memory_reserved_bytes(static_cast<uint64_t>(memory.reserved_bytes));
+    }
     done(absl::OkStatus());
   });
 }

@@ -308,6 +308,26 @@ ServiceMetrics::ServiceMetrics(int max_batch_size)
         absl::MutexLock lock(&source_mu_);
         return held_source_ ? held_source_() : 0.0;
       });
+  registry_.AddCallbackGauge(
+      "arcface_device_memory_allocated_bytes",
+      "Bytes of the model's CUDA device held by live tensors (libtorch's caching allocator); "
+      "0 on the CPU.",
+      [this] { return static_cast<double>(ReadDeviceMemory().allocated_bytes); });
+  registry_.AddCallbackGauge(
+      "arcface_device_memory_reserved_bytes",
+      "Bytes of the model's CUDA device reserved from the driver by libtorch's caching "
+      "allocator; 0 on the CPU.",
+      [this] { return static_cast<double>(ReadDeviceMemory().reserved_bytes); });
+}
+
+engine::DeviceMemory ServiceMetrics::ReadDeviceMemory() {
+  absl::MutexLock lock(&source_mu_);
+  return device_memory_source_ ? device_memory_source_() : engine::DeviceMemory();
+}
+
+void ServiceMetrics::SetDeviceMemorySource(std::function<engine::DeviceMemory()> read) {
+  absl::MutexLock lock(&source_mu_);
+  device_memory_source_ = std::move(read);
 }
 
 void ServiceMetrics::SetModelInfo(const std::string& arch, const std::string& model_id,

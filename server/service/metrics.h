@@ -34,6 +34,7 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "server/batching/dynamic_batcher.h"
+#include "server/engine/engine.h"
 
 namespace arcface::service {
 
@@ -156,6 +157,8 @@ class ServiceMetrics final : public batching::BatcherObserver {
   // Read at each scrape (the batcher's queue_depth()); unset: 0.
   void SetQueueDepthSource(std::function<double()> read);
   void SetHeldSource(std::function<double()> read);
+  // The model's device memory (arcface_device_memory_{allocated,reserved}_bytes); unset: 0.
+  void SetDeviceMemorySource(std::function<engine::DeviceMemory()> read);
 
   void RecordRequest(const std::string& rpc, const absl::Status& status, double seconds);
   void AddFaces(int64_t n) { faces_total_.Inc(static_cast<double>(n)); }
@@ -173,6 +176,8 @@ class ServiceMetrics final : public batching::BatcherObserver {
   MetricsRegistry& registry() { return registry_; }
 
  private:
+  engine::DeviceMemory ReadDeviceMemory();
+
   MetricsRegistry registry_;
   Family<Counter>& requests_;
   Family<Histogram>& request_seconds_;
@@ -188,6 +193,7 @@ class ServiceMetrics final : public batching::BatcherObserver {
   absl::Mutex source_mu_;
   std::function<double()> queue_depth_source_ ABSL_GUARDED_BY(source_mu_);
   std::function<double()> held_source_ ABSL_GUARDED_BY(source_mu_);
+  std::function<engine::DeviceMemory()> device_memory_source_ ABSL_GUARDED_BY(source_mu_);
 };
 
 }  // namespace arcface::service

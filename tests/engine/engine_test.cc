@@ -273,6 +273,9 @@ TEST_F(EngineGoldenTest, RefusesMalformedBatches) {
   EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(out.status().message(), HasSubstr("112x112x3"));
   EXPECT_EQ(engine.Run({}).status().code(), absl::StatusCode::kInvalidArgument);
+  // The CPU has no device memory to report.
+  EXPECT_EQ(engine.device_memory().allocated_bytes, 0);
+  EXPECT_EQ(engine.device_memory().reserved_bytes, 0);
 }
 
 TEST_F(EngineGoldenTest, RefusesBadOptions) {
@@ -288,8 +291,17 @@ TEST_F(EngineGoldenTest, RefusesBadOptions) {
   absl::Status cuda = create("cuda", Precision::kFp32, 0);
   if (!BuiltWithCuda()) {
     EXPECT_EQ(cuda.code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(cuda.message(), HasSubstr("built without CUDA"));
     EXPECT_THAT(cuda.message(), HasSubstr("CPU-only libtorch"));
   }
+  EngineOptions no_batch;
+  no_batch.max_batch_size = 0;
+  no_batch.warmup_batch_size = 0;
+  EXPECT_THAT(Engine::Create(ckpt, no_batch).status().message(), HasSubstr("max batch size"));
+  EngineOptions no_lanes;
+  no_lanes.cuda_lanes = 0;
+  no_lanes.warmup_batch_size = 0;
+  EXPECT_THAT(Engine::Create(ckpt, no_lanes).status().message(), HasSubstr("CUDA lanes"));
   absl::Status fp16 = create("cpu", Precision::kFp16, 0);
   EXPECT_EQ(fp16.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(fp16.message(), HasSubstr("fp16"));

@@ -300,9 +300,14 @@ def test_health_and_http_probes(r50_server):
     for name in ["arcface_requests_total", "arcface_faces_total", "arcface_batch_size",
                  "arcface_queue_wait_seconds", "arcface_inference_seconds",
                  "arcface_request_seconds", "arcface_queue_depth", "arcface_rejected_total",
-                 "arcface_model_info"]:
+                 "arcface_model_info", "arcface_device_memory_allocated_bytes",
+                 "arcface_device_memory_reserved_bytes"]:
         assert name in m.types, f"{name} missing from /metrics"
+    # A CPU server has no device memory to report (the CUDA numbers: tests/gpu).
+    assert m.get("arcface_device_memory_allocated_bytes") == 0
+    assert m.get("arcface_device_memory_reserved_bytes") == 0
     info = r50_server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    assert info.device_memory_allocated_bytes == 0 and info.device_memory_reserved_bytes == 0
     assert m.get("arcface_model_info", arch="r50", model_id=info.model_id, device="cpu",
                  precision="fp32") == 1
     # Every finished RPC is in both the counter and the latency histogram of its method.

@@ -25,6 +25,9 @@ BAD = {
     "max_batch_size_not_a_number": (["--demo-weights", "--max-batch-size", "many"], {},
                                     "max-batch-size"),
     "device_tpu": (["--demo-weights", "--device", "tpu"], {}, "device"),
+    # These tests run against the CPU build (Debian's libtorch): no CUDA path to fall back on.
+    "device_cuda_on_cpu_build": (["--demo-weights", "--device", "cuda"], {},
+                                 "device.*built without CUDA"),
     "precision_fp8": (["--demo-weights", "--precision", "fp8"], {}, "precision"),
     "unknown_flag": (["--demo-weights", "--no-such-flag", "1"], {}, "no-such-flag"),
     "log_format_xml": (["--demo-weights", "--log-format", "xml"], {}, "log-format"),

@@ -243,6 +243,12 @@ TEST(Metrics, ServiceMetricsHaveTheRequiredFamilies) {
   ServiceMetrics m(/*max_batch_size=*/24);
   m.SetModelInfo("r50", "arcface-r50@0123456789ab", "cpu", "fp32");
   m.SetQueueDepthSource([] { return 3.0; });
+  m.SetDeviceMemorySource([] {
+    engine::DeviceMemory memory;
+    memory.allocated_bytes = 123456789;
+    memory.reserved_bytes = 234567890;
+    return memory;
+  });
   m.RecordRequest("Embed", absl::OkStatus(), 0.01);
   m.RecordRequest("Embed", absl::InvalidArgumentError("x"), 0.001);
   m.AddFaces(4);
@@ -277,6 +283,9 @@ TEST(Metrics, ServiceMetricsHaveTheRequiredFamilies) {
   EXPECT_EQ(flat["arcface_requests_total,code=INVALID_ARGUMENT,rpc=Embed"], 1);
   EXPECT_EQ(flat["arcface_faces_total"], 4);
   EXPECT_EQ(flat["arcface_queue_depth"], 3);
+  EXPECT_EQ(types["arcface_device_memory_allocated_bytes"], "gauge");
+  EXPECT_EQ(flat["arcface_device_memory_allocated_bytes"], 123456789);
+  EXPECT_EQ(flat["arcface_device_memory_reserved_bytes"], 234567890);
   EXPECT_EQ(flat["arcface_rejected_total,reason=queue_full"], 1);
   EXPECT_EQ(flat["arcface_dropped_total,reason=expired"], 1);
   EXPECT_EQ(flat["arcface_model_info,arch=r50,device=cpu,model_id=arcface-r50@0123456789ab,"
@@ -983,6 +992,29 @@ TEST_F(ServiceTest, GetModelInfoReportsTheModelAndLimits) {
   EXPECT_EQ(info.batching().max_queue_delay_us(), 1500u);
   EXPECT_EQ(info.batching().max_queue_size(), 64u);
   EXPECT_EQ(info.max_faces_per_request(), 17u);
+  // No device memory source: zeros.
+  EXPECT_EQ(info.device_memory_allocated_bytes(), 0u);
+  EXPECT_EQ(info.device_memory_reserved_bytes(), 0u);
+}
+
+TEST_F(ServiceTest, GetModelInfoReadsTheDeviceMemoryAtEachCall) {
+  std::atomic<int64_t> allocated{5 << 20};
+  model_desc_.device_memory = [&allocated] {
+    engine::DeviceMemory memory;
+    memory.allocated_bytes = allocated.load();
+    memory.reserved_bytes = int64_t{3} << 30;  // above 2^32: the field is 64-bit
+    return memory;
+  };
+  Start();
+  Ready();
+  for (int64_t expected : {int64_t{5} << 20, int64_t{7} << 20}) {
+    allocated = expected;
+    grpc::ClientContext ctx;
+    v1::ModelInfo info;
+    ASSERT_TRUE(stub_->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info).ok());
+    EXPECT_EQ(info.device_memory_allocated_bytes(), static_cast<uint64_t>(expected));
+    EXPECT_EQ(info.device_memory_reserved_bytes(), uint64_t{3} << 30);
+  }
 }
 
 TEST_F(ServiceTest, StreamAnswersInOrderAndCarriesErrors) {

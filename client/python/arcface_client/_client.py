@@ -5,7 +5,9 @@ Needs the stubs the build generates (``<build>/python`` on PYTHONPATH: ``arcface
 OpenCV or torch.
 """
 
+import json
 import os
+import socket
 import threading
 import time
 
@@ -32,6 +34,47 @@ DEFAULT_OPTIONS = (
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
 )
+
+
+DEFAULT_RETRIES = 5
+
+
+def _service_config(retries):
+    """Channel service config: round_robin, and (retries > 1) gRPC's retry of UNAVAILABLE."""
+    config = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if retries > 1:
+        config["methodConfig"] = [{
+            "name": [{"service": "arcface.v1.FaceEmbedding"}, {"service": "grpc.health.v1.Health"}],
+            "retryPolicy": {"maxAttempts": int(min(retries, 5)), "initialBackoff": "0.2s",
+                            "maxBackoff": "5s", "backoffMultiplier": 2,
+                            "retryableStatusCodes": ["UNAVAILABLE"]},
+        }]
+    return json.dumps(config)
+
+
+def _channel_target(target):
+    """One server: the target as given. Several ("h1:p1,h2:p2" or a list): an ipv4:/ipv6:
+    target of their addresses, resolved now (IPv4 preferred per name)."""
+    addresses = target.split(",") if isinstance(target, str) else list(target)
+    addresses = [a.strip() for a in addresses]
+    if len(addresses) == 1:
+        return addresses[0]
+    resolved = []
+    for address in addresses:
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"{address!r} is not host:port")
+        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+        v4 = [i[4][0] for i in infos if i[0] == socket.AF_INET]
+        v6 = [i[4][0] for i in infos if i[0] == socket.AF_INET6]
+        for ip in v4 or v6:
+            entry = f"{ip}:{port}" if ip in v4 else f"[{ip}]:{port}"
+            if entry not in resolved:
+                resolved.append(entry)
+    families = {e.startswith("[") for e in resolved}
+    if len(families) != 1:
+        raise ValueError(f"cannot mix IPv4 and IPv6 servers in one target: {resolved}")
+    return ("ipv6:" if families == {True} else "ipv4:") + ",".join(resolved)
 
 
 class ArcFaceError(Exception):
@@ -158,8 +201,13 @@ class ArcFaceClient:
     ...     emb = client.embed(["a.jpg", "b.jpg"])            # float32 [2, 512], raw
     ...     sim, same = client.compare(["a.jpg"], ["b.jpg"], threshold=0.4)
 
-    ``target``: ``host:port`` (any gRPC target string). ``timeout``: deadline of each call in
-    seconds. ``credentials``: a ``grpc.ChannelCredentials`` (``grpc.ssl_channel_credentials``,
+    ``target``: ``host:port`` (any gRPC target string), or several servers as a list or a
+    comma-separated ``"h1:p1,h2:p2"``: their names are resolved once, here, and calls are spread
+    over all of them by gRPC's ``round_robin`` policy (used for one target too, so a name with
+    several addresses is spread over). ``timeout``: deadline of each call (attempt) in seconds.
+    ``retries``: attempts per call when the server answers UNAVAILABLE (down, loading,
+    draining), with gRPC's own exponential backoff (0.2 s doubling to 5 s, randomized); gRPC
+    caps it at 5; 1 disables retries. No other code is retried (never INVALID_ARGUMENT). ``credentials``: a ``grpc.ChannelCredentials`` (``grpc.ssl_channel_credentials``,
     with a key and chain for mutual TLS) for a TLS channel; plaintext when None.
     ``options``: extra channel arguments, added to unlimited client-side message sizes.
     ``max_faces_per_request``: faces per Embed request; None reads the server's limit from
@@ -168,11 +216,17 @@ class ArcFaceClient:
     """
 
     def __init__(self, target, timeout=DEFAULT_TIMEOUT, credentials=None, options=(),
-                 max_faces_per_request=None, channel=None):
-        self.target = target
+                 max_faces_per_request=None, channel=None, retries=DEFAULT_RETRIES):
+        self.target = _channel_target(target)
         self.timeout = timeout
         merged = dict(DEFAULT_OPTIONS)
+        merged["grpc.service_config"] = _service_config(retries)
+        if self.target != target and credentials is not None:
+            # An ipv4:/ipv6: target has no host name: check the certificate against the first.
+            first = (target.split(",") if isinstance(target, str) else list(target))[0].strip()
+            merged["grpc.ssl_target_name_override"] = first.rsplit(":", 1)[0].strip("[]")
         merged.update(dict(options or ()))
+        target = self.target
         if channel is not None:
             self._channel = channel
         elif credentials is not None:

@@ -1,0 +1,88 @@
+// The commands of `arcface-client` (main.cc parses the flags and calls one of these).
+//
+// Contract
+// - Each Run* function returns the process exit status: kExitOk, kExitSomeFailed (some inputs
+//   or requests failed; the rest were done and reported), kExitUsage (bad flags or arguments,
+//   found before any call), kExitUnreachable (the server could not be reached: UNAVAILABLE
+//   after the retries).
+// - Results go to stdout (or --out files); errors, notes and progress to stderr. Progress is
+//   drawn only when stdout and stderr are both terminals.
+// - Blocking; each command owns its Client.
+#ifndef ARCFACE_CLIENT_CLI_COMMANDS_H_
+#define ARCFACE_CLIENT_CLI_COMMANDS_H_
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "client/cpp/client.h"
+#include "client/cli/output.h"
+
+namespace arcface::cli {
+
+enum ExitCode { kExitOk = 0, kExitSomeFailed = 1, kExitUsage = 2, kExitUnreachable = 3 };
+
+struct CommonOptions {
+  std::string server = "localhost:50051";
+  double timeout_s = 30;
+  int attempts = 5;
+  bool tls = false;
+  std::string tls_ca, tls_cert, tls_key, tls_server_name;
+};
+
+// How each file's face is found: its landmarks (from the landmarks file), else the box, else
+// the whole image.
+struct FaceOptions {
+  std::optional<LandmarksFile> landmarks;
+  std::optional<std::array<float, 4>> box;
+};
+
+struct EmbedOptions {
+  std::vector<std::string> inputs;
+  FaceOptions face;
+  bool normalize = false;
+  std::string out;  // empty: a summary line per file on stdout
+};
+
+struct CompareOptions {
+  std::vector<std::string> files;
+  bool matrix = false;
+  float threshold = 0.4f;
+  std::string plot;
+};
+
+struct DetectOptions {
+  std::string image;
+  std::string plot;
+  std::string cascade = "/usr/share/opencv4/haarcascades/haarcascade_frontalface_default.xml";
+  int min_size = 30;
+};
+
+struct BenchOptions {
+  std::vector<int> concurrency = {1, 8, 32, 64};
+  int faces_per_request = 1;
+  double duration_s = 10;
+  std::string json;
+  std::string image;  // empty: a synthetic 112x112 crop sent raw
+};
+
+// The client for the common options; `attempts` overrides CommonOptions::attempts when > 0.
+absl::StatusOr<std::unique_ptr<client::Client>> MakeClient(const CommonOptions& options,
+                                                           int attempts = 0);
+// Prints "arcface-client: <what>: <status>" and returns its exit code (3 for UNAVAILABLE, 2 for
+// INVALID_ARGUMENT from the client's own checks when `usage` is set, else 1).
+int Fail(const std::string& what, const absl::Status& status, bool usage = false);
+
+int RunInfo(const CommonOptions& common, bool json);
+int RunHealth(const CommonOptions& common, double wait_s);
+int RunEmbed(const CommonOptions& common, const EmbedOptions& options);
+int RunCompare(const CommonOptions& common, const CompareOptions& options);
+int RunDetect(const CommonOptions& common, const DetectOptions& options);
+int RunBench(const CommonOptions& common, const BenchOptions& options);
+
+}  // namespace arcface::cli
+
+#endif  // ARCFACE_CLIENT_CLI_COMMANDS_H_

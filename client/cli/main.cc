@@ -1,0 +1,182 @@
+// arcface-client: the command-line client of the ArcFace embedding service.
+// `arcface-client --help` and `arcface-client COMMAND --help` describe every flag; commands.h
+// states the exit codes (0 ok, 1 some inputs failed, 2 usage error, 3 server unreachable).
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include <CLI/CLI.hpp>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "client/cli/commands.h"
+
+#ifndef ARCFACE_VERSION
+#define ARCFACE_VERSION "0.0.0"
+#endif
+
+namespace {
+
+using namespace arcface::cli;
+
+int Usage(const std::string& message) {
+  std::fprintf(stderr, "arcface-client: %s\nRun with --help for the commands and flags.\n",
+               message.c_str());
+  return kExitUsage;
+}
+
+int Main(int argc, char** argv) {
+  CLI::App app("arcface-client: embed, compare and detect faces with an arcface-server, and "
+               "load-test it.\nExit codes: 0 ok, 1 some inputs failed, 2 usage error, "
+               "3 server unreachable.",
+               "arcface-client");
+  app.set_version_flag("--version", std::string(ARCFACE_VERSION));
+  app.require_subcommand(1);
+  app.fallthrough();  // the common flags may come after the command too
+
+  CommonOptions common;
+  app.add_option("--server", common.server,
+                 "HOST:PORT[,HOST:PORT...]; several: calls are spread round-robin")
+      ->envname("ARCFACE_SERVER")
+      ->capture_default_str();
+  app.add_option("--timeout", common.timeout_s, "Deadline of each call, in seconds")
+      ->capture_default_str();
+  app.add_option("--retries", common.attempts,
+                 "Attempts per call when the server is UNAVAILABLE (exponential backoff); 1: none")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 100));
+  app.add_flag("--tls", common.tls, "Use TLS with the system's root certificates");
+  app.add_option("--tls-ca", common.tls_ca, "CA bundle (PEM) to verify the server; implies TLS")
+      ->check(CLI::ExistingFile);
+  app.add_option("--tls-cert", common.tls_cert, "Client certificate (PEM) for mutual TLS")
+      ->check(CLI::ExistingFile);
+  app.add_option("--tls-key", common.tls_key, "Client private key (PEM) for mutual TLS")
+      ->check(CLI::ExistingFile);
+  app.add_option("--tls-server-name", common.tls_server_name,
+                 "Name to check in the server's certificate (default: the host)");
+
+  // info
+  bool info_json = false;
+  CLI::App* info = app.add_subcommand("info", "Print the served model and its limits");
+  info->add_flag("--json", info_json, "As JSON (the ModelInfo message)");
+
+  // health
+  double health_wait = 0;
+  CLI::App* health = app.add_subcommand(
+      "health", "grpc.health.v1: print SERVING (exit 0) or NOT_SERVING (exit 1)");
+  health->add_option("--wait", health_wait, "Wait up to this many seconds for SERVING");
+
+  // embed
+  EmbedOptions embed;
+  std::string landmarks_path, box_text;
+  CLI::App* embed_cmd = app.add_subcommand(
+      "embed", "Embed the faces of image files (directories: recursively), streamed through "
+               "EmbedStream; a failed file is reported and the rest go on");
+  embed_cmd->add_option("inputs", embed.inputs, "Image files and directories")->required();
+  embed_cmd->add_option("--landmarks", landmarks_path,
+                        "JSON: [[x,y] x5] for every file, or {\"file\": [[x,y] x5], ...} "
+                        "(keyed by the path as given or the base name): align to ArcFace's template")
+      ->check(CLI::ExistingFile);
+  embed_cmd->add_option("--box", box_text, "x0,y0,x1,y1: crop this region of every image");
+  embed_cmd->add_flag("--normalize", embed.normalize, "Unit-length embeddings (default: raw)");
+  embed_cmd->add_option("--out", embed.out,
+                        "FILE.npy (float32 [N,512], rows in input order, names in "
+                        "FILE.files.txt), FILE.json or FILE.csv; default: a line per file");
+
+  // compare
+  CompareOptions compare;
+  CLI::App* compare_cmd = app.add_subcommand(
+      "compare", "compare A B: the cosine and a same/different verdict; compare --matrix "
+                 "FILES...: every pair, as a table and optionally a picture");
+  compare_cmd->add_option("files", compare.files, "Image files")->required();
+  compare_cmd->add_flag("--matrix", compare.matrix, "All pairs of FILES");
+  compare_cmd->add_option("--threshold", compare.threshold,
+                          "Cosine at or above which two faces are the same person (default "
+                          "0.4, InsightFace's verification threshold for ArcFace)");
+  compare_cmd->add_option("--plot", compare.plot,
+                          "With --matrix: write a PNG with face thumbnails and the heat map");
+
+  // detect
+  DetectOptions detect;
+  CLI::App* detect_cmd = app.add_subcommand(
+      "detect", "Find faces with OpenCV's Haar cascade, embed each box, print the boxes and "
+                "their pairwise cosines");
+  detect_cmd->add_option("image", detect.image, "Image file")->required();
+  detect_cmd->add_option("--plot", detect.plot, "Write the image with labelled boxes (PNG)");
+  detect_cmd->add_option("--cascade", detect.cascade, "Haar cascade XML (Debian: opencv-data)")
+      ->capture_default_str();
+  detect_cmd->add_option("--min-size", detect.min_size, "Smallest face, in pixels")
+      ->capture_default_str()
+      ->check(CLI::Range(8, 100000));
+
+  // bench
+  BenchOptions bench;
+  std::string concurrency_text = "1,8,32,64";
+  CLI::App* bench_cmd = app.add_subcommand(
+      "bench", "Load test: Embed requests back to back from N concurrent callers per setting; "
+               "throughput, latency p50/p90/p99/max, errors by status code");
+  bench_cmd->add_option("--concurrency", concurrency_text, "Comma-separated caller counts")
+      ->capture_default_str();
+  bench_cmd->add_option("--faces-per-request", bench.faces_per_request, "Faces in each request")
+      ->capture_default_str();
+  bench_cmd->add_option("--duration", bench.duration_s, "Seconds per setting")
+      ->capture_default_str();
+  bench_cmd->add_option("--json", bench.json, "Also write the results as JSON");
+  bench_cmd->add_option("--image", bench.image,
+                        "Send this image file (default: a synthetic 112x112 crop, raw)")
+      ->check(CLI::ExistingFile);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);  // prints help / version / the error
+    return rc == 0 ? kExitOk : kExitUsage;
+  }
+
+  if (*info) return RunInfo(common, info_json);
+  if (*health) return RunHealth(common, health_wait);
+  if (*embed_cmd) {
+    if (!embed.out.empty() && !IsKnownOutputExtension(embed.out)) {
+      return Usage("--out: use a .npy, .json or .csv file name");
+    }
+    if (!box_text.empty()) {
+      absl::StatusOr<std::array<float, 4>> box = ParseBox(box_text);
+      if (!box.ok()) return Usage(absl::StrCat("--box: ", box.status().message()));
+      embed.face.box = *box;
+    }
+    if (!landmarks_path.empty()) {
+      std::ifstream in(landmarks_path);
+      std::stringstream text;
+      text << in.rdbuf();
+      absl::StatusOr<LandmarksFile> lm = ParseLandmarksJson(text.str());
+      if (!lm.ok()) return Usage(absl::StrCat("--landmarks ", landmarks_path, ": ", lm.status().message()));
+      embed.face.landmarks = *lm;
+    }
+    return RunEmbed(common, embed);
+  }
+  if (*compare_cmd) {
+    if (!compare.matrix && compare.files.size() != 2) {
+      return Usage("compare takes two files (A B), or --matrix with several");
+    }
+    if (!compare.matrix && !compare.plot.empty()) return Usage("--plot needs --matrix");
+    if (!std::isfinite(compare.threshold)) return Usage("--threshold must be a number");
+    return RunCompare(common, compare);
+  }
+  if (*detect_cmd) return RunDetect(common, detect);
+  if (*bench_cmd) {
+    bench.concurrency.clear();
+    for (absl::string_view part : absl::StrSplit(concurrency_text, ',')) {
+      int c = 0;
+      if (!absl::SimpleAtoi(part, &c)) {
+        return Usage(absl::StrCat("--concurrency: '", part, "' is not a number"));
+      }
+      bench.concurrency.push_back(c);
+    }
+    return RunBench(common, bench);
+  }
+  return Usage("no command");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) { return Main(argc, argv); }

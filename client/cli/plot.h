@@ -1,0 +1,46 @@
+// The pictures of `arcface-client compare --matrix --plot` and `detect --plot` (OpenCV).
+//
+// Contract
+// - Pure drawing into a new cv::Mat (CV_8UC3 BGR); WritePng writes it.
+// - Similarity matrix layout, for n items with cell = MatrixCellSize(n) pixels:
+//     width  = cell (row thumbnails) + n * cell (matrix) + kColorBarWidth
+//     height = kTitleHeight + cell (column thumbnails) + n * cell + kBottomMargin
+//   Cells are coloured on a fixed blue-white-red scale over [-1, 1] with the value printed;
+//   the colour bar on the right marks the threshold.
+// - Detections: the image itself with each box drawn and labelled 1..n (the same size).
+#ifndef ARCFACE_CLIENT_CLI_PLOT_H_
+#define ARCFACE_CLIENT_CLI_PLOT_H_
+
+#include <string>
+#include <vector>
+
+#include <opencv2/core.hpp>
+
+#include "absl/status/status.h"
+
+namespace arcface::cli {
+
+constexpr int kTitleHeight = 52;  // a title line and a subtitle line
+constexpr int kColorBarWidth = 110;
+constexpr int kBottomMargin = 10;
+
+// 96 pixels, smaller for many items so the picture stays within ~1600 pixels (at least 32).
+int MatrixCellSize(int n);
+
+// `thumbnails`: one BGR image per item (an empty Mat draws a grey placeholder);
+// `similarities`: n x n, row-major.
+cv::Mat DrawSimilarityMatrix(const std::vector<cv::Mat>& thumbnails,
+                             const std::vector<float>& similarities, float threshold,
+                             const std::string& title, const std::string& subtitle);
+
+// BGR colour of a cosine on the blue (-1) - white (0) - red (+1) scale.
+cv::Scalar CosineColor(float value);
+
+cv::Mat DrawDetections(const cv::Mat& image, const std::vector<cv::Rect>& boxes);
+
+// cv::imwrite with OpenCV's exceptions turned into a status naming the path.
+absl::Status WritePng(const std::string& path, const cv::Mat& image);
+
+}  // namespace arcface::cli
+
+#endif  // ARCFACE_CLIENT_CLI_PLOT_H_

@@ -1,0 +1,674 @@
+#include "client/cpp/client.h"
+
+#include <netdb.h>
+#include <sys/socket.h>
+#include <arpa/inet.h>
+
+#include <algorithm>
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <thread>
+#include <utility>
+
+#include <opencv2/imgproc.hpp>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "grpc_health_v1/health.grpc.pb.h"
+
+namespace arcface::client {
+namespace {
+
+using arcface::v1::EmbedRequest;
+using arcface::v1::EmbedResponse;
+namespace health = ::grpc::health::v1;
+
+absl::Status ToAbsl(const grpc::Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+absl::Status ReadFile(const std::string& path, std::string* out) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) return absl::NotFoundError(absl::StrCat("error reading ", path));
+  *out = std::move(ss).str();
+  return absl::OkStatus();
+}
+
+std::string FaceName(const std::string& word, size_t index, const std::string& label) {
+  return label.empty() ? absl::StrCat(word, " ", index)
+                       : absl::StrCat(word, " ", index, " (", label, ")");
+}
+
+// The server names a face by its index within one request ("face 3: undecodable image"); the
+// caller knows it by its index in its own list and its label. Rewrites a leading "<word> N" into
+// the caller's terms; other messages are kept, prefixed with `rpc`.
+absl::Status NameFace(const absl::Status& status, const std::string& rpc,
+                      const std::function<std::optional<std::string>(const std::string& word,
+                                                                     size_t index)>& rename) {
+  if (status.ok()) return status;
+  const std::string message(status.message());
+  for (const char* word : {"face", "query", "reference"}) {
+    const std::string prefix = absl::StrCat(word, " ");
+    if (!absl::StartsWith(message, prefix)) continue;
+    size_t end = prefix.size();
+    while (end < message.size() && absl::ascii_isdigit(message[end])) ++end;
+    size_t index = 0;
+    if (end == prefix.size() || !absl::SimpleAtoi(message.substr(prefix.size(), end - prefix.size()),
+                                                  &index)) {
+      break;
+    }
+    if (!rename) break;
+    std::optional<std::string> name = rename(word, index);
+    if (!name) break;
+    return absl::Status(status.code(), absl::StrCat(rpc, ": ", *name, message.substr(end)));
+  }
+  return absl::Status(status.code(), absl::StrCat(rpc, ": ", message));
+}
+
+absl::Status NameFaceInList(const absl::Status& status, const std::string& rpc, size_t offset,
+                            const std::vector<FaceInput>& faces) {
+  return NameFace(status, rpc, [&](const std::string& word, size_t i) -> std::optional<std::string> {
+    if (word != "face" || offset + i >= faces.size()) return std::nullopt;
+    return FaceName("face", offset + i, faces[offset + i].label());
+  });
+}
+
+std::vector<Embedding> ToEmbeddings(const EmbedResponse& response) {
+  std::vector<Embedding> out(response.embeddings_size());
+  for (int i = 0; i < response.embeddings_size(); ++i) {
+    const auto& e = response.embeddings(i);
+    out[i].values.assign(e.values().begin(), e.values().end());
+    out[i].norm = e.norm();
+  }
+  return out;
+}
+
+// IP literals ("a.b.c.d:p" or "[v6]:p") of every address; a name with IPv4 addresses
+// contributes only those, so that names resolving to both families still form one target.
+absl::StatusOr<std::vector<std::string>> Resolve(const std::vector<std::string>& addresses) {
+  std::vector<std::string> out;
+  for (const std::string& address : addresses) {
+    std::string host;
+    int port = 0;
+    absl::Status s = SplitHostPort(address, &host, &port);
+    if (!s.ok()) return s;
+    addrinfo hints{};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    addrinfo* result = nullptr;
+    const int rc = getaddrinfo(host.c_str(), nullptr, &hints, &result);
+    if (rc != 0) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot resolve '", host, "' (", address, "): ", gai_strerror(rc)));
+    }
+    std::vector<std::string> v4, v6;
+    for (addrinfo* a = result; a != nullptr; a = a->ai_next) {
+      char text[INET6_ADDRSTRLEN] = {};
+      if (a->ai_family == AF_INET) {
+        inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(a->ai_addr)->sin_addr, text,
+                  sizeof(text));
+        v4.push_back(absl::StrCat(text, ":", port));
+      } else if (a->ai_family == AF_INET6) {
+        inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(a->ai_addr)->sin6_addr, text,
+                  sizeof(text));
+        v6.push_back(absl::StrCat("[", text, "]:", port));
+      }
+    }
+    freeaddrinfo(result);
+    std::vector<std::string>& chosen = v4.empty() ? v6 : v4;
+    for (std::string& a : chosen) {
+      if (std::find(out.begin(), out.end(), a) == out.end()) out.push_back(std::move(a));
+    }
+  }
+  return out;
+}
+
+int ToMillis(absl::Duration d) {
+  return static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(d), 1 << 30));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Inputs
+
+absl::StatusOr<TlsOptions> LoadTlsFiles(const std::string& root_ca, const std::string& cert,
+                                        const std::string& key) {
+  TlsOptions tls;
+  if (cert.empty() != key.empty()) {
+    return absl::InvalidArgumentError(
+        "mutual TLS needs both a client certificate and its key (--tls-cert and --tls-key)");
+  }
+  for (auto [path, out] : {std::pair{&root_ca, &tls.root_ca_pem},
+                           std::pair{&cert, &tls.client_cert_pem},
+                           std::pair{&key, &tls.client_key_pem}}) {
+    if (path->empty()) continue;
+    absl::Status s = ReadFile(*path, out);
+    if (!s.ok()) return s;
+  }
+  return tls;
+}
+
+FaceInput FaceInput::FromEncoded(std::string bytes, std::string label) {
+  FaceInput f;
+  f.face_.mutable_image()->set_encoded(std::move(bytes));
+  f.label_ = std::move(label);
+  return f;
+}
+
+absl::StatusOr<FaceInput> FaceInput::FromFile(const std::string& path) {
+  std::string bytes;
+  absl::Status s = ReadFile(path, &bytes);
+  if (!s.ok()) return s;
+  if (bytes.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": empty file"));
+  return FromEncoded(std::move(bytes), path);
+}
+
+absl::StatusOr<FaceInput> FaceInput::FromMat(const cv::Mat& image, std::string label) {
+  const std::string who = label.empty() ? "image" : label;
+  if (image.empty()) return absl::InvalidArgumentError(absl::StrCat(who, ": empty cv::Mat"));
+  if (image.dims != 2 || image.depth() != CV_8U) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        who, ": cv::Mat must be 8-bit (CV_8UC1, CV_8UC3 BGR or CV_8UC4 BGRA), got type ",
+        image.type()));
+  }
+  cv::Mat pixels;
+  arcface::v1::PixelFormat format;
+  switch (image.channels()) {
+    case 1:
+      pixels = image;
+      format = arcface::v1::GRAY8;
+      break;
+    case 3:
+      pixels = image;
+      format = arcface::v1::BGR8;  // OpenCV's order; the server converts
+      break;
+    case 4:
+      cv::cvtColor(image, pixels, cv::COLOR_BGRA2BGR);
+      format = arcface::v1::BGR8;
+      break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat(who, ": cv::Mat has ", image.channels(), " channels; need 1, 3 or 4"));
+  }
+  FaceInput f;
+  auto* raw = f.face_.mutable_image()->mutable_raw();
+  raw->set_width(pixels.cols);
+  raw->set_height(pixels.rows);
+  raw->set_format(format);
+  const size_t row_bytes = size_t(pixels.cols) * pixels.elemSize();
+  std::string* data = raw->mutable_data();
+  data->resize(row_bytes * pixels.rows);
+  for (int y = 0; y < pixels.rows; ++y) {  // tightly packed, whatever the Mat's stride
+    std::memcpy(data->data() + row_bytes * y, pixels.ptr(y), row_bytes);
+  }
+  f.label_ = std::move(label);
+  return f;
+}
+
+FaceInput& FaceInput::WithLandmarks(const std::array<cv::Point2f, 5>& points) {
+  face_.clear_landmarks();
+  for (const cv::Point2f& p : points) {
+    auto* point = face_.add_landmarks();
+    point->set_x(p.x);
+    point->set_y(p.y);
+  }
+  return *this;
+}
+
+FaceInput& FaceInput::WithBox(const Box& box) {
+  auto* b = face_.mutable_box();
+  b->set_x_min(box.x_min);
+  b->set_y_min(box.y_min);
+  b->set_x_max(box.x_max);
+  b->set_y_max(box.y_max);
+  return *this;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Create(const ClientOptions& options) {
+  if (options.addresses.empty()) return absl::InvalidArgumentError("no server address given");
+  for (const std::string& a : options.addresses) {
+    std::string host;
+    int port = 0;
+    absl::Status s = SplitHostPort(a, &host, &port);
+    if (!s.ok()) return s;
+  }
+  if (options.timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("timeout must be positive, got ", absl::FormatDuration(options.timeout)));
+  }
+  if (absl::Status s = ValidateRetryPolicy(options.retry); !s.ok()) return s;
+  if (options.max_faces_per_request < 0) {
+    return absl::InvalidArgumentError("max_faces_per_request must be >= 0");
+  }
+
+  std::string target = options.addresses.front();
+  if (options.addresses.size() > 1) {
+    absl::StatusOr<std::vector<std::string>> ips = Resolve(options.addresses);
+    if (!ips.ok()) return ips.status();
+    absl::StatusOr<std::string> t = StaticTarget(*ips);
+    if (!t.ok()) return t.status();
+    target = *t;
+  }
+
+  grpc::ChannelArguments args;
+  // Every address gets a connection; calls rotate over the ready ones.
+  args.SetServiceConfigJSON(R"({"loadBalancingConfig": [{"round_robin": {}}]})");
+  // The server's own limit (ModelInfo.max_message_bytes) is the one that should apply.
+  args.SetMaxReceiveMessageSize(-1);
+  args.SetMaxSendMessageSize(-1);
+  // Reconnect about as eagerly as calls are retried, so a restarted server is found soon.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, ToMillis(options.retry.initial_backoff));
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, ToMillis(options.retry.max_backoff));
+
+  std::shared_ptr<grpc::ChannelCredentials> creds;
+  if (options.tls) {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = options.tls->root_ca_pem;
+    ssl.pem_cert_chain = options.tls->client_cert_pem;
+    ssl.pem_private_key = options.tls->client_key_pem;
+    if (ssl.pem_cert_chain.empty() != ssl.pem_private_key.empty()) {
+      return absl::InvalidArgumentError("mutual TLS needs both the client certificate and key");
+    }
+    creds = grpc::SslCredentials(ssl);
+    std::string name = options.tls->server_name;
+    if (name.empty() && options.addresses.size() > 1) {
+      // An ipv4:/ipv6: target has no host name of its own: check the first one given.
+      int port = 0;
+      (void)SplitHostPort(options.addresses.front(), &name, &port);
+    }
+    if (!name.empty()) args.SetSslTargetNameOverride(name);
+  } else {
+    creds = grpc::InsecureChannelCredentials();
+  }
+  auto channel = grpc::CreateCustomChannel(target, creds, args);
+  return std::unique_ptr<Client>(new Client(options, std::move(channel), target));
+}
+
+Client::Client(const ClientOptions& options, std::shared_ptr<grpc::Channel> channel,
+               std::string target)
+    : options_(options),
+      target_(std::move(target)),
+      channel_(std::move(channel)),
+      stub_(arcface::v1::FaceEmbedding::NewStub(channel_)),
+      rng_state_(std::random_device{}() ^ (uint64_t{std::random_device{}()} << 32)) {}
+
+void Client::SetDeadline(grpc::ClientContext* context) const {
+  context->set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
+}
+
+absl::Duration Client::NextBackoff(int retry) {
+  uint64_t x;
+  {
+    absl::MutexLock lock(&mu_);
+    x = (rng_state_ += 0x9E3779B97F4A7C15ull);  // splitmix64
+  }
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  x ^= x >> 31;
+  return BackoffDelay(options_.retry, retry, double(x >> 11) / double(uint64_t{1} << 53));
+}
+
+grpc::Status Client::WithRetries(
+    const std::function<grpc::Status(grpc::ClientContext*)>& attempt) {
+  for (int n = 1;; ++n) {
+    grpc::ClientContext context;
+    SetDeadline(&context);
+    grpc::Status status = attempt(&context);
+    if (status.ok() || status.error_code() != grpc::StatusCode::UNAVAILABLE ||
+        n >= options_.retry.max_attempts) {
+      return status;
+    }
+    const absl::Duration wait = NextBackoff(n);
+    if (options_.on_retry) options_.on_retry(ToAbsl(status), n + 1, wait);
+    absl::SleepFor(wait);
+  }
+}
+
+absl::StatusOr<arcface::v1::ModelInfo> Client::GetModelInfo() {
+  arcface::v1::ModelInfo info;
+  grpc::Status s = WithRetries([&](grpc::ClientContext* context) {
+    return stub_->GetModelInfo(context, arcface::v1::GetModelInfoRequest(), &info);
+  });
+  if (!s.ok()) return NameFace(ToAbsl(s), "GetModelInfo", nullptr);
+  absl::MutexLock lock(&mu_);
+  limits_ = Limits{static_cast<int>(info.max_faces_per_request()), info.max_message_bytes()};
+  return info;
+}
+
+absl::StatusOr<Client::Limits> Client::ServerLimits() {
+  Limits limits;
+  {
+    absl::MutexLock lock(&mu_);
+    if (limits_) limits = *limits_;
+  }
+  const bool need_server = (options_.max_faces_per_request == 0 && limits.max_faces == 0) ||
+                           (options_.max_message_bytes == 0 && limits.max_bytes == 0);
+  if (need_server) {
+    absl::StatusOr<arcface::v1::ModelInfo> info = GetModelInfo();
+    if (!info.ok()) return info.status();
+    limits = Limits{static_cast<int>(info->max_faces_per_request()), info->max_message_bytes()};
+  }
+  // The smaller of the caller's and the server's limits (0: unknown/none).
+  auto smaller = [](auto mine, auto server) {
+    if (mine == 0) return server;
+    if (server == 0) return mine;
+    return std::min(mine, server);
+  };
+  limits.max_faces = smaller(options_.max_faces_per_request, limits.max_faces);
+  limits.max_bytes = smaller(options_.max_message_bytes, limits.max_bytes);
+  if (limits.max_faces <= 0) limits.max_faces = 256;
+  return limits;
+}
+
+absl::StatusOr<std::vector<Embedding>> Client::Embed(const std::vector<FaceInput>& faces,
+                                                     bool normalize) {
+  std::vector<Embedding> out;
+  if (faces.empty()) return out;
+  absl::StatusOr<Limits> limits = ServerLimits();
+  if (!limits.ok()) return limits.status();
+  std::vector<size_t> sizes;
+  sizes.reserve(faces.size());
+  for (const FaceInput& f : faces) sizes.push_back(f.proto().ByteSizeLong());
+  auto chunks = SplitIntoRequests(sizes, limits->max_faces, limits->max_bytes);
+  if (!chunks.ok()) return NameFaceInList(chunks.status(), "Embed", 0, faces);
+  out.reserve(faces.size());
+  for (const auto& [begin, end] : *chunks) {
+    EmbedRequest request;
+    request.set_normalize(normalize);
+    for (size_t i = begin; i < end; ++i) *request.add_faces() = faces[i].proto();
+    EmbedResponse response;
+    grpc::Status s = WithRetries([&](grpc::ClientContext* context) {
+      response.Clear();
+      return stub_->Embed(context, request, &response);
+    });
+    if (!s.ok()) return NameFaceInList(ToAbsl(s), "Embed", begin, faces);
+    if (response.embeddings_size() != int(end - begin)) {
+      return absl::InternalError(absl::StrCat("Embed: ", response.embeddings_size(),
+                                              " embeddings for ", end - begin, " faces"));
+    }
+    for (Embedding& e : ToEmbeddings(response)) out.push_back(std::move(e));
+  }
+  return out;
+}
+
+absl::Status Client::EmbedStream(
+    const std::function<std::optional<StreamItem>()>& next, bool normalize,
+    const std::function<void(int64_t, absl::StatusOr<std::vector<Embedding>>)>& on_result,
+    const StreamOptions& stream_options) {
+  struct Pending {
+    int64_t tag;
+    EmbedRequest request;
+    std::vector<FaceInput> faces;  // for the labels in error messages
+  };
+  const size_t window = static_cast<size_t>(std::max(1, stream_options.max_in_flight));
+  absl::Mutex mu;
+  absl::CondVar changed;
+  // Taken from `next` and not yet answered, in order; element references stay valid while
+  // other elements are added or removed at the ends (std::deque).
+  std::deque<Pending> pending;
+  bool source_done = false;
+  int64_t sequence = 0;
+
+  for (int attempt = 1;; ++attempt) {
+    grpc::ClientContext context;
+    auto stream = stub_->EmbedStream(&context);
+    size_t sent = 0;  // pending[0, sent) went out on this stream
+    bool reader_done = false;
+    bool timed_out = false;
+    absl::Time last_progress = absl::Now();
+
+    // The writer sends what is pending (re-sending after a reconnect), then pulls new items,
+    // and watches the oldest outstanding message's wait.
+    std::thread writer([&] {
+      bool writes_done = false;
+      absl::MutexLock lock(&mu);
+      while (!reader_done) {
+        if (sent < pending.size() && sent < window) {
+          Pending& p = pending[sent];
+          ++sent;
+          mu.Unlock();
+          const bool ok = stream->Write(p.request);
+          mu.Lock();
+          if (!ok) break;  // the stream is broken; Read returns false and Finish says why
+          continue;
+        }
+        if (!source_done && sent == pending.size() && sent < window) {
+          mu.Unlock();
+          std::optional<StreamItem> item = next();
+          mu.Lock();
+          if (!item) {
+            source_done = true;
+            continue;
+          }
+          Pending p{item->tag, EmbedRequest(), std::move(item->faces)};
+          p.request.set_normalize(normalize);
+          p.request.set_request_id(absl::StrCat(sequence++));
+          for (const FaceInput& f : p.faces) *p.request.add_faces() = f.proto();
+          pending.push_back(std::move(p));
+          if (sent == 0) last_progress = absl::Now();
+          continue;
+        }
+        if (source_done && sent == pending.size() && !writes_done) {
+          writes_done = true;
+          mu.Unlock();
+          stream->WritesDone();
+          mu.Lock();
+          continue;
+        }
+        if (sent > 0 && absl::Now() - last_progress > options_.timeout) {
+          timed_out = true;
+          context.TryCancel();
+          break;
+        }
+        changed.WaitWithTimeout(&mu, absl::Milliseconds(100));
+      }
+    });
+
+    bool progressed = false;
+    std::string protocol_error;
+    EmbedResponse response;
+    while (stream->Read(&response)) {
+      Pending p;
+      {
+        absl::MutexLock lock(&mu);
+        if (sent == 0) {
+          protocol_error = "an answer to a message that was not sent";
+        } else {
+          p = std::move(pending.front());
+          pending.pop_front();
+          --sent;
+          last_progress = absl::Now();
+          changed.SignalAll();
+        }
+      }
+      if (protocol_error.empty() && response.request_id() != p.request.request_id()) {
+        protocol_error = absl::StrCat("answer '", response.request_id(), "' where '",
+                                      p.request.request_id(), "' was due");
+      }
+      if (!protocol_error.empty()) {
+        context.TryCancel();
+        break;
+      }
+      progressed = true;
+      if (response.has_error() && response.error().code() != 0) {
+        on_result(p.tag, NameFaceInList(absl::Status(static_cast<absl::StatusCode>(
+                                                         response.error().code()),
+                                                     response.error().message()),
+                                        "EmbedStream", 0, p.faces));
+      } else if (response.embeddings_size() != p.request.faces_size()) {
+        on_result(p.tag, absl::InternalError(absl::StrCat(
+                             "EmbedStream: ", response.embeddings_size(), " embeddings for ",
+                             p.request.faces_size(), " faces")));
+      } else {
+        on_result(p.tag, ToEmbeddings(response));
+      }
+    }
+    {
+      absl::MutexLock lock(&mu);
+      reader_done = true;
+      changed.SignalAll();
+    }
+    writer.join();
+    absl::Status status = ToAbsl(stream->Finish());
+    if (timed_out) {
+      status = absl::DeadlineExceededError(absl::StrCat(
+          "EmbedStream: no answer within ", absl::FormatDuration(options_.timeout)));
+    } else if (!protocol_error.empty()) {
+      status = absl::InternalError(absl::StrCat("EmbedStream: ", protocol_error));
+    } else if (status.ok()) {
+      if (pending.empty() && source_done) return absl::OkStatus();
+      status = absl::InternalError(absl::StrCat("EmbedStream: the server ended the stream with ",
+                                                pending.size(), " messages unanswered"));
+    } else {
+      status = absl::Status(status.code(), absl::StrCat("EmbedStream: ", status.message()));
+    }
+    // A stream that got answers before it broke starts its retry budget afresh.
+    if (progressed) attempt = 1;
+    if (status.code() == absl::StatusCode::kUnavailable &&
+        attempt < options_.retry.max_attempts) {
+      const absl::Duration wait = NextBackoff(attempt);
+      if (options_.on_retry) options_.on_retry(status, attempt + 1, wait);
+      absl::SleepFor(wait);
+      continue;
+    }
+    for (Pending& p : pending) on_result(p.tag, status);
+    return status;
+  }
+}
+
+absl::StatusOr<CompareResult> Client::Compare(const std::vector<Probe>& queries,
+                                              const std::vector<Probe>& references,
+                                              std::optional<float> threshold) {
+  absl::StatusOr<Limits> limits = ServerLimits();
+  if (!limits.ok()) return limits.status();
+  // Face probes, in the server's order (queries first), with their labels.
+  std::vector<FaceInput> faces;
+  uint64_t face_bytes = 0;
+  for (const auto* list : {&queries, &references}) {
+    for (const Probe& p : *list) {
+      if (const auto* f = std::get_if<FaceInput>(&p)) {
+        faces.push_back(*f);
+        face_bytes += f->proto().ByteSizeLong() + kPerFaceOverheadBytes;
+      }
+    }
+  }
+  const bool embed_first =
+      faces.size() > size_t(limits->max_faces) ||
+      (limits->max_bytes > 0 && face_bytes + kRequestOverheadBytes > limits->max_bytes);
+  std::vector<Embedding> embedded;
+  if (embed_first) {
+    absl::StatusOr<std::vector<Embedding>> e = Embed(faces);
+    if (!e.ok()) return e.status();
+    embedded = std::move(*e);
+  }
+
+  arcface::v1::CompareRequest request;
+  size_t face_index = 0;
+  for (const bool is_query : {true, false}) {
+    for (const Probe& p : is_query ? queries : references) {
+      auto* probe = is_query ? request.add_queries() : request.add_references();
+      if (const auto* f = std::get_if<FaceInput>(&p)) {
+        if (embed_first) {
+          const auto& v = embedded[face_index].values;
+          probe->mutable_embedding()->mutable_values()->Assign(v.begin(), v.end());
+        } else {
+          *probe->mutable_face() = f->proto();
+        }
+        ++face_index;
+      } else {
+        const auto& v = std::get<std::vector<float>>(p);
+        probe->mutable_embedding()->mutable_values()->Assign(v.begin(), v.end());
+      }
+    }
+  }
+  if (threshold) request.set_threshold(*threshold);
+
+  arcface::v1::CompareResponse response;
+  grpc::Status s = WithRetries([&](grpc::ClientContext* context) {
+    response.Clear();
+    return stub_->Compare(context, request, &response);
+  });
+  if (!s.ok()) {
+    return NameFace(ToAbsl(s), "Compare",
+                    [&](const std::string& word, size_t i) -> std::optional<std::string> {
+                      const auto& list = word == "query" ? queries : references;
+                      if (word == "face" || i >= list.size()) return std::nullopt;
+                      const auto* f = std::get_if<FaceInput>(&list[i]);
+                      return FaceName(word, i, f ? f->label() : "");
+                    });
+  }
+  CompareResult result;
+  result.rows = static_cast<int>(response.rows());
+  result.cols = static_cast<int>(response.cols());
+  if (result.rows != int(queries.size()) || result.cols != int(references.size()) ||
+      response.similarities_size() != result.rows * result.cols) {
+    return absl::InternalError(absl::StrCat("Compare: a ", response.rows(), "x", response.cols(),
+                                            " answer for ", queries.size(), "x",
+                                            references.size()));
+  }
+  result.similarities.assign(response.similarities().begin(), response.similarities().end());
+  result.matches.assign(response.matches().begin(), response.matches().end());
+  result.model_id = response.model_id();
+  return result;
+}
+
+absl::StatusOr<ServingStatus> Client::CheckHealth() {
+  auto stub = health::Health::NewStub(channel_);
+  grpc::ClientContext context;
+  SetDeadline(&context);
+  health::HealthCheckRequest request;
+  health::HealthCheckResponse response;
+  grpc::Status s = stub->Check(&context, request, &response);
+  if (!s.ok()) return NameFace(ToAbsl(s), "Health.Check", nullptr);
+  switch (response.status()) {
+    case health::HealthCheckResponse::SERVING:
+      return ServingStatus::kServing;
+    case health::HealthCheckResponse::NOT_SERVING:
+      return ServingStatus::kNotServing;
+    default:
+      return ServingStatus::kUnknown;
+  }
+}
+
+absl::Status Client::WaitForHealthy(absl::Duration timeout) {
+  auto stub = health::Health::NewStub(channel_);
+  const absl::Time deadline = absl::Now() + timeout;
+  std::string last = "no answer yet";
+  while (true) {
+    const absl::Duration left = deadline - absl::Now();
+    if (left <= absl::ZeroDuration()) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          "the server was not SERVING within ", absl::FormatDuration(timeout), " (last: ", last,
+          ")"));
+    }
+    grpc::ClientContext context;
+    // Waits for a connection rather than failing at once while the server is not up.
+    context.set_wait_for_ready(true);
+    context.set_deadline(absl::ToChronoTime(absl::Now() + std::min(left, absl::Seconds(2))));
+    health::HealthCheckResponse response;
+    grpc::Status s = stub->Check(&context, health::HealthCheckRequest(), &response);
+    if (s.ok() && response.status() == health::HealthCheckResponse::SERVING) {
+      return absl::OkStatus();
+    }
+    last = s.ok() ? health::HealthCheckResponse::ServingStatus_Name(response.status())
+                  : absl::StrCat(absl::StatusCodeToString(ToAbsl(s).code()), ": ",
+                                 s.error_message());
+    absl::SleepFor(std::min(absl::Milliseconds(100), deadline - absl::Now()));
+  }
+}
+
+}  // namespace arcface::client

@@ -1,0 +1,186 @@
+// arcface::client::Client: the C++ client of arcface.v1.FaceEmbedding.
+//
+// Contract
+// - Client::Create validates the options and builds one gRPC channel; it does not connect (the
+//   first call, or WaitForHealthy, does). All addresses share that channel under gRPC's
+//   `round_robin` policy: a list of several is resolved once, at Create, into IP addresses
+//   (getaddrinfo); a single address goes through gRPC's DNS resolver, so a name with several
+//   A records (a headless Kubernetes service) is spread over too.
+// - Blocking: every method blocks its caller until the answer, a final error or the deadline.
+//   Each RPC attempt carries the deadline ClientOptions::timeout; EmbedStream instead fails
+//   with DEADLINE_EXCEEDED when its oldest outstanding message waits longer than that.
+// - Retries: a call that fails with UNAVAILABLE is retried per RetryPolicy (exponential backoff
+//   with jitter, policies.h); every other code, INVALID_ARGUMENT above all, is returned at once.
+//   Embed, Compare, GetModelInfo and health checks are idempotent, so a retry is safe; an
+//   EmbedStream that breaks with UNAVAILABLE is reopened and its unanswered messages re-sent.
+// - Limits: Embed and Compare read the server's max_faces_per_request and max_message_bytes
+//   from GetModelInfo once (on first need) and split large lists into several requests, keeping
+//   input order. ClientOptions can set smaller limits.
+// - Errors: absl::Status with gRPC's codes (absl and gRPC share the numbering). A face's error
+//   names the face by its label (the file path for FaceInput::FromFile) and its index in the
+//   caller's list, e.g. "face 7 (img/b.png): undecodable image ...".
+// - Thread safety: a Client may be used from many threads at once. FaceInput is a value.
+#ifndef ARCFACE_CLIENT_CPP_CLIENT_H_
+#define ARCFACE_CLIENT_CPP_CLIENT_H_
+
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+#include <opencv2/core.hpp>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "arcface/v1/face_embedding.grpc.pb.h"
+#include "client/cpp/policies.h"
+
+namespace arcface::client {
+
+// PEM contents (not paths; LoadTlsFiles reads files).
+struct TlsOptions {
+  std::string root_ca_pem;      // empty: the system's roots
+  std::string client_cert_pem;  // mutual TLS: both the chain and the key
+  std::string client_key_pem;
+  std::string server_name;      // checked against the server's certificate; empty: the host
+};
+
+// Reads the PEM files; empty paths stay empty. NOT_FOUND naming the file that cannot be read.
+absl::StatusOr<TlsOptions> LoadTlsFiles(const std::string& root_ca, const std::string& cert,
+                                        const std::string& key);
+
+struct ClientOptions {
+  std::vector<std::string> addresses = {"localhost:50051"};  // "host:port", see ParseAddressList
+  absl::Duration timeout = absl::Seconds(30);                 // per RPC attempt
+  std::optional<TlsOptions> tls;                              // nullopt: plaintext
+  RetryPolicy retry;
+  int max_faces_per_request = 0;   // 0: the server's (GetModelInfo)
+  uint64_t max_message_bytes = 0;  // 0: the server's (GetModelInfo)
+  // Called before each retry's wait (say, to print a note); from the calling thread.
+  std::function<void(const absl::Status& error, int next_attempt, absl::Duration wait)> on_retry;
+};
+
+struct Box {
+  float x_min = 0, y_min = 0, x_max = 0, y_max = 0;  // pixels
+};
+
+// One face to embed: an image (encoded bytes, or raw pixels) with optional 5 landmarks (left
+// eye, right eye, nose tip, left and right mouth corner) or a box. Neither: the whole image.
+class FaceInput {
+ public:
+  // JPEG, PNG, BMP, WebP or TIFF file bytes, decoded by the server.
+  static FaceInput FromEncoded(std::string bytes, std::string label = "");
+  // Reads the file (its bytes travel encoded); NOT_FOUND naming the path when unreadable.
+  static absl::StatusOr<FaceInput> FromFile(const std::string& path);
+  // Raw pixels as OpenCV holds them: CV_8UC3 BGR (sent as BGR8), CV_8UC1 (GRAY8) or CV_8UC4
+  // BGRA (alpha dropped). INVALID_ARGUMENT for other types or an empty image.
+  static absl::StatusOr<FaceInput> FromMat(const cv::Mat& image, std::string label = "");
+
+  FaceInput& WithLandmarks(const std::array<cv::Point2f, 5>& points);
+  FaceInput& WithBox(const Box& box);
+
+  const std::string& label() const { return label_; }
+  const arcface::v1::Face& proto() const { return face_; }
+
+ private:
+  arcface::v1::Face face_;
+  std::string label_;
+};
+
+struct Embedding {
+  std::vector<float> values;  // 512 values: raw, or unit length when normalize was asked
+  float norm = 0;             // L2 norm of the raw vector
+};
+
+// A Compare operand: a face (embedded by the server) or an embedding taken as given.
+using Probe = std::variant<FaceInput, std::vector<float>>;
+
+struct CompareResult {
+  int rows = 0;
+  int cols = 0;
+  std::vector<float> similarities;  // rows x cols cosines, row-major
+  std::vector<bool> matches;        // similarity >= threshold; empty without a threshold
+  std::string model_id;
+  float at(int row, int col) const { return similarities[size_t(row) * cols + col]; }
+};
+
+// One EmbedStream message: the faces of, say, one video frame. `tag` is the caller's, echoed.
+struct StreamItem {
+  std::vector<FaceInput> faces;
+  int64_t tag = 0;
+};
+
+struct StreamOptions {
+  int max_in_flight = 16;  // messages sent and not yet answered at most
+};
+
+enum class ServingStatus { kUnknown, kServing, kNotServing };
+
+class Client {
+ public:
+  static absl::StatusOr<std::unique_ptr<Client>> Create(const ClientOptions& options);
+
+  absl::StatusOr<arcface::v1::ModelInfo> GetModelInfo();
+
+  // One embedding per face, in order; large lists go in several requests.
+  absl::StatusOr<std::vector<Embedding>> Embed(const std::vector<FaceInput>& faces,
+                                               bool normalize = false);
+
+  // One EmbedStream call: `next` is called on a writer thread for each message until it
+  // returns nullopt; `on_result` is called on the calling thread exactly once per message
+  // taken, in order, with the embeddings or that message's own error (the stream goes on).
+  // Returns OK when every message was answered, else the error that ended the stream (after
+  // retries); messages left unanswered then get that error through `on_result` first.
+  absl::Status EmbedStream(
+      const std::function<std::optional<StreamItem>()>& next, bool normalize,
+      const std::function<void(int64_t tag, absl::StatusOr<std::vector<Embedding>>)>& on_result,
+      const StreamOptions& stream_options = {});
+
+  // Cosine of every query against every reference. When the face probes exceed the server's
+  // per-request limit they are embedded first (split) and compared as embeddings.
+  absl::StatusOr<CompareResult> Compare(const std::vector<Probe>& queries,
+                                        const std::vector<Probe>& references,
+                                        std::optional<float> threshold = std::nullopt);
+
+  // One grpc.health.v1 Check of the whole server ("" service); errors as statuses.
+  absl::StatusOr<ServingStatus> CheckHealth();
+  // Polls health until SERVING: OK, or DEADLINE_EXCEEDED naming the last state or error.
+  absl::Status WaitForHealthy(absl::Duration timeout);
+
+  const std::string& target() const { return target_; }
+
+ private:
+  Client(const ClientOptions& options, std::shared_ptr<grpc::Channel> channel, std::string target);
+
+  struct Limits {
+    int max_faces = 0;
+    uint64_t max_bytes = 0;
+  };
+  absl::StatusOr<Limits> ServerLimits();
+  // Runs `attempt` (one RPC with a fresh context) until it succeeds, fails with a code other
+  // than UNAVAILABLE, or the attempts are spent.
+  grpc::Status WithRetries(const std::function<grpc::Status(grpc::ClientContext*)>& attempt);
+  void SetDeadline(grpc::ClientContext* context) const;
+  absl::Duration NextBackoff(int retry);
+
+  const ClientOptions options_;
+  const std::string target_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<arcface::v1::FaceEmbedding::Stub> stub_;
+
+  absl::Mutex mu_;
+  std::optional<Limits> limits_ ABSL_GUARDED_BY(mu_);
+  uint64_t rng_state_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace arcface::client
+
+#endif  // ARCFACE_CLIENT_CPP_CLIENT_H_

@@ -1,0 +1,226 @@
+// arcface::client::Client against a real arcface-server with the golden r50 weights and
+// --max-faces-per-request 4 (tests/client/test_cli.py starts it and runs this binary with
+// ARCFACE_TEST_SERVER=host:port, ARCFACE_GOLDEN_DIR and ARCFACE_SHARED_DATA).
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+
+#include "client/cpp/client.h"
+
+namespace arcface::client {
+namespace {
+
+std::string Env(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? v : "";
+}
+
+double Cosine(const std::vector<float>& a, const std::vector<double>& b) {
+  double ab = 0, aa = 0, bb = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    ab += a[i] * b[i];
+    aa += double(a[i]) * a[i];
+    bb += b[i] * b[i];
+  }
+  return ab / std::sqrt(aa * bb);
+}
+
+class ClientTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    std::ifstream in(Env("ARCFACE_GOLDEN_DIR") + "/goldens.json");
+    ASSERT_TRUE(in) << "set ARCFACE_GOLDEN_DIR (ctest -R client_pytest runs this test)";
+    nlohmann::json doc = nlohmann::json::parse(in);
+    for (const auto& c : doc["cases"]) cases_[c["name"].get<std::string>()] = c;
+  }
+
+  void SetUp() override {
+    ASSERT_FALSE(Env("ARCFACE_TEST_SERVER").empty()) << "set ARCFACE_TEST_SERVER";
+    ClientOptions o;
+    o.addresses = {Env("ARCFACE_TEST_SERVER")};
+    o.timeout = absl::Seconds(120);
+    auto c = Client::Create(o);
+    ASSERT_TRUE(c.ok()) << c.status();
+    client_ = std::move(*c);
+  }
+
+  static const nlohmann::json& Case(const std::string& name) { return cases_.at(name); }
+  static std::vector<double> Golden(const std::string& name) {
+    return Case(name)["embedding"].get<std::vector<double>>();
+  }
+  static std::string ImagePath(const std::string& name) {
+    return Env("ARCFACE_SHARED_DATA") + "/" +
+           std::filesystem::path(Case(name)["input"]["path"].get<std::string>()).filename().string();
+  }
+  // A crop case's 112x112 RGB bytes, as the BGR cv::Mat an OpenCV user would hold.
+  static cv::Mat CropBgr(const std::string& name) {
+    std::ifstream in(Env("ARCFACE_GOLDEN_DIR") + "/" + Case(name)["input"]["file"].get<std::string>(),
+                     std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    EXPECT_EQ(bytes.size(), 112u * 112 * 3);
+    cv::Mat rgb(112, 112, CV_8UC3, bytes.data()), bgr;
+    cv::cvtColor(rgb, bgr, cv::COLOR_RGB2BGR);
+    return bgr;
+  }
+
+  static inline std::map<std::string, nlohmann::json> cases_;
+  std::unique_ptr<Client> client_;
+};
+
+const std::vector<std::string> kCrops = {"crop_uniform_0",   "crop_gaussian_1", "crop_smooth_2",
+                                         "crop_gradient_3",  "crop_stripes_4",  "crop_face_like_5",
+                                         "crop_saltpepper_6"};
+
+TEST_F(ClientTest, HealthAndModelInfo) {
+  EXPECT_TRUE(client_->WaitForHealthy(absl::Seconds(10)).ok());
+  auto health = client_->CheckHealth();
+  ASSERT_TRUE(health.ok()) << health.status();
+  EXPECT_EQ(*health, ServingStatus::kServing);
+  auto info = client_->GetModelInfo();
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->arch(), "r50");
+  EXPECT_EQ(info->max_faces_per_request(), 4u);
+}
+
+TEST_F(ClientTest, EmbedMatsAcrossSeveralRequestsMatchesTheReference) {
+  // 7 crops, 4 per request: two requests, results in input order.
+  std::vector<FaceInput> faces;
+  for (const std::string& name : kCrops) {
+    auto f = FaceInput::FromMat(CropBgr(name), name);
+    ASSERT_TRUE(f.ok()) << f.status();
+    faces.push_back(*f);
+  }
+  auto e = client_->Embed(faces);
+  ASSERT_TRUE(e.ok()) << e.status();
+  ASSERT_EQ(e->size(), kCrops.size());
+  for (size_t i = 0; i < kCrops.size(); ++i) {
+    EXPECT_GE(Cosine((*e)[i].values, Golden(kCrops[i])), 0.99999) << kCrops[i];
+    EXPECT_NEAR((*e)[i].norm, Case(kCrops[i])["norm"].get<double>(), 1e-3 * (*e)[i].norm);
+  }
+  auto unit = client_->Embed({faces[0]}, /*normalize=*/true);
+  ASSERT_TRUE(unit.ok());
+  double ss = 0;
+  for (float v : (*unit)[0].values) ss += double(v) * v;
+  EXPECT_NEAR(ss, 1.0, 1e-5);
+}
+
+TEST_F(ClientTest, FilesBytesBoxesAndLandmarks) {
+  auto whole = FaceInput::FromFile(ImagePath("whole_single_face"));
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  const cv::Mat decoded =
+      cv::imread(ImagePath("whole_single_face"), cv::IMREAD_COLOR | cv::IMREAD_IGNORE_ORIENTATION);
+  auto mat = FaceInput::FromMat(decoded, "mat");
+  auto boxed = FaceInput::FromFile(ImagePath("box_multi_p2"));
+  const auto b = Case("box_multi_p2")["input"]["box"].get<std::vector<float>>();
+  boxed->WithBox({b[0], b[1], b[2], b[3]});
+  std::ifstream in(ImagePath("align_single_face"), std::ios::binary);
+  auto aligned = FaceInput::FromEncoded(
+      std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>()), "bytes");
+  const auto lm = Case("align_single_face")["input"]["landmarks"].get<std::vector<std::vector<float>>>();
+  std::array<cv::Point2f, 5> points;
+  for (int i = 0; i < 5; ++i) points[i] = {lm[i][0], lm[i][1]};
+  aligned.WithLandmarks(points);
+  auto e = client_->Embed({*whole, *mat, *boxed, aligned});
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_GE(Cosine((*e)[0].values, Golden("whole_single_face")), 0.9999);
+  EXPECT_GE(Cosine((*e)[1].values, Golden("whole_single_face")), 0.9999);
+  EXPECT_GE(Cosine((*e)[2].values, Golden("box_multi_p2")), 0.9999);
+  EXPECT_GE(Cosine((*e)[3].values, Golden("align_single_face")), 0.9999);
+}
+
+TEST_F(ClientTest, ABadFaceIsNamedByItsIndexAndLabelAcrossRequests) {
+  std::vector<FaceInput> faces;
+  for (int i = 0; i < 5; ++i) faces.push_back(*FaceInput::FromMat(CropBgr(kCrops[i])));
+  faces.push_back(FaceInput::FromEncoded("not an image", "bad.jpg"));  // face 5: request 2, face 1
+  auto e = client_->Embed(faces);
+  ASSERT_EQ(e.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(e.status().message().find("face 5 (bad.jpg)"), std::string::npos) << e.status();
+}
+
+TEST_F(ClientTest, StreamAnswersInOrderAndCarriesPerMessageErrors) {
+  std::vector<StreamItem> items;
+  items.push_back({{*FaceInput::FromMat(CropBgr(kCrops[0]))}, 10});
+  items.push_back({{FaceInput::FromEncoded("garbage", "junk.png")}, 11});
+  items.push_back({{*FaceInput::FromMat(CropBgr(kCrops[1])), *FaceInput::FromMat(CropBgr(kCrops[2]))}, 12});
+  size_t next = 0;
+  std::vector<int64_t> tags;
+  std::vector<absl::StatusOr<std::vector<Embedding>>> results;
+  absl::Status s = client_->EmbedStream(
+      [&]() -> std::optional<StreamItem> {
+        if (next == items.size()) return std::nullopt;
+        return items[next++];
+      },
+      false,
+      [&](int64_t tag, absl::StatusOr<std::vector<Embedding>> r) {
+        tags.push_back(tag);
+        results.push_back(std::move(r));
+      });
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(tags, (std::vector<int64_t>{10, 11, 12}));
+  ASSERT_TRUE(results[0].ok());
+  EXPECT_GE(Cosine((*results[0])[0].values, Golden(kCrops[0])), 0.99999);
+  EXPECT_EQ(results[1].status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(results[1].status().message().find("junk.png"), std::string::npos) << results[1].status();
+  ASSERT_TRUE(results[2].ok());
+  ASSERT_EQ(results[2]->size(), 2u);
+  EXPECT_GE(Cosine((*results[2])[1].values, Golden(kCrops[2])), 0.99999);
+}
+
+TEST_F(ClientTest, CompareFacesAndEmbeddings) {
+  // 3 + 3 face probes exceed 4 per request: the client embeds first, then compares.
+  std::vector<Probe> q, r;
+  for (int i = 0; i < 3; ++i) q.emplace_back(*FaceInput::FromMat(CropBgr(kCrops[i])));
+  for (int i = 3; i < 6; ++i) r.emplace_back(*FaceInput::FromMat(CropBgr(kCrops[i])));
+  auto result = client_->Compare(q, r, 0.1f);
+  ASSERT_TRUE(result.ok()) << result.status();
+  ASSERT_EQ(result->rows, 3);
+  ASSERT_EQ(result->cols, 3);
+  for (int i = 0; i < 3; ++i) {
+    for (int j = 0; j < 3; ++j) {
+      const auto a = Golden(kCrops[i]), b = Golden(kCrops[3 + j]);
+      std::vector<float> af(a.begin(), a.end());
+      const double want = Cosine(af, b);
+      EXPECT_NEAR(result->at(i, j), want, 1e-4);
+      EXPECT_EQ(result->matches[i * 3 + j], result->at(i, j) >= 0.1f);
+    }
+  }
+  // One face, one embedding: a single Compare call; a bad reference is named.
+  const auto g = Golden(kCrops[0]);
+  auto one = client_->Compare({q[0]}, {std::vector<float>(g.begin(), g.end())});
+  ASSERT_TRUE(one.ok()) << one.status();
+  EXPECT_NEAR(one->at(0, 0), 1.0, 1e-4);
+  EXPECT_TRUE(one->matches.empty());
+  auto bad = client_->Compare({q[0]}, {FaceInput::FromEncoded("xx", "nope.jpg")});
+  ASSERT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("reference 0 (nope.jpg)"), std::string::npos) << bad.status();
+}
+
+TEST(ClientUnreachable, RetriesUnavailableThenGivesUp) {
+  ClientOptions o;
+  o.addresses = {Env("ARCFACE_FREE_ADDRESS").empty() ? "127.0.0.1:9" : Env("ARCFACE_FREE_ADDRESS")};
+  o.timeout = absl::Seconds(5);
+  o.retry.max_attempts = 3;
+  o.retry.initial_backoff = absl::Milliseconds(10);
+  o.retry.max_backoff = absl::Milliseconds(20);
+  std::vector<int> attempts;
+  o.on_retry = [&](const absl::Status& s, int attempt, absl::Duration) {
+    EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+    attempts.push_back(attempt);
+  };
+  auto c = Client::Create(o);
+  ASSERT_TRUE(c.ok());
+  auto info = (*c)->GetModelInfo();
+  EXPECT_EQ(info.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(attempts, (std::vector<int>{2, 3}));
+  EXPECT_EQ((*c)->WaitForHealthy(absl::Milliseconds(300)).code(),
+            absl::StatusCode::kDeadlineExceeded);
+}
+
+}  // namespace
+}  // namespace arcface::client

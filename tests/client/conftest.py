@@ -1,0 +1,106 @@
+"""Fixtures for the client tests: real arcface-server processes on 127.0.0.1 (ServerProcess of
+tests/integration/arcface_testlib.py) and a runner for the arcface-client binary."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
+
+import arcface_testlib as lib  # noqa: E402
+
+CLIENT_BIN = os.environ.get("ARCFACE_CLIENT_BIN", "")
+LIBRARY_TEST = os.environ.get("ARCFACE_CLIENT_LIBRARY_TEST", "")
+# Small, so that splitting large lists into several requests is exercised.
+MAX_FACES = 4
+
+
+def pytest_configure(config):
+    problem = lib.missing_environment("client_pytest")
+    if problem is None and not (CLIENT_BIN and LIBRARY_TEST):
+        problem = "set ARCFACE_CLIENT_BIN and ARCFACE_CLIENT_LIBRARY_TEST (ctest -R client_pytest)"
+    if problem:
+        raise pytest.UsageError(problem)
+
+
+def cli_env(**extra):
+    """The environment for arcface-client: none of the caller's ARCFACE_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ARCFACE_")}
+    env.update(extra)
+    return env
+
+
+def run_cli(*args, timeout=300, env=None, **kw):
+    """Runs arcface-client; returns the CompletedProcess (text output)."""
+    return subprocess.run([CLIENT_BIN, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env or cli_env(), stdin=subprocess.DEVNULL, **kw)
+
+
+class Servers:
+    """Starts servers; stops them all at teardown, asserting exit status 0."""
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.servers = []
+
+    def __call__(self, args, name="server", server_class=lib.ServerProcess, **kw):
+        server = server_class(args, self.workdir, name=name, **kw)
+        self.servers.append(server)
+        return server.start()
+
+    def stop_all(self):
+        errors = []
+        for server in reversed(self.servers):
+            if server.proc is None or server.proc.poll() is not None:
+                continue
+            try:
+                server.stop()
+            except AssertionError as e:
+                errors.append(str(e))
+        assert not errors, "\n\n".join(errors)
+
+
+@pytest.fixture(scope="session")
+def goldens():
+    return lib.Goldens(lib.GOLDEN_DIR, lib.SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def session_servers(tmp_path_factory):
+    servers = Servers(str(tmp_path_factory.mktemp("servers")))
+    yield servers
+    servers.stop_all()
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    servers = Servers(str(tmp_path))
+    yield servers
+    servers.stop_all()
+
+
+@pytest.fixture(scope="session")
+def r50(session_servers, goldens):
+    """The golden r50 weights, at most MAX_FACES faces per request."""
+    return session_servers([
+        "--weights", goldens.model_path("r50"),
+        "--device", "cpu", "--threads", str(lib.THREADS),
+        "--max-batch-size", "8", "--max-queue-delay-us", "2000",
+        "--max-faces-per-request", str(MAX_FACES),
+        "--max-image-pixels", str(lib.R50_MAX_PIXELS),
+        "--drain-timeout", "20",
+    ], name="r50_client")
+
+
+@pytest.fixture(scope="session")
+def r50_address(r50):
+    return f"127.0.0.1:{r50.grpc_port}"
+
+
+@pytest.fixture(scope="session")
+def demo_trio(session_servers):
+    """Three small demo-weights servers (round robin, bench)."""
+    return [session_servers(lib.demo_args("--warmup-batch-size", "1", "--drain-timeout", "10"),
+                            name=f"demo{i}") for i in range(3)]

@@ -1,0 +1,581 @@
+"""arcface-client and the C++ client library against real arcface-server processes on
+loopback: outputs equal the reference goldens, pictures, the progress bar's terminal rule,
+round robin, retries across a restart and a drain, no retry of INVALID_ARGUMENT, TLS and mutual
+TLS, bench against the server's own counters, exit codes."""
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+import arcface_testlib as lib
+from conftest import CLIENT_BIN, LIBRARY_TEST, MAX_FACES, cli_env, run_cli
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def data(name):
+    return os.path.join(lib.SHARED_DATA, name)
+
+
+def whole_cases(goldens):
+    """base name -> the r50 golden case of that whole photo."""
+    return {os.path.basename(c["input"]["path"]): c for c in goldens.cases_of("r50")
+            if c["input"]["kind"] == "image" and "box" not in c["input"]
+            and "landmarks" not in c["input"]}
+
+
+def assert_golden(row, case, what, min_cos=0.9999, normalized=False):
+    ref = lib.Goldens.embedding(case)
+    c = lib.cosine(row, ref)
+    assert c >= min_cos, f"{what} vs {case['name']}: cosine {c:.7f}"
+    norm = float(np.linalg.norm(np.asarray(row, np.float64)))
+    if normalized:
+        assert abs(norm - 1.0) < 1e-5, f"{what}: norm {norm}"
+    else:
+        assert abs(norm - case["norm"]) <= 0.01 * case["norm"], f"{what}: norm {norm}"
+
+
+def write_crop_png(goldens, name, path):
+    cv2.imwrite(str(path), cv2.cvtColor(goldens.crop_u8(goldens.cases[name]), cv2.COLOR_RGB2BGR))
+    return str(path)
+
+
+def embed_counts(metrics):
+    """(all Embed requests, OK ones) in one /metrics scrape."""
+    return (metrics.sum("arcface_requests_total", rpc="Embed"),
+            metrics.get("arcface_requests_total", 0.0, rpc="Embed", code="OK"))
+
+
+# --------------------------------------------------------------------------------------------
+# The library
+
+
+def test_cpp_library_against_the_golden_server(r50_address):
+    env = cli_env(ARCFACE_TEST_SERVER=r50_address, ARCFACE_GOLDEN_DIR=lib.GOLDEN_DIR,
+                  ARCFACE_SHARED_DATA=lib.SHARED_DATA,
+                  ARCFACE_FREE_ADDRESS=f"127.0.0.1:{lib.free_port()}")
+    r = subprocess.run([LIBRARY_TEST], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert "[  PASSED  ] 7 tests" in r.stdout, r.stdout[-3000:]
+
+
+# --------------------------------------------------------------------------------------------
+# embed
+
+
+def test_embed_directory_to_npy_equals_the_reference(r50_address, goldens, tmp_path):
+    out = tmp_path / "emb.npy"
+    r = run_cli("--server", r50_address, "embed", lib.SHARED_DATA, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""
+    arr = np.load(out)
+    assert arr.dtype == np.float32
+    names = (tmp_path / "emb.files.txt").read_text().splitlines()
+    expected = sorted(os.path.join(lib.SHARED_DATA, f) for f in os.listdir(lib.SHARED_DATA)
+                      if f.lower().endswith(IMAGE_EXTENSIONS))
+    assert names == expected
+    assert arr.shape == (len(expected), 512)
+    cases = whole_cases(goldens)
+    checked = 0
+    for row, name in zip(arr, names):
+        case = cases.get(os.path.basename(name))
+        if case:
+            assert_golden(row, case, name)
+            checked += 1
+    assert checked >= 7
+
+
+def test_embed_json_and_csv_keep_input_order(r50_address, goldens, tmp_path):
+    cases = whole_cases(goldens)
+    files = [data("single_face.jpg"), data("45-m7-di-ph.jpg"), data("BWPictureHuman.jpg")]
+    out = tmp_path / "emb.json"
+    r = run_cli("--server", r50_address, "embed", *files, "--out", out)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert [e["file"] for e in doc["embeddings"]] == files
+    assert doc["normalized"] is False and doc["dim"] == 512 and doc["errors"] == []
+    assert doc["model_id"] == "arcface-r50@" + goldens.models["r50"]["sha256"][:12]
+    for e in doc["embeddings"]:
+        assert_golden(e["embedding"], cases[os.path.basename(e["file"])], e["file"])
+        assert abs(e["norm"] - np.linalg.norm(e["embedding"])) <= 1e-4 * e["norm"]
+
+    out = tmp_path / "emb.csv"
+    r = run_cli("--server", r50_address, "embed", *files[:2], "--out", out, "--normalize")
+    assert r.returncode == 0, r.stderr
+    lines = out.read_text().splitlines()
+    assert lines[0].split(",")[:3] == ["file", "norm", "e0"] and len(lines[0].split(",")) == 514
+    assert len(lines) == 3
+    for line, f in zip(lines[1:], files):
+        fields = line.split(",")
+        assert fields[0] == f
+        values = np.array(fields[2:], np.float64)
+        case = cases[os.path.basename(f)]
+        assert_golden(values, case, f, normalized=True)
+        assert abs(float(fields[1]) - case["norm"]) <= 0.01 * case["norm"]  # the raw norm
+
+
+def test_embed_with_box_and_landmarks(r50_address, goldens, tmp_path):
+    box = goldens.cases["box_multi_p2"]
+    r = run_cli("--server", r50_address, "embed", data("multi_face.jpg"), "--out",
+                tmp_path / "box.json", "--box", ",".join(map(str, box["input"]["box"])))
+    assert r.returncode == 0, r.stderr
+    row = json.loads((tmp_path / "box.json").read_text())["embeddings"][0]["embedding"]
+    assert_golden(row, box, "--box")
+
+    aligned = goldens.cases["align_single_face"]
+    landmarks = tmp_path / "lm.json"
+    landmarks.write_text(json.dumps({"single_face.jpg": aligned["input"]["landmarks"]}))
+    r = run_cli("--server", r50_address, "embed", data("single_face.jpg"),
+                data("0-f1-su-ph.jpg"), "--landmarks", landmarks, "--out", tmp_path / "lm.npy")
+    assert r.returncode == 0, r.stderr
+    arr = np.load(tmp_path / "lm.npy")
+    assert_golden(arr[0], aligned, "--landmarks")                        # by base name
+    assert_golden(arr[1], whole_cases(goldens)["0-f1-su-ph.jpg"], "not in the landmarks file")
+
+
+def test_embed_reports_bad_files_and_goes_on(r50_address, goldens, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "broken.jpg").write_bytes(b"this is not an image")
+    os.symlink(data("single_face.jpg"), folder / "good.jpg")
+    missing = tmp_path / "missing.png"
+    out = tmp_path / "out.json"
+    r = run_cli("--server", r50_address, "embed", folder, missing, "--out", out)
+    assert r.returncode == 1, r.stderr
+    assert re.search(r"broken\.jpg: INVALID_ARGUMENT: .*broken\.jpg", r.stderr), r.stderr
+    assert f"{missing}: NOT_FOUND" in r.stderr
+    assert "embedded 1 of 3 files (2 failed)" in r.stderr
+    doc = json.loads(out.read_text())
+    assert [e["file"] for e in doc["embeddings"]] == [str(folder / "good.jpg")]
+    assert_golden(doc["embeddings"][0]["embedding"], whole_cases(goldens)["single_face.jpg"], "good")
+    assert sorted(e["code"] for e in doc["errors"]) == ["INVALID_ARGUMENT", "NOT_FOUND"]
+
+
+def _run_in_pty(args, stdout_is_tty):
+    """Runs arcface-client with stderr on a pseudo-terminal (and stdout too, or a pipe);
+    returns (rc, terminal bytes, piped stdout bytes)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([CLIENT_BIN, *map(str, args)], stdin=subprocess.DEVNULL,
+                            stdout=slave if stdout_is_tty else subprocess.PIPE, stderr=slave,
+                            env=cli_env())
+    os.close(slave)
+    piped = []
+    if not stdout_is_tty:
+        reader = threading.Thread(target=lambda: piped.append(proc.stdout.read()))
+        reader.start()
+    seen = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not chunk:
+                break
+            seen += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    rc = proc.wait(timeout=30)
+    if not stdout_is_tty:
+        reader.join(timeout=30)
+    return rc, seen, piped[0] if piped else b""
+
+
+def test_progress_bar_only_on_a_terminal(r50_address, goldens, tmp_path):
+    files = [write_crop_png(goldens, n, tmp_path / f"{n}.png")
+             for n in ("crop_uniform_0", "crop_smooth_2", "crop_face_like_5")]
+    args = ["--server", r50_address, "embed", *files]
+    # stdout is a pipe (stderr a terminal): no bar, no control characters anywhere.
+    rc, terminal, out = _run_in_pty(args, stdout_is_tty=False)
+    assert rc == 0, terminal
+    assert b"ETA" not in terminal and b"\r" not in terminal.replace(b"\r\n", b"\n"), terminal
+    assert b"\x1b[" not in terminal and b"\x1b[" not in out
+    assert out.count(b"norm=") == 3
+    # Both on a terminal: the bar with count, rate and ETA.
+    rc, terminal, _ = _run_in_pty(args, stdout_is_tty=True)
+    assert rc == 0, terminal
+    assert re.search(rb"\[#+\] 3/3 files +[0-9.]+/s +ETA 0:00", terminal), terminal
+    # Neither: plain pipes.
+    r = run_cli(*args)
+    assert r.returncode == 0 and "ETA" not in r.stderr and "\r" not in r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# compare, detect
+
+
+def test_compare_pair_threshold_verdict(r50_address, goldens):
+    cases = whole_cases(goldens)
+    a, b = data("0-f1-su-ph.jpg"), data("single_face.jpg")
+    want = lib.cosine(lib.Goldens.embedding(cases["0-f1-su-ph.jpg"]),
+                      lib.Goldens.embedding(cases["single_face.jpg"]))
+    for threshold, verdict in ((want - 0.05, "same"), (want + 0.05, "different")):
+        r = run_cli("--server", r50_address, "compare", a, b, "--threshold", f"{threshold:.4f}")
+        assert r.returncode == 0, r.stderr
+        m = re.search(r"cosine=(-?[0-9.]+)\t(\w+) \(threshold", r.stdout)
+        assert m, r.stdout
+        assert abs(float(m.group(1)) - want) < 2e-3
+        assert m.group(2) == verdict
+    help_text = run_cli("compare", "--help").stdout
+    assert "default 0.4" in help_text and "InsightFace" in help_text
+
+
+def test_compare_matrix_table_and_plot(r50_address, goldens, tmp_path):
+    cases = whole_cases(goldens)
+    names = ["0-f1-su-ph.jpg", "0-f15-hao-ph.jpg", "15-f13-anc-ph.jpg", "45-m7-di-ph.jpg",
+             "single_face.jpg"]
+    plot = tmp_path / "sim.png"
+    r = run_cli("--server", r50_address, "compare", "--matrix", *map(data, names), "--plot", plot)
+    assert r.returncode == 0, r.stderr
+    refs = np.stack([lib.Goldens.embedding(cases[n]) for n in names])
+    refs /= np.linalg.norm(refs, axis=1, keepdims=True)
+    want = refs @ refs.T
+    rows = [line.split()[1:] for line in r.stdout.splitlines() if re.match(r"^ +\[\d+\] +-?\d", line)]
+    table = np.array(rows, np.float64)
+    assert table.shape == (5, 5), r.stdout
+    np.testing.assert_allclose(table, want, atol=2e-3)
+
+    img = cv2.imread(str(plot), cv2.IMREAD_COLOR)
+    cell, n = 96, 5  # plot.h: width = cell + n*cell + 110, height = 52 + cell + n*cell + 10
+    assert img.shape == (52 + cell + n * cell + 10, cell + n * cell + 110, 3)
+    assert img.std() > 30
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 1000  # photos, colours, text
+    top = 52 + cell
+    # The diagonal is cosine 1: the red end of the scale (BGR 38, 4, 180).
+    for i in range(n):
+        px = img[top + i * cell + 5, cell + i * cell + 5].astype(int)
+        assert np.abs(px - [38, 4, 180]).max() <= 2, (i, px)
+    # An off-diagonal cell: white (242) blended towards red by its cosine.
+    v = float(want[0, 3])
+    expect = np.array([242, 242, 242]) + (np.array([38, 4, 180]) - 242) * max(v, 0)
+    px = img[top + 0 * cell + 5, cell + 3 * cell + 5].astype(int)
+    assert np.abs(px - expect).max() <= 3, (px, expect)
+
+
+def test_detect_boxes_embeddings_and_plot(r50, r50_address, tmp_path):
+    from arcface.v1 import face_embedding_pb2 as pb
+
+    plot = tmp_path / "faces.png"
+    image = data("multi_face.jpg")
+    r = run_cli("--server", r50_address, "detect", image, "--plot", plot)
+    assert r.returncode == 0, r.stderr
+    found = re.findall(r"face (\d+): box (\d+),(\d+),(\d+),(\d+) \((\d+)x(\d+)\)  norm ([0-9.]+)",
+                       r.stdout)
+    assert len(found) >= 3, r.stdout
+    boxes = [tuple(int(v) for v in f[1:5]) for f in found]
+    # The same boxes embedded directly through the server's Face.box
+    encoded = lib.read_bytes(image)
+    faces = [pb.Face(image=pb.Image(encoded=encoded),
+                     box=pb.Box(x_min=x0, y_min=y0, x_max=x1, y_max=y1)) for x0, y0, x1, y1 in boxes]
+    direct = []
+    for i in range(0, len(faces), MAX_FACES):
+        direct += [np.array(e.values) for e in r50.embed(faces[i:i + MAX_FACES]).embeddings]
+    for f, d in zip(found, direct):
+        assert abs(float(f[7]) - np.linalg.norm(d)) <= 1e-3 * np.linalg.norm(d)
+    rows = [line.split()[1:] for line in r.stdout.splitlines() if re.match(r"^ +\d+  ", line)]
+    got = np.array(rows, np.float64)
+    unit = np.stack(direct) / np.linalg.norm(np.stack(direct), axis=1, keepdims=True)
+    np.testing.assert_allclose(got, unit @ unit.T, atol=2e-3)
+
+    original = cv2.imread(image, cv2.IMREAD_COLOR)
+    drawn = cv2.imread(str(plot), cv2.IMREAD_COLOR)
+    assert drawn.shape == original.shape
+    x0, y0, x1, y1 = boxes[0]
+    assert drawn[(y0 + y1) // 2, x0].tolist() == [0, 200, 0]  # face 1's box: the first colour
+    changed = np.any(drawn != original, axis=2).mean()
+    assert 0.005 < changed < 0.2, changed
+
+
+# --------------------------------------------------------------------------------------------
+# Several servers: round robin, bench
+
+
+def test_round_robin_spreads_bench_calls_and_bench_matches_server_counters(demo_trio, tmp_path):
+    servers = ",".join(f"127.0.0.1:{s.grpc_port}" for s in demo_trio)
+    before = [s.metrics() for s in demo_trio]
+    report = tmp_path / "bench.json"
+    r = run_cli("--server", servers, "bench", "--concurrency", "1,3", "--faces-per-request", "2",
+                "--duration", "2", "--json", report)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("concurrency")]
+    assert len(lines) == 2, r.stdout
+    assert "\r" not in r.stderr  # not a terminal: no progress line
+    doc = json.loads(report.read_text())
+    results = doc["results"]
+    assert [x["concurrency"] for x in results] == [1, 3]
+    after = [s.metrics() for s in demo_trio]
+    deltas = [(embed_counts(a)[0] - embed_counts(b)[0], embed_counts(a)[1] - embed_counts(b)[1])
+              for a, b in zip(after, before)]
+    requests = sum(x["requests"] for x in results)
+    ok = sum(x["ok"] for x in results)
+    assert requests > 0 and ok == requests
+    # Exactly the server's counts: every request counted once, none retried.
+    assert sum(d[0] for d in deltas) == requests, (deltas, results)
+    assert sum(d[1] for d in deltas) == ok
+    faces = sum(a.get("arcface_faces_total") - b.get("arcface_faces_total")
+                for a, b in zip(after, before))
+    assert faces == sum(x["faces"] for x in results) == 2 * ok
+    # round_robin: every server took a fair part.
+    assert min(d[0] for d in deltas) >= requests / 6, deltas
+    for x in results:
+        lat = x["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+        assert x["errors"] == {}
+        assert abs(x["faces_per_s"] - x["faces"] / x["elapsed_s"]) < 1e-6
+        assert x["elapsed_s"] >= 2
+
+
+class FixedPortServer(lib.ServerProcess):
+    """A server whose gRPC port is chosen by the test (to restart on the same one)."""
+
+    def __init__(self, args, workdir, name="server", port=0, **kw):
+        super().__init__(args, workdir, name=name, **kw)
+        self.port = port
+
+    def command(self):
+        cmd = super().command()
+        cmd[cmd.index("--listen") + 1] = f"127.0.0.1:{self.port}"
+        return cmd
+
+
+def _wait_for_line(stream, pattern, timeout):
+    """Reads lines from a text stream until one matches; returns all lines read."""
+    lines = []
+    found = threading.Event()
+
+    def read():
+        for line in stream:
+            lines.append(line)
+            if re.search(pattern, line):
+                found.set()
+                return
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    assert found.wait(timeout), f"no line matching {pattern!r} within {timeout} s: {lines}"
+    return lines
+
+
+def test_retries_recover_from_a_restarted_server(start_server, goldens, tmp_path):
+    crop = write_crop_png(goldens, "crop_face_like_5", tmp_path / "crop.png")
+    args = lib.demo_args("--warmup-batch-size", "1")
+    first = start_server(args, name="first", server_class=FixedPortServer)
+    port = first.grpc_port
+    r = run_cli("--server", f"127.0.0.1:{port}", "embed", crop, "--out", tmp_path / "a.npy")
+    assert r.returncode == 0, r.stderr
+    first.kill()  # gone without a drain, as in a crash
+
+    proc = subprocess.Popen([CLIENT_BIN, "--server", f"127.0.0.1:{port}", "--retries", "30",
+                             "embed", crop, "--out", str(tmp_path / "b.npy")],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        seen = _wait_for_line(proc.stderr, r"UNAVAILABLE: .*retrying in", 30)
+        start_server(args, name="second", server_class=FixedPortServer, port=port)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == 0, "".join(seen) + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
+    assert lib.cosine(a[0], b[0]) >= 0.99999
+
+
+def test_stream_moves_on_when_its_server_drains(start_server, goldens, tmp_path):
+    crop = write_crop_png(goldens, "crop_gradient_3", tmp_path / "crop.png")
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(64):
+        os.symlink(crop, folder / f"f{i:03d}.png")
+    args = lib.demo_args("--warmup-batch-size", "1", "--drain-timeout", "10")
+    a = start_server(args, name="a")
+    b = start_server(args, name="b")
+    out = tmp_path / "out.npy"
+    proc = subprocess.Popen([CLIENT_BIN, "--server", f"127.0.0.1:{a.grpc_port},127.0.0.1:{b.grpc_port}",
+                             "embed", str(folder), "--out", str(out)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        def streaming():
+            for s in (a, b):
+                if s.metrics().get("arcface_requests_total", 0.0, rpc="EmbedStream", code="OK") > 0:
+                    return s
+            return None
+
+        busy = lib.wait_until(streaming, 60, interval=0.02, what="the stream's first answers")
+        other = b if busy is a else a
+        busy.stop()  # SIGTERM: drain; the open stream ends UNAVAILABLE after its read messages
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert re.search(r"UNAVAILABLE: .*draining.*retrying in", stderr), stderr
+    assert other.metrics().get("arcface_requests_total", 0.0, rpc="EmbedStream", code="OK") > 0
+    arr = np.load(out)
+    assert arr.shape == (64, 512)
+    assert (tmp_path / "out.files.txt").read_text().splitlines() == sorted(
+        str(p) for p in folder.iterdir())
+    assert np.abs(arr - arr[0]).max() < 1e-4 * np.linalg.norm(arr[0])  # all the same frame
+
+
+def test_invalid_argument_is_never_retried(r50, r50_address, tmp_path):
+    bad = tmp_path / "garbage.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    before = r50.metrics()
+    r = run_cli("--server", r50_address, "--retries", "5", "compare", data("single_face.jpg"), bad)
+    after = r50.metrics()
+    assert r.returncode == 1, r.stderr
+    assert f"reference 0 ({bad})" in r.stderr and "INVALID_ARGUMENT" in r.stderr, r.stderr
+    assert "retrying" not in r.stderr
+    count = lambda m, **kw: m.sum("arcface_requests_total", rpc="Compare", **kw)
+    assert count(after, code="INVALID_ARGUMENT") - count(before, code="INVALID_ARGUMENT") == 1
+    assert count(after) - count(before) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# TLS, exit codes
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("pki"))
+    ca, _ = lib.make_ca(d, "ca")
+    other, _ = lib.make_ca(d, "other")
+    server_cert, server_key = lib.make_leaf(d, "server", "ca", "serverAuth",
+                                            san="IP:127.0.0.1,DNS:localhost")
+    client_cert, client_key = lib.make_leaf(d, "client", "ca", "clientAuth")
+    return dict(ca=ca, other=other, server_cert=server_cert, server_key=server_key,
+                client_cert=client_cert, client_key=client_key)
+
+
+def test_tls_and_mutual_tls(start_server, pki):
+    tls = start_server(lib.demo_args("--warmup-batch-size", "1", "--tls-cert", pki["server_cert"],
+                                     "--tls-key", pki["server_key"]),
+                       name="tls", tls={"root": lib.read_bytes(pki["ca"])})
+    p = tls.grpc_port
+    r = run_cli("--server", f"localhost:{p}", "--tls-ca", pki["ca"], "info")
+    assert r.returncode == 0 and "DEMO weights" in r.stdout, r.stderr
+    # Several addresses (an ipv4: target): the certificate is checked against the first host.
+    r = run_cli("--server", f"127.0.0.1:{p},localhost:{p}", "--tls-ca", pki["ca"], "health")
+    assert r.returncode == 0 and r.stdout == "SERVING\n", r.stderr
+    assert run_cli("--server", f"localhost:{p}", "--retries", "1", "info").returncode == 3
+    assert run_cli("--server", f"localhost:{p}", "--retries", "1", "--tls-ca", pki["other"],
+                   "info").returncode == 3
+
+    mtls = start_server(lib.demo_args("--warmup-batch-size", "1", "--tls-cert", pki["server_cert"],
+                                      "--tls-key", pki["server_key"], "--tls-client-ca", pki["ca"]),
+                        name="mtls", tls={"root": lib.read_bytes(pki["ca"]),
+                                          "cert": lib.read_bytes(pki["client_cert"]),
+                                          "key": lib.read_bytes(pki["client_key"])})
+    p = mtls.grpc_port
+    r = run_cli("--server", f"localhost:{p}", "--tls-ca", pki["ca"], "--tls-cert",
+                pki["client_cert"], "--tls-key", pki["client_key"], "compare",
+                data("0-f1-su-ph.jpg"), data("0-f15-hao-ph.jpg"))
+    assert r.returncode == 0 and "cosine=" in r.stdout, r.stderr
+    r = run_cli("--server", f"localhost:{p}", "--retries", "1", "--tls-ca", pki["ca"], "info")
+    assert r.returncode == 3, r.stderr
+    r = run_cli("--server", f"localhost:{p}", "--tls-ca", pki["ca"], "--tls-cert",
+                pki["client_cert"], "info")
+    assert r.returncode == 2 and "--tls-key" in r.stderr, r.stderr
+
+
+def test_exit_codes(r50_address, tmp_path):
+    crop = tmp_path / "x.png"
+    cv2.imwrite(str(crop), np.full((112, 112, 3), 90, np.uint8))
+    usage = [
+        [],
+        ["embed"],
+        ["embed", crop, "--box", "1,2,3"],
+        ["embed", crop, "--out", tmp_path / "e.txt"],
+        ["compare", crop],
+        ["compare", crop, crop, "--plot", tmp_path / "p.png"],
+        ["--retries", "0", "info"],
+        ["--server", "no-port", "info"],
+        ["bench", "--concurrency", "1,x"],
+        ["--bogus-flag", "info"],
+    ]
+    for args in usage:
+        r = run_cli("--server", r50_address, *args) if "--server" not in args else run_cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+    free = f"127.0.0.1:{lib.free_port()}"
+    for args in (["info"], ["health"], ["embed", crop], ["compare", crop, crop],
+                 ["bench", "--duration", "1"]):
+        r = run_cli("--server", free, "--retries", "2", *args, timeout=60)
+        assert r.returncode == 3, (args, r.stderr)
+        assert "unreachable" in r.stderr
+    assert "retrying" in run_cli("--server", free, "--retries", "2", "info").stderr
+    r = run_cli("--server", r50_address, "embed", crop, tmp_path / "missing.jpg")
+    assert r.returncode == 1, r.stderr
+    r = run_cli("--server", r50_address, "health", "--wait", "5")
+    assert r.returncode == 0 and r.stdout == "SERVING\n"
+    # ARCFACE_SERVER stands in for --server.
+    r = run_cli("info", env=cli_env(ARCFACE_SERVER=r50_address))
+    assert r.returncode == 0 and "arcface-r50@" in r.stdout, r.stderr
+    assert run_cli("--help").returncode == 0
+
+
+# --------------------------------------------------------------------------------------------
+# The Python package's additions: several servers (round_robin), retries of UNAVAILABLE
+
+
+def test_python_client_round_robin_and_retries(demo_trio, start_server, goldens, tmp_path):
+    from arcface_client import ArcFaceClient, ArcFaceError
+
+    crop = goldens.crop_u8(goldens.cases["crop_uniform_0"])
+    targets = [f"127.0.0.1:{s.grpc_port}" for s in demo_trio]
+    before = [embed_counts(s.metrics())[0] for s in demo_trio]
+    with ArcFaceClient(",".join(targets), timeout=60, max_faces_per_request=4) as c:
+        assert c.target.startswith("ipv4:")
+        for _ in range(6):
+            c.embed([crop])
+    deltas = [embed_counts(s.metrics())[0] - b for s, b in zip(demo_trio, before)]
+    assert sum(deltas) == 6 and min(deltas) >= 1, deltas
+
+    # A draining server answers UNAVAILABLE; with retries each call moves on to the next one.
+    hold = tmp_path / "hold"
+    draining = start_server(lib.demo_args("--warmup-batch-size", "1", "--drain-timeout", "60",
+                                          "--test-hold-model-file", str(hold)), name="draining")
+    hold.touch()
+    held = threading.Thread(target=lambda: draining.embed([lib.raw_face(crop)], timeout=90))
+    held.start()
+    try:
+        lib.wait_until(lambda: draining.metrics().get("arcface_inflight_requests") >= 1, 30,
+                       what="a call held in the draining server")
+        draining.proc.send_signal(signal.SIGTERM)
+        lib.wait_until(lambda: draining.health_status() == lib.NOT_SERVING, 30, what="draining")
+        pair = [f"127.0.0.1:{draining.grpc_port}", targets[0]]
+        refused = lambda: draining.metrics().sum("arcface_requests_total", rpc="GetModelInfo",
+                                                 code="UNAVAILABLE")
+        start = refused()
+        with ArcFaceClient(pair, timeout=30) as c:
+            infos = [c.model_info() for _ in range(6)]
+        assert all(i["demo_weights"] for i in infos)
+        assert refused() - start >= 1  # some attempts met the draining server and were retried
+        with ArcFaceClient(pair, timeout=30, retries=1) as c:
+            failures = 0
+            for _ in range(6):
+                try:
+                    c.model_info()
+                except ArcFaceError as e:
+                    assert e.code.name == "UNAVAILABLE"
+                    failures += 1
+        assert failures >= 1
+    finally:
+        if hold.exists():
+            hold.unlink()
+        held.join(timeout=90)
+    assert draining.proc.wait(timeout=60) == 0
