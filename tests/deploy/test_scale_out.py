@@ -48,7 +48,7 @@ def servers(goldens, tmp_path_factory):
             args = ["--weights", weights, "--device", "cpu", "--threads", "1",
                     "--max-batch-size", "4", "--max-queue-delay-us", "1000",
                     "--warmup-batch-size", "1"]
-            started.append(lib.ServerProcess(args, workdir, name=f"server{i}").start())
+            started.append(lib.ServerProcess(args, workdir, name=f"server{i}").start(timeout=120))
         yield started
     finally:
         for s in started:
@@ -98,6 +98,10 @@ class Load:
         with self.lock:
             self.ok += 1
 
+    def __repr__(self):
+        return (f"{self.ok} ok, {len(self.failures)} failed {self.failures[-3:]}, "
+                f"{len(self.wrong)} wrong {self.wrong[-2:]}")
+
     def _spawn(self, budget):
         def worker():
             while not self.stop.is_set():
@@ -108,7 +112,8 @@ class Load:
                         budget[0] -= 1
                 self.one_call()
 
-        self.threads = [threading.Thread(target=worker) for _ in range(CALLERS)]
+        # Daemon threads: a failed assertion can never leave callers running past the test.
+        self.threads = [threading.Thread(target=worker, daemon=True) for _ in range(CALLERS)]
         for t in self.threads:
             t.start()
 
@@ -157,11 +162,15 @@ def test_round_robin_spreads_and_survives_a_crash(servers, goldens):
         survivors = servers[:2]
         load = Load(channel, cases, goldens)
         load.start()
-        lib.wait_until(lambda: load.ok >= 12, 120, what="calls before the crash")
-        servers[2].kill()
-        ok_at_kill = load.ok
-        lib.wait_until(lambda: load.ok >= ok_at_kill + 30, 180, what="calls after the crash")
-        load.finish()
+        try:
+            lib.wait_until(lambda: load.ok >= 12, 120, what="calls before the crash")
+            servers[2].kill()
+            ok_at_kill = load.ok
+            lib.wait_until(lambda: load.ok >= ok_at_kill + 30, 180, what="calls after the crash")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; the callers: {load!r}") from None
+        finally:
+            load.finish()
         print(f"crash: {load.ok} calls succeeded, {len(load.failures)} failed: {load.failures}")
         assert load.wrong == [], load.wrong
         # Only the calls that were on the killed server when it died may fail, as UNAVAILABLE.
