@@ -263,7 +263,10 @@ def test_compose_stack(engine, stack, reference):
     url = f"http://127.0.0.1:{ports['PROMETHEUS_PORT']}/api/v1/query?query={query}"
 
     def target_up():
-        status, body = lib.http_get(url)
+        try:
+            status, body = lib.http_get(url)
+        except OSError:  # not listening yet
+            return None
         if status != 200:
             return None
         result = json.loads(body)["data"]["result"]
