@@ -97,7 +97,7 @@ def images(engine):
     finally:
         run([DOCKER, "image", "rm", "--force", *built], engine, timeout=300, check=False)
         # Keep the build cache (dependency layers, ccache) for the next run, within bounds.
-        run([DOCKER, "builder", "prune", "--force", "--keep-storage", "12gb"], engine,
+        run([DOCKER, "builder", "prune", "--force", "--keep-storage", "8gb"], engine,
             timeout=300, check=False)
 
 
