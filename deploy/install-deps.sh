@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Installs every Debian package (and the npm peer used by tests/benchmarks) that the build, the
 # tests and the tools need. Idempotent: when everything is present it only checks and returns.
-# Usage: deploy/install-deps.sh [--runtime-only]
+# Usage: deploy/install-deps.sh [--runtime-only | --libs-only | --sidecar | --prometheus]
+#   (none)          everything: build, tests, tools (tests/run.sh)
+#   --runtime-only  what building and running the server needs (deploy/run.sh, the image's builder)
+#   --libs-only     only the shared libraries of the built binaries and the Python client (the
+#                   image's runtime stage: no compilers, no headers)
+#   --sidecar       the example video-analytics program (Python client, OpenCV, Haar cascades)
+#   --prometheus    Prometheus alone (the compose stack's scraper image)
 set -euo pipefail
 
 BUILD_PKGS=(
@@ -16,21 +22,38 @@ BUILD_PKGS=(
   libcpp-httplib-dev               # /metrics, /healthz
   libssl-dev                       # SHA-256 of the weights
   libgtest-dev libgmock-dev libbenchmark-dev
+  ccache                           # the image's builder keeps its compiler cache between builds
 )
+# The packages behind the binaries' shared libraries (readelf -d NEEDED), for the image.
+LIB_PKGS=(
+  libtorch1.13 libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623
+  libopencv-core406 libopencv-imgproc406 libopencv-imgcodecs406
+  libopencv-objdetect406               # arcface-client's detect (Haar cascade)
+  libspdlog1.10 libfmt9 libssl3 libcpp-httplib0.11
+  python3 python3-grpcio python3-numpy   # the Python client (arcface_client)
+)
+SIDECAR_PKGS=(python3 python3-grpcio python3-numpy python3-opencv opencv-data)
 TEST_PKGS=(
   python3 python3-torch python3-numpy python3-grpcio python3-opencv
   python3-pytest nodejs prometheus openssl
+  docker.io docker-compose debootstrap python3-yaml   # the Docker and Kubernetes tests
 )
 
-want=("${BUILD_PKGS[@]}")
-[[ ${1:-} == --runtime-only ]] || want+=("${TEST_PKGS[@]}")
+case ${1:-} in
+  "") want=("${BUILD_PKGS[@]}" "${TEST_PKGS[@]}") ;;
+  --runtime-only) want=("${BUILD_PKGS[@]}") ;;
+  --libs-only) want=("${LIB_PKGS[@]}") ;;
+  --sidecar) want=("${SIDECAR_PKGS[@]}") ;;
+  --prometheus) want=(prometheus) ;;
+  *) echo "install-deps: unknown option '$1' (see the usage at the top of $0)" >&2; exit 2 ;;
+esac
 
 missing=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 # Debian's nodejs lacks npm, which is its own package; a NodeSource nodejs carries npm itself.
-if [[ ${1:-} != --runtime-only ]] && ! command -v npm >/dev/null; then missing+=(npm); fi
+if [[ -z ${1:-} ]] && ! command -v npm >/dev/null; then missing+=(npm); fi
 
 if ((${#missing[@]})); then
   echo "install-deps: installing ${missing[*]}" >&2

@@ -1,0 +1,113 @@
+# The arcface-service image, and the two companion images of deploy/docker-compose.yml.
+#
+#   docker build -t arcface-service .                                    # the server (default target)
+#   docker build --target prometheus -t arcface-prometheus .             # Prometheus scraping it
+#   docker build --target video-analytics -t arcface-video-analytics .   # the example sidecar
+#
+# Every stage starts from debian:bookworm and installs Debian packages with
+# deploy/install-deps.sh, so dependency layers come before any source layer and stay cached
+# while only the sources change. Where no registry is reachable, deploy/docker-engine.sh makes
+# debian:bookworm locally. BuildKit (DOCKER_BUILDKIT=1, Docker 20.10+) keeps the compiler cache
+# (ccache) between builds; no `# syntax` line, so no frontend image has to be pulled.
+#
+# CUDA variant (not built in this project's CI, which has neither a GPU nor network access to
+# download a CUDA libtorch): --build-arg VARIANT=cuda --build-arg LIBTORCH_URL=<a CUDA "cxx11 ABI,
+# shared with deps" libtorch zip from pytorch.org>. The zip carries the CUDA and cuDNN runtime
+# libraries; the host's NVIDIA driver comes in through the NVIDIA container toolkit
+# (deploy/docker-compose.gpu.yml). The builder then compiles against that libtorch (Torch_DIR)
+# instead of Debian's CPU libtorch and the runtime stage carries its libraries in /opt/libtorch.
+ARG BASE_IMAGE=debian:bookworm
+
+# ---- deps: compilers, headers and libraries (changes only with deploy/install-deps.sh) -------
+FROM ${BASE_IMAGE} AS deps
+ARG VARIANT=cpu
+ARG LIBTORCH_URL=
+COPY deploy/install-deps.sh /usr/local/sbin/install-deps.sh
+RUN install-deps.sh --runtime-only && rm -rf /var/lib/apt/lists/*
+RUN set -eu; mkdir -p /opt/libtorch/lib; \
+    if [ "$VARIANT" = cuda ]; then \
+      [ -n "$LIBTORCH_URL" ] || { echo "VARIANT=cuda needs --build-arg LIBTORCH_URL=<CUDA libtorch zip>" >&2; exit 2; }; \
+      apt-get update -qq && apt-get install -y -qq --no-install-recommends unzip >/dev/null; \
+      curl -fsSL "$LIBTORCH_URL" -o /tmp/libtorch.zip; \
+      unzip -q /tmp/libtorch.zip -d /opt && rm /tmp/libtorch.zip; \
+    elif [ "$VARIANT" != cpu ]; then echo "VARIANT must be cpu or cuda, not '$VARIANT'" >&2; exit 2; \
+    fi
+
+# ---- python-client: the gRPC stubs and arcface_client (no C++ compile) ------------------------
+FROM deps AS python-client
+ARG VARIANT=cpu
+WORKDIR /src
+COPY CMakeLists.txt ./
+COPY proto proto
+COPY client client
+COPY server server
+RUN set -eu; torch_dir=; [ "$VARIANT" = cuda ] && torch_dir=-DTorch_DIR=/opt/libtorch/share/cmake/Torch; \
+    cmake -S /src -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release -DARCFACE_BUILD_TESTS=OFF \
+      -DCMAKE_CXX_COMPILER_LAUNCHER=ccache $torch_dir >/dev/null \
+ && cmake --build /build --target arcface_python \
+ && mkdir -p /out && cp -r /build/python /out/python
+
+# ---- builder: arcface-server and arcface-client -------------------------------------------
+FROM python-client AS builder
+ENV CCACHE_DIR=/root/.cache/ccache
+RUN --mount=type=cache,target=/root/.cache/ccache \
+    cmake --build /build -j"$(nproc)" --target arcface-server arcface-client \
+ && { ccache --show-stats | grep -iE 'hits|misses' || true; }
+RUN mkdir -p /out/bin \
+ && cp /build/server/arcface-server /build/client/arcface-client /out/bin/ \
+ && strip /out/bin/*
+
+# ---- prometheus: Debian's Prometheus with a scrape config for the compose stack -------------
+FROM ${BASE_IMAGE} AS prometheus
+COPY deploy/install-deps.sh /usr/local/sbin/install-deps.sh
+RUN install-deps.sh --prometheus && rm -rf /var/lib/apt/lists/* \
+ && mkdir -p /prometheus && chown prometheus:prometheus /prometheus
+COPY deploy/prometheus/prometheus.yml /etc/prometheus/prometheus.yml
+USER prometheus
+EXPOSE 9090
+VOLUME /prometheus
+ENTRYPOINT ["/usr/bin/prometheus", "--config.file=/etc/prometheus/prometheus.yml", \
+            "--storage.tsdb.path=/prometheus", "--web.listen-address=:9090"]
+
+# ---- video-analytics: the example sidecar program ------------------------------------------
+FROM ${BASE_IMAGE} AS video-analytics
+COPY deploy/install-deps.sh /usr/local/sbin/install-deps.sh
+RUN install-deps.sh --sidecar && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 10002 analytics \
+ && useradd --uid 10002 --gid 10002 --no-create-home --shell /usr/sbin/nologin analytics
+COPY --from=python-client /out/python /opt/arcface/python
+COPY deploy/video-analytics/video_analytics.py /opt/arcface/video_analytics.py
+ENV PYTHONPATH=/opt/arcface/python PYTHONUNBUFFERED=1
+USER 10002:10002
+ENTRYPOINT ["python3", "/opt/arcface/video_analytics.py"]
+
+# ---- runtime (default): runtime libraries, the two binaries, the Python client --------------
+FROM ${BASE_IMAGE} AS runtime
+ARG VARIANT=cpu
+COPY deploy/install-deps.sh /usr/local/sbin/install-deps.sh
+RUN install-deps.sh --libs-only && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 10001 arcface \
+ && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin arcface \
+ && mkdir -p /models
+# Empty for the CPU variant; the CUDA libtorch's libraries otherwise.
+COPY --from=deps /opt/libtorch/lib /opt/libtorch/lib
+COPY --from=python-client /out/python /opt/arcface/python
+COPY --from=builder /out/bin/ /usr/local/bin/
+COPY deploy/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
+# OPENCV_IO_MAX_IMAGE_PIXELS: OpenCV's own decode cap (its default is 2^30 pixels), a second
+# line behind the server's --max-image-pixels (40 M), which refuses larger images from their
+# header alone; raise both together.
+ENV ARCFACE_WEIGHTS=/models/arcface_r50.safetensors \
+    ARCFACE_DEMO_WEIGHTS=false \
+    ARCFACE_LISTEN=0.0.0.0:50051 \
+    ARCFACE_HTTP_LISTEN=0.0.0.0:8080 \
+    OPENCV_IO_MAX_IMAGE_PIXELS=67108864 \
+    PYTHONPATH=/opt/arcface/python \
+    LD_LIBRARY_PATH=/opt/libtorch/lib
+# Numeric, so that Kubernetes can verify runAsNonRoot without knowing the image.
+USER 10001:10001
+EXPOSE 50051 8080
+# start-period: loading the weights and warming up takes a few seconds on a CPU.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
+  CMD ["arcface-client", "health", "--server", "127.0.0.1:50051"]
+ENTRYPOINT ["docker-entrypoint.sh"]

@@ -1,0 +1,287 @@
+"""The Docker image and the compose stack on a real engine (ctest label `docker`).
+
+Starts an engine when none answers (deploy/docker-engine.sh: private data root, base image
+made with debootstrap when missing; never skipped: no engine is a failure), builds the three
+images from the repository's Dockerfile, brings deploy/docker-compose.yml up with the demo
+weights and the shared photos as the sidecar's input, and checks:
+- the service becomes `healthy` (the image's HEALTHCHECK, arcface-client health);
+- Embed from the host through the published port, and from inside the video-analytics
+  container over localhost (its shared network namespace), both equal the reference: the
+  same inputs through arcface-server built on the host with the same demo weights;
+- the sidecar logs faces with identities, the same identity for the same face every loop;
+- Prometheus (published port 9090) reports its scrape target arcface:8080 up;
+- `docker-compose stop`: the server (PID 1 through the entry point) and the sidecar exit 0;
+- `docker-compose down` leaves no container, network or volume of the project behind.
+The images it built are removed at the end; the base image and the build cache stay in the
+engine's data root, so a second run on the same machine rebuilds only what changed.
+"""
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.parse
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "integration"))
+import arcface_testlib as lib  # noqa: E402
+from arcface_client import ArcFaceClient  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENGINE = os.path.join(ROOT, "deploy", "docker-engine.sh")
+COMPOSE_FILE = os.path.join(ROOT, "deploy", "docker-compose.yml")
+DOCKER = "/usr/bin/docker"  # Debian's client, matching Debian's engine
+PROJECT = f"arcfaceci{os.getpid()}"
+TAG = f"ci-{os.getpid()}"
+IMAGES = {  # compose variable -> (image, Dockerfile target)
+    "ARCFACE_IMAGE": (f"arcface-service:{TAG}", None),
+    "PROMETHEUS_IMAGE": (f"arcface-prometheus:{TAG}", "prometheus"),
+    "VIDEO_ANALYTICS_IMAGE": (f"arcface-video-analytics:{TAG}", "video-analytics"),
+}
+
+
+def run(args, env, timeout, check=True):
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited with {out.returncode}:\n"
+                             f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """DOCKER_HOST of a running engine with debian:bookworm; stops the engine afterwards if
+    this fixture started it. One such test at a time per machine (a lock), so that no run
+    stops the engine under another one."""
+    lock = open("/tmp/arcface-docker-test.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    env = dict(os.environ)
+    out = subprocess.run([ENGINE, "start"], env=env, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        pytest.fail(f"no Docker engine could be started:\n{out.stderr}")
+    # "export DOCKER_HOST=... ARCFACE_DOCKERD_STARTED=0|1"
+    for assignment in out.stdout.split()[1:]:
+        key, value = assignment.split("=", 1)
+        env[key] = value
+    print(f"engine at {env['DOCKER_HOST']}, started by this test: {env['ARCFACE_DOCKERD_STARTED']}")
+    try:
+        run([ENGINE, "base"], env, timeout=600)
+        yield env
+    finally:
+        run([ENGINE, "stop"], env, timeout=120)
+        lock.close()
+
+
+@pytest.fixture(scope="module")
+def images(engine):
+    env = dict(engine, DOCKER_BUILDKIT="1")
+    built = []
+    try:
+        for image, target in IMAGES.values():
+            started = time.monotonic()
+            args = [DOCKER, "build", "--progress=plain", "-t", image, "-f",
+                    os.path.join(ROOT, "Dockerfile")]
+            if target:
+                args += ["--target", target]
+            built.append(image)
+            run(args + [ROOT], env, timeout=1500)
+            print(f"built {image} in {time.monotonic() - started:.0f} s")
+        size = int(run([DOCKER, "image", "inspect", "-f", "{{.Size}}", built[0]], env, 60))
+        print(f"{built[0]}: {size / 1e6:.0f} MB")
+        yield built
+    finally:
+        run([DOCKER, "image", "rm", "--force", *built], engine, timeout=300, check=False)
+        # Keep the build cache (dependency layers, ccache) for the next run, within bounds.
+        run([DOCKER, "builder", "prune", "--force", "--keep-storage", "8gb"], engine,
+            timeout=300, check=False)
+
+
+def compose(env, *args, timeout=300, check=True):
+    return run(["docker-compose", "-p", PROJECT, "-f", COMPOSE_FILE, *args], env, timeout, check)
+
+
+def leftovers(env):
+    """Containers, networks and volumes still labelled with the compose project."""
+    label = f"label=com.docker.compose.project={PROJECT}"
+    found = {}
+    for kind, cmd in (("containers", ["ps", "-aq"]), ("networks", ["network", "ls", "-q"]),
+                      ("volumes", ["volume", "ls", "-q"])):
+        ids = run([DOCKER, *cmd, "--filter", label], env, 60).split()
+        if ids:
+            found[kind] = ids
+    return found
+
+
+@pytest.fixture(scope="module")
+def stack(engine, images):
+    ports = {"ARCFACE_GRPC_PORT": lib.free_port(), "ARCFACE_HTTP_PORT": lib.free_port(),
+             "PROMETHEUS_PORT": lib.free_port()}
+    # The demo weights are a random network: unrelated faces already reach cosines of 0.4-0.85
+    # there, so the sidecar's identity threshold is raised to tell the photos' faces apart.
+    env = dict(engine, ARCFACE_DEMO_WEIGHTS="true",
+               ARCFACE_VIDEO_INPUT=os.path.realpath(lib.SHARED_DATA),
+               VIDEO_THRESHOLD="0.95", VIDEO_FPS="4",
+               **{k: str(v) for k, v in ports.items()},
+               **{k: image for k, (image, _) in IMAGES.items()})
+    try:
+        compose(env, "up", "-d", "--no-build", timeout=600)
+        yield env, ports
+    finally:
+        if leftovers(env):  # the test failed before its own `down`: show why
+            print(compose(env, "logs", "--no-color", "--tail", "40", check=False)[-8000:])
+        compose(env, "down", "--volumes", "--remove-orphans", check=False)
+
+
+def container(env, service):
+    ids = compose(env, "ps", "-q", service).split()
+    assert len(ids) == 1, f"{service}: {ids}"
+    return ids[0]
+
+
+def health(env, service):
+    return run([DOCKER, "inspect", "-f", "{{.State.Health.Status}}", container(env, service)],
+               env, 60).strip()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """arcface-server built on the host, with the same demo weights as the image."""
+    problem = lib.missing_environment("docker_compose_stack")
+    if problem:
+        pytest.fail(problem)
+    server = lib.ServerProcess(lib.demo_args(), str(tmp_path_factory.mktemp("reference")),
+                               name="reference").start()
+    with ArcFaceClient(f"127.0.0.1:{server.grpc_port}", timeout=120) as client:
+        yield client
+    server.stop()
+
+
+def inputs():
+    """(name, image, box): a whole photo, a box in a group photo, a raw crop."""
+    data = lib.SHARED_DATA
+    crop = np.random.default_rng(5).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    return [("single_face", os.path.join(data, "single_face.jpg"), None),
+            ("a box in multi_face", os.path.join(data, "multi_face.jpg"), (370, 80, 520, 260)),
+            ("raw crop", crop, None)]
+
+
+def assert_same(got, ref, what):
+    got = np.asarray(got, np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert got.shape == ref.shape == (512,), what
+    cos = lib.cosine(got, ref)
+    diff = float(np.max(np.abs(got - ref)))
+    assert cos >= 0.99999 and diff <= 1e-4 * np.linalg.norm(ref), (
+        f"{what}: cosine {cos:.7f}, max|Δ| {diff:.3g}")
+
+
+def test_image_contract(engine, images):
+    """Non-root, the ports, the health check, the environment, and the entry point's answer
+    when there are no weights."""
+    image = images[0]
+    config = json.loads(run([DOCKER, "image", "inspect", "-f", "{{json .Config}}", image],
+                            engine, 60))
+    assert config["User"] == "10001:10001", config["User"]
+    assert set(config["ExposedPorts"]) == {"50051/tcp", "8080/tcp"}
+    assert config["Healthcheck"]["Test"][:3] == ["CMD", "arcface-client", "health"]
+    env = dict(e.split("=", 1) for e in config["Env"])
+    assert env["ARCFACE_WEIGHTS"].startswith("/models/") and env["ARCFACE_DEMO_WEIGHTS"] == "false"
+    assert int(env["OPENCV_IO_MAX_IMAGE_PIXELS"]) >= 40_000_000
+    assert run([DOCKER, "run", "--rm", image, "id", "-u"], engine, 120).strip() == "10001"
+    out = subprocess.run([DOCKER, "run", "--rm", image], env=engine, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "no readable weights at ARCFACE_WEIGHTS" in out.stderr, out
+    out = subprocess.run([DOCKER, "run", "--rm", image, "--demo-weights", "--max-batch-size", "0"],
+                         env=engine, capture_output=True, text=True, timeout=120)
+    # Flags reach the server, and --demo-weights replaced the image's ARCFACE_WEIGHTS.
+    assert out.returncode == 2 and "--max-batch-size" in out.stderr, out
+    assert "give exactly one" not in out.stderr, out.stderr
+
+
+SIDECAR_EMBED = """
+import json
+from arcface_client import ArcFaceClient
+with ArcFaceClient("localhost:50051", timeout=120) as c:
+    info = c.model_info()
+    e = c.embed(["/input/single_face.jpg"])
+print(json.dumps({"model_id": info["model_id"], "embedding": e[0].tolist()}))
+"""
+
+
+def test_compose_stack(engine, stack, reference):
+    env, ports = stack
+    lib.wait_until(lambda: health(env, "arcface") == "healthy", 240, interval=1,
+                   what="the arcface container to be healthy")
+
+    # Embed from the host through the published gRPC port.
+    ref_info = reference.model_info()
+    with ArcFaceClient(f"127.0.0.1:{ports['ARCFACE_GRPC_PORT']}", timeout=120) as client:
+        info = client.model_info()
+        assert info["demo_weights"] and info["model_id"] == ref_info["model_id"], info
+        for name, image, box in inputs():
+            got = client.embed([image], boxes=[box])
+            want = reference.embed([image], boxes=[box])
+            assert_same(got[0], want[0], f"host -> container, {name}")
+
+    # Embed from inside the sidecar, over localhost in the shared network namespace.
+    out = compose(env, "exec", "-T", "video-analytics", "python3", "-c", SIDECAR_EMBED)
+    sidecar = json.loads(out.strip().splitlines()[-1])
+    assert sidecar["model_id"] == ref_info["model_id"]
+    want = reference.embed([os.path.join(lib.SHARED_DATA, "single_face.jpg")])
+    assert_same(sidecar["embedding"], want[0], "sidecar -> localhost:50051, single_face")
+
+    # The sidecar's own loop: faces found, each face its own identity, kept on every pass.
+    def faces_seen_twice():
+        lines = compose(env, "logs", "--no-color", "video-analytics").splitlines()
+        events = []
+        for line in lines:
+            text = line.split("|", 1)[-1].strip()
+            if text.startswith("{"):
+                events.append(json.loads(text))
+        faces = [e for e in events if "identity" in e]
+        seen = {}
+        for e in faces:
+            seen.setdefault((e["source"], tuple(e["box"])), []).append(e["identity"])
+        return seen if any(len(ids) >= 2 for ids in seen.values()) else None
+
+    seen = lib.wait_until(faces_seen_twice, 240, interval=2, what="faces on a second pass")
+    print(f"sidecar: {len(seen)} faces, {len({i for ids in seen.values() for i in ids})} "
+          f"identities, {sum(len(ids) for ids in seen.values())} sightings")
+    for key, identities in seen.items():
+        assert len(set(identities)) == 1, f"{key} changed identity: {identities}"
+    first = {ids[0] for ids in seen.values()}
+    assert len(first) == len(seen), f"two faces share an identity: {seen}"
+    assert sum(src == "multi_face.jpg" for src, _ in seen) >= 3, seen
+
+    # Prometheus scrapes arcface:8080 over the compose network.
+    query = urllib.parse.quote('up{job="arcface"}')
+    url = f"http://127.0.0.1:{ports['PROMETHEUS_PORT']}/api/v1/query?query={query}"
+
+    def target_up():
+        try:
+            status, body = lib.http_get(url)
+        except OSError:  # not listening yet
+            return None
+        if status != 200:
+            return None
+        result = json.loads(body)["data"]["result"]
+        return result if result and result[0]["value"][1] == "1" else None
+
+    result = lib.wait_until(target_up, 120, interval=1, what="Prometheus to see arcface up")
+    assert result[0]["metric"]["instance"] == "arcface:8080", result
+
+    # SIGTERM (stop): the server drains and exits 0 as PID 1; the sidecar finishes its frame.
+    ids = {name: container(env, name) for name in ("arcface", "video-analytics")}
+    compose(env, "stop")
+    for name, cid in ids.items():
+        code = run([DOCKER, "inspect", "-f", "{{.State.ExitCode}}", cid], env, 60).strip()
+        assert code == "0", f"{name} exited with {code} on SIGTERM"
+
+    # down leaves nothing of the project behind.
+    compose(env, "down", "--volumes", "--remove-orphans")
+    assert leftovers(env) == {}
