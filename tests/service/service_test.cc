@@ -254,7 +254,15 @@ TEST(Metrics, ServiceMetricsHaveTheRequiredFamilies) {
   info.num_tasks = 2;
   info.queue_waits = waits;
   info.run_time = absl::Milliseconds(30);
+  info.model_idle = absl::Microseconds(40);
+  info.items_staged_ahead = 20;
+  info.stage_time = absl::Microseconds(300);
+  info.finish_time = absl::Microseconds(700);
   m.OnBatch(info);
+  info.model_idle.reset();  // the first batch has none
+  info.items_staged_ahead = 0;
+  m.OnBatch(info);
+  m.RecordPreprocess(0.002);
 
   std::map<std::string, std::string> types;
   std::vector<Sample> samples = ParseExposition(m.Render(), &types);
@@ -267,6 +275,11 @@ TEST(Metrics, ServiceMetricsHaveTheRequiredFamilies) {
   EXPECT_EQ(types["arcface_queue_depth"], "gauge");
   EXPECT_EQ(types["arcface_rejected_total"], "counter");
   EXPECT_EQ(types["arcface_model_info"], "gauge");
+  EXPECT_EQ(types["arcface_preprocess_seconds"], "histogram");
+  EXPECT_EQ(types["arcface_batch_stage_seconds"], "histogram");
+  EXPECT_EQ(types["arcface_postprocess_seconds"], "histogram");
+  EXPECT_EQ(types["arcface_model_idle_seconds"], "histogram");
+  EXPECT_EQ(types["arcface_staged_ahead_crops_total"], "counter");
   std::map<std::string, double> flat;
   for (const Sample& s : samples) {
     std::string key = s.name;
@@ -284,11 +297,21 @@ TEST(Metrics, ServiceMetricsHaveTheRequiredFamilies) {
             1);
   // Batch-size buckets: powers of two up to the limit, and the limit itself.
   EXPECT_EQ(flat["arcface_batch_size_bucket,le=16"], 0);
-  EXPECT_EQ(flat["arcface_batch_size_bucket,le=24"], 1);
+  EXPECT_EQ(flat["arcface_batch_size_bucket,le=24"], 2);
   EXPECT_EQ(flat.count("arcface_batch_size_bucket,le=32"), 0u);
-  EXPECT_EQ(flat["arcface_batch_size_sum"], 24);
-  EXPECT_EQ(flat["arcface_queue_wait_seconds_count"], 2);
-  EXPECT_NEAR(flat["arcface_inference_seconds_sum"], 0.03, 1e-12);
+  EXPECT_EQ(flat["arcface_batch_size_sum"], 48);
+  EXPECT_EQ(flat["arcface_queue_wait_seconds_count"], 4);
+  EXPECT_NEAR(flat["arcface_inference_seconds_sum"], 0.06, 1e-12);
+  // The per-stage times: idle only where the batcher knows it, staged crops counted.
+  EXPECT_EQ(flat["arcface_model_idle_seconds_count"], 1);
+  EXPECT_NEAR(flat["arcface_model_idle_seconds_sum"], 40e-6, 1e-12);
+  EXPECT_EQ(flat["arcface_model_idle_seconds_bucket,le=5e-05"], 1);
+  EXPECT_EQ(flat["arcface_model_idle_seconds_bucket,le=2.5e-05"], 0);
+  EXPECT_EQ(flat["arcface_staged_ahead_crops_total"], 20);
+  EXPECT_EQ(flat["arcface_batch_stage_seconds_count"], 2);
+  EXPECT_NEAR(flat["arcface_postprocess_seconds_sum"], 1.4e-3, 1e-12);
+  EXPECT_EQ(flat["arcface_preprocess_seconds_count"], 1);
+  EXPECT_NEAR(flat["arcface_preprocess_seconds_sum"], 0.002, 1e-12);
 }
 
 TEST(Metrics, ValueFormatting) {
