@@ -49,7 +49,8 @@
 // The status passed to `done`:
 // - OK: every item went through a BatchFn call that succeeded for it.
 // - DEADLINE_EXCEEDED / CANCELLED: the task was found expired (Now() >= deadline) or cancelled
-//   when a batch was being formed; its items not yet run never reach the BatchFn.
+//   when its items were about to be handed to the model; its items not yet run never reach the
+//   BatchFn.
 // - Otherwise the BatchFn's status (or a slice status it set) for the first batch that failed
 //   any of the task's items; the task's remaining items are dropped.
 //
@@ -201,8 +202,9 @@ class DynamicBatcher {
     int max_batch_size = 32;                                // >= 1
     absl::Duration max_queue_delay = absl::Milliseconds(2);  // >= 0, finite; 0: no waiting
     int max_queue_size = 4096;  // items not yet in a batch; >= max_batch_size
-    // false: "puppet" mode for deterministic tests of the layer above: no thread; batches run
-    // only inside RunOnce() and Shutdown(), on the caller's thread.
+    // false: "puppet" mode for deterministic tests of the layer above: no threads; batches are
+    // formed, staged, run and finished only inside RunOnce() and Shutdown(), on the caller's
+    // thread.
     bool start_batch_thread = true;
     BatcherObserver* observer = nullptr;  // optional, not owned
   };
