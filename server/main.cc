@@ -246,8 +246,13 @@ int Run(const service::ServerConfig& cfg, const sigset_t& signals) {
   engine_options.threads = cfg.threads;
   engine_options.warmup_batch_size = cfg.warmup_batch_size;
   engine_options.max_batch_size = cfg.max_batch_size;  // CUDA graphs up to the batcher's limit
-  absl::StatusOr<std::unique_ptr<engine::Engine>> engine =
-      engine::Engine::Create(checkpoint, engine_options);
+  // Built (and warmed up) on a thread that exits afterwards. Every thread that runs libtorch
+  // keeps an OpenMP team of its own; with the loading thread's idle team beside the model
+  // thread's, libgomp manages more threads than there are cores and cuts its spin-wait at
+  // barriers from 300000 to 1000 spins, so the model's threads sleep on a futex and are woken
+  // at most barriers of the forward pass (docs/PERFORMANCE.md).
+  absl::StatusOr<std::unique_ptr<engine::Engine>> engine;
+  std::thread([&] { engine = engine::Engine::Create(checkpoint, engine_options); }).join();
   if (!engine.ok()) {
     spdlog::error("engine (--device {}, --precision {}, --threads {}): {}", cfg.device,
                   cfg.precision, cfg.threads, std::string(engine.status().message()));

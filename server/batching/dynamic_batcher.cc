@@ -31,10 +31,10 @@ struct DynamicBatcher::TaskState {
   int num_items = 0;
   absl::Time deadline;
   absl::Time enqueued;  // on the batcher's clock; the age of all its items
-  // First item not yet taken into a batch. Written under mu_ by the batch-forming thread only,
-  // so that thread may also read it without the lock.
+  // First item not yet taken out of the queue (into the open batch). Written under mu_ by the
+  // forming thread only, so that thread may also read it without the lock.
   int next_item = 0;
-  // The fields below are touched only by the one thread forming and running batches.
+  // The fields below are touched only by the forming thread.
   int items_returned = 0;  // items that came back from the BatchFn
   absl::Status status;     // first error
 };
@@ -46,9 +46,40 @@ struct DynamicBatcher::Outcome {
   int items_dropped;  // accepted items of this task that never reached the BatchFn
 };
 
+// A batch and the batcher's notes on it. Owned by one thread at a time: the forming thread
+// while open, the model thread from the hand-over until it puts it in ran_.
+struct DynamicBatcher::Slot {
+  Batch batch;
+  std::vector<std::shared_ptr<TaskState>> states;  // parallel to batch.slices
+  std::vector<char> checked;  // parallel: the task passed the expiry/cancel check
+  int staged = 0;             // items [0, staged) were staged at their current positions
+  int staged_ahead = 0;       // of those, staged while the model ran the previous batch
+  absl::Duration stage_time;
+  std::vector<absl::Duration> waits;
+  std::optional<absl::Duration> model_idle;
+  absl::Status status;
+  absl::Duration run_time;
+  absl::Time run_end;
+
+  void Clear() {
+    batch.slices.clear();
+    batch.size = 0;
+    states.clear();
+    checked.clear();
+    staged = 0;
+    staged_ahead = 0;
+    stage_time = absl::ZeroDuration();
+    waits.clear();
+    model_idle.reset();
+    status = absl::OkStatus();
+    run_time = absl::ZeroDuration();
+  }
+};
+
 absl::StatusOr<std::unique_ptr<DynamicBatcher>> DynamicBatcher::Create(const Options& options,
                                                                         BatchFn batch_fn,
-                                                                        Clock* clock) {
+                                                                        Clock* clock,
+                                                                        StageFn stage_fn) {
   if (options.max_batch_size < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_batch_size must be >= 1, got ", options.max_batch_size));
@@ -68,16 +99,23 @@ absl::StatusOr<std::unique_ptr<DynamicBatcher>> DynamicBatcher::Create(const Opt
   if (clock == nullptr) clock = RealClock::Get();
 
   std::unique_ptr<DynamicBatcher> batcher(
-      new DynamicBatcher(options, std::move(batch_fn), clock));
+      new DynamicBatcher(options, std::move(batch_fn), std::move(stage_fn), clock));
   if (options.start_batch_thread) {
     absl::MutexLock lock(&batcher->join_mu_);
-    batcher->thread_ = std::thread([b = batcher.get()] { b->BatchThreadLoop(); });
+    DynamicBatcher* b = batcher.get();
+    b->threads_.emplace_back([b] { b->BatchThreadLoop(); });
+    b->threads_.emplace_back([b] { b->ModelThreadLoop(); });
   }
   return batcher;
 }
 
-DynamicBatcher::DynamicBatcher(const Options& options, BatchFn batch_fn, Clock* clock)
-    : options_(options), clock_(clock), batch_fn_(std::move(batch_fn)) {}
+DynamicBatcher::DynamicBatcher(const Options& options, BatchFn batch_fn, StageFn stage_fn,
+                               Clock* clock)
+    : options_(options),
+      clock_(clock),
+      batch_fn_(std::move(batch_fn)),
+      stage_fn_(std::move(stage_fn)),
+      open_(std::make_unique<Slot>()) {}
 
 DynamicBatcher::~DynamicBatcher() { Shutdown(); }
 
@@ -123,15 +161,16 @@ absl::Status DynamicBatcher::Schedule(std::shared_ptr<Task> task) {
       state->deadline = task->deadline;
       state->enqueued = clock_->Now();
       state->task = std::move(task);
-      const bool was_empty = queue_.empty();
+      const bool was_empty = queued_items_ == 0;
       const bool was_below_full = queued_items_ < options_.max_batch_size;
       queue_.push_back(std::move(state));
       queued_items_ += n;
       ++counters_.tasks_accepted;
       counters_.items_accepted += n;
-      // Only these two changes can make a batch due earlier than the batch thread already plans
-      // (a new oldest item, or a full batch); waking it for anything else is wasted work.
-      if (was_empty || (was_below_full && queued_items_ >= options_.max_batch_size)) {
+      // Only these changes give the batch thread something to do earlier than it plans: a new
+      // oldest item, a full batch, or items to stage while the model is busy.
+      if (was_empty || (was_below_full && queued_items_ >= options_.max_batch_size) ||
+          (model_busy_ && open_items_ < options_.max_batch_size)) {
         wake_pending_ = true;
         wake_.Signal();
       }
@@ -152,21 +191,23 @@ void DynamicBatcher::Shutdown() {
       wake_.SignalAll();
     }
   }
-  // From one of our own callbacks: the flush is already under way on this very thread.
+  // From one of our own callbacks: the flush is already under way on the batcher's threads.
   if (tls_in_callbacks_of == this) return;
   if (!options_.start_batch_thread) {
     absl::MutexLock step(&step_mu_);
     for (;;) {
       {
         absl::MutexLock lock(&mu_);
-        if (queue_.empty()) break;
+        if (queued_items_ == 0) break;
       }
-      FormAndRunBatch();
+      FormAndRunInline();
     }
     return;
   }
   absl::MutexLock join(&join_mu_);
-  if (thread_.joinable()) thread_.join();
+  for (std::thread& t : threads_) {
+    if (t.joinable()) t.join();
+  }
 }
 
 absl::StatusOr<int> DynamicBatcher::RunOnce() {
@@ -183,7 +224,7 @@ absl::StatusOr<int> DynamicBatcher::RunOnce() {
       if (!BatchDueLocked()) return 0;
     }
     // 0 means everything taken was dropped; what is behind it may be due too.
-    if (int size = FormAndRunBatch(); size > 0) return size;
+    if (int size = FormAndRunInline(); size > 0) return size;
   }
 }
 
@@ -202,40 +243,171 @@ BatcherCounters DynamicBatcher::counters() const {
   return counters_;
 }
 
+absl::Time DynamicBatcher::OldestLocked() {
+  return open_items_ > 0 ? open_oldest_ : queue_.front()->enqueued;
+}
+
 bool DynamicBatcher::BatchDueLocked() {
-  if (queue_.empty()) return false;
+  if (queued_items_ == 0) return false;
   if (stopping_ || queued_items_ >= options_.max_batch_size) return true;
-  return clock_->Now() >= queue_.front()->enqueued + options_.max_queue_delay;
+  return clock_->Now() >= OldestLocked() + options_.max_queue_delay;
 }
 
 bool DynamicBatcher::IdleLocked() {
   if (!options_.start_batch_thread || thread_exited_) return true;
   // Evaluated by absl whenever mu_ is released; the clock may have moved past the thread's
   // wake-up time without anyone touching mu_, which is why the time is part of the test.
-  return thread_waiting_ && !wake_pending_ && clock_->Now() < thread_wait_deadline_;
+  return thread_waiting_ && !wake_pending_ && !model_busy_ &&
+         clock_->Now() < thread_wait_deadline_;
 }
 
 void DynamicBatcher::BatchThreadLoop() {
   ScopedCallbackThread mark(this);
   for (;;) {
+    std::unique_ptr<Slot> ran;
+    bool due = false;
+    bool stage = false;
     {
       absl::MutexLock lock(&mu_);
-      while (!BatchDueLocked()) {
-        if (stopping_ && queue_.empty()) {
+      for (;;) {
+        if (ran_ != nullptr) {
+          ran = std::move(ran_);
+          model_busy_ = false;
+          break;
+        }
+        if (!model_busy_ && BatchDueLocked()) {
+          due = true;
+          break;
+        }
+        if (model_busy_ && !queue_.empty() && open_items_ < options_.max_batch_size) {
+          stage = true;
+          break;
+        }
+        if (stopping_ && queued_items_ == 0 && !model_busy_) {
+          model_thread_stop_ = true;
           thread_exited_ = true;
           return;
         }
-        thread_wait_deadline_ = queue_.empty()
-                                    ? absl::InfiniteFuture()
-                                    : queue_.front()->enqueued + options_.max_queue_delay;
+        // While the model is busy nothing becomes due by time: the model thread wakes us.
+        thread_wait_deadline_ = !model_busy_ && queued_items_ > 0
+                                    ? OldestLocked() + options_.max_queue_delay
+                                    : absl::InfiniteFuture();
         thread_waiting_ = true;
         wake_pending_ = false;
         clock_->WaitUntil(mu_, wake_, thread_wait_deadline_);
         thread_waiting_ = false;
       }
     }
-    FormAndRunBatch();
+    std::vector<Outcome> outcomes;
+    if (ran != nullptr) {
+      Complete(*ran, &outcomes);
+      absl::MutexLock lock(&mu_);
+      due = BatchDueLocked();
+    }
+    std::vector<Outcome> drops;
+    if (due) {
+      FormOpen(&drops);
+      if (open_->batch.size > 0) {
+        std::unique_ptr<Slot> next = HandOver();
+        absl::MutexLock lock(&mu_);
+        to_run_ = std::move(next);
+        model_busy_ = true;
+      }
+    }
+    // The model has its next batch (if there was one); now the slower work around it.
+    Finish(drops);
+    if (ran != nullptr) {
+      Report(*ran, outcomes);
+      Recycle(std::move(ran));
+    }
+    if (stage) {
+      {
+        absl::MutexLock lock(&mu_);
+        TakeLocked();
+      }
+      StageOpen(/*ahead=*/true);
+    }
   }
+}
+
+void DynamicBatcher::ModelThreadLoop() {
+  ScopedCallbackThread mark(this);
+  for (;;) {
+    std::unique_ptr<Slot> slot;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return to_run_ != nullptr || model_thread_stop_;
+      };
+      mu_.Await(absl::Condition(&ready));
+      if (to_run_ == nullptr) return;
+      slot = std::move(to_run_);
+    }
+    RunModel(*slot);
+    absl::MutexLock lock(&mu_);
+    ran_ = std::move(slot);
+    wake_pending_ = true;
+    wake_.Signal();
+  }
+}
+
+void DynamicBatcher::TakeLocked() {
+  Slot& open = *open_;
+  int room = options_.max_batch_size - open.batch.size;
+  while (room > 0 && !queue_.empty()) {
+    const std::shared_ptr<TaskState>& front = queue_.front();
+    const int first = front->next_item;
+    const int count = std::min(room, front->num_items - first);
+    if (open.batch.size == 0) open_oldest_ = front->enqueued;
+    if (!open.states.empty() && open.states.back() == front) {
+      // The rest of the last slice's task, taken once a drop made room.
+      open.batch.slices.back().num_items += count;
+    } else {
+      open.batch.slices.push_back({front->task.get(), first, count, absl::OkStatus()});
+      open.states.push_back(front);
+      open.checked.push_back(0);
+    }
+    open.batch.size += count;
+    front->next_item += count;
+    room -= count;
+    if (front->next_item == front->num_items) queue_.pop_front();
+  }
+  open_items_ = open.batch.size;
+}
+
+void DynamicBatcher::StageOpen(bool ahead) {
+  Slot& open = *open_;
+  if (open.staged < open.batch.size && stage_fn_) {
+    const absl::Time start = clock_->Now();
+    stage_fn_(open.batch, open.staged);
+    open.stage_time += clock_->Now() - start;
+  }
+  open.staged = open.batch.size;
+  if (ahead) open.staged_ahead = open.staged;
+}
+
+int DynamicBatcher::RemoveFromOpenLocked(const TaskState* state) {
+  Slot& open = *open_;
+  int position = 0;
+  for (size_t i = 0; i < open.states.size(); ++i) {
+    const int count = open.batch.slices[i].num_items;
+    if (open.states[i].get() != state) {
+      position += count;
+      continue;
+    }
+    open.batch.slices.erase(open.batch.slices.begin() + i);
+    open.states.erase(open.states.begin() + i);
+    open.checked.erase(open.checked.begin() + i);
+    open.batch.size -= count;
+    // Items behind the removed slice moved up: they must be staged again.
+    open.staged = std::min(open.staged, position);
+    open.staged_ahead = std::min(open.staged_ahead, position);
+    queued_items_ -= count;
+    open_items_ = open.batch.size;
+    if (open.batch.size > 0) open_oldest_ = open.states.front()->enqueued;
+    return count;
+  }
+  return 0;
 }
 
 void DynamicBatcher::RemoveQueuedRestLocked(TaskState& state) {
@@ -250,126 +422,140 @@ void DynamicBatcher::RemoveQueuedRestLocked(TaskState& state) {
   state.next_item = state.num_items;
 }
 
-int DynamicBatcher::FormAndRunBatch() {
-  ScopedCallbackThread mark(this);
+void DynamicBatcher::FormOpen(std::vector<Outcome>* drops) {
+  Slot& open = *open_;
   const absl::Time now = clock_->Now();
-  const int max_size = options_.max_batch_size;
-
-  Batch batch;
-  std::vector<std::shared_ptr<TaskState>> states;  // parallel to batch.slices
-  std::vector<Outcome> outcomes;
-
-  struct Taken {
-    std::shared_ptr<TaskState> state;
-    int first;
-    int count;
-  };
-  std::vector<Taken> taken;
   // Take, then check outside the lock (is_cancelled is the caller's code); dropped tasks leave
-  // room, so take again until the batch is full or the queue is empty.
-  while (batch.size < max_size) {
-    taken.clear();
+  // room, so take again until nothing more is dropped.
+  for (;;) {
     {
       absl::MutexLock lock(&mu_);
-      int room = max_size - batch.size;
-      while (room > 0 && !queue_.empty()) {
-        const std::shared_ptr<TaskState>& front = queue_.front();
-        const int count = std::min(room, front->num_items - front->next_item);
-        taken.push_back({front, front->next_item, count});
-        front->next_item += count;
-        queued_items_ -= count;
-        room -= count;
-        if (front->next_item == front->num_items) queue_.pop_front();
-      }
+      TakeLocked();
     }
-    if (taken.empty()) break;
-    for (Taken& t : taken) {
-      if (!states.empty() && states.back() == t.state) {
-        // The rest of the previous slice's task, taken once a drop made room: already checked.
-        batch.slices.back().num_items += t.count;
-        batch.size += t.count;
-        continue;
-      }
-      TaskState& s = *t.state;
+    std::vector<std::shared_ptr<TaskState>> dropped;
+    for (size_t i = 0; i < open.states.size(); ++i) {
+      if (open.checked[i]) continue;
+      open.checked[i] = 1;
+      TaskState& s = *open.states[i];
       std::optional<Outcome::Kind> drop;
+      // Nothing of this task is in the model now, so what came back is what ran.
       if (now >= s.deadline) {
         drop = Outcome::Kind::kExpired;
-        s.status = absl::DeadlineExceededError(
-            absl::StrCat("deadline passed after ", t.first, " of ", s.num_items,
-                         " items ran"));
+        s.status = absl::DeadlineExceededError(absl::StrCat(
+            "deadline passed after ", s.items_returned, " of ", s.num_items, " items ran"));
       } else if (s.task->is_cancelled && s.task->is_cancelled()) {
         drop = Outcome::Kind::kCancelled;
-        s.status = absl::CancelledError(absl::StrCat("cancelled after ", t.first, " of ",
-                                                     s.num_items, " items ran"));
+        s.status = absl::CancelledError(absl::StrCat("cancelled after ", s.items_returned,
+                                                     " of ", s.num_items, " items ran"));
       }
       if (drop.has_value()) {
-        {
-          absl::MutexLock lock(&mu_);
-          RemoveQueuedRestLocked(s);
-        }
-        outcomes.push_back({t.state, *drop, s.num_items - t.first});
-        continue;
+        drops->push_back({open.states[i], *drop, s.num_items - s.items_returned});
+        dropped.push_back(open.states[i]);
       }
-      batch.slices.push_back({s.task.get(), t.first, t.count, absl::OkStatus()});
-      states.push_back(t.state);
-      batch.size += t.count;
+    }
+    if (dropped.empty()) break;
+    absl::MutexLock lock(&mu_);
+    for (const std::shared_ptr<TaskState>& s : dropped) {
+      RemoveFromOpenLocked(s.get());
+      RemoveQueuedRestLocked(*s);
     }
   }
-  // Dropped tasks learn their fate now, not after a model run they take no part in.
-  Finish(outcomes);
-  outcomes.clear();
-  if (batch.size == 0) return 0;
+  StageOpen(/*ahead=*/false);
+}
 
-  std::vector<absl::Duration> waits;
-  waits.reserve(batch.size);
-  std::vector<int> counts;
-  counts.reserve(states.size());
-  for (size_t i = 0; i < states.size(); ++i) {
-    counts.push_back(batch.slices[i].num_items);
-    waits.insert(waits.end(), batch.slices[i].num_items, now - states[i]->enqueued);
+std::unique_ptr<DynamicBatcher::Slot> DynamicBatcher::HandOver() {
+  std::unique_ptr<Slot> slot = std::move(open_);
+  open_ = spare_ != nullptr ? std::move(spare_) : std::make_unique<Slot>();
+  open_->Clear();
+  const absl::Time now = clock_->Now();
+  slot->waits.clear();
+  slot->waits.reserve(slot->batch.size);
+  for (size_t i = 0; i < slot->states.size(); ++i) {
+    slot->waits.insert(slot->waits.end(), slot->batch.slices[i].num_items,
+                       now - slot->states[i]->enqueued);
   }
-  const int size = batch.size;
+  if (last_model_end_.has_value()) slot->model_idle = std::max(now - *last_model_end_, absl::ZeroDuration());
+  absl::MutexLock lock(&mu_);
+  queued_items_ -= slot->batch.size;
+  open_items_ = 0;
+  return slot;
+}
 
+void DynamicBatcher::RunModel(Slot& slot) {
   const absl::Time start = clock_->Now();
-  const absl::Status status = batch_fn_(batch);
-  const absl::Duration run_time = clock_->Now() - start;
+  slot.status = batch_fn_(slot.batch);
+  slot.run_end = clock_->Now();
+  slot.run_time = slot.run_end - start;
+}
 
+void DynamicBatcher::Complete(Slot& slot, std::vector<Outcome>* outcomes) {
+  last_model_end_ = slot.run_end;
   {
     absl::MutexLock lock(&mu_);
     ++counters_.batches;
-    if (!status.ok()) ++counters_.batches_failed;
-    counters_.items_batched += size;
+    if (!slot.status.ok()) ++counters_.batches_failed;
+    counters_.items_batched += slot.batch.size;
   }
-  if (options_.observer != nullptr) {
-    BatchInfo info;
-    info.size = size;
-    info.num_tasks = static_cast<int>(states.size());
-    info.queue_waits = waits;
-    info.run_time = run_time;
-    info.status = status;
-    options_.observer->OnBatch(info);
-  }
-
-  for (size_t i = 0; i < states.size(); ++i) {
-    TaskState& s = *states[i];
-    absl::Status item_status = status;
-    if (item_status.ok() && i < batch.slices.size()) item_status = batch.slices[i].status;
-    s.items_returned += counts[i];
+  for (size_t i = 0; i < slot.states.size(); ++i) {
+    TaskState& s = *slot.states[i];
+    absl::Status item_status = slot.status;
+    if (item_status.ok()) item_status = slot.batch.slices[i].status;
+    s.items_returned += slot.batch.slices[i].num_items;
     if (!item_status.ok() && s.status.ok()) s.status = item_status;
     if (!s.status.ok()) {
-      // Nothing of this task is in flight any more (one batch at a time): end it now.
-      int dropped;
+      // Nothing of this task is in the model any more (one batch at a time): end it now, with
+      // whatever of it waits in the open batch or the queue.
       {
         absl::MutexLock lock(&mu_);
-        dropped = s.num_items - s.next_item;
+        RemoveFromOpenLocked(&s);
         RemoveQueuedRestLocked(s);
       }
-      outcomes.push_back({states[i], Outcome::Kind::kFailed, dropped});
+      outcomes->push_back({slot.states[i], Outcome::Kind::kFailed, s.num_items - s.items_returned});
     } else if (s.items_returned == s.num_items) {
-      outcomes.push_back({states[i], Outcome::Kind::kSucceeded, 0});
+      outcomes->push_back({slot.states[i], Outcome::Kind::kSucceeded, 0});
     }
   }
+}
+
+void DynamicBatcher::Report(Slot& slot, std::vector<Outcome>& outcomes) {
+  const absl::Time start = clock_->Now();
   Finish(outcomes);
+  const absl::Duration finish_time = clock_->Now() - start;
+  if (options_.observer != nullptr) {
+    BatchInfo info;
+    info.size = slot.batch.size;
+    info.num_tasks = static_cast<int>(slot.states.size());
+    info.queue_waits = slot.waits;
+    info.run_time = slot.run_time;
+    info.status = slot.status;
+    info.model_idle = slot.model_idle;
+    info.items_staged_ahead = slot.staged_ahead;
+    info.stage_time = slot.stage_time;
+    info.finish_time = finish_time;
+    options_.observer->OnBatch(info);
+  }
+}
+
+void DynamicBatcher::Recycle(std::unique_ptr<Slot> slot) {
+  // The tasks may be gone: drop the references (the buffers keep their capacity).
+  slot->Clear();
+  spare_ = std::move(slot);
+}
+
+int DynamicBatcher::FormAndRunInline() {
+  ScopedCallbackThread mark(this);
+  std::vector<Outcome> drops;
+  FormOpen(&drops);
+  // Dropped tasks learn their fate now, not after a model run they take no part in.
+  Finish(drops);
+  if (open_->batch.size == 0) return 0;
+  std::unique_ptr<Slot> slot = HandOver();
+  RunModel(*slot);
+  std::vector<Outcome> outcomes;
+  Complete(*slot, &outcomes);
+  const int size = slot->batch.size;
+  Report(*slot, outcomes);
+  Recycle(std::move(slot));
   return size;
 }
 

@@ -24,14 +24,18 @@
 //   mutex for a short bounded section (one allocation, no callbacks) and returns; only a
 //   rejection runs caller code (the observer's OnRejected), after the mutex is released. It may
 //   be called from any thread, including from inside `done` and the BatchFn.
-// - One batch thread (or, in puppet mode, the caller of RunOnce()/Shutdown()) forms batches,
-//   calls the BatchFn, the tasks' is_cancelled and done, and the observer's batch and drop
-//   hooks. Exactly one batch is in the BatchFn at a time. None of these callbacks is called with
-//   the batcher's mutex held; they should still be short, because the next batch waits for them.
-//   They must not throw (the engine turns library exceptions into a status at its boundary),
-//   and the BatchFn must not keep the slices' Task pointers after it returns.
-// - Shutdown() blocks until every accepted task has finished and the batch thread has exited.
-//   The destructor calls it. Calling Shutdown() from a callback on the batch thread only starts
+// - Two threads form a pipeline, so that the model never waits for the work around it:
+//   the model thread only calls the BatchFn; the batch thread does everything else: it forms
+//   the next batch and stages its items (the StageFn, e.g. gathering their inputs into one
+//   buffer) while the model runs the current one, hands it over the moment the model is free,
+//   and then, while the model runs that batch, finishes the tasks of the one before (their
+//   `done`, the observer's hooks). In puppet mode the caller of RunOnce()/Shutdown() does all
+//   of it in turn. Exactly one batch is in the BatchFn at a time; the StageFn never sees the
+//   batch the BatchFn is running. No callback is called with the batcher's mutex held; they
+//   must not throw (the engine turns library exceptions into a status at its boundary), and the
+//   BatchFn must not keep the slices' Task pointers after it returns.
+// - Shutdown() blocks until every accepted task has finished and both threads have exited.
+//   The destructor calls it. Calling Shutdown() from any of the batcher's callbacks only starts
 //   the shutdown (it cannot join itself); the owner's later Shutdown()/destructor completes it.
 //
 // Errors (the status Schedule() returns; on any error `done` is never called and the task is
@@ -45,22 +49,27 @@
 // The status passed to `done`:
 // - OK: every item went through a BatchFn call that succeeded for it.
 // - DEADLINE_EXCEEDED / CANCELLED: the task was found expired (Now() >= deadline) or cancelled
-//   when a batch was being formed; its items not yet run never reach the BatchFn.
+//   when its items were about to be handed to the model; its items not yet run never reach the
+//   BatchFn.
 // - Otherwise the BatchFn's status (or a slice status it set) for the first batch that failed
 //   any of the task's items; the task's remaining items are dropped.
 //
 // When a batch runs (latency bound)
-// - As soon as max_batch_size items are queued, or once the oldest queued item has waited
-//   max_queue_delay on the injected clock since its Schedule(), or at once after Shutdown()
-//   began. A batch that runs takes up to max_batch_size items from the front of the queue; if
-//   expired or cancelled tasks were among them it is topped up from behind, and may still run
-//   smaller than full (never later than the rules above).
+// - As soon as the model is free and max_batch_size items are queued, or once the oldest queued
+//   item has waited max_queue_delay on the injected clock since its Schedule(), or at once
+//   after Shutdown() began. A batch that runs takes up to max_batch_size items from the front
+//   of the queue; if expired or cancelled tasks were among them it is topped up from behind,
+//   and may still run smaller than full (never later than the rules above).
+// - While the model runs a batch, the batch thread already moves items from the front of the
+//   queue into the next batch and stages them, up to max_batch_size. That changes neither which
+//   items the next batch holds nor when it runs: staged items still count as queued (for
+//   queue_depth() and max_queue_size) until the batch is handed to the model, and expiry and
+//   cancellation are checked at that hand-over, as for unstaged items.
 // - So an item waits at most max_queue_delay plus the run time of the batches already queued
 //   ahead of it (at most ceil(max_queue_size / max_batch_size) of them) plus the batch in
 //   flight when it was scheduled. max_queue_size bounds that backlog.
-// - Expired and cancelled tasks are detected only when they reach the front of the queue,
-//   i.e. when their items would otherwise be put into a batch, not at their deadline. Until
-//   then their items keep their room in the queue.
+// - Expired and cancelled tasks are detected only when their items are about to be handed to
+//   the model, not at their deadline. Until then their items keep their room in the queue.
 // - RealClock is wall time (absl::Now()), the same base as gRPC deadlines; a wall-clock step
 //   can stretch or shorten one wait, never lose an item.
 //
@@ -73,6 +82,8 @@
 // - After Shutdown() (and in the counters at any quiet moment):
 //   tasks_accepted == tasks_succeeded + tasks_failed + tasks_expired + tasks_cancelled and
 //   items_accepted == items_batched + items_dropped.
+// - With a StageFn, every item of a batch has been staged at its final position in the batch
+//   before the BatchFn sees it.
 #ifndef ARCFACE_SERVER_BATCHING_DYNAMIC_BATCHER_H_
 #define ARCFACE_SERVER_BATCHING_DYNAMIC_BATCHER_H_
 
@@ -80,6 +91,7 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -121,10 +133,21 @@ struct BatchSlice {
 struct Batch {
   std::vector<BatchSlice> slices;  // in queue order; a task appears at most once
   int size = 0;                    // total items, 1..max_batch_size
+  // Scratch for the StageFn and the BatchFn (say, the batch's gathered input). The batcher
+  // never reads it; it keeps it with the Batch object, which it reuses, so its capacity stays.
+  std::vector<uint8_t> staging;
 };
 
 // Runs the model on a batch. A non-OK return fails every task in the batch with that status.
 using BatchFn = absl::AnyInvocable<absl::Status(Batch& batch)>;
+
+// Optional. Stages the items [first_item, batch.size) of a batch being formed, in batch order
+// (slices in order, each slice's items in order), e.g. copies their inputs into
+// batch.staging at their offsets; items before first_item are staged already and keep their
+// positions. Called on the batch thread, mostly while the model runs the previous batch; called
+// again from an earlier first_item when a task dropped out of the batch and the items behind it
+// moved up. It must not fail: anything that can fail belongs in the BatchFn.
+using StageFn = absl::AnyInvocable<void(Batch& batch, int first_item)>;
 
 enum class RejectReason { kQueueFull, kTooLarge, kShuttingDown, kInvalid };
 enum class DropReason { kExpired, kCancelled };
@@ -132,9 +155,16 @@ enum class DropReason { kExpired, kCancelled };
 struct BatchInfo {
   int size = 0;
   int num_tasks = 0;
-  absl::Span<const absl::Duration> queue_waits;  // one per item: Schedule() to batch formation
+  absl::Span<const absl::Duration> queue_waits;  // one per item: Schedule() to the hand-over
   absl::Duration run_time;                       // the BatchFn call, on the batcher's clock
   absl::Status status;                           // what the BatchFn returned
+  // How long the model sat idle between the end of the previous batch and this one's start
+  // (load-dependent: with a queue that never empties, only the hand-over itself). Unset for
+  // the first batch.
+  std::optional<absl::Duration> model_idle;
+  int items_staged_ahead = 0;   // items staged while the previous batch was in the model
+  absl::Duration stage_time;    // time in the StageFn for this batch, all calls together
+  absl::Duration finish_time;   // the tasks' `done` calls after this batch, all together
 };
 
 // Metrics hooks. Must be thread-safe: OnRejected runs on Schedule()'s caller, the others on the
@@ -142,6 +172,7 @@ struct BatchInfo {
 class BatcherObserver {
  public:
   virtual ~BatcherObserver() = default;
+  // After the batch's tasks that ended with it got their `done`.
   virtual void OnBatch(const BatchInfo& info) {}
   virtual void OnRejected(RejectReason reason, int num_items) {}
   // A task ended expired or cancelled; `num_items_dropped` of its items never ran.
@@ -171,16 +202,19 @@ class DynamicBatcher {
     int max_batch_size = 32;                                // >= 1
     absl::Duration max_queue_delay = absl::Milliseconds(2);  // >= 0, finite; 0: no waiting
     int max_queue_size = 4096;  // items not yet in a batch; >= max_batch_size
-    // false: "puppet" mode for deterministic tests of the layer above: no thread; batches run
-    // only inside RunOnce() and Shutdown(), on the caller's thread.
+    // false: "puppet" mode for deterministic tests of the layer above: no threads; batches are
+    // formed, staged, run and finished only inside RunOnce() and Shutdown(), on the caller's
+    // thread.
     bool start_batch_thread = true;
     BatcherObserver* observer = nullptr;  // optional, not owned
   };
 
-  // `clock` null means RealClock::Get(). Errors name the offending option.
+  // `clock` null means RealClock::Get(); `stage_fn` may be null. Errors name the offending
+  // option.
   static absl::StatusOr<std::unique_ptr<DynamicBatcher>> Create(const Options& options,
                                                                  BatchFn batch_fn,
-                                                                 Clock* clock = nullptr);
+                                                                 Clock* clock = nullptr,
+                                                                 StageFn stage_fn = nullptr);
 
   ~DynamicBatcher();
   DynamicBatcher(const DynamicBatcher&) = delete;
@@ -196,12 +230,12 @@ class DynamicBatcher {
   // drops the expired/cancelled tasks in its way, runs it and returns its size; else returns 0.
   absl::StatusOr<int> RunOnce() ABSL_LOCKS_EXCLUDED(mu_, step_mu_);
 
-  // For tests: waits (up to `timeout` of real time, as a safety net) until the batch thread has
-  // nothing to do at the clock's current time and is blocked waiting, or has exited. Returns
-  // false on timeout. Puppet mode is always idle.
+  // For tests: waits (up to `timeout` of real time, as a safety net) until the model is free and
+  // the batch thread has nothing to do at the clock's current time and is blocked waiting, or
+  // until the threads have exited. Returns false on timeout. Puppet mode is always idle.
   bool WaitUntilIdle(absl::Duration timeout = absl::Seconds(30)) ABSL_LOCKS_EXCLUDED(mu_);
 
-  // Items accepted and not yet put into a batch.
+  // Items accepted and not yet handed to the model (queued or staged).
   int queue_depth() const ABSL_LOCKS_EXCLUDED(mu_);
   BatcherCounters counters() const ABSL_LOCKS_EXCLUDED(mu_);
   const Options& options() const { return options_; }
@@ -209,28 +243,66 @@ class DynamicBatcher {
  private:
   struct TaskState;
   struct Outcome;
+  struct Slot;
 
-  DynamicBatcher(const Options& options, BatchFn batch_fn, Clock* clock);
+  DynamicBatcher(const Options& options, BatchFn batch_fn, StageFn stage_fn, Clock* clock);
 
   void BatchThreadLoop() ABSL_LOCKS_EXCLUDED(mu_);
+  void ModelThreadLoop() ABSL_LOCKS_EXCLUDED(mu_);
   bool BatchDueLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Time OldestLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool IdleLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Forms one batch from the front of the queue and runs it; returns its size, 0 when every
-  // candidate was dropped or the queue was empty. Only one caller at a time.
-  int FormAndRunBatch() ABSL_LOCKS_EXCLUDED(mu_);
+
+  // The steps of the forming (batch) thread, or of the puppet's caller. The open batch
+  // (open_) belongs to that one thread.
+  // Moves items from the front of the queue into the open batch, up to max_batch_size.
+  void TakeLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void StageOpen(bool ahead) ABSL_LOCKS_EXCLUDED(mu_);
+  // Fills the open batch for the model: takes, drops expired/cancelled tasks (their outcomes
+  // into *drops), tops up, stages. Leaves it empty if nothing is left to run.
+  void FormOpen(std::vector<Outcome>* drops) ABSL_LOCKS_EXCLUDED(mu_);
+  // Removes a task's slice from the open batch, if it has one; returns its item count.
+  int RemoveFromOpenLocked(const TaskState* state) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RemoveQueuedRestLocked(TaskState& state) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Takes the formed open batch out for the model and starts a fresh open batch.
+  std::unique_ptr<Slot> HandOver() ABSL_LOCKS_EXCLUDED(mu_);
+  void RunModel(Slot& slot);
+  // The batch came back from the model: per-task accounting (no callbacks), outcomes into
+  // *outcomes; a failed task's items still waiting (queued or staged) are removed.
+  void Complete(Slot& slot, std::vector<Outcome>* outcomes) ABSL_LOCKS_EXCLUDED(mu_);
+  // Calls the finished tasks' `done` and the observer's OnBatch.
+  void Report(Slot& slot, std::vector<Outcome>& outcomes) ABSL_LOCKS_EXCLUDED(mu_);
+  void Recycle(std::unique_ptr<Slot> slot);
+  // Puppet mode: forms one batch, runs and finishes it on the caller's thread; its size, 0 if
+  // every candidate was dropped or nothing was queued.
+  int FormAndRunInline() ABSL_LOCKS_EXCLUDED(mu_);
   void Finish(std::vector<Outcome>& outcomes) ABSL_LOCKS_EXCLUDED(mu_);
 
   const Options options_;
   Clock* const clock_;
-  BatchFn batch_fn_;  // only touched by the one thread forming batches
+  BatchFn batch_fn_;  // only touched by the model thread (or the puppet's caller)
+  StageFn stage_fn_;  // only touched by the forming thread
+
+  // Forming thread only (see above).
+  std::unique_ptr<Slot> open_;
+  std::unique_ptr<Slot> spare_;  // a finished Slot kept for its buffers' capacity
+  std::optional<absl::Time> last_model_end_;
 
   mutable absl::Mutex mu_;
-  absl::CondVar wake_;  // queue became due-able, or shutdown began
+  absl::CondVar wake_;  // the batch thread's: the queue changed, the model finished, shutdown
   std::deque<std::shared_ptr<TaskState>> queue_ ABSL_GUARDED_BY(mu_);
-  int queued_items_ ABSL_GUARDED_BY(mu_) = 0;
+  int queued_items_ ABSL_GUARDED_BY(mu_) = 0;  // in queue_ and in the open batch
+  int open_items_ ABSL_GUARDED_BY(mu_) = 0;    // mirror of open_->batch.size
+  absl::Time open_oldest_ ABSL_GUARDED_BY(mu_);  // enqueue time of the open batch's first task
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   BatcherCounters counters_ ABSL_GUARDED_BY(mu_);
+  // The hand-over between the two threads: the batch thread sets to_run_ and model_busy_; the
+  // model thread takes to_run_ and puts the batch back in ran_; the batch thread takes ran_
+  // and clears model_busy_.
+  std::unique_ptr<Slot> to_run_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<Slot> ran_ ABSL_GUARDED_BY(mu_);
+  bool model_busy_ ABSL_GUARDED_BY(mu_) = false;
+  bool model_thread_stop_ ABSL_GUARDED_BY(mu_) = false;
   // What the batch thread is doing, for WaitUntilIdle(). A signal it has not yet acted on
   // (wake_pending_) or a wait deadline already reached means it is about to run.
   bool thread_waiting_ ABSL_GUARDED_BY(mu_) = false;
@@ -243,7 +315,7 @@ class DynamicBatcher {
   absl::Mutex step_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   // Makes concurrent Shutdown() calls wait for the one that joins.
   absl::Mutex join_mu_ ABSL_ACQUIRED_BEFORE(mu_, step_mu_);
-  std::thread thread_ ABSL_GUARDED_BY(join_mu_);
+  std::vector<std::thread> threads_ ABSL_GUARDED_BY(join_mu_);
 };
 
 }  // namespace arcface::batching

@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cstring>
 #include <utility>
 
@@ -23,7 +24,8 @@ absl::StatusOr<std::unique_ptr<Embedder>> Embedder::Create(const EmbedderOptions
   std::unique_ptr<Embedder> embedder(new Embedder(options, model));
   Embedder* raw = embedder.get();
   auto batcher = batching::DynamicBatcher::Create(
-      options.batching, [raw](batching::Batch& batch) { return raw->RunBatch(batch); }, clock);
+      options.batching, [raw](batching::Batch& batch) { return raw->RunBatch(batch); }, clock,
+      [](batching::Batch& batch, int first_item) { StageCrops(batch, first_item); });
   if (!batcher.ok()) return batcher.status();
   embedder->batcher_ = std::move(*batcher);
   return embedder;
@@ -74,26 +76,26 @@ void Embedder::WaitWhileHeld() {
   held_.store(false);
 }
 
+void Embedder::StageCrops(batching::Batch& batch, int first_item) {
+  // One contiguous uint8 buffer for the model, gathered while the model runs the batch before.
+  batch.staging.resize(size_t(batch.size) * kCropBytes);
+  int position = 0;
+  for (const batching::BatchSlice& s : batch.slices) {
+    const int skip = std::clamp(first_item - position, 0, s.num_items);
+    if (skip < s.num_items) {
+      const auto* task = static_cast<const EmbedTask*>(s.task);
+      std::memcpy(batch.staging.data() + size_t(position + skip) * kCropBytes,
+                  task->crops.data() + size_t(s.first_item + skip) * kCropBytes,
+                  size_t(s.num_items - skip) * kCropBytes);
+    }
+    position += s.num_items;
+  }
+}
+
 absl::Status Embedder::RunBatch(batching::Batch& batch) {
   WaitWhileHeld();
-  absl::Span<const uint8_t> input;
-  if (batch.slices.size() == 1) {
-    // One request's crops are already contiguous: no gather copy.
-    const batching::BatchSlice& s = batch.slices[0];
-    const auto* task = static_cast<const EmbedTask*>(s.task);
-    input = absl::MakeConstSpan(task->crops.data() + size_t(s.first_item) * kCropBytes,
-                                size_t(s.num_items) * kCropBytes);
-  } else {
-    gather_.resize(size_t(batch.size) * kCropBytes);
-    uint8_t* dst = gather_.data();
-    for (const batching::BatchSlice& s : batch.slices) {
-      const auto* task = static_cast<const EmbedTask*>(s.task);
-      size_t bytes = size_t(s.num_items) * kCropBytes;
-      std::memcpy(dst, task->crops.data() + size_t(s.first_item) * kCropBytes, bytes);
-      dst += bytes;
-    }
-    input = absl::MakeConstSpan(gather_);
-  }
+  const absl::Span<const uint8_t> input =
+      absl::MakeConstSpan(batch.staging.data(), size_t(batch.size) * kCropBytes);
   absl::StatusOr<std::vector<float>> out = model_->Run(input);
   if (!out.ok()) return out.status();
   if (out->size() != size_t(batch.size) * kEmbeddingDim) {

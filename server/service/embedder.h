@@ -4,7 +4,9 @@
 //
 // Contract
 // - Input: Submit() takes crops already prepared (decoded, cropped, aligned) by the caller, on
-//   the caller's thread or pool; the batch thread only copies bytes and runs the model.
+//   the caller's thread or pool. The batcher's batch thread gathers the next batch's crops into
+//   one contiguous buffer while the model runs the current batch (the batcher's StageFn); the
+//   model thread only runs the model and copies each request's rows back.
 // - Ownership: Submit() takes the crops; the model is borrowed and must outlive the Embedder.
 // - Blocking: Submit() never blocks (see DynamicBatcher::Schedule). Shutdown() blocks until
 //   every accepted request got its `done` and the batch thread has exited.
@@ -71,11 +73,11 @@ class Embedder {
   struct EmbedTask;
   Embedder(const EmbedderOptions& options, EmbeddingModel* model);
   absl::Status RunBatch(batching::Batch& batch);
+  static void StageCrops(batching::Batch& batch, int first_item);
   void WaitWhileHeld();
 
   const EmbedderOptions options_;
   EmbeddingModel* const model_;
-  std::vector<uint8_t> gather_;  // batch thread only: reused contiguous input buffer
   std::atomic<bool> held_{false};
   std::unique_ptr<batching::DynamicBatcher> batcher_;
 };

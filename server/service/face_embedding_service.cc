@@ -536,12 +536,14 @@ void FaceEmbeddingService::StartEmbed(const EmbedRequest* request, EmbedResponse
     absl::Status alive = CheckAlive(state->is_cancelled, state->deadline);
     if (!alive.ok()) return state->Complete(alive);
     const int n = state->request->faces_size();
+    const absl::Time preprocess_start = absl::Now();
     std::vector<uint8_t> crops;
     crops.reserve(size_t(n) * kCropBytes);
     for (int i = 0; i < n; ++i) {
       absl::Status s = AppendFaceCrop(state->request->faces(i), options_.image_limits, &crops);
       if (!s.ok()) return state->Complete(WithContext(s, absl::StrCat("face ", i)));
     }
+    metrics_->RecordPreprocess(Seconds(preprocess_start));
     alive = CheckAlive(state->is_cancelled, state->deadline);
     if (!alive.ok()) return state->Complete(alive);
     const bool normalize = state->request->normalize();
@@ -688,6 +690,7 @@ void FaceEmbeddingService::StartCompare(const CompareRequest* request, CompareRe
     absl::Status alive = CheckAlive(state->is_cancelled, state->deadline);
     if (!alive.ok()) return state->Complete(alive);
     if (num_faces == 0) return finish(/*may_defer=*/false);
+    const absl::Time preprocess_start = absl::Now();
     std::vector<uint8_t> crops;
     crops.reserve(size_t(num_faces) * kCropBytes);
     for (const auto& [is_query, index] : work->faces) {
@@ -698,6 +701,7 @@ void FaceEmbeddingService::StartCompare(const CompareRequest* request, CompareRe
         return state->Complete(WithContext(s, absl::StrCat(ProbeLabel(is_query), " ", index)));
       }
     }
+    metrics_->RecordPreprocess(Seconds(preprocess_start));
     alive = CheckAlive(state->is_cancelled, state->deadline);
     if (!alive.ok()) return state->Complete(alive);
     absl::Status scheduled = embedder()->Submit(

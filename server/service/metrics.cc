@@ -72,6 +72,15 @@ std::vector<double> BatchSizeBounds(int max_batch_size) {
   return bounds;
 }
 
+// Per-stage times of a batch, which range from microseconds (a hand-over) to seconds (a CPU
+// forward pass).
+const std::vector<double>& StageBounds() {
+  static const std::vector<double> bounds = {1e-5,  2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 0.001,
+                                             0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                             0.5,    1,     2.5,  5,     10};
+  return bounds;
+}
+
 const std::vector<double>& LatencyBounds() {
   static const std::vector<double> bounds = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                              0.1,    0.25,  0.5,    1,     2.5,  5,     10,
@@ -293,6 +302,34 @@ ServiceMetrics::ServiceMetrics(int max_batch_size)
                                    "Per batch: time in the model (the batch function).",
                                    LatencyBounds())
                      .WithLabels({})),
+      preprocess_(registry_
+                      .AddHistogram("arcface_preprocess_seconds",
+                                    "Per request: decoding, cropping and aligning its faces.",
+                                    StageBounds())
+                      .WithLabels({})),
+      stage_(registry_
+                 .AddHistogram("arcface_batch_stage_seconds",
+                               "Per batch: gathering its crops into the model's input buffer "
+                               "(mostly while the model runs the batch before).",
+                               StageBounds())
+                 .WithLabels({})),
+      postprocess_(registry_
+                       .AddHistogram("arcface_postprocess_seconds",
+                                     "Per batch: handing its embeddings back to the requests "
+                                     "and finishing the calls it completed.",
+                                     StageBounds())
+                       .WithLabels({})),
+      model_idle_(registry_
+                      .AddHistogram("arcface_model_idle_seconds",
+                                    "Per batch: time the model sat idle between the previous "
+                                    "batch and this one (the hand-over alone when saturated).",
+                                    StageBounds())
+                      .WithLabels({})),
+      staged_ahead_(registry_
+                        .AddCounter("arcface_staged_ahead_crops_total",
+                                    "Crops whose input was gathered while the model still ran "
+                                    "the batch before theirs.")
+                        .WithLabels({})),
       inflight_(registry_.AddGauge("arcface_inflight_requests", "RPCs accepted and not finished.")
                     .WithLabels({})),
       model_info_(registry_.AddGauge("arcface_model_info", "The served model; always 1.",
@@ -360,6 +397,10 @@ void ServiceMetrics::OnBatch(const batching::BatchInfo& info) {
   batch_size_.Observe(info.size);
   for (absl::Duration wait : info.queue_waits) queue_wait_.Observe(absl::ToDoubleSeconds(wait));
   inference_.Observe(absl::ToDoubleSeconds(info.run_time));
+  stage_.Observe(absl::ToDoubleSeconds(info.stage_time));
+  postprocess_.Observe(absl::ToDoubleSeconds(info.finish_time));
+  if (info.model_idle.has_value()) model_idle_.Observe(absl::ToDoubleSeconds(*info.model_idle));
+  staged_ahead_.Inc(info.items_staged_ahead);
 }
 
 void ServiceMetrics::OnRejected(batching::RejectReason reason, int num_items) {

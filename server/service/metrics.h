@@ -162,6 +162,8 @@ class ServiceMetrics final : public batching::BatcherObserver {
 
   void RecordRequest(const std::string& rpc, const absl::Status& status, double seconds);
   void AddFaces(int64_t n) { faces_total_.Inc(static_cast<double>(n)); }
+  // One request's faces decoded, cropped and aligned (on the preprocessing pool).
+  void RecordPreprocess(double seconds) { preprocess_.Observe(seconds); }
   // Reasons: "queue_full", "too_large", "shutting_down", "too_many_faces", "draining",
   // "preprocess_queue_full", "compare_too_large".
   void RecordRejected(const std::string& reason, int64_t faces = 1);
@@ -188,6 +190,11 @@ class ServiceMetrics final : public batching::BatcherObserver {
   Histogram& batch_size_;
   Histogram& queue_wait_;
   Histogram& inference_;
+  Histogram& preprocess_;
+  Histogram& stage_;
+  Histogram& postprocess_;
+  Histogram& model_idle_;
+  Counter& staged_ahead_;
   Gauge& inflight_;
   Family<Gauge>& model_info_;
   absl::Mutex source_mu_;

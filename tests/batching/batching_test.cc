@@ -6,9 +6,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -145,10 +147,19 @@ class Recorder {
 
 class RecordingObserver : public BatcherObserver {
  public:
+  struct Stages {
+    std::optional<absl::Duration> model_idle;
+    int items_staged_ahead;
+  };
   void OnBatch(const BatchInfo& info) override {
     absl::MutexLock lock(&mu_);
     sizes_.push_back(info.size);
     waits_.emplace_back(info.queue_waits.begin(), info.queue_waits.end());
+    stages_.push_back({info.model_idle, info.items_staged_ahead});
+  }
+  std::vector<Stages> stages() {
+    absl::MutexLock lock(&mu_);
+    return stages_;
   }
   void OnRejected(RejectReason reason, int num_items) override {
     absl::MutexLock lock(&mu_);
@@ -176,6 +187,7 @@ class RecordingObserver : public BatcherObserver {
   absl::Mutex mu_;
   std::vector<int> sizes_ ABSL_GUARDED_BY(mu_);
   std::vector<std::vector<absl::Duration>> waits_ ABSL_GUARDED_BY(mu_);
+  std::vector<Stages> stages_ ABSL_GUARDED_BY(mu_);
   std::vector<RejectReason> rejected_ ABSL_GUARDED_BY(mu_);
   std::vector<std::pair<DropReason, int>> dropped_ ABSL_GUARDED_BY(mu_);
 };
@@ -784,6 +796,245 @@ TEST(DynamicBatcher, CountersBalance) {
   EXPECT_EQ(c.tasks_succeeded, 1);
   EXPECT_EQ(c.rejected_queue_full, 1);
   EXPECT_EQ(batcher->queue_depth(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pipeline: the next batch is formed and staged while the model runs the current one.
+
+// Stages each item's id (an int) at the item's position in batch.staging, and counts what it
+// staged, so that a test can wait for staging and the model can check its input is in place.
+class Stager {
+ public:
+  StageFn Fn() {
+    return [this](Batch& batch, int first_item) { Stage(batch, first_item); };
+  }
+  void Stage(Batch& batch, int first_item) {
+    batch.staging.resize(size_t(batch.size) * sizeof(int));
+    int position = 0;
+    for (const BatchSlice& slice : batch.slices) {
+      auto* task = static_cast<TestTask*>(slice.task);
+      for (int i = 0; i < slice.num_items; ++i, ++position) {
+        if (position < first_item) continue;
+        std::memcpy(batch.staging.data() + size_t(position) * sizeof(int),
+                    &task->ids[slice.first_item + i], sizeof(int));
+      }
+    }
+    absl::MutexLock lock(&mu_);
+    staged_ += batch.size - first_item;
+    calls_.emplace_back(first_item, batch.size);
+  }
+  bool WaitForStaged(int total) {
+    absl::MutexLock lock(&mu_);
+    auto reached = [this, total]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return staged_ >= total; };
+    return mu_.AwaitWithTimeout(absl::Condition(&reached), kSafety);
+  }
+  // (first_item, batch size) of each call.
+  std::vector<std::pair<int, int>> calls() {
+    absl::MutexLock lock(&mu_);
+    return calls_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  int staged_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<std::pair<int, int>> calls_ ABSL_GUARDED_BY(mu_);
+};
+
+std::vector<int> StagedIds(const Batch& batch) {
+  std::vector<int> ids(batch.size);
+  EXPECT_GE(batch.staging.size(), ids.size() * sizeof(int));
+  if (batch.staging.size() >= ids.size() * sizeof(int)) {
+    std::memcpy(ids.data(), batch.staging.data(), ids.size() * sizeof(int));
+  }
+  return ids;
+}
+
+std::vector<int> SliceIds(const Batch& batch) {
+  std::vector<int> ids;
+  for (const BatchSlice& slice : batch.slices) {
+    auto* task = static_cast<TestTask*>(slice.task);
+    for (int i = 0; i < slice.num_items; ++i) ids.push_back(task->ids[slice.first_item + i]);
+  }
+  return ids;
+}
+
+// The model for pipeline tests: batch k (from 1) waits in the BatchFn until the test allowed k
+// batches; every batch checks that its staged input matches its items, in order.
+class GatedModel {
+ public:
+  BatchFn Fn() {
+    return [this](Batch& batch) {
+      {
+        absl::MutexLock lock(&mu_);
+        const int k = ++entered_;
+        auto allowed = [this, k]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return allowed_ >= k; };
+        mu_.AwaitWithTimeout(absl::Condition(&allowed), kSafety);
+      }
+      EXPECT_EQ(StagedIds(batch), SliceIds(batch));
+      return recorder.Run(batch);
+    };
+  }
+  bool WaitEntered(int k) {
+    absl::MutexLock lock(&mu_);
+    auto reached = [this, k]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return entered_ >= k; };
+    return mu_.AwaitWithTimeout(absl::Condition(&reached), kSafety);
+  }
+  int entered() {
+    absl::MutexLock lock(&mu_);
+    return entered_;
+  }
+  void Allow(int k) {
+    absl::MutexLock lock(&mu_);
+    allowed_ = k;
+  }
+
+  Recorder recorder;
+
+ private:
+  absl::Mutex mu_;
+  int entered_ ABSL_GUARDED_BY(mu_) = 0;
+  int allowed_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+std::unique_ptr<DynamicBatcher> MustCreateStaged(const DynamicBatcher::Options& options,
+                                                 BatchFn fn, Clock* clock, Stager& stager) {
+  auto batcher = DynamicBatcher::Create(options, std::move(fn), clock, stager.Fn());
+  EXPECT_TRUE(batcher.ok()) << batcher.status();
+  return batcher.ok() ? std::move(*batcher) : nullptr;
+}
+
+TEST(DynamicBatcherPipeline, NextBatchIsStagedWhileTheModelRuns) {
+  FakeClock clock;
+  GatedModel model;
+  Stager stager;
+  RecordingObserver observer;
+  auto options = MakeOptions(4, absl::Milliseconds(2), 64);
+  options.observer = &observer;
+  auto batcher = MustCreateStaged(options, model.Fn(), &clock, stager);
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(batcher->Schedule(MakeTask(i, 1)).ok());
+  ASSERT_TRUE(model.WaitEntered(1));  // a full batch: in the model at once
+
+  auto next = MakeTask(4, 3);
+  ASSERT_TRUE(batcher->Schedule(next).ok());
+  // Staged while the first batch is still in the model...
+  ASSERT_TRUE(stager.WaitForStaged(4 + 3));
+  EXPECT_EQ(model.entered(), 1);
+  // ...yet still queued: it takes queue room and is checked for expiry at the hand-over.
+  EXPECT_EQ(batcher->queue_depth(), 3);
+  clock.Advance(absl::Milliseconds(2));  // due now, but the model is busy
+  EXPECT_EQ(model.entered(), 1);
+
+  model.Allow(2);
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.recorder.batches(), ElementsAre(ElementsAre(0, 1, 2, 3), ElementsAre(4, 5, 6)));
+  EXPECT_EQ(next->done_calls.load(), 1);
+  EXPECT_THAT(next->outputs, ElementsAre(40, 50, 60));
+  // The first batch was staged when it formed, the second entirely ahead; nothing twice.
+  EXPECT_THAT(stager.calls(), ElementsAre(std::pair(0, 4), std::pair(0, 3)));
+  auto stages = observer.stages();
+  ASSERT_EQ(stages.size(), 2u);
+  EXPECT_EQ(stages[0].items_staged_ahead, 0);
+  EXPECT_FALSE(stages[0].model_idle.has_value());
+  EXPECT_EQ(stages[1].items_staged_ahead, 3);
+  // The first batch ended at the clock's current time and the second began then: no gap.
+  EXPECT_EQ(stages[1].model_idle, absl::ZeroDuration());
+  EXPECT_THAT(observer.waits()[1], ElementsAre(absl::Milliseconds(2), absl::Milliseconds(2),
+                                               absl::Milliseconds(2)));
+}
+
+TEST(DynamicBatcherPipeline, ADropAtTheHandOverRestagesTheItemsBehindIt) {
+  FakeClock clock;
+  GatedModel model;
+  Stager stager;
+  RecordingObserver observer;
+  auto options = MakeOptions(4, absl::Milliseconds(2), 64);
+  options.observer = &observer;
+  auto batcher = MustCreateStaged(options, model.Fn(), &clock, stager);
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(batcher->Schedule(MakeTask(i, 1)).ok());
+  ASSERT_TRUE(model.WaitEntered(1));
+
+  auto a = MakeTask(4, 2);
+  auto b = MakeTask(6, 1);
+  std::atomic<bool> b_cancelled{false};
+  b->is_cancelled = [&b_cancelled] { return b_cancelled.load(); };
+  auto c = MakeTask(7, 1);
+  auto d = MakeTask(8, 1);
+  for (auto& t : {a, b, c, d}) ASSERT_TRUE(batcher->Schedule(t).ok());
+  ASSERT_TRUE(stager.WaitForStaged(4 + 4));  // a, b, c: the open batch is full; d waits
+  b_cancelled.store(true);
+
+  model.Allow(2);
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  // b left at the hand-over; c moved up and was staged again; d topped the batch up.
+  EXPECT_THAT(model.recorder.batches(), ElementsAre(ElementsAre(0, 1, 2, 3), ElementsAre(4, 5, 7, 8)));
+  // (How the staging ahead was split depends on when the batch thread woke; the last call is
+  // the restaging from c's new place.)
+  auto calls = stager.calls();
+  ASSERT_GE(calls.size(), 3u);
+  EXPECT_EQ(calls.back(), std::pair(2, 4));
+  EXPECT_EQ(b->done_calls.load(), 1);
+  EXPECT_EQ(b->result().code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(b->outputs[0], -1);
+  for (auto& t : {a, c, d}) EXPECT_TRUE(t->result().ok());
+  auto stages = observer.stages();
+  ASSERT_EQ(stages.size(), 2u);
+  EXPECT_EQ(stages[1].items_staged_ahead, 2);  // a's; c's place changed after the drop
+  BatcherCounters counters = batcher->counters();
+  EXPECT_EQ(counters.tasks_cancelled, 1);
+  EXPECT_EQ(counters.items_dropped, 1);
+  EXPECT_EQ(counters.items_batched, 8);
+}
+
+TEST(DynamicBatcherPipeline, AFailedTaskLeavesTheNextBatchAtOnce) {
+  FakeClock clock;
+  GatedModel model;
+  Stager stager;
+  auto batcher = MustCreateStaged(MakeOptions(4, absl::Milliseconds(2), 64), model.Fn(), &clock,
+                                  stager);
+  model.recorder.FailIf([](const std::vector<int>& ids) {
+    return ids[0] == 0 ? absl::InternalError("model failed") : absl::OkStatus();
+  });
+  auto split = MakeTask(0, 6);  // 4 in the failing batch, 2 staged behind it
+  auto other = MakeTask(6, 1);
+  ASSERT_TRUE(batcher->Schedule(split).ok());
+  ASSERT_TRUE(model.WaitEntered(1));
+  ASSERT_TRUE(batcher->Schedule(other).ok());
+  ASSERT_TRUE(stager.WaitForStaged(4 + 3));
+
+  model.Allow(2);
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_EQ(split->done_calls.load(), 1);
+  EXPECT_EQ(split->result().code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(batcher->queue_depth(), 1);  // `other` alone, now restaged at the front
+  clock.Advance(absl::Milliseconds(2));
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(model.recorder.batches(), ElementsAre(ElementsAre(0, 1, 2, 3), ElementsAre(6)));
+  EXPECT_TRUE(other->result().ok());
+  BatcherCounters counters = batcher->counters();
+  EXPECT_EQ(counters.tasks_failed, 1);
+  EXPECT_EQ(counters.tasks_succeeded, 1);
+  EXPECT_EQ(counters.items_dropped, 2);
+  EXPECT_EQ(counters.items_accepted, counters.items_batched + counters.items_dropped);
+}
+
+TEST(DynamicBatcherPipeline, ModelIdleIsTheGapBetweenBatches) {
+  FakeClock clock;
+  Recorder model;
+  RecordingObserver observer;
+  auto options = MakeOptions(2, absl::Milliseconds(1), 64);
+  options.observer = &observer;
+  auto batcher = MustCreate(options, model.Fn(), &clock);
+  ASSERT_TRUE(batcher->Schedule(MakeTask(0, 2)).ok());
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  clock.Advance(absl::Milliseconds(5));
+  ASSERT_TRUE(batcher->Schedule(MakeTask(2, 1)).ok());
+  clock.Advance(absl::Milliseconds(1));
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  auto stages = observer.stages();
+  ASSERT_EQ(stages.size(), 2u);
+  EXPECT_FALSE(stages[0].model_idle.has_value());
+  EXPECT_EQ(stages[1].model_idle, absl::Milliseconds(6));
+  EXPECT_EQ(stages[1].items_staged_ahead, 0);  // the model was idle: nothing to stage ahead of
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -301,11 +301,21 @@ def test_health_and_http_probes(r50_server):
                  "arcface_queue_wait_seconds", "arcface_inference_seconds",
                  "arcface_request_seconds", "arcface_queue_depth", "arcface_rejected_total",
                  "arcface_model_info", "arcface_device_memory_allocated_bytes",
-                 "arcface_device_memory_reserved_bytes"]:
+                 "arcface_device_memory_reserved_bytes", "arcface_preprocess_seconds",
+                 "arcface_batch_stage_seconds", "arcface_postprocess_seconds",
+                 "arcface_model_idle_seconds", "arcface_staged_ahead_crops_total"]:
         assert name in m.types, f"{name} missing from /metrics"
     # A CPU server has no device memory to report (the CUDA numbers: tests/gpu).
     assert m.get("arcface_device_memory_allocated_bytes") == 0
     assert m.get("arcface_device_memory_reserved_bytes") == 0
+    # The pipeline's per-stage times: one observation per batch, the model's idle time from the
+    # second batch on (the server is quiet between tests, so nothing is in flight here).
+    batches = m.histogram("arcface_inference_seconds")["count"]
+    assert batches >= 1
+    for name in ["arcface_batch_stage_seconds", "arcface_postprocess_seconds"]:
+        assert m.histogram(name)["count"] == batches, name
+    assert m.histogram("arcface_model_idle_seconds")["count"] == batches - 1
+    assert m.histogram("arcface_preprocess_seconds")["count"] >= 1
     info = r50_server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     assert info.device_memory_allocated_bytes == 0 and info.device_memory_reserved_bytes == 0
     assert m.get("arcface_model_info", arch="r50", model_id=info.model_id, device="cpu",

@@ -76,6 +76,8 @@ class FakeModel final : public EmbeddingModel {
     {
       absl::MutexLock lock(&mu_);
       batch_sizes_.push_back(n);
+      auto released = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !held_; };
+      mu_.AwaitWithTimeout(absl::Condition(&released), absl::Seconds(60));
       if (!fail_next_.ok()) {
         absl::Status s = fail_next_;
         fail_next_ = absl::OkStatus();
@@ -94,6 +96,22 @@ class FakeModel final : public EmbeddingModel {
     absl::MutexLock lock(&mu_);
     fail_next_ = std::move(s);
   }
+  // While held, Run() waits (after recording its batch) until Release().
+  void Hold() {
+    absl::MutexLock lock(&mu_);
+    held_ = true;
+  }
+  void Release() {
+    absl::MutexLock lock(&mu_);
+    held_ = false;
+  }
+  bool WaitForBatches(size_t n) {
+    absl::MutexLock lock(&mu_);
+    auto reached = [this, n]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return batch_sizes_.size() >= n;
+    };
+    return mu_.AwaitWithTimeout(absl::Condition(&reached), absl::Seconds(60));
+  }
   std::vector<int> batch_sizes() {
     absl::MutexLock lock(&mu_);
     return batch_sizes_;
@@ -103,6 +121,7 @@ class FakeModel final : public EmbeddingModel {
   absl::Mutex mu_;
   std::vector<int> batch_sizes_ ABSL_GUARDED_BY(mu_);
   absl::Status fail_next_ ABSL_GUARDED_BY(mu_);
+  bool held_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 // A 112×112 RGB crop filled from a seed; a raw 112×112 face is copied into the crop unchanged.
@@ -260,7 +279,15 @@ TEST(Metrics, ServiceMetricsHaveTheRequiredFamilies) {
   info.num_tasks = 2;
   info.queue_waits = waits;
   info.run_time = absl::Milliseconds(30);
+  info.model_idle = absl::Microseconds(40);
+  info.items_staged_ahead = 20;
+  info.stage_time = absl::Microseconds(300);
+  info.finish_time = absl::Microseconds(700);
   m.OnBatch(info);
+  info.model_idle.reset();  // the first batch has none
+  info.items_staged_ahead = 0;
+  m.OnBatch(info);
+  m.RecordPreprocess(0.002);
 
   std::map<std::string, std::string> types;
   std::vector<Sample> samples = ParseExposition(m.Render(), &types);
@@ -273,6 +300,11 @@ TEST(Metrics, ServiceMetricsHaveTheRequiredFamilies) {
   EXPECT_EQ(types["arcface_queue_depth"], "gauge");
   EXPECT_EQ(types["arcface_rejected_total"], "counter");
   EXPECT_EQ(types["arcface_model_info"], "gauge");
+  EXPECT_EQ(types["arcface_preprocess_seconds"], "histogram");
+  EXPECT_EQ(types["arcface_batch_stage_seconds"], "histogram");
+  EXPECT_EQ(types["arcface_postprocess_seconds"], "histogram");
+  EXPECT_EQ(types["arcface_model_idle_seconds"], "histogram");
+  EXPECT_EQ(types["arcface_staged_ahead_crops_total"], "counter");
   std::map<std::string, double> flat;
   for (const Sample& s : samples) {
     std::string key = s.name;
@@ -293,11 +325,21 @@ TEST(Metrics, ServiceMetricsHaveTheRequiredFamilies) {
             1);
   // Batch-size buckets: powers of two up to the limit, and the limit itself.
   EXPECT_EQ(flat["arcface_batch_size_bucket,le=16"], 0);
-  EXPECT_EQ(flat["arcface_batch_size_bucket,le=24"], 1);
+  EXPECT_EQ(flat["arcface_batch_size_bucket,le=24"], 2);
   EXPECT_EQ(flat.count("arcface_batch_size_bucket,le=32"), 0u);
-  EXPECT_EQ(flat["arcface_batch_size_sum"], 24);
-  EXPECT_EQ(flat["arcface_queue_wait_seconds_count"], 2);
-  EXPECT_NEAR(flat["arcface_inference_seconds_sum"], 0.03, 1e-12);
+  EXPECT_EQ(flat["arcface_batch_size_sum"], 48);
+  EXPECT_EQ(flat["arcface_queue_wait_seconds_count"], 4);
+  EXPECT_NEAR(flat["arcface_inference_seconds_sum"], 0.06, 1e-12);
+  // The per-stage times: idle only where the batcher knows it, staged crops counted.
+  EXPECT_EQ(flat["arcface_model_idle_seconds_count"], 1);
+  EXPECT_NEAR(flat["arcface_model_idle_seconds_sum"], 40e-6, 1e-12);
+  EXPECT_EQ(flat["arcface_model_idle_seconds_bucket,le=5e-05"], 1);
+  EXPECT_EQ(flat["arcface_model_idle_seconds_bucket,le=2.5e-05"], 0);
+  EXPECT_EQ(flat["arcface_staged_ahead_crops_total"], 20);
+  EXPECT_EQ(flat["arcface_batch_stage_seconds_count"], 2);
+  EXPECT_NEAR(flat["arcface_postprocess_seconds_sum"], 1.4e-3, 1e-12);
+  EXPECT_EQ(flat["arcface_preprocess_seconds_count"], 1);
+  EXPECT_NEAR(flat["arcface_preprocess_seconds_sum"], 0.002, 1e-12);
 }
 
 TEST(Metrics, ValueFormatting) {
@@ -496,6 +538,64 @@ TEST(Embedder, SplitsAcrossBatchesAndKeepsOrder) {
     std::vector<float> want = FakeEmbedding(crops_b[i].data());
     EXPECT_TRUE(std::equal(want.begin(), want.end(), out_b->begin() + i * kEmbeddingDim))
         << "b" << i;
+  }
+}
+
+// With the batcher's threads: the crops queued while the model runs are gathered for the next
+// batch; a request cancelled meanwhile leaves it, and the crops behind it still reach the model
+// in their right place (each answer is the fake embedding of the request's own crop).
+TEST(Embedder, PipelinedBatchesGatherEachCropIntoItsPlace) {
+  FakeModel model;
+  batching::FakeClock clock;
+  EmbedderOptions options;
+  options.batching.max_batch_size = 4;
+  options.batching.max_queue_size = 64;
+  options.batching.max_queue_delay = absl::Milliseconds(1);
+  auto embedder = Embedder::Create(options, &model, &clock);
+  ASSERT_TRUE(embedder.ok()) << embedder.status();
+
+  struct Request {
+    std::vector<std::vector<uint8_t>> crops;
+    absl::StatusOr<std::vector<float>> out = absl::UnknownError("not done");
+    absl::Notification done;
+  };
+  std::atomic<bool> b_cancelled{false};
+  auto submit = [&](Request& r, int seed, int n, std::function<bool()> is_cancelled) {
+    std::vector<uint8_t> buf;
+    for (int i = 0; i < n; ++i) {
+      r.crops.push_back(SeededCrop(seed + i));
+      buf.insert(buf.end(), r.crops.back().begin(), r.crops.back().end());
+    }
+    return (*embedder)->Submit(std::move(buf), absl::InfiniteFuture(), std::move(is_cancelled),
+                               [&r](absl::StatusOr<std::vector<float>> out) {
+                                 r.out = std::move(out);
+                                 r.done.Notify();
+                               });
+  };
+  Request a, b, c, d;
+  model.Hold();
+  ASSERT_TRUE(submit(a, 0, 4, nullptr).ok());  // a full batch: in the model at once
+  ASSERT_TRUE(model.WaitForBatches(1));
+  ASSERT_TRUE(submit(b, 10, 2, [&b_cancelled] { return b_cancelled.load(); }).ok());
+  ASSERT_TRUE(submit(c, 20, 1, nullptr).ok());
+  ASSERT_TRUE(submit(d, 30, 2, nullptr).ok());
+  b_cancelled.store(true);
+  model.Release();
+  for (Request* r : {&a, &c}) ASSERT_TRUE(r->done.WaitForNotificationWithTimeout(absl::Seconds(60)));
+  ASSERT_TRUE(b.done.WaitForNotificationWithTimeout(absl::Seconds(60)));
+  EXPECT_EQ(b.out.status().code(), absl::StatusCode::kCancelled);
+  if (!d.done.HasBeenNotified()) {  // d's second crop did not fit in c's batch: its delay
+    clock.Advance(absl::Milliseconds(1));
+  }
+  ASSERT_TRUE(d.done.WaitForNotificationWithTimeout(absl::Seconds(60)));
+  EXPECT_THAT(model.batch_sizes(), ElementsAre(4, 3));  // [a a a a] [c d d]
+  for (Request* r : {&a, &c, &d}) {
+    ASSERT_TRUE(r->out.ok()) << r->out.status();
+    ASSERT_EQ(r->out->size(), r->crops.size() * kEmbeddingDim);
+    for (size_t i = 0; i < r->crops.size(); ++i) {
+      std::vector<float> want = FakeEmbedding(r->crops[i].data());
+      EXPECT_TRUE(std::equal(want.begin(), want.end(), r->out->begin() + i * kEmbeddingDim));
+    }
   }
 }
 
