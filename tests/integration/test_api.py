@@ -286,7 +286,7 @@ def test_embed_stream_many_in_flight_keeps_order(r50_server, goldens):
         lib.check_embedding(resp.embeddings[0], goldens.embedding(case), "exact", case["name"])
 
 
-def test_health_and_http_probes(r50_server):
+def test_health_and_http_probes(r50_server, goldens):
     assert r50_server.health_status("") == lib.SERVING
     assert r50_server.health_status(lib.SERVICE_NAME) == lib.SERVING
     with pytest.raises(grpc.RpcError) as err:
@@ -296,6 +296,9 @@ def test_health_and_http_probes(r50_server):
     assert lib.http_get(r50_server.http_base + "/healthz")[0] == 200
     assert lib.http_get(r50_server.http_base + "/readyz")[0] == 200
     assert lib.http_get(r50_server.http_base + "/no-such-page")[0] == 404
+    # Two calls, so that at least two batches have run whatever ran before this test.
+    for case in goldens.cases_of("r50")[:2]:
+        r50_server.stub.Embed(pb.EmbedRequest(faces=[goldens.face(case)]), timeout=60)
     m = r50_server.metrics()
     for name in ["arcface_requests_total", "arcface_faces_total", "arcface_batch_size",
                  "arcface_queue_wait_seconds", "arcface_inference_seconds",
@@ -309,9 +312,14 @@ def test_health_and_http_probes(r50_server):
     assert m.get("arcface_device_memory_allocated_bytes") == 0
     assert m.get("arcface_device_memory_reserved_bytes") == 0
     # The pipeline's per-stage times: one observation per batch, the model's idle time from the
-    # second batch on (the server is quiet between tests, so nothing is in flight here).
+    # second batch on. The server is quiet between tests, but the last batch may still be being
+    # reported (just after its calls were answered): read again until it is.
+    m = lib.wait_until(
+        lambda: (lambda m: m if m.histogram("arcface_batch_size")["count"]
+                 == m.histogram("arcface_model_idle_seconds")["count"] + 1 else None)(
+            r50_server.metrics()), 5, what="the last batch reported")
     batches = m.histogram("arcface_inference_seconds")["count"]
-    assert batches >= 1
+    assert batches >= 2
     for name in ["arcface_batch_stage_seconds", "arcface_postprocess_seconds"]:
         assert m.histogram(name)["count"] == batches, name
     assert m.histogram("arcface_model_idle_seconds")["count"] == batches - 1

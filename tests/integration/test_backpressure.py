@@ -104,9 +104,12 @@ def test_queue_full_is_exact(held_server):
             resp = f.result(timeout=60)
             assert len(resp.embeddings) == 1
     assert len(accepted) == QUEUE
+    # The batcher reports a batch to /metrics just after its calls got their answers.
     after = lib.wait_until(
         lambda: (lambda m: m if m.get("arcface_faces_total") - before.get("arcface_faces_total")
-                 >= QUEUE + 1 else None)(server.metrics()), 5, what="faces counted")
+                 >= QUEUE + 1 and m.histogram("arcface_batch_size")["count"]
+                 - before.histogram("arcface_batch_size")["count"] >= QUEUE + 1 else None)(
+            server.metrics()), 5, what="faces and batches counted")
     assert after.get("arcface_faces_total") - before.get("arcface_faces_total") == QUEUE + 1
     assert (after.histogram("arcface_batch_size")["count"]
             - before.histogram("arcface_batch_size")["count"]) == QUEUE + 1
@@ -151,9 +154,12 @@ def test_expired_and_cancelled_never_run(held_server):
                    + m.get("arcface_dropped_total", 0.0, reason="cancelled")
                    - before.get("arcface_dropped_total", 0.0, reason="expired")
                    - before.get("arcface_dropped_total", 0.0, reason="cancelled"))
-        return m if dropped >= 2 else None
+        # The batcher reports a batch to /metrics just after its calls got their answers.
+        batches = (m.histogram("arcface_batch_size")["count"]
+                   - before.histogram("arcface_batch_size")["count"])
+        return m if dropped >= 2 and batches >= 2 else None
 
-    after = lib.wait_until(settled, 10, what="both dropped")
+    after = lib.wait_until(settled, 10, what="both dropped, two batches reported")
     d = lambda name, **kw: after.get(name, 0.0, **kw) - before.get(name, 0.0, **kw)  # noqa: E731
     assert d("arcface_dropped_total", reason="expired") == 1
     assert d("arcface_dropped_total", reason="cancelled") == 1

@@ -98,9 +98,11 @@ def test_64_concurrent_callers(r50_server, goldens):
         m = server.metrics()
         return m if m.get("arcface_faces_total") - before.get("arcface_faces_total") >= len(ok) \
             and m.get("arcface_requests_total", 0.0, rpc="Embed", code="OK") - \
-            before.get("arcface_requests_total", 0.0, rpc="Embed", code="OK") >= len(ok) else None
+            before.get("arcface_requests_total", 0.0, rpc="Embed", code="OK") >= len(ok) \
+            and m.histogram("arcface_batch_size")["sum"] \
+            - before.histogram("arcface_batch_size")["sum"] >= len(ok) else None
 
-    after = lib.wait_until(settled, 5, what="the counters to account for every call")
+    after = lib.wait_until(settled, 5, what="the counters to account for every call and batch")
     assert after.get("arcface_faces_total") - before.get("arcface_faces_total") == len(ok)
     assert (after.get("arcface_requests_total", 0.0, rpc="Embed", code="OK")
             - before.get("arcface_requests_total", 0.0, rpc="Embed", code="OK")) == len(ok)
