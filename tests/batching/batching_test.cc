@@ -1042,20 +1042,22 @@ TEST(DynamicBatcherPipeline, ModelIdleIsTheGapBetweenBatches) {
 // Several batches in flight (max_batches_in_flight > 1): the batch thread hands a formed batch
 // to whichever model thread is free and finishes batches in the order they come back.
 
-// The model for these tests: each batch that enters gets a number (1, 2, ... in order of
-// entry, which is the order of hand-over) and waits in the BatchFn until the test releases
-// that number, so batches can be made to finish in any order.
+// The model for these tests: each batch waits in the BatchFn until the test releases it by its
+// first item's id, so batches can be made to finish in any order. (Not by order of entry: two
+// model threads that took their batches in order may still enter the BatchFn the other way
+// round.)
 class LaneModel {
  public:
   BatchFn Fn() {
     return [this](Batch& batch) {
+      const int first_id = SliceIds(batch).front();
       {
         absl::MutexLock lock(&mu_);
-        const int k = ++entered_;
+        ++entered_;
         ++inside_;
         max_inside_ = std::max(max_inside_, inside_);
-        auto released = [this, k]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-          return release_all_ || std::find(released_.begin(), released_.end(), k) !=
+        auto released = [this, first_id]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return release_all_ || std::find(released_.begin(), released_.end(), first_id) !=
                                      released_.end();
         };
         mu_.AwaitWithTimeout(absl::Condition(&released), kSafety);
@@ -1080,9 +1082,10 @@ class LaneModel {
     absl::MutexLock lock(&mu_);
     return max_inside_;
   }
-  void Release(int k) {
+  // Lets the batch whose first item has this id return (now or when it arrives).
+  void Release(int first_id) {
     absl::MutexLock lock(&mu_);
-    released_.push_back(k);
+    released_.push_back(first_id);
   }
   void ReleaseAll() {
     absl::MutexLock lock(&mu_);
@@ -1174,14 +1177,14 @@ TEST(DynamicBatcherLanes, TwoBatchesRunAtOnceAndAThirdWaitsStaged) {
   for (auto& t : tasks) EXPECT_EQ(t->done_calls.load(), 0);
 
   // The second batch returns first: its task ends and the third batch takes the free thread.
-  model.Release(2);
+  model.Release(10);
   ASSERT_TRUE(model.WaitEntered(3));
-  model.Release(3);
+  model.Release(20);
   ASSERT_TRUE(finished.WaitFinished(2));  // the first batch is still in the model
   EXPECT_EQ(tasks[1]->done_calls.load(), 1);
   EXPECT_EQ(tasks[2]->done_calls.load(), 1);
   EXPECT_EQ(tasks[0]->done_calls.load(), 0);
-  model.Release(1);
+  model.Release(0);
   ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
   for (int i = 0; i < 3; ++i) {
     EXPECT_EQ(tasks[i]->done_calls.load(), 1) << i;
@@ -1210,10 +1213,10 @@ TEST(DynamicBatcherLanes, ASplitTaskEndsOnceAfterItsBatchesReturnOutOfOrder) {
   model.Release(2);
   clock.Advance(absl::Milliseconds(2));  // [4] alone is due by time
   ASSERT_TRUE(model.WaitEntered(3));     // and went to the thread [2 3] freed
-  model.Release(3);
+  model.Release(4);
   ASSERT_TRUE(finished.WaitFinished(2));
   EXPECT_EQ(task->done_calls.load(), 0);  // [0 1] is still in the model
-  model.Release(1);
+  model.Release(0);
   ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
   EXPECT_EQ(task->done_calls.load(), 1);
   EXPECT_TRUE(task->result().ok());
@@ -1243,10 +1246,10 @@ void DropWhileInFlight(bool cancel) {
   } else {
     clock.Advance(absl::Milliseconds(10));
   }
-  model.Release(1);
+  model.Release(0);
   // [4] is dropped at the hand-over; `after` alone goes to the free thread...
   ASSERT_TRUE(model.WaitEntered(3));
-  model.Release(3);
+  model.Release(100);
   ASSERT_TRUE(finished.WaitFinished(2));
   EXPECT_EQ(after->done_calls.load(), 1);
   // ...but the task's [2 3] is still in the model, so it has not ended.
@@ -1279,7 +1282,8 @@ TEST(DynamicBatcherLanes, DropsBeforeTheModelStillHappen) {
   FakeClock clock;
   LaneModel model;
   Stager stager;
-  auto batcher = MustCreateStaged(LaneOptions(2, 2), model.Fn(), &clock, stager);
+  // Batches of 4: nothing is due before the clock moves.
+  auto batcher = MustCreateStaged(LaneOptions(2, 4), model.Fn(), &clock, stager);
   model.ReleaseAll();
   auto expired = MakeTask(0, 1, clock.Now() + absl::Milliseconds(1));
   auto cancelled = MakeTask(10, 1);
@@ -1312,13 +1316,13 @@ TEST(DynamicBatcherLanes, AFailureWaitsForTheTasksOtherBatchInFlight) {
   ASSERT_TRUE(batcher->Schedule(after).ok());
   ASSERT_TRUE(model.WaitEntered(2));
   ASSERT_TRUE(stager.WaitForStaged(6));  // [4 5] staged
-  model.Release(1);                      // fails
+  model.Release(0);                      // fails
   ASSERT_TRUE(finished.WaitFinished(1));
   EXPECT_EQ(task->done_calls.load(), 0);  // [2 3] still in the model
   clock.Advance(absl::Milliseconds(2));   // `after` is due alone now
   ASSERT_TRUE(model.WaitEntered(3));
   model.Release(2);
-  model.Release(3);
+  model.Release(100);
   ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
   EXPECT_EQ(task->done_calls.load(), 1);
   EXPECT_EQ(task->result().code(), absl::StatusCode::kInternal);
