@@ -317,7 +317,7 @@ void DynamicBatcher::BatchThreadLoop() {
     if (ran != nullptr) {
       Complete(*ran, &outcomes);
       absl::MutexLock lock(&mu_);
-      due = BatchDueLocked();  // a model thread is free: this batch's
+      due = BatchDueLocked();  // the model thread that ran it is free now
     }
     std::vector<Outcome> drops;
     if (due) {

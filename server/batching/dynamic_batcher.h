@@ -63,15 +63,15 @@
 //   k > 1, `done` still waits for its other batches in the model).
 //
 // When a batch runs (latency bound)
-// - As soon as a model thread is free and max_batch_size items are queued, or once the oldest queued
-//   item has waited max_queue_delay on the injected clock since its Schedule(), or at once
+// - As soon as a model thread is free and max_batch_size items are queued, or once the oldest
+//   queued item has waited max_queue_delay on the injected clock since its Schedule(), or at once
 //   after Shutdown() began. A batch that runs takes up to max_batch_size items from the front
 //   of the queue; if expired or cancelled tasks were among them it is topped up from behind,
 //   and may still run smaller than full (never later than the rules above).
 // - While the model runs a batch (any of the k), the batch thread already moves items from the
-//   front of the queue into the next batch and stages them, up to max_batch_size. That changes neither which
-//   items the next batch holds nor when it runs: staged items still count as queued (for
-//   queue_depth() and max_queue_size) until the batch is handed to the model, and expiry and
+//   front of the queue into the next batch and stages them, up to max_batch_size. That changes
+//   neither which items the next batch holds nor when it runs: staged items still count as queued
+//   (for queue_depth() and max_queue_size) until the batch is handed to the model, and expiry and
 //   cancellation are checked at that hand-over, as for unstaged items.
 // - So an item waits at most max_queue_delay plus the run time of the batches already queued
 //   ahead of it (at most ceil(max_queue_size / max_batch_size) of them, run k at a time) plus
@@ -82,10 +82,11 @@
 //   can stretch or shorten one wait, never lose an item.
 //
 // Invariants
-// - FIFO: items enter batches (and batches the model) in Schedule() order, a task's items in
-//   index order; with k > 1 only their completion may be out of order. A task larger
-//   than max_batch_size (or than the room left in a batch) continues in the next batches; a
-//   batch may hold several tasks and parts of them.
+// - FIFO: items enter batches, and batches are handed to the model threads, in Schedule()
+//   order, a task's items in index order (with k > 1, batches handed over in turn may start in
+//   either order and finish in any order). A task larger than max_batch_size (or than the room
+//   left in a batch) continues in the next batches; a batch may hold several tasks and parts of
+//   them.
 // - Every accepted task gets exactly one `done` call, after all its items that reached the
 //   BatchFn have come back from it. A failing batch fails only the tasks with items in it.
 // - After Shutdown() (and in the counters at any quiet moment):
@@ -244,9 +245,9 @@ class DynamicBatcher {
   // drops the expired/cancelled tasks in its way, runs it and returns its size; else returns 0.
   absl::StatusOr<int> RunOnce() ABSL_LOCKS_EXCLUDED(mu_, step_mu_);
 
-  // For tests: waits (up to `timeout` of real time, as a safety net) until no batch is in the
-  // model and the batch thread has nothing to do at the clock's current time and is blocked
-  // waiting, or until the threads have exited. Returns false on timeout. Puppet mode is always idle.
+  // For tests: waits (up to `timeout` of real time, as a safety net) until no batch is in the model
+  // and the batch thread has nothing to do at the clock's current time and is blocked waiting, or
+  // until the threads have exited. Returns false on timeout. Puppet mode is always idle.
   bool WaitUntilIdle(absl::Duration timeout = absl::Seconds(30)) ABSL_LOCKS_EXCLUDED(mu_);
 
   // Items accepted and not yet handed to the model (queued or staged).
