@@ -32,6 +32,7 @@
 #include <spdlog/spdlog.h>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
@@ -246,6 +247,8 @@ int Run(const service::ServerConfig& cfg, const sigset_t& signals) {
   engine_options.threads = cfg.threads;
   engine_options.warmup_batch_size = cfg.warmup_batch_size;
   engine_options.max_batch_size = cfg.max_batch_size;  // CUDA graphs up to the batcher's limit
+  // A lane (stream and staging buffers) for each batch in flight; ignored on the CPU.
+  if (cfg.max_batches_in_flight > 0) engine_options.cuda_lanes = cfg.max_batches_in_flight;
   // Built (and warmed up) on a thread that exits afterwards. Every thread that runs libtorch
   // keeps an OpenMP team of its own; with the loading thread's idle team beside the model
   // thread's, libgomp manages more threads than there are cores and cuts its spin-wait at
@@ -283,6 +286,12 @@ int Run(const service::ServerConfig& cfg, const sigset_t& signals) {
   embedder_options.batching.max_batch_size = cfg.max_batch_size;
   embedder_options.batching.max_queue_delay = absl::Microseconds(cfg.max_queue_delay_us);
   embedder_options.batching.max_queue_size = cfg.max_queue_size;
+  // Automatic: on the CPU one forward pass already uses every core (a second would only
+  // contend); on CUDA one batch per lane, so copies, compute and the next batch overlap.
+  const bool on_cuda = absl::StartsWith(model.device, "cuda");
+  embedder_options.batching.max_batches_in_flight =
+      cfg.max_batches_in_flight > 0 ? cfg.max_batches_in_flight
+                                    : (on_cuda ? engine_options.cuda_lanes : 1);
   embedder_options.batching.observer = &metrics;
   embedder_options.hold_file = cfg.test_hold_model_file;
   auto embedder = service::Embedder::Create(embedder_options, &engine_model);
@@ -308,10 +317,11 @@ int Run(const service::ServerConfig& cfg, const sigset_t& signals) {
                cfg.threads == 0 ? std::string("default") : std::to_string(cfg.threads),
                cfg.warmup_batch_size, absl::ToDoubleSeconds(absl::Now() - load_start));
   spdlog::info(
-      "batching: max batch {} max queue delay {} us max queue {} crops; limits: {} faces per "
-      "request, {} message bytes, {} image pixels, compare {}x{}; preprocessing threads {}; "
-      "drain timeout {}",
-      cfg.max_batch_size, cfg.max_queue_delay_us, cfg.max_queue_size, cfg.max_faces_per_request,
+      "batching: max batch {} max queue delay {} us max queue {} crops, {} batch(es) in flight; "
+      "limits: {} faces per request, {} message bytes, {} image pixels, compare {}x{}; "
+      "preprocessing threads {}; drain timeout {}",
+      cfg.max_batch_size, cfg.max_queue_delay_us, cfg.max_queue_size,
+      emb->batcher().options().max_batches_in_flight, cfg.max_faces_per_request,
       cfg.max_message_bytes, cfg.max_image_pixels, cfg.max_compare_rows, cfg.max_compare_cols,
       pool_threads, absl::FormatDuration(cfg.drain_timeout));
   if (!cfg.test_hold_model_file.empty()) {

@@ -163,7 +163,8 @@ int RunInfo(const CommonOptions& common, bool json) {
             << "weights_sha256  " << info->weights_sha256() << "\n"
             << "device          " << info->device() << " (" << info->precision() << ")\n"
             << "batching        max batch " << b.max_batch_size() << ", max delay "
-            << b.max_queue_delay_us() << " us, max queue " << b.max_queue_size() << "\n"
+            << b.max_queue_delay_us() << " us, max queue " << b.max_queue_size() << ", "
+            << b.max_batches_in_flight() << " in flight\n"
             << "limits          " << info->max_faces_per_request() << " faces/request, "
             << info->max_message_bytes() << " bytes/message\n"
             << "server_version  " << info->server_version() << "\n";

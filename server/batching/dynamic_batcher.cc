@@ -26,6 +26,13 @@ class ScopedCallbackThread {
 
 }  // namespace
 
+struct DynamicBatcher::Outcome {
+  enum class Kind { kSucceeded, kFailed, kExpired, kCancelled };
+  std::shared_ptr<TaskState> state;
+  Kind kind;
+  int items_dropped;  // accepted items of this task that never reached the BatchFn
+};
+
 struct DynamicBatcher::TaskState {
   std::shared_ptr<Task> task;
   int num_items = 0;
@@ -35,19 +42,16 @@ struct DynamicBatcher::TaskState {
   // forming thread only, so that thread may also read it without the lock.
   int next_item = 0;
   // The fields below are touched only by the forming thread.
-  int items_returned = 0;  // items that came back from the BatchFn
+  int items_sent = 0;      // items handed to the model
+  int items_returned = 0;  // of those, items that came back from the BatchFn
   absl::Status status;     // first error
-};
-
-struct DynamicBatcher::Outcome {
-  enum class Kind { kSucceeded, kFailed, kExpired, kCancelled };
-  std::shared_ptr<TaskState> state;
-  Kind kind;
-  int items_dropped;  // accepted items of this task that never reached the BatchFn
+  // Set once the task's fate is sealed (dropped or failed; its rest left the queue). With
+  // several batches in flight it may still have items in the model: `done` waits for them.
+  std::optional<Outcome::Kind> ended;
 };
 
 // A batch and the batcher's notes on it. Owned by one thread at a time: the forming thread
-// while open, the model thread from the hand-over until it puts it in ran_.
+// while open, a model thread from the hand-over until it puts it in ran_.
 struct DynamicBatcher::Slot {
   Batch batch;
   std::vector<std::shared_ptr<TaskState>> states;  // parallel to batch.slices
@@ -95,6 +99,12 @@ absl::StatusOr<std::unique_ptr<DynamicBatcher>> DynamicBatcher::Create(const Opt
         absl::StrCat("max_queue_delay must be >= 0 and finite, got ",
                      absl::FormatDuration(options.max_queue_delay)));
   }
+  if (options.max_batches_in_flight < 1 ||
+      options.max_batches_in_flight > kMaxBatchesInFlight) {
+    return absl::InvalidArgumentError(absl::StrCat("max_batches_in_flight must be in 1..",
+                                                   kMaxBatchesInFlight, ", got ",
+                                                   options.max_batches_in_flight));
+  }
   if (!batch_fn) return absl::InvalidArgumentError("batch_fn must be set");
   if (clock == nullptr) clock = RealClock::Get();
 
@@ -104,7 +114,9 @@ absl::StatusOr<std::unique_ptr<DynamicBatcher>> DynamicBatcher::Create(const Opt
     absl::MutexLock lock(&batcher->join_mu_);
     DynamicBatcher* b = batcher.get();
     b->threads_.emplace_back([b] { b->BatchThreadLoop(); });
-    b->threads_.emplace_back([b] { b->ModelThreadLoop(); });
+    for (int i = 0; i < options.max_batches_in_flight; ++i) {
+      b->threads_.emplace_back([b] { b->ModelThreadLoop(); });
+    }
   }
   return batcher;
 }
@@ -170,7 +182,7 @@ absl::Status DynamicBatcher::Schedule(std::shared_ptr<Task> task) {
       // Only these changes give the batch thread something to do earlier than it plans: a new
       // oldest item, a full batch, or items to stage while the model is busy.
       if (was_empty || (was_below_full && queued_items_ >= options_.max_batch_size) ||
-          (model_busy_ && open_items_ < options_.max_batch_size)) {
+          (models_busy_ > 0 && open_items_ < options_.max_batch_size)) {
         wake_pending_ = true;
         wake_.Signal();
       }
@@ -257,7 +269,7 @@ bool DynamicBatcher::IdleLocked() {
   if (!options_.start_batch_thread || thread_exited_) return true;
   // Evaluated by absl whenever mu_ is released; the clock may have moved past the thread's
   // wake-up time without anyone touching mu_, which is why the time is part of the test.
-  return thread_waiting_ && !wake_pending_ && !model_busy_ &&
+  return thread_waiting_ && !wake_pending_ && models_busy_ == 0 &&
          clock_->Now() < thread_wait_deadline_;
 }
 
@@ -270,26 +282,29 @@ void DynamicBatcher::BatchThreadLoop() {
     {
       absl::MutexLock lock(&mu_);
       for (;;) {
-        if (ran_ != nullptr) {
-          ran = std::move(ran_);
-          model_busy_ = false;
+        const bool model_free = models_busy_ < options_.max_batches_in_flight;
+        if (!ran_.empty()) {
+          ran = std::move(ran_.front());
+          ran_.pop_front();
+          --models_busy_;
           break;
         }
-        if (!model_busy_ && BatchDueLocked()) {
+        if (model_free && BatchDueLocked()) {
           due = true;
           break;
         }
-        if (model_busy_ && !queue_.empty() && open_items_ < options_.max_batch_size) {
+        if (models_busy_ > 0 && !queue_.empty() && open_items_ < options_.max_batch_size) {
           stage = true;
           break;
         }
-        if (stopping_ && queued_items_ == 0 && !model_busy_) {
+        if (stopping_ && queued_items_ == 0 && models_busy_ == 0) {
           model_thread_stop_ = true;
           thread_exited_ = true;
           return;
         }
-        // While the model is busy nothing becomes due by time: the model thread wakes us.
-        thread_wait_deadline_ = !model_busy_ && queued_items_ > 0
+        // While every model thread is busy nothing becomes due by time: the first one to
+        // finish wakes us.
+        thread_wait_deadline_ = model_free && queued_items_ > 0
                                     ? OldestLocked() + options_.max_queue_delay
                                     : absl::InfiniteFuture();
         thread_waiting_ = true;
@@ -302,7 +317,7 @@ void DynamicBatcher::BatchThreadLoop() {
     if (ran != nullptr) {
       Complete(*ran, &outcomes);
       absl::MutexLock lock(&mu_);
-      due = BatchDueLocked();
+      due = BatchDueLocked();  // the model thread that ran it is free now
     }
     std::vector<Outcome> drops;
     if (due) {
@@ -310,8 +325,8 @@ void DynamicBatcher::BatchThreadLoop() {
       if (open_->batch.size > 0) {
         std::unique_ptr<Slot> next = HandOver();
         absl::MutexLock lock(&mu_);
-        to_run_ = std::move(next);
-        model_busy_ = true;
+        to_run_.push_back(std::move(next));
+        ++models_busy_;
       }
     }
     // The model has its next batch (if there was one); now the slower work around it.
@@ -337,15 +352,16 @@ void DynamicBatcher::ModelThreadLoop() {
     {
       absl::MutexLock lock(&mu_);
       auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        return to_run_ != nullptr || model_thread_stop_;
+        return !to_run_.empty() || model_thread_stop_;
       };
       mu_.Await(absl::Condition(&ready));
-      if (to_run_ == nullptr) return;
-      slot = std::move(to_run_);
+      if (to_run_.empty()) return;
+      slot = std::move(to_run_.front());
+      to_run_.pop_front();
     }
     RunModel(*slot);
     absl::MutexLock lock(&mu_);
-    ran_ = std::move(slot);
+    ran_.push_back(std::move(slot));
     wake_pending_ = true;
     wake_.Signal();
   }
@@ -437,35 +453,40 @@ void DynamicBatcher::FormOpen(std::vector<Outcome>* drops) {
       if (open.checked[i]) continue;
       open.checked[i] = 1;
       TaskState& s = *open.states[i];
-      std::optional<Outcome::Kind> drop;
-      // Nothing of this task is in the model now, so what came back is what ran.
+      // Items of this task still in the model (several batches in flight) count as run: they
+      // cannot be called back, and `done` waits for them (EndIfIdle).
       if (now >= s.deadline) {
-        drop = Outcome::Kind::kExpired;
+        s.ended = Outcome::Kind::kExpired;
         s.status = absl::DeadlineExceededError(absl::StrCat(
-            "deadline passed after ", s.items_returned, " of ", s.num_items, " items ran"));
+            "deadline passed after ", s.items_sent, " of ", s.num_items, " items ran"));
       } else if (s.task->is_cancelled && s.task->is_cancelled()) {
-        drop = Outcome::Kind::kCancelled;
-        s.status = absl::CancelledError(absl::StrCat("cancelled after ", s.items_returned,
-                                                     " of ", s.num_items, " items ran"));
+        s.ended = Outcome::Kind::kCancelled;
+        s.status = absl::CancelledError(absl::StrCat("cancelled after ", s.items_sent, " of ",
+                                                     s.num_items, " items ran"));
       }
-      if (drop.has_value()) {
-        drops->push_back({open.states[i], *drop, s.num_items - s.items_returned});
-        dropped.push_back(open.states[i]);
-      }
+      if (s.ended.has_value()) dropped.push_back(open.states[i]);
     }
     if (dropped.empty()) break;
-    absl::MutexLock lock(&mu_);
-    for (const std::shared_ptr<TaskState>& s : dropped) {
-      RemoveFromOpenLocked(s.get());
-      RemoveQueuedRestLocked(*s);
+    {
+      absl::MutexLock lock(&mu_);
+      for (const std::shared_ptr<TaskState>& s : dropped) {
+        RemoveFromOpenLocked(s.get());
+        RemoveQueuedRestLocked(*s);
+      }
     }
+    for (const std::shared_ptr<TaskState>& s : dropped) EndIfIdle(s, drops);
   }
   StageOpen(/*ahead=*/false);
 }
 
 std::unique_ptr<DynamicBatcher::Slot> DynamicBatcher::HandOver() {
   std::unique_ptr<Slot> slot = std::move(open_);
-  open_ = spare_ != nullptr ? std::move(spare_) : std::make_unique<Slot>();
+  if (spare_.empty()) {
+    open_ = std::make_unique<Slot>();
+  } else {
+    open_ = std::move(spare_.back());
+    spare_.pop_back();
+  }
   open_->Clear();
   const absl::Time now = clock_->Now();
   slot->waits.clear();
@@ -473,9 +494,14 @@ std::unique_ptr<DynamicBatcher::Slot> DynamicBatcher::HandOver() {
   for (size_t i = 0; i < slot->states.size(); ++i) {
     slot->waits.insert(slot->waits.end(), slot->batch.slices[i].num_items,
                        now - slot->states[i]->enqueued);
+    slot->states[i]->items_sent += slot->batch.slices[i].num_items;
   }
-  if (last_model_end_.has_value()) slot->model_idle = std::max(now - *last_model_end_, absl::ZeroDuration());
   absl::MutexLock lock(&mu_);
+  // With several batches in flight the model is idle only while none is in it.
+  if (last_model_end_.has_value()) {
+    slot->model_idle = models_busy_ > 0 ? absl::ZeroDuration()
+                                        : std::max(now - *last_model_end_, absl::ZeroDuration());
+  }
   queued_items_ -= slot->batch.size;
   open_items_ = 0;
   return slot;
@@ -489,7 +515,10 @@ void DynamicBatcher::RunModel(Slot& slot) {
 }
 
 void DynamicBatcher::Complete(Slot& slot, std::vector<Outcome>* outcomes) {
-  last_model_end_ = slot.run_end;
+  // Batches may come back out of order; the model's last activity is the latest end.
+  if (!last_model_end_.has_value() || slot.run_end > *last_model_end_) {
+    last_model_end_ = slot.run_end;
+  }
   {
     absl::MutexLock lock(&mu_);
     ++counters_.batches;
@@ -502,19 +531,27 @@ void DynamicBatcher::Complete(Slot& slot, std::vector<Outcome>* outcomes) {
     if (item_status.ok()) item_status = slot.batch.slices[i].status;
     s.items_returned += slot.batch.slices[i].num_items;
     if (!item_status.ok() && s.status.ok()) s.status = item_status;
-    if (!s.status.ok()) {
-      // Nothing of this task is in the model any more (one batch at a time): end it now, with
-      // whatever of it waits in the open batch or the queue.
-      {
+    if (!s.ended.has_value()) {
+      if (!s.status.ok()) {
+        // Its items still waiting (open batch or queue) will not run.
+        s.ended = Outcome::Kind::kFailed;
         absl::MutexLock lock(&mu_);
         RemoveFromOpenLocked(&s);
         RemoveQueuedRestLocked(s);
+      } else if (s.items_returned == s.num_items) {
+        s.ended = Outcome::Kind::kSucceeded;
       }
-      outcomes->push_back({slot.states[i], Outcome::Kind::kFailed, s.num_items - s.items_returned});
-    } else if (s.items_returned == s.num_items) {
-      outcomes->push_back({slot.states[i], Outcome::Kind::kSucceeded, 0});
     }
+    // A task that ended while this batch ran (dropped, or failed in another batch) ends now.
+    EndIfIdle(slot.states[i], outcomes);
   }
+}
+
+void DynamicBatcher::EndIfIdle(const std::shared_ptr<TaskState>& state,
+                               std::vector<Outcome>* outcomes) {
+  TaskState& s = *state;
+  if (!s.ended.has_value() || s.items_returned < s.items_sent) return;
+  outcomes->push_back({state, *s.ended, s.num_items - s.items_sent});
 }
 
 void DynamicBatcher::Report(Slot& slot, std::vector<Outcome>& outcomes) {
@@ -539,7 +576,7 @@ void DynamicBatcher::Report(Slot& slot, std::vector<Outcome>& outcomes) {
 void DynamicBatcher::Recycle(std::unique_ptr<Slot> slot) {
   // The tasks may be gone: drop the references (the buffers keep their capacity).
   slot->Clear();
-  spare_ = std::move(slot);
+  spare_.push_back(std::move(slot));
 }
 
 int DynamicBatcher::FormAndRunInline() {

@@ -24,17 +24,24 @@
 //   mutex for a short bounded section (one allocation, no callbacks) and returns; only a
 //   rejection runs caller code (the observer's OnRejected), after the mutex is released. It may
 //   be called from any thread, including from inside `done` and the BatchFn.
-// - Two threads form a pipeline, so that the model never waits for the work around it:
-//   the model thread only calls the BatchFn; the batch thread does everything else: it forms
-//   the next batch and stages its items (the StageFn, e.g. gathering their inputs into one
-//   buffer) while the model runs the current one, hands it over the moment the model is free,
-//   and then, while the model runs that batch, finishes the tasks of the one before (their
-//   `done`, the observer's hooks). In puppet mode the caller of RunOnce()/Shutdown() does all
-//   of it in turn. Exactly one batch is in the BatchFn at a time; the StageFn never sees the
+// - The threads form a pipeline, so that the model never waits for the work around it:
+//   the model threads (Options::max_batches_in_flight of them, k below) only call the BatchFn;
+//   the one batch thread does everything else: it forms the next batch and stages its items
+//   (the StageFn, e.g. gathering their inputs into one buffer) while the model runs, hands it
+//   to a model thread the moment one is free, and finishes the tasks of each batch that came
+//   back (their `done`, the observer's hooks), in the order batches come back. In puppet mode
+//   the caller of RunOnce()/Shutdown() does all of it in turn, one batch at a time whatever k.
+//   At most k batches are in the BatchFn at once, each on its own model thread, so with k > 1
+//   the BatchFn must be safe to call concurrently (e.g. an engine with k CUDA streams); with
+//   k == 1 (the default) exactly one batch is in it at a time. On a CPU-bound model k > 1 does
+//   not pay: the forward passes only contend for the same cores. The StageFn never sees a
 //   batch the BatchFn is running. No callback is called with the batcher's mutex held; they
 //   must not throw (the engine turns library exceptions into a status at its boundary), and the
 //   BatchFn must not keep the slices' Task pointers after it returns.
-// - Shutdown() blocks until every accepted task has finished and both threads have exited.
+// - With k > 1, batches may return out of order, and the batches of one task may be in the
+//   model at the same time (they hold different items, so per-item outputs do not overlap, but
+//   a BatchFn writing anything else of the task must expect that).
+// - Shutdown() blocks until every accepted task has finished and all threads have exited.
 //   The destructor calls it. Calling Shutdown() from any of the batcher's callbacks only starts
 //   the shutdown (it cannot join itself); the owner's later Shutdown()/destructor completes it.
 //
@@ -50,33 +57,36 @@
 // - OK: every item went through a BatchFn call that succeeded for it.
 // - DEADLINE_EXCEEDED / CANCELLED: the task was found expired (Now() >= deadline) or cancelled
 //   when its items were about to be handed to the model; its items not yet run never reach the
-//   BatchFn.
+//   BatchFn (with k > 1, those already in the model finish first; `done` comes after them).
 // - Otherwise the BatchFn's status (or a slice status it set) for the first batch that failed
-//   any of the task's items; the task's remaining items are dropped.
+//   any of the task's items; the task's items not yet handed to the model are dropped (with
+//   k > 1, `done` still waits for its other batches in the model).
 //
 // When a batch runs (latency bound)
-// - As soon as the model is free and max_batch_size items are queued, or once the oldest queued
-//   item has waited max_queue_delay on the injected clock since its Schedule(), or at once
+// - As soon as a model thread is free and max_batch_size items are queued, or once the oldest
+//   queued item has waited max_queue_delay on the injected clock since its Schedule(), or at once
 //   after Shutdown() began. A batch that runs takes up to max_batch_size items from the front
 //   of the queue; if expired or cancelled tasks were among them it is topped up from behind,
 //   and may still run smaller than full (never later than the rules above).
-// - While the model runs a batch, the batch thread already moves items from the front of the
-//   queue into the next batch and stages them, up to max_batch_size. That changes neither which
-//   items the next batch holds nor when it runs: staged items still count as queued (for
-//   queue_depth() and max_queue_size) until the batch is handed to the model, and expiry and
+// - While the model runs a batch (any of the k), the batch thread already moves items from the
+//   front of the queue into the next batch and stages them, up to max_batch_size. That changes
+//   neither which items the next batch holds nor when it runs: staged items still count as queued
+//   (for queue_depth() and max_queue_size) until the batch is handed to the model, and expiry and
 //   cancellation are checked at that hand-over, as for unstaged items.
 // - So an item waits at most max_queue_delay plus the run time of the batches already queued
-//   ahead of it (at most ceil(max_queue_size / max_batch_size) of them) plus the batch in
-//   flight when it was scheduled. max_queue_size bounds that backlog.
+//   ahead of it (at most ceil(max_queue_size / max_batch_size) of them, run k at a time) plus
+//   the batches in flight when it was scheduled. max_queue_size bounds that backlog.
 // - Expired and cancelled tasks are detected only when their items are about to be handed to
 //   the model, not at their deadline. Until then their items keep their room in the queue.
 // - RealClock is wall time (absl::Now()), the same base as gRPC deadlines; a wall-clock step
 //   can stretch or shorten one wait, never lose an item.
 //
 // Invariants
-// - FIFO: items enter batches in Schedule() order, a task's items in index order. A task larger
-//   than max_batch_size (or than the room left in a batch) continues in the next batches; a
-//   batch may hold several tasks and parts of them.
+// - FIFO: items enter batches, and batches are handed to the model threads, in Schedule()
+//   order, a task's items in index order (with k > 1, batches handed over in turn may start in
+//   either order and finish in any order). A task larger than max_batch_size (or than the room
+//   left in a batch) continues in the next batches; a batch may hold several tasks and parts of
+//   them.
 // - Every accepted task gets exactly one `done` call, after all its items that reached the
 //   BatchFn have come back from it. A failing batch fails only the tasks with items in it.
 // - After Shutdown() (and in the counters at any quiet moment):
@@ -160,15 +170,16 @@ struct BatchInfo {
   absl::Status status;                           // what the BatchFn returned
   // How long the model sat idle between the end of the previous batch and this one's start
   // (load-dependent: with a queue that never empties, only the hand-over itself). Unset for
-  // the first batch.
+  // the first batch. With several batches in flight: the time since the latest end while no
+  // batch was in the model, zero if another batch still was.
   std::optional<absl::Duration> model_idle;
-  int items_staged_ahead = 0;   // items staged while the previous batch was in the model
+  int items_staged_ahead = 0;   // items staged while another batch was in the model
   absl::Duration stage_time;    // time in the StageFn for this batch, all calls together
   absl::Duration finish_time;   // the tasks' `done` calls after this batch, all together
 };
 
 // Metrics hooks. Must be thread-safe: OnRejected runs on Schedule()'s caller, the others on the
-// batch thread. Called without the batcher's mutex held.
+// batch thread (never on a model thread). Called without the batcher's mutex held.
 class BatcherObserver {
  public:
   virtual ~BatcherObserver() = default;
@@ -206,8 +217,12 @@ class DynamicBatcher {
     // formed, staged, run and finished only inside RunOnce() and Shutdown(), on the caller's
     // thread.
     bool start_batch_thread = true;
+    // Model threads, each calling the BatchFn with its own batch: 1..kMaxBatchesInFlight. Ignored
+    // in puppet mode, which runs one batch at a time.
+    int max_batches_in_flight = 1;
     BatcherObserver* observer = nullptr;  // optional, not owned
   };
+  static constexpr int kMaxBatchesInFlight = 16;
 
   // `clock` null means RealClock::Get(); `stage_fn` may be null. Errors name the offending
   // option.
@@ -230,8 +245,8 @@ class DynamicBatcher {
   // drops the expired/cancelled tasks in its way, runs it and returns its size; else returns 0.
   absl::StatusOr<int> RunOnce() ABSL_LOCKS_EXCLUDED(mu_, step_mu_);
 
-  // For tests: waits (up to `timeout` of real time, as a safety net) until the model is free and
-  // the batch thread has nothing to do at the clock's current time and is blocked waiting, or
+  // For tests: waits (up to `timeout` of real time, as a safety net) until no batch is in the model
+  // and the batch thread has nothing to do at the clock's current time and is blocked waiting, or
   // until the threads have exited. Returns false on timeout. Puppet mode is always idle.
   bool WaitUntilIdle(absl::Duration timeout = absl::Seconds(30)) ABSL_LOCKS_EXCLUDED(mu_);
 
@@ -272,6 +287,8 @@ class DynamicBatcher {
   void Complete(Slot& slot, std::vector<Outcome>* outcomes) ABSL_LOCKS_EXCLUDED(mu_);
   // Calls the finished tasks' `done` and the observer's OnBatch.
   void Report(Slot& slot, std::vector<Outcome>& outcomes) ABSL_LOCKS_EXCLUDED(mu_);
+  // Turns a task whose end is sealed into an outcome once none of its items is in the model.
+  void EndIfIdle(const std::shared_ptr<TaskState>& state, std::vector<Outcome>* outcomes);
   void Recycle(std::unique_ptr<Slot> slot);
   // Puppet mode: forms one batch, runs and finishes it on the caller's thread; its size, 0 if
   // every candidate was dropped or nothing was queued.
@@ -285,7 +302,7 @@ class DynamicBatcher {
 
   // Forming thread only (see above).
   std::unique_ptr<Slot> open_;
-  std::unique_ptr<Slot> spare_;  // a finished Slot kept for its buffers' capacity
+  std::vector<std::unique_ptr<Slot>> spare_;  // finished Slots kept for their buffers' capacity
   std::optional<absl::Time> last_model_end_;
 
   mutable absl::Mutex mu_;
@@ -296,12 +313,13 @@ class DynamicBatcher {
   absl::Time open_oldest_ ABSL_GUARDED_BY(mu_);  // enqueue time of the open batch's first task
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   BatcherCounters counters_ ABSL_GUARDED_BY(mu_);
-  // The hand-over between the two threads: the batch thread sets to_run_ and model_busy_; the
-  // model thread takes to_run_ and puts the batch back in ran_; the batch thread takes ran_
-  // and clears model_busy_.
-  std::unique_ptr<Slot> to_run_ ABSL_GUARDED_BY(mu_);
-  std::unique_ptr<Slot> ran_ ABSL_GUARDED_BY(mu_);
-  bool model_busy_ ABSL_GUARDED_BY(mu_) = false;
+  // The hand-over between the threads: the batch thread appends to to_run_ and counts
+  // models_busy_ up (only while it is below max_batches_in_flight, so a model thread is free for
+  // each); a model thread takes a batch from to_run_ and appends it to ran_ when the BatchFn
+  // returned; the batch thread takes it from ran_ and counts models_busy_ down.
+  std::deque<std::unique_ptr<Slot>> to_run_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::unique_ptr<Slot>> ran_ ABSL_GUARDED_BY(mu_);
+  int models_busy_ ABSL_GUARDED_BY(mu_) = 0;  // batches handed over and not yet taken back
   bool model_thread_stop_ ABSL_GUARDED_BY(mu_) = false;
   // What the batch thread is doing, for WaitUntilIdle(). A signal it has not yet acted on
   // (wake_pending_) or a wait deadline already reached means it is about to run.

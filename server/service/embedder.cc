@@ -51,6 +51,9 @@ absl::Status Embedder::Submit(std::vector<uint8_t> crops, absl::Time deadline,
   task->deadline = deadline;
   task->is_cancelled = std::move(is_cancelled);
   task->crops = std::move(crops);
+  // Sized here, not in RunBatch: with several batches in flight, batches holding different
+  // crops of this request write their rows at the same time.
+  task->values.resize(size_t(task->num_items) * kEmbeddingDim);
   task->user_done = std::move(done);
   // The batcher destroys `done` right after calling it, which releases this self-reference.
   task->done = [task](absl::Status status) {
@@ -106,7 +109,6 @@ absl::Status Embedder::RunBatch(batching::Batch& batch) {
   const float* src = out->data();
   for (batching::BatchSlice& s : batch.slices) {
     auto* task = static_cast<EmbedTask*>(s.task);
-    if (task->values.empty()) task->values.resize(size_t(task->num_items) * kEmbeddingDim);
     size_t n = size_t(s.num_items) * kEmbeddingDim;
     std::memcpy(task->values.data() + size_t(s.first_item) * kEmbeddingDim, src,
                 n * sizeof(float));

@@ -6,10 +6,13 @@
 // - Input: Submit() takes crops already prepared (decoded, cropped, aligned) by the caller, on
 //   the caller's thread or pool. The batcher's batch thread gathers the next batch's crops into
 //   one contiguous buffer while the model runs the current batch (the batcher's StageFn); the
-//   model thread only runs the model and copies each request's rows back.
+//   model threads (options.batching.max_batches_in_flight of them) only run the model and copy
+//   each request's rows back to the rows' places, so crops of one request may come back in
+//   any order and from concurrent batches. With more than one, the model's Run() must be
+//   reentrant.
 // - Ownership: Submit() takes the crops; the model is borrowed and must outlive the Embedder.
 // - Blocking: Submit() never blocks (see DynamicBatcher::Schedule). Shutdown() blocks until
-//   every accepted request got its `done` and the batch thread has exited.
+//   every accepted request got its `done` and the batcher's threads have exited.
 // - Results: on an OK Submit(), `done` is called exactly once, on the batch thread, with
 //   n × kEmbeddingDim raw floats in crop order, or with the request's error:
 //   DEADLINE_EXCEEDED / CANCELLED when it expired or was cancelled while queued (its crops never

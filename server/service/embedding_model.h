@@ -4,8 +4,9 @@
 // Contract
 // - Run() receives n = crops.size() / kCropBytes crops (112×112×3 uint8 RGB, HWC, row-major),
 //   n >= 1, and returns n × kEmbeddingDim raw (not normalized) floats, row i for crop i.
-// - Blocking: Run() blocks for the forward pass. The service calls it from the batcher's one
-//   batch thread only, so an implementation need not be reentrant.
+// - Blocking: Run() blocks for the forward pass. The service calls it from the batcher's model
+//   threads: with max_batches_in_flight == 1 from one at a time, so an implementation need not
+//   be reentrant; with more, concurrently, and it must be (the engine is).
 // - Errors: a non-OK status fails every request with crops in that batch (the model, not the
 //   caller, failed: INTERNAL or UNAVAILABLE, never INVALID_ARGUMENT for valid crops).
 #ifndef ARCFACE_SERVER_SERVICE_EMBEDDING_MODEL_H_

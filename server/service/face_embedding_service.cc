@@ -477,6 +477,7 @@ grpc::ServerUnaryReactor* FaceEmbeddingService::GetModelInfo(
     response->mutable_batching()->set_max_queue_delay_us(
         static_cast<uint64_t>(absl::ToInt64Microseconds(batching.max_queue_delay)));
     response->mutable_batching()->set_max_queue_size(batching.max_queue_size);
+    response->mutable_batching()->set_max_batches_in_flight(batching.max_batches_in_flight);
     response->set_max_faces_per_request(options_.max_faces_per_request);
     response->set_max_message_bytes(options_.max_message_bytes);
     if (model_.device_memory) {

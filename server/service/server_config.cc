@@ -12,6 +12,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "server/batching/dynamic_batcher.h"
 #include "server/service/http_server.h"
 
 #ifndef ARCFACE_VERSION
@@ -84,6 +85,11 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
   app.add_option("--max-queue-size", c.max_queue_size,
                  "Crops queued for the model at most; beyond: RESOURCE_EXHAUSTED")
       ->envname("ARCFACE_MAX_QUEUE_SIZE");
+  app.add_option("--max-batches-in-flight", c.max_batches_in_flight,
+                 "Batches in the model at once, each on its own CUDA stream; 0: automatic (1 on "
+                 "the CPU, where more does not pay: forward passes share the same cores; 2 on "
+                 "CUDA)")
+      ->envname("ARCFACE_MAX_BATCHES_IN_FLIGHT");
   app.add_option("--max-faces-per-request", c.max_faces_per_request,
                  "Faces in one Embed request (face probes in one Compare) at most")
       ->envname("ARCFACE_MAX_FACES_PER_REQUEST");
@@ -176,6 +182,12 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
   Check(&bad, c.max_queue_delay_us >= 0 && c.max_queue_delay_us <= 10'000'000,
         "--max-queue-delay-us",
         absl::StrCat("must be in 0..10000000, got ", c.max_queue_delay_us));
+  Check(&bad,
+        c.max_batches_in_flight >= 0 &&
+            c.max_batches_in_flight <= batching::DynamicBatcher::kMaxBatchesInFlight,
+        "--max-batches-in-flight",
+        absl::StrCat("must be in 0..", batching::DynamicBatcher::kMaxBatchesInFlight, ", got ",
+                     c.max_batches_in_flight));
   Check(&bad, c.max_queue_size >= c.max_batch_size && c.max_queue_size <= 10'000'000,
         "--max-queue-size",
         absl::StrCat("must be at least --max-batch-size (", c.max_batch_size,

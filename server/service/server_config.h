@@ -32,6 +32,9 @@ struct ServerConfig {
   int max_batch_size = 32;
   int64_t max_queue_delay_us = 2000;
   int max_queue_size = 4096;
+  // Batches in the model at once. 0: automatic (1 on the CPU, the engine's CUDA lanes on CUDA);
+  // an explicit value on CUDA also sets the number of lanes.
+  int max_batches_in_flight = 0;
   int max_faces_per_request = 256;
   int64_t max_message_bytes = int64_t{64} << 20;
   int64_t max_image_pixels = 40'000'000;

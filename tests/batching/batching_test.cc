@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
@@ -1035,6 +1036,424 @@ TEST(DynamicBatcherPipeline, ModelIdleIsTheGapBetweenBatches) {
   EXPECT_FALSE(stages[0].model_idle.has_value());
   EXPECT_EQ(stages[1].model_idle, absl::Milliseconds(6));
   EXPECT_EQ(stages[1].items_staged_ahead, 0);  // the model was idle: nothing to stage ahead of
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several batches in flight (max_batches_in_flight > 1): the batch thread hands a formed batch
+// to whichever model thread is free and finishes batches in the order they come back.
+
+// The model for these tests: each batch waits in the BatchFn until the test releases it by its
+// first item's id, so batches can be made to finish in any order. (Not by order of entry: two
+// model threads that took their batches in order may still enter the BatchFn the other way
+// round.)
+class LaneModel {
+ public:
+  BatchFn Fn() {
+    return [this](Batch& batch) {
+      const int first_id = SliceIds(batch).front();
+      {
+        absl::MutexLock lock(&mu_);
+        ++entered_;
+        ++inside_;
+        max_inside_ = std::max(max_inside_, inside_);
+        auto released = [this, first_id]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return release_all_ || std::find(released_.begin(), released_.end(), first_id) !=
+                                     released_.end();
+        };
+        mu_.AwaitWithTimeout(absl::Condition(&released), kSafety);
+      }
+      EXPECT_EQ(StagedIds(batch), SliceIds(batch));
+      absl::Status status = recorder.Run(batch);
+      absl::MutexLock lock(&mu_);
+      --inside_;
+      return status;
+    };
+  }
+  bool WaitEntered(int k) {
+    absl::MutexLock lock(&mu_);
+    auto reached = [this, k]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return entered_ >= k; };
+    return mu_.AwaitWithTimeout(absl::Condition(&reached), kSafety);
+  }
+  int entered() {
+    absl::MutexLock lock(&mu_);
+    return entered_;
+  }
+  int max_inside() {
+    absl::MutexLock lock(&mu_);
+    return max_inside_;
+  }
+  // Lets the batch whose first item has this id return (now or when it arrives).
+  void Release(int first_id) {
+    absl::MutexLock lock(&mu_);
+    released_.push_back(first_id);
+  }
+  void ReleaseAll() {
+    absl::MutexLock lock(&mu_);
+    release_all_ = true;
+  }
+
+  Recorder recorder;
+
+ private:
+  absl::Mutex mu_;
+  int entered_ ABSL_GUARDED_BY(mu_) = 0;
+  int inside_ ABSL_GUARDED_BY(mu_) = 0;
+  int max_inside_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<int> released_ ABSL_GUARDED_BY(mu_);
+  bool release_all_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+// Counts the batches the batcher finished (OnBatch comes after their tasks' `done`), so a test
+// can wait for one while another is still in the model (WaitUntilIdle would wait for both).
+class FinishedBatches : public BatcherObserver {
+ public:
+  void OnBatch(const BatchInfo& info) override {
+    absl::MutexLock lock(&mu_);
+    ++finished_;
+  }
+  void OnDropped(DropReason reason, int num_items_dropped) override {
+    absl::MutexLock lock(&mu_);
+    dropped_.emplace_back(reason, num_items_dropped);
+  }
+  bool WaitFinished(int n) {
+    absl::MutexLock lock(&mu_);
+    auto reached = [this, n]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return finished_ >= n; };
+    return mu_.AwaitWithTimeout(absl::Condition(&reached), kSafety);
+  }
+  std::vector<std::pair<DropReason, int>> dropped() {
+    absl::MutexLock lock(&mu_);
+    return dropped_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  int finished_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<std::pair<DropReason, int>> dropped_ ABSL_GUARDED_BY(mu_);
+};
+
+DynamicBatcher::Options LaneOptions(int lanes, int max_batch,
+                                    BatcherObserver* observer = nullptr) {
+  auto options = MakeOptions(max_batch, absl::Milliseconds(2), 64);
+  options.max_batches_in_flight = lanes;
+  options.observer = observer;
+  return options;
+}
+
+TEST(DynamicBatcherLanes, FactoryChecksTheNumberOfBatchesInFlight) {
+  FakeClock clock;
+  Recorder model;
+  EXPECT_EQ(DynamicBatcher::Options().max_batches_in_flight, 1);
+  for (int bad : {0, -1, DynamicBatcher::kMaxBatchesInFlight + 1}) {
+    auto batcher = DynamicBatcher::Create(LaneOptions(bad, 4), model.Fn(), &clock);
+    ASSERT_FALSE(batcher.ok()) << bad;
+    EXPECT_EQ(batcher.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(batcher.status().message(), HasSubstr("max_batches_in_flight"));
+    EXPECT_THAT(batcher.status().message(), HasSubstr(absl::StrCat("got ", bad)));
+  }
+  EXPECT_EQ(DynamicBatcher::kMaxBatchesInFlight, 16);
+  for (int good : {1, 2, DynamicBatcher::kMaxBatchesInFlight}) {
+    auto batcher = DynamicBatcher::Create(LaneOptions(good, 4), model.Fn(), &clock);
+    EXPECT_TRUE(batcher.ok()) << good << ": " << batcher.status();
+  }
+}
+
+TEST(DynamicBatcherLanes, TwoBatchesRunAtOnceAndAThirdWaitsStaged) {
+  FakeClock clock;
+  LaneModel model;
+  Stager stager;
+  FinishedBatches finished;
+  auto batcher = MustCreateStaged(LaneOptions(2, 2, &finished), model.Fn(), &clock, stager);
+  std::vector<std::shared_ptr<TestTask>> tasks;
+  for (int i = 0; i < 3; ++i) {
+    tasks.push_back(MakeTask(10 * i, 2));
+    ASSERT_TRUE(batcher->Schedule(tasks.back()).ok());
+  }
+  ASSERT_TRUE(model.WaitEntered(2));  // both full batches entered the BatchFn, neither returned
+  // The third is formed and staged while both run, but no model thread is free for it.
+  ASSERT_TRUE(stager.WaitForStaged(6));
+  clock.Advance(absl::Milliseconds(5));  // due by time too
+  EXPECT_EQ(model.entered(), 2);
+  EXPECT_EQ(batcher->queue_depth(), 2);  // staged items still count as queued
+  for (auto& t : tasks) EXPECT_EQ(t->done_calls.load(), 0);
+
+  // The second batch returns first: its task ends and the third batch takes the free thread.
+  model.Release(10);
+  ASSERT_TRUE(model.WaitEntered(3));
+  model.Release(20);
+  ASSERT_TRUE(finished.WaitFinished(2));  // the first batch is still in the model
+  EXPECT_EQ(tasks[1]->done_calls.load(), 1);
+  EXPECT_EQ(tasks[2]->done_calls.load(), 1);
+  EXPECT_EQ(tasks[0]->done_calls.load(), 0);
+  model.Release(0);
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(tasks[i]->done_calls.load(), 1) << i;
+    EXPECT_TRUE(tasks[i]->result().ok()) << i;
+    EXPECT_THAT(tasks[i]->outputs, ElementsAre(100 * i, 100 * i + 10)) << i;
+  }
+  EXPECT_EQ(model.max_inside(), 2);
+  // Batches are formed in FIFO order even though they came back out of order.
+  // (The recorder lists batches in the order they ran to the end.)
+  EXPECT_THAT(model.recorder.batches(),
+              ElementsAre(ElementsAre(10, 11), ElementsAre(20, 21), ElementsAre(0, 1)));
+  BatcherCounters c = batcher->counters();
+  EXPECT_EQ(c.batches, 3);
+  EXPECT_EQ(c.tasks_succeeded, 3);
+}
+
+TEST(DynamicBatcherLanes, ASplitTaskEndsOnceAfterItsBatchesReturnOutOfOrder) {
+  FakeClock clock;
+  LaneModel model;
+  Stager stager;
+  FinishedBatches finished;
+  auto batcher = MustCreateStaged(LaneOptions(2, 2, &finished), model.Fn(), &clock, stager);
+  auto task = MakeTask(0, 5);  // batches [0 1] [2 3] [4]
+  ASSERT_TRUE(batcher->Schedule(task).ok());
+  ASSERT_TRUE(model.WaitEntered(2));
+  model.Release(2);
+  clock.Advance(absl::Milliseconds(2));  // [4] alone is due by time
+  ASSERT_TRUE(model.WaitEntered(3));     // and went to the thread [2 3] freed
+  model.Release(4);
+  ASSERT_TRUE(finished.WaitFinished(2));
+  EXPECT_EQ(task->done_calls.load(), 0);  // [0 1] is still in the model
+  model.Release(0);
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_EQ(task->done_calls.load(), 1);
+  EXPECT_TRUE(task->result().ok());
+  EXPECT_THAT(task->outputs, ElementsAre(0, 10, 20, 30, 40));
+  EXPECT_THAT(model.recorder.batches(),
+              ElementsAre(ElementsAre(2, 3), ElementsAre(4), ElementsAre(0, 1)));
+}
+
+// A task is dropped (cancelled or expired) at the hand-over of its last batch while an earlier
+// batch of it is still in the model: its rest never runs, and `done` waits for that batch.
+void DropWhileInFlight(bool cancel) {
+  FakeClock clock;
+  LaneModel model;
+  Stager stager;
+  FinishedBatches finished;
+  auto batcher = MustCreateStaged(LaneOptions(2, 2, &finished), model.Fn(), &clock, stager);
+  auto task = MakeTask(0, 5, clock.Now() + absl::Milliseconds(10));
+  std::atomic<bool> cancelled{false};
+  task->is_cancelled = [&cancelled] { return cancelled.load(); };
+  auto after = MakeTask(100, 1);
+  ASSERT_TRUE(batcher->Schedule(task).ok());
+  ASSERT_TRUE(batcher->Schedule(after).ok());
+  ASSERT_TRUE(model.WaitEntered(2));  // [0 1] and [2 3]; [4 100] staged behind them
+  ASSERT_TRUE(stager.WaitForStaged(6));
+  if (cancel) {
+    cancelled.store(true);
+  } else {
+    clock.Advance(absl::Milliseconds(10));
+  }
+  model.Release(0);
+  // [4] is dropped at the hand-over; `after` alone goes to the free thread...
+  ASSERT_TRUE(model.WaitEntered(3));
+  model.Release(100);
+  ASSERT_TRUE(finished.WaitFinished(2));
+  EXPECT_EQ(after->done_calls.load(), 1);
+  // ...but the task's [2 3] is still in the model, so it has not ended.
+  EXPECT_EQ(task->done_calls.load(), 0);
+  EXPECT_THAT(finished.dropped(), IsEmpty());
+  model.Release(2);
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_EQ(task->done_calls.load(), 1);
+  EXPECT_EQ(task->result().code(),
+            cancel ? absl::StatusCode::kCancelled : absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(task->result().message(), HasSubstr("after 4 of 5 items ran"));
+  EXPECT_THAT(task->outputs, ElementsAre(0, 10, 20, 30, -1));
+  EXPECT_TRUE(after->result().ok());
+  EXPECT_THAT(after->outputs, ElementsAre(1000));
+  EXPECT_THAT(finished.dropped(),
+              ElementsAre(std::pair(cancel ? DropReason::kCancelled : DropReason::kExpired, 1)));
+  EXPECT_THAT(model.recorder.all_ids(), ::testing::UnorderedElementsAre(0, 1, 2, 3, 100));
+  BatcherCounters c = batcher->counters();
+  EXPECT_EQ(c.items_batched, 5);
+  EXPECT_EQ(c.items_dropped, 1);
+  EXPECT_EQ(c.tasks_cancelled, cancel ? 1 : 0);
+  EXPECT_EQ(c.tasks_expired, cancel ? 0 : 1);
+  EXPECT_EQ(c.tasks_succeeded, 1);
+}
+
+TEST(DynamicBatcherLanes, CancelledWhileABatchOfItIsInFlight) { DropWhileInFlight(true); }
+TEST(DynamicBatcherLanes, ExpiredWhileABatchOfItIsInFlight) { DropWhileInFlight(false); }
+
+TEST(DynamicBatcherLanes, DropsBeforeTheModelStillHappen) {
+  FakeClock clock;
+  LaneModel model;
+  Stager stager;
+  // Batches of 4: nothing is due before the clock moves.
+  auto batcher = MustCreateStaged(LaneOptions(2, 4), model.Fn(), &clock, stager);
+  model.ReleaseAll();
+  auto expired = MakeTask(0, 1, clock.Now() + absl::Milliseconds(1));
+  auto cancelled = MakeTask(10, 1);
+  cancelled->is_cancelled = [] { return true; };
+  auto fine = MakeTask(20, 1);
+  for (auto& t : {expired, cancelled, fine}) ASSERT_TRUE(batcher->Schedule(t).ok());
+  clock.Advance(absl::Milliseconds(2));
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_EQ(expired->result().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(cancelled->result().code(), absl::StatusCode::kCancelled);
+  EXPECT_TRUE(fine->result().ok());
+  EXPECT_THAT(model.recorder.batches(), ElementsAre(ElementsAre(20)));
+  for (auto& t : {expired, cancelled, fine}) EXPECT_EQ(t->done_calls.load(), 1);
+}
+
+// A batch fails while another batch of the same task is in the model: the task's queued rest
+// leaves at once, but it ends (once, with the failure) only when the other batch is back.
+TEST(DynamicBatcherLanes, AFailureWaitsForTheTasksOtherBatchInFlight) {
+  FakeClock clock;
+  LaneModel model;
+  Stager stager;
+  FinishedBatches finished;
+  auto batcher = MustCreateStaged(LaneOptions(2, 2, &finished), model.Fn(), &clock, stager);
+  model.recorder.FailIf([](const std::vector<int>& ids) {
+    return ids[0] == 0 ? absl::InternalError("model failed") : absl::OkStatus();
+  });
+  auto task = MakeTask(0, 6);
+  auto after = MakeTask(100, 1);
+  ASSERT_TRUE(batcher->Schedule(task).ok());
+  ASSERT_TRUE(batcher->Schedule(after).ok());
+  ASSERT_TRUE(model.WaitEntered(2));
+  ASSERT_TRUE(stager.WaitForStaged(6));  // [4 5] staged
+  model.Release(0);                      // fails
+  ASSERT_TRUE(finished.WaitFinished(1));
+  EXPECT_EQ(task->done_calls.load(), 0);  // [2 3] still in the model
+  clock.Advance(absl::Milliseconds(2));   // `after` is due alone now
+  ASSERT_TRUE(model.WaitEntered(3));
+  model.Release(2);
+  model.Release(100);
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_EQ(task->done_calls.load(), 1);
+  EXPECT_EQ(task->result().code(), absl::StatusCode::kInternal);
+  EXPECT_TRUE(after->result().ok());
+  EXPECT_THAT(model.recorder.all_ids(), ::testing::UnorderedElementsAre(0, 1, 2, 3, 100));
+  BatcherCounters c = batcher->counters();
+  EXPECT_EQ(c.tasks_failed, 1);
+  EXPECT_EQ(c.items_dropped, 2);
+  EXPECT_EQ(c.items_accepted, c.items_batched + c.items_dropped);
+}
+
+TEST(DynamicBatcherLanes, ShutdownWithBatchesInFlightFinishesEachTaskOnce) {
+  FakeClock clock;
+  LaneModel model;
+  Stager stager;
+  auto batcher = MustCreateStaged(LaneOptions(3, 2), model.Fn(), &clock, stager);
+  std::vector<std::shared_ptr<TestTask>> tasks;
+  for (int i = 0; i < 8; ++i) {
+    tasks.push_back(MakeTask(10 * i, 1 + i % 3));  // 15 items
+    ASSERT_TRUE(batcher->Schedule(tasks.back()).ok());
+  }
+  ASSERT_TRUE(model.WaitEntered(3));
+  // Shutdown waits for the batches in the model; the rest run without waiting for the delay
+  // (the fake clock never moves here).
+  std::thread closer([&] { batcher->Shutdown(); });
+  // Release the model only once the shutdown has begun; probes accepted before that are
+  // tasks like any other.
+  for (int probe = 0;; ++probe) {
+    auto task = MakeTask(1000 + probe, 1);
+    absl::Status status = batcher->Schedule(task);
+    if (status.code() == absl::StatusCode::kUnavailable) break;
+    if (status.ok()) tasks.push_back(task);
+    std::this_thread::yield();
+  }
+  EXPECT_EQ(model.entered(), 3);
+  model.ReleaseAll();
+  closer.join();
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    EXPECT_EQ(tasks[i]->done_calls.load(), 1) << i;
+    EXPECT_TRUE(tasks[i]->result().ok()) << i;
+    for (int j = 0; j < tasks[i]->num_items; ++j) {
+      EXPECT_EQ(tasks[i]->outputs[j], tasks[i]->ids[j] * 10) << i;
+    }
+  }
+  EXPECT_LE(model.max_inside(), 3);
+  BatcherCounters c = batcher->counters();
+  EXPECT_EQ(c.tasks_succeeded, static_cast<int64_t>(tasks.size()));
+  EXPECT_EQ(c.items_batched, 15 + static_cast<int64_t>(tasks.size()) - 8);
+  EXPECT_EQ(batcher->queue_depth(), 0);
+}
+
+// Puppet mode has no model threads: the option is accepted and batches run one at a time.
+TEST(DynamicBatcherLanes, PuppetModeRunsOneBatchAtATime) {
+  FakeClock clock;
+  Recorder model;
+  auto options = LaneOptions(4, 2);
+  options.start_batch_thread = false;
+  auto batcher = MustCreate(options, model.Fn(), &clock);
+  auto task = MakeTask(0, 5);
+  ASSERT_TRUE(batcher->Schedule(task).ok());
+  EXPECT_EQ(*batcher->RunOnce(), 2);
+  EXPECT_EQ(*batcher->RunOnce(), 2);
+  EXPECT_EQ(task->done_calls.load(), 0);
+  clock.Advance(absl::Milliseconds(2));
+  EXPECT_EQ(*batcher->RunOnce(), 1);
+  EXPECT_EQ(task->done_calls.load(), 1);
+  EXPECT_THAT(task->outputs, ElementsAre(0, 10, 20, 30, 40));
+}
+
+TEST(DynamicBatcherLanes, ManyThreadsManyLanesExactAccounting) {
+  constexpr int kThreads = 16;
+  constexpr int kPerThread = 150;
+  std::atomic<int> inside{0}, max_inside{0};
+  std::atomic<int64_t> items{0};
+  auto fn = [&](Batch& batch) {
+    const int now_inside = inside.fetch_add(1) + 1;
+    int prev = max_inside.load();
+    while (prev < now_inside && !max_inside.compare_exchange_weak(prev, now_inside)) {
+    }
+    for (const BatchSlice& slice : batch.slices) {
+      auto* task = static_cast<TestTask*>(slice.task);
+      for (int i = 0; i < slice.num_items; ++i) {
+        task->outputs[slice.first_item + i] = task->ids[slice.first_item + i] * 10;
+      }
+    }
+    items.fetch_add(batch.size);
+    std::this_thread::yield();
+    inside.fetch_sub(1);
+    return absl::OkStatus();
+  };
+  auto options = MakeOptions(8, absl::Microseconds(100), 128);
+  options.max_batches_in_flight = 4;
+  auto batcher = MustCreate(options, fn, RealClock::Get());
+  ASSERT_NE(batcher, nullptr);
+  std::vector<std::shared_ptr<TestTask>> tasks(kThreads * kPerThread);
+  for (int i = 0; i < kThreads * kPerThread; ++i) tasks[i] = MakeTask(i * 10, 1 + i % 7);
+  std::vector<char> accepted(tasks.size(), 0);
+  std::atomic<int> ok{0}, ok_items{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kPerThread; ++i) {
+        const int index = t * kPerThread + i;
+        absl::Status status = batcher->Schedule(tasks[index]);
+        if (status.ok()) {
+          accepted[index] = 1;
+          ok.fetch_add(1);
+          ok_items.fetch_add(tasks[index]->num_items);
+        } else {
+          ASSERT_EQ(status.code(), absl::StatusCode::kResourceExhausted);
+          std::this_thread::yield();
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  batcher->Shutdown();
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    ASSERT_EQ(tasks[i]->done_calls.load(), accepted[i] ? 1 : 0) << i;
+    if (!accepted[i]) continue;
+    ASSERT_TRUE(tasks[i]->result().ok()) << i;
+    for (int j = 0; j < tasks[i]->num_items; ++j) {
+      ASSERT_EQ(tasks[i]->outputs[j], tasks[i]->ids[j] * 10) << i;
+    }
+  }
+  EXPECT_LE(max_inside.load(), 4);
+  EXPECT_EQ(items.load(), ok_items.load());
+  BatcherCounters c = batcher->counters();
+  EXPECT_EQ(c.tasks_succeeded, ok.load());
+  EXPECT_EQ(c.items_batched, ok_items.load());
+  EXPECT_EQ(c.items_dropped, 0);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -344,3 +344,38 @@ def test_startup_summary_logged(r50_server, goldens):
                    f"127.0.0.1:{r50_server.grpc_port}", f"127.0.0.1:{r50_server.http_port}",
                    f"max batch {lib.R50_MAX_BATCH}"]:
         assert needle in log, f"{needle!r} not in the start-up log:\n{log[-3000:]}"
+
+
+def test_two_batches_in_flight_answer_the_goldens(r50_server, start_server, goldens):
+    """A CPU server with --max-batches-in-flight 2 (two model threads; on the CPU it only shows
+    correctness, not speed): requests whose faces ride in several small batches, some of them in
+    the model at once and finishing in any order, still get each face's golden embedding at its
+    place, and GetModelInfo reports the setting (the automatic value on the CPU is 1)."""
+    r50_info = r50_server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    assert r50_info.batching.max_batches_in_flight == 1
+    server = start_server([
+        "--weights", goldens.model_path("r50"),
+        "--device", "cpu", "--threads", str(lib.THREADS),
+        "--max-batch-size", "2", "--max-queue-delay-us", "2000",
+        "--max-batches-in-flight", "2", "--warmup-batch-size", "0",
+    ], name="r50_in_flight_2")
+    info = server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    assert info.batching.max_batches_in_flight == 2
+    assert info.batching.max_batch_size == 2
+    names = [c["name"] for c in goldens.cases_of("r50") if c["input"]["kind"] == "crop"]
+    names += ["box_multi_p2", "align_multi_p4"]
+    requests = []
+    for seed in range(3):
+        order = list(names)
+        random.Random(seed).shuffle(order)
+        requests.append(order[:5])
+    # Concurrent requests (futures), so batches of different requests interleave.
+    futures = [server.stub.Embed.future(pb.EmbedRequest(
+        faces=[goldens.face(goldens.cases[n]) for n in order]), timeout=120)
+        for order in requests]
+    for order, future in zip(requests, futures):
+        resp = future.result()
+        assert len(resp.embeddings) == len(order)
+        for n, emb in zip(order, resp.embeddings):
+            case = goldens.cases[n]
+            lib.check_embedding(emb, goldens.embedding(case), case["tolerance"], n)

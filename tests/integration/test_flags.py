@@ -44,6 +44,11 @@ BAD = {
     "no_weights": ([], {}, "weights"),
     "env_max_batch_size_0": (["--demo-weights"], {"ARCFACE_MAX_BATCH_SIZE": "0"},
                              "MAX_BATCH_SIZE|max-batch-size"),
+    "max_batches_in_flight_17": (["--demo-weights", "--max-batches-in-flight", "17"], {},
+                                 "max-batches-in-flight"),
+    "env_max_batches_in_flight_negative": (["--demo-weights"],
+                                           {"ARCFACE_MAX_BATCHES_IN_FLIGHT": "-1"},
+                                           "MAX_BATCHES_IN_FLIGHT|max-batches-in-flight"),
 }
 
 

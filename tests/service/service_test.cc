@@ -463,6 +463,27 @@ TEST(ServerFlags, EnvironmentVariablesAndHelp) {
   EXPECT_THAT(help.out, ::testing::Not(HasSubstr("test-hold-model-file")));
 }
 
+TEST(ServerFlags, MaxBatchesInFlight) {
+  FlagRun automatic = RunFlags({"--demo-weights"});
+  ASSERT_EQ(automatic.exit_code, -1) << automatic.err;
+  EXPECT_EQ(automatic.config.max_batches_in_flight, 0);  // 1 on the CPU, the lanes on CUDA
+  FlagRun flag = RunFlags({"--demo-weights", "--max-batches-in-flight", "3"});
+  ASSERT_EQ(flag.exit_code, -1) << flag.err;
+  EXPECT_EQ(flag.config.max_batches_in_flight, 3);
+  setenv("ARCFACE_MAX_BATCHES_IN_FLIGHT", "16", 1);
+  FlagRun env = RunFlags({"--demo-weights"});
+  unsetenv("ARCFACE_MAX_BATCHES_IN_FLIGHT");
+  ASSERT_EQ(env.exit_code, -1) << env.err;
+  EXPECT_EQ(env.config.max_batches_in_flight, 16);
+  for (const char* bad : {"-1", "17", "two"}) {
+    FlagRun r = RunFlags({"--demo-weights", "--max-batches-in-flight", bad});
+    EXPECT_EQ(r.exit_code, 2) << bad;
+    EXPECT_THAT(r.err, HasSubstr("--max-batches-in-flight")) << bad;
+  }
+  FlagRun help = RunFlags({"--help"});
+  EXPECT_THAT(help.out, HasSubstr("ARCFACE_MAX_BATCHES_IN_FLIGHT"));
+}
+
 TEST(ServerFlags, DrainTimeoutForms) {
   absl::Duration d;
   ASSERT_TRUE(ParseDrainTimeout("30s", &d));
@@ -599,6 +620,50 @@ TEST(Embedder, PipelinedBatchesGatherEachCropIntoItsPlace) {
   }
 }
 
+// Two model threads: two batches of one request are in the model at once (the third waits for a
+// free thread), and every crop's row lands at its own place whichever batch brings it back.
+TEST(Embedder, TwoBatchesInFlightFillOneRequestsRowsInPlace) {
+  FakeModel model;
+  batching::FakeClock clock;
+  EmbedderOptions options;
+  options.batching.max_batch_size = 2;
+  options.batching.max_queue_size = 64;
+  options.batching.max_queue_delay = absl::Milliseconds(1);
+  options.batching.max_batches_in_flight = 2;
+  auto embedder = Embedder::Create(options, &model, &clock);
+  ASSERT_TRUE(embedder.ok()) << embedder.status();
+
+  std::vector<std::vector<uint8_t>> crops;
+  std::vector<uint8_t> buf;
+  for (int i = 0; i < 6; ++i) {
+    crops.push_back(SeededCrop(100 + i));
+    buf.insert(buf.end(), crops.back().begin(), crops.back().end());
+  }
+  absl::StatusOr<std::vector<float>> out = absl::UnknownError("not done");
+  absl::Notification done;
+  model.Hold();
+  ASSERT_TRUE((*embedder)
+                  ->Submit(std::move(buf), absl::InfiniteFuture(), nullptr,
+                           [&](absl::StatusOr<std::vector<float>> result) {
+                             out = std::move(result);
+                             done.Notify();
+                           })
+                  .ok());
+  ASSERT_TRUE(model.WaitForBatches(2));  // both inside Run() at once
+  EXPECT_EQ(model.batch_sizes().size(), 2u);  // the third has no free thread
+  EXPECT_FALSE(done.HasBeenNotified());
+  model.Release();
+  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(60)));
+  EXPECT_THAT(model.batch_sizes(), ElementsAre(2, 2, 2));
+  ASSERT_TRUE(out.ok()) << out.status();
+  ASSERT_EQ(out->size(), crops.size() * kEmbeddingDim);
+  for (size_t i = 0; i < crops.size(); ++i) {
+    std::vector<float> want = FakeEmbedding(crops[i].data());
+    EXPECT_TRUE(std::equal(want.begin(), want.end(), out->begin() + i * kEmbeddingDim)) << i;
+  }
+  EXPECT_EQ((*embedder)->batcher().counters().batches, 3);
+}
+
 TEST(Embedder, AModelFailureFailsOnlyItsBatch) {
   FakeModel model;
   batching::FakeClock clock;
@@ -726,7 +791,8 @@ TEST(FacePreprocess, RawWholeImageIsCopiedAndErrorsNameTheReason) {
 class ServiceTest : public ::testing::Test {
  protected:
   void Start(ServiceOptions options = ServiceOptions(), int max_batch_size = 4,
-             int max_queue_size = 64, absl::Duration delay = absl::Milliseconds(1)) {
+             int max_queue_size = 64, absl::Duration delay = absl::Milliseconds(1),
+             int max_batches_in_flight = 1) {
     metrics_ = std::make_unique<ServiceMetrics>(max_batch_size);
     pool_ = *WorkQueue::Create(2, 64);
     service_ = std::make_unique<FaceEmbeddingService>(options, metrics_.get(), pool_.get());
@@ -743,6 +809,7 @@ class ServiceTest : public ::testing::Test {
     eo.batching.max_batch_size = max_batch_size;
     eo.batching.max_queue_size = max_queue_size;
     eo.batching.max_queue_delay = delay;
+    eo.batching.max_batches_in_flight = max_batches_in_flight;
     eo.batching.observer = metrics_.get();
     embedder_ = *Embedder::Create(eo, &model_);
     model_desc_.arch = "r50";
@@ -1095,6 +1162,16 @@ TEST_F(ServiceTest, GetModelInfoReportsTheModelAndLimits) {
   // No device memory source: zeros.
   EXPECT_EQ(info.device_memory_allocated_bytes(), 0u);
   EXPECT_EQ(info.device_memory_reserved_bytes(), 0u);
+}
+
+TEST_F(ServiceTest, GetModelInfoReportsTheBatchesInFlight) {
+  Start(ServiceOptions(), /*max_batch_size=*/4, /*max_queue_size=*/64, absl::Microseconds(1500),
+        /*max_batches_in_flight=*/3);
+  Ready();
+  grpc::ClientContext ctx;
+  v1::ModelInfo info;
+  ASSERT_TRUE(stub_->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info).ok());
+  EXPECT_EQ(info.batching().max_batches_in_flight(), 3u);
 }
 
 TEST_F(ServiceTest, GetModelInfoReadsTheDeviceMemoryAtEachCall) {

@@ -308,6 +308,7 @@ class ArcFaceClient:
                 "max_batch_size": b.max_batch_size,
                 "max_queue_delay_us": b.max_queue_delay_us,
                 "max_queue_size": b.max_queue_size,
+                "max_batches_in_flight": b.max_batches_in_flight,
             },
             "max_faces_per_request": info.max_faces_per_request,
             "max_message_bytes": info.max_message_bytes,
