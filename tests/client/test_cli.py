@@ -458,14 +458,7 @@ def test_invalid_argument_is_never_retried(r50, r50_address, tmp_path):
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("pki"))
-    ca, _ = lib.make_ca(d, "ca")
-    other, _ = lib.make_ca(d, "other")
-    server_cert, server_key = lib.make_leaf(d, "server", "ca", "serverAuth",
-                                            san="IP:127.0.0.1,DNS:localhost")
-    client_cert, client_key = lib.make_leaf(d, "client", "ca", "clientAuth")
-    return dict(ca=ca, other=other, server_cert=server_cert, server_key=server_key,
-                client_cert=client_cert, client_key=client_key)
+    return lib.make_pki(str(tmp_path_factory.mktemp("pki")))
 
 
 def test_tls_and_mutual_tls(start_server, pki):

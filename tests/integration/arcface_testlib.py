@@ -540,3 +540,19 @@ def make_leaf(workdir, name, ca, usage, san=None):
 def read_bytes(path):
     with open(path, "rb") as f:
         return f.read()
+
+
+def make_pki(workdir):
+    """A test CA with a server certificate for 127.0.0.1/localhost and a client certificate, and
+    a second CA (`other`) with a client certificate (`rogue`) the first CA never signed. Returns
+    file paths by name (ca, other, server_cert, server_key, client_cert, client_key, rogue_cert,
+    rogue_key)."""
+    ca, _ = make_ca(workdir, "ca")
+    other, _ = make_ca(workdir, "other")
+    server_cert, server_key = make_leaf(workdir, "server", "ca", "serverAuth",
+                                        san="IP:127.0.0.1,DNS:localhost")
+    client_cert, client_key = make_leaf(workdir, "client", "ca", "clientAuth")
+    rogue_cert, rogue_key = make_leaf(workdir, "rogue", "other", "clientAuth")
+    return dict(ca=ca, other=other, server_cert=server_cert, server_key=server_key,
+                client_cert=client_cert, client_key=client_key, rogue_cert=rogue_cert,
+                rogue_key=rogue_key)

@@ -13,22 +13,16 @@ from arcface.v1 import face_embedding_pb2_grpc as pb_grpc
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("pki"))
-    ca, _ = lib.make_ca(d, "ca")
-    other_ca, _ = lib.make_ca(d, "otherca")
-    server_cert, server_key = lib.make_leaf(d, "server", "ca", "serverAuth",
-                                            san="IP:127.0.0.1,DNS:localhost")
-    client_cert, client_key = lib.make_leaf(d, "client", "ca", "clientAuth")
-    rogue_cert, rogue_key = lib.make_leaf(d, "rogue", "otherca", "clientAuth")
-    return {
-        "ca": ca, "server_cert": server_cert, "server_key": server_key,
-        "client": {"root": lib.read_bytes(ca), "cert": lib.read_bytes(client_cert),
-                   "key": lib.read_bytes(client_key)},
-        "rogue": {"root": lib.read_bytes(ca), "cert": lib.read_bytes(rogue_cert),
-                  "key": lib.read_bytes(rogue_key)},
-        "anonymous": {"root": lib.read_bytes(ca)},
-        "wrong_root": {"root": lib.read_bytes(other_ca)},
-    }
+    f = lib.make_pki(str(tmp_path_factory.mktemp("pki")))
+    root = lib.read_bytes(f["ca"])
+    return dict(f, **{
+        "client": {"root": root, "cert": lib.read_bytes(f["client_cert"]),
+                   "key": lib.read_bytes(f["client_key"])},
+        "rogue": {"root": root, "cert": lib.read_bytes(f["rogue_cert"]),
+                  "key": lib.read_bytes(f["rogue_key"])},
+        "anonymous": {"root": root},
+        "wrong_root": {"root": lib.read_bytes(f["other"])},
+    })
 
 
 def model_info(server, tls):
