@@ -32,7 +32,6 @@
 #include <spdlog/spdlog.h>
 
 #include "absl/status/status.h"
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
@@ -288,10 +287,8 @@ int Run(const service::ServerConfig& cfg, const sigset_t& signals) {
   embedder_options.batching.max_queue_size = cfg.max_queue_size;
   // Automatic: on the CPU one forward pass already uses every core (a second would only
   // contend); on CUDA one batch per lane, so copies, compute and the next batch overlap.
-  const bool on_cuda = absl::StartsWith(model.device, "cuda");
   embedder_options.batching.max_batches_in_flight =
-      cfg.max_batches_in_flight > 0 ? cfg.max_batches_in_flight
-                                    : (on_cuda ? engine_options.cuda_lanes : 1);
+      cfg.max_batches_in_flight > 0 ? cfg.max_batches_in_flight : (*engine)->concurrent_runs();
   embedder_options.batching.observer = &metrics;
   embedder_options.hold_file = cfg.test_hold_model_file;
   auto embedder = service::Embedder::Create(embedder_options, &engine_model);

@@ -102,10 +102,11 @@ torch::ScalarType ScalarTypeOf(Precision precision) {
 
 }  // namespace
 
-Engine::Engine(std::unique_ptr<Impl> impl, std::shared_ptr<CudaEngine> cuda,
+Engine::Engine(std::unique_ptr<Impl> impl, std::shared_ptr<CudaEngine> cuda, int concurrent_runs,
                std::string device_name, Precision precision, std::string arch)
     : impl_(std::move(impl)),
       cuda_(std::move(cuda)),
+      concurrent_runs_(concurrent_runs),
       device_name_(std::move(device_name)),
       precision_(precision),
       arch_(std::move(arch)) {}
@@ -174,8 +175,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
                                             PrecisionName(options.precision), ": ",
                                             e.what_without_backtrace()));
   }
-  return std::unique_ptr<Engine>(
-      new Engine(std::move(impl), std::move(cuda), device->str(), options.precision, checkpoint.arch));
+  const int concurrent_runs = cuda ? options.cuda_lanes : 1;
+  return std::unique_ptr<Engine>(new Engine(std::move(impl), std::move(cuda), concurrent_runs,
+                                            device->str(), options.precision, checkpoint.arch));
 }
 
 absl::StatusOr<EmbeddingBatch> Engine::Run(absl::Span<const uint8_t> crops) {

@@ -88,19 +88,23 @@ class Engine {
   const std::string& device() const { return device_name_; }
   Precision precision() const { return precision_; }
   const std::string& arch() const { return arch_; }
+  // How many Run() calls make progress at once: the CUDA lanes, 1 on the CPU (where Run() is
+  // serialized). More concurrent callers than this only wait.
+  int concurrent_runs() const { return concurrent_runs_; }
   // Current device memory use; thread-safe, cheap (reads the allocator's counters).
   DeviceMemory device_memory() const;
 
  private:
   struct Impl;
-  Engine(std::unique_ptr<Impl> impl, std::shared_ptr<CudaEngine> cuda, std::string device_name,
-         Precision precision, std::string arch);
+  Engine(std::unique_ptr<Impl> impl, std::shared_ptr<CudaEngine> cuda, int concurrent_runs,
+         std::string device_name, Precision precision, std::string arch);
 
   absl::Mutex mu_;
   std::unique_ptr<Impl> impl_ ABSL_GUARDED_BY(mu_);  // the CPU path
   // The CUDA path (thread-safe itself, so not behind mu_); null on the CPU. A shared_ptr, whose
   // deleter is bound where it is made, so that CPU builds never reference CudaEngine's code.
   const std::shared_ptr<CudaEngine> cuda_;
+  const int concurrent_runs_;
   const std::string device_name_;
   const Precision precision_;
   const std::string arch_;
