@@ -129,8 +129,8 @@ absl::StatusOr<std::unique_ptr<DynamicBatcher>> DynamicBatcher::Create(const Opt
   std::unique_ptr<DynamicBatcher> batcher(
       new DynamicBatcher(options, std::move(batch_fn), std::move(stage_fn), clock));
   if (options.start_batch_thread) {
-    absl::MutexLock lock(&batcher->join_mu_);
     DynamicBatcher* b = batcher.get();
+    absl::MutexLock lock(&b->join_mu_);  // through `b`, so the analysis sees the same mutex
     b->threads_.emplace_back([b] { b->BatchThreadLoop(); });
     for (int i = 0; i < options.max_batches_in_flight; ++i) {
       b->threads_.emplace_back([b] { b->ModelThreadLoop(); });
