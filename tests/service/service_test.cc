@@ -484,6 +484,29 @@ TEST(ServerFlags, MaxBatchesInFlight) {
   EXPECT_THAT(help.out, HasSubstr("ARCFACE_MAX_BATCHES_IN_FLIGHT"));
 }
 
+TEST(ServerFlags, CancelPollInterval) {
+  FlagRun defaults = RunFlags({"--demo-weights"});
+  ASSERT_EQ(defaults.exit_code, -1) << defaults.err;
+  EXPECT_EQ(defaults.config.cancel_poll_interval_us, 20000);
+  EXPECT_EQ(absl::Microseconds(defaults.config.cancel_poll_interval_us),
+            batching::DynamicBatcher::Options().cancel_poll_interval);
+  FlagRun flag = RunFlags({"--demo-weights", "--cancel-poll-interval-us", "0"});
+  ASSERT_EQ(flag.exit_code, -1) << flag.err;
+  EXPECT_EQ(flag.config.cancel_poll_interval_us, 0);
+  setenv("ARCFACE_CANCEL_POLL_INTERVAL_US", "5000", 1);
+  FlagRun env = RunFlags({"--demo-weights"});
+  unsetenv("ARCFACE_CANCEL_POLL_INTERVAL_US");
+  ASSERT_EQ(env.exit_code, -1) << env.err;
+  EXPECT_EQ(env.config.cancel_poll_interval_us, 5000);
+  for (const char* bad : {"-1", "10000001", "soon"}) {
+    FlagRun r = RunFlags({"--demo-weights", "--cancel-poll-interval-us", bad});
+    EXPECT_EQ(r.exit_code, 2) << bad;
+    EXPECT_THAT(r.err, HasSubstr("--cancel-poll-interval-us")) << bad;
+  }
+  FlagRun help = RunFlags({"--help"});
+  EXPECT_THAT(help.out, HasSubstr("ARCFACE_CANCEL_POLL_INTERVAL_US"));
+}
+
 TEST(ServerFlags, DrainTimeoutForms) {
   absl::Duration d;
   ASSERT_TRUE(ParseDrainTimeout("30s", &d));
