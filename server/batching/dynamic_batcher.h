@@ -24,7 +24,7 @@
 //
 // Blocking and threads
 // - Schedule() never waits for the model or for room in the queue: it holds the batcher's
-//   mutex for a short bounded section (two allocations at most, no callbacks) and returns; only
+//   mutex for a short bounded section (a few small allocations, no callbacks) and returns; only
 //   a rejection runs caller code (the observer's OnRejected and the destructor of the rejected
 //   `done`), after the mutex is released. It may be called from any thread, including from
 //   inside `done` and the BatchFn.
@@ -85,16 +85,17 @@
 //   can stretch or shorten one wait, never lose an item.
 //
 // Expired and cancelled (a task is "waiting" while some of its items are queued or staged)
-// - A waiting task ends DEADLINE_EXCEEDED as soon as the batcher's clock reaches its deadline:
-//   the batch thread wakes at the earliest deadline among the waiting tasks, even while every
-//   model thread is busy, takes the task's waiting items out of the queue (and out of the
-//   staged next batch, whose items behind it move up and are staged again) and calls `done`
-//   at once (unless some of its items are in the model: then after they come back). Its room in
-//   the queue is free from that moment; the model never sees its items.
+// - A waiting task ends DEADLINE_EXCEEDED when the batcher's clock reaches its deadline: the
+//   batch thread wakes at the earliest deadline among the waiting tasks, even while every model
+//   thread is busy, takes the task's waiting items out of the queue (and out of the staged next
+//   batch, whose items behind it move up and are staged again) and calls `done` at once (unless
+//   some of its items are in the model: then after they come back). Its room in the queue is
+//   free from that moment, and its waiting items never reach the model.
 // - is_cancelled is polled for every waiting task once per Options::cancel_poll_interval on the
 //   batcher's clock, so a cancelled task gives back its room and gets `done` within one interval
-//   of its cancellation (plus the time to finish the work the batch thread is busy with). Both
-//   are also checked once more when the task's items are about to be handed to the model.
+//   of its cancellation. Both bounds add the time the batch thread needs to finish the step it
+//   is in (a staging or a round of `done` calls). Both are also checked once more when the
+//   task's items are about to be handed to the model.
 // - In puppet mode, RunOnce() does the same first (at the clock's current time), then runs a
 //   batch if one is due.
 //
