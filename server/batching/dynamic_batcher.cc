@@ -553,13 +553,16 @@ void DynamicBatcher::RemoveQueuedRestLocked(TaskState& state) {
 
 void DynamicBatcher::FormOpen(std::vector<Outcome>* drops) {
   Slot& open = *open_;
-  const absl::Time now = clock_->Now();
   // Take, then check outside the lock (is_cancelled is the caller's code); dropped tasks leave
   // room, so take again until nothing more is dropped.
   for (;;) {
+    absl::Time now;
     {
       absl::MutexLock lock(&mu_);
       TakeLocked();
+      // Read after taking: a task scheduled already expired, while this batch was forming,
+      // must not pass the check on a time from before its Schedule().
+      now = clock_->Now();
     }
     std::vector<std::shared_ptr<TaskState>> dropped;
     for (size_t i = 0; i < open.states.size(); ++i) {
