@@ -630,6 +630,33 @@ TEST(DynamicBatcher, DeadlineIsInclusive) {
   EXPECT_EQ(task->result().code(), absl::StatusCode::kDeadlineExceeded);
 }
 
+// A task scheduled, already expired, while a batch forms (here from inside the is_cancelled
+// check of the task ahead of it, which also moves the clock) is checked against the time after
+// it was taken, not a time from before its Schedule().
+TEST(DynamicBatcher, ATaskScheduledExpiredWhileTheBatchFormsNeverRuns) {
+  FakeClock clock;
+  Recorder model;
+  auto options = MakeOptions(2, absl::ZeroDuration(), 8, /*thread=*/false);
+  options.cancel_poll_interval = absl::ZeroDuration();  // checked only as the batch forms
+  auto batcher = MustCreate(options, model.Fn(), &clock);
+  std::shared_ptr<TestTask> late;
+  auto first = MakeTask(0, 1);
+  first->is_cancelled = [&] {
+    if (late == nullptr) {
+      clock.Advance(absl::Milliseconds(1));
+      late = MakeTask(10, 1, clock.Now());
+      EXPECT_TRUE(batcher->Schedule(late).ok());
+    }
+    return true;
+  };
+  ASSERT_TRUE(batcher->Schedule(first).ok());
+  EXPECT_EQ(*batcher->RunOnce(), 0);
+  ASSERT_NE(late, nullptr);
+  EXPECT_EQ(first->result().code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(late->result().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(model.batches(), IsEmpty());
+}
+
 TEST(DynamicBatcher, CancelledTaskNeverReachesTheModel) {
   FakeClock clock;
   Recorder model;
