@@ -289,6 +289,8 @@ int Run(const service::ServerConfig& cfg, const sigset_t& signals) {
   // contend); on CUDA one batch per lane, so copies, compute and the next batch overlap.
   embedder_options.batching.max_batches_in_flight =
       cfg.max_batches_in_flight > 0 ? cfg.max_batches_in_flight : (*engine)->concurrent_runs();
+  embedder_options.batching.cancel_poll_interval =
+      absl::Microseconds(cfg.cancel_poll_interval_us);
   embedder_options.batching.observer = &metrics;
   embedder_options.hold_file = cfg.test_hold_model_file;
   auto embedder = service::Embedder::Create(embedder_options, &engine_model);

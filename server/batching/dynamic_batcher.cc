@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -48,6 +49,17 @@ struct DynamicBatcher::TaskState {
   // Set once the task's fate is sealed (dropped or failed; its rest left the queue). With
   // several batches in flight it may still have items in the model: `done` waits for them.
   std::optional<Outcome::Kind> ended;
+  // Its entry in deadlines_ while it waits with a finite deadline. Under mu_.
+  std::optional<std::multimap<absl::Time, std::shared_ptr<TaskState>>::iterator> deadline_entry;
+
+  // Seals the end of a task found expired or cancelled while some of its items wait.
+  void Drop(Outcome::Kind kind) {
+    ended = kind;
+    const std::string ran = absl::StrCat(" after ", items_sent, " of ", num_items, " items ran");
+    status = kind == Outcome::Kind::kExpired
+                 ? absl::DeadlineExceededError(absl::StrCat("deadline passed", ran))
+                 : absl::CancelledError(absl::StrCat("cancelled", ran));
+  }
 };
 
 // A batch and the batcher's notes on it. Owned by one thread at a time: the forming thread
@@ -105,14 +117,20 @@ absl::StatusOr<std::unique_ptr<DynamicBatcher>> DynamicBatcher::Create(const Opt
                                                    kMaxBatchesInFlight, ", got ",
                                                    options.max_batches_in_flight));
   }
+  if (options.cancel_poll_interval < absl::ZeroDuration() ||
+      options.cancel_poll_interval == absl::InfiniteDuration()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cancel_poll_interval must be >= 0 and finite, got ",
+                     absl::FormatDuration(options.cancel_poll_interval)));
+  }
   if (!batch_fn) return absl::InvalidArgumentError("batch_fn must be set");
   if (clock == nullptr) clock = RealClock::Get();
 
   std::unique_ptr<DynamicBatcher> batcher(
       new DynamicBatcher(options, std::move(batch_fn), std::move(stage_fn), clock));
   if (options.start_batch_thread) {
-    absl::MutexLock lock(&batcher->join_mu_);
     DynamicBatcher* b = batcher.get();
+    absl::MutexLock lock(&b->join_mu_);  // through `b`, so the analysis sees the same mutex
     b->threads_.emplace_back([b] { b->BatchThreadLoop(); });
     for (int i = 0; i < options.max_batches_in_flight; ++i) {
       b->threads_.emplace_back([b] { b->ModelThreadLoop(); });
@@ -127,7 +145,8 @@ DynamicBatcher::DynamicBatcher(const Options& options, BatchFn batch_fn, StageFn
       clock_(clock),
       batch_fn_(std::move(batch_fn)),
       stage_fn_(std::move(stage_fn)),
-      open_(std::make_unique<Slot>()) {}
+      open_(std::make_unique<Slot>()),
+      next_poll_(clock->Now() + options.cancel_poll_interval) {}
 
 DynamicBatcher::~DynamicBatcher() { Shutdown(); }
 
@@ -173,23 +192,34 @@ absl::Status DynamicBatcher::Schedule(std::shared_ptr<Task> task) {
       state->deadline = task->deadline;
       state->enqueued = clock_->Now();
       state->task = std::move(task);
+      // Only these changes give the batch thread something to do earlier than it plans: a new
+      // oldest item, a full batch, items to stage while the model is busy, or an earlier
+      // deadline to end.
+      const bool earlier_deadline = thread_waiting_ && state->deadline < thread_wait_deadline_;
+      if (state->deadline != absl::InfiniteFuture()) {
+        state->deadline_entry = deadlines_.emplace(state->deadline, state);
+      }
       const bool was_empty = queued_items_ == 0;
       const bool was_below_full = queued_items_ < options_.max_batch_size;
       queue_.push_back(std::move(state));
       queued_items_ += n;
       ++counters_.tasks_accepted;
       counters_.items_accepted += n;
-      // Only these changes give the batch thread something to do earlier than it plans: a new
-      // oldest item, a full batch, or items to stage while the model is busy.
       if (was_empty || (was_below_full && queued_items_ >= options_.max_batch_size) ||
-          (models_busy_ > 0 && open_items_ < options_.max_batch_size)) {
+          (models_busy_ > 0 && open_items_ < options_.max_batch_size) || earlier_deadline) {
         wake_pending_ = true;
         wake_.Signal();
       }
     }
   }
-  if (reject.has_value() && options_.observer != nullptr) {
-    options_.observer->OnRejected(*reject, n);
+  if (reject.has_value()) {
+    // Destroyed now, not with the task: a `done` that holds the task's own shared_ptr (or the
+    // caller's call state) would otherwise keep all of it alive forever.
+    if (task != nullptr) {
+      absl::AnyInvocable<void(absl::Status)> rejected = std::move(task->done);
+      task->done = nullptr;
+    }
+    if (options_.observer != nullptr) options_.observer->OnRejected(*reject, n);
   }
   return status;
 }
@@ -230,6 +260,12 @@ absl::StatusOr<int> DynamicBatcher::RunOnce() {
     return absl::FailedPreconditionError("RunOnce() called from the batcher's own callback");
   }
   absl::MutexLock step(&step_mu_);
+  {
+    ScopedCallbackThread mark(this);
+    std::vector<Outcome> drops;
+    Sweep(&drops);
+    Finish(drops);
+  }
   for (;;) {
     {
       absl::MutexLock lock(&mu_);
@@ -243,6 +279,12 @@ absl::StatusOr<int> DynamicBatcher::RunOnce() {
 bool DynamicBatcher::WaitUntilIdle(absl::Duration timeout) {
   absl::MutexLock lock(&mu_);
   return mu_.AwaitWithTimeout(absl::Condition(this, &DynamicBatcher::IdleLocked), timeout);
+}
+
+bool DynamicBatcher::WaitUntilBatchThreadIdle(absl::Duration timeout) {
+  absl::MutexLock lock(&mu_);
+  return mu_.AwaitWithTimeout(absl::Condition(this, &DynamicBatcher::BatchThreadIdleLocked),
+                              timeout);
 }
 
 int DynamicBatcher::queue_depth() const {
@@ -265,12 +307,24 @@ bool DynamicBatcher::BatchDueLocked() {
   return clock_->Now() >= OldestLocked() + options_.max_queue_delay;
 }
 
-bool DynamicBatcher::IdleLocked() {
+absl::Time DynamicBatcher::NextSweepLocked() {
+  absl::Time next = deadlines_.empty() ? absl::InfiniteFuture() : deadlines_.begin()->first;
+  if (options_.cancel_poll_interval > absl::ZeroDuration() && queued_items_ > 0) {
+    next = std::min(next, next_poll_);
+  }
+  return next;
+}
+
+bool DynamicBatcher::BatchThreadIdleLocked() {
   if (!options_.start_batch_thread || thread_exited_) return true;
   // Evaluated by absl whenever mu_ is released; the clock may have moved past the thread's
   // wake-up time without anyone touching mu_, which is why the time is part of the test.
-  return thread_waiting_ && !wake_pending_ && models_busy_ == 0 &&
-         clock_->Now() < thread_wait_deadline_;
+  return thread_waiting_ && !wake_pending_ && clock_->Now() < thread_wait_deadline_;
+}
+
+bool DynamicBatcher::IdleLocked() {
+  if (!options_.start_batch_thread || thread_exited_) return true;
+  return models_busy_ == 0 && BatchThreadIdleLocked();
 }
 
 void DynamicBatcher::BatchThreadLoop() {
@@ -278,6 +332,7 @@ void DynamicBatcher::BatchThreadLoop() {
   for (;;) {
     std::unique_ptr<Slot> ran;
     bool due = false;
+    bool sweep = false;
     bool stage = false;
     {
       absl::MutexLock lock(&mu_);
@@ -293,7 +348,14 @@ void DynamicBatcher::BatchThreadLoop() {
           due = true;
           break;
         }
-        if (models_busy_ > 0 && !queue_.empty() && open_items_ < options_.max_batch_size) {
+        if (clock_->Now() >= NextSweepLocked()) {
+          sweep = true;
+          break;
+        }
+        // Items to take while the model is busy, or to stage again after a sweep moved them up.
+        if (models_busy_ > 0 &&
+            ((!queue_.empty() && open_items_ < options_.max_batch_size) ||
+             open_->staged < open_items_)) {
           stage = true;
           break;
         }
@@ -302,11 +364,13 @@ void DynamicBatcher::BatchThreadLoop() {
           thread_exited_ = true;
           return;
         }
-        // While every model thread is busy nothing becomes due by time: the first one to
-        // finish wakes us.
-        thread_wait_deadline_ = model_free && queued_items_ > 0
-                                    ? OldestLocked() + options_.max_queue_delay
-                                    : absl::InfiniteFuture();
+        // While every model thread is busy only a sweep becomes due by time; the first model
+        // thread to finish wakes us.
+        thread_wait_deadline_ = NextSweepLocked();
+        if (model_free && queued_items_ > 0) {
+          thread_wait_deadline_ =
+              std::min(thread_wait_deadline_, OldestLocked() + options_.max_queue_delay);
+        }
         thread_waiting_ = true;
         wake_pending_ = false;
         clock_->WaitUntil(mu_, wake_, thread_wait_deadline_);
@@ -320,6 +384,7 @@ void DynamicBatcher::BatchThreadLoop() {
       due = BatchDueLocked();  // the model thread that ran it is free now
     }
     std::vector<Outcome> drops;
+    if (sweep) Sweep(&drops);
     if (due) {
       FormOpen(&drops);
       if (open_->batch.size > 0) {
@@ -402,7 +467,56 @@ void DynamicBatcher::StageOpen(bool ahead) {
   if (ahead) open.staged_ahead = open.staged;
 }
 
-int DynamicBatcher::RemoveFromOpenLocked(const TaskState* state) {
+void DynamicBatcher::Sweep(std::vector<Outcome>* drops) {
+  const absl::Time now = clock_->Now();
+  std::vector<std::shared_ptr<TaskState>> ending;
+  std::vector<std::shared_ptr<TaskState>> to_poll;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = deadlines_.begin(); it != deadlines_.end() && it->first <= now; ++it) {
+      ending.push_back(it->second);
+    }
+    if (options_.cancel_poll_interval > absl::ZeroDuration() && queued_items_ > 0 &&
+        now >= next_poll_) {
+      next_poll_ = now + options_.cancel_poll_interval;
+      auto add = [&](const std::shared_ptr<TaskState>& s) {
+        if (s->task->is_cancelled && now < s->deadline) to_poll.push_back(s);
+      };
+      for (const std::shared_ptr<TaskState>& s : open_->states) add(s);
+      for (const std::shared_ptr<TaskState>& s : queue_) {
+        // The task whose first items are in the open batch and the rest still queued: once.
+        if (open_->states.empty() || open_->states.back() != s) add(s);
+      }
+    }
+  }
+  for (const std::shared_ptr<TaskState>& s : ending) s->Drop(Outcome::Kind::kExpired);
+  // Outside mu_: is_cancelled is the caller's code.
+  for (const std::shared_ptr<TaskState>& s : to_poll) {
+    if (!s->task->is_cancelled()) continue;
+    s->Drop(Outcome::Kind::kCancelled);
+    ending.push_back(s);
+  }
+  if (ending.empty()) return;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const std::shared_ptr<TaskState>& s : ending) RemoveWaitingLocked(*s);
+  }
+  for (const std::shared_ptr<TaskState>& s : ending) EndIfIdle(s, drops);
+}
+
+void DynamicBatcher::RemoveWaitingLocked(TaskState& state) {
+  RemoveFromOpenLocked(&state);
+  RemoveQueuedRestLocked(state);
+  ForgetDeadlineLocked(state);
+}
+
+void DynamicBatcher::ForgetDeadlineLocked(TaskState& state) {
+  if (!state.deadline_entry.has_value()) return;
+  deadlines_.erase(*state.deadline_entry);
+  state.deadline_entry.reset();
+}
+
+void DynamicBatcher::RemoveFromOpenLocked(const TaskState* state) {
   Slot& open = *open_;
   int position = 0;
   for (size_t i = 0; i < open.states.size(); ++i) {
@@ -421,9 +535,8 @@ int DynamicBatcher::RemoveFromOpenLocked(const TaskState* state) {
     queued_items_ -= count;
     open_items_ = open.batch.size;
     if (open.batch.size > 0) open_oldest_ = open.states.front()->enqueued;
-    return count;
+    return;
   }
-  return 0;
 }
 
 void DynamicBatcher::RemoveQueuedRestLocked(TaskState& state) {
@@ -440,13 +553,16 @@ void DynamicBatcher::RemoveQueuedRestLocked(TaskState& state) {
 
 void DynamicBatcher::FormOpen(std::vector<Outcome>* drops) {
   Slot& open = *open_;
-  const absl::Time now = clock_->Now();
   // Take, then check outside the lock (is_cancelled is the caller's code); dropped tasks leave
   // room, so take again until nothing more is dropped.
   for (;;) {
+    absl::Time now;
     {
       absl::MutexLock lock(&mu_);
       TakeLocked();
+      // Read after taking: a task scheduled already expired, while this batch was forming,
+      // must not pass the check on a time from before its Schedule().
+      now = clock_->Now();
     }
     std::vector<std::shared_ptr<TaskState>> dropped;
     for (size_t i = 0; i < open.states.size(); ++i) {
@@ -456,23 +572,16 @@ void DynamicBatcher::FormOpen(std::vector<Outcome>* drops) {
       // Items of this task still in the model (several batches in flight) count as run: they
       // cannot be called back, and `done` waits for them (EndIfIdle).
       if (now >= s.deadline) {
-        s.ended = Outcome::Kind::kExpired;
-        s.status = absl::DeadlineExceededError(absl::StrCat(
-            "deadline passed after ", s.items_sent, " of ", s.num_items, " items ran"));
+        s.Drop(Outcome::Kind::kExpired);
       } else if (s.task->is_cancelled && s.task->is_cancelled()) {
-        s.ended = Outcome::Kind::kCancelled;
-        s.status = absl::CancelledError(absl::StrCat("cancelled after ", s.items_sent, " of ",
-                                                     s.num_items, " items ran"));
+        s.Drop(Outcome::Kind::kCancelled);
       }
       if (s.ended.has_value()) dropped.push_back(open.states[i]);
     }
     if (dropped.empty()) break;
     {
       absl::MutexLock lock(&mu_);
-      for (const std::shared_ptr<TaskState>& s : dropped) {
-        RemoveFromOpenLocked(s.get());
-        RemoveQueuedRestLocked(*s);
-      }
+      for (const std::shared_ptr<TaskState>& s : dropped) RemoveWaitingLocked(*s);
     }
     for (const std::shared_ptr<TaskState>& s : dropped) EndIfIdle(s, drops);
   }
@@ -497,6 +606,10 @@ std::unique_ptr<DynamicBatcher::Slot> DynamicBatcher::HandOver() {
     slot->states[i]->items_sent += slot->batch.slices[i].num_items;
   }
   absl::MutexLock lock(&mu_);
+  // A task whose last items leave for the model no longer waits: no deadline to watch.
+  for (const std::shared_ptr<TaskState>& s : slot->states) {
+    if (s->items_sent == s->num_items) ForgetDeadlineLocked(*s);
+  }
   // With several batches in flight the model is idle only while none is in it.
   if (last_model_end_.has_value()) {
     slot->model_idle = models_busy_ > 0 ? absl::ZeroDuration()
@@ -536,8 +649,7 @@ void DynamicBatcher::Complete(Slot& slot, std::vector<Outcome>* outcomes) {
         // Its items still waiting (open batch or queue) will not run.
         s.ended = Outcome::Kind::kFailed;
         absl::MutexLock lock(&mu_);
-        RemoveFromOpenLocked(&s);
-        RemoveQueuedRestLocked(s);
+        RemoveWaitingLocked(s);
       } else if (s.items_returned == s.num_items) {
         s.ended = Outcome::Kind::kSucceeded;
       }

@@ -15,21 +15,26 @@
 //   and destroyed after it runs, so a `done` that captures the task's own shared_ptr does not
 //   leak. Nothing in the task may change between Schedule() and `done`, except the per-item
 //   outputs the BatchFn writes.
+// - A rejected task is not kept, and loses its `done`: Schedule() moves `done` out of the task
+//   and destroys it (without calling it) before it returns any error, whatever the reason, so
+//   that what `done` captures (the task itself, the caller's call state) is released with the
+//   caller's last reference. To retry, give the task a new `done` and schedule it again.
 // - Options::observer and the Clock are not owned and must outlive the batcher.
-// - A Task object is scheduled at most once; to retry after a rejection, schedule it again
-//   (a rejected task was not kept).
+// - A Task object is scheduled at most once (until it is rejected or its `done` ran).
 //
 // Blocking and threads
 // - Schedule() never waits for the model or for room in the queue: it holds the batcher's
-//   mutex for a short bounded section (one allocation, no callbacks) and returns; only a
-//   rejection runs caller code (the observer's OnRejected), after the mutex is released. It may
-//   be called from any thread, including from inside `done` and the BatchFn.
+//   mutex for a short bounded section (a few small allocations, no callbacks) and returns; only
+//   a rejection runs caller code (the observer's OnRejected and the destructor of the rejected
+//   `done`), after the mutex is released. It may be called from any thread, including from
+//   inside `done` and the BatchFn.
 // - The threads form a pipeline, so that the model never waits for the work around it:
 //   the model threads (Options::max_batches_in_flight of them, k below) only call the BatchFn;
 //   the one batch thread does everything else: it forms the next batch and stages its items
 //   (the StageFn, e.g. gathering their inputs into one buffer) while the model runs, hands it
-//   to a model thread the moment one is free, and finishes the tasks of each batch that came
-//   back (their `done`, the observer's hooks), in the order batches come back. In puppet mode
+//   to a model thread the moment one is free, finishes the tasks of each batch that came
+//   back (their `done`, the observer's hooks), in the order batches come back, and ends the
+//   waiting tasks that expire or are cancelled (see "Expired and cancelled"). In puppet mode
 //   the caller of RunOnce()/Shutdown() does all of it in turn, one batch at a time whatever k.
 //   At most k batches are in the BatchFn at once, each on its own model thread, so with k > 1
 //   the BatchFn must be safe to call concurrently (e.g. an engine with k CUDA streams); with
@@ -45,8 +50,8 @@
 //   The destructor calls it. Calling Shutdown() from any of the batcher's callbacks only starts
 //   the shutdown (it cannot join itself); the owner's later Shutdown()/destructor completes it.
 //
-// Errors (the status Schedule() returns; on any error `done` is never called and the task is
-// not kept)
+// Errors (the status Schedule() returns; on any error `done` is never called, it is destroyed
+// before Schedule() returns, and the task is not kept)
 // - RESOURCE_EXHAUSTED, transient: queued items + the task's items would exceed max_queue_size.
 //   Retrying after a short back-off can succeed once batches drain the queue.
 // - RESOURCE_EXHAUSTED, permanent: the task alone has more items than max_queue_size. The caller
@@ -55,9 +60,9 @@
 // - INVALID_ARGUMENT: a null task, no items, or no `done`. The caller's bug.
 // The status passed to `done`:
 // - OK: every item went through a BatchFn call that succeeded for it.
-// - DEADLINE_EXCEEDED / CANCELLED: the task was found expired (Now() >= deadline) or cancelled
-//   when its items were about to be handed to the model; its items not yet run never reach the
-//   BatchFn (with k > 1, those already in the model finish first; `done` comes after them).
+// - DEADLINE_EXCEEDED / CANCELLED: the task expired (Now() >= deadline) or was found cancelled
+//   while some of its items were still waiting (see "Expired and cancelled"); those items never
+//   reach the BatchFn (its items already in the model finish first; `done` comes after them).
 // - Otherwise the BatchFn's status (or a slice status it set) for the first batch that failed
 //   any of the task's items; the task's items not yet handed to the model are dropped (with
 //   k > 1, `done` still waits for its other batches in the model).
@@ -72,14 +77,27 @@
 //   front of the queue into the next batch and stages them, up to max_batch_size. That changes
 //   neither which items the next batch holds nor when it runs: staged items still count as queued
 //   (for queue_depth() and max_queue_size) until the batch is handed to the model, and expiry and
-//   cancellation are checked at that hand-over, as for unstaged items.
+//   cancellation apply to them as to unstaged items.
 // - So an item waits at most max_queue_delay plus the run time of the batches already queued
 //   ahead of it (at most ceil(max_queue_size / max_batch_size) of them, run k at a time) plus
 //   the batches in flight when it was scheduled. max_queue_size bounds that backlog.
-// - Expired and cancelled tasks are detected only when their items are about to be handed to
-//   the model, not at their deadline. Until then their items keep their room in the queue.
 // - RealClock is wall time (absl::Now()), the same base as gRPC deadlines; a wall-clock step
 //   can stretch or shorten one wait, never lose an item.
+//
+// Expired and cancelled (a task is "waiting" while some of its items are queued or staged)
+// - A waiting task ends DEADLINE_EXCEEDED when the batcher's clock reaches its deadline: the
+//   batch thread wakes at the earliest deadline among the waiting tasks, even while every model
+//   thread is busy, takes the task's waiting items out of the queue (and out of the staged next
+//   batch, whose items behind it move up and are staged again) and calls `done` at once (unless
+//   some of its items are in the model: then after they come back). Its room in the queue is
+//   free from that moment, and its waiting items never reach the model.
+// - is_cancelled is polled for every waiting task once per Options::cancel_poll_interval on the
+//   batcher's clock, so a cancelled task gives back its room and gets `done` within one interval
+//   of its cancellation. Both bounds add the time the batch thread needs to finish the step it
+//   is in (a staging or a round of `done` calls). Both are also checked once more when the
+//   task's items are about to be handed to the model.
+// - In puppet mode, RunOnce() does the same first (at the clock's current time), then runs a
+//   batch if one is due.
 //
 // Invariants
 // - FIFO: items enter batches, and batches are handed to the model threads, in Schedule()
@@ -100,6 +118,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <thread>
@@ -123,8 +142,9 @@ struct Task {
   int num_items = 0;
   // On the batcher's clock. absl::InfiniteFuture() never expires.
   absl::Time deadline = absl::InfiniteFuture();
-  // Optional. Polled on the batch thread before the task's items go into a batch; must be
-  // thread-safe and cheap (e.g. grpc::CallbackServerContext::IsCancelled).
+  // Optional. Polled on the batch thread while the task waits (every cancel_poll_interval) and
+  // before its items are handed to the model; must be thread-safe and cheap (e.g.
+  // grpc::CallbackServerContext::IsCancelled).
   std::function<bool()> is_cancelled;
   // Required. Called exactly once, on the batch thread (or the puppet's caller).
   absl::AnyInvocable<void(absl::Status)> done;
@@ -220,6 +240,9 @@ class DynamicBatcher {
     // Model threads, each calling the BatchFn with its own batch: 1..kMaxBatchesInFlight. Ignored
     // in puppet mode, which runs one batch at a time.
     int max_batches_in_flight = 1;
+    // How often the waiting tasks' is_cancelled is polled, on the batcher's clock: >= 0, finite;
+    // 0: only when a task's items are about to be handed to the model.
+    absl::Duration cancel_poll_interval = absl::Milliseconds(20);
     BatcherObserver* observer = nullptr;  // optional, not owned
   };
   static constexpr int kMaxBatchesInFlight = 16;
@@ -241,14 +264,19 @@ class DynamicBatcher {
   // accepted task, joins the batch thread. Idempotent; concurrent callers all wait.
   void Shutdown() ABSL_LOCKS_EXCLUDED(mu_, step_mu_, join_mu_);
 
-  // Puppet mode only (else FAILED_PRECONDITION). If a batch is due at the clock's current time,
-  // drops the expired/cancelled tasks in its way, runs it and returns its size; else returns 0.
+  // Puppet mode only (else FAILED_PRECONDITION). Ends the waiting tasks that expired or (when a
+  // poll is due) were cancelled, as the batch thread would at the clock's current time; then, if
+  // a batch is due, drops the expired/cancelled tasks in its way, runs it and returns its size;
+  // else returns 0.
   absl::StatusOr<int> RunOnce() ABSL_LOCKS_EXCLUDED(mu_, step_mu_);
 
   // For tests: waits (up to `timeout` of real time, as a safety net) until no batch is in the model
   // and the batch thread has nothing to do at the clock's current time and is blocked waiting, or
   // until the threads have exited. Returns false on timeout. Puppet mode is always idle.
   bool WaitUntilIdle(absl::Duration timeout = absl::Seconds(30)) ABSL_LOCKS_EXCLUDED(mu_);
+  // The same, except that batches may still be in the model (e.g. one the test holds there).
+  bool WaitUntilBatchThreadIdle(absl::Duration timeout = absl::Seconds(30))
+      ABSL_LOCKS_EXCLUDED(mu_);
 
   // Items accepted and not yet handed to the model (queued or staged).
   int queue_depth() const ABSL_LOCKS_EXCLUDED(mu_);
@@ -266,6 +294,9 @@ class DynamicBatcher {
   void ModelThreadLoop() ABSL_LOCKS_EXCLUDED(mu_);
   bool BatchDueLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Time OldestLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // When the next sweep (an expiry or a cancellation poll) is due; InfiniteFuture() if none.
+  absl::Time NextSweepLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool BatchThreadIdleLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool IdleLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // The steps of the forming (batch) thread, or of the puppet's caller. The open batch
@@ -276,8 +307,14 @@ class DynamicBatcher {
   // Fills the open batch for the model: takes, drops expired/cancelled tasks (their outcomes
   // into *drops), tops up, stages. Leaves it empty if nothing is left to run.
   void FormOpen(std::vector<Outcome>* drops) ABSL_LOCKS_EXCLUDED(mu_);
-  // Removes a task's slice from the open batch, if it has one; returns its item count.
-  int RemoveFromOpenLocked(const TaskState* state) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Ends the waiting tasks that expired, or were cancelled if a poll is due: their waiting items
+  // leave the queue and the open batch, their outcomes go into *drops.
+  void Sweep(std::vector<Outcome>* drops) ABSL_LOCKS_EXCLUDED(mu_);
+  // A task that ended: its items still waiting (open batch or queue) leave, with its deadline.
+  void RemoveWaitingLocked(TaskState& state) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ForgetDeadlineLocked(TaskState& state) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Removes a task's slice from the open batch, if it has one.
+  void RemoveFromOpenLocked(const TaskState* state) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RemoveQueuedRestLocked(TaskState& state) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Takes the formed open batch out for the model and starts a fresh open batch.
   std::unique_ptr<Slot> HandOver() ABSL_LOCKS_EXCLUDED(mu_);
@@ -308,10 +345,14 @@ class DynamicBatcher {
   mutable absl::Mutex mu_;
   absl::CondVar wake_;  // the batch thread's: the queue changed, the model finished, shutdown
   std::deque<std::shared_ptr<TaskState>> queue_ ABSL_GUARDED_BY(mu_);
+  // The waiting tasks with a finite deadline, earliest first. A task leaves it when its last
+  // item is handed to the model or when it ends, so it holds no finished task.
+  std::multimap<absl::Time, std::shared_ptr<TaskState>> deadlines_ ABSL_GUARDED_BY(mu_);
   int queued_items_ ABSL_GUARDED_BY(mu_) = 0;  // in queue_ and in the open batch
   int open_items_ ABSL_GUARDED_BY(mu_) = 0;    // mirror of open_->batch.size
   absl::Time open_oldest_ ABSL_GUARDED_BY(mu_);  // enqueue time of the open batch's first task
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Time next_poll_ ABSL_GUARDED_BY(mu_);  // of is_cancelled, with a cancel_poll_interval
   BatcherCounters counters_ ABSL_GUARDED_BY(mu_);
   // The hand-over between the threads: the batch thread appends to to_run_ and counts
   // models_busy_ up (only while it is below max_batches_in_flight, so a model thread is free for

@@ -55,18 +55,22 @@ absl::Status Embedder::Submit(std::vector<uint8_t> crops, absl::Time deadline,
   // crops of this request write their rows at the same time.
   task->values.resize(size_t(task->num_items) * kEmbeddingDim);
   task->user_done = std::move(done);
-  // The batcher destroys `done` right after calling it, which releases this self-reference.
-  task->done = [task](absl::Status status) {
+  // A plain pointer, not a shared_ptr: the batcher keeps the task alive until `done` has
+  // returned, and a task that holds itself would live on if the batcher did not run or destroy
+  // `done`. On a rejection the batcher destroys `done` unrun and `task` is the last reference,
+  // so the crops and the caller's `done` are released before Submit() returns.
+  EmbedTask* raw = task.get();
+  task->done = [raw](absl::Status status) {
     // The crops are no longer needed once the task ended; free them before the caller's work.
-    std::vector<uint8_t>().swap(task->crops);
-    Done user_done = std::move(task->user_done);
+    std::vector<uint8_t>().swap(raw->crops);
+    Done user_done = std::move(raw->user_done);
     if (status.ok()) {
-      user_done(std::move(task->values));
+      user_done(std::move(raw->values));
     } else {
       user_done(std::move(status));
     }
   };
-  return batcher_->Schedule(task);
+  return batcher_->Schedule(std::move(task));
 }
 
 void Embedder::WaitWhileHeld() {

@@ -18,9 +18,13 @@
 //   DEADLINE_EXCEEDED / CANCELLED when it expired or was cancelled while queued (its crops never
 //   reached the model), or the model's error for a batch it was in. A failure never touches the
 //   crops of requests in other batches. `done` must be short and must not block on the model.
-// - Errors of Submit() itself (then `done` is never called): INVALID_ARGUMENT (no crops, or a
-//   size that is not a multiple of kCropBytes), RESOURCE_EXHAUSTED (queue full — transient — or
-//   more crops than the whole queue holds), UNAVAILABLE (shutting down).
+//   An expired request gives back its queue room at its deadline on the batcher's clock, a
+//   cancelled one within options.batching.cancel_poll_interval, even while the model is busy
+//   (see DynamicBatcher, "Expired and cancelled").
+// - Errors of Submit() itself: INVALID_ARGUMENT (no crops, or a size that is not a multiple of
+//   kCropBytes), RESOURCE_EXHAUSTED (queue full — transient — or more crops than the whole queue
+//   holds), UNAVAILABLE (shutting down). Then `done` is never called, and it and the crops are
+//   destroyed before Submit() returns: a refused request holds no memory.
 // - Test hook: while the file options.hold_file names exists, the BatchFn waits before running
 //   the model (polling every 2 ms); held() is true meanwhile. The batch it holds has already
 //   left the queue, so queue space counts only what arrives after it.

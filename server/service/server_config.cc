@@ -90,6 +90,10 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
                  "the CPU, where more does not pay: forward passes share the same cores; 2 on "
                  "CUDA)")
       ->envname("ARCFACE_MAX_BATCHES_IN_FLIGHT");
+  app.add_option("--cancel-poll-interval-us", c.cancel_poll_interval_us,
+                 "How often queued calls are checked for cancellation, freeing their queue room, "
+                 "in microseconds; 0: only when their batch forms")
+      ->envname("ARCFACE_CANCEL_POLL_INTERVAL_US");
   app.add_option("--max-faces-per-request", c.max_faces_per_request,
                  "Faces in one Embed request (face probes in one Compare) at most")
       ->envname("ARCFACE_MAX_FACES_PER_REQUEST");
@@ -188,6 +192,9 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
         "--max-batches-in-flight",
         absl::StrCat("must be in 0..", batching::DynamicBatcher::kMaxBatchesInFlight, ", got ",
                      c.max_batches_in_flight));
+  Check(&bad, c.cancel_poll_interval_us >= 0 && c.cancel_poll_interval_us <= 10'000'000,
+        "--cancel-poll-interval-us",
+        absl::StrCat("must be in 0..10000000, got ", c.cancel_poll_interval_us));
   Check(&bad, c.max_queue_size >= c.max_batch_size && c.max_queue_size <= 10'000'000,
         "--max-queue-size",
         absl::StrCat("must be at least --max-batch-size (", c.max_batch_size,

@@ -35,6 +35,8 @@ struct ServerConfig {
   // Batches in the model at once. 0: automatic (1 on the CPU, the engine's CUDA lanes on CUDA);
   // an explicit value on CUDA also sets the number of lanes.
   int max_batches_in_flight = 0;
+  // How often queued calls are checked for cancellation (expired ones leave at their deadline).
+  int64_t cancel_poll_interval_us = 20'000;
   int max_faces_per_request = 256;
   int64_t max_message_bytes = int64_t{64} << 20;
   int64_t max_image_pixels = 40'000'000;

@@ -218,6 +218,7 @@ TEST(DynamicBatcherOptions, DefaultsMatchTheDesign) {
   EXPECT_EQ(options.max_batch_size, 32);
   EXPECT_EQ(options.max_queue_delay, absl::Milliseconds(2));
   EXPECT_EQ(options.max_queue_size, 4096);
+  EXPECT_EQ(options.cancel_poll_interval, absl::Milliseconds(20));
   FakeClock clock;
   Recorder model;
   EXPECT_TRUE(DynamicBatcher::Create(options, model.Fn(), &clock).ok());
@@ -237,6 +238,11 @@ TEST(DynamicBatcherOptions, RejectsBadValuesNamingTheOption) {
   check(MakeOptions(32, absl::Milliseconds(2), 31), "max_queue_size");
   check(MakeOptions(32, -absl::Microseconds(1), 64), "max_queue_delay");
   check(MakeOptions(32, absl::InfiniteDuration(), 64), "max_queue_delay");
+  auto poll = MakeOptions(32, absl::Milliseconds(2), 64);
+  poll.cancel_poll_interval = -absl::Microseconds(1);
+  check(poll, "cancel_poll_interval");
+  poll.cancel_poll_interval = absl::InfiniteDuration();
+  check(poll, "cancel_poll_interval");
 
   auto no_fn = DynamicBatcher::Create(DynamicBatcher::Options(), nullptr, &clock);
   ASSERT_FALSE(no_fn.ok());
@@ -245,6 +251,8 @@ TEST(DynamicBatcherOptions, RejectsBadValuesNamingTheOption) {
   // The edges are valid.
   EXPECT_TRUE(DynamicBatcher::Create(MakeOptions(1, absl::ZeroDuration(), 1), model.Fn(), &clock)
                   .ok());
+  poll.cancel_poll_interval = absl::ZeroDuration();  // polled only at the hand-over
+  EXPECT_TRUE(DynamicBatcher::Create(poll, model.Fn(), &clock).ok());
 }
 
 TEST(DynamicBatcherOptions, NullClockMeansRealClock) {
@@ -622,6 +630,33 @@ TEST(DynamicBatcher, DeadlineIsInclusive) {
   EXPECT_EQ(task->result().code(), absl::StatusCode::kDeadlineExceeded);
 }
 
+// A task scheduled, already expired, while a batch forms (here from inside the is_cancelled
+// check of the task ahead of it, which also moves the clock) is checked against the time after
+// it was taken, not a time from before its Schedule().
+TEST(DynamicBatcher, ATaskScheduledExpiredWhileTheBatchFormsNeverRuns) {
+  FakeClock clock;
+  Recorder model;
+  auto options = MakeOptions(2, absl::ZeroDuration(), 8, /*thread=*/false);
+  options.cancel_poll_interval = absl::ZeroDuration();  // checked only as the batch forms
+  auto batcher = MustCreate(options, model.Fn(), &clock);
+  std::shared_ptr<TestTask> late;
+  auto first = MakeTask(0, 1);
+  first->is_cancelled = [&] {
+    if (late == nullptr) {
+      clock.Advance(absl::Milliseconds(1));
+      late = MakeTask(10, 1, clock.Now());
+      EXPECT_TRUE(batcher->Schedule(late).ok());
+    }
+    return true;
+  };
+  ASSERT_TRUE(batcher->Schedule(first).ok());
+  EXPECT_EQ(*batcher->RunOnce(), 0);
+  ASSERT_NE(late, nullptr);
+  EXPECT_EQ(first->result().code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(late->result().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(model.batches(), IsEmpty());
+}
+
 TEST(DynamicBatcher, CancelledTaskNeverReachesTheModel) {
   FakeClock clock;
   Recorder model;
@@ -767,6 +802,84 @@ TEST(DynamicBatcher, DoneReleasesTheTask) {
   ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
   EXPECT_EQ(calls.load(), 1);
   EXPECT_TRUE(weak.expired());
+}
+
+// A rejected task's `done` is destroyed before Schedule() returns, whatever the reason, so a
+// `done` that holds its own task (as a caller keeping its call state alive does) cannot leak it.
+TEST(DynamicBatcher, ARejectedTaskReleasesItsDoneForEveryReason) {
+  FakeClock clock;
+  Recorder model;
+  auto batcher = MustCreate(MakeOptions(4, absl::Milliseconds(2), 8, /*thread=*/false),
+                            model.Fn(), &clock);
+  std::vector<std::shared_ptr<TestTask>> queued;
+  for (int i = 0; i < 4; ++i) {
+    queued.push_back(MakeTask(2 * i, 2));
+    ASSERT_TRUE(batcher->Schedule(queued.back()).ok());
+  }
+  std::atomic<int> calls{0};
+  // Schedules a task of n items whose `done` holds the task itself, keeping no other reference.
+  auto schedule_self_holding = [&](int n) {
+    auto task = MakeTask(100, std::max(n, 0));
+    task->num_items = n;
+    std::weak_ptr<TestTask> weak = task;
+    task->done = [task, &calls](absl::Status) { calls.fetch_add(1); };
+    const absl::StatusCode code = batcher->Schedule(std::move(task)).code();
+    return std::make_pair(code, weak);
+  };
+
+  auto [full, full_weak] = schedule_self_holding(1);
+  EXPECT_EQ(full, absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(full_weak.expired()) << "queue full";
+  auto [large, large_weak] = schedule_self_holding(9);
+  EXPECT_EQ(large, absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(large_weak.expired()) << "too large";
+  auto [empty, empty_weak] = schedule_self_holding(0);
+  EXPECT_EQ(empty, absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(empty_weak.expired()) << "no items";
+  auto [negative, negative_weak] = schedule_self_holding(-2);
+  EXPECT_EQ(negative, absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(negative_weak.expired()) << "negative items";
+
+  // A caller that keeps its task: the `done` (and what it holds) is gone all the same.
+  auto kept = MakeTask(200, 1);
+  auto sentinel = std::make_shared<int>(0);
+  kept->done = [sentinel, &calls](absl::Status) { calls.fetch_add(1); };
+  EXPECT_EQ(batcher->Schedule(kept).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_FALSE(kept->done);
+  EXPECT_EQ(sentinel.use_count(), 1);
+
+  batcher->Shutdown();
+  auto [down, down_weak] = schedule_self_holding(1);
+  EXPECT_EQ(down, absl::StatusCode::kUnavailable);
+  EXPECT_TRUE(down_weak.expired()) << "shutting down";
+
+  EXPECT_EQ(calls.load(), 0);
+  for (auto& t : queued) EXPECT_TRUE(t->result().ok());
+  BatcherCounters c = batcher->counters();
+  EXPECT_EQ(c.rejected_queue_full, 2);
+  EXPECT_EQ(c.rejected_too_large, 1);
+  EXPECT_EQ(c.rejected_invalid, 2);
+  EXPECT_EQ(c.rejected_shutting_down, 1);
+}
+
+// The documented retry: a task refused for a full queue is scheduled again with a new `done`.
+TEST(DynamicBatcher, ARejectedTaskIsRetriedWithANewDone) {
+  FakeClock clock;
+  Recorder model;
+  auto batcher = MustCreate(MakeOptions(2, absl::Milliseconds(2), 2, /*thread=*/false),
+                            model.Fn(), &clock);
+  ASSERT_TRUE(batcher->Schedule(MakeTask(0, 2)).ok());
+  auto retried = MakeTask(2, 1);
+  ASSERT_EQ(batcher->Schedule(retried).code(), absl::StatusCode::kResourceExhausted);
+  ASSERT_EQ(*batcher->RunOnce(), 2);
+  EXPECT_EQ(batcher->Schedule(retried).code(), absl::StatusCode::kInvalidArgument);  // no done
+  absl::Status got = absl::UnknownError("not called");
+  retried->done = [&got](absl::Status status) { got = std::move(status); };
+  ASSERT_TRUE(batcher->Schedule(retried).ok());
+  clock.Advance(absl::Milliseconds(2));
+  ASSERT_EQ(*batcher->RunOnce(), 1);
+  EXPECT_TRUE(got.ok()) << got;
+  EXPECT_THAT(retried->outputs, ElementsAre(20));
 }
 
 TEST(DynamicBatcher, CountersBalance) {
@@ -1039,6 +1152,235 @@ TEST(DynamicBatcherPipeline, ModelIdleIsTheGapBetweenBatches) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Expired and cancelled tasks give back their queue room at their deadline / the next poll,
+// while the model is busy, not when their items reach the hand-over.
+
+// A model busy on the batch [0 1 2 3] (held in the BatchFn), a queue of 8 and batches of 4.
+struct BusyModelFixture {
+  explicit BusyModelFixture(absl::Duration poll = absl::Milliseconds(20)) {
+    auto options = MakeOptions(4, absl::Milliseconds(2), 8);
+    options.observer = &observer;
+    options.cancel_poll_interval = poll;
+    batcher = MustCreateStaged(options, model.Fn(), &clock, stager);
+    for (int i = 0; i < 4; ++i) EXPECT_TRUE(batcher->Schedule(MakeTask(i, 1)).ok());
+    EXPECT_TRUE(model.WaitEntered(1));
+  }
+
+  FakeClock clock;
+  GatedModel model;
+  Stager stager;
+  RecordingObserver observer;
+  std::unique_ptr<DynamicBatcher> batcher;
+};
+
+TEST(DynamicBatcherSweep, ExpiredTasksGiveBackTheirRoomAtTheirDeadline) {
+  BusyModelFixture f;
+  std::vector<std::shared_ptr<TestTask>> short_lived;
+  for (int i = 0; i < 4; ++i) {
+    short_lived.push_back(MakeTask(10 + 2 * i, 2, f.clock.Now() + absl::Milliseconds(1)));
+    ASSERT_TRUE(f.batcher->Schedule(short_lived.back()).ok());
+  }
+  ASSERT_TRUE(f.stager.WaitForStaged(4 + 4));  // half of them staged as the next batch
+  EXPECT_EQ(f.batcher->queue_depth(), 8);
+  EXPECT_EQ(f.batcher->Schedule(MakeTask(100, 2)).code(), absl::StatusCode::kResourceExhausted);
+
+  f.clock.Advance(absl::Milliseconds(1) - absl::Microseconds(1));
+  ASSERT_TRUE(f.batcher->WaitUntilBatchThreadIdle(kSafety));
+  EXPECT_EQ(f.batcher->queue_depth(), 8);
+  for (auto& t : short_lived) EXPECT_EQ(t->done_calls.load(), 0);
+
+  f.clock.Advance(absl::Microseconds(1));
+  ASSERT_TRUE(f.batcher->WaitUntilBatchThreadIdle(kSafety));
+  EXPECT_EQ(f.batcher->queue_depth(), 0);
+  for (auto& t : short_lived) {
+    EXPECT_EQ(t->done_calls.load(), 1);
+    EXPECT_EQ(t->result().code(), absl::StatusCode::kDeadlineExceeded) << t->result();
+    EXPECT_THAT(t->result().message(), HasSubstr("after 0 of 2 items ran"));
+  }
+  EXPECT_EQ(f.model.entered(), 1);  // without the model running anything
+  EXPECT_THAT(f.observer.dropped(), ElementsAre(std::pair(DropReason::kExpired, 2),
+                                                std::pair(DropReason::kExpired, 2),
+                                                std::pair(DropReason::kExpired, 2),
+                                                std::pair(DropReason::kExpired, 2)));
+
+  auto live = MakeTask(100, 2);
+  ASSERT_TRUE(f.batcher->Schedule(live).ok());
+  f.model.Allow(2);
+  f.clock.Advance(absl::Milliseconds(2));
+  ASSERT_TRUE(f.batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(f.model.recorder.batches(),
+              ElementsAre(ElementsAre(0, 1, 2, 3), ElementsAre(100, 101)));
+  EXPECT_TRUE(live->result().ok());
+  for (auto& t : short_lived) EXPECT_THAT(t->outputs, ElementsAre(-1, -1));
+  BatcherCounters c = f.batcher->counters();
+  EXPECT_EQ(c.tasks_expired, 4);
+  EXPECT_EQ(c.items_dropped, 8);
+  EXPECT_EQ(c.tasks_succeeded, 5);
+  EXPECT_EQ(c.rejected_queue_full, 1);
+  EXPECT_EQ(c.tasks_accepted, c.tasks_succeeded + c.tasks_failed + c.tasks_expired +
+                                  c.tasks_cancelled);
+  EXPECT_EQ(c.items_accepted, c.items_batched + c.items_dropped);
+}
+
+TEST(DynamicBatcherSweep, CancelledTasksGiveBackTheirRoomWithinOnePollInterval) {
+  BusyModelFixture f(/*poll=*/absl::Milliseconds(10));
+  std::atomic<bool> cancelled{false};
+  std::atomic<int> polls{0};
+  std::vector<std::shared_ptr<TestTask>> doomed;
+  for (int i = 0; i < 4; ++i) {
+    doomed.push_back(MakeTask(10 + 2 * i, 2));
+    doomed.back()->is_cancelled = [&] {
+      polls.fetch_add(1);
+      return cancelled.load();
+    };
+    ASSERT_TRUE(f.batcher->Schedule(doomed.back()).ok());
+  }
+  EXPECT_EQ(f.batcher->Schedule(MakeTask(100, 2)).code(), absl::StatusCode::kResourceExhausted);
+  cancelled.store(true);
+
+  f.clock.Advance(absl::Milliseconds(10) - absl::Microseconds(1));
+  ASSERT_TRUE(f.batcher->WaitUntilBatchThreadIdle(kSafety));
+  EXPECT_EQ(f.batcher->queue_depth(), 8);
+  EXPECT_EQ(polls.load(), 0);
+  for (auto& t : doomed) EXPECT_EQ(t->done_calls.load(), 0);
+
+  f.clock.Advance(absl::Microseconds(1));
+  ASSERT_TRUE(f.batcher->WaitUntilBatchThreadIdle(kSafety));
+  EXPECT_EQ(f.batcher->queue_depth(), 0);
+  EXPECT_EQ(polls.load(), 4);  // each task once
+  for (auto& t : doomed) {
+    EXPECT_EQ(t->done_calls.load(), 1);
+    EXPECT_EQ(t->result().code(), absl::StatusCode::kCancelled) << t->result();
+  }
+  EXPECT_EQ(f.model.entered(), 1);
+
+  auto live = MakeTask(100, 2);
+  ASSERT_TRUE(f.batcher->Schedule(live).ok());
+  f.model.Allow(2);
+  f.clock.Advance(absl::Milliseconds(2));
+  ASSERT_TRUE(f.batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(f.model.recorder.batches(),
+              ElementsAre(ElementsAre(0, 1, 2, 3), ElementsAre(100, 101)));
+  BatcherCounters c = f.batcher->counters();
+  EXPECT_EQ(c.tasks_cancelled, 4);
+  EXPECT_EQ(c.items_dropped, 8);
+  EXPECT_EQ(c.items_accepted, c.items_batched + c.items_dropped);
+}
+
+TEST(DynamicBatcherSweep, ZeroPollIntervalChecksCancellationOnlyAtTheHandOver) {
+  BusyModelFixture f(/*poll=*/absl::ZeroDuration());
+  auto doomed = MakeTask(10, 2);
+  doomed->is_cancelled = [] { return true; };
+  ASSERT_TRUE(f.batcher->Schedule(doomed).ok());
+  f.clock.Advance(absl::Seconds(10));
+  ASSERT_TRUE(f.batcher->WaitUntilBatchThreadIdle(kSafety));
+  EXPECT_EQ(doomed->done_calls.load(), 0);
+  EXPECT_EQ(f.batcher->queue_depth(), 2);
+  f.model.Allow(2);
+  ASSERT_TRUE(f.batcher->WaitUntilIdle(kSafety));
+  EXPECT_EQ(doomed->result().code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(f.model.entered(), 1);
+}
+
+// A task dropped out of the staged next batch: the items behind it move up and are staged again
+// while the model still runs, and the batch that finally runs holds exactly the right items in
+// the right places (GatedModel checks the staged input against the slices).
+TEST(DynamicBatcherSweep, AnExpiryInTheStagedBatchRestagesTheItemsBehindIt) {
+  BusyModelFixture f;
+  auto a = MakeTask(4, 2);
+  auto b = MakeTask(6, 1, f.clock.Now() + absl::Milliseconds(1));
+  auto c = MakeTask(7, 1);
+  auto d = MakeTask(8, 1);
+  for (auto& t : {a, b, c, d}) ASSERT_TRUE(f.batcher->Schedule(t).ok());
+  ASSERT_TRUE(f.stager.WaitForStaged(4 + 4));  // [4 5 6 7] staged; d queued
+  f.clock.Advance(absl::Milliseconds(1));
+  ASSERT_TRUE(f.batcher->WaitUntilBatchThreadIdle(kSafety));
+  EXPECT_EQ(b->done_calls.load(), 1);
+  EXPECT_EQ(b->result().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(f.batcher->queue_depth(), 4);
+  // c restaged from its new place 2, d taken in behind it.
+  EXPECT_EQ(f.stager.calls().back(), std::pair(2, 4));
+  EXPECT_EQ(f.model.entered(), 1);
+
+  f.model.Allow(2);
+  ASSERT_TRUE(f.batcher->WaitUntilIdle(kSafety));
+  EXPECT_THAT(f.model.recorder.batches(),
+              ElementsAre(ElementsAre(0, 1, 2, 3), ElementsAre(4, 5, 7, 8)));
+  for (auto& t : {a, c, d}) EXPECT_TRUE(t->result().ok());
+  EXPECT_THAT(b->outputs, ElementsAre(-1));
+  auto stages = f.observer.stages();
+  ASSERT_EQ(stages.size(), 2u);
+  EXPECT_EQ(stages[1].items_staged_ahead, 4);  // all of it, restaging included, ahead
+}
+
+// A task with items in the model expires: its waiting rest leaves the queue at once, but `done`
+// waits for the items in the model, and comes exactly once.
+TEST(DynamicBatcherSweep, ATaskExpiringWithItemsInTheModelEndsOnceTheyAreBack) {
+  FakeClock clock;
+  GatedModel model;
+  Stager stager;
+  auto batcher = MustCreateStaged(MakeOptions(4, absl::Milliseconds(2), 8), model.Fn(), &clock,
+                                  stager);
+  auto task = MakeTask(0, 6, clock.Now() + absl::Milliseconds(1));
+  ASSERT_TRUE(batcher->Schedule(task).ok());
+  ASSERT_TRUE(model.WaitEntered(1));        // [0 1 2 3] in the model
+  ASSERT_TRUE(stager.WaitForStaged(4 + 2));  // [4 5] staged
+  clock.Advance(absl::Milliseconds(1));
+  ASSERT_TRUE(batcher->WaitUntilBatchThreadIdle(kSafety));
+  EXPECT_EQ(batcher->queue_depth(), 0);
+  EXPECT_EQ(task->done_calls.load(), 0);
+  model.Allow(2);
+  ASSERT_TRUE(batcher->WaitUntilIdle(kSafety));
+  EXPECT_EQ(task->done_calls.load(), 1);
+  EXPECT_EQ(task->result().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(task->result().message(), HasSubstr("after 4 of 6 items ran"));
+  EXPECT_THAT(task->outputs, ElementsAre(0, 10, 20, 30, -1, -1));
+  EXPECT_EQ(model.entered(), 1);
+  BatcherCounters c = batcher->counters();
+  EXPECT_EQ(c.tasks_expired, 1);
+  EXPECT_EQ(c.items_batched, 4);
+  EXPECT_EQ(c.items_dropped, 2);
+}
+
+// Puppet mode: RunOnce() ends the expired and (at a poll) cancelled tasks even when no batch is
+// due, so the layer above can test the same thing step by step.
+TEST(DynamicBatcherSweep, RunOnceSweepsWhenNoBatchIsDue) {
+  FakeClock clock;
+  Recorder model;
+  auto options = MakeOptions(8, absl::Seconds(1), 8, /*thread=*/false);
+  options.cancel_poll_interval = absl::Milliseconds(10);
+  auto batcher = MustCreate(options, model.Fn(), &clock);
+  auto keep = MakeTask(0, 1);
+  auto expiring = MakeTask(1, 2, clock.Now() + absl::Milliseconds(5));
+  auto doomed = MakeTask(3, 1);
+  doomed->is_cancelled = [] { return true; };
+  for (auto& t : {keep, expiring, doomed}) ASSERT_TRUE(batcher->Schedule(t).ok());
+
+  clock.Advance(absl::Milliseconds(5));
+  EXPECT_EQ(*batcher->RunOnce(), 0);
+  EXPECT_EQ(expiring->result().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(doomed->done_calls.load(), 0);
+  EXPECT_EQ(batcher->queue_depth(), 2);
+
+  clock.Advance(absl::Milliseconds(5) - absl::Microseconds(1));
+  EXPECT_EQ(*batcher->RunOnce(), 0);
+  EXPECT_EQ(doomed->done_calls.load(), 0);
+  clock.Advance(absl::Microseconds(1));
+  EXPECT_EQ(*batcher->RunOnce(), 0);
+  EXPECT_EQ(doomed->result().code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(batcher->queue_depth(), 1);
+  EXPECT_THAT(model.batches(), IsEmpty());
+
+  clock.Advance(absl::Seconds(1));
+  EXPECT_EQ(*batcher->RunOnce(), 1);
+  EXPECT_TRUE(keep->result().ok());
+  BatcherCounters c = batcher->counters();
+  EXPECT_EQ(c.tasks_expired, 1);
+  EXPECT_EQ(c.tasks_cancelled, 1);
+  EXPECT_EQ(c.tasks_succeeded, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Several batches in flight (max_batches_in_flight > 1): the batch thread hands a formed batch
 // to whichever model thread is free and finishes batches in the order they come back.
 
@@ -1247,7 +1589,8 @@ void DropWhileInFlight(bool cancel) {
     clock.Advance(absl::Milliseconds(10));
   }
   model.Release(0);
-  // [4] is dropped at the hand-over; `after` alone goes to the free thread...
+  // [4] is dropped (cancelled: at the hand-over; expired: at once, at its deadline); `after`
+  // alone goes to the free thread...
   ASSERT_TRUE(model.WaitEntered(3));
   model.Release(100);
   ASSERT_TRUE(finished.WaitFinished(2));
@@ -1535,6 +1878,136 @@ TEST(DynamicBatcherConcurrency, ManyThreadsSingleItemTasks) {
   std::printf("accepted %d, rejected %d, %d batches (mean %.1f items)\n", ok.load(),
               rejected.load(), num_batches.load(),
               num_batches.load() ? double(ok.load()) / num_batches.load() : 0.0);
+}
+
+// 64 threads schedule live, expiring, expired, cancelled and later-cancelled tasks while another
+// thread moves the fake clock, so sweeps (at deadlines and polls) race with Schedule(), staging
+// and hand-overs. Each task ends once with an outcome its kind allows, and the counters add up
+// exactly to the tasks' own tallies.
+TEST(DynamicBatcherConcurrency, ExpiringCancelledAndLiveTasksExactAccounting) {
+  constexpr int kThreads = 64;
+  constexpr int kPerThread = 40;
+  constexpr int kTasks = kThreads * kPerThread;
+  enum Kind { kLive, kExpiring, kExpired, kCancelLater, kCancelled, kKinds };
+  FakeClock clock;
+  std::atomic<int64_t> items_in_batches{0};
+  auto fn = [&](Batch& batch) {
+    for (const BatchSlice& slice : batch.slices) {
+      auto* task = static_cast<TestTask*>(slice.task);
+      for (int i = 0; i < slice.num_items; ++i) {
+        task->outputs[slice.first_item + i] = task->ids[slice.first_item + i] * 10;
+      }
+    }
+    items_in_batches.fetch_add(batch.size);
+    std::this_thread::yield();
+    return absl::OkStatus();
+  };
+  auto options = MakeOptions(16, absl::Microseconds(200), 256);
+  options.cancel_poll_interval = absl::Microseconds(500);
+  auto batcher = MustCreate(options, fn, &clock);
+  ASSERT_NE(batcher, nullptr);
+
+  std::vector<std::shared_ptr<TestTask>> tasks(kTasks);
+  std::vector<std::atomic<bool>> cancel(kTasks);
+  for (int i = 0; i < kTasks; ++i) {
+    tasks[i] = MakeTask(i * 10, 1 + i % 3);
+    if (i % kKinds == kCancelLater || i % kKinds == kCancelled) {
+      std::atomic<bool>* flag = &cancel[i];
+      tasks[i]->is_cancelled = [flag] { return flag->load(); };
+    }
+  }
+  std::vector<char> accepted(kTasks, 0);
+  std::atomic<bool> stop{false};
+  std::thread ticker([&] {
+    while (!stop.load()) {
+      clock.Advance(absl::Microseconds(50));
+      std::this_thread::yield();
+    }
+  });
+  std::atomic<int> ready{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      ready.fetch_add(1);
+      while (ready.load() < kThreads) std::this_thread::yield();
+      for (int i = 0; i < kPerThread; ++i) {
+        const int index = t * kPerThread + i;
+        TestTask& task = *tasks[index];
+        switch (index % kKinds) {
+          case kExpiring: task.deadline = clock.Now() + absl::Microseconds(300); break;
+          case kExpired: task.deadline = clock.Now(); break;
+          case kCancelled: cancel[index].store(true); break;
+          default: break;
+        }
+        absl::Status status = batcher->Schedule(tasks[index]);
+        if (index % kKinds == kCancelLater) cancel[index].store(true);
+        if (status.ok()) {
+          accepted[index] = 1;
+        } else {
+          ASSERT_EQ(status.code(), absl::StatusCode::kResourceExhausted) << status;
+          std::this_thread::yield();
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  stop.store(true);
+  ticker.join();
+  batcher->Shutdown();
+
+  int64_t n_accepted = 0, n_rejected = 0, ok = 0, expired = 0, cancelled = 0, items = 0;
+  for (int i = 0; i < kTasks; ++i) {
+    TestTask& task = *tasks[i];
+    if (!accepted[i]) {
+      ++n_rejected;
+      ASSERT_EQ(task.done_calls.load(), 0) << i;
+      ASSERT_FALSE(task.done) << i;  // released at the rejection
+      continue;
+    }
+    ++n_accepted;
+    items += task.num_items;
+    ASSERT_EQ(task.done_calls.load(), 1) << i;
+    const absl::StatusCode code = task.result().code();
+    switch (i % kKinds) {
+      case kLive: ASSERT_EQ(code, absl::StatusCode::kOk) << i; break;
+      case kExpiring:
+        ASSERT_TRUE(code == absl::StatusCode::kOk || code == absl::StatusCode::kDeadlineExceeded)
+            << i << " " << task.result();
+        break;
+      case kExpired: ASSERT_EQ(code, absl::StatusCode::kDeadlineExceeded) << i; break;
+      case kCancelLater:
+        ASSERT_TRUE(code == absl::StatusCode::kOk || code == absl::StatusCode::kCancelled)
+            << i << " " << task.result();
+        break;
+      case kCancelled: ASSERT_EQ(code, absl::StatusCode::kCancelled) << i; break;
+    }
+    if (i % kKinds == kExpired || i % kKinds == kCancelled) {
+      ASSERT_EQ(task.outputs, std::vector<int>(task.num_items, -1)) << i;  // never ran
+    }
+    if (code == absl::StatusCode::kOk) {
+      ++ok;
+      for (int j = 0; j < task.num_items; ++j) ASSERT_EQ(task.outputs[j], task.ids[j] * 10) << i;
+    }
+    if (code == absl::StatusCode::kDeadlineExceeded) ++expired;
+    if (code == absl::StatusCode::kCancelled) ++cancelled;
+  }
+  EXPECT_GT(expired, 0);
+  EXPECT_GT(cancelled, 0);
+  BatcherCounters c = batcher->counters();
+  EXPECT_EQ(c.tasks_accepted, n_accepted);
+  EXPECT_EQ(c.rejected_queue_full, n_rejected);
+  EXPECT_EQ(c.tasks_succeeded, ok);
+  EXPECT_EQ(c.tasks_expired, expired);
+  EXPECT_EQ(c.tasks_cancelled, cancelled);
+  EXPECT_EQ(c.tasks_failed, 0);
+  EXPECT_EQ(c.items_accepted, items);
+  EXPECT_EQ(c.items_batched, items_in_batches.load());
+  EXPECT_EQ(c.items_accepted, c.items_batched + c.items_dropped);
+  EXPECT_EQ(batcher->queue_depth(), 0);
+  std::printf("accepted %lld (ok %lld, expired %lld, cancelled %lld), rejected %lld\n",
+              static_cast<long long>(n_accepted), static_cast<long long>(ok),
+              static_cast<long long>(expired), static_cast<long long>(cancelled),
+              static_cast<long long>(n_rejected));
 }
 
 TEST(DynamicBatcherConcurrency, ShutdownRacingWithSchedulers) {

@@ -484,6 +484,29 @@ TEST(ServerFlags, MaxBatchesInFlight) {
   EXPECT_THAT(help.out, HasSubstr("ARCFACE_MAX_BATCHES_IN_FLIGHT"));
 }
 
+TEST(ServerFlags, CancelPollInterval) {
+  FlagRun defaults = RunFlags({"--demo-weights"});
+  ASSERT_EQ(defaults.exit_code, -1) << defaults.err;
+  EXPECT_EQ(defaults.config.cancel_poll_interval_us, 20000);
+  EXPECT_EQ(absl::Microseconds(defaults.config.cancel_poll_interval_us),
+            batching::DynamicBatcher::Options().cancel_poll_interval);
+  FlagRun flag = RunFlags({"--demo-weights", "--cancel-poll-interval-us", "0"});
+  ASSERT_EQ(flag.exit_code, -1) << flag.err;
+  EXPECT_EQ(flag.config.cancel_poll_interval_us, 0);
+  setenv("ARCFACE_CANCEL_POLL_INTERVAL_US", "5000", 1);
+  FlagRun env = RunFlags({"--demo-weights"});
+  unsetenv("ARCFACE_CANCEL_POLL_INTERVAL_US");
+  ASSERT_EQ(env.exit_code, -1) << env.err;
+  EXPECT_EQ(env.config.cancel_poll_interval_us, 5000);
+  for (const char* bad : {"-1", "10000001", "soon"}) {
+    FlagRun r = RunFlags({"--demo-weights", "--cancel-poll-interval-us", bad});
+    EXPECT_EQ(r.exit_code, 2) << bad;
+    EXPECT_THAT(r.err, HasSubstr("--cancel-poll-interval-us")) << bad;
+  }
+  FlagRun help = RunFlags({"--help"});
+  EXPECT_THAT(help.out, HasSubstr("ARCFACE_CANCEL_POLL_INTERVAL_US"));
+}
+
 TEST(ServerFlags, DrainTimeoutForms) {
   absl::Duration d;
   ASSERT_TRUE(ParseDrainTimeout("30s", &d));
@@ -764,6 +787,112 @@ TEST(Embedder, HoldFileHoldsTheBatchUntilRemoved) {
   std::remove(options.hold_file.c_str());
   EXPECT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(10)));
   EXPECT_FALSE((*embedder)->held());
+}
+
+// A refused Submit keeps nothing: its Done (and the request state it holds, here a sentinel)
+// and its crops, which live in the same task, are destroyed before Submit returns, for every
+// refusal; the Done is never called.
+TEST(Embedder, ARefusedSubmitReleasesItsCropsAndDone) {
+  FakeModel model;
+  batching::FakeClock clock;
+  EmbedderOptions options;
+  options.batching.max_batch_size = 2;
+  options.batching.max_queue_size = 2;
+  options.batching.start_batch_thread = false;
+  auto embedder = Embedder::Create(options, &model, &clock);
+  ASSERT_TRUE(embedder.ok());
+  std::vector<uint8_t> two = SeededCrop(1);
+  two.insert(two.end(), two.begin(), two.end());
+  ASSERT_TRUE((*embedder)
+                  ->Submit(std::move(two), absl::InfiniteFuture(), nullptr,
+                           [](absl::StatusOr<std::vector<float>>) {})
+                  .ok());
+  int calls = 0;
+  auto refused = [&](std::vector<uint8_t> crops) {
+    auto sentinel = std::make_shared<int>(0);
+    std::weak_ptr<int> weak = sentinel;
+    const absl::StatusCode code =
+        (*embedder)
+            ->Submit(std::move(crops), absl::InfiniteFuture(), nullptr,
+                     [sentinel, &calls](absl::StatusOr<std::vector<float>>) { ++calls; })
+            .code();
+    sentinel.reset();
+    EXPECT_TRUE(weak.expired()) << absl::StatusCodeToString(code);
+    return code;
+  };
+  EXPECT_EQ(refused(SeededCrop(2)), absl::StatusCode::kResourceExhausted);  // queue full
+  std::vector<uint8_t> three;
+  for (int i = 0; i < 3; ++i) {
+    std::vector<uint8_t> c = SeededCrop(10 + i);
+    three.insert(three.end(), c.begin(), c.end());
+  }
+  EXPECT_EQ(refused(std::move(three)), absl::StatusCode::kResourceExhausted);  // too large
+  EXPECT_EQ(refused(std::vector<uint8_t>(100)), absl::StatusCode::kInvalidArgument);
+  (*embedder)->Shutdown();
+  EXPECT_EQ(refused(SeededCrop(3)), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(calls, 0);
+  EXPECT_EQ((*embedder)->batcher().counters().tasks_accepted, 1);
+}
+
+// With the batcher's threads and the model busy: requests that expire while queued give back
+// their room at their deadline, so a live request is accepted again before the model returns.
+TEST(Embedder, ExpiredRequestsFreeTheirQueueRoomWhileTheModelIsBusy) {
+  FakeModel model;
+  batching::FakeClock clock;
+  EmbedderOptions options;
+  options.batching.max_batch_size = 2;
+  options.batching.max_queue_size = 4;
+  options.batching.max_queue_delay = absl::Milliseconds(1);
+  auto embedder = Embedder::Create(options, &model, &clock);
+  ASSERT_TRUE(embedder.ok()) << embedder.status();
+  auto crops = [](int seed, int n) {
+    std::vector<uint8_t> buf;
+    for (int i = 0; i < n; ++i) {
+      std::vector<uint8_t> c = SeededCrop(seed + i);
+      buf.insert(buf.end(), c.begin(), c.end());
+    }
+    return buf;
+  };
+  struct Result {
+    absl::StatusOr<std::vector<float>> out = absl::UnknownError("not done");
+    absl::Notification done;
+  };
+  auto into = [](Result& r) {
+    return [&r](absl::StatusOr<std::vector<float>> out) {
+      r.out = std::move(out);
+      r.done.Notify();
+    };
+  };
+  model.Hold();
+  Result first, short_a, short_b, live;
+  ASSERT_TRUE((*embedder)->Submit(crops(0, 2), absl::InfiniteFuture(), nullptr, into(first)).ok());
+  ASSERT_TRUE(model.WaitForBatches(1));  // in the model, held
+  const absl::Time deadline = clock.Now() + absl::Milliseconds(5);
+  ASSERT_TRUE((*embedder)->Submit(crops(10, 2), deadline, nullptr, into(short_a)).ok());
+  ASSERT_TRUE((*embedder)->Submit(crops(20, 2), deadline, nullptr, into(short_b)).ok());
+  EXPECT_EQ((*embedder)
+                ->Submit(crops(30, 1), absl::InfiniteFuture(), nullptr,
+                         [](absl::StatusOr<std::vector<float>>) {})
+                .code(),
+            absl::StatusCode::kResourceExhausted);
+
+  clock.Advance(absl::Milliseconds(5));
+  for (Result* r : {&short_a, &short_b}) {
+    ASSERT_TRUE(r->done.WaitForNotificationWithTimeout(absl::Seconds(60)));
+    EXPECT_EQ(r->out.status().code(), absl::StatusCode::kDeadlineExceeded) << r->out.status();
+  }
+  EXPECT_EQ((*embedder)->batcher().queue_depth(), 0);
+  EXPECT_FALSE(first.done.HasBeenNotified());  // the model still has the first batch
+  ASSERT_TRUE((*embedder)->Submit(crops(30, 1), absl::InfiniteFuture(), nullptr, into(live)).ok());
+
+  model.Release();
+  ASSERT_TRUE(first.done.WaitForNotificationWithTimeout(absl::Seconds(60)));
+  clock.Advance(absl::Milliseconds(1));  // the live request's delay
+  ASSERT_TRUE(live.done.WaitForNotificationWithTimeout(absl::Seconds(60)));
+  ASSERT_TRUE(live.out.ok()) << live.out.status();
+  std::vector<float> want = FakeEmbedding(SeededCrop(30).data());
+  EXPECT_EQ(*live.out, want);
+  EXPECT_THAT(model.batch_sizes(), ElementsAre(2, 1));  // the expired crops never ran
 }
 
 // ---------------------------------------------------------------------------------------------
