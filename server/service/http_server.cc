@@ -261,8 +261,9 @@ void HttpServer::Loop() {
           std::chrono::ceil<std::chrono::milliseconds>(next - now).count());
     }
     if (::poll(polled.data(), polled.size(), timeout_ms) < 0) {
-      if (errno == EINTR) continue;
-      break;  // only EFAULT/ENOMEM/EINVAL: nothing to retry
+      // EINTR, or ENOMEM, which may pass: retry rather than stop serving the probes.
+      if (errno != EINTR) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      continue;
     }
     if (polled[0].revents != 0) break;  // Stop()
 
