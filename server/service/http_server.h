@@ -16,12 +16,13 @@
 //       answer is 408 and the connection is closed;
 //     * a head over max_head_bytes (8 KiB) is answered 431 and the connection closed;
 //     * the answer must be taken within write_timeout (5 s), else the connection is closed;
-//     * one request per connection: answers say "Connection: close" (probes and scrapes
-//       connect anew each time; keep-alive would only let idle sockets hold slots);
-//     * at most max_connections (256) are open; a new one closes the oldest to get in, so a
-//       probe, which completes in milliseconds, is never the one closed.
-//   Request bodies are not read (every endpoint is a GET); a request with one is answered
-//   400 by the parser.
+//     * one request per connection: answers say "Connection: close" (a probe or a scrape
+//       costs one connect; keep-alive would only let idle sockets hold slots);
+//     * at most max_connections (256) are open; a new one closes the oldest to get in, so
+//       what is closed is the longest-waiting socket, not a probe done in milliseconds.
+//   Request bodies are never read: every endpoint is a GET. The socket handling is ours;
+//   parsing, routing and the answer's format are cpp-httplib's (Server::process_request run
+//   over the received head, never over the socket).
 // - SetReady()/SetDraining() may be called from any thread; the handlers read them atomically.
 // - Stop() stops accepting, closes every connection and joins the thread; idempotent; the
 //   destructor calls it.
