@@ -75,7 +75,7 @@ def main():
     for fmt in ENCODINGS:
         med = float(np.median(per_photo[fmt]))
         d, which = densest[fmt]
-        flats = ", ".join(f"{k}: {v:.0f}" for k, v in flat.items() if k.startswith(fmt))
+        flats = ", ".join(f"{k}: {v:.1f}" for k, v in flat.items() if k.startswith(fmt))
         print(f"| {fmt} | {med:.1f} ({8 / med:.3f}) | {d:.1f} ({8 / d:.4f}), {which} | {flats} |")
 
 
