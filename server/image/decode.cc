@@ -29,6 +29,49 @@ absl::Status CheckPixelCount(const char* what, int64_t width, int64_t height,
   return absl::OkStatus();
 }
 
+// The area a TIFF decoder works on: whole tiles, which may reach past the image. libtiff
+// decodes, and OpenCV allocates, every tile in full, so a 150-byte file declaring one
+// 15984x15984 tile over a 112x112 image costs 4 s.
+absl::StatusOr<int64_t> CheckTileArea(const ImageInfo& info, const Limits& limits) {
+  const int64_t pixels = int64_t{info.width} * info.height;
+  if (info.tile_width <= 0 || info.tile_height <= 0) return pixels;
+  auto padded = [](int64_t size, int64_t tile) { return (size + tile - 1) / tile * tile; };
+  const int64_t width = padded(info.width, info.tile_width);
+  const int64_t height = padded(info.height, info.tile_height);
+  // Each side is under 2^34, so the division keeps the comparison from overflowing.
+  if (width > limits.max_pixels / height) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "TIFF tiles of ", info.tile_width, "x", info.tile_height, " make the decoder work on a ",
+        width, "x", height, " area for a ", info.width, "x", info.height,
+        " image, over the limit of ", limits.max_pixels, " pixels"));
+  }
+  return width * height;
+}
+
+int64_t MaxPixelsPerByteOf(const std::string& format, const MaxPixelsPerByte& max) {
+  if (format == "jpeg") return max.jpeg;
+  if (format == "png") return max.png;
+  if (format == "webp") return max.webp;
+  if (format == "tiff") return max.tiff;
+  if (format == "bmp") return max.bmp;
+  return 0;
+}
+
+absl::Status CheckDensity(const ImageInfo& info, int64_t pixels, size_t bytes,
+                          const Limits& limits) {
+  const int64_t max = MaxPixelsPerByteOf(info.format, limits.max_pixels_per_byte);
+  if (max <= 0 || pixels <= limits.dense_pixels_allowed) return absl::OkStatus();
+  // pixels > max × bytes exactly when the ratio rounded up exceeds max; no product overflows.
+  const int64_t size = static_cast<int64_t>(bytes);
+  const int64_t per_byte = (pixels + size - 1) / size;
+  if (per_byte <= max) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "image declares ", info.width, "x", info.height, " (", pixels, " pixels to decode) in ",
+      bytes, " bytes: ", per_byte, " pixels per byte, over the limit of ", max, " for ",
+      info.format, " (an image this size takes at least ", (pixels + max - 1) / max,
+      " bytes; truncated or padded-out data?)"));
+}
+
 }  // namespace
 
 absl::StatusOr<cv::Mat> DecodeImage(std::string_view encoded, const Limits& limits) {
@@ -46,6 +89,9 @@ absl::StatusOr<cv::Mat> DecodeImage(std::string_view encoded, const Limits& limi
   if (absl::Status s = CheckPixelCount("image", info->width, info->height, limits); !s.ok()) {
     return s;
   }
+  absl::StatusOr<int64_t> work = CheckTileArea(*info, limits);
+  if (!work.ok()) return work.status();
+  if (absl::Status s = CheckDensity(*info, *work, encoded.size(), limits); !s.ok()) return s;
 
   cv::Mat bgr;
   try {

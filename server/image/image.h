@@ -6,8 +6,9 @@
 //   and Crop owns its pixels; none aliases the caller's buffers, so a request's bytes may be
 //   freed as soon as a call returns.
 // - Blocking: calls are CPU-bound and synchronous (no I/O, no locks of this library's own).
-//   Decoding costs grow with the image; the size caps in Limits bound them, and the pixel cap
-//   is enforced from the image header before any pixel is decoded or any canvas allocated.
+//   Decoding costs grow with the pixels, not the bytes; the caps in Limits bound them (pixels,
+//   pixels per encoded byte), and both are enforced from the image header before any pixel is
+//   decoded or any canvas allocated.
 // - Errors: every rejection caused by the input is INVALID_ARGUMENT whose message names the
 //   reason (callers prefix the face index). INTERNAL only if OpenCV fails on input this library
 //   already validated. No exception escapes: OpenCV's are caught here and become a status.
@@ -44,11 +45,37 @@ using Crop = std::vector<uint8_t>;
 // Layout of tightly packed raw pixels (no row padding).
 enum class PixelFormat { kRgb8, kBgr8, kGray8 };
 
+// The densest encoding accepted per format, in declared pixels per byte of the encoded file;
+// 0 turns the check off for that format. Decoding costs time in proportion to the pixels, not
+// the bytes, and a few hundred bytes can declare tens of megapixels: a JPEG cut after its
+// header, which libjpeg pads with grey (630 bytes declaring 6300x6300 cost 1.5 s), a flat
+// lossless WebP, an RLE BMP that ends early. The values sit at least 3x above the densest real
+// photos measured, re-encoded down to JPEG/WebP quality 1 and blurred (JPEG 161, PNG 8, WebP
+// 291, TIFF 5.4, BMP 0.33 pixels per byte; docs/RELIABILITY.md), and at or above each format's
+// own bound where it has one: baseline and progressive JPEG spend at least a bit per 8x8 luma
+// block (512 pixels per byte), 8-bit PNG and deflate TIFF at most 1032:1, RLE BMP 255 pixels
+// per 2-byte run. Flat one-colour images pass as well (at most 169 pixels per byte as JPEG,
+// 284 as PNG, 560 as lossy WebP, up to 12 MP), except lossless WebP, which codes one in ~100
+// bytes at any size and so passes only up to Limits::dense_pixels_allowed.
+struct MaxPixelsPerByte {
+  int64_t jpeg = 512;
+  int64_t png = 1024;
+  int64_t webp = 1024;
+  int64_t tiff = 1024;
+  int64_t bmp = 128;
+};
+
 struct Limits {
   // Caps width × height of decoded and raw images, and the area of a crop box (which may
-  // reach outside the image and so needs a canvas of its own).
+  // reach outside the image and so needs a canvas of its own). For a tiled TIFF it caps the
+  // area of the whole tiles the decoder works on, which may reach past the image.
   int64_t max_pixels = 40'000'000;
   size_t max_encoded_bytes = size_t{64} << 20;
+  // Encoded images denser than this are refused from the header, unless their area is at most
+  // dense_pixels_allowed (a megapixel decodes in 10-40 ms, so small flat images, such as a
+  // one-colour 112x112 crop, always pass).
+  MaxPixelsPerByte max_pixels_per_byte;
+  int64_t dense_pixels_allowed = int64_t{1} << 20;
 };
 
 struct Box {
@@ -65,6 +92,9 @@ struct ImageInfo {
   std::string format;
   int width = 0;
   int height = 0;
+  // A tiled TIFF's tile size (its decoder works on whole tiles); 0 for every other image.
+  int64_t tile_width = 0;
+  int64_t tile_height = 0;
 };
 
 // Reads the format and declared size from the header alone, without decoding pixels.
@@ -74,7 +104,8 @@ absl::StatusOr<ImageInfo> ProbeImage(std::string_view encoded);
 // Decodes JPEG, PNG, BMP, WebP or TIFF into an 8-bit RGB image (CV_8UC3). Grayscale is
 // replicated to three channels, alpha is dropped, 16-bit samples are reduced to 8 bits, and
 // JPEG EXIF orientation is ignored (as py-feat / torchvision's read_image do). Images whose
-// declared width × height exceeds limits.max_pixels are refused from the header, before any
+// declared width × height exceeds limits.max_pixels, or that declare more pixels per byte than
+// limits.max_pixels_per_byte allows their format, are refused from the header, before any
 // pixel is decoded; so are inputs over limits.max_encoded_bytes and any other format.
 absl::StatusOr<cv::Mat> DecodeImage(std::string_view encoded, const Limits& limits);
 

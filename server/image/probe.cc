@@ -2,7 +2,9 @@
 // enforced before a decoder allocates anything, which means they must read the same size the
 // decoder will use, and must survive any bytes a client can send.
 
+#include <algorithm>
 #include <cstdint>
+#include <iterator>
 #include <cstdlib>
 #include <limits>
 #include <string_view>
@@ -141,7 +143,7 @@ absl::StatusOr<ImageInfo> ProbeWebp(const Bytes& b) {
 }
 
 absl::StatusOr<ImageInfo> ProbeTiff(const Bytes& b) {
-  // Size of the first image file directory, which is the page OpenCV decodes.
+  // Size (and tile size) of the first image file directory, which is the page OpenCV decodes.
   const bool big_endian = b.U8(0) == 'M';
   auto u16 = [&](size_t offset) { return big_endian ? b.Be16(offset) : b.Le16(offset); };
   auto u32 = [&](size_t offset) { return big_endian ? b.Be32(offset) : b.Le32(offset); };
@@ -149,13 +151,15 @@ absl::StatusOr<ImageInfo> ProbeTiff(const Bytes& b) {
   const size_t ifd = u32(4);
   if (!b.Has(ifd, 2)) return Malformed("TIFF", "first IFD offset past the end of the data");
   const size_t entries = u16(ifd);
-  int64_t width = -1;
-  int64_t height = -1;
-  for (size_t i = 0; i < entries && (width < 0 || height < 0); ++i) {
+  // ImageWidth, ImageLength, TileWidth, TileLength; -1 while absent.
+  constexpr uint32_t kTags[] = {256, 257, 322, 323};
+  int64_t values[] = {-1, -1, -1, -1};
+  for (size_t i = 0; i < entries; ++i) {
     const size_t entry = ifd + 2 + 12 * i;
     if (!b.Has(entry, 12)) return Malformed("TIFF", "truncated IFD");
     const uint32_t tag = u16(entry);
-    if (tag != 256 && tag != 257) continue;  // ImageWidth, ImageLength
+    const auto known = std::find(std::begin(kTags), std::end(kTags), tag);
+    if (known == std::end(kTags)) continue;
     const uint32_t type = u16(entry + 2);
     int64_t value;
     if (type == 3) {  // SHORT: left-justified in the 4-byte value field
@@ -165,10 +169,17 @@ absl::StatusOr<ImageInfo> ProbeTiff(const Bytes& b) {
     } else {
       return Malformed("TIFF", absl::StrCat("tag ", tag, " has type ", type));
     }
-    (tag == 256 ? width : height) = value;
+    values[known - std::begin(kTags)] = value;
   }
+  const auto [width, height, tile_width, tile_height] = values;
   if (width < 0 || height < 0) return Malformed("TIFF", "no ImageWidth/ImageLength in first IFD");
-  return Info("tiff", width, height);
+  absl::StatusOr<ImageInfo> info = Info("tiff", width, height);
+  // Without both tile tags libtiff reads strips (or refuses the file); a zero tile it refuses.
+  if (info.ok() && tile_width > 0 && tile_height > 0) {
+    info->tile_width = tile_width;
+    info->tile_height = tile_height;
+  }
+  return info;
 }
 
 }  // namespace

@@ -22,11 +22,15 @@ using ::arcface::image::testing::IsOk;
 using ::arcface::image::testing::MakeBigEndianTiff;
 using ::arcface::image::testing::MakeCoreBmp;
 using ::arcface::image::testing::MakePngHeaderOnly;
+using ::arcface::image::testing::MakeRle8BmpEndingEarly;
+using ::arcface::image::testing::MakeTiledTiff;
+using ::arcface::image::testing::MakeTiledTiffHeaderOnly;
 using ::arcface::image::testing::MakeTopDownBmp;
 using ::arcface::image::testing::MaxAbsDiff;
 using ::arcface::image::testing::RandomImage;
 using ::arcface::image::testing::ReadFile;
 using ::arcface::image::testing::ReadRgbReference;
+using ::arcface::image::testing::WithDeclaredJpegSize;
 using ::arcface::image::testing::WithExifOrientation;
 using ::arcface::image::testing::WrapInVp8x;
 
@@ -250,6 +254,136 @@ TEST(DecodeImageTest, ConcurrentCallsAgree) {
   }
   for (std::thread& thread : threads) thread.join();
   for (double diff : diffs) EXPECT_EQ(diff, 0);
+}
+
+// --- Density: declared pixels per encoded byte ---
+
+double SecondsToDecode(const std::string& bytes, const Limits& limits,
+                       absl::StatusOr<cv::Mat>* result) {
+  const auto start = std::chrono::steady_clock::now();
+  *result = DecodeImage(bytes, limits);
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+TEST(DecodeDensityTest, TinyFilesDeclaringHugeImagesAreRefusedBeforeDecoding) {
+  // Each declares about 40 MP, under the pixel cap, in a few hundred bytes. Without the
+  // density check the JPEG decodes (padded with grey) in ~1.5 s, the tiled TIFF takes ~0.5 s
+  // to fail and the RLE BMP ~0.3 s to decode; the lossless WebP is a valid flat image that
+  // takes ~0.5 s at this size.
+  const std::string small_jpeg = Encode(RandomImage(8, 8, 3), ".jpg");
+  const cv::Mat flat(2000, 2000, CV_8UC3, cv::Scalar(90, 120, 200));
+  const struct {
+    std::string bytes;
+    std::string message;
+  } cases[] = {
+      {WithDeclaredJpegSize(small_jpeg, 6300, 6300),
+       "image declares 6300x6300 (39690000 pixels to decode) in " +
+           std::to_string(small_jpeg.size()) + " bytes"},
+      {MakePngHeaderOnly(6300, 6300), "over the limit of 1024 for png"},
+      {Encode(flat, ".webp", {cv::IMWRITE_WEBP_QUALITY, 101}), "over the limit of 1024 for webp"},
+      {MakeTiledTiffHeaderOnly(6300, 6300, 6304, 6304),
+       "(39740416 pixels to decode) in 148 bytes: 268517 pixels per byte, over the limit of 1024 "
+       "for tiff"},
+      {MakeRle8BmpEndingEarly(6300, 6300), "over the limit of 128 for bmp"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.message);
+    absl::StatusOr<cv::Mat> rgb;
+    const double seconds = SecondsToDecode(c.bytes, Limits(), &rgb);
+    EXPECT_THAT(rgb, IsInvalidArgumentWith(c.message));
+    EXPECT_THAT(rgb, IsInvalidArgumentWith("pixels per byte"));
+    EXPECT_LT(seconds, 0.05);
+  }
+  absl::StatusOr<cv::Mat> rgb;
+  SecondsToDecode(WithDeclaredJpegSize(small_jpeg, 6300, 6300), Limits(), &rgb);
+  EXPECT_THAT(rgb, IsInvalidArgumentWith(
+                       "over the limit of 512 for jpeg (an image this size takes at least 77520 "
+                       "bytes; truncated or padded-out data?)"));
+}
+
+TEST(DecodeDensityTest, TiffTilesFarLargerThanTheImageAreRefused) {
+  // libtiff decodes, and OpenCV allocates, each tile whole: this 148-byte file took 4 s.
+  absl::StatusOr<cv::Mat> rgb;
+  const double seconds =
+      SecondsToDecode(MakeTiledTiffHeaderOnly(112, 112, 15984, 15984), Limits(), &rgb);
+  EXPECT_THAT(rgb, IsInvalidArgumentWith(
+                       "TIFF tiles of 15984x15984 make the decoder work on a 15984x15984 area "
+                       "for a 112x112 image, over the limit of 40000000 pixels"));
+  EXPECT_LT(seconds, 0.05);
+}
+
+TEST(DecodeDensityTest, TiledTiffsDecode) {
+  const cv::Mat bgr = RandomImage(37, 53, 9);
+  // Edge tiles padded, and one 256x256 tile over the whole image (as GDAL writes small images).
+  for (const auto& [tile_width, tile_height] : {std::pair{32u, 32u}, std::pair{256u, 256u}}) {
+    SCOPED_TRACE(std::to_string(tile_width) + "x" + std::to_string(tile_height));
+    const std::string tiff = MakeTiledTiff(bgr, tile_width, tile_height);
+    absl::StatusOr<ImageInfo> info = ProbeImage(tiff);
+    ASSERT_THAT(info, IsOk());
+    EXPECT_EQ(info->tile_width, tile_width);
+    EXPECT_EQ(info->tile_height, tile_height);
+    absl::StatusOr<cv::Mat> rgb = DecodeImage(tiff, Limits());
+    ASSERT_THAT(rgb, IsOk());
+    EXPECT_EQ(MaxAbsDiff(*rgb, BgrToRgb(bgr)), 0);
+  }
+}
+
+TEST(DecodeDensityTest, DensePhotosAndFlatImagesDecode) {
+  // The densest encodings of real photos measured (docs/RELIABILITY.md): the 5 MP photo
+  // blurred and saved at quality 1 (progressive, optimised JPEG: 161 pixels per byte; WebP:
+  // 291), and flat one-colour images in every format at sizes tests and clients send.
+  const cv::Mat photo = cv::imread(DataPath("BWPictureHuman.jpg"), cv::IMREAD_COLOR);
+  ASSERT_FALSE(photo.empty());
+  cv::Mat blurred;
+  cv::GaussianBlur(photo, blurred, cv::Size(), 15);
+  std::vector<std::pair<std::string, std::string>> files = {
+      {"blurred JPEG q1", Encode(blurred, ".jpg",
+                                 {cv::IMWRITE_JPEG_QUALITY, 1, cv::IMWRITE_JPEG_PROGRESSIVE, 1,
+                                  cv::IMWRITE_JPEG_OPTIMIZE, 1})},
+      {"blurred WebP q1", Encode(blurred, ".webp", {cv::IMWRITE_WEBP_QUALITY, 1})},
+  };
+  for (const cv::Size size : {cv::Size(112, 112), cv::Size(1000, 1000), cv::Size(1920, 1080)}) {
+    const cv::Mat flat(size, CV_8UC3, cv::Scalar(128, 128, 128));
+    const std::string name = "flat " + std::to_string(size.width) + "x" +
+                             std::to_string(size.height) + " ";
+    files.emplace_back(name + "JPEG", Encode(flat, ".jpg"));
+    files.emplace_back(name + "progressive JPEG",
+                       Encode(flat, ".jpg",
+                              {cv::IMWRITE_JPEG_PROGRESSIVE, 1, cv::IMWRITE_JPEG_OPTIMIZE, 1}));
+    files.emplace_back(name + "PNG", Encode(flat, ".png", {cv::IMWRITE_PNG_COMPRESSION, 9}));
+    files.emplace_back(name + "lossy WebP", Encode(flat, ".webp", {cv::IMWRITE_WEBP_QUALITY, 1}));
+    files.emplace_back(name + "deflate TIFF", Encode(flat, ".tiff", {cv::IMWRITE_TIFF_COMPRESSION, 8}));
+    files.emplace_back(name + "BMP", Encode(flat, ".bmp"));
+    // Lossless WebP codes a flat image in ~100 bytes whatever its size: accepted up to
+    // dense_pixels_allowed only.
+    if (size.area() <= Limits().dense_pixels_allowed) {
+      files.emplace_back(name + "lossless WebP",
+                         Encode(flat, ".webp", {cv::IMWRITE_WEBP_QUALITY, 101}));
+    }
+  }
+  for (const auto& [name, bytes] : files) {
+    SCOPED_TRACE(name + ", " + std::to_string(bytes.size()) + " bytes");
+    EXPECT_THAT(DecodeImage(bytes, Limits()), IsOk());
+  }
+}
+
+TEST(DecodeDensityTest, LimitAndAllowanceAreInclusive) {
+  const cv::Mat flat(1080, 1920, CV_8UC3, cv::Scalar(10, 20, 30));
+  const std::string png = Encode(flat, ".png");
+  const int64_t pixels = 1920 * 1080;
+  const int64_t per_byte = (pixels + png.size() - 1) / png.size();
+  Limits limits;
+  limits.max_pixels_per_byte.png = per_byte;
+  EXPECT_THAT(DecodeImage(png, limits), IsOk());
+  limits.max_pixels_per_byte.png = per_byte - 1;
+  EXPECT_THAT(DecodeImage(png, limits),
+              IsInvalidArgumentWith(std::to_string(per_byte) + " pixels per byte, over the limit of " +
+                                    std::to_string(per_byte - 1) + " for png"));
+  limits.dense_pixels_allowed = pixels;
+  EXPECT_THAT(DecodeImage(png, limits), IsOk());
+  limits.dense_pixels_allowed = pixels - 1;
+  limits.max_pixels_per_byte.png = 0;  // off
+  EXPECT_THAT(DecodeImage(png, limits), IsOk());
 }
 
 // --- Raw pixels ---

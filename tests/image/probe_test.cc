@@ -18,6 +18,8 @@ using ::arcface::image::testing::IsOk;
 using ::arcface::image::testing::MakeBigEndianTiff;
 using ::arcface::image::testing::MakeCoreBmp;
 using ::arcface::image::testing::MakePngHeaderOnly;
+using ::arcface::image::testing::MakeTiledTiff;
+using ::arcface::image::testing::MakeTiledTiffHeaderOnly;
 using ::arcface::image::testing::MakeTopDownBmp;
 using ::arcface::image::testing::PutBe16;
 using ::arcface::image::testing::PutLe32;
@@ -72,6 +74,20 @@ TEST(ProbeImageTest, EveryFormatOpenCvWrites) {
   ASSERT_EQ(lossy.substr(12, 4), "VP8 ");
   ExpectProbe(lossy, "webp", 53, 37);
   ExpectProbe(WrapInVp8x(lossless, 53, 37), "webp", 53, 37);
+}
+
+TEST(ProbeImageTest, TiffTileSize) {
+  // Strips (what OpenCV writes) have no tile size; tiles are read from any position in the IFD.
+  absl::StatusOr<ImageInfo> strips = ProbeImage(Encode(RandomImage(37, 53, 3), ".tiff"));
+  ASSERT_THAT(strips, IsOk());
+  EXPECT_EQ(strips->tile_width, 0);
+  EXPECT_EQ(strips->tile_height, 0);
+  absl::StatusOr<ImageInfo> tiled = ProbeImage(MakeTiledTiffHeaderOnly(112, 112, 15984, 48));
+  ASSERT_THAT(tiled, IsOk());
+  EXPECT_EQ(tiled->width, 112);
+  EXPECT_EQ(tiled->height, 112);
+  EXPECT_EQ(tiled->tile_width, 15984);
+  EXPECT_EQ(tiled->tile_height, 48);
 }
 
 TEST(ProbeImageTest, HeaderVariantsOpenCvDoesNotWrite) {
@@ -161,6 +177,7 @@ TEST(ProbeImageTest, EveryPrefixIsHandled) {
       Encode(bgr, ".webp", {cv::IMWRITE_WEBP_QUALITY, 80}),
       WrapInVp8x(Encode(bgr, ".webp", {cv::IMWRITE_WEBP_QUALITY, 101}), 53, 37),
       MakeBigEndianTiff(bgr),
+      MakeTiledTiff(bgr, 32, 32),
       MakeTopDownBmp(bgr),
       MakeCoreBmp(bgr),
   };

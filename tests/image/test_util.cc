@@ -263,4 +263,114 @@ std::string WithDecoyFrameHeader(const std::string& jpeg) {
   return jpeg.substr(0, 2) + app15 + payload + jpeg.substr(2);
 }
 
+namespace {
+
+// Little-endian 8-bit RGB TIFF in tiles; `tiles` holds each tile's uncompressed bytes, or is
+// empty for a file whose tile offsets point past its end.
+std::string TiledTiff(uint32_t width, uint32_t height, uint32_t tile_width, uint32_t tile_height,
+                      const std::vector<std::string>& tiles) {
+  const uint32_t count = ((width + tile_width - 1) / tile_width) *
+                         ((height + tile_height - 1) / tile_height);
+  constexpr uint32_t kEntries = 10;
+  const uint32_t bits_offset = 8 + 2 + kEntries * 12 + 4;
+  const uint32_t offsets_offset = bits_offset + 6;
+  const uint32_t counts_offset = offsets_offset + 4 * count;
+  const uint32_t data_offset = counts_offset + 4 * count;
+  const uint32_t tile_bytes = tile_width * tile_height * 3;
+  std::string t = "II";
+  PutLe16(t, 42);
+  PutLe32(t, 8);
+  PutLe16(t, kEntries);
+  auto entry = [&](uint32_t tag, uint32_t type, uint32_t n, uint32_t value) {
+    PutLe16(t, tag);
+    PutLe16(t, type);
+    PutLe32(t, n);
+    PutLe32(t, value);  // a single SHORT sits in the low half, as little-endian puts it
+  };
+  entry(256, 4, 1, width);
+  entry(257, 4, 1, height);
+  entry(258, 3, 3, bits_offset);  // BitsPerSample 8,8,8
+  entry(259, 3, 1, 1);            // no compression
+  entry(262, 3, 1, 2);            // RGB
+  entry(277, 3, 1, 3);            // SamplesPerPixel
+  entry(322, 4, 1, tile_width);
+  entry(323, 4, 1, tile_height);
+  entry(324, 4, count, count == 1 ? data_offset : offsets_offset);  // TileOffsets
+  entry(325, 4, count, count == 1 ? tile_bytes : counts_offset);    // TileByteCounts
+  PutLe32(t, 0);
+  for (int i = 0; i < 3; ++i) PutLe16(t, 8);
+  for (uint32_t i = 0; i < count; ++i) PutLe32(t, data_offset + i * tile_bytes);
+  for (uint32_t i = 0; i < count; ++i) PutLe32(t, tile_bytes);
+  for (const std::string& tile : tiles) t += tile;
+  return t;
+}
+
+}  // namespace
+
+std::string MakeTiledTiff(const cv::Mat& bgr, uint32_t tile_width, uint32_t tile_height) {
+  std::vector<std::string> tiles;
+  for (uint32_t ty = 0; ty < static_cast<uint32_t>(bgr.rows); ty += tile_height) {
+    for (uint32_t tx = 0; tx < static_cast<uint32_t>(bgr.cols); tx += tile_width) {
+      std::string tile(size_t{tile_width} * tile_height * 3, '\0');
+      for (uint32_t y = 0; y < tile_height && ty + y < static_cast<uint32_t>(bgr.rows); ++y) {
+        for (uint32_t x = 0; x < tile_width && tx + x < static_cast<uint32_t>(bgr.cols); ++x) {
+          const cv::Vec3b p = bgr.at<cv::Vec3b>(ty + y, tx + x);
+          char* out = &tile[(size_t{y} * tile_width + x) * 3];
+          out[0] = static_cast<char>(p[2]);
+          out[1] = static_cast<char>(p[1]);
+          out[2] = static_cast<char>(p[0]);
+        }
+      }
+      tiles.push_back(std::move(tile));
+    }
+  }
+  return TiledTiff(bgr.cols, bgr.rows, tile_width, tile_height, tiles);
+}
+
+std::string MakeTiledTiffHeaderOnly(uint32_t width, uint32_t height, uint32_t tile_width,
+                                    uint32_t tile_height) {
+  return TiledTiff(width, height, tile_width, tile_height, {});
+}
+
+std::string WithDeclaredJpegSize(const std::string& jpeg, uint32_t width, uint32_t height) {
+  std::string out = jpeg;
+  size_t pos = 2;
+  while (pos + 9 <= out.size()) {
+    const uint8_t marker = static_cast<uint8_t>(out[pos + 1]);
+    if (marker >= 0xC0 && marker <= 0xCF && marker != 0xC4 && marker != 0xC8 && marker != 0xCC) {
+      out[pos + 5] = static_cast<char>(height >> 8);
+      out[pos + 6] = static_cast<char>(height);
+      out[pos + 7] = static_cast<char>(width >> 8);
+      out[pos + 8] = static_cast<char>(width);
+      return out;
+    }
+    pos += 2 + (static_cast<uint8_t>(out[pos + 2]) << 8 | static_cast<uint8_t>(out[pos + 3]));
+  }
+  ADD_FAILURE() << "no frame header in the JPEG";
+  return out;
+}
+
+std::string MakeRle8BmpEndingEarly(uint32_t width, uint32_t height) {
+  std::string palette;
+  for (int i = 0; i < 256; ++i) PutLe32(palette, i * 0x010101u);
+  const std::string data("\0\1", 2);  // RLE8 escape: end of bitmap
+  const uint32_t offset = 14 + 40 + palette.size();
+  std::string b = "BM";
+  PutLe32(b, offset + data.size());
+  PutLe32(b, 0);
+  PutLe32(b, offset);
+  PutLe32(b, 40);
+  PutLe32(b, width);
+  PutLe32(b, height);
+  PutLe16(b, 1);  // planes
+  PutLe16(b, 8);  // bits per pixel
+  PutLe32(b, 1);  // BI_RLE8
+  PutLe32(b, data.size());
+  PutLe32(b, 2835);
+  PutLe32(b, 2835);
+  PutLe32(b, 0);
+  PutLe32(b, 0);
+  return b + palette + data;
+}
+
 }  // namespace arcface::image::testing

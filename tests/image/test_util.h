@@ -60,6 +60,18 @@ std::string WithExifOrientation(const std::string& jpeg, int orientation);
 // declaring 4000x3000; a header parser must skip it by its length.
 std::string WithDecoyFrameHeader(const std::string& jpeg);
 
+// Uncompressed little-endian RGB TIFF in tile_width × tile_height tiles (multiples of 16, as
+// TIFF requires; edge tiles zero-padded).
+std::string MakeTiledTiff(const cv::Mat& bgr, uint32_t tile_width, uint32_t tile_height);
+// The same directory for a width × height image, but the tiles' data is missing.
+std::string MakeTiledTiffHeaderOnly(uint32_t width, uint32_t height, uint32_t tile_width,
+                                    uint32_t tile_height);
+// The JPEG with the size in its frame header replaced (the scan data still codes the old one).
+std::string WithDeclaredJpegSize(const std::string& jpeg, uint32_t width, uint32_t height);
+// An 8-bit RLE BMP of width × height whose data is only the end-of-bitmap escape (OpenCV
+// decodes the rest as palette entry 0).
+std::string MakeRle8BmpEndingEarly(uint32_t width, uint32_t height);
+
 inline const absl::Status& StatusOf(const absl::Status& s) { return s; }
 template <typename T>
 const absl::Status& StatusOf(const absl::StatusOr<T>& s) {
