@@ -307,6 +307,16 @@ ServiceMetrics::ServiceMetrics(int max_batch_size)
                                     "Per request: decoding, cropping and aligning its faces.",
                                     StageBounds())
                       .WithLabels({})),
+      preprocess_faces_(registry_
+                            .AddCounter("arcface_preprocess_faces_total",
+                                        "Faces decoded, cropped and aligned on the "
+                                        "preprocessing pool.")
+                            .WithLabels({})),
+      preprocess_aborted_(registry_.AddCounter(
+          "arcface_preprocess_aborted_total",
+          "Calls whose preprocessing or Compare matrix stopped early because their deadline "
+          "passed or they were cancelled, by reason (deadline, cancelled).",
+          {"reason"})),
       stage_(registry_
                  .AddHistogram("arcface_batch_stage_seconds",
                                "Per batch: gathering its crops into the model's input buffer "

@@ -106,6 +106,10 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
   app.add_option("--preprocess-threads", c.preprocess_threads,
                  "Threads decoding and aligning faces; 0: one per hardware thread (at least 2)")
       ->envname("ARCFACE_PREPROCESS_THREADS");
+  app.add_option("--preprocess-queue", c.preprocess_queue,
+                 "Calls admitted to preprocessing at most (queued or being decoded); beyond: "
+                 "RESOURCE_EXHAUSTED. 0: the larger of 1024 and --max-queue-size")
+      ->envname("ARCFACE_PREPROCESS_QUEUE");
   app.add_option("--warmup-batch-size", c.warmup_batch_size,
                  "Batch size of the warm-up pass before SERVING; 0 skips it")
       ->envname("ARCFACE_WARMUP_BATCH_SIZE");
@@ -208,6 +212,8 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
         absl::StrCat("must be in 1..65536, got ", c.max_compare_cols));
   Check(&bad, c.preprocess_threads >= 0 && c.preprocess_threads <= 1024, "--preprocess-threads",
         absl::StrCat("must be in 0..1024, got ", c.preprocess_threads));
+  Check(&bad, c.preprocess_queue >= 0 && c.preprocess_queue <= 1'000'000, "--preprocess-queue",
+        absl::StrCat("must be in 0..1000000, got ", c.preprocess_queue));
   Check(&bad, c.warmup_batch_size >= 0 && c.warmup_batch_size <= 4096, "--warmup-batch-size",
         absl::StrCat("must be in 0..4096, got ", c.warmup_batch_size));
   bool drain_ok = ParseDrainTimeout(drain_timeout, &c.drain_timeout) &&
