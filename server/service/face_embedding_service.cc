@@ -36,13 +36,14 @@ double Seconds(absl::Time start) { return absl::ToDoubleSeconds(absl::Now() - st
 // a block of Compare rows). A call found dead is counted as an aborted preprocessing.
 absl::Status CheckAlive(const std::function<bool()>& is_cancelled, absl::Time deadline,
                         ServiceMetrics* metrics) {
-  if (is_cancelled && is_cancelled()) {
-    metrics->RecordPreprocessAborted("cancelled");
-    return absl::CancelledError("the call was cancelled");
-  }
+  // The deadline first: gRPC also reports a call whose deadline passed as cancelled.
   if (absl::Now() >= deadline) {
     metrics->RecordPreprocessAborted("deadline");
     return absl::DeadlineExceededError("the deadline passed before the call's work was done");
+  }
+  if (is_cancelled && is_cancelled()) {
+    metrics->RecordPreprocessAborted("cancelled");
+    return absl::CancelledError("the call was cancelled");
   }
   return absl::OkStatus();
 }
