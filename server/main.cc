@@ -172,6 +172,10 @@ int Run(const service::ServerConfig& cfg, const sigset_t& signals) {
     spdlog::error("{}", std::string(pool.status().message()));
     return 1;
   }
+  metrics.registry().AddCallbackGauge(
+      "arcface_preprocess_calls",
+      "Calls admitted to the preprocessing pool and not through it (at most --preprocess-queue).",
+      [queue = pool->get()] { return double(queue->pending()); });
 
   service::ServiceOptions options;
   options.max_faces_per_request = cfg.max_faces_per_request;
