@@ -96,8 +96,9 @@ CosineBlocks::CosineBlocks(const std::vector<float>& a_unit, const std::vector<f
 
 bool CosineBlocks::ComputeSome(int64_t macs) {
   const int64_t per_row = std::max<int64_t>(1, int64_t{cols_} * dim_);
-  const int end = static_cast<int>(
-      std::min<int64_t>(rows_, next_row_ + std::max<int64_t>(1, macs / per_row)));
+  const int end =
+      next_row_ + static_cast<int>(std::min<int64_t>(rows_ - next_row_,
+                                                     std::max<int64_t>(1, macs / per_row)));
   for (; next_row_ < end; ++next_row_) {
     const int i = next_row_;
     std::fill(acc_.begin(), acc_.end(), 0.0);  // double sums: cos(a, a) is 1 to float rounding
@@ -624,7 +625,8 @@ void FaceEmbeddingService::StartEmbed(const EmbedRequest* request, EmbedResponse
               state->Complete(absl::OkStatus());
             });
         if (!scheduled.ok()) state->Complete(scheduled);
-      }));
+      }),
+      /*cost=*/n);
   if (!queued.ok()) {
     if (queued.code() == absl::StatusCode::kResourceExhausted) {
       metrics_->RecordRejected("preprocess_queue_full", n);
@@ -697,6 +699,12 @@ void FillCompare(const std::vector<float>& sims, const CompareRequest& request,
     matches->Reserve(static_cast<int>(sims.size()));
     for (float s : sims) matches->Add(s >= threshold);
   }
+}
+
+// What a matrix job costs the pool: the memory of its answer, in crop-sized units.
+int64_t MatrixCost(const CompareWork& work, const CompareRequest& request) {
+  const uint64_t bytes = CompareReplyBytes(work.rows, work.cols, request.has_threshold(), 0);
+  return static_cast<int64_t>((bytes + kCropBytes - 1) / kCropBytes);
 }
 
 // A pool job computing the matrix a block of rows per step; it stops when the call is dead.
@@ -773,7 +781,7 @@ void FaceEmbeddingService::StartCompare(const CompareRequest* request, CompareRe
                    std::move(done)});
   absl::Status queued;
   if (num_faces == 0) {
-    queued = preprocess_->Submit(MatrixJob(state, work, metrics_));
+    queued = preprocess_->Submit(MatrixJob(state, work, metrics_), MatrixCost(*work, *request));
   } else {
     queued = preprocess_->Submit(PreprocessJob(
         state, num_faces, options_.image_limits, metrics_,
@@ -810,11 +818,13 @@ void FaceEmbeddingService::StartCompare(const CompareRequest* request, CompareRe
                 // The matrix itself on the pool, so the batch thread only feeds the model; as a
                 // later stage of a call already admitted, it is never refused for room (these
                 // calls are bounded by the batcher's queue, which they came through).
-                absl::Status continued = preprocess_->Continue(MatrixJob(state, work, metrics_));
+                absl::Status continued = preprocess_->Continue(
+                    MatrixJob(state, work, metrics_), MatrixCost(*work, *state->request));
                 if (!continued.ok()) state->Complete(continued);
               });
           if (!scheduled.ok()) state->Complete(scheduled);
-        }));
+        }),
+        /*cost=*/num_faces);
   }
   if (!queued.ok()) {
     if (queued.code() == absl::StatusCode::kResourceExhausted) {

@@ -16,7 +16,8 @@
 // - Costly work stops with the call: preprocessing checks the deadline and cancellation before
 //   each face, a large Compare matrix before each block of rows (~10 ms); the pool's steps take
 //   turns between calls (see WorkQueue), so a call with many slow images delays a small call by
-//   about one face per pool thread, not by its whole request.
+//   about one face per pool thread, not by its whole request. The pool admits calls by their
+//   faces (a Compare matrix by its size in crops), so what the calls on it hold is bounded.
 // - EmbedStream: one response per request message, in order, request_id echoed; a message's
 //   error travels in EmbedResponse.error and the stream goes on. At most
 //   ServiceOptions::stream_max_in_flight messages of one stream are processed at a time; the

@@ -304,7 +304,8 @@ ServiceMetrics::ServiceMetrics(int max_batch_size)
                      .WithLabels({})),
       preprocess_(registry_
                       .AddHistogram("arcface_preprocess_seconds",
-                                    "Per request: decoding, cropping and aligning its faces.",
+                                    "Per request: time spent decoding, cropping and aligning its faces "
+                                    "(its turns on the pool, not the waits between them).",
                                     StageBounds())
                       .WithLabels({})),
       preprocess_faces_(registry_

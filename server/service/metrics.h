@@ -162,7 +162,8 @@ class ServiceMetrics final : public batching::BatcherObserver {
 
   void RecordRequest(const std::string& rpc, const absl::Status& status, double seconds);
   void AddFaces(int64_t n) { faces_total_.Inc(static_cast<double>(n)); }
-  // One request's faces decoded, cropped and aligned (on the preprocessing pool).
+  // One request's faces decoded, cropped and aligned (on the preprocessing pool): the time of
+  // its steps, not of the turns it waited between them.
   void RecordPreprocess(double seconds) { preprocess_.Observe(seconds); }
   // One face decoded, cropped and aligned (whatever becomes of its call).
   void AddPreprocessedFace() { preprocess_faces_.Inc(); }

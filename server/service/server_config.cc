@@ -107,8 +107,10 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
                  "Threads decoding and aligning faces; 0: one per hardware thread (at least 2)")
       ->envname("ARCFACE_PREPROCESS_THREADS");
   app.add_option("--preprocess-queue", c.preprocess_queue,
-                 "Calls admitted to preprocessing at most (queued or being decoded); beyond: "
-                 "RESOURCE_EXHAUSTED. 0: the larger of 1024 and --max-queue-size")
+                 "Faces admitted to preprocessing at most, over all calls queued or being "
+                 "decoded (a Compare matrix counts as its size in 112x112 crops; a call larger "
+                 "than this runs alone); beyond: RESOURCE_EXHAUSTED. 0: the larger of 1024 and "
+                 "--max-queue-size")
       ->envname("ARCFACE_PREPROCESS_QUEUE");
   app.add_option("--warmup-batch-size", c.warmup_batch_size,
                  "Batch size of the warm-up pass before SERVING; 0 skips it")

@@ -24,29 +24,36 @@ WorkQueue::WorkQueue(int threads, int max_pending) : max_pending_(max_pending) {
 
 WorkQueue::~WorkQueue() { Shutdown(); }
 
-absl::Status WorkQueue::Submit(Job job) { return Enqueue(std::move(job), /*admitted=*/true); }
+absl::Status WorkQueue::Submit(Job job, int64_t cost) {
+  return Enqueue(std::move(job), cost, /*may_refuse=*/true);
+}
 
-absl::Status WorkQueue::Continue(Job job) { return Enqueue(std::move(job), /*admitted=*/false); }
+absl::Status WorkQueue::Continue(Job job, int64_t cost) {
+  return Enqueue(std::move(job), cost, /*may_refuse=*/false);
+}
 
-absl::Status WorkQueue::Enqueue(Job job, bool admitted) {
+absl::Status WorkQueue::Enqueue(Job job, int64_t cost, bool may_refuse) {
   absl::MutexLock lock(&mu_);
   if (stopping_) return absl::UnavailableError("the server is shutting down");
-  if (admitted) {
-    if (admitted_ >= max_pending_) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("preprocessing pool full (", max_pending_,
-                       " calls admitted, --preprocess-queue); retry later"));
-    }
-    ++admitted_;
+  if (may_refuse && unfinished_ > 0 && unfinished_cost_ + cost > max_pending_) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "preprocessing pool full (", unfinished_cost_, " of ", max_pending_,
+        " face crops admitted, this call needs ", cost, "; --preprocess-queue); retry later"));
   }
   ++unfinished_;
-  queue_.push_back(Entry{std::move(job), admitted});
+  unfinished_cost_ += cost;
+  queue_.push_back(Entry{std::move(job), cost});
   return absl::OkStatus();
 }
 
 int WorkQueue::pending() const {
   absl::MutexLock lock(&mu_);
-  return admitted_;
+  return unfinished_;
+}
+
+int64_t WorkQueue::pending_cost() const {
+  absl::MutexLock lock(&mu_);
+  return unfinished_cost_;
 }
 
 void WorkQueue::Loop() {
@@ -70,7 +77,7 @@ void WorkQueue::Loop() {
         continue;
       }
       --unfinished_;
-      if (entry.admitted) --admitted_;
+      unfinished_cost_ -= entry.cost;
     }
     entry.job = nullptr;  // destroyed here, with no lock held
   }

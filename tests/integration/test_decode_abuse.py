@@ -128,15 +128,16 @@ def server_rss_bytes(server):
 
 
 def test_full_pool_refuses_at_once_with_flat_memory(start_server, slow_png):
-    """--preprocess-queue 2 with one thread: two admitted calls of slow faces fill the pool;
+    """--preprocess-queue 6 (faces) with one thread: two admitted calls of 3 slow faces fill it;
     calls beyond are refused at once, naming the pool, and the server's RSS stays flat over
     1400 refused 1.2 MB requests; the admitted calls then complete."""
-    server = start_server(lib.demo_args("--preprocess-threads", "1", "--preprocess-queue", "2"),
+    server = start_server(lib.demo_args("--preprocess-threads", "1", "--preprocess-queue", "6"),
                           name="full")
     admitted = [server.stub.Embed.future(pb.EmbedRequest(faces=slow_faces(slow_png, 3)),
                                          timeout=300) for _ in range(2)]
-    lib.wait_until(lambda: server.metrics().get("arcface_preprocess_calls") == 2, 30,
+    lib.wait_until(lambda: server.metrics().get("arcface_preprocess_admitted_faces") == 6, 30,
                    interval=0.01, what="the pool is full")
+    assert server.metrics().get("arcface_preprocess_calls") == 2
     refused = pb.EmbedRequest(faces=[small_face(i) for i in range(32)])  # 1.2 MB
     slowest = [0.0]
     lock = threading.Lock()
@@ -153,8 +154,8 @@ def test_full_pool_refuses_at_once_with_flat_memory(start_server, slow_png):
                 with lock:
                     slowest[0] = max(slowest[0], took)
                 assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "preprocessing pool full (2 calls admitted, --preprocess-queue)" in \
-                    e.value.details()
+                assert ("preprocessing pool full (6 of 6 face crops admitted, this call needs "
+                        "32; --preprocess-queue)") in e.value.details()
         finally:
             channel.close()
 

@@ -1444,20 +1444,24 @@ TEST_F(ServiceTest, PoolTakesTurnsBetweenCallsAndCancellationStopsDecoding) {
   EXPECT_THAT(model_.batch_sizes(), ElementsAre(1));
 }
 
-// A full pool refuses at once, naming itself, with nothing kept from the refused calls, while
-// an admitted call's later steps (its second slow face) go on although the pool is full.
+// A full pool (in faces) refuses at once, naming itself, with nothing kept from the refused
+// calls, while an admitted call's later steps (its second slow face) go on although the pool is
+// full.
 TEST_F(ServiceTest, FullPoolRefusesAtOnceWithFlatMemoryAndAdmittedCallsFinish) {
   pool_threads_ = 2;
-  pool_max_pending_ = 2;
+  pool_max_pending_ = 4;  // faces
   Start();
   Ready();
-  // Holds one pool thread and one of the two rooms.
+  // Holds one pool thread and one face's room.
   absl::Notification held, release;
-  ASSERT_TRUE(pool_->Submit([&] {
-                     held.Notify();
-                     release.WaitForNotification();
-                     return false;
-                   }).ok());
+  ASSERT_TRUE(pool_->Submit(
+                       [&] {
+                         held.Notify();
+                         release.WaitForNotification();
+                         return false;
+                       },
+                       /*cost=*/1)
+                  .ok());
   held.WaitForNotification();
   v1::EmbedRequest admitted = SlowRequest(2);
   *admitted.add_faces() = RawFace(SeededCrop(7));
@@ -1471,7 +1475,8 @@ TEST_F(ServiceTest, FullPoolRefusesAtOnceWithFlatMemoryAndAdmittedCallsFinish) {
   });
   const absl::Time wait_end = absl::Now() + absl::Seconds(30);
   while (pool_->pending() < 2 && absl::Now() < wait_end) absl::SleepFor(absl::Milliseconds(1));
-  ASSERT_EQ(pool_->pending(), 2);  // full: the holder and the admitted call
+  ASSERT_EQ(pool_->pending(), 2);  // full: the holder and the admitted call, 1 + 3 faces
+  ASSERT_EQ(pool_->pending_cost(), 4);
 
   // Each refused call carries 16 raw faces (600 KB): a leak of its request or crops would show.
   v1::EmbedRequest refused;
@@ -1492,7 +1497,9 @@ TEST_F(ServiceTest, FullPoolRefusesAtOnceWithFlatMemoryAndAdmittedCallsFinish) {
       grpc::Status s = Embed(refused, &resp);
       slowest = std::max(slowest, absl::Now() - start);
       EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
-      EXPECT_THAT(s.error_message(), HasSubstr("preprocessing pool full (2 calls admitted"));
+      EXPECT_THAT(s.error_message(),
+                  HasSubstr("preprocessing pool full (4 of 4 face crops admitted, this call "
+                            "needs 16; --preprocess-queue)"));
     }
     return slowest;
   };
@@ -1521,18 +1528,24 @@ TEST_F(ServiceTest, FullPoolRefusesAtOnceWithFlatMemoryAndAdmittedCallsFinish) {
 class PreprocessingHold {
  public:
   explicit PreprocessingHold(WorkQueue* pool) : pool_(pool) {
-    EXPECT_TRUE(pool_->Submit([this] {
-                       first_.WaitForNotification();
-                       return false;
-                     }).ok());
+    EXPECT_TRUE(pool_->Submit(
+                         [this] {
+                           first_.WaitForNotification();
+                           return false;
+                         },
+                         /*cost=*/1)
+                    .ok());
   }
   // Call once the request's job is queued behind the first holder.
   void HoldAfterOneStep() {
-    EXPECT_TRUE(pool_->Submit([this] {
-                       held_.Notify();
-                       release_.WaitForNotification();
-                       return false;
-                     }).ok());
+    EXPECT_TRUE(pool_->Submit(
+                         [this] {
+                           held_.Notify();
+                           release_.WaitForNotification();
+                           return false;
+                         },
+                         /*cost=*/1)
+                    .ok());
     first_.Notify();  // the call's first step runs, then this second holder
     held_.WaitForNotification();
   }
