@@ -99,9 +99,11 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
   app.add_option("--max-image-pixels", c.max_image_pixels,
                  "Largest image (width x height) decoded or accepted raw")
       ->envname("ARCFACE_MAX_IMAGE_PIXELS");
-  app.add_option("--max-compare-rows", c.max_compare_rows, "Compare: queries at most")
+  app.add_option("--max-compare-rows", c.max_compare_rows,
+                 "Compare: queries at most (and the reply must fit --max-message-bytes)")
       ->envname("ARCFACE_MAX_COMPARE_ROWS");
-  app.add_option("--max-compare-cols", c.max_compare_cols, "Compare: references at most")
+  app.add_option("--max-compare-cols", c.max_compare_cols,
+                 "Compare: references at most (and the reply must fit --max-message-bytes)")
       ->envname("ARCFACE_MAX_COMPARE_COLS");
   app.add_option("--preprocess-threads", c.preprocess_threads,
                  "Threads decoding and aligning faces; 0: one per hardware thread (at least 2)")

@@ -411,6 +411,7 @@ TEST(ServerFlags, DefaultsWithDemoWeights) {
   EXPECT_EQ(r.config.max_faces_per_request, 256);
   EXPECT_EQ(r.config.max_message_bytes, 64 << 20);
   EXPECT_EQ(r.config.max_image_pixels, 40000000);
+  EXPECT_EQ(r.config.preprocess_queue, 0);  // automatic
   EXPECT_EQ(r.config.drain_timeout, absl::Seconds(30));
 }
 
@@ -430,6 +431,7 @@ TEST(ServerFlags, BadValuesExitTwoNamingTheFlag) {
       {{"--demo-weights", "--device", "gpu"}, "--device"},
       {{"--demo-weights", "--precision", "int8"}, "--precision"},
       {{"--demo-weights", "--threads", "-2"}, "--threads"},
+      {{"--demo-weights", "--preprocess-queue", "-1"}, "--preprocess-queue"},
       {{"--demo-weights", "--drain-timeout", "soon"}, "--drain-timeout"},
       {{"--demo-weights", "--log-level", "loud"}, "--log-level"},
       {{"--demo-weights", "--log-format", "xml"}, "--log-format"},
