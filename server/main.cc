@@ -165,11 +165,21 @@ int Run(const service::ServerConfig& cfg, const sigset_t& signals) {
       cfg.preprocess_threads > 0
           ? cfg.preprocess_threads
           : std::max(2, static_cast<int>(std::thread::hardware_concurrency()));
-  auto pool = service::WorkQueue::Create(pool_threads, std::max(1024, cfg.max_queue_size));
+  const int pool_faces = cfg.preprocess_queue > 0 ? cfg.preprocess_queue
+                                                  : std::max(1024, cfg.max_queue_size);
+  auto pool = service::WorkQueue::Create(pool_threads, pool_faces);
   if (!pool.ok()) {
     spdlog::error("{}", std::string(pool.status().message()));
     return 1;
   }
+  metrics.registry().AddCallbackGauge(
+      "arcface_preprocess_calls", "Calls admitted to the preprocessing pool and not through it.",
+      [queue = pool->get()] { return double(queue->pending()); });
+  metrics.registry().AddCallbackGauge(
+      "arcface_preprocess_admitted_faces",
+      "Faces (and Compare matrices, in crops) of the calls on the preprocessing pool; new calls "
+      "are refused beyond --preprocess-queue.",
+      [queue = pool->get()] { return double(queue->pending_cost()); });
 
   service::ServiceOptions options;
   options.max_faces_per_request = cfg.max_faces_per_request;
@@ -318,11 +328,11 @@ int Run(const service::ServerConfig& cfg, const sigset_t& signals) {
   spdlog::info(
       "batching: max batch {} max queue delay {} us max queue {} crops, {} batch(es) in flight; "
       "limits: {} faces per request, {} message bytes, {} image pixels, compare {}x{}; "
-      "preprocessing threads {}; drain timeout {}",
+      "preprocessing threads {}, faces {}; drain timeout {}",
       cfg.max_batch_size, cfg.max_queue_delay_us, cfg.max_queue_size,
       emb->batcher().options().max_batches_in_flight, cfg.max_faces_per_request,
       cfg.max_message_bytes, cfg.max_image_pixels, cfg.max_compare_rows, cfg.max_compare_cols,
-      pool_threads, absl::FormatDuration(cfg.drain_timeout));
+      pool_threads, pool_faces, absl::FormatDuration(cfg.drain_timeout));
   if (!cfg.test_hold_model_file.empty()) {
     spdlog::warn("TEST HOOK: batches wait before the model while {} exists",
                  cfg.test_hold_model_file);

@@ -4,7 +4,9 @@
 #include <chrono>
 #include <cmath>
 #include <deque>
+#include <limits>
 #include <memory>
+#include <optional>
 #include <utility>
 
 #include <spdlog/spdlog.h>
@@ -30,11 +32,18 @@ constexpr int64_t kInlineCompareMacs = int64_t{1} << 22;
 
 double Seconds(absl::Time start) { return absl::ToDoubleSeconds(absl::Now() - start); }
 
-// Whether the call is still worth working on; checked before work that costs.
-absl::Status CheckAlive(const std::function<bool()>& is_cancelled, absl::Time deadline) {
-  if (is_cancelled && is_cancelled()) return absl::CancelledError("the call was cancelled");
+// Whether the call is still worth working on; checked before each slice of costly work (a face,
+// a block of Compare rows). A call found dead is counted as an aborted preprocessing.
+absl::Status CheckAlive(const std::function<bool()>& is_cancelled, absl::Time deadline,
+                        ServiceMetrics* metrics) {
+  // The deadline first: gRPC also reports a call whose deadline passed as cancelled.
   if (absl::Now() >= deadline) {
-    return absl::DeadlineExceededError("the deadline passed before the faces were embedded");
+    metrics->RecordPreprocessAborted("deadline");
+    return absl::DeadlineExceededError("the deadline passed before the call's work was done");
+  }
+  if (is_cancelled && is_cancelled()) {
+    metrics->RecordPreprocessAborted("cancelled");
+    return absl::CancelledError("the call was cancelled");
   }
   return absl::OkStatus();
 }
@@ -74,28 +83,50 @@ bool ToUnit(const float* row, float* unit) {
 
 }  // namespace
 
+CosineBlocks::CosineBlocks(const std::vector<float>& a_unit, const std::vector<float>& b_unit,
+                           int rows, int cols, int dim)
+    : a_unit_(a_unit), rows_(rows), cols_(cols), dim_(dim), bt_(size_t(dim) * cols),
+      out_(size_t(rows) * cols), acc_(cols) {
+  // b transposed, so that the inner loop runs over j element-wise (vectorizable without
+  // reassociating the sum).
+  for (int j = 0; j < cols; ++j) {
+    for (int k = 0; k < dim; ++k) bt_[size_t(k) * cols + j] = b_unit[size_t(j) * dim + k];
+  }
+}
+
+bool CosineBlocks::ComputeSome(int64_t macs) {
+  const int64_t per_row = std::max<int64_t>(1, int64_t{cols_} * dim_);
+  const int end =
+      next_row_ + static_cast<int>(std::min<int64_t>(rows_ - next_row_,
+                                                     std::max<int64_t>(1, macs / per_row)));
+  for (; next_row_ < end; ++next_row_) {
+    const int i = next_row_;
+    std::fill(acc_.begin(), acc_.end(), 0.0);  // double sums: cos(a, a) is 1 to float rounding
+    const float* a = a_unit_.data() + size_t(i) * dim_;
+    for (int k = 0; k < dim_; ++k) {
+      const double ak = a[k];
+      const float* b = bt_.data() + size_t(k) * cols_;
+      for (int j = 0; j < cols_; ++j) acc_[j] += ak * b[j];
+    }
+    float* row = out_.data() + size_t(i) * cols_;
+    for (int j = 0; j < cols_; ++j) row[j] = static_cast<float>(acc_[j]);
+  }
+  return next_row_ < rows_;
+}
+
 std::vector<float> CosineMatrix(const std::vector<float>& a_unit, const std::vector<float>& b_unit,
                                 int rows, int cols, int dim) {
-  // out[i][j] = sum_k a[i][k] * b[j][k], with b transposed so that the inner loop runs over j
-  // element-wise (vectorizable without reassociating the sum).
-  std::vector<float> bt(size_t(dim) * cols);
-  for (int j = 0; j < cols; ++j) {
-    for (int k = 0; k < dim; ++k) bt[size_t(k) * cols + j] = b_unit[size_t(j) * dim + k];
+  CosineBlocks blocks(a_unit, b_unit, rows, cols, dim);
+  while (blocks.ComputeSome(std::numeric_limits<int64_t>::max())) {
   }
-  std::vector<float> out(size_t(rows) * cols);
-  std::vector<double> acc(cols);  // double sums: cos(a, a) is 1 to float rounding
-  for (int i = 0; i < rows; ++i) {
-    std::fill(acc.begin(), acc.end(), 0.0);
-    const float* a = a_unit.data() + size_t(i) * dim;
-    for (int k = 0; k < dim; ++k) {
-      const double ak = a[k];
-      const float* b = bt.data() + size_t(k) * cols;
-      for (int j = 0; j < cols; ++j) acc[j] += ak * b[j];
-    }
-    float* row = out.data() + size_t(i) * cols;
-    for (int j = 0; j < cols; ++j) row[j] = static_cast<float>(acc[j]);
-  }
-  return out;
+  return std::move(blocks).Take();
+}
+
+uint64_t CompareReplyBytes(int rows, int cols, bool with_matches, size_t model_id_bytes) {
+  const uint64_t cells = uint64_t(rows) * uint64_t(cols);
+  // Per field at most: a tag (1 byte) and a length or value varint (10).
+  constexpr uint64_t kFieldOverhead = 11;
+  return cells * (sizeof(float) + (with_matches ? 1 : 0)) + 5 * kFieldOverhead + model_id_bytes;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -494,6 +525,12 @@ grpc::ServerUnaryReactor* FaceEmbeddingService::GetModelInfo(
 
 namespace {
 
+// One step of preprocessing decodes faces for about this long (at least one face), then yields
+// the pool thread to the next call's step.
+constexpr absl::Duration kPreprocessSlice = absl::Milliseconds(5);
+// One step of a Compare matrix: about this many multiply-adds (~10 ms).
+constexpr int64_t kMatrixStepMacs = int64_t{1} << 24;
+
 // One call's work, shared by the handler, the preprocessing job and the batcher's done, so that
 // whichever step fails can complete the call (exactly once: `done` is moved out when called).
 template <typename Request, typename Response>
@@ -510,6 +547,46 @@ struct CallState {
     fn(std::move(status));
   }
 };
+
+// A pool job that decodes, crops and aligns a call's `n` faces, a time slice per step, checking
+// before each face that the call is still alive, then hands the crops to `then` (on the pool).
+// `face_at(i)` is the i-th face; `label_at(i)` names it in errors ("face 3", "query 0").
+template <typename State, typename FaceAt, typename LabelAt, typename Then>
+WorkQueue::Job PreprocessJob(std::shared_ptr<State> state, int n, const image::Limits& limits,
+                             ServiceMetrics* metrics, FaceAt face_at, LabelAt label_at,
+                             Then then) {
+  return [state = std::move(state), n, &limits, metrics, face_at = std::move(face_at),
+          label_at = std::move(label_at), then = std::move(then), next = 0,
+          crops = std::vector<uint8_t>(), busy = absl::ZeroDuration()]() mutable -> bool {
+    const absl::Time step_start = absl::Now();
+    do {
+      absl::Status alive = CheckAlive(state->is_cancelled, state->deadline, metrics);
+      if (!alive.ok()) {
+        state->Complete(alive);
+        return false;
+      }
+      // Reserved at the first face, not at admission: queued calls hold only their request.
+      if (crops.empty()) crops.reserve(size_t(n) * kCropBytes);
+      absl::Status s = AppendFaceCrop(face_at(next), limits, &crops);
+      if (!s.ok()) {
+        state->Complete(WithContext(s, label_at(next)));
+        return false;
+      }
+      metrics->AddPreprocessedFace();
+      ++next;
+    } while (next < n && absl::Now() - step_start < kPreprocessSlice);
+    busy += absl::Now() - step_start;
+    if (next < n) return true;
+    metrics->RecordPreprocess(absl::ToDoubleSeconds(busy));
+    absl::Status alive = CheckAlive(state->is_cancelled, state->deadline, metrics);
+    if (!alive.ok()) {
+      state->Complete(alive);
+      return false;
+    }
+    then(std::move(crops));
+    return false;
+  };
+}
 
 }  // namespace
 
@@ -533,31 +610,23 @@ void FaceEmbeddingService::StartEmbed(const EmbedRequest* request, EmbedResponse
   auto state = std::make_shared<State>(
       State{request, response, std::move(call.is_cancelled), call.deadline, std::move(done)});
 
-  absl::Status queued = preprocess_->Submit([this, state]() {
-    absl::Status alive = CheckAlive(state->is_cancelled, state->deadline);
-    if (!alive.ok()) return state->Complete(alive);
-    const int n = state->request->faces_size();
-    const absl::Time preprocess_start = absl::Now();
-    std::vector<uint8_t> crops;
-    crops.reserve(size_t(n) * kCropBytes);
-    for (int i = 0; i < n; ++i) {
-      absl::Status s = AppendFaceCrop(state->request->faces(i), options_.image_limits, &crops);
-      if (!s.ok()) return state->Complete(WithContext(s, absl::StrCat("face ", i)));
-    }
-    metrics_->RecordPreprocess(Seconds(preprocess_start));
-    alive = CheckAlive(state->is_cancelled, state->deadline);
-    if (!alive.ok()) return state->Complete(alive);
-    const bool normalize = state->request->normalize();
-    absl::Status scheduled = embedder()->Submit(
-        std::move(crops), state->deadline, state->is_cancelled,
-        [this, state, normalize, n](absl::StatusOr<std::vector<float>> values) {
-          if (!values.ok()) return state->Complete(values.status());
-          FillEmbeddings(*values, normalize, state->response);
-          metrics_->AddFaces(n);
-          state->Complete(absl::OkStatus());
-        });
-    if (!scheduled.ok()) state->Complete(scheduled);
-  });
+  absl::Status queued = preprocess_->Submit(PreprocessJob(
+      state, n, options_.image_limits, metrics_,
+      [request](int i) -> const arcface::v1::Face& { return request->faces(i); },
+      [](int i) { return absl::StrCat("face ", i); },
+      [this, state, n](std::vector<uint8_t> crops) {
+        const bool normalize = state->request->normalize();
+        absl::Status scheduled = embedder()->Submit(
+            std::move(crops), state->deadline, state->is_cancelled,
+            [this, state, normalize, n](absl::StatusOr<std::vector<float>> values) {
+              if (!values.ok()) return state->Complete(values.status());
+              FillEmbeddings(*values, normalize, state->response);
+              metrics_->AddFaces(n);
+              state->Complete(absl::OkStatus());
+            });
+        if (!scheduled.ok()) state->Complete(scheduled);
+      }),
+      /*cost=*/n);
   if (!queued.ok()) {
     if (queued.code() == absl::StatusCode::kResourceExhausted) {
       metrics_->RecordRejected("preprocess_queue_full", n);
@@ -579,6 +648,8 @@ struct CompareWork {
   // Face probes in embedding order: (is_query, index).
   std::vector<std::pair<bool, int>> faces;
 };
+
+using CompareState = CallState<CompareRequest, CompareResponse>;
 
 const char* ProbeLabel(bool is_query) { return is_query ? "query" : "reference"; }
 
@@ -619,10 +690,8 @@ absl::Status CollectProbes(const google::protobuf::RepeatedPtrField<Probe>& prob
   return absl::OkStatus();
 }
 
-void FillCompare(const CompareWork& work, const CompareRequest& request,
+void FillCompare(const std::vector<float>& sims, const CompareRequest& request,
                  CompareResponse* response) {
-  std::vector<float> sims =
-      CosineMatrix(work.queries, work.references, work.rows, work.cols, kEmbeddingDim);
   response->mutable_similarities()->Assign(sims.begin(), sims.end());
   if (request.has_threshold()) {
     const float threshold = request.threshold();
@@ -630,6 +699,31 @@ void FillCompare(const CompareWork& work, const CompareRequest& request,
     matches->Reserve(static_cast<int>(sims.size()));
     for (float s : sims) matches->Add(s >= threshold);
   }
+}
+
+// What a matrix job costs the pool: the memory of its answer, in crop-sized units.
+int64_t MatrixCost(const CompareWork& work, const CompareRequest& request) {
+  const uint64_t bytes = CompareReplyBytes(work.rows, work.cols, request.has_threshold(), 0);
+  return static_cast<int64_t>((bytes + kCropBytes - 1) / kCropBytes);
+}
+
+// A pool job computing the matrix a block of rows per step; it stops when the call is dead.
+WorkQueue::Job MatrixJob(std::shared_ptr<CompareState> state, std::shared_ptr<CompareWork> work,
+                         ServiceMetrics* metrics) {
+  return [state = std::move(state), work = std::move(work), metrics,
+          blocks = std::optional<CosineBlocks>()]() mutable -> bool {
+    absl::Status alive = CheckAlive(state->is_cancelled, state->deadline, metrics);
+    if (!alive.ok()) {
+      state->Complete(alive);
+      return false;
+    }
+    if (!blocks) blocks.emplace(work->queries, work->references, work->rows, work->cols,
+                                kEmbeddingDim);
+    if (blocks->ComputeSome(kMatrixStepMacs)) return true;
+    FillCompare(std::move(*blocks).Take(), *state->request, state->response);
+    state->Complete(absl::OkStatus());
+    return false;
+  };
 }
 
 }  // namespace
@@ -649,6 +743,16 @@ void FaceEmbeddingService::StartCompare(const CompareRequest* request, CompareRe
         " references is over the limit of ", options_.max_compare_rows, " x ",
         options_.max_compare_cols, " (--max-compare-rows, --max-compare-cols)")));
   }
+  const uint64_t reply_bytes = CompareReplyBytes(work->rows, work->cols, request->has_threshold(),
+                                                 model_.model_id.size());
+  if (reply_bytes > options_.max_message_bytes) {
+    metrics_->RecordRejected("compare_too_large");
+    return done(absl::ResourceExhaustedError(absl::StrCat(
+        "compare reply of ", work->rows, " queries x ", work->cols, " references",
+        request->has_threshold() ? " (similarities and matches)" : "", " would take up to ",
+        reply_bytes, " bytes, over the message cap of ", options_.max_message_bytes,
+        " bytes (--max-message-bytes); split the references over several calls")));
+  }
   if (request->has_threshold() && !std::isfinite(request->threshold())) {
     return done(absl::InvalidArgumentError("threshold is not finite"));
   }
@@ -664,66 +768,64 @@ void FaceEmbeddingService::StartCompare(const CompareRequest* request, CompareRe
         absl::StrCat("too many face probes: ", num_faces, " in one request, the limit is ",
                      options_.max_faces_per_request, " (--max-faces-per-request)")));
   }
-  const int64_t macs = int64_t{work->rows} * work->cols * kEmbeddingDim;
-  if (num_faces == 0 && macs <= kInlineCompareMacs) {
-    FillCompare(*work, *request, response);
+  const bool small = int64_t{work->rows} * work->cols * kEmbeddingDim <= kInlineCompareMacs;
+  if (num_faces == 0 && small) {
+    FillCompare(CosineMatrix(work->queries, work->references, work->rows, work->cols,
+                             kEmbeddingDim),
+                *request, response);
     return done(absl::OkStatus());
   }
 
-  using State = CallState<CompareRequest, CompareResponse>;
-  auto state = std::make_shared<State>(
-      State{request, response, std::move(call.is_cancelled), call.deadline, std::move(done)});
-  // The matrix itself: on this pool when large, so the batch thread only feeds the model.
-  auto finish = [this, state, work, macs](bool may_defer) {
-    if (may_defer && macs > kInlineCompareMacs) {
-      absl::Status deferred = preprocess_->Submit([state, work] {
-        FillCompare(*work, *state->request, state->response);
-        state->Complete(absl::OkStatus());
-      });
-      if (deferred.ok()) return;
-      // The pool is full or stopping: compute here rather than fail an accepted call.
-    }
-    FillCompare(*work, *state->request, state->response);
-    state->Complete(absl::OkStatus());
-  };
-
-  absl::Status queued = preprocess_->Submit([this, state, work, finish, num_faces]() {
-    absl::Status alive = CheckAlive(state->is_cancelled, state->deadline);
-    if (!alive.ok()) return state->Complete(alive);
-    if (num_faces == 0) return finish(/*may_defer=*/false);
-    const absl::Time preprocess_start = absl::Now();
-    std::vector<uint8_t> crops;
-    crops.reserve(size_t(num_faces) * kCropBytes);
-    for (const auto& [is_query, index] : work->faces) {
-      const Probe& p =
-          is_query ? state->request->queries(index) : state->request->references(index);
-      absl::Status s = AppendFaceCrop(p.face(), options_.image_limits, &crops);
-      if (!s.ok()) {
-        return state->Complete(WithContext(s, absl::StrCat(ProbeLabel(is_query), " ", index)));
-      }
-    }
-    metrics_->RecordPreprocess(Seconds(preprocess_start));
-    alive = CheckAlive(state->is_cancelled, state->deadline);
-    if (!alive.ok()) return state->Complete(alive);
-    absl::Status scheduled = embedder()->Submit(
-        std::move(crops), state->deadline, state->is_cancelled,
-        [this, state, work, finish, num_faces](absl::StatusOr<std::vector<float>> values) {
-          if (!values.ok()) return state->Complete(values.status());
-          for (int k = 0; k < num_faces; ++k) {
-            const auto& [is_query, index] = work->faces[k];
-            float* unit = (is_query ? work->queries : work->references).data() +
-                          size_t(index) * kEmbeddingDim;
-            if (!ToUnit(values->data() + size_t(k) * kEmbeddingDim, unit)) {
-              return state->Complete(absl::InvalidArgumentError(
-                  absl::StrCat(ProbeLabel(is_query), " ", index,
-                               ": the face's embedding has zero norm (cosine is undefined)")));
-            }
-          }
-          metrics_->AddFaces(num_faces);
-          finish(/*may_defer=*/true);
-        });
-    if (!scheduled.ok()) state->Complete(scheduled);
-  });
+  auto state = std::make_shared<CompareState>(
+      CompareState{request, response, std::move(call.is_cancelled), call.deadline,
+                   std::move(done)});
+  absl::Status queued;
+  if (num_faces == 0) {
+    queued = preprocess_->Submit(MatrixJob(state, work, metrics_), MatrixCost(*work, *request));
+  } else {
+    queued = preprocess_->Submit(PreprocessJob(
+        state, num_faces, options_.image_limits, metrics_,
+        [request, work](int k) -> const arcface::v1::Face& {
+          const auto& [is_query, index] = work->faces[k];
+          return (is_query ? request->queries(index) : request->references(index)).face();
+        },
+        [work](int k) {
+          const auto& [is_query, index] = work->faces[k];
+          return absl::StrCat(ProbeLabel(is_query), " ", index);
+        },
+        [this, state, work, num_faces, small](std::vector<uint8_t> crops) {
+          absl::Status scheduled = embedder()->Submit(
+              std::move(crops), state->deadline, state->is_cancelled,
+              [this, state, work, num_faces, small](absl::StatusOr<std::vector<float>> values) {
+                if (!values.ok()) return state->Complete(values.status());
+                for (int k = 0; k < num_faces; ++k) {
+                  const auto& [is_query, index] = work->faces[k];
+                  float* unit = (is_query ? work->queries : work->references).data() +
+                                size_t(index) * kEmbeddingDim;
+                  if (!ToUnit(values->data() + size_t(k) * kEmbeddingDim, unit)) {
+                    return state->Complete(absl::InvalidArgumentError(absl::StrCat(
+                        ProbeLabel(is_query), " ", index,
+                        ": the face's embedding has zero norm (cosine is undefined)")));
+                  }
+                }
+                metrics_->AddFaces(num_faces);
+                if (small) {  // ~1 ms: here, on the batch thread
+                  FillCompare(CosineMatrix(work->queries, work->references, work->rows,
+                                           work->cols, kEmbeddingDim),
+                              *state->request, state->response);
+                  return state->Complete(absl::OkStatus());
+                }
+                // The matrix itself on the pool, so the batch thread only feeds the model; as a
+                // later stage of a call already admitted, it is never refused for room (these
+                // calls are bounded by the batcher's queue, which they came through).
+                absl::Status continued = preprocess_->Continue(
+                    MatrixJob(state, work, metrics_), MatrixCost(*work, *state->request));
+                if (!continued.ok()) state->Complete(continued);
+              });
+          if (!scheduled.ok()) state->Complete(scheduled);
+        }),
+        /*cost=*/num_faces);
+  }
   if (!queued.ok()) {
     if (queued.code() == absl::StatusCode::kResourceExhausted) {
       metrics_->RecordRejected("preprocess_queue_full", num_faces);

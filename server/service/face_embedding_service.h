@@ -8,10 +8,16 @@
 // - Errors (absl::Status inside, mapped to grpc::Status only when a call finishes):
 //   INVALID_ARGUMENT naming the face or probe and the reason ("face 3: undecodable image ...",
 //   "query 2: embedding has 128 values, expected 512"); RESOURCE_EXHAUSTED for too many faces,
-//   a Compare matrix over the cap, a full batcher or preprocessing queue (transient);
-//   DEADLINE_EXCEEDED / CANCELLED when the call's deadline passed or it was cancelled before its
-//   crops ran (they then never reach the model); UNAVAILABLE before SetReady() and after
-//   BeginDrain(). One request's failure never fails another's crops.
+//   a Compare matrix over the caps or whose reply would exceed max_message_bytes (both before
+//   any work), a full batcher or preprocessing pool (transient); DEADLINE_EXCEEDED / CANCELLED
+//   when the call's deadline passed or it was cancelled before its crops ran (they then never
+//   reach the model); UNAVAILABLE before SetReady() and after BeginDrain(). One request's
+//   failure never fails another's crops.
+// - Costly work stops with the call: preprocessing checks the deadline and cancellation before
+//   each face, a large Compare matrix before each block of rows (~10 ms); the pool's steps take
+//   turns between calls (see WorkQueue), so a call with many slow images delays a small call by
+//   about one face per pool thread, not by its whole request. The pool admits calls by their
+//   faces (a Compare matrix by its size in crops), so what the calls on it hold is bounded.
 // - EmbedStream: one response per request message, in order, request_id echoed; a message's
 //   error travels in EmbedResponse.error and the stream goes on. At most
 //   ServiceOptions::stream_max_in_flight messages of one stream are processed at a time; the
@@ -53,7 +59,8 @@ struct ServiceOptions {
   int max_compare_cols = 4096;      // Compare: references
   int stream_max_in_flight = 16;    // EmbedStream messages processed at once per stream
   image::Limits image_limits;
-  // Reported by GetModelInfo only (enforced by the gRPC server and the batcher).
+  // Requests: enforced by the gRPC server (reported by GetModelInfo). Replies: a Compare whose
+  // reply would exceed it is refused (RESOURCE_EXHAUSTED) up front.
   uint64_t max_message_bytes = uint64_t{64} << 20;
   std::string server_version;
 };
@@ -139,9 +146,37 @@ class FaceEmbeddingService final : public arcface::v1::FaceEmbedding::CallbackSe
 };
 
 // The cosine similarity matrix of unit-length rows (rows × dim and cols × dim, row-major):
-// similarities[i * cols + j] = dot(a_i, b_j). Exposed for tests.
+// similarities[i * cols + j] = dot(a_i, b_j), computed a block of rows at a time so that a large
+// matrix takes turns on the pool with other calls' work and stops when its call is abandoned.
+// Exposed for tests.
+class CosineBlocks {
+ public:
+  // `a_unit` is borrowed until the last ComputeSome(); `b_unit` is copied (transposed).
+  CosineBlocks(const std::vector<float>& a_unit, const std::vector<float>& b_unit, int rows,
+               int cols, int dim);
+  // Computes the next rows, about `macs` multiply-adds (at least one row); true while rows remain.
+  bool ComputeSome(int64_t macs);
+  int rows_done() const { return next_row_; }
+  // The matrix; every row must be done.
+  std::vector<float> Take() && { return std::move(out_); }
+
+ private:
+  const std::vector<float>& a_unit_;
+  const int rows_, cols_, dim_;
+  std::vector<float> bt_;  // b transposed: dim × cols
+  std::vector<float> out_;
+  std::vector<double> acc_;
+  int next_row_ = 0;
+};
+
+// The whole matrix at once.
 std::vector<float> CosineMatrix(const std::vector<float>& a_unit, const std::vector<float>& b_unit,
                                 int rows, int cols, int dim);
+
+// An upper bound on the serialized size of a CompareResponse of rows × cols (with `matches` when
+// a threshold is given): a Compare whose reply would exceed ServiceOptions::max_message_bytes is
+// refused before any work.
+uint64_t CompareReplyBytes(int rows, int cols, bool with_matches, size_t model_id_bytes);
 
 }  // namespace arcface::service
 

@@ -304,9 +304,20 @@ ServiceMetrics::ServiceMetrics(int max_batch_size)
                      .WithLabels({})),
       preprocess_(registry_
                       .AddHistogram("arcface_preprocess_seconds",
-                                    "Per request: decoding, cropping and aligning its faces.",
+                                    "Per request: time spent decoding, cropping and aligning its faces "
+                                    "(its turns on the pool, not the waits between them).",
                                     StageBounds())
                       .WithLabels({})),
+      preprocess_faces_(registry_
+                            .AddCounter("arcface_preprocess_faces_total",
+                                        "Faces decoded, cropped and aligned on the "
+                                        "preprocessing pool.")
+                            .WithLabels({})),
+      preprocess_aborted_(registry_.AddCounter(
+          "arcface_preprocess_aborted_total",
+          "Calls whose preprocessing or Compare matrix stopped early because their deadline "
+          "passed or they were cancelled, by reason (deadline, cancelled).",
+          {"reason"})),
       stage_(registry_
                  .AddHistogram("arcface_batch_stage_seconds",
                                "Per batch: gathering its crops into the model's input buffer "

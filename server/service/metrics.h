@@ -162,8 +162,15 @@ class ServiceMetrics final : public batching::BatcherObserver {
 
   void RecordRequest(const std::string& rpc, const absl::Status& status, double seconds);
   void AddFaces(int64_t n) { faces_total_.Inc(static_cast<double>(n)); }
-  // One request's faces decoded, cropped and aligned (on the preprocessing pool).
+  // One request's faces decoded, cropped and aligned (on the preprocessing pool): the time of
+  // its steps, not of the turns it waited between them.
   void RecordPreprocess(double seconds) { preprocess_.Observe(seconds); }
+  // One face decoded, cropped and aligned (whatever becomes of its call).
+  void AddPreprocessedFace() { preprocess_faces_.Inc(); }
+  // A call's preprocessing (or Compare matrix) stopped early: "deadline" or "cancelled".
+  void RecordPreprocessAborted(const std::string& reason) {
+    preprocess_aborted_.WithLabels({reason}).Inc();
+  }
   // Reasons: "queue_full", "too_large", "shutting_down", "too_many_faces", "draining",
   // "preprocess_queue_full", "compare_too_large".
   void RecordRejected(const std::string& reason, int64_t faces = 1);
@@ -191,6 +198,8 @@ class ServiceMetrics final : public batching::BatcherObserver {
   Histogram& queue_wait_;
   Histogram& inference_;
   Histogram& preprocess_;
+  Counter& preprocess_faces_;
+  Family<Counter>& preprocess_aborted_;
   Histogram& stage_;
   Histogram& postprocess_;
   Histogram& model_idle_;

@@ -103,13 +103,21 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
   app.add_option("--max-image-pixels", c.max_image_pixels,
                  "Largest image (width x height) decoded or accepted raw")
       ->envname("ARCFACE_MAX_IMAGE_PIXELS");
-  app.add_option("--max-compare-rows", c.max_compare_rows, "Compare: queries at most")
+  app.add_option("--max-compare-rows", c.max_compare_rows,
+                 "Compare: queries at most (and the reply must fit --max-message-bytes)")
       ->envname("ARCFACE_MAX_COMPARE_ROWS");
-  app.add_option("--max-compare-cols", c.max_compare_cols, "Compare: references at most")
+  app.add_option("--max-compare-cols", c.max_compare_cols,
+                 "Compare: references at most (and the reply must fit --max-message-bytes)")
       ->envname("ARCFACE_MAX_COMPARE_COLS");
   app.add_option("--preprocess-threads", c.preprocess_threads,
                  "Threads decoding and aligning faces; 0: one per hardware thread (at least 2)")
       ->envname("ARCFACE_PREPROCESS_THREADS");
+  app.add_option("--preprocess-queue", c.preprocess_queue,
+                 "Faces admitted to preprocessing at most, over all calls queued or being "
+                 "decoded (a Compare matrix counts as its size in 112x112 crops; a call larger "
+                 "than this runs alone); beyond: RESOURCE_EXHAUSTED. 0: the larger of 1024 and "
+                 "--max-queue-size")
+      ->envname("ARCFACE_PREPROCESS_QUEUE");
   app.add_option("--warmup-batch-size", c.warmup_batch_size,
                  "Batch size of the warm-up pass before SERVING; 0 skips it")
       ->envname("ARCFACE_WARMUP_BATCH_SIZE");
@@ -215,6 +223,8 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
         absl::StrCat("must be in 1..65536, got ", c.max_compare_cols));
   Check(&bad, c.preprocess_threads >= 0 && c.preprocess_threads <= 1024, "--preprocess-threads",
         absl::StrCat("must be in 0..1024, got ", c.preprocess_threads));
+  Check(&bad, c.preprocess_queue >= 0 && c.preprocess_queue <= 1'000'000, "--preprocess-queue",
+        absl::StrCat("must be in 0..1000000, got ", c.preprocess_queue));
   Check(&bad, c.warmup_batch_size >= 0 && c.warmup_batch_size <= 4096, "--warmup-batch-size",
         absl::StrCat("must be in 0..4096, got ", c.warmup_batch_size));
   bool drain_ok = ParseDrainTimeout(drain_timeout, &c.drain_timeout) &&

@@ -43,6 +43,7 @@ struct ServerConfig {
   int max_compare_rows = 4096;
   int max_compare_cols = 4096;
   int preprocess_threads = 0;  // 0: the number of hardware threads (at least 2)
+  int preprocess_queue = 0;    // faces admitted to preprocessing; 0: max(1024, max_queue_size)
   int warmup_batch_size = 8;
   absl::Duration drain_timeout = absl::Seconds(30);
   std::string log_level = "info";

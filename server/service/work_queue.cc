@@ -24,36 +24,62 @@ WorkQueue::WorkQueue(int threads, int max_pending) : max_pending_(max_pending) {
 
 WorkQueue::~WorkQueue() { Shutdown(); }
 
-absl::Status WorkQueue::Submit(Job job) {
+absl::Status WorkQueue::Submit(Job job, int64_t cost) {
+  return Enqueue(std::move(job), cost, /*may_refuse=*/true);
+}
+
+absl::Status WorkQueue::Continue(Job job, int64_t cost) {
+  return Enqueue(std::move(job), cost, /*may_refuse=*/false);
+}
+
+absl::Status WorkQueue::Enqueue(Job job, int64_t cost, bool may_refuse) {
   absl::MutexLock lock(&mu_);
   if (stopping_) return absl::UnavailableError("the server is shutting down");
-  if (static_cast<int>(jobs_.size()) >= max_pending_) {
+  if (may_refuse && unfinished_ > 0 && unfinished_cost_ + cost > max_pending_) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "preprocessing queue full (", max_pending_, " requests waiting); retry later"));
+        "preprocessing pool full (", unfinished_cost_, " of ", max_pending_,
+        " face crops admitted, this call needs ", cost, "; --preprocess-queue); retry later"));
   }
-  jobs_.push_back(std::move(job));
+  ++unfinished_;
+  unfinished_cost_ += cost;
+  queue_.push_back(Entry{std::move(job), cost});
   return absl::OkStatus();
 }
 
 int WorkQueue::pending() const {
   absl::MutexLock lock(&mu_);
-  return static_cast<int>(jobs_.size());
+  return unfinished_;
+}
+
+int64_t WorkQueue::pending_cost() const {
+  absl::MutexLock lock(&mu_);
+  return unfinished_cost_;
 }
 
 void WorkQueue::Loop() {
   while (true) {
-    Job job;
+    Entry entry;
     {
       absl::MutexLock lock(&mu_);
       auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        return stopping_ || !jobs_.empty();
+        return !queue_.empty() || (stopping_ && unfinished_ == 0);
       };
       mu_.Await(absl::Condition(&ready));
-      if (jobs_.empty()) return;  // stopping and drained
-      job = std::move(jobs_.front());
-      jobs_.pop_front();
+      if (queue_.empty()) return;  // stopping, and no job left to step
+      entry = std::move(queue_.front());
+      queue_.pop_front();
     }
-    std::move(job)();
+    const bool more = entry.job();
+    {
+      absl::MutexLock lock(&mu_);
+      if (more) {
+        queue_.push_back(std::move(entry));
+        continue;
+      }
+      --unfinished_;
+      unfinished_cost_ -= entry.cost;
+    }
+    entry.job = nullptr;  // destroyed here, with no lock held
   }
 }
 

@@ -2,6 +2,7 @@
 // parsing, the Embedder over a puppet batcher, and the FaceEmbedding service through a real
 // in-process gRPC server on 127.0.0.1:0 with a fake model (no torch): the fake's embedding of a
 // crop is a deterministic function of its bytes, so every expected value is computed here.
+#include <malloc.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -9,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <iostream>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -19,6 +21,7 @@
 #include <vector>
 
 #include <grpcpp/grpcpp.h>
+#include <opencv2/imgcodecs.hpp>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
@@ -408,6 +411,7 @@ TEST(ServerFlags, DefaultsWithDemoWeights) {
   EXPECT_EQ(r.config.max_faces_per_request, 256);
   EXPECT_EQ(r.config.max_message_bytes, 64 << 20);
   EXPECT_EQ(r.config.max_image_pixels, 40000000);
+  EXPECT_EQ(r.config.preprocess_queue, 0);  // automatic
   EXPECT_EQ(r.config.drain_timeout, absl::Seconds(30));
 }
 
@@ -427,6 +431,7 @@ TEST(ServerFlags, BadValuesExitTwoNamingTheFlag) {
       {{"--demo-weights", "--device", "gpu"}, "--device"},
       {{"--demo-weights", "--precision", "int8"}, "--precision"},
       {{"--demo-weights", "--threads", "-2"}, "--threads"},
+      {{"--demo-weights", "--preprocess-queue", "-1"}, "--preprocess-queue"},
       {{"--demo-weights", "--drain-timeout", "soon"}, "--drain-timeout"},
       {{"--demo-weights", "--log-level", "loud"}, "--log-level"},
       {{"--demo-weights", "--log-format", "xml"}, "--log-format"},
@@ -923,16 +928,17 @@ class ServiceTest : public ::testing::Test {
              int max_queue_size = 64, absl::Duration delay = absl::Milliseconds(1),
              int max_batches_in_flight = 1) {
     metrics_ = std::make_unique<ServiceMetrics>(max_batch_size);
-    pool_ = *WorkQueue::Create(2, 64);
+    pool_ = *WorkQueue::Create(pool_threads_, pool_max_pending_);
     service_ = std::make_unique<FaceEmbeddingService>(options, metrics_.get(), pool_.get());
     grpc::ServerBuilder builder;
     builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
     builder.RegisterService(service_.get());
+    // Large requests (slow images, big Compares) pass; the reply caps are the service's own.
+    builder.SetMaxReceiveMessageSize(kTestMaxReceiveBytes);
     server_ = builder.BuildAndStart();
     ASSERT_NE(server_, nullptr);
     ASSERT_GT(port_, 0);
-    stub_ = v1::FaceEmbedding::NewStub(
-        grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_), grpc::InsecureChannelCredentials()));
+    stub_ = NewStub();
 
     EmbedderOptions eo;
     eo.batching.max_batch_size = max_batch_size;
@@ -956,6 +962,34 @@ class ServiceTest : public ::testing::Test {
     if (pool_) pool_->Shutdown();
   }
 
+  // A client of its own (its own channel and connection).
+  std::unique_ptr<v1::FaceEmbedding::Stub> NewStub() {
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(-1);
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    return v1::FaceEmbedding::NewStub(grpc::CreateCustomChannel(
+        absl::StrCat("127.0.0.1:", port_), grpc::InsecureChannelCredentials(), args));
+  }
+
+  // A metric's value from the exposition (0 when absent).
+  double Metric(const std::string& name, const std::map<std::string, std::string>& labels = {}) {
+    std::map<std::string, std::string> types;
+    for (const Sample& s : ParseExposition(metrics_->Render(), &types)) {
+      if (s.name == name && s.labels == labels) return s.value;
+    }
+    return 0;
+  }
+
+  // Waits until the preprocessing pool has no admitted job left.
+  bool WaitForIdlePool(absl::Duration timeout = absl::Seconds(60)) {
+    const absl::Time end = absl::Now() + timeout;
+    while (pool_->pending() > 0) {
+      if (absl::Now() > end) return false;
+      absl::SleepFor(absl::Milliseconds(2));
+    }
+    return true;
+  }
+
   grpc::Status Embed(const v1::EmbedRequest& req, v1::EmbedResponse* resp) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
@@ -976,6 +1010,9 @@ class ServiceTest : public ::testing::Test {
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<v1::FaceEmbedding::Stub> stub_;
   int port_ = 0;
+  int pool_threads_ = 2;
+  int pool_max_pending_ = 64;
+  static constexpr int kTestMaxReceiveBytes = 256 << 20;
 };
 
 TEST_F(ServiceTest, UnavailableUntilReady) {
@@ -1398,18 +1435,439 @@ TEST_F(ServiceTest, DrainRefusesNewCallsAndEndsOpenStreams) {
   EXPECT_EQ(service_->inflight(), 0);
 }
 
-TEST_F(ServiceTest, DeadlinePassingWhileQueuedIsDeadlineExceededAndNeverRuns) {
-  ServiceOptions options;
-  Start(options, /*max_batch_size=*/4, /*max_queue_size=*/64, absl::Milliseconds(1));
-  Ready();
+// ---------------------------------------------------------------------------------------------
+// Costly work stops with its call, and calls take turns on the preprocessing pool
+
+// A real JPEG that is slow to decode for its size: 6000×6000 (36 MP, under the default 40 MP
+// cap) of one colour at quality 90, ~0.55 MB (~64 pixels a byte, as dense as a legitimate
+// heavily compressed photo): ~0.5 s of CPU to decode here.
+const std::string& SlowJpeg() {
+  static const std::string* jpeg = [] {
+    cv::Mat flat(6000, 6000, CV_8UC3, cv::Scalar(120, 130, 140));
+    std::vector<uchar> buf;
+    EXPECT_TRUE(cv::imencode(".jpg", flat, buf, {cv::IMWRITE_JPEG_QUALITY, 90}));
+    return new std::string(buf.begin(), buf.end());
+  }();
+  return *jpeg;
+}
+
+// What one SlowJpeg() costs the server to preprocess, measured now (the machine may be busy).
+absl::Duration SlowFaceCost() {
+  v1::Face face;
+  face.mutable_image()->set_encoded(SlowJpeg());
+  std::vector<uint8_t> crop;
+  const absl::Time start = absl::Now();
+  EXPECT_TRUE(AppendFaceCrop(face, image::Limits(), &crop).ok());
+  return absl::Now() - start;
+}
+
+v1::EmbedRequest SlowRequest(int n) {
   v1::EmbedRequest req;
-  *req.add_faces() = RawFace(SeededCrop(1));
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() - std::chrono::milliseconds(1));
+  for (int i = 0; i < n; ++i) req.add_faces()->mutable_image()->set_encoded(SlowJpeg());
+  return req;
+}
+
+// The scenario at small scale: two clients each send kHeavy slow faces with a short
+// deadline while a third sends one small face. The heavy calls' preprocessing stops at their
+// deadline (before this fix both were decoded to the end, 2 × kHeavy faces), and the small call
+// waits about one face per pool thread (before: the whole of the heavy calls).
+TEST_F(ServiceTest, ExpiredCallsStopDecodingAndASmallCallIsNotStuckBehindThem) {
+  Start();
+  Ready();
+  const absl::Duration cost = SlowFaceCost();
+  constexpr int kHeavy = 12;
+  const v1::EmbedRequest heavy = SlowRequest(kHeavy);
+  std::vector<grpc::Status> heavy_status(2);
+  std::vector<std::thread> clients;
+  const absl::Time heavy_start = absl::Now();
+  for (int c = 0; c < 2; ++c) {
+    clients.emplace_back([&, c] {
+      auto stub = NewStub();
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+      v1::EmbedResponse resp;
+      heavy_status[c] = stub->Embed(&ctx, heavy, &resp);
+    });
+  }
+  // The small call arrives once both heavy calls are on the pool.
+  const absl::Time wait_end = absl::Now() + absl::Seconds(30);
+  while (pool_->pending() < 2 && absl::Now() < wait_end) absl::SleepFor(absl::Milliseconds(1));
+  ASSERT_EQ(pool_->pending(), 2);
+  v1::EmbedRequest small;
+  *small.add_faces() = RawFace(SeededCrop(5));
+  const absl::Time small_start = absl::Now();
   v1::EmbedResponse resp;
-  grpc::Status s = stub_->Embed(&ctx, req, &resp);
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  grpc::Status s = Embed(small, &resp);
+  const absl::Duration small_wait = absl::Now() - small_start;
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(resp.embeddings(0).values(0), FakeEmbedding(SeededCrop(5).data())[0]);
+  for (std::thread& t : clients) t.join();
+  for (const grpc::Status& h : heavy_status) {
+    EXPECT_EQ(h.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << h.error_message();
+  }
+  // The server is done with the heavy calls soon after their deadline.
+  ASSERT_TRUE(service_->WaitForIdle(absl::Now() + absl::Seconds(120)));
+  const absl::Duration server_done = absl::Now() - heavy_start;
+  ASSERT_TRUE(WaitForIdlePool());
+  const double decoded = Metric("arcface_preprocess_faces_total") - 1;  // less the small face
+  std::cout << "slow face: " << cost << "; small call waited " << small_wait << "; the server "
+            << "ended the heavy calls " << server_done << " after they began, with "
+            << decoded << " of their " << 2 * kHeavy << " faces decoded\n";
+  // About one face per pool thread before the small call's turn (load may stretch a face).
+  EXPECT_LT(small_wait, 3 * cost + absl::Milliseconds(500));
+  EXPECT_LT(server_done, 4 * cost + absl::Milliseconds(500));
+  // The deadline (0.5 s) passes during the heavy calls' first or second face.
+  EXPECT_LE(decoded, 2 * (1 + absl::Milliseconds(500) / cost) + 2);
+  EXPECT_EQ(Metric("arcface_preprocess_aborted_total", {{"reason", "deadline"}}), 2);
+  EXPECT_EQ(Metric("arcface_requests_total", {{"rpc", "Embed"}, {"code", "DEADLINE_EXCEEDED"}}),
+            2);
+  EXPECT_THAT(model_.batch_sizes(), ElementsAre(1));  // the heavy calls never reached the model
+}
+
+// Without deadlines, the heavy calls keep going, but a small call still gets its turn within
+// about one slow face; cancelling the heavy calls stops their decoding.
+TEST_F(ServiceTest, PoolTakesTurnsBetweenCallsAndCancellationStopsDecoding) {
+  Start();
+  Ready();
+  const absl::Duration cost = SlowFaceCost();
+  constexpr int kHeavy = 12;
+  const v1::EmbedRequest heavy = SlowRequest(kHeavy);
+  std::vector<grpc::Status> heavy_status(2);
+  std::vector<grpc::ClientContext> contexts(2);
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 2; ++c) {
+    clients.emplace_back([&, c] {
+      auto stub = NewStub();
+      contexts[c].set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+      v1::EmbedResponse resp;
+      heavy_status[c] = stub->Embed(&contexts[c], heavy, &resp);
+    });
+  }
+  const absl::Time wait_end = absl::Now() + absl::Seconds(30);
+  while (Metric("arcface_preprocess_faces_total") < 2 && absl::Now() < wait_end) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  ASSERT_EQ(pool_->pending(), 2);  // both heavy calls are decoding
+  v1::EmbedRequest small;
+  *small.add_faces() = RawFace(SeededCrop(6));
+  const absl::Time small_start = absl::Now();
+  v1::EmbedResponse resp;
+  grpc::Status s = Embed(small, &resp);
+  const absl::Duration small_wait = absl::Now() - small_start;
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  const double decoded_then = Metric("arcface_preprocess_faces_total") - 1;
+  for (grpc::ClientContext& ctx : contexts) ctx.TryCancel();
+  for (std::thread& t : clients) t.join();
+  for (const grpc::Status& h : heavy_status) {
+    EXPECT_EQ(h.error_code(), grpc::StatusCode::CANCELLED) << h.error_message();
+  }
+  ASSERT_TRUE(WaitForIdlePool());
+  const double decoded = Metric("arcface_preprocess_faces_total") - 1;
+  std::cout << "slow face: " << cost << "; small call waited " << small_wait << " with "
+            << decoded_then << " heavy faces decoded; " << decoded << " of " << 2 * kHeavy
+            << " when the pool was idle\n";
+  EXPECT_LT(small_wait, 3 * cost + absl::Milliseconds(500));
+  EXPECT_LE(decoded_then, 6);
+  // After the cancellation, at most the face each pool thread was decoding.
+  EXPECT_LE(decoded, decoded_then + 2 + 2);
+  EXPECT_EQ(Metric("arcface_preprocess_aborted_total", {{"reason", "cancelled"}}), 2);
+  EXPECT_EQ(Metric("arcface_requests_total", {{"rpc", "Embed"}, {"code", "CANCELLED"}}), 2);
+  EXPECT_THAT(model_.batch_sizes(), ElementsAre(1));
+}
+
+// A full pool (in faces) refuses at once, naming itself, with nothing kept from the refused
+// calls, while an admitted call's later steps (its second slow face) go on although the pool is
+// full.
+TEST_F(ServiceTest, FullPoolRefusesAtOnceWithFlatMemoryAndAdmittedCallsFinish) {
+  pool_threads_ = 2;
+  pool_max_pending_ = 4;  // faces
+  Start();
+  Ready();
+  // Holds one pool thread and one face's room.
+  absl::Notification held, release;
+  ASSERT_TRUE(pool_->Submit(
+                       [&] {
+                         held.Notify();
+                         release.WaitForNotification();
+                         return false;
+                       },
+                       /*cost=*/1)
+                  .ok());
+  held.WaitForNotification();
+  v1::EmbedRequest admitted = SlowRequest(2);
+  *admitted.add_faces() = RawFace(SeededCrop(7));
+  grpc::Status admitted_status;
+  v1::EmbedResponse admitted_resp;
+  std::thread admitted_client([&] {
+    auto stub = NewStub();
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+    admitted_status = stub->Embed(&ctx, admitted, &admitted_resp);
+  });
+  const absl::Time wait_end = absl::Now() + absl::Seconds(30);
+  while (pool_->pending() < 2 && absl::Now() < wait_end) absl::SleepFor(absl::Milliseconds(1));
+  ASSERT_EQ(pool_->pending(), 2);  // full: the holder and the admitted call, 1 + 3 faces
+  ASSERT_EQ(pool_->pending_cost(), 4);
+
+  // Each refused call carries 16 raw faces (600 KB): a leak of its request or crops would show.
+  v1::EmbedRequest refused;
+  for (int i = 0; i < 16; ++i) *refused.add_faces() = RawFace(SeededCrop(100 + i));
+  auto rss_bytes = [] {
+    std::ifstream statm("/proc/self/statm");
+    long size = 0, resident = 0;
+    statm >> size >> resident;
+    return int64_t{resident} * sysconf(_SC_PAGESIZE);
+  };
+  // Bytes the process has allocated and not freed (RSS also counts what malloc keeps cached).
+  auto heap_bytes = [] { return static_cast<int64_t>(mallinfo2().uordblks); };
+  auto refuse = [&](int calls) {
+    absl::Duration slowest;
+    for (int i = 0; i < calls; ++i) {
+      v1::EmbedResponse resp;
+      const absl::Time start = absl::Now();
+      grpc::Status s = Embed(refused, &resp);
+      slowest = std::max(slowest, absl::Now() - start);
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+      EXPECT_THAT(s.error_message(),
+                  HasSubstr("preprocessing pool full (4 of 4 face crops admitted, this call "
+                            "needs 16; --preprocess-queue)"));
+    }
+    return slowest;
+  };
+  refuse(50);  // warm-up: gRPC's buffers and arenas reach their working size
+  const int64_t rss_before = rss_bytes(), heap_before = heap_bytes();
+  const absl::Duration slowest = refuse(500);
+  const int64_t rss_after = rss_bytes(), heap_after = heap_bytes();
+  std::cout << "500 refused calls: heap in use " << heap_before / 1024 << " KiB -> "
+            << heap_after / 1024 << " KiB, RSS " << rss_before / 1024 << " KiB -> "
+            << rss_after / 1024 << " KiB; slowest refusal " << slowest << "\n";
+  EXPECT_LT(heap_after - heap_before, 4 << 20);  // one leaked request each would be 300 MB
+  EXPECT_LT(slowest, absl::Seconds(1));
+  EXPECT_EQ(Metric("arcface_rejected_total", {{"reason", "preprocess_queue_full"}}), 550);
+  ASSERT_EQ(pool_->pending(), 2);  // still full, and the admitted call still decoding
+
+  release.Notify();
+  admitted_client.join();
+  ASSERT_TRUE(admitted_status.ok()) << admitted_status.error_message();
+  ASSERT_EQ(admitted_resp.embeddings_size(), 3);
+  EXPECT_EQ(admitted_resp.embeddings(2).values(0), FakeEmbedding(SeededCrop(7).data())[0]);
+  EXPECT_EQ(Metric("arcface_preprocess_faces_total"), 3);
+}
+
+// Holds the (one-thread) pool while a call is in the middle of its preprocessing: `held` once
+// the call's first slow face is done and its second waits behind a job that waits for `release`.
+class PreprocessingHold {
+ public:
+  explicit PreprocessingHold(WorkQueue* pool) : pool_(pool) {
+    EXPECT_TRUE(pool_->Submit(
+                         [this] {
+                           first_.WaitForNotification();
+                           return false;
+                         },
+                         /*cost=*/1)
+                    .ok());
+  }
+  // Call once the request's job is queued behind the first holder.
+  void HoldAfterOneStep() {
+    EXPECT_TRUE(pool_->Submit(
+                         [this] {
+                           held_.Notify();
+                           release_.WaitForNotification();
+                           return false;
+                         },
+                         /*cost=*/1)
+                    .ok());
+    first_.Notify();  // the call's first step runs, then this second holder
+    held_.WaitForNotification();
+  }
+  void Release() { release_.Notify(); }
+
+ private:
+  WorkQueue* const pool_;
+  absl::Notification first_, held_, release_;
+};
+
+TEST_F(ServiceTest, DeadlinePassingDuringPreprocessingEndsItBeforeTheModel) {
+  pool_threads_ = 1;
+  Start();
+  Ready();
+  PreprocessingHold hold(pool_.get());
+  grpc::Status status;
+  std::thread client([&] {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(3));
+    v1::EmbedResponse resp;
+    status = stub_->Embed(&ctx, SlowRequest(2), &resp);
+  });
+  const absl::Time wait_end = absl::Now() + absl::Seconds(30);
+  while (pool_->pending() < 2 && absl::Now() < wait_end) absl::SleepFor(absl::Milliseconds(1));
+  ASSERT_EQ(pool_->pending(), 2);
+  hold.HoldAfterOneStep();
+  EXPECT_EQ(Metric("arcface_preprocess_faces_total"), 1);  // in the middle of the call
+  client.join();  // the deadline passes meanwhile
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  // The server's deadline is the client's plus the request's transit: let it pass too.
+  absl::SleepFor(absl::Milliseconds(300));
+  hold.Release();
+  ASSERT_TRUE(WaitForIdlePool());
+  EXPECT_TRUE(service_->WaitForIdle(absl::Now() + absl::Seconds(10)));
+  EXPECT_EQ(Metric("arcface_requests_total", {{"rpc", "Embed"}, {"code", "DEADLINE_EXCEEDED"}}),
+            1);
+  EXPECT_EQ(Metric("arcface_preprocess_aborted_total", {{"reason", "deadline"}}), 1);
+  EXPECT_EQ(Metric("arcface_preprocess_faces_total"), 1);  // the second face never decoded
   EXPECT_TRUE(model_.batch_sizes().empty());
+}
+
+TEST_F(ServiceTest, CancellationDuringPreprocessingEndsItBeforeTheModel) {
+  pool_threads_ = 1;
+  Start();
+  Ready();
+  PreprocessingHold hold(pool_.get());
+  grpc::Status status;
+  grpc::ClientContext ctx;
+  std::thread client([&] {
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+    v1::EmbedResponse resp;
+    status = stub_->Embed(&ctx, SlowRequest(2), &resp);
+  });
+  const absl::Time wait_end = absl::Now() + absl::Seconds(30);
+  while (pool_->pending() < 2 && absl::Now() < wait_end) absl::SleepFor(absl::Milliseconds(1));
+  ASSERT_EQ(pool_->pending(), 2);
+  hold.HoldAfterOneStep();
+  EXPECT_EQ(Metric("arcface_preprocess_faces_total"), 1);
+  ctx.TryCancel();
+  client.join();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED);
+  // The cancellation crosses loopback in well under a millisecond; nothing on the server can be
+  // awaited for it (the call is held by the pool).
+  absl::SleepFor(absl::Milliseconds(200));
+  hold.Release();
+  ASSERT_TRUE(WaitForIdlePool());
+  EXPECT_TRUE(service_->WaitForIdle(absl::Now() + absl::Seconds(10)));
+  EXPECT_EQ(Metric("arcface_requests_total", {{"rpc", "Embed"}, {"code", "CANCELLED"}}), 1);
+  EXPECT_EQ(Metric("arcface_preprocess_aborted_total", {{"reason", "cancelled"}}), 1);
+  EXPECT_EQ(Metric("arcface_preprocess_faces_total"), 1);
+  EXPECT_TRUE(model_.batch_sizes().empty());
+}
+
+// The largest Compare the defaults accept has a reply within the message cap (its exact
+// serialized size, built here), and one reference more is refused before any work.
+TEST_F(ServiceTest, CompareRepliesFitTheMessageCapAtTheDefaults) {
+  const ServiceOptions defaults;
+  Start(defaults);
+  Ready();
+  const int rows = defaults.max_compare_rows;
+  for (bool threshold : {false, true}) {
+    int cols = 0;
+    while (cols < defaults.max_compare_cols &&
+           CompareReplyBytes(rows, cols + 1, threshold, model_desc_.model_id.size()) <=
+               defaults.max_message_bytes) {
+      ++cols;
+    }
+    v1::CompareResponse largest;
+    largest.set_rows(rows);
+    largest.set_cols(cols);
+    largest.set_model_id(model_desc_.model_id);
+    largest.mutable_similarities()->Resize(rows * cols, -0.123f);
+    if (threshold) largest.mutable_matches()->Resize(rows * cols, true);
+    EXPECT_LE(largest.ByteSizeLong(), defaults.max_message_bytes) << threshold;
+    EXPECT_GE(largest.ByteSizeLong() + (threshold ? 5 : 4) * rows, defaults.max_message_bytes)
+        << "the bound is tight to a column";
+    std::cout << rows << " x " << cols << (threshold ? " with matches" : "") << ": "
+              << largest.ByteSizeLong() << " bytes\n";
+
+    // One column more: refused, without looking at the probes (empty here).
+    v1::CompareRequest req;
+    for (int i = 0; i < rows; ++i) req.add_queries();
+    for (int j = 0; j <= cols; ++j) req.add_references();
+    if (threshold) req.set_threshold(0.5f);
+    v1::CompareResponse resp;
+    grpc::Status s = Compare(req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+    EXPECT_THAT(s.error_message(), HasSubstr(absl::StrCat(rows, " queries x ", cols + 1,
+                                                          " references")));
+    EXPECT_THAT(s.error_message(),
+                HasSubstr("over the message cap of 67108864 bytes (--max-message-bytes)"));
+  }
+}
+
+// Through the server with a small cap: the largest accepted Compare's real reply fits it.
+TEST_F(ServiceTest, LargestAcceptedCompareReplyFitsTheCap) {
+  ServiceOptions options;
+  options.max_message_bytes = 64 << 10;
+  options.max_compare_cols = 65536;
+  Start(options);
+  Ready();
+  const int rows = 2;
+  int cols = 0;
+  while (CompareReplyBytes(rows, cols + 1, true, model_desc_.model_id.size()) <=
+         options.max_message_bytes) {
+    ++cols;
+  }
+  std::vector<float> e(kEmbeddingDim);
+  for (int j = 0; j < kEmbeddingDim; ++j) e[j] = std::cos(0.05 * j);
+  v1::CompareRequest req;
+  for (int i = 0; i < rows; ++i) {
+    req.add_queries()->mutable_embedding()->mutable_values()->Assign(e.begin(), e.end());
+  }
+  for (int j = 0; j < cols; ++j) {
+    req.add_references()->mutable_embedding()->mutable_values()->Assign(e.begin(), e.end());
+  }
+  req.set_threshold(0.5f);
+  v1::CompareResponse resp;
+  grpc::Status s = Compare(req, &resp);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(resp.similarities_size(), rows * cols);
+  EXPECT_LE(resp.ByteSizeLong(), options.max_message_bytes);
+  // Tight: within one column (5 bytes a row) and the bound's slack for the fields' headers.
+  EXPECT_GT(resp.ByteSizeLong(), options.max_message_bytes - 5 * rows - 64);
+  req.add_references()->mutable_embedding()->mutable_values()->Assign(e.begin(), e.end());
+  s = Compare(req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(s.error_message(), HasSubstr("(similarities and matches) would take up to"));
+}
+
+// A big Compare cancelled while its matrix is computed stops within a block of rows.
+TEST_F(ServiceTest, CancelledCompareStopsItsMatrixEarly) {
+  Start();
+  Ready();
+  constexpr int kRows = 4096, kCols = 4000;  // 8.4 G multiply-adds: seconds of CPU
+  std::vector<float> e(kEmbeddingDim);
+  v1::CompareRequest req;
+  for (int i = 0; i < kRows + kCols; ++i) {
+    for (int j = 0; j < kEmbeddingDim; ++j) e[j] = std::cos(0.01 * i * j + j);
+    v1::Probe* p = i < kRows ? req.add_queries() : req.add_references();
+    p->mutable_embedding()->mutable_values()->Assign(e.begin(), e.end());
+  }
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  grpc::Status status;
+  std::thread client([&] {
+    v1::CompareResponse resp;
+    status = stub_->Compare(&ctx, req, &resp);
+  });
+  const absl::Time wait_end = absl::Now() + absl::Seconds(30);
+  while (pool_->pending() < 1 && absl::Now() < wait_end) absl::SleepFor(absl::Milliseconds(1));
+  ASSERT_EQ(pool_->pending(), 1);
+  absl::SleepFor(absl::Milliseconds(300));  // into the matrix
+  // The matrix's pace: how long 64 of its rows take on this machine now.
+  std::vector<float> a(size_t(64) * kEmbeddingDim, 0.01f), b(size_t(kCols) * kEmbeddingDim, 0.02f);
+  absl::Time start = absl::Now();
+  CosineMatrix(a, b, 64, kCols, kEmbeddingDim);
+  const absl::Duration per_64_rows = absl::Now() - start;
+  start = absl::Now();
+  ctx.TryCancel();
+  client.join();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED);
+  ASSERT_TRUE(WaitForIdlePool());
+  const absl::Duration stopped_after = absl::Now() - start;
+  std::cout << "64 rows: " << per_64_rows << "; whole matrix ~" << per_64_rows * (kRows / 64)
+            << "; the cancelled matrix stopped " << stopped_after << " after the cancel\n";
+  // A block is ~8 rows; the whole matrix would take 64 times per_64_rows.
+  EXPECT_LT(stopped_after, per_64_rows * 4 + absl::Milliseconds(200));
+  EXPECT_EQ(Metric("arcface_preprocess_aborted_total", {{"reason", "cancelled"}}), 1);
+  EXPECT_TRUE(service_->WaitForIdle(absl::Now() + absl::Seconds(10)));
+  EXPECT_EQ(Metric("arcface_requests_total", {{"rpc", "Compare"}, {"code", "CANCELLED"}}), 1);
 }
 
 TEST_F(ServiceTest, MetricsCountRequestsAndFaces) {
