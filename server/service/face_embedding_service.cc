@@ -316,6 +316,7 @@ class FaceEmbeddingService::StreamReactor final
   void Account(int64_t delta) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     held_ += delta;
     service_->stream_bytes_held_.fetch_add(delta);
+    service_->metrics_->stream_held_bytes().Add(static_cast<double>(delta));
   }
 
   Actions Decide(bool unpin) {
