@@ -1352,15 +1352,22 @@ TEST_F(ServiceTest, StreamCancelledWhileItsMessageIsInPreprocessing) {
   Start();
   Ready();
   // Both pool threads busy: the stream's message waits in the queue until the cancellation.
-  absl::Notification unblock;
-  std::atomic<int> blocked{0};
+  // Shared with the jobs: a job may still be returning from its wait when the test ends.
+  auto unblock = std::make_shared<absl::Notification>();
+  auto blocked = std::make_shared<std::atomic<int>>(0);
   for (int i = 0; i < 2; ++i) {
-    ASSERT_TRUE(pool_->Submit([&] {
-                       ++blocked;
-                       unblock.WaitForNotification();
+    ASSERT_TRUE(pool_->Submit([unblock, blocked] {
+                       ++*blocked;
+                       unblock->WaitForNotification();
                      }).ok());
   }
-  while (blocked.load() < 2) absl::SleepFor(absl::Milliseconds(1));
+  struct Unblock {  // also when an assertion ends the test early, or TearDown would hang
+    std::shared_ptr<absl::Notification> n;
+    ~Unblock() {
+      if (!n->HasBeenNotified()) n->Notify();
+    }
+  } unblock_at_exit{unblock};
+  while (blocked->load() < 2) absl::SleepFor(absl::Milliseconds(1));
   grpc::ClientContext ctx;
   auto stream = stub_->EmbedStream(&ctx);
   v1::EmbedRequest req;
@@ -1371,7 +1378,7 @@ TEST_F(ServiceTest, StreamCancelledWhileItsMessageIsInPreprocessing) {
   EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
   // The server side learns of the cancellation; the message is still queued.
   EXPECT_EQ(service_->inflight(), 1);
-  unblock.Notify();
+  unblock->Notify();
   ASSERT_TRUE(service_->WaitForIdle(absl::Now() + absl::Seconds(10)));
   EXPECT_TRUE(model_.batch_sizes().empty());
   EXPECT_THAT(metrics_->Render(),
