@@ -272,6 +272,8 @@ def test_streams_that_never_read_hold_bounded_memory(start_server, tmp_path):
 
         def settled():
             peak[0] = max(peak[0], vm_rss_mb(server.proc.pid))
+            assert peak[0] - baseline <= RSS_GROWTH_BOUND_MB, (
+                f"RSS grew {peak[0] - baseline:.0f} MB (baseline {baseline:.0f} MB)")
             m = server.metrics()
             return (m.get("arcface_requests_total", 0.0, rpc="EmbedStream",
                           code="INVALID_ARGUMENT") == 2 * messages_per_stream
