@@ -1,6 +1,7 @@
 #include "server/service/face_embedding_service.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <deque>
@@ -46,6 +47,13 @@ absl::Status CheckAlive(const std::function<bool()>& is_cancelled, absl::Time de
     return absl::CancelledError("the call was cancelled");
   }
   return absl::OkStatus();
+}
+
+absl::Status CheckRequestId(const EmbedRequest& request) {
+  if (request.request_id().size() <= kMaxRequestIdBytes) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("request_id is ", request.request_id().size(),
+                                                 " bytes, over the limit of ",
+                                                 kMaxRequestIdBytes, " bytes"));
 }
 
 double RawNorm(const float* row) {
@@ -134,7 +142,7 @@ uint64_t CompareReplyBytes(int rows, int cols, bool with_matches, size_t model_i
 
 // Answers a stream that arrives while the server is not serving, then deletes itself.
 class FaceEmbeddingService::RejectedStream final
-    : public grpc::ServerBidiReactor<EmbedRequest, EmbedResponse> {
+    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   explicit RejectedStream(const absl::Status& status) { Finish(ToGrpcStatus(status)); }
   void OnDone() override { delete this; }
@@ -146,38 +154,75 @@ class FaceEmbeddingService::RejectedStream final
 // deadlock on mu_. `pending_actions_` counts operations decided but not yet started, so that
 // Finish (after which OnDone may delete the reactor) is only decided when no other thread is
 // about to touch the reactor.
+//
+// Lifetime of a message's work: it is started only while the stream is neither broken nor
+// finished, and Finish waits until every started message has called its done, so the request,
+// the response and the reactor outlive the work's use of them. Whatever the work keeps past its
+// done (its copy of is_cancelled, in the batcher) reads a flag it shares with the reactor, never
+// the call's context, which is gone after OnDone.
+//
+// Messages are read raw and parsed here: gRPC's typed reactor reports a message that does not
+// parse like the client's half-close (OnReadDone(false)), which would end the stream with OK and
+// drop the rest; here it is answered with an error and the stream goes on.
+//
+// Memory: held_ counts the bytes of the messages read and not yet answered (their wire size)
+// and of the answers not yet written. The next message is read only while the stream holds less
+// than stream_max_held_bytes and all streams together less than streams_max_held_bytes, or
+// when the stream holds nothing (so that every stream progresses, one message at a time). A
+// stream waiting on the budget always has a message in work or an answer being written, whose
+// completion decides again; one whose client never reads its answers stays blocked, holding only
+// those answers: a message's request is freed as soon as it is answered.
 class FaceEmbeddingService::StreamReactor final
-    : public grpc::ServerBidiReactor<EmbedRequest, EmbedResponse> {
+    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   StreamReactor(FaceEmbeddingService* service, grpc::CallbackServerContext* context)
-      : service_(service), call_(ContextOf(context)) {}
+      : service_(service),
+        cancelled_(std::make_shared<std::atomic<bool>>(false)),
+        call_(ContextOf(context, [cancelled = cancelled_] { return cancelled->load(); })) {}
 
   void Start() { Act(Decide(/*unpin=*/false)); }
 
   void OnReadDone(bool ok) override {
-    Slot* to_process = nullptr;
+    std::unique_ptr<Slot> slot;
+    absl::Status invalid;
+    if (ok) {
+      slot = std::make_unique<Slot>();
+      invalid = Parse(slot.get());
+    }
+    Slot* to_start = nullptr;
     Actions actions;
     {
       absl::MutexLock lock(&mu_);
       read_in_flight_ = false;
-      if (ok) {
-        auto slot = std::make_unique<Slot>();
-        slot->request.Swap(read_buffer_.get());
-        slot->start = absl::Now();
-        to_process = slot.get();
+      if (!ok) {
+        reads_done_ = true;
+      } else if (broken_ || finished_) {
+        // It arrived as a cancellation or a drain ended the stream: it cannot be answered.
+        service_->metrics_->RecordRequest(
+            "EmbedStream",
+            broken_ ? absl::CancelledError("the stream was cancelled")
+                    : absl::UnavailableError("the server is draining"),
+            Seconds(slot->start));
+        // OnDone may follow this reaction at once: nothing more may be started.
+        if (finished_) return;
+      } else {
+        Account(slot->held_bytes);
+        to_start = slot.get();
         slots_.push_back(std::move(slot));
         // Pinned until the message is started, so the reactor cannot finish under it.
         ++pending_actions_;
-      } else {
-        reads_done_ = true;
-        actions = DecideLocked();
       }
+      if (to_start == nullptr) actions = DecideLocked();
     }
-    if (to_process == nullptr) return Act(actions);
-    service_->StartEmbed(&to_process->request, &to_process->response, call_,
-                         [this, to_process](absl::Status status) {
-                           OnMessageDone(to_process, std::move(status));
-                         });
+    if (to_start == nullptr) return Act(actions);
+    if (!invalid.ok()) {
+      OnMessageDone(to_start, std::move(invalid));
+    } else {
+      service_->StartEmbed(to_start->request.get(), to_start->response.get(), call_,
+                           [this, to_start](absl::Status status) {
+                             OnMessageDone(to_start, std::move(status));
+                           });
+    }
     Act(Decide(/*unpin=*/true));
   }
 
@@ -186,6 +231,7 @@ class FaceEmbeddingService::StreamReactor final
     {
       absl::MutexLock lock(&mu_);
       write_in_flight_ = false;
+      Account(-slots_.front()->held_bytes);
       slots_.pop_front();
       if (!ok) broken_ = true;
       actions = DecideLocked();
@@ -194,6 +240,7 @@ class FaceEmbeddingService::StreamReactor final
   }
 
   void OnCancel() override {
+    cancelled_->store(true);
     Actions actions;
     {
       absl::MutexLock lock(&mu_);
@@ -229,34 +276,78 @@ class FaceEmbeddingService::StreamReactor final
 
  private:
   struct Slot {
-    EmbedRequest request;
-    EmbedResponse response;
+    int64_t index = 0;  // in the stream, from 0
+    std::unique_ptr<EmbedRequest> request = std::make_unique<EmbedRequest>();
+    std::unique_ptr<EmbedResponse> response = std::make_unique<EmbedResponse>();
+    grpc::ByteBuffer answer;  // the response's wire form, once ready
+    int64_t held_bytes = 0;   // the request's wire size until ready, then the answer's
     absl::Time start;
     bool ready = false;
   };
   struct Actions {
-    EmbedRequest* read = nullptr;
-    const EmbedResponse* write = nullptr;
+    grpc::ByteBuffer* read = nullptr;
+    const grpc::ByteBuffer* write = nullptr;
     bool finish = false;
     grpc::Status status;
   };
 
+  // Parses the message just read into `slot`; an error says why it cannot be served. Runs
+  // without mu_ (a large message does not stall the other reactions): read_buffer_ and
+  // messages_read_ belong to the read reaction until it decides the next read.
+  absl::Status Parse(Slot* slot) {
+    slot->index = messages_read_++;
+    slot->start = absl::Now();
+    slot->held_bytes = static_cast<int64_t>(read_buffer_.Length());
+    // Clears read_buffer_, whatever the outcome.
+    if (!grpc::SerializationTraits<EmbedRequest>::Deserialize(&read_buffer_, slot->request.get())
+             .ok()) {
+      slot->request = std::make_unique<EmbedRequest>();  // nothing of it is echoed
+      return absl::InvalidArgumentError(absl::StrCat(
+          "message ", slot->index, " is not a valid EmbedRequest: its ", slot->held_bytes,
+          " bytes do not parse (not protobuf, truncated, a field of the wrong type, or a "
+          "string that is not UTF-8)"));
+    }
+    absl::Status id = CheckRequestId(*slot->request);
+    if (!id.ok()) slot->request->clear_request_id();
+    return id;
+  }
+
+  // A message's done: its answer is serialized and its request freed, then it may be written.
   void OnMessageDone(Slot* slot, absl::Status status) {
     service_->metrics_->RecordRequest("EmbedStream", status, Seconds(slot->start));
+    EmbedResponse& response = *slot->response;
     if (!status.ok()) {
-      std::string request_id = slot->request.request_id();
-      slot->response.Clear();
-      slot->response.set_request_id(request_id);
-      slot->response.set_model_id(service_->model_.model_id);
-      ToProtoStatus(status, slot->response.mutable_error());
+      response.Clear();
+      response.set_request_id(slot->request->request_id());
+      response.set_model_id(service_->model_.model_id);
+      ToProtoStatus(status, response.mutable_error());
     }
+    bool own_buffer;
+    // Fails only past 2 GiB, which the face and request_id limits rule out; like a failed
+    // write, it would break the stream.
+    const bool serialized =
+        grpc::SerializationTraits<EmbedResponse>::Serialize(response, &slot->answer, &own_buffer)
+            .ok();
+    const int64_t answer_bytes = static_cast<int64_t>(slot->answer.Length());
+    // The work does not touch them after its done.
+    slot->request.reset();
+    slot->response.reset();
     Actions actions;
     {
       absl::MutexLock lock(&mu_);
+      Account(answer_bytes - slot->held_bytes);
+      slot->held_bytes = answer_bytes;
       slot->ready = true;
+      if (!serialized) broken_ = true;
       actions = DecideLocked();
     }
     Act(actions);
+  }
+
+  void Account(int64_t delta) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    held_ += delta;
+    service_->stream_bytes_held_.fetch_add(delta);
+    service_->metrics_->stream_held_bytes().Add(static_cast<double>(delta));
   }
 
   Actions Decide(bool unpin) {
@@ -270,24 +361,28 @@ class FaceEmbeddingService::StreamReactor final
     if (finished_) return a;
     // Answers of a broken stream (cancelled, or a write failed) cannot be delivered.
     while (broken_ && !write_in_flight_ && !slots_.empty() && slots_.front()->ready) {
+      Account(-slots_.front()->held_bytes);
       slots_.pop_front();
     }
     if (!broken_ && !write_in_flight_ && !slots_.empty() && slots_.front()->ready) {
       write_in_flight_ = true;
-      a.write = &slots_.front()->response;
+      a.write = &slots_.front()->answer;
     }
-    if (!broken_ && !draining_ && !reads_done_ && !read_in_flight_ &&
-        static_cast<int>(slots_.size()) < service_->options_.stream_max_in_flight) {
+    const ServiceOptions& options = service_->options_;
+    const bool within_budget =
+        held_ == 0 || (held_ < options.stream_max_held_bytes &&
+                       service_->stream_bytes_held_.load() < options.streams_max_held_bytes);
+    if (!broken_ && !draining_ && !reads_done_ && !read_in_flight_ && within_budget &&
+        static_cast<int>(slots_.size()) < options.stream_max_in_flight) {
       read_in_flight_ = true;
-      read_buffer_ = std::make_unique<EmbedRequest>();
-      a.read = read_buffer_.get();
+      a.read = &read_buffer_;
     }
     if (a.read != nullptr || a.write != nullptr) {
       ++pending_actions_;
       return a;
     }
     // A read may still be outstanding when a drain or a cancellation ends the stream; gRPC
-    // completes it when the call ends, before OnDone.
+    // completes it when the call ends, before OnDone, possibly with a message (dropped).
     if (pending_actions_ == 0 && !write_in_flight_ && slots_.empty() &&
         (reads_done_ || broken_ || draining_)) {
       finished_ = true;
@@ -318,11 +413,17 @@ class FaceEmbeddingService::StreamReactor final
   }
 
   FaceEmbeddingService* const service_;
+  // Set by OnCancel; shared with the work of the messages, which may outlive the reactor.
+  const std::shared_ptr<std::atomic<bool>> cancelled_;
   const CallContext call_;
+
+  // Owned by the read in flight, then by its OnReadDone (see Parse).
+  grpc::ByteBuffer read_buffer_;
+  int64_t messages_read_ = 0;
 
   absl::Mutex mu_;
   std::deque<std::unique_ptr<Slot>> slots_ ABSL_GUARDED_BY(mu_);  // read, not yet written
-  std::unique_ptr<EmbedRequest> read_buffer_ ABSL_GUARDED_BY(mu_);
+  int64_t held_ ABSL_GUARDED_BY(mu_) = 0;
   bool read_in_flight_ ABSL_GUARDED_BY(mu_) = false;
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
@@ -421,14 +522,14 @@ void FaceEmbeddingService::Unregister(StreamReactor* stream) {
 }
 
 FaceEmbeddingService::CallContext FaceEmbeddingService::ContextOf(
-    grpc::CallbackServerContext* context) {
+    grpc::CallbackServerContext* context, std::function<bool()> is_cancelled) {
   CallContext call;
+  call.is_cancelled = std::move(is_cancelled);
   const auto deadline = context->deadline();
   // gRPC reports "no deadline" as a far-future time point; absl::FromChrono would overflow.
   if (deadline < std::chrono::system_clock::now() + std::chrono::hours(24 * 365 * 10)) {
     call.deadline = absl::FromChrono(deadline);
   }
-  call.is_cancelled = [context] { return context->IsCancelled(); };
   return call;
 }
 
@@ -449,10 +550,12 @@ grpc::ServerUnaryReactor* FaceEmbeddingService::ServeUnary(
     FinishUnary(reactor, rpc, start, admitted);
     return reactor;
   }
-  work(ContextOf(context), [this, reactor, rpc, start](absl::Status status) {
-    FinishUnary(reactor, rpc, start, status);
-    Release();
-  });
+  // A unary call ends only after its work's done: the work may poll the call's context.
+  work(ContextOf(context, [context] { return context->IsCancelled(); }),
+       [this, reactor, rpc, start](absl::Status status) {
+         FinishUnary(reactor, rpc, start, status);
+         Release();
+       });
   return reactor;
 }
 
@@ -460,11 +563,12 @@ grpc::ServerUnaryReactor* FaceEmbeddingService::Embed(grpc::CallbackServerContex
                                                       const EmbedRequest* request,
                                                       EmbedResponse* response) {
   return ServeUnary(context, "Embed", [this, request, response](CallContext call, DoneFn done) {
+    if (absl::Status id = CheckRequestId(*request); !id.ok()) return done(std::move(id));
     StartEmbed(request, response, std::move(call), std::move(done));
   });
 }
 
-grpc::ServerBidiReactor<EmbedRequest, EmbedResponse>* FaceEmbeddingService::EmbedStream(
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* FaceEmbeddingService::EmbedStream(
     grpc::CallbackServerContext* context) {
   absl::Status admitted = Admit();
   if (!admitted.ok()) return new RejectedStream(admitted);

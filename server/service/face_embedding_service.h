@@ -18,12 +18,18 @@
 //   turns between calls (see WorkQueue), so a call with many slow images delays a small call by
 //   about one face per pool thread, not by its whole request. The pool admits calls by their
 //   faces (a Compare matrix by its size in crops), so what the calls on it hold is bounded.
+// - request_id: at most kMaxRequestIdBytes; a longer one is INVALID_ARGUMENT naming the limit.
 // - EmbedStream: one response per request message, in order, request_id echoed; a message's
-//   error travels in EmbedResponse.error and the stream goes on. At most
-//   ServiceOptions::stream_max_in_flight messages of one stream are processed at a time; the
-//   stream stops reading until the oldest is answered (backpressure through gRPC flow control).
-//   When a drain begins, a stream finishes after answering the messages it had read, with
-//   UNAVAILABLE if the client had not half-closed.
+//   error travels in EmbedResponse.error and the stream goes on, also for a message that does
+//   not parse as an EmbedRequest ("message 3 is not a valid EmbedRequest: ..."; the method is
+//   served raw for that). At most ServiceOptions::stream_max_in_flight messages of one stream
+//   are processed at a time, and a stream stops reading while the bytes it holds (messages read
+//   and not answered, answers not written) reach stream_max_held_bytes, or those of all streams
+//   reach streams_max_held_bytes, unless it holds nothing; it reads again as its answers are
+//   written (backpressure through gRPC flow control). A message's request is freed once it is
+//   answered. When a drain begins, a stream finishes after answering the messages it had read,
+//   with UNAVAILABLE if the client had not half-closed; a message read after a cancellation or
+//   after the stream finished is dropped (never started), counted CANCELLED or UNAVAILABLE.
 // - Lifetime: the service must outlive the grpc::Server it is registered with (destroy the
 //   server, or Shutdown() it, first). The Embedder, metrics and work queue are borrowed and must
 //   outlive every call (shut the server down before them).
@@ -31,6 +37,8 @@
 #ifndef ARCFACE_SERVER_SERVICE_FACE_EMBEDDING_SERVICE_H_
 #define ARCFACE_SERVER_SERVICE_FACE_EMBEDDING_SERVICE_H_
 
+#include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -53,11 +61,18 @@
 
 namespace arcface::service {
 
+// The longest request_id accepted (Embed, EmbedStream); it is echoed in every answer.
+inline constexpr size_t kMaxRequestIdBytes = 1024;
+
 struct ServiceOptions {
   int max_faces_per_request = 256;  // Embed faces; Compare face probes (queries + references)
   int max_compare_rows = 4096;      // Compare: queries
   int max_compare_cols = 4096;      // Compare: references
   int stream_max_in_flight = 16;    // EmbedStream messages processed at once per stream
+  // Bytes held by one stream, and by all streams together, beyond which streams stop reading
+  // (a stream holding nothing still reads one message).
+  int64_t stream_max_held_bytes = int64_t{16} << 20;
+  int64_t streams_max_held_bytes = int64_t{256} << 20;
   image::Limits image_limits;
   // Requests: enforced by the gRPC server (reported by GetModelInfo). Replies: a Compare whose
   // reply would exceed it is refused (RESOURCE_EXHAUSTED) up front.
@@ -65,7 +80,15 @@ struct ServiceOptions {
   std::string server_version;
 };
 
-class FaceEmbeddingService final : public arcface::v1::FaceEmbedding::CallbackService {
+// The generated CallbackService, with EmbedStream served raw (grpc::ByteBuffer messages): gRPC's
+// typed reactor cannot tell a message that does not parse from the client's half-close.
+using FaceEmbeddingCallbackBase = arcface::v1::FaceEmbedding::WithCallbackMethod_Embed<
+    arcface::v1::FaceEmbedding::WithRawCallbackMethod_EmbedStream<
+        arcface::v1::FaceEmbedding::WithCallbackMethod_Compare<
+            arcface::v1::FaceEmbedding::WithCallbackMethod_GetModelInfo<
+                arcface::v1::FaceEmbedding::Service>>>>;
+
+class FaceEmbeddingService final : public FaceEmbeddingCallbackBase {
  public:
   // `metrics` and `preprocess` are borrowed.
   FaceEmbeddingService(const ServiceOptions& options, ServiceMetrics* metrics,
@@ -89,7 +112,7 @@ class FaceEmbeddingService final : public arcface::v1::FaceEmbedding::CallbackSe
   grpc::ServerUnaryReactor* Embed(grpc::CallbackServerContext* context,
                                   const arcface::v1::EmbedRequest* request,
                                   arcface::v1::EmbedResponse* response) override;
-  grpc::ServerBidiReactor<arcface::v1::EmbedRequest, arcface::v1::EmbedResponse>* EmbedStream(
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* EmbedStream(
       grpc::CallbackServerContext* context) override;
   grpc::ServerUnaryReactor* Compare(grpc::CallbackServerContext* context,
                                     const arcface::v1::CompareRequest* request,
@@ -115,7 +138,8 @@ class FaceEmbeddingService final : public arcface::v1::FaceEmbedding::CallbackSe
   Embedder* embedder() ABSL_LOCKS_EXCLUDED(mu_);
 
   // The work of one Embed (or stream message): fills *response; calls `done` exactly once,
-  // possibly before returning. `request` and `response` must live until then.
+  // possibly before returning. `request` and `response` must live until then, and are not
+  // touched after it (a stream frees them in its done).
   void StartEmbed(const arcface::v1::EmbedRequest* request, arcface::v1::EmbedResponse* response,
                   CallContext call, DoneFn done);
   void StartCompare(const arcface::v1::CompareRequest* request,
@@ -127,7 +151,10 @@ class FaceEmbeddingService final : public arcface::v1::FaceEmbedding::CallbackSe
   grpc::ServerUnaryReactor* ServeUnary(grpc::CallbackServerContext* context, const char* rpc,
                                        absl::AnyInvocable<void(CallContext, DoneFn)> work);
 
-  static CallContext ContextOf(grpc::CallbackServerContext* context);
+  // The call's deadline, and how its work learns of a cancellation: `is_cancelled` is polled
+  // only until the work's done (the work may keep it longer, in the batcher).
+  static CallContext ContextOf(grpc::CallbackServerContext* context,
+                               std::function<bool()> is_cancelled);
 
   const ServiceOptions options_;
   ServiceMetrics* const metrics_;
@@ -141,6 +168,8 @@ class FaceEmbeddingService final : public arcface::v1::FaceEmbedding::CallbackSe
   absl::Time last_arrival_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
   Embedder* embedder_ ABSL_GUARDED_BY(mu_) = nullptr;
   absl::flat_hash_set<StreamReactor*> streams_ ABSL_GUARDED_BY(mu_);
+  // What all streams hold (StreamReactor's held_ summed), against streams_max_held_bytes.
+  std::atomic<int64_t> stream_bytes_held_{0};
   // Written once by SetReady() before ready_ becomes true; read-only afterwards.
   ModelDescription model_;
 };

@@ -343,6 +343,11 @@ ServiceMetrics::ServiceMetrics(int max_batch_size)
                         .WithLabels({})),
       inflight_(registry_.AddGauge("arcface_inflight_requests", "RPCs accepted and not finished.")
                     .WithLabels({})),
+      stream_held_bytes_(registry_
+                             .AddGauge("arcface_stream_held_bytes",
+                                       "Bytes EmbedStream streams hold: messages read and not "
+                                       "yet answered, answers not yet written.")
+                             .WithLabels({})),
       model_info_(registry_.AddGauge("arcface_model_info", "The served model; always 1.",
                                      {"arch", "model_id", "device", "precision"})) {
   registry_.AddCallbackGauge("arcface_queue_depth", "Crops queued and not yet in a batch.",

@@ -175,6 +175,9 @@ class ServiceMetrics final : public batching::BatcherObserver {
   // "preprocess_queue_full", "compare_too_large".
   void RecordRejected(const std::string& reason, int64_t faces = 1);
   Gauge& inflight() { return inflight_; }
+  // Bytes EmbedStream streams hold (FaceEmbeddingService: messages read and not answered,
+  // answers not written).
+  Gauge& stream_held_bytes() { return stream_held_bytes_; }
 
   // BatcherObserver
   void OnBatch(const batching::BatchInfo& info) override;
@@ -205,6 +208,7 @@ class ServiceMetrics final : public batching::BatcherObserver {
   Histogram& model_idle_;
   Counter& staged_ahead_;
   Gauge& inflight_;
+  Gauge& stream_held_bytes_;
   Family<Gauge>& model_info_;
   absl::Mutex source_mu_;
   std::function<double()> queue_depth_source_ ABSL_GUARDED_BY(source_mu_);

@@ -308,6 +308,7 @@ TEST(Metrics, ServiceMetricsHaveTheRequiredFamilies) {
   EXPECT_EQ(types["arcface_postprocess_seconds"], "histogram");
   EXPECT_EQ(types["arcface_model_idle_seconds"], "histogram");
   EXPECT_EQ(types["arcface_staged_ahead_crops_total"], "counter");
+  EXPECT_EQ(types["arcface_stream_held_bytes"], "gauge");
   std::map<std::string, double> flat;
   for (const Sample& s : samples) {
     std::string key = s.name;
@@ -1406,6 +1407,239 @@ TEST_F(ServiceTest, StreamAnswersInOrderAndCarriesErrors) {
     std::vector<float> want = FakeEmbedding(crops[i].data());
     EXPECT_TRUE(std::equal(want.begin(), want.end(), r.embeddings(0).values().begin()));
   }
+}
+
+// A raw EmbedStream: the bytes written go out as they are (EmbedStream is served raw).
+using RawStream = grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>;
+std::unique_ptr<RawStream> OpenRawStream(grpc::Channel* channel, grpc::ClientContext* ctx) {
+  return std::unique_ptr<RawStream>(
+      grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, grpc::ByteBuffer>::Create(
+          channel,
+          grpc::internal::RpcMethod("/arcface.v1.FaceEmbedding/EmbedStream",
+                                    grpc::internal::RpcMethod::BIDI_STREAMING),
+          ctx));
+}
+
+grpc::ByteBuffer Bytes(const std::string& data) {
+  grpc::Slice slice(data);
+  return grpc::ByteBuffer(&slice, 1);
+}
+
+TEST_F(ServiceTest, StreamAnswersMessagesThatDoNotParseAndGoesOn) {
+  Start();
+  Ready();
+  auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_),
+                                     grpc::InsecureChannelCredentials());
+  grpc::ClientContext ctx;
+  std::unique_ptr<RawStream> stream = OpenRawStream(channel.get(), &ctx);
+  auto valid = [](int i) {
+    v1::EmbedRequest req;
+    req.set_request_id(absl::StrCat("m", i));
+    *req.add_faces() = RawFace(SeededCrop(300 + i));
+    return req.SerializeAsString();
+  };
+  const std::string truncated = valid(3).substr(0, 100);  // inside the face's pixels
+  // Field 3 (request_id), length 2, bytes that are not UTF-8: proto3 refuses to parse it.
+  const std::string bad_utf8 = std::string("\x1a\x02\xff\xfe", 4);
+  const std::vector<std::string> messages = {valid(0), "\xff\xff\xff\xff garbage", valid(2),
+                                             truncated,  bad_utf8,                 valid(5)};
+  for (const std::string& m : messages) ASSERT_TRUE(stream->Write(Bytes(m)));
+  stream->WritesDone();
+  std::vector<v1::EmbedResponse> responses;
+  grpc::ByteBuffer bb;
+  while (stream->Read(&bb)) {
+    v1::EmbedResponse resp;
+    ASSERT_TRUE(grpc::SerializationTraits<v1::EmbedResponse>::Deserialize(&bb, &resp).ok());
+    responses.push_back(resp);
+  }
+  grpc::Status s = stream->Finish();
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  ASSERT_EQ(responses.size(), messages.size());
+  for (int i : {1, 3, 4}) {
+    SCOPED_TRACE(i);
+    const v1::EmbedResponse& r = responses[i];
+    EXPECT_EQ(r.error().code(), int(grpc::StatusCode::INVALID_ARGUMENT));
+    EXPECT_THAT(r.error().message(),
+                HasSubstr(absl::StrCat("message ", i, " is not a valid EmbedRequest: its ",
+                                       messages[i].size(), " bytes do not parse")));
+    EXPECT_EQ(r.request_id(), "");
+    EXPECT_EQ(r.model_id(), "arcface-r50@0123456789ab");
+    EXPECT_EQ(r.embeddings_size(), 0);
+  }
+  for (int i : {0, 2, 5}) {
+    SCOPED_TRACE(i);
+    const v1::EmbedResponse& r = responses[i];
+    EXPECT_FALSE(r.has_error());
+    EXPECT_EQ(r.request_id(), absl::StrCat("m", i));
+    ASSERT_EQ(r.embeddings_size(), 1);
+    std::vector<float> want = FakeEmbedding(SeededCrop(300 + i).data());
+    EXPECT_TRUE(std::equal(want.begin(), want.end(), r.embeddings(0).values().begin()));
+  }
+  const std::string text = metrics_->Render();
+  EXPECT_THAT(text, HasSubstr("arcface_requests_total{rpc=\"EmbedStream\",code=\"OK\"} 3\n"));
+  EXPECT_THAT(text, HasSubstr("arcface_requests_total{rpc=\"EmbedStream\",code="
+                              "\"INVALID_ARGUMENT\"} 3\n"));
+}
+
+TEST_F(ServiceTest, RequestIdOverTheLimitIsInvalidNamingTheLimit) {
+  Start();
+  Ready();
+  v1::EmbedRequest req;
+  *req.add_faces() = RawFace(SeededCrop(1));
+  req.set_request_id(std::string(kMaxRequestIdBytes, 'a'));
+  v1::EmbedResponse resp;
+  ASSERT_TRUE(Embed(req, &resp).ok());
+  EXPECT_EQ(resp.request_id(), req.request_id());
+  req.set_request_id(std::string(kMaxRequestIdBytes + 1, 'a'));
+  grpc::Status s = Embed(req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(s.error_message(), "request_id is 1025 bytes, over the limit of 1024 bytes");
+
+  // In a stream: an error answer without the id, and the stream goes on.
+  grpc::ClientContext ctx;
+  auto stream = stub_->EmbedStream(&ctx);
+  ASSERT_TRUE(stream->Write(req));
+  req.set_request_id("next");
+  ASSERT_TRUE(stream->Write(req));
+  stream->WritesDone();
+  v1::EmbedResponse first, second;
+  ASSERT_TRUE(stream->Read(&first));
+  ASSERT_TRUE(stream->Read(&second));
+  EXPECT_FALSE(stream->Read(&resp));
+  ASSERT_TRUE(stream->Finish().ok());
+  EXPECT_EQ(first.request_id(), "");
+  EXPECT_EQ(first.error().code(), int(grpc::StatusCode::INVALID_ARGUMENT));
+  EXPECT_EQ(first.error().message(), "request_id is 1025 bytes, over the limit of 1024 bytes");
+  EXPECT_EQ(second.request_id(), "next");
+  EXPECT_EQ(second.embeddings_size(), 1);
+}
+
+TEST_F(ServiceTest, StreamCancelledWhileItsMessageIsInPreprocessing) {
+  Start();
+  Ready();
+  // Both pool threads busy: the stream's message waits in the queue until the cancellation.
+  // Shared with the jobs: a job may still be returning from its wait when the test ends.
+  auto unblock = std::make_shared<absl::Notification>();
+  auto blocked = std::make_shared<std::atomic<int>>(0);
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_TRUE(pool_->Submit([unblock, blocked] {
+                       ++*blocked;
+                       unblock->WaitForNotification();
+                     }).ok());
+  }
+  struct Unblock {  // also when an assertion ends the test early, or TearDown would hang
+    std::shared_ptr<absl::Notification> n;
+    ~Unblock() {
+      if (!n->HasBeenNotified()) n->Notify();
+    }
+  } unblock_at_exit{unblock};
+  while (blocked->load() < 2) absl::SleepFor(absl::Milliseconds(1));
+  grpc::ClientContext ctx;
+  auto stream = stub_->EmbedStream(&ctx);
+  v1::EmbedRequest req;
+  *req.add_faces() = RawFace(SeededCrop(1));
+  ASSERT_TRUE(stream->Write(req));
+  while (pool_->pending() < 1) absl::SleepFor(absl::Milliseconds(1));
+  ctx.TryCancel();
+  EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  // The server side learns of the cancellation; the message is still queued.
+  EXPECT_EQ(service_->inflight(), 1);
+  unblock->Notify();
+  ASSERT_TRUE(service_->WaitForIdle(absl::Now() + absl::Seconds(10)));
+  EXPECT_TRUE(model_.batch_sizes().empty());
+  EXPECT_THAT(metrics_->Render(),
+              HasSubstr("arcface_requests_total{rpc=\"EmbedStream\",code=\"CANCELLED\"} 1\n"));
+  EXPECT_EQ(metrics_->stream_held_bytes().Value(), 0);
+}
+
+// A video client whose camera drops: a message answered, another sent, and the stream cancelled
+// at once. The second message's read used to complete after the stream had decided to finish,
+// and its preprocessing job then polled the freed call context (SIGSEGV).
+TEST_F(ServiceTest, StreamsCancelledRightAfterAMessageLeaveNothingBehind) {
+  Start();
+  Ready();
+  constexpr int kThreads = 4, kStreamsPerThread = 100;
+  std::vector<std::thread> clients;
+  for (int t = 0; t < kThreads; ++t) {
+    clients.emplace_back([this, t] {
+      for (int k = 0; k < kStreamsPerThread; ++k) {
+        grpc::ClientContext ctx;
+        auto stream = stub_->EmbedStream(&ctx);
+        v1::EmbedRequest quick;  // answered from the pool, without the model
+        quick.add_faces()->mutable_image()->set_encoded("not an image");
+        v1::EmbedRequest face;
+        *face.add_faces() = RawFace(SeededCrop(t * 1000 + k));
+        v1::EmbedResponse resp;
+        if (stream->Write(quick) && stream->Read(&resp)) stream->Write(face);
+        ctx.TryCancel();
+        stream->Finish();
+      }
+    });
+  }
+  for (std::thread& c : clients) c.join();
+  ASSERT_TRUE(service_->WaitForIdle(absl::Now() + absl::Seconds(30)));
+  EXPECT_EQ(metrics_->stream_held_bytes().Value(), 0);
+  v1::EmbedRequest req;
+  *req.add_faces() = RawFace(SeededCrop(5));
+  v1::EmbedResponse resp;
+  ASSERT_TRUE(Embed(req, &resp).ok());
+  std::vector<float> want = FakeEmbedding(SeededCrop(5).data());
+  EXPECT_TRUE(std::equal(want.begin(), want.end(), resp.embeddings(0).values().begin()));
+}
+
+// The model is held, so every message read stays in work and holds its request: what the
+// streams hold is then exactly the messages they read.
+TEST_F(ServiceTest, StreamsStopReadingAtTheirByteBudgets) {
+  v1::EmbedRequest req;
+  req.set_request_id("budget");
+  *req.add_faces() = RawFace(SeededCrop(1));
+  const double size = static_cast<double>(req.ByteSizeLong());
+  ServiceOptions options;
+  options.stream_max_held_bytes = static_cast<int64_t>(2.5 * size);  // reads 3
+  options.streams_max_held_bytes = static_cast<int64_t>(3.5 * size);
+  Start(options, /*max_batch_size=*/1);
+  Ready();
+  auto held = [this] { return metrics_->stream_held_bytes().Value(); };
+  auto wait_held = [&](double want) {
+    for (int i = 0; i < 10000 && held() != want; ++i) absl::SleepFor(absl::Milliseconds(1));
+    ASSERT_EQ(held(), want);
+    // Nothing more is read: the model is held, nothing else can change the state.
+    absl::SleepFor(absl::Milliseconds(200));
+    ASSERT_EQ(held(), want);
+  };
+  model_.Hold();
+  constexpr int kMessages = 8;
+  struct Client {
+    grpc::ClientContext ctx;
+    std::unique_ptr<grpc::ClientReaderWriter<v1::EmbedRequest, v1::EmbedResponse>> stream;
+    std::thread writer;
+  };
+  Client a, b;
+  for (Client* c : {&a, &b}) {
+    c->stream = stub_->EmbedStream(&c->ctx);
+    c->writer = std::thread([c, &req] {
+      for (int i = 0; i < kMessages; ++i) c->stream->Write(req);
+      c->stream->WritesDone();
+    });
+    // a: its own budget stops it after 3 (held >= 2.5 messages). b: all streams hold more
+    // than 3.5 messages once it read one, which it may, holding nothing.
+    ASSERT_NO_FATAL_FAILURE(wait_held((c == &a ? 3 : 4) * size));
+  }
+  model_.Release();
+  for (Client* c : {&a, &b}) {
+    v1::EmbedResponse resp;
+    int answers = 0;
+    while (c->stream->Read(&resp)) {
+      EXPECT_EQ(resp.request_id(), "budget");
+      EXPECT_EQ(resp.embeddings_size(), 1);
+      ++answers;
+    }
+    c->writer.join();
+    EXPECT_TRUE(c->stream->Finish().ok());
+    EXPECT_EQ(answers, kMessages);
+  }
+  ASSERT_TRUE(service_->WaitForIdle(absl::Now() + absl::Seconds(10)));
+  EXPECT_EQ(held(), 0);
 }
 
 TEST_F(ServiceTest, DrainRefusesNewCallsAndEndsOpenStreams) {
