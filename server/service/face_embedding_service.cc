@@ -341,7 +341,10 @@ class FaceEmbeddingService::StreamReactor final
       if (!serialized) broken_ = true;
       actions = DecideLocked();
     }
-    Act(actions);
+    // This runs on a pool or batch thread, not in a gRPC reaction: once mu_ is released, a
+    // reaction may finish the stream and delete this reactor unless an action pins it (or is
+    // the finish), so with none there is nothing to do and `this` must not be touched.
+    if (actions.read != nullptr || actions.write != nullptr || actions.finish) Act(actions);
   }
 
   void Account(int64_t delta) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
