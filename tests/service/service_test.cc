@@ -1522,10 +1522,14 @@ TEST_F(ServiceTest, StreamCancelledWhileItsMessageIsInPreprocessing) {
   auto unblock = std::make_shared<absl::Notification>();
   auto blocked = std::make_shared<std::atomic<int>>(0);
   for (int i = 0; i < 2; ++i) {
-    ASSERT_TRUE(pool_->Submit([unblock, blocked] {
-                       ++*blocked;
-                       unblock->WaitForNotification();
-                     }).ok());
+    ASSERT_TRUE(pool_->Submit(
+                         [unblock, blocked] {
+                           ++*blocked;
+                           unblock->WaitForNotification();
+                           return false;
+                         },
+                         1)
+                    .ok());
   }
   struct Unblock {  // also when an assertion ends the test early, or TearDown would hang
     std::shared_ptr<absl::Notification> n;
@@ -1539,7 +1543,8 @@ TEST_F(ServiceTest, StreamCancelledWhileItsMessageIsInPreprocessing) {
   v1::EmbedRequest req;
   *req.add_faces() = RawFace(SeededCrop(1));
   ASSERT_TRUE(stream->Write(req));
-  while (pool_->pending() < 1) absl::SleepFor(absl::Milliseconds(1));
+  // pending() counts the two running holders too.
+  while (pool_->pending() < 3) absl::SleepFor(absl::Milliseconds(1));
   ctx.TryCancel();
   EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
   // The server side learns of the cancellation; the message is still queued.
