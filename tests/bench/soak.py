@@ -101,8 +101,9 @@ def parse_args():
 
 
 ARGS = parse_args()
-os.environ.setdefault("ARCFACE_SERVER_BIN", ARGS.server_bin or
-                      os.path.join(ARGS.build, "server", "arcface-server"))
+if ARGS.server_bin or not os.environ.get("ARCFACE_SERVER_BIN"):
+    os.environ["ARCFACE_SERVER_BIN"] = ARGS.server_bin or os.path.join(ARGS.build, "server",
+                                                                       "arcface-server")
 sys.path.insert(0, os.path.join(ARGS.build, "python"))
 sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
 
