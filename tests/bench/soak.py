@@ -7,17 +7,18 @@ Usage: tests/bench/soak.py [--seconds 120] [--warmup 30] [--build build] [--serv
 
 Starts the real server (tests/integration/arcface_testlib.py's ServerProcess: loopback,
 ephemeral ports, SIGTERM and an exit-status check at the end) with the golden r50 weights
-(ARCFACE_GOLDEN_DIR) or --demo-weights, a small queue (--max-queue-size 64) so that bursts are
+(ARCFACE_GOLDEN_DIR) or --demo-weights, a small queue (--max-queue-size 32) so that bursts are
 refused, and drives it with a fixed number of threads until --seconds have passed:
 
-- workers (--clients): Embed (1-4 faces), EmbedStream (1-3 messages, one in ten malformed),
-  Compare (embedding and face probes), GetModelInfo, and about 10 % malformed requests
-  (undecodable images, raw images of the wrong size, 4 landmarks, too many faces, NaN, short or
-  zero-norm embeddings), each with its expected status;
-- one chaos thread, in turn: an overload burst (12 concurrent 8-face Embeds: more crops than
-  the queue holds, so some end RESOURCE_EXHAUSTED), a cancelled Embed, an Embed whose deadline
-  expires in the server, a client that closes its channel mid-call, a stream cancelled after its
-  first answer, and a stream that sends and never reads before it is cancelled;
+- workers (--clients): Embed (1-3 faces), EmbedStream (1-3 one-face messages, one in ten
+  malformed), Compare (embedding and face probes), GetModelInfo, and about 10 % malformed
+  requests (undecodable images, raw images of the wrong size, 4 landmarks, too many faces, NaN,
+  short or zero-norm embeddings), each with its expected status; at most 3 crops each at a time;
+- one chaos thread, every other step an overload burst (16 concurrent 8-face Embeds: four times
+  what the queue holds, so most end RESOURCE_EXHAUSTED), and in between in turn: a cancelled
+  Embed, an Embed whose deadline expires in the server, a client that closes its channel
+  mid-call, a stream cancelled after its first answer, and a stream that sends and never reads
+  before it is cancelled;
 - a sampler: the server's VmRSS and Threads (/proc/<pid>/status) every --sample-every seconds.
 
 Every face comes from a fixed set of distinct images (the r50 golden cases: raw crops, whole
@@ -32,8 +33,10 @@ is *abandoned*: the server may not have seen it, or may have finished it with OK
 DEADLINE_EXCEEDED without the client knowing which. So, per rpc, against the server's counts
 since the load began: every code matches the definite count exactly, except that OK, CANCELLED
 and DEADLINE_EXCEEDED may exceed it, by at most the number of abandoned calls in total; and
-every call the clients started ended exactly once. Chaos calls never overlap a burst and the
-workers' own load stays below the queue size, so an abandoned call cannot end in any other code.
+every call the clients started ended exactly once. An abandoned call cannot end in any other
+code: it never overlaps a burst, each burst ends only once everything queued before it was
+handed to the model (so abandoned leftovers live at most two steps), and the workers (3 crops
+each), the abandoned call (2) and the leftovers (4) stay below the queue's 32 crops.
 
 Assertions (exit 1 when one fails): counts reconcile, no cross-talk, every malformed request got
 its expected code, bursts were refused at least once, RSS growth after warm-up below
@@ -56,7 +59,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 AMBIGUOUS_CODES = ("OK", "CANCELLED", "DEADLINE_EXCEEDED")
-QUEUE_SIZE = 64
+QUEUE_SIZE = 32
+WORKER_MAX_CROPS = 3  # crops of one worker in flight at most (see the accounting above)
 MAX_FACES = 16
 MAX_BATCH = 8
 # Long enough that a call the server accepted is answered even on a starved machine: these
@@ -288,7 +292,7 @@ def stream_messages(stub, images, rng, kind, nmsg):
             face = pb.Face(image=pb.Image(encoded=b"not an image"))
             plan.append((None, pb.EmbedRequest(faces=[face], request_id=f"m{m}")))
         else:
-            idx = [rng.randrange(len(images)) for _ in range(rng.randint(1, 2))]
+            idx = [rng.randrange(len(images))]
             plan.append((idx, embed_request(images, idx, f"m{m}")))
     LEDGER.start("EmbedStream()")
     answered = []
@@ -332,7 +336,7 @@ def worker(idx, server, images, stop_at):
                 rpc, req, want, kind = malformed(rng, images)
                 unary(stub, rpc, req, kind, (want,))
             elif x < 0.55:
-                indices = [rng.randrange(len(images)) for _ in range(rng.randint(1, 4))]
+                indices = [rng.randrange(len(images)) for _ in range(rng.randint(1, WORKER_MAX_CROPS))]
                 code, r = unary(stub, "Embed", embed_request(images, indices, rid, rng.random() < 0.5),
                                 "embed", ("OK", "RESOURCE_EXHAUSTED"))
                 if code == "OK":
@@ -376,34 +380,37 @@ def chaos(server, images, stop_at, burst_refusals):
     rng = random.Random(ARGS.seed * 7919)
     channel = server.make_channel()
     stub = pb_grpc.FaceEmbeddingStub(channel)
+    # Bursts of raw crops (cheap to preprocess, so that they reach the queue together);
+    # abandoned calls of two faces of any kind (photos take a while to decode and align).
     heavy = lambda: [rng.choice(images.crops) for _ in range(MAX_BATCH)]  # noqa: E731
+    pair = lambda: [rng.randrange(len(images)) for _ in range(2)]  # noqa: E731
     step = 0
     try:
         while time.monotonic() < stop_at:
-            action = step % 6
+            action = step // 2 % 5 if step % 2 else None
             step += 1
-            if action == 0:
+            if action is None:
                 burst(stub, images, heavy, burst_refusals)
-            elif action == 1:  # cancelled mid-call
+            elif action == 0:  # cancelled mid-call
                 LEDGER.start("Embed")
-                f = stub.Embed.future(embed_request(images, heavy(), "cancel"), timeout=CALL_TIMEOUT)
+                f = stub.Embed.future(embed_request(images, pair(), "cancel"), timeout=CALL_TIMEOUT)
                 time.sleep(0.2)
                 f.cancel()
                 abandoned_result(f, "Embed", "cancel", images)
-            elif action == 2:  # the deadline expires in the server
+            elif action == 1:  # the deadline expires on the way or in the server
                 LEDGER.start("Embed")
-                idx = heavy()
-                f = stub.Embed.future(embed_request(images, idx, "expire"), timeout=0.4)
+                idx = pair()
+                f = stub.Embed.future(embed_request(images, idx, "expire"), timeout=0.15)
                 abandoned_result(f, "Embed", "expire", images, idx)
-            elif action == 3:  # the client closes its channel mid-call
+            elif action == 2:  # the client closes its channel mid-call
                 own = server.make_channel()
                 LEDGER.start("Embed")
                 f = pb_grpc.FaceEmbeddingStub(own).Embed.future(
-                    embed_request(images, heavy(), "disconnect"), timeout=CALL_TIMEOUT)
+                    embed_request(images, pair(), "disconnect"), timeout=CALL_TIMEOUT)
                 time.sleep(0.2)
                 own.close()
                 abandoned_result(f, "Embed", "disconnect", images)
-            elif action == 4:
+            elif action == 3:
                 stream_cancel_after_answer(stub, images, rng)
             else:
                 stream_stop_reading(stub, images, rng)
@@ -435,7 +442,7 @@ def abandoned_result(future, rpc, kind, images, indices=None):
 
 def burst(stub, images, heavy, refusals):
     calls = []
-    for k in range(12):
+    for k in range(16):
         idx = heavy()
         LEDGER.start("Embed")
         calls.append((idx, stub.Embed.future(embed_request(images, idx, f"burst{k}"),
