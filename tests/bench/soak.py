@@ -36,7 +36,7 @@ and DEADLINE_EXCEEDED may exceed it, by at most the number of abandoned calls in
 every call the clients started ended exactly once. An abandoned call cannot end in any other
 code: it never overlaps a burst, each burst ends only once everything queued before it was
 handed to the model (so abandoned leftovers live at most two steps), and the workers (3 crops
-each), the abandoned call (2) and the leftovers (4) stay below the queue's 32 crops.
+each), the abandoned call (at most 4) and the leftovers (4) stay below the queue's 32 crops.
 
 Assertions (exit 1 when one fails): counts reconcile, no cross-talk, every malformed request got
 its expected code, bursts were refused at least once, RSS growth after warm-up below
