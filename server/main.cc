@@ -17,9 +17,9 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <exception>
 #include <atomic>
 #include <cstdio>
+#include <exception>
 #include <fstream>
 #include <iostream>
 #include <memory>
