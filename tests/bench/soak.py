@@ -47,7 +47,6 @@ import argparse
 import collections
 import csv
 import json
-import math
 import os
 import random
 import statistics
