@@ -11,7 +11,8 @@
 // 4. On the first SIGTERM/SIGINT: health NOT_SERVING, /readyz 503, new calls UNAVAILABLE, open
 //    streams finish after their read messages; every accepted call finishes; the gRPC server
 //    shuts down (calls still running at the drain deadline are cancelled), the batcher flushes;
-//    exit 0. A second signal exits at once with status 1.
+//    exit 0. A second signal exits at once with status 1; so does a drain still unfinished at
+//    the drain timeout + 10 s (a batch stuck in the model keeps the batcher from flushing).
 #include <dlfcn.h>
 #include <signal.h>
 #include <unistd.h>
