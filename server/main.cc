@@ -11,7 +11,8 @@
 // 4. On the first SIGTERM/SIGINT: health NOT_SERVING, /readyz 503, new calls UNAVAILABLE, open
 //    streams finish after their read messages; every accepted call finishes; the gRPC server
 //    shuts down (calls still running at the drain deadline are cancelled), the batcher flushes;
-//    exit 0. A second signal exits at once with status 1.
+//    exit 0. A second signal exits at once with status 1; so does a drain still unfinished at
+//    the drain timeout + 10 s (a batch stuck in the model keeps the batcher from flushing).
 #include <dlfcn.h>
 #include <signal.h>
 #include <unistd.h>
@@ -19,6 +20,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <exception>
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -42,6 +44,7 @@
 #include "server/service/embedder.h"
 #include "server/service/embedding_model.h"
 #include "server/service/face_embedding_service.h"
+#include "server/service/fault_injection.h"
 #include "server/service/http_server.h"
 #include "server/service/logging.h"
 #include "server/service/metrics.h"
@@ -57,18 +60,32 @@ namespace {
 
 constexpr char kServiceName[] = "arcface.v1.FaceEmbedding";
 
-// Adapts the engine to the service's model interface.
+// Adapts the engine to the service's model interface. It is also the boundary where an
+// exception escaping the engine becomes a status: the engine turns libtorch's c10::Error into
+// INTERNAL itself, but anything else (std::bad_alloc filling the output, say) would otherwise
+// unwind into the batcher's model thread and end the process. The fault-injection test hook
+// (`faults`, null unless --test-fault-injection) acts where the engine is called, inside that
+// boundary.
 class EngineModel final : public service::EmbeddingModel {
  public:
-  explicit EngineModel(engine::Engine* engine) : engine_(engine) {}
+  EngineModel(engine::Engine* engine, service::FaultInjector* faults)
+      : engine_(engine), faults_(faults) {}
   absl::StatusOr<std::vector<float>> Run(absl::Span<const uint8_t> crops) override {
-    absl::StatusOr<engine::EmbeddingBatch> batch = engine_->Run(crops);
-    if (!batch.ok()) return batch.status();
-    return std::move(batch->values);
+    try {
+      if (faults_ != nullptr) {
+        if (absl::Status injected = faults_->BeforeBatch(); !injected.ok()) return injected;
+      }
+      absl::StatusOr<engine::EmbeddingBatch> batch = engine_->Run(crops);
+      if (!batch.ok()) return batch.status();
+      return std::move(batch->values);
+    } catch (const std::exception& e) {
+      return absl::InternalError(absl::StrCat("the engine threw: ", e.what()));
+    }
   }
 
  private:
   engine::Engine* const engine_;
+  service::FaultInjector* const faults_;
 };
 
 absl::Status ReadFile(const std::string& path, std::string* out) {
@@ -278,7 +295,12 @@ int Run(const service::ServerConfig& cfg, const sigset_t& signals) {
                ? 2
                : 1;
   }
-  EngineModel engine_model(engine->get());
+  std::unique_ptr<service::FaultInjector> faults;
+  if (!cfg.test_fault_injection.empty()) {
+    // Validated with the flags; parsed again here for the injector itself.
+    faults = *service::FaultInjector::Parse(cfg.test_fault_injection);
+  }
+  EngineModel engine_model(engine->get(), faults.get());
 
   service::ModelDescription model;
   model.arch = checkpoint.arch;
@@ -337,6 +359,10 @@ int Run(const service::ServerConfig& cfg, const sigset_t& signals) {
     spdlog::warn("TEST HOOK: batches wait before the model while {} exists",
                  cfg.test_hold_model_file);
   }
+  if (faults) {
+    spdlog::warn("TEST HOOK: fault injection {}", faults->spec());
+    service::FaultInjector::Install(faults.get());
+  }
 
   face_service.SetReady(emb, model);
   health->SetServingStatus("", true);
@@ -381,6 +407,7 @@ int Run(const service::ServerConfig& cfg, const sigset_t& signals) {
   spdlog::debug("drain: gRPC server shut down after {:.3f} s", absl::ToDoubleSeconds(absl::Now() - drain_start));
   (*embedder)->Shutdown();
   (*pool)->Shutdown();
+  service::FaultInjector::Install(nullptr);  // no preprocessing runs any more
   spdlog::debug("drain: batcher and pool stopped after {:.3f} s", absl::ToDoubleSeconds(absl::Now() - drain_start));
   http.Stop();
   const auto counters = emb->batcher().counters();

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/types/span.h"
+#include "server/service/fault_injection.h"
 
 namespace arcface::service {
 namespace {
@@ -54,6 +55,7 @@ absl::Status WithContext(const absl::Status& status, absl::string_view context) 
 
 absl::Status AppendFaceCrop(const arcface::v1::Face& face, const image::Limits& limits,
                             std::vector<uint8_t>* out) {
+  if (absl::Status injected = FaultInjector::BeforeFace(); !injected.ok()) return injected;
   const int num_landmarks = face.landmarks_size();
   if (num_landmarks != 0 && num_landmarks != 5) {
     return absl::InvalidArgumentError(

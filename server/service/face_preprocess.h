@@ -6,7 +6,8 @@
 // Contract
 // - Errors are INVALID_ARGUMENT with the reason (never naming the face index: callers prefix
 //   it with WithContext, e.g. "face 3: undecodable image: ..."); INTERNAL only when OpenCV
-//   fails on input already validated. Cheap checks (landmark count, pixel format, sizes) come
+//   fails on input already validated, or when the fault-injection test hook says so
+//   (fault_injection.h). Cheap checks (landmark count, pixel format, sizes) come
 //   before any decoding.
 // - CPU-bound and synchronous; pure (thread-safe, no state). The Face is borrowed for the call.
 #ifndef ARCFACE_SERVER_SERVICE_FACE_PREPROCESS_H_

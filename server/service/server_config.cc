@@ -13,6 +13,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "server/batching/dynamic_batcher.h"
+#include "server/service/fault_injection.h"
 #include "server/service/http_server.h"
 
 #ifndef ARCFACE_VERSION
@@ -146,6 +147,10 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
                  "TEST HOOK: while this file exists, batches wait before the model")
       ->envname("ARCFACE_TEST_HOLD_MODEL_FILE")
       ->group("");
+  app.add_option("--test-fault-injection", c.test_fault_injection,
+                 "TEST HOOK: make chosen batches or faces fail, throw or stall (fault_injection.h)")
+      ->envname("ARCFACE_TEST_FAULT_INJECTION")
+      ->group("");
 
   try {
     app.parse(argc, argv);
@@ -242,6 +247,10 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
         "give both the certificate and the key, or neither");
   Check(&bad, c.tls_client_ca.empty() || !c.tls_cert.empty(), "--tls-client-ca",
         "mutual TLS needs --tls-cert and --tls-key too");
+  if (!c.test_fault_injection.empty()) {
+    auto faults = FaultInjector::Parse(c.test_fault_injection);
+    Check(&bad, faults.ok(), "--test-fault-injection", std::string(faults.status().message()));
+  }
   for (const auto& [flag, path] : {std::pair<std::string, std::string>{"--tls-cert", c.tls_cert},
                                    {"--tls-key", c.tls_key},
                                    {"--tls-client-ca", c.tls_client_ca}}) {

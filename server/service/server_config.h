@@ -54,6 +54,7 @@ struct ServerConfig {
   std::string tls_client_ca;
   std::string port_file;
   std::string test_hold_model_file;
+  std::string test_fault_injection;  // FaultInjector's SPEC; empty: off
 };
 
 struct ParsedFlags {
