@@ -225,7 +225,10 @@ class FaceEmbeddingService::StreamReactor final
       slot->ready = true;
       actions = DecideLocked();
     }
-    Act(actions);
+    // This runs on a pool or batch thread, not in a gRPC reaction: once mu_ is released, a
+    // reaction may finish the stream and delete this reactor unless an action pins it (or is
+    // the finish), so with none there is nothing to do and `this` must not be touched.
+    if (actions.read != nullptr || actions.write != nullptr || actions.finish) Act(actions);
   }
 
   Actions Decide(bool unpin) {
