@@ -120,7 +120,7 @@ log "built"
 BENCH=$BUILD/gpu_bench
 if [ "$MODE" = dry ]; then
   # The bench's own logic on the CPU engine (bf16 is the CPU's reduced precision), tiny sizes.
-  "$BENCH" --device=cpu --precisions=fp32,bf16 --batches=1 --max-batch=2 --check-crops=6 \
+  "$BENCH" --device=cpu --precisions=fp32,bf16 --batches=1 --max-batch=2 --check-crops=3 \
     --seconds=0.01 --latency-runs=1 --callers=2 --json="$OUT/gpu_bench.jsonl" "${golden_flag[@]}"
   exit $?
 fi

@@ -32,10 +32,12 @@ apt-get "${apt_opts[@]}" update
 # (apt checked the files against the signed Sources index; dpkg-source need not.)
 (cd "$src" && dpkg-source -x ./*.dsc absl > "$src/extract.log" 2>&1)
 
-# Debian's configuration (debian/rules: C++17, shared), clang with TSan on top. Only the
-# libraries below and what they depend on: the ones whose code synchronises threads.
+# Debian's configuration (debian/rules: C++17, shared), clang with TSan on top; no RPATH, so
+# that the binaries' RPATH finds the libraries' own dependencies here too. Only
+# absl_synchronization and what it depends on (base, time, ...): the code that synchronises.
 cmake -S "$src/absl" -B "$src/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CXX_COMPILER=clang++-14 -DCMAKE_CXX_STANDARD=17 -DBUILD_SHARED_LIBS=ON \
+  -DCMAKE_SKIP_RPATH=ON \
   -DCMAKE_CXX_FLAGS="-fsanitize=thread -gline-tables-only" > "$src/configure.log" 2>&1
 cmake --build "$src/build" --target synchronization -j2 > "$src/build.log" \
   || { tail -30 "$src/build.log"; exit 1; }
