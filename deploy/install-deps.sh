@@ -37,6 +37,7 @@ TEST_PKGS=(
   python3 python3-torch python3-numpy python3-grpcio python3-opencv
   python3-pytest nodejs prometheus openssl
   docker.io docker-compose debootstrap python3-yaml   # the Docker and Kubernetes tests
+  clang-14 libclang-rt-14-dev      # the sanitizer and thread-safety lanes of tests/run.sh
 )
 
 case ${1:-} in

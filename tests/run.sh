@@ -1,10 +1,27 @@
 #!/usr/bin/env bash
 # Installs what is missing, configures, builds, and runs every test (C++ via ctest, the Python
-# reference's own tests, ONNX Runtime as the peer). Exits non-zero on any failure.
-# Usage: tests/run.sh [ctest arguments, e.g. -R engine]
+# reference's own tests, ONNX Runtime as the peer); then the reliability lanes, each a clang
+# build in its own folder:
+#   asan  ASan + UBSan + LeakSanitizer (build-asan): every C++ test, and the integration, client
+#         and Python-client suites against the sanitized server
+#   tsan  ThreadSanitizer (build-tsan): the batching, service, client and integration suites
+#   tsa   clang's -Wthread-safety as errors over every .cc of server/ and client/ (build-tsa)
+#   fuzz  the libFuzzer targets of tests/fuzz (build-fuzz, ASan+UBSan), each for
+#         ARCFACE_FUZZ_SECONDS (60) on its seed corpus and regression inputs
+# Each lane prints a header line and its wall time. Exits non-zero when the suite or any lane
+# fails (a failing suite does not stop the lanes; a summary ends the output).
+# Usage: tests/run.sh [ctest arguments, e.g. -R engine; the lanes' ctest runs get them too]
+#   ARCFACE_LANES=asan,tsan,tsa,fuzz   the lanes to run (default: all; CI runs all); "none" skips them
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${ARCFACE_BUILD_DIR:-build}
+LANES=${ARCFACE_LANES:-asan,tsan,tsa,fuzz}
+[[ $LANES == none ]] && LANES=
+for lane in ${LANES//,/ }; do
+  case $lane in asan | tsan | tsa | fuzz) ;; *)
+    echo "run.sh: unknown lane '$lane' in ARCFACE_LANES (asan, tsan, tsa, fuzz or none)" >&2; exit 2 ;;
+  esac
+done
 
 deploy/install-deps.sh
 if [[ ! -d tests/reference/node_modules/onnxruntime-node ]]; then
@@ -13,6 +30,67 @@ if [[ ! -d tests/reference/node_modules/onnxruntime-node ]]; then
   (cd tests/reference && npm install --ignore-scripts --no-audit --no-fund --loglevel=error)
 fi
 
-cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DARCFACE_BUILD_TESTS=ON >/dev/null
+# ccache (installed by install-deps) makes the lanes' second and later builds cheap.
+common=(-G Ninja -DARCFACE_BUILD_TESTS=ON -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+failed=()
+cmake -S . -B "$BUILD" "${common[@]}" -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$BUILD" -j"$(nproc)"
-ctest --test-dir "$BUILD" --output-on-failure "$@"
+ctest --test-dir "$BUILD" --output-on-failure "$@" || failed+=(suite)
+
+# The lanes share the main build's goldens (the fixtures find them current and return at once).
+golden=$(sed -n 's/^ARCFACE_GOLDEN_DIR:PATH=//p' "$BUILD/CMakeCache.txt")
+clang=(-DCMAKE_CXX_COMPILER=clang++-14 -DARCFACE_GOLDEN_DIR="$golden")
+
+# Each lane's steps are chained with &&: inside `if`, `set -e` does not apply.
+asan() {
+  cmake -S . -B build-asan "${common[@]}" "${clang[@]}" -DARCFACE_SANITIZE=address,undefined \
+    >/dev/null &&
+  timed build cmake --build build-asan -j"$(nproc)" &&
+  timed tests ctest --test-dir build-asan --output-on-failure "$@"
+}
+
+tsan() {
+  timed abseil tests/sanitizers/tsan_abseil.sh build-tsan/absl &&
+  cmake -S . -B build-tsan "${common[@]}" "${clang[@]}" -DARCFACE_SANITIZE=thread \
+    -DARCFACE_TSAN_ABSEIL_DIR="$PWD/build-tsan/absl" >/dev/null &&
+  timed build cmake --build build-tsan -j"$(nproc)" &&
+  timed tests ctest --test-dir build-tsan --output-on-failure "$@"
+}
+
+tsa() {
+  cmake -S . -B build-tsa "${common[@]}" "${clang[@]}" -DARCFACE_THREAD_SAFETY=ON >/dev/null &&
+  # The generated headers (protobuf) that the sources include; nothing else is compiled.
+  ninja -C build-tsa $(ninja -C build-tsa -t targets all | sed -n 's/^\([^/].*\.pb\.h\): .*/\1/p') &&
+  tests/sanitizers/thread_safety_check.py build-tsa
+}
+
+fuzz() {
+  cmake -S . -B build-fuzz "${common[@]}" "${clang[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DARCFACE_FUZZ=ON >/dev/null &&
+  # Only the fuzz targets: the rest of the folder would be the engine and server under ASan.
+  timed build cmake --build build-fuzz --target fuzz_all -j"$(nproc)" &&
+  timed tests ctest --test-dir build-fuzz --output-on-failure -V "$@"
+}
+
+# timed STEP COMMAND...: runs it and prints STEP's wall time.
+timed() {
+  local step=$1 t0=$SECONDS rc=0
+  shift
+  "$@" || rc=$?
+  echo "----- lane $lane: $step took $(mmss $((SECONDS - t0)))$( ((rc)) && echo ' (failed)')"
+  return $rc
+}
+mmss() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
+
+for lane in ${LANES//,/ }; do
+  echo "===== lane $lane: start ====="
+  t0=$SECONDS
+  if $lane "$@"; then verdict=passed; else verdict=FAILED; failed+=("$lane"); fi
+  echo "===== lane $lane: $verdict in $(mmss $((SECONDS - t0))) ====="
+done
+
+if ((${#failed[@]})); then
+  echo "run.sh: FAILED: ${failed[*]}" >&2
+  exit 1
+fi
+echo "run.sh: the suite${LANES:+ and the lanes ($LANES)} passed"

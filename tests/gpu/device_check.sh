@@ -1,28 +1,36 @@
 #!/usr/bin/env bash
 # The engine's GPU check, in one call on the lent GPU machine (H200, CUDA 13, PyTorch 2.11, no
 # package registry): build the engine and tests/gpu/gpu_bench against the machine's own libtorch,
-# check fp32/bf16/fp16 embeddings against the CPU fp32 reference, measure faces/s for batch
-# 1..512 and batch-1 latency, print a short table last. Results go to $OUT (or /tmp/gpu-out).
+# check fp32/bf16/fp16 embeddings against the CPU fp32 reference (or PyTorch's goldens), measure
+# faces/s for batch 1..512 and batch-1 latency, print a short table last. Results go to $OUT (or
+# /tmp/gpu-out).
 #
 #   tests/gpu/device_check.sh --prepare   # here (Debian 12): fill .gpu-deps/ with the few Debian
 #                                         # libraries the bench needs (abseil, protobuf,
 #                                         # nlohmann-json, OpenSSL), unpacked, ≈25 MB
 #   device run, carry [".gpu-deps"]:  bash tests/gpu/device_check.sh        (≈4-6 min)
-#   tests/gpu/device_check.sh --dry-run   # here: the same build path against Debian's CPU
-#                                         # libtorch, and a tiny CPU run of the bench (ctest
+#   tests/gpu/device_check.sh --dry-run --golden-dir DIR
+#                                         # here: the same build path against Debian's CPU
+#                                         # libtorch, and a tiny CPU run of the bench against
+#                                         # PyTorch's embeddings of the golden r50 crops (ctest
 #                                         # gpu_device_check_dry)
-# Options: --build-dir DIR (default /tmp/arcface-gpu-build; the dry run: build/gpu-dry).
+# Options: --build-dir DIR (default /tmp/arcface-gpu-build; the dry run: build/gpu-dry);
+#          --golden-dir DIR: the goldens of tests/reference/make_goldens.py as the reference
+#          (required by the dry run, where the other reference, the CPU engine, is the engine
+#          under test; on the device the golden weights are too large to carry).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 DEPS=$ROOT/.gpu-deps
 MODE=device
 BUILD=/tmp/arcface-gpu-build
+GOLDEN=
 while [ $# -gt 0 ]; do
   case "$1" in
     --prepare) MODE=prepare ;;
     --dry-run) MODE=dry; BUILD=$ROOT/build/gpu-dry ;;
     --build-dir) BUILD=$2; shift ;;
+    --golden-dir) GOLDEN=$(cd "$2" && pwd); shift ;;
     *) echo "device_check.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
@@ -42,7 +50,13 @@ if [ "$MODE" = prepare ]; then
   exit 0
 fi
 
+if [ "$MODE" = dry ] && [ -z "$GOLDEN" ]; then
+  echo "device_check.sh: --dry-run needs --golden-dir (the reference it checks against)" >&2
+  exit 2
+fi
 if [ "$MODE" = dry ]; then OUT=$BUILD/out; else OUT=${OUT:-/tmp/gpu-out}; fi
+golden_flag=()
+[ -n "$GOLDEN" ] && golden_flag=(--golden-dir="$GOLDEN")
 mkdir -p "$OUT" "$BUILD"
 JOBS=$(nproc)
 START=$(date +%s)
@@ -106,14 +120,15 @@ log "built"
 BENCH=$BUILD/gpu_bench
 if [ "$MODE" = dry ]; then
   # The bench's own logic on the CPU engine (bf16 is the CPU's reduced precision), tiny sizes.
-  "$BENCH" --device=cpu --precisions=fp32,bf16 --batches=1 --max-batch=2 --check-crops=2 \
-    --seconds=0.01 --latency-runs=1 --callers=2 --json="$OUT/gpu_bench.jsonl"
+  "$BENCH" --device=cpu --precisions=fp32,bf16 --batches=1 --max-batch=2 --check-crops=3 \
+    --seconds=0.01 --latency-runs=1 --callers=2 --json="$OUT/gpu_bench.jsonl" "${golden_flag[@]}"
   exit $?
 fi
 
 status=0
 log "bench: fp32, bf16, fp16 with CUDA graphs, 2 lanes"
 timeout "$(budget 330)" "$BENCH" --device=cuda --precisions=fp32,bf16,fp16 --json="$OUT/gpu_bench.jsonl" \
+  "${golden_flag[@]}" \
   2>&1 | tee "$OUT/gpu_bench.log" || status=1
 if [ "$(budget 60)" -ge 60 ]; then
   # What the graphs give: the same engine run eagerly (fp16, a few sizes).

@@ -1,7 +1,10 @@
 // gpu_bench: the device check of the engine. It needs the engine and the model only (libtorch,
 // abseil, the checkpoint library), no gRPC or OpenCV, so that it builds on the GPU machine.
 //
-// 1. Reference: the seeded demo checkpoint (r50) through the CPU engine in fp32.
+// 1. Reference: the seeded demo checkpoint (r50) through the CPU engine in fp32, on random crops;
+//    or, with --golden-dir (the PyTorch goldens of tests/reference/make_goldens.py), PyTorch's own
+//    embeddings of the golden r50 crops (the first --check-crops) with the golden r50 weights (an independent reference:
+//    the dry run on the CPU would otherwise compare the CPU fp32 engine with itself).
 // 2. Per precision: an engine on --device; its embeddings of the same crops, run as several batch
 //    sizes (padded graph sizes, a batch above the largest graph), against the reference:
 //    cosine >= 0.99999 for fp32, >= 0.999 for fp16/bf16; norms agree with the values; the same
@@ -10,7 +13,7 @@
 //    (the engine's lanes overlap copies and compute); batch-1 latency, median and p99.
 // Output: one JSON object per line to --json (and stdout), a table last. Exit 1 when a check
 // fails, 2 on bad flags. Flags (--name=value): device, precisions, batches, max-batch, callers,
-// lanes, seconds, latency-runs, check-crops, graphs, channels-last, json.
+// lanes, seconds, latency-runs, check-crops, graphs, channels-last, json, golden-dir.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -28,7 +31,9 @@
 #include <vector>
 
 #include "absl/types/span.h"
+#include "nlohmann/json.hpp"
 #include "server/engine/engine.h"
+#include "server/model/checkpoint.h"
 #include "server/model/demo_weights.h"
 
 namespace {
@@ -52,6 +57,7 @@ struct Flags {
   bool graphs = true;
   bool channels_last = true;
   std::string json;
+  std::string golden_dir;
 };
 
 std::vector<std::string> Split(const std::string& s) {
@@ -98,6 +104,8 @@ bool ParseFlags(int argc, char** argv, Flags* f) {
         f->channels_last = value != "0" && value != "false";
       } else if (name == "json") {
         f->json = value;
+      } else if (name == "golden-dir") {
+        f->golden_dir = value;
       } else {
         std::fprintf(stderr, "unknown flag --%s\n", name.c_str());
         return false;
@@ -208,6 +216,65 @@ struct Row {
   }
 };
 
+// The golden r50 checkpoint, and the r50 cases' uint8 crops (crop cases, and the image cases'
+// crops rounded to uint8) with PyTorch's embedding of exactly those bytes.
+struct Goldens {
+  arcface::model::Checkpoint checkpoint;
+  std::vector<uint8_t> crops;
+  std::vector<float> embeddings;
+};
+
+bool ReadFile(const std::string& path, std::string* out) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return false;
+  std::stringstream ss;
+  ss << in.rdbuf();
+  *out = ss.str();
+  return !in.bad();
+}
+
+bool LoadGoldens(const std::string& dir, Goldens* g) {
+  std::string text;
+  if (!ReadFile(dir + "/goldens.json", &text)) {
+    std::fprintf(stderr, "--golden-dir: cannot read %s/goldens.json\n", dir.c_str());
+    return false;
+  }
+  try {
+    const nlohmann::json goldens = nlohmann::json::parse(text);
+    const std::string file = goldens.at("models").at("r50").at("file");
+    auto checkpoint = arcface::model::LoadCheckpoint(dir + "/" + file);
+    if (!checkpoint.ok()) {
+      std::fprintf(stderr, "--golden-dir: %s\n", checkpoint.status().ToString().c_str());
+      return false;
+    }
+    g->checkpoint = *std::move(checkpoint);
+    for (const auto& c : goldens.at("cases")) {
+      if (c.at("model") != "r50") continue;
+      const bool crop = c.at("input").at("kind") == "crop";
+      const std::string name = c.at("name"), input = c.at("input").at(crop ? "file" : "u8_rounded");
+      const auto embedding =
+          c.at(crop ? "embedding" : "embedding_u8_rounded").get<std::vector<float>>();
+      std::string bytes;
+      if (!ReadFile(dir + "/" + input, &bytes) || bytes.size() != kCropBytes ||
+          embedding.size() != size_t{kEmbeddingDim}) {
+        std::fprintf(stderr, "--golden-dir: case %s: bad crop %s or embedding\n", name.c_str(),
+                     input.c_str());
+        return false;
+      }
+      g->crops.insert(g->crops.end(), bytes.begin(), bytes.end());
+      g->embeddings.insert(g->embeddings.end(), embedding.begin(), embedding.end());
+    }
+  } catch (const nlohmann::json::exception& e) {
+    std::fprintf(stderr, "--golden-dir: %s/goldens.json: %s\n", dir.c_str(), e.what());
+    return false;
+  }
+  if (g->embeddings.empty()) {
+    std::fprintf(stderr, "--golden-dir: no r50 cases in %s/goldens.json\n", dir.c_str());
+    return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -215,12 +282,28 @@ int main(int argc, char** argv) {
   if (!ParseFlags(argc, argv, &flags)) return 2;
   Report report(flags.json);
 
-  const arcface::model::Checkpoint checkpoint = arcface::model::MakeDemoCheckpoint(/*seed=*/0);
-  const std::vector<uint8_t> check = RandomCrops(flags.check_crops, 7);
+  Goldens goldens;
+  if (!flags.golden_dir.empty()) {
+    if (!LoadGoldens(flags.golden_dir, &goldens)) return 1;
+    // The first --check-crops cases (all of them at most).
+    const int cases = static_cast<int>(goldens.embeddings.size() / kEmbeddingDim);
+    flags.check_crops = std::min(flags.check_crops, cases);
+    goldens.crops.resize(size_t{kCropBytes} * flags.check_crops);
+    goldens.embeddings.resize(size_t{kEmbeddingDim} * flags.check_crops);
+  }
+  const bool torch_reference = !flags.golden_dir.empty();
+  const arcface::model::Checkpoint checkpoint =
+      torch_reference ? goldens.checkpoint : arcface::model::MakeDemoCheckpoint(/*seed=*/0);
+  const std::vector<uint8_t> check =
+      torch_reference ? goldens.crops : RandomCrops(flags.check_crops, 7);
+  const char* reference_name = torch_reference ? "PyTorch fp32" : "CPU fp32";
 
-  // The reference: fp32 on the CPU, one crop at a time (no batching effects at all).
+  // The reference: PyTorch's goldens, or fp32 on the CPU, one crop at a time (no batching
+  // effects at all).
   std::vector<float> reference(size_t{kEmbeddingDim} * flags.check_crops);
-  {
+  if (torch_reference) {
+    reference = goldens.embeddings;
+  } else {
     EngineOptions o;
     o.device = "cpu";
     o.warmup_batch_size = 0;
@@ -344,9 +427,10 @@ int main(int argc, char** argv) {
     }
     row.ok = row.ok && row.min_cosine >= bar;
     all_ok = all_ok && row.ok;
-    report.Line(Fmt("{\"precision\": \"%s\", \"min_cosine_vs_cpu_fp32\": %.9f, \"bar\": %g, "
-                    "\"ok\": %s}",
-                    name.c_str(), row.min_cosine, bar, row.ok ? "true" : "false"));
+    report.Line(Fmt("{\"precision\": \"%s\", \"reference\": \"%s\", \"min_cosine\": %.9f, "
+                    "\"bar\": %g, \"ok\": %s}",
+                    name.c_str(), reference_name, row.min_cosine, bar,
+                    row.ok ? "true" : "false"));
 
     // Latency at batch 1: one caller, Run() end to end (host copy, transfers, graph, sync).
     {
@@ -377,9 +461,10 @@ int main(int argc, char** argv) {
     }
   }
 
-  std::printf("\nengine on %s, demo r50 weights, %d lanes, graphs %s, %s; faces/s with 1 | %d "
+  std::printf("\nengine on %s, %s r50 weights, %d lanes, graphs %s, %s; faces/s with 1 | %d "
               "callers\n",
-              flags.device.c_str(), flags.lanes, flags.graphs ? "on" : "off",
+              flags.device.c_str(), torch_reference ? "golden" : "demo", flags.lanes,
+              flags.graphs ? "on" : "off",
               flags.channels_last ? "channels-last" : "NCHW", flags.callers);
   std::printf("%6s", "batch");
   for (const auto& [name, row] : rows) std::printf(" | %21s", name.c_str());
@@ -392,9 +477,9 @@ int main(int argc, char** argv) {
     std::printf("\n");
   }
   for (const auto& [name, row] : rows) {
-    std::printf("%s: cosine vs CPU fp32 min %.7f (%s), batch-1 latency p50 %.3f ms p99 %.3f ms, "
+    std::printf("%s: cosine vs %s min %.7f (%s), batch-1 latency p50 %.3f ms p99 %.3f ms, "
                 "warm-up %.1f s, allocated %.0f MiB\n",
-                name.c_str(), row.min_cosine, row.ok ? "ok" : "FAIL", row.p50_ms, row.p99_ms,
+                name.c_str(), reference_name, row.min_cosine, row.ok ? "ok" : "FAIL", row.p50_ms, row.p99_ms,
                 row.create_s, row.allocated_mib);
   }
   std::printf("%s\n", all_ok ? "ALL CHECKS PASSED" : "SOME CHECK FAILED");
