@@ -49,6 +49,7 @@
 namespace arcface::service {
 namespace {
 
+using ::testing::AllOf;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 namespace v1 = ::arcface::v1;
@@ -1858,6 +1859,7 @@ TEST_F(ServiceTest, FullPoolRefusesAtOnceWithFlatMemoryAndAdmittedCallsFinish) {
     return int64_t{resident} * sysconf(_SC_PAGESIZE);
   };
   // Bytes the process has allocated and not freed (RSS also counts what malloc keeps cached).
+  // Under ASan mallinfo2 reads 0: there LeakSanitizer is the check that nothing is kept.
   auto heap_bytes = [] { return static_cast<int64_t>(mallinfo2().uordblks); };
   auto refuse = [&](int calls) {
     absl::Duration slowest;
@@ -1867,9 +1869,12 @@ TEST_F(ServiceTest, FullPoolRefusesAtOnceWithFlatMemoryAndAdmittedCallsFinish) {
       grpc::Status s = Embed(refused, &resp);
       slowest = std::max(slowest, absl::Now() - start);
       EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+      // 4 of 4 while the admitted call decodes, 1 of 4 (the holder) once it is through (it may
+      // be, on a slow build): a 16-face call is refused either way, the pool not being empty.
       EXPECT_THAT(s.error_message(),
-                  HasSubstr("preprocessing pool full (4 of 4 face crops admitted, this call "
-                            "needs 16; --preprocess-queue)"));
+                  AllOf(HasSubstr("preprocessing pool full ("),
+                        HasSubstr(" of 4 face crops admitted, this call needs 16; "
+                                  "--preprocess-queue)")));
     }
     return slowest;
   };
@@ -1883,7 +1888,6 @@ TEST_F(ServiceTest, FullPoolRefusesAtOnceWithFlatMemoryAndAdmittedCallsFinish) {
   EXPECT_LT(heap_after - heap_before, 4 << 20);  // one leaked request each would be 300 MB
   EXPECT_LT(slowest, absl::Seconds(1));
   EXPECT_EQ(Metric("arcface_rejected_total", {{"reason", "preprocess_queue_full"}}), 550);
-  ASSERT_EQ(pool_->pending(), 2);  // still full, and the admitted call still decoding
 
   release.Notify();
   admitted_client.join();
