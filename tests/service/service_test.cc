@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <initializer_list>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -470,48 +471,44 @@ TEST(ServerFlags, EnvironmentVariablesAndHelp) {
   EXPECT_THAT(help.out, ::testing::Not(HasSubstr("test-hold-model-file")));
 }
 
-TEST(ServerFlags, MaxBatchesInFlight) {
-  FlagRun automatic = RunFlags({"--demo-weights"});
-  ASSERT_EQ(automatic.exit_code, -1) << automatic.err;
-  EXPECT_EQ(automatic.config.max_batches_in_flight, 0);  // 1 on the CPU, the lanes on CUDA
-  FlagRun flag = RunFlags({"--demo-weights", "--max-batches-in-flight", "3"});
-  ASSERT_EQ(flag.exit_code, -1) << flag.err;
-  EXPECT_EQ(flag.config.max_batches_in_flight, 3);
-  setenv("ARCFACE_MAX_BATCHES_IN_FLIGHT", "16", 1);
+// A numeric flag: its default, a value given by the flag and one by its environment variable,
+// each bad value refused (exit 2) naming the flag, and the variable listed in --help.
+template <typename T>
+void CheckNumericFlag(const std::string& flag, const char* env_var, T ServerConfig::*field,
+                      T default_value, const std::string& flag_value, const char* env_value,
+                      std::initializer_list<const char*> bad_values) {
+  FlagRun defaults = RunFlags({"--demo-weights"});
+  ASSERT_EQ(defaults.exit_code, -1) << defaults.err;
+  EXPECT_EQ(defaults.config.*field, default_value);
+  FlagRun flagged = RunFlags({"--demo-weights", flag, flag_value});
+  ASSERT_EQ(flagged.exit_code, -1) << flagged.err;
+  EXPECT_EQ(flagged.config.*field, static_cast<T>(std::stoll(flag_value)));
+  setenv(env_var, env_value, 1);
   FlagRun env = RunFlags({"--demo-weights"});
-  unsetenv("ARCFACE_MAX_BATCHES_IN_FLIGHT");
+  unsetenv(env_var);
   ASSERT_EQ(env.exit_code, -1) << env.err;
-  EXPECT_EQ(env.config.max_batches_in_flight, 16);
-  for (const char* bad : {"-1", "17", "two"}) {
-    FlagRun r = RunFlags({"--demo-weights", "--max-batches-in-flight", bad});
+  EXPECT_EQ(env.config.*field, static_cast<T>(std::stoll(env_value)));
+  for (const char* bad : bad_values) {
+    FlagRun r = RunFlags({"--demo-weights", flag, bad});
     EXPECT_EQ(r.exit_code, 2) << bad;
-    EXPECT_THAT(r.err, HasSubstr("--max-batches-in-flight")) << bad;
+    EXPECT_THAT(r.err, HasSubstr(flag)) << bad;
   }
   FlagRun help = RunFlags({"--help"});
-  EXPECT_THAT(help.out, HasSubstr("ARCFACE_MAX_BATCHES_IN_FLIGHT"));
+  EXPECT_THAT(help.out, HasSubstr(env_var));
+}
+
+TEST(ServerFlags, MaxBatchesInFlight) {
+  // Default 0: 1 on the CPU, the lanes on CUDA.
+  CheckNumericFlag("--max-batches-in-flight", "ARCFACE_MAX_BATCHES_IN_FLIGHT",
+                   &ServerConfig::max_batches_in_flight, 0, "3", "16", {"-1", "17", "two"});
 }
 
 TEST(ServerFlags, CancelPollInterval) {
-  FlagRun defaults = RunFlags({"--demo-weights"});
-  ASSERT_EQ(defaults.exit_code, -1) << defaults.err;
-  EXPECT_EQ(defaults.config.cancel_poll_interval_us, 20000);
-  EXPECT_EQ(absl::Microseconds(defaults.config.cancel_poll_interval_us),
+  CheckNumericFlag<int64_t>("--cancel-poll-interval-us", "ARCFACE_CANCEL_POLL_INTERVAL_US",
+                            &ServerConfig::cancel_poll_interval_us, 20000, "0", "5000",
+                            {"-1", "10000001", "soon"});
+  EXPECT_EQ(absl::Microseconds(ServerConfig().cancel_poll_interval_us),
             batching::DynamicBatcher::Options().cancel_poll_interval);
-  FlagRun flag = RunFlags({"--demo-weights", "--cancel-poll-interval-us", "0"});
-  ASSERT_EQ(flag.exit_code, -1) << flag.err;
-  EXPECT_EQ(flag.config.cancel_poll_interval_us, 0);
-  setenv("ARCFACE_CANCEL_POLL_INTERVAL_US", "5000", 1);
-  FlagRun env = RunFlags({"--demo-weights"});
-  unsetenv("ARCFACE_CANCEL_POLL_INTERVAL_US");
-  ASSERT_EQ(env.exit_code, -1) << env.err;
-  EXPECT_EQ(env.config.cancel_poll_interval_us, 5000);
-  for (const char* bad : {"-1", "10000001", "soon"}) {
-    FlagRun r = RunFlags({"--demo-weights", "--cancel-poll-interval-us", bad});
-    EXPECT_EQ(r.exit_code, 2) << bad;
-    EXPECT_THAT(r.err, HasSubstr("--cancel-poll-interval-us")) << bad;
-  }
-  FlagRun help = RunFlags({"--help"});
-  EXPECT_THAT(help.out, HasSubstr("ARCFACE_CANCEL_POLL_INTERVAL_US"));
 }
 
 TEST(ServerFlags, DrainTimeoutForms) {
