@@ -184,15 +184,19 @@ def test_health_answers_while_50_sockets_send_one_byte_per_second(server):
     check_cut_at_deadline(slow)
 
 
-def test_oversized_request_head_is_refused(server):
+def exchange(server, request):
+    """Sends `request` on a new connection; everything the server sends until it closes."""
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=5) as s:
-        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Big: 123456789\r\n" * 600)
+        s.sendall(request)
         answer = b""
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
+        while chunk := s.recv(4096):
             answer += chunk
+    return answer
+
+
+def test_oversized_request_head_is_refused(server):
+    answer = exchange(server, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" +
+                      b"X-Big: 123456789\r\n" * 600)
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert probe_all(server) < PROBE_TIMEOUT
 
@@ -220,14 +224,8 @@ def test_connections_over_the_cap_evict_the_oldest(server):
 
 def test_keep_alive_clients_are_answered_and_closed(server):
     # One request per connection: the answer says Connection: close and the server closes.
-    with socket.create_connection(("127.0.0.1", server.http_port), timeout=5) as s:
-        s.sendall(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n")
-        answer = b""
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
+    answer = exchange(
+        server, b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), answer[:200]
     assert b"Connection: close" in head, head
