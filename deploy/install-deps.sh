@@ -22,6 +22,7 @@ BUILD_PKGS=(
   libcpp-httplib-dev               # /metrics, /healthz
   libssl-dev                       # SHA-256 of the weights
   libgtest-dev libgmock-dev libbenchmark-dev
+  python3-pip                      # the Python client's wheel (with python3-setuptools, -wheel)
   ccache                           # the image's builder keeps its compiler cache between builds
 )
 # The packages behind the binaries' shared libraries (readelf -d NEEDED), for the image.
@@ -36,6 +37,7 @@ SIDECAR_PKGS=(python3 python3-grpcio python3-numpy python3-opencv opencv-data)
 TEST_PKGS=(
   python3 python3-torch python3-numpy python3-grpcio python3-opencv
   python3-pytest nodejs prometheus openssl
+  python3-venv                     # the wheel installed into a fresh venv (tests/packaging)
   docker.io docker-compose debootstrap python3-yaml   # the Docker and Kubernetes tests
   clang-14 libclang-rt-14-dev      # the sanitizer and thread-safety lanes of tests/run.sh
 )

@@ -1,5 +1,6 @@
 """The wheel as a user installs it: pip into a fresh venv (system site packages for Debian's
-grpcio and numpy; no index, no dependencies fetched), then imported by that venv's Python from
+grpcio, protobuf and numpy; no index, so the wheel's declared dependencies must be met by
+those), then imported by that venv's Python from
 a folder outside the source tree, in isolated mode (no PYTHONPATH, no script folder on the path),
 and used against a real arcface-server."""
 
@@ -53,8 +54,8 @@ def venv(tmp_path_factory, env):
     """A fresh venv with the wheel installed; returns its folder."""
     path = tmp_path_factory.mktemp("venv") / "env"
     run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", path], "venv", timeout=120)
-    run([path / "bin" / "python", "-m", "pip", "install", "--no-index", "--no-deps",
-         env["ARCFACE_WHEEL"]], "pip install", timeout=300)
+    run([path / "bin" / "python", "-m", "pip", "install", "--no-index", env["ARCFACE_WHEEL"]],
+        "pip install", timeout=300)
     return path
 
 
