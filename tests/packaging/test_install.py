@@ -51,7 +51,8 @@ def consumer(tmp_path_factory, env, prefix):
     build = tmp_path_factory.mktemp("consumer") / "build"
     configure = [env["ARCFACE_CMAKE"], "-S", CONSUMER, "-B", build,
                  "-G", env["ARCFACE_CMAKE_GENERATOR"], "-DCMAKE_BUILD_TYPE=Release",
-                 f"-DCMAKE_PREFIX_PATH={prefix}", f"-DCMAKE_CXX_COMPILER={env['ARCFACE_CXX_COMPILER']}",
+                 f"-DCMAKE_PREFIX_PATH={prefix}",
+                 f"-DCMAKE_CXX_COMPILER={env['ARCFACE_CXX_COMPILER']}",
                  # Only the prefix: not a package registry entry left by some other build.
                  "-DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF"]
     launcher = os.environ.get("ARCFACE_CXX_COMPILER_LAUNCHER")
