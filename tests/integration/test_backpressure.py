@@ -162,8 +162,12 @@ def test_expired_and_cancelled_never_run(held_server):
 
     after = lib.wait_until(settled, 10, what="both dropped, two batches reported")
     d = lambda name, **kw: after.get(name, 0.0, **kw) - before.get(name, 0.0, **kw)  # noqa: E731
-    assert d("arcface_dropped_total", reason="expired") == 1
-    assert d("arcface_dropped_total", reason="cancelled") == 1
+    # The client's deadline passes a hair before the server's, and the client then cancels the
+    # call: whichever the batcher notices first (its deadline sweep or its cancellation poll)
+    # names the expiring call's drop. The cancelled one is always a cancellation.
+    cancelled = d("arcface_dropped_total", reason="cancelled")
+    assert cancelled in (1, 2)
+    assert d("arcface_dropped_total", reason="expired") == 2 - cancelled
     # Only the plug and the later call reached the model.
     h0, h1 = before.histogram("arcface_batch_size"), after.histogram("arcface_batch_size")
     assert h1["count"] - h0["count"] == 2
@@ -172,6 +176,6 @@ def test_expired_and_cancelled_never_run(held_server):
             - before.histogram("arcface_inference_seconds")["count"]) == 2
     assert d("arcface_faces_total") == 2
     assert d("arcface_requests_total", rpc="Embed", code="OK") == 2
-    assert d("arcface_requests_total", rpc="Embed", code="DEADLINE_EXCEEDED") == 1
-    assert d("arcface_requests_total", rpc="Embed", code="CANCELLED") == 1
+    assert d("arcface_requests_total", rpc="Embed", code="DEADLINE_EXCEEDED") == 2 - cancelled
+    assert d("arcface_requests_total", rpc="Embed", code="CANCELLED") == cancelled
     assert after.get("arcface_queue_depth") == 0

@@ -211,6 +211,9 @@ MAX_MESSAGE = 16 << 20
 # 4 x 2 messages (67 MB), the rest is gRPC's receive buffers, the parse's copies and what
 # glibc's arenas keep of them. Before the fix the same streams grew the server by 2.4 GB.
 RSS_GROWTH_BOUND_MB = 700
+# Under ThreadSanitizer every byte the server touches has shadow memory several times its size,
+# so its RSS says nothing against this bound; the held-bytes gauge still bounds what it keeps.
+UNDER_TSAN = os.environ.get("ARCFACE_SANITIZE") == "thread"
 
 
 def vm_rss_mb(pid):
@@ -272,7 +275,7 @@ def test_streams_that_never_read_hold_bounded_memory(start_server, tmp_path):
 
         def settled():
             peak[0] = max(peak[0], vm_rss_mb(server.proc.pid))
-            assert peak[0] - baseline <= RSS_GROWTH_BOUND_MB, (
+            assert UNDER_TSAN or peak[0] - baseline <= RSS_GROWTH_BOUND_MB, (
                 f"RSS grew {peak[0] - baseline:.0f} MB (baseline {baseline:.0f} MB)")
             m = server.metrics()
             return (m.get("arcface_requests_total", 0.0, rpc="EmbedStream",
@@ -286,7 +289,7 @@ def test_streams_that_never_read_hold_bounded_memory(start_server, tmp_path):
         assert server.metrics().get("arcface_stream_held_bytes") == 4 * size
         growth = peak[0] - baseline
         print(f"RSS baseline {baseline:.0f} MB, peak {peak[0]:.0f} MB, growth {growth:.0f} MB")
-        assert growth <= RSS_GROWTH_BOUND_MB, (
+        assert UNDER_TSAN or growth <= RSS_GROWTH_BOUND_MB, (
             f"RSS grew {growth:.0f} MB (baseline {baseline:.0f} MB)")
         # Other callers: served while the streams hang on.
         assert server.health_status("") == lib.SERVING
