@@ -1750,9 +1750,11 @@ TEST_F(ServiceTest, ExpiredCallsStopDecodingAndASmallCallIsNotStuckBehindThem) {
   std::cout << "slow face: " << cost << "; small call waited " << small_wait << "; the server "
             << "ended the heavy calls " << server_done << " after they began, with "
             << decoded << " of their " << 2 * kHeavy << " faces decoded\n";
-  // About one face per pool thread before the small call's turn (load may stretch a face).
-  EXPECT_LT(small_wait, 3 * cost + absl::Milliseconds(500));
-  EXPECT_LT(server_done, 4 * cost + absl::Milliseconds(500));
+  // About one face per pool thread before the small call's turn; the margins absorb a loaded
+  // machine or a sanitizer stretching some faces, and stay far below the heavy calls' whole
+  // decode (kHeavy faces per pool thread) that the small call waited for before the fix.
+  EXPECT_LT(small_wait, 5 * cost + absl::Seconds(1));
+  EXPECT_LT(server_done, 6 * cost + absl::Seconds(1));
   // The deadline (0.5 s) passes during the heavy calls' first or second face.
   EXPECT_LE(decoded, 2 * (1 + absl::Milliseconds(500) / cost) + 2);
   EXPECT_EQ(Metric("arcface_preprocess_aborted_total", {{"reason", "deadline"}}), 2);
