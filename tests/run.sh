@@ -32,6 +32,7 @@ if [[ ! -d tests/reference/node_modules/onnxruntime-node ]]; then
   # here); its CPU library for Linux x64 ships inside the package itself.
   (cd tests/reference && npm install --ignore-scripts --no-audit --no-fund --loglevel=error)
 fi
+tests/data/fetch_dlib_data.sh "$BUILD/dlib-data"  # dlib's example faces (Debian's archive), once
 
 # ccache (installed by install-deps) makes the lanes' second and later builds cheap.
 common=(-G Ninja -DARCFACE_BUILD_TESTS=ON -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)

@@ -78,8 +78,8 @@ def parse_args():
     p.add_argument("--weights", default=None, help="default: the golden r50 weights")
     p.add_argument("--demo-weights", action="store_true")
     p.add_argument("--golden-dir", default=os.environ.get("ARCFACE_GOLDEN_DIR"))
-    p.add_argument("--shared-data", default=os.environ.get("ARCFACE_SHARED_DATA",
-                                                            os.path.join(ROOT, "..", "shared", "data")))
+    p.add_argument("--test-data", default=os.environ.get("ARCFACE_TEST_DATA",
+                                                          os.path.join(ROOT, "tests", "data")))
     p.add_argument("--clients", type=int, default=5, help="worker threads (at most 8)")
     p.add_argument("--threads", type=int, default=2, help="the server's --threads")
     p.add_argument("--sample-every", type=float, default=2.0)
@@ -598,7 +598,7 @@ def wait_idle(server, timeout=60):
 
 def main():
     golden_dir = ARGS.golden_dir or os.path.join(ARGS.build, "golden")
-    goldens = lib.Goldens(golden_dir, ARGS.shared_data)
+    goldens = lib.Goldens(golden_dir, ARGS.test_data)
     weights = None if ARGS.demo_weights else (ARGS.weights or goldens.model_path("r50"))
     server_args = (["--demo-weights"] if weights is None else ["--weights", weights]) + [
         "--device", "cpu", "--threads", str(ARGS.threads),

@@ -1,6 +1,6 @@
 // arcface::client::Client against a real arcface-server with the golden r50 weights and
 // --max-faces-per-request 4 (tests/client/test_cli.py starts it and runs this binary with
-// ARCFACE_TEST_SERVER=host:port, ARCFACE_GOLDEN_DIR and ARCFACE_SHARED_DATA).
+// ARCFACE_TEST_SERVER=host:port, ARCFACE_GOLDEN_DIR and ARCFACE_TEST_DATA).
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -55,7 +55,7 @@ class ClientTest : public ::testing::Test {
     return Case(name)["embedding"].get<std::vector<double>>();
   }
   static std::string ImagePath(const std::string& name) {
-    return Env("ARCFACE_SHARED_DATA") + "/" +
+    return Env("ARCFACE_TEST_DATA") + "/" +
            std::filesystem::path(Case(name)["input"]["path"].get<std::string>()).filename().string();
   }
   // A crop case's 112x112 RGB bytes, as the BGR cv::Mat an OpenCV user would hold.

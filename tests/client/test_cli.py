@@ -24,7 +24,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def data(name):
-    return os.path.join(lib.SHARED_DATA, name)
+    return os.path.join(lib.TEST_DATA, name)
 
 
 def whole_cases(goldens):
@@ -62,7 +62,7 @@ def embed_counts(metrics):
 
 def test_cpp_library_against_the_golden_server(r50_address):
     env = cli_env(ARCFACE_TEST_SERVER=r50_address, ARCFACE_GOLDEN_DIR=lib.GOLDEN_DIR,
-                  ARCFACE_SHARED_DATA=lib.SHARED_DATA,
+                  ARCFACE_TEST_DATA=lib.TEST_DATA,
                   ARCFACE_FREE_ADDRESS=f"127.0.0.1:{lib.free_port()}")
     r = subprocess.run([LIBRARY_TEST], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
@@ -75,13 +75,13 @@ def test_cpp_library_against_the_golden_server(r50_address):
 
 def test_embed_directory_to_npy_equals_the_reference(r50_address, goldens, tmp_path):
     out = tmp_path / "emb.npy"
-    r = run_cli("--server", r50_address, "embed", lib.SHARED_DATA, "--out", out)
+    r = run_cli("--server", r50_address, "embed", lib.TEST_DATA, "--out", out)
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""
     arr = np.load(out)
     assert arr.dtype == np.float32
     names = (tmp_path / "emb.files.txt").read_text().splitlines()
-    expected = sorted(os.path.join(lib.SHARED_DATA, f) for f in os.listdir(lib.SHARED_DATA)
+    expected = sorted(os.path.join(lib.TEST_DATA, f) for f in os.listdir(lib.TEST_DATA)
                       if f.lower().endswith(IMAGE_EXTENSIONS))
     assert names == expected
     assert arr.shape == (len(expected), 512)

@@ -3,7 +3,7 @@
 Starts an engine when none answers (deploy/docker-engine.sh: private data root, base image
 made with debootstrap when missing; never skipped: no engine is a failure), builds the three
 images from the repository's Dockerfile, brings deploy/docker-compose.yml up with the demo
-weights and the shared photos as the sidecar's input, and checks:
+weights and the test photos (tests/data) as the sidecar's input, and checks:
 - the service becomes `healthy` (the image's HEALTHCHECK, arcface-client health);
 - Embed from the host through the published port, and from inside the video-analytics
   container over localhost (its shared network namespace), both equal the reference: the
@@ -124,7 +124,7 @@ def stack(engine, images):
     # The demo weights are a random network: unrelated faces already reach cosines of 0.4-0.85
     # there, so the sidecar's identity threshold is raised to tell the photos' faces apart.
     env = dict(engine, ARCFACE_DEMO_WEIGHTS="true",
-               ARCFACE_VIDEO_INPUT=os.path.realpath(lib.SHARED_DATA),
+               ARCFACE_VIDEO_INPUT=os.path.realpath(lib.TEST_DATA),
                VIDEO_THRESHOLD="0.95", VIDEO_FPS="4",
                **{k: str(v) for k, v in ports.items()},
                **{k: image for k, (image, _) in IMAGES.items()})
@@ -163,7 +163,7 @@ def reference(tmp_path_factory):
 
 def inputs():
     """(name, image, box): a whole photo, a box in a group photo, a raw crop."""
-    data = lib.SHARED_DATA
+    data = lib.TEST_DATA
     crop = np.random.default_rng(5).integers(0, 256, (112, 112, 3), dtype=np.uint8)
     return [("single_face", os.path.join(data, "single_face.jpg"), None),
             ("a box in multi_face", os.path.join(data, "multi_face.jpg"), (370, 80, 520, 260)),
@@ -232,7 +232,7 @@ def test_compose_stack(engine, stack, reference):
     out = compose(env, "exec", "-T", "video-analytics", "python3", "-c", SIDECAR_EMBED)
     sidecar = json.loads(out.strip().splitlines()[-1])
     assert sidecar["model_id"] == ref_info["model_id"]
-    want = reference.embed([os.path.join(lib.SHARED_DATA, "single_face.jpg")])
+    want = reference.embed([os.path.join(lib.TEST_DATA, "single_face.jpg")])
     assert_same(sidecar["embedding"], want[0], "sidecar -> localhost:50051, single_face")
 
     # The sidecar's own loop: faces found, each face its own identity, kept on every pass.

@@ -34,7 +34,7 @@ def goldens():
     problem = lib.missing_environment("deploy_pytest")
     if problem:
         pytest.fail(problem)
-    return lib.Goldens(lib.GOLDEN_DIR, lib.SHARED_DATA)
+    return lib.Goldens(lib.GOLDEN_DIR, lib.TEST_DATA)
 
 
 @pytest.fixture(scope="module")

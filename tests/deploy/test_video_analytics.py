@@ -46,10 +46,10 @@ def faces(events):
 
 
 def test_folder_loops_and_each_face_keeps_one_identity(server):
-    names = [n for n in os.listdir(lib.SHARED_DATA) if n.lower().endswith((".jpg", ".png"))]
+    names = [n for n in os.listdir(lib.TEST_DATA) if n.lower().endswith((".jpg", ".png"))]
     # Two passes over the folder. The demo weights are a random network, in which unrelated
     # faces reach cosines of 0.4-0.85: a high threshold keeps the photos' faces apart.
-    rc, events, err = analyse(server, "--input", lib.SHARED_DATA,
+    rc, events, err = analyse(server, "--input", lib.TEST_DATA,
                               "--max-frames", str(2 * len(names)), env={"VIDEO_THRESHOLD": "0.95"})
     assert rc == 0, err
     assert events[0]["event"] == "connected" and events[0]["demo_weights"] is True
@@ -60,13 +60,13 @@ def test_folder_loops_and_each_face_keeps_one_identity(server):
     assert len({ids[0] for ids in seen.values()}) == len(seen), seen
     assert events[-1] == {"event": "done", "frames": 2 * len(names), "identities": len(seen)}
     # With InsightFace's threshold, the random network's embeddings merge faces.
-    rc, events, err = analyse(server, "--input", lib.SHARED_DATA, "--max-frames", str(len(names)))
+    rc, events, err = analyse(server, "--input", lib.TEST_DATA, "--max-frames", str(len(names)))
     assert rc == 0, err
     assert events[-1]["identities"] < len(seen)
 
 
 def test_video_file(server, tmp_path):
-    frame = cv2.imread(os.path.join(lib.SHARED_DATA, "multi_face.jpg"))
+    frame = cv2.imread(os.path.join(lib.TEST_DATA, "multi_face.jpg"))
     path = str(tmp_path / "clip.avi")
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 5,
                              (frame.shape[1], frame.shape[0]))
@@ -91,5 +91,5 @@ def test_bad_input_is_named(server, tmp_path):
     empty.mkdir()
     rc, _, err = analyse(server, "--input", str(empty))
     assert rc == 1 and f"no readable frames in {empty}" in err
-    rc, _, err = analyse(server, "--input", lib.SHARED_DATA, "--cascade", str(tmp_path / "x.xml"))
+    rc, _, err = analyse(server, "--input", lib.TEST_DATA, "--cascade", str(tmp_path / "x.xml"))
     assert rc == 1 and "cannot load the Haar cascade" in err

@@ -1,6 +1,6 @@
 // Writes the seed corpora of the fuzz targets: fuzz_make_seeds <tests/fuzz/corpus>. The
 // committed corpus/ was made with it; run it again only to change the seeds. Images are the
-// shared test photos, downscaled (a seed must stay small: libFuzzer's inputs grow no larger
+// test photos of tests/data, downscaled (a seed must stay small: libFuzzer's inputs grow no larger
 // than the largest seed); checkpoints come from the checkpoint tests' own builders.
 #include <cstdio>
 #include <cstdlib>
@@ -38,12 +38,12 @@ void Write(const std::string& target, const std::string& name, const std::string
   }
 }
 
-// A shared photo, downscaled to `side` pixels wide, encoded as `ext`.
+// A test photo, downscaled to `side` pixels wide, encoded as `ext`.
 std::string Photo(const std::string& file, int side, const std::string& ext,
                   std::vector<int> params = {}, int flags = cv::IMREAD_UNCHANGED) {
-  cv::Mat image = cv::imread(std::string(ARCFACE_SHARED_DATA) + "/" + file, flags);
+  cv::Mat image = cv::imread(std::string(ARCFACE_TEST_DATA) + "/" + file, flags);
   if (image.empty()) {
-    std::fprintf(stderr, "cannot read %s from %s\n", file.c_str(), ARCFACE_SHARED_DATA);
+    std::fprintf(stderr, "cannot read %s from %s\n", file.c_str(), ARCFACE_TEST_DATA);
     std::exit(1);
   }
   cv::Mat small;

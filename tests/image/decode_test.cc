@@ -50,7 +50,7 @@ TEST_P(PhotoDecodeTest, DecodesToTheSameRgbAsImread) {
   EXPECT_EQ(MaxAbsDiff(*rgb, ReadRgbReference(path)), 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(SharedPhotos, PhotoDecodeTest,
+INSTANTIATE_TEST_SUITE_P(TestPhotos, PhotoDecodeTest,
                          ::testing::Values("multi_face.jpg", "single_face.jpg", "0-f1-su-ph.jpg",
                                            "0-f15-hao-ph.jpg", "15-f13-anc-ph.jpg",
                                            "45-m7-di-ph.jpg", "BWPictureHuman.jpg",
@@ -77,7 +77,7 @@ TEST(DecodeImageTest, RgbaPhotoKeepsTheColourChannels) {
 }
 
 TEST(DecodeImageTest, AlphaIsDroppedNotBlended) {
-  // The shared RGBA photo is fully opaque, so translucency needs a made-up image: colour
+  // The RGBA test photo is fully opaque, so translucency needs a made-up image: colour
   // must come through unchanged whatever the alpha, with no premultiplication or background.
   cv::Mat bgra(6, 8, CV_8UC4);
   for (int y = 0; y < bgra.rows; ++y) {

@@ -1,10 +1,10 @@
 """Measures how dense real encodings get: declared pixels per encoded byte (and bits per pixel)
-of the shared photos and of flat one-colour images, per format, as server/image's
+of the test photos (tests/data) and of flat one-colour images, per format, as server/image's
 MaxPixelsPerByte limits assume (docs/RELIABILITY.md has the table).
 
 Each photo is encoded as is, scaled to ~112 px, upscaled 2x (at most 3 MP), blurred (sigma 15)
 and in grey, at several qualities. Run: /usr/bin/python3 tests/image/measure_density.py [DATA]
-(DATA defaults to ARCFACE_SHARED_DATA or ../shared/data).
+(DATA defaults to ARCFACE_TEST_DATA or tests/data).
 """
 
 import collections
@@ -50,8 +50,9 @@ def density(img, ext, params):
 
 def main():
     data = sys.argv[1] if len(sys.argv) > 1 else os.environ.get(
-        "ARCFACE_SHARED_DATA", os.path.join(os.path.dirname(__file__), "../../../shared/data"))
-    photos = [cv2.imread(os.path.join(data, f), cv2.IMREAD_COLOR) for f in sorted(os.listdir(data))]
+        "ARCFACE_TEST_DATA", os.path.join(os.path.dirname(__file__), "..", "data"))
+    photos = [cv2.imread(os.path.join(data, f), cv2.IMREAD_COLOR) for f in sorted(os.listdir(data))
+              if f.lower().endswith((".jpg", ".png"))]
     per_photo = collections.defaultdict(list)
     densest = {}
     for bgr in photos:

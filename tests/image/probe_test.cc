@@ -50,13 +50,13 @@ TEST_P(PhotoProbeTest, HeaderSizeIsTheStoredSize) {
   ExpectProbe(ReadFile(path), format, stored.cols, stored.rows);
 }
 
-INSTANTIATE_TEST_SUITE_P(SharedPhotos, PhotoProbeTest,
+INSTANTIATE_TEST_SUITE_P(TestPhotos, PhotoProbeTest,
                          ::testing::Values("multi_face.jpg", "single_face.jpg", "0-f1-su-ph.jpg",
                                            "0-f15-hao-ph.jpg", "15-f13-anc-ph.jpg",
                                            "45-m7-di-ph.jpg", "BWPictureHuman.jpg",
                                            "Image_with_alpha.png", "free-mountain-vector-01.jpg"));
 
-TEST(ProbeImageTest, KnownSharedPhotoSizes) {
+TEST(ProbeImageTest, KnownTestPhotoSizes) {
   ExpectProbe(ReadFile(DataPath("multi_face.jpg")), "jpeg", 1000, 667);
   ExpectProbe(ReadFile(DataPath("BWPictureHuman.jpg")), "jpeg", 2560, 1912);
   ExpectProbe(ReadFile(DataPath("Image_with_alpha.png")), "png", 1524, 1036);

@@ -11,14 +11,14 @@
 namespace arcface::image::testing {
 
 std::string DataPath(const std::string& name) {
-  return std::string(ARCFACE_SHARED_DATA) + "/" + name;
+  return std::string(ARCFACE_TEST_DATA) + "/" + name;
 }
 
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) {
     ADD_FAILURE() << "cannot read " << path
-                  << " (configure with -DARCFACE_SHARED_DATA=<folder with the shared photos>)";
+                  << " (configure with -DARCFACE_TEST_DATA=<folder with the test photos>)";
     return {};
   }
   std::ostringstream bytes;

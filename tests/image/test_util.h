@@ -15,7 +15,7 @@
 
 namespace arcface::image::testing {
 
-// Path of a photo in the shared data folder (ARCFACE_SHARED_DATA).
+// Path of a test photo (in ARCFACE_TEST_DATA, by default tests/data).
 std::string DataPath(const std::string& name);
 // The file's bytes; records a test failure when it cannot be read.
 std::string ReadFile(const std::string& path);

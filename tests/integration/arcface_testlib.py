@@ -1,8 +1,8 @@
 """Helpers for the integration tests: the server process, goldens, metrics, certificates.
 
 Everything here talks to real parts: an arcface-server process on 127.0.0.1, gRPC channels from
-Debian's python3-grpcio, photos read in place from ARCFACE_SHARED_DATA, the golden embeddings of
-tests/reference, openssl for certificates. Every wait is bounded.
+Debian's python3-grpcio, photos read in place from ARCFACE_TEST_DATA (default: tests/data), the
+golden embeddings of tests/reference, openssl for certificates. Every wait is bounded.
 """
 
 import ctypes
@@ -27,12 +27,13 @@ from grpc_health_v1 import health_pb2, health_pb2_grpc
 
 SERVER_BIN = os.environ.get("ARCFACE_SERVER_BIN", "")
 GOLDEN_DIR = os.environ.get("ARCFACE_GOLDEN_DIR", "")
-SHARED_DATA = os.environ.get("ARCFACE_SHARED_DATA", "")
+TEST_DATA = os.environ.get("ARCFACE_TEST_DATA") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
 def missing_environment(ctest_name):
     """None when ctest's environment is there, else a message saying what to set."""
-    missing = [k for k in ("ARCFACE_SERVER_BIN", "ARCFACE_GOLDEN_DIR", "ARCFACE_SHARED_DATA")
+    missing = [k for k in ("ARCFACE_SERVER_BIN", "ARCFACE_GOLDEN_DIR")
                if not os.environ.get(k)]
     if missing:
         return f"set {', '.join(missing)} (ctest sets them: ctest -R {ctest_name})"
@@ -111,9 +112,9 @@ def sha256_file(path):
 class Goldens:
     """build/golden/goldens.json (schema: tests/reference/README.md)."""
 
-    def __init__(self, golden_dir, shared_data):
+    def __init__(self, golden_dir, test_data):
         self.dir = golden_dir
-        self.shared_data = shared_data
+        self.test_data = test_data
         with open(os.path.join(golden_dir, "goldens.json")) as f:
             self.doc = json.load(f)
         self.models = self.doc["models"]
@@ -126,9 +127,9 @@ class Goldens:
         return [c for c in self.doc["cases"] if c["model"] == model]
 
     def image_path(self, case):
-        # goldens.json records absolute paths; read the same file from ARCFACE_SHARED_DATA.
+        # goldens.json records absolute paths; read the same file from ARCFACE_TEST_DATA.
         path = case["input"]["path"]
-        local = os.path.join(self.shared_data, os.path.basename(path))
+        local = os.path.join(self.test_data, os.path.basename(path))
         return local if os.path.exists(local) else path
 
     def crop_u8(self, case):

@@ -8,7 +8,7 @@ import arcface_testlib as lib
 
 @pytest.fixture(scope="session")
 def goldens():
-    return lib.Goldens(lib.GOLDEN_DIR, lib.SHARED_DATA)
+    return lib.Goldens(lib.GOLDEN_DIR, lib.TEST_DATA)
 
 
 @pytest.fixture(scope="session")

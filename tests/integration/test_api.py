@@ -12,7 +12,7 @@ import arcface_testlib as lib
 from arcface.v1 import face_embedding_pb2 as pb
 from grpc_health_v1 import health_pb2
 
-GOLDENS = lib.Goldens(lib.GOLDEN_DIR, lib.SHARED_DATA) if lib.GOLDEN_DIR else None
+GOLDENS = lib.Goldens(lib.GOLDEN_DIR, lib.TEST_DATA) if lib.GOLDEN_DIR else None
 R50_CASES = [c["name"] for c in GOLDENS.cases_of("r50")] if GOLDENS else []
 
 

@@ -33,7 +33,7 @@ def png_bytes(width, height, idat):
 
 def truncated_jpeg():
     """A real JPEG cut just before its frame header (SOFn), so its size cannot be known."""
-    with open(lib.SHARED_DATA + "/single_face.jpg", "rb") as f:
+    with open(lib.TEST_DATA + "/single_face.jpg", "rb") as f:
         data = f.read()
     pos = 2
     while True:  # walk the marker segments (the file is well formed)

@@ -24,7 +24,7 @@ STREAM_MAX_HELD_BYTES = 16 << 20  # ServiceOptions::stream_max_held_bytes, the d
 
 def photo_face():
     """A whole photo, so that each message costs a JPEG decode on the preprocessing pool."""
-    with open(os.path.join(lib.SHARED_DATA, "single_face.jpg"), "rb") as f:
+    with open(os.path.join(lib.TEST_DATA, "single_face.jpg"), "rb") as f:
         return pb.Face(image=pb.Image(encoded=f.read()))
 
 

@@ -22,7 +22,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def goldens():
-    return lib.Goldens(lib.GOLDEN_DIR, lib.SHARED_DATA)
+    return lib.Goldens(lib.GOLDEN_DIR, lib.TEST_DATA)
 
 
 @pytest.fixture(scope="session")

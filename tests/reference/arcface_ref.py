@@ -1,7 +1,7 @@
 """Independent functional reference of ArcFace IResNet (fused-BN form) and its preprocessing.
 
-Written from /work/shared/ARCFACE.md (py-feat's and InsightFace's semantics), sharing no code with
-the C++ service. Everything here is plain torch.nn.functional / numpy:
+Written from the model facts in docs/MODEL.md (py-feat's and InsightFace's semantics), sharing
+no code with the C++ service. Everything here is plain torch.nn.functional / numpy:
 
 - forward(weights, x): the fused IResNet; the number of blocks per stage is read off the keys, so
   r50, r100 and any other depth work. Runs in the dtype of `x` (the goldens use float64).

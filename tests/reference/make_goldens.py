@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Writes the reference golden files the C++ tests consume.
 
-    /usr/bin/python3 tests/reference/make_goldens.py --out DIR --data /path/to/shared/data
+    /usr/bin/python3 tests/reference/make_goldens.py --out DIR --data tests/data
 
 Into DIR: r50.safetensors (seed 50, with num_batches_tracked), r100.safetensors (seed 100),
 r50.onnx (the fused r50 network, same weights), insightface_r50.onnx (an unfused
@@ -188,7 +188,7 @@ def build_cases(data: str):
 def main(argv: List[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="ArcFace reference goldens")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--data", required=True, help="the shared test data folder")
+    ap.add_argument("--data", required=True, help="the test photos (tests/data)")
     ap.add_argument("--force", action="store_true", help="regenerate even if up to date")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)

@@ -25,8 +25,7 @@ from safetensors_io import read_safetensors, write_safetensors  # noqa: E402
 
 cv2 = pytest.importorskip("cv2")
 
-DATA = os.environ.get("ARCFACE_TEST_DATA",
-                      os.path.normpath(os.path.join(HERE, "..", "..", "..", "shared", "data")))
+DATA = os.environ.get("ARCFACE_TEST_DATA", os.path.normpath(os.path.join(HERE, "..", "data")))
 torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
 
 R50 = mc.ARCH_LAYERS["r50"]
@@ -319,7 +318,7 @@ def test_aligned_template_is_fixed_point():
 
 
 # ---------------------------------------------------------------------------------------------
-# decoding (needs the shared test data)
+# decoding (needs the test photos)
 # ---------------------------------------------------------------------------------------------
 
 def _data(name):
