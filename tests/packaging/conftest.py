@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-ENV_KEYS = ("ARCFACE_SERVER_BIN", "ARCFACE_SHARED_DATA", "ARCFACE_BUILD_DIR", "ARCFACE_WHEEL",
+ENV_KEYS = ("ARCFACE_SERVER_BIN", "ARCFACE_TEST_DATA", "ARCFACE_BUILD_DIR", "ARCFACE_WHEEL",
             "ARCFACE_VERSION", "ARCFACE_CMAKE", "ARCFACE_CMAKE_GENERATOR", "ARCFACE_CXX_COMPILER")
 
 
@@ -22,6 +22,6 @@ def env():
 
 @pytest.fixture(scope="session")
 def photo(env):
-    path = os.path.join(env["ARCFACE_SHARED_DATA"], "single_face.jpg")
+    path = os.path.join(env["ARCFACE_TEST_DATA"], "single_face.jpg")
     assert os.path.isfile(path), path
     return path
