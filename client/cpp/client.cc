@@ -7,9 +7,7 @@
 #include <algorithm>
 #include <cstring>
 #include <deque>
-#include <fstream>
 #include <random>
-#include <sstream>
 #include <thread>
 #include <utility>
 
@@ -20,6 +18,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/address.h"
+#include "common/files.h"
 #include "grpc_health_v1/health.grpc.pb.h"
 
 namespace arcface::client {
@@ -32,16 +32,6 @@ namespace health = ::grpc::health::v1;
 absl::Status ToAbsl(const grpc::Status& s) {
   if (s.ok()) return absl::OkStatus();
   return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
-}
-
-absl::Status ReadFile(const std::string& path, std::string* out) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) return absl::NotFoundError(absl::StrCat("error reading ", path));
-  *out = std::move(ss).str();
-  return absl::OkStatus();
 }
 
 std::string FaceName(const std::string& word, size_t index, const std::string& label) {
@@ -98,10 +88,11 @@ std::vector<Embedding> ToEmbeddings(const EmbedResponse& response) {
 absl::StatusOr<std::vector<std::string>> Resolve(const std::vector<std::string>& addresses) {
   std::vector<std::string> out;
   for (const std::string& address : addresses) {
-    std::string host;
-    int port = 0;
-    absl::Status s = SplitHostPort(address, &host, &port);
-    if (!s.ok()) return s;
+    absl::StatusOr<common::HostPort> parsed =
+        common::ParseHostPort(address, common::PortZero::kRefused);
+    if (!parsed.ok()) return parsed.status();
+    const std::string& host = parsed->host;
+    const int port = parsed->port;
     addrinfo hints{};
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
@@ -153,8 +144,9 @@ absl::StatusOr<TlsOptions> LoadTlsFiles(const std::string& root_ca, const std::s
                            std::pair{&cert, &tls.client_cert_pem},
                            std::pair{&key, &tls.client_key_pem}}) {
     if (path->empty()) continue;
-    absl::Status s = ReadFile(*path, out);
-    if (!s.ok()) return s;
+    absl::StatusOr<std::string> bytes = common::ReadFile(*path);
+    if (!bytes.ok()) return bytes.status();
+    *out = *std::move(bytes);
   }
   return tls;
 }
@@ -167,11 +159,10 @@ FaceInput FaceInput::FromEncoded(std::string bytes, std::string label) {
 }
 
 absl::StatusOr<FaceInput> FaceInput::FromFile(const std::string& path) {
-  std::string bytes;
-  absl::Status s = ReadFile(path, &bytes);
-  if (!s.ok()) return s;
-  if (bytes.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": empty file"));
-  return FromEncoded(std::move(bytes), path);
+  absl::StatusOr<std::string> bytes = common::ReadFile(path);
+  if (!bytes.ok()) return bytes.status();
+  if (bytes->empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": empty file"));
+  return FromEncoded(*std::move(bytes), path);
 }
 
 absl::StatusOr<FaceInput> FaceInput::FromMat(const cv::Mat& image, std::string label) {
@@ -241,10 +232,8 @@ FaceInput& FaceInput::WithBox(const Box& box) {
 absl::StatusOr<std::unique_ptr<Client>> Client::Create(const ClientOptions& options) {
   if (options.addresses.empty()) return absl::InvalidArgumentError("no server address given");
   for (const std::string& a : options.addresses) {
-    std::string host;
-    int port = 0;
-    absl::Status s = SplitHostPort(a, &host, &port);
-    if (!s.ok()) return s;
+    absl::StatusOr<common::HostPort> parsed = common::ParseHostPort(a, common::PortZero::kRefused);
+    if (!parsed.ok()) return parsed.status();
   }
   if (options.timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError(
@@ -287,8 +276,7 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(const ClientOptions& opti
     std::string name = options.tls->server_name;
     if (name.empty() && options.addresses.size() > 1) {
       // An ipv4:/ipv6: target has no host name of its own: check the first one given.
-      int port = 0;
-      (void)SplitHostPort(options.addresses.front(), &name, &port);
+      name = common::ParseHostPort(options.addresses.front(), common::PortZero::kRefused)->host;
     }
     if (!name.empty()) args.SetSslTargetNameOverride(name);
   } else {

@@ -3,10 +3,10 @@
 #include <algorithm>
 #include <cmath>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "common/address.h"
 
 namespace arcface::client {
 
@@ -72,32 +72,6 @@ absl::StatusOr<std::vector<std::pair<size_t, size_t>>> SplitIntoRequests(
   return out;
 }
 
-absl::Status SplitHostPort(const std::string& address, std::string* host, int* port) {
-  const size_t colon = address.rfind(':');
-  if (colon == std::string::npos || colon == 0 || colon + 1 == address.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("'", address, "' is not HOST:PORT (e.g. localhost:50051)"));
-  }
-  std::string h = address.substr(0, colon);
-  if (h.front() == '[') {
-    if (h.back() != ']' || h.size() < 3) {
-      return absl::InvalidArgumentError(absl::StrCat("'", address, "': unbalanced [ ] in host"));
-    }
-    h = h.substr(1, h.size() - 2);
-  } else if (h.find(':') != std::string::npos) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("'", address, "': write IPv6 hosts in brackets, e.g. [::1]:50051"));
-  }
-  int p = 0;
-  if (!absl::SimpleAtoi(address.substr(colon + 1), &p) || p < 1 || p > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("'", address, "': the port must be a number in 1..65535"));
-  }
-  *host = std::move(h);
-  *port = p;
-  return absl::OkStatus();
-}
-
 absl::StatusOr<std::vector<std::string>> ParseAddressList(const std::string& list) {
   std::vector<std::string> out;
   for (absl::string_view part : absl::StrSplit(list, ',')) {
@@ -106,10 +80,9 @@ absl::StatusOr<std::vector<std::string>> ParseAddressList(const std::string& lis
       return absl::InvalidArgumentError(
           absl::StrCat("'", list, "': an empty address in the list"));
     }
-    std::string host;
-    int port = 0;
-    absl::Status s = SplitHostPort(address, &host, &port);
-    if (!s.ok()) return s;
+    absl::StatusOr<common::HostPort> parsed =
+        common::ParseHostPort(address, common::PortZero::kRefused);
+    if (!parsed.ok()) return parsed.status();
     out.push_back(std::move(address));
   }
   return out;

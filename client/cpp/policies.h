@@ -51,11 +51,9 @@ constexpr size_t kRequestOverheadBytes = 256;
 constexpr size_t kPerFaceOverheadBytes = 11;  // tag + length varint of one repeated Face
 
 // "host:port[,host:port...]" → the addresses, trimmed; INVALID_ARGUMENT naming a bad one.
-// Hosts may be names, IPv4 literals, or bracketed IPv6 literals ("[::1]:50051").
+// Each follows common::ParseHostPort's rule (common/address.h) with ports 1..65535: names, IPv4
+// literals, or bracketed IPv6 literals ("[::1]:50051").
 absl::StatusOr<std::vector<std::string>> ParseAddressList(const std::string& list);
-
-// Splits "host:port" (host may be "[v6]") into its parts; INVALID_ARGUMENT when malformed.
-absl::Status SplitHostPort(const std::string& address, std::string* host, int* port);
 
 // The gRPC target for resolved addresses (IP literals with ports): "ipv4:a:p,b:q" or
 // "ipv6:[a]:p,[b]:q". All must be of one family: INVALID_ARGUMENT otherwise.

@@ -2,13 +2,8 @@
 
 #include <algorithm>
 #include <array>
-#include <cerrno>
 #include <cmath>
-#include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <set>
-#include <system_error>
 #include <utility>
 
 #include "absl/status/status.h"
@@ -18,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
+#include "common/files.h"
 #include "server/model/onnx_weights.h"
 #include "server/model/onnx_weights.pb.h"
 #include "server/model/safetensors.h"
@@ -46,40 +42,6 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
 std::string ArchName(const std::array<int, 4>& blocks) {
   // Each block has two 3×3 convs; the stem conv and fc make the +2 (r50 = 2·24 + 2).
   return absl::StrCat("r", 2 * (blocks[0] + blocks[1] + blocks[2] + blocks[3]) + 2);
-}
-
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::error_code ec;
-  const std::filesystem::file_status status = std::filesystem::status(path, ec);
-  if (ec) {
-    if (ec == std::errc::no_such_file_or_directory) {
-      return absl::NotFoundError("no such file");
-    }
-    if (ec == std::errc::permission_denied) {
-      return absl::PermissionDeniedError(absl::StrCat("cannot open: ", ec.message()));
-    }
-    return absl::UnknownError(absl::StrCat("cannot open: ", ec.message()));
-  }
-  if (!std::filesystem::is_regular_file(status)) {
-    return absl::InvalidArgumentError("not a regular file");
-  }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    const int err = errno;
-    if (err == EACCES) return absl::PermissionDeniedError("cannot open: permission denied");
-    return absl::UnknownError(absl::StrCat("cannot open: ", std::strerror(err)));
-  }
-  in.seekg(0, std::ios::end);
-  const std::streamoff size = in.tellg();
-  in.seekg(0, std::ios::beg);
-  if (size < 0 || !in) return absl::UnknownError("cannot determine the file size");
-  std::string bytes(static_cast<size_t>(size), '\0');
-  in.read(bytes.data(), size);
-  if (in.gcount() != size) {
-    return absl::UnknownError(
-        absl::StrCat("read only ", in.gcount(), " of ", size, " bytes"));
-  }
-  return bytes;
 }
 
 // Parses "layer<L>.<i>.<rest>" with L in 1..4 and i a canonical decimal (no sign, no leading
@@ -258,8 +220,8 @@ std::map<std::string, std::vector<int64_t>> ExpectedShapes(const std::array<int,
 
 absl::StatusOr<Checkpoint> LoadCheckpoint(const std::string& path) {
   const std::string prefix = absl::StrCat(path, ": ");
-  absl::StatusOr<std::string> bytes = ReadFile(path);
-  if (!bytes.ok()) return WithPrefix(bytes.status(), prefix);
+  absl::StatusOr<std::string> bytes = common::ReadFile(path);  // its errors name the path
+  if (!bytes.ok()) return bytes.status();
   if (bytes->empty()) return absl::InvalidArgumentError(prefix + "file is empty");
 
   Checkpoint checkpoint;

@@ -13,7 +13,7 @@ namespace arcface::service {
 
 struct Embedder::EmbedTask : batching::Task {
   std::vector<uint8_t> crops;  // num_items × kCropBytes
-  std::vector<float> values;   // num_items × kEmbeddingDim, filled by RunBatch
+  EmbeddingBatch rows;         // num_items rows, filled by RunBatch
   Done user_done;
 };
 
@@ -53,7 +53,9 @@ absl::Status Embedder::Submit(std::vector<uint8_t> crops, absl::Time deadline,
   task->crops = std::move(crops);
   // Sized here, not in RunBatch: with several batches in flight, batches holding different
   // crops of this request write their rows at the same time.
-  task->values.resize(size_t(task->num_items) * kEmbeddingDim);
+  task->rows.size = task->num_items;
+  task->rows.values.resize(size_t(task->num_items) * kEmbeddingDim);
+  task->rows.norms.resize(size_t(task->num_items));
   task->user_done = std::move(done);
   // A plain pointer, not a shared_ptr: the batcher keeps the task alive until `done` has
   // returned, and a task that holds itself would live on if the batcher did not run or destroy
@@ -65,7 +67,7 @@ absl::Status Embedder::Submit(std::vector<uint8_t> crops, absl::Time deadline,
     std::vector<uint8_t>().swap(raw->crops);
     Done user_done = std::move(raw->user_done);
     if (status.ok()) {
-      user_done(std::move(raw->values));
+      user_done(std::move(raw->rows));
     } else {
       user_done(std::move(status));
     }
@@ -103,20 +105,25 @@ absl::Status Embedder::RunBatch(batching::Batch& batch) {
   WaitWhileHeld();
   const absl::Span<const uint8_t> input =
       absl::MakeConstSpan(batch.staging.data(), size_t(batch.size) * kCropBytes);
-  absl::StatusOr<std::vector<float>> out = model_->Run(input);
+  absl::StatusOr<EmbeddingBatch> out = model_->Run(input);
   if (!out.ok()) return out.status();
-  if (out->size() != size_t(batch.size) * kEmbeddingDim) {
-    return absl::InternalError(absl::StrCat("the model returned ", out->size(), " values for ",
-                                            batch.size, " crops, expected ",
-                                            size_t(batch.size) * kEmbeddingDim));
+  if (out->values.size() != size_t(batch.size) * kEmbeddingDim ||
+      out->norms.size() != size_t(batch.size)) {
+    return absl::InternalError(absl::StrCat(
+        "the model returned ", out->values.size(), " values and ", out->norms.size(),
+        " norms for ", batch.size, " crops, expected ", size_t(batch.size) * kEmbeddingDim,
+        " and ", batch.size));
   }
-  const float* src = out->data();
+  const float* values = out->values.data();
+  const float* norms = out->norms.data();
   for (batching::BatchSlice& s : batch.slices) {
-    auto* task = static_cast<EmbedTask*>(s.task);
-    size_t n = size_t(s.num_items) * kEmbeddingDim;
-    std::memcpy(task->values.data() + size_t(s.first_item) * kEmbeddingDim, src,
-                n * sizeof(float));
-    src += n;
+    EmbeddingBatch& rows = static_cast<EmbedTask*>(s.task)->rows;
+    const size_t n = size_t(s.num_items);
+    std::memcpy(rows.values.data() + size_t(s.first_item) * kEmbeddingDim, values,
+                n * kEmbeddingDim * sizeof(float));
+    std::memcpy(rows.norms.data() + s.first_item, norms, n * sizeof(float));
+    values += n * kEmbeddingDim;
+    norms += n;
   }
   return absl::OkStatus();
 }

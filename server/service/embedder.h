@@ -13,8 +13,9 @@
 // - Ownership: Submit() takes the crops; the model is borrowed and must outlive the Embedder.
 // - Blocking: Submit() never blocks (see DynamicBatcher::Schedule). Shutdown() blocks until
 //   every accepted request got its `done` and the batcher's threads have exited.
-// - Results: on an OK Submit(), `done` is called exactly once, on the batch thread, with
-//   n × kEmbeddingDim raw floats in crop order, or with the request's error:
+// - Results: on an OK Submit(), `done` is called exactly once, on the batch thread, with the
+//   request's EmbeddingBatch (size n: n × kEmbeddingDim raw floats and the n norms the model
+//   computed, in crop order), or with the request's error:
 //   DEADLINE_EXCEEDED / CANCELLED when it expired or was cancelled while queued (its crops never
 //   reached the model), or the model's error for a batch it was in. A failure never touches the
 //   crops of requests in other batches. `done` must be short and must not block on the model.
@@ -56,7 +57,7 @@ struct EmbedderOptions {
 
 class Embedder {
  public:
-  using Done = absl::AnyInvocable<void(absl::StatusOr<std::vector<float>>)>;
+  using Done = absl::AnyInvocable<void(absl::StatusOr<EmbeddingBatch>)>;
 
   // `clock` null: real time. Errors name the offending batching option.
   static absl::StatusOr<std::unique_ptr<Embedder>> Create(const EmbedderOptions& options,

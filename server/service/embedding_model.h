@@ -1,9 +1,13 @@
 // EmbeddingModel: what the service needs of a model, so that the service can be tested with a
-// fake and never includes torch. The production implementation wraps engine::Engine (main.cc).
+// fake and never includes torch. The production implementation wraps engine::Engine
+// (server/app/engine_model.h).
 //
 // Contract
 // - Run() receives n = crops.size() / kCropBytes crops (112×112×3 uint8 RGB, HWC, row-major),
-//   n >= 1, and returns n × kEmbeddingDim raw (not normalized) floats, row i for crop i.
+//   n >= 1, and returns an EmbeddingBatch of size n: n × kEmbeddingDim raw (not normalized)
+//   floats, row i for crop i, and the n L2 norms of those rows as the model computed them.
+//   The service reports those norms (Embedding.norm) and divides by them to normalize; it
+//   never computes them again.
 // - Blocking: Run() blocks for the forward pass. The service calls it from the batcher's model
 //   threads: with max_batches_in_flight == 1 from one at a time, so an implementation need not
 //   be reentrant; with more, concurrently, and it must be (the engine is).
@@ -24,6 +28,7 @@
 
 namespace arcface::service {
 
+using engine::EmbeddingBatch;
 using engine::kCropBytes;
 using engine::kCropSize;
 using engine::kEmbeddingDim;
@@ -31,7 +36,7 @@ using engine::kEmbeddingDim;
 class EmbeddingModel {
  public:
   virtual ~EmbeddingModel() = default;
-  virtual absl::StatusOr<std::vector<float>> Run(absl::Span<const uint8_t> crops) = 0;
+  virtual absl::StatusOr<EmbeddingBatch> Run(absl::Span<const uint8_t> crops) = 0;
 };
 
 // What GetModelInfo, /metrics and the logs report about the served model.

@@ -62,12 +62,13 @@ double RawNorm(const float* row) {
   return std::sqrt(ss);
 }
 
-void FillEmbeddings(const std::vector<float>& values, bool normalize, EmbedResponse* response) {
-  const int n = static_cast<int>(values.size() / kEmbeddingDim);
+// The norms are the model's own (EmbeddingModel's contract), reported and divided by as they are.
+void FillEmbeddings(const EmbeddingBatch& rows, bool normalize, EmbedResponse* response) {
+  const int n = rows.size;
   response->mutable_embeddings()->Reserve(n);
   for (int i = 0; i < n; ++i) {
-    const float* row = values.data() + size_t(i) * kEmbeddingDim;
-    const double norm = RawNorm(row);
+    const float* row = rows.values.data() + size_t(i) * kEmbeddingDim;
+    const double norm = rows.norms[i];
     arcface::v1::Embedding* e = response->add_embeddings();
     e->set_norm(static_cast<float>(norm));
     auto* out = e->mutable_values();
@@ -730,9 +731,9 @@ void FaceEmbeddingService::StartEmbed(const EmbedRequest* request, EmbedResponse
         const bool normalize = state->request->normalize();
         absl::Status scheduled = embedder()->Submit(
             std::move(crops), state->deadline, state->is_cancelled,
-            [this, state, normalize, n](absl::StatusOr<std::vector<float>> values) {
-              if (!values.ok()) return state->Complete(values.status());
-              FillEmbeddings(*values, normalize, state->response);
+            [this, state, normalize, n](absl::StatusOr<EmbeddingBatch> rows) {
+              if (!rows.ok()) return state->Complete(rows.status());
+              FillEmbeddings(*rows, normalize, state->response);
               metrics_->AddFaces(n);
               state->Complete(absl::OkStatus());
             });
@@ -908,13 +909,13 @@ void FaceEmbeddingService::StartCompare(const CompareRequest* request, CompareRe
         [this, state, work, num_faces, small](std::vector<uint8_t> crops) {
           absl::Status scheduled = embedder()->Submit(
               std::move(crops), state->deadline, state->is_cancelled,
-              [this, state, work, num_faces, small](absl::StatusOr<std::vector<float>> values) {
-                if (!values.ok()) return state->Complete(values.status());
+              [this, state, work, num_faces, small](absl::StatusOr<EmbeddingBatch> rows) {
+                if (!rows.ok()) return state->Complete(rows.status());
                 for (int k = 0; k < num_faces; ++k) {
                   const auto& [is_query, index] = work->faces[k];
                   float* unit = (is_query ? work->queries : work->references).data() +
                                 size_t(index) * kEmbeddingDim;
-                  if (!ToUnit(values->data() + size_t(k) * kEmbeddingDim, unit)) {
+                  if (!ToUnit(rows->values.data() + size_t(k) * kEmbeddingDim, unit)) {
                     return state->Complete(absl::InvalidArgumentError(absl::StrCat(
                         ProbeLabel(is_query), " ", index,
                         ": the face's embedding has zero norm (cosine is undefined)")));

@@ -16,9 +16,9 @@
 //
 // Contract
 // - Parse() validates the whole spec; an error names the bad rule (arcface-server exits 2).
-// - BeforeBatch() is called by the model adapter (main.cc) right before the engine, inside the
-//   try/catch that turns an exception escaping the engine into INTERNAL: it counts the batch,
-//   then returns OK, returns INTERNAL, throws, or sleeps and returns OK.
+// - BeforeBatch() is called by the model adapter (server/app/engine_model.h) right before the
+//   engine, inside the try/catch that turns an exception escaping the engine into INTERNAL: it
+//   counts the batch, then returns OK, returns INTERNAL, throws, or sleeps and returns OK.
 // - BeforeFace() (static) is called by face preprocessing for every face; with no injector
 //   installed it costs one atomic load and returns OK.
 // - Install() makes an injector the process's (nullptr: none); the caller keeps it alive until

@@ -16,39 +16,10 @@
 #include <string_view>
 #include <utility>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/address.h"
 
 namespace arcface::service {
-
-absl::Status ParseHostPort(const std::string& address, std::string* host, int* port) {
-  std::string h;
-  std::string p;
-  if (!address.empty() && address[0] == '[') {
-    size_t close = address.find(']');
-    if (close == std::string::npos || close + 1 >= address.size() || address[close + 1] != ':') {
-      return absl::InvalidArgumentError(
-          absl::StrCat("address '", address, "' is not [host]:port"));
-    }
-    h = address.substr(1, close - 1);
-    p = address.substr(close + 2);
-  } else {
-    size_t colon = address.rfind(':');
-    if (colon == std::string::npos) {
-      return absl::InvalidArgumentError(absl::StrCat("address '", address, "' is not host:port"));
-    }
-    h = address.substr(0, colon);
-    p = address.substr(colon + 1);
-  }
-  int value = -1;
-  if (h.empty() || !absl::SimpleAtoi(p, &value) || value < 0 || value > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("address '", address, "' is not host:port with a port in 0..65535"));
-  }
-  *host = h;
-  *port = value;
-  return absl::OkStatus();
-}
 
 namespace {
 
@@ -158,10 +129,11 @@ HttpServer::HttpServer(std::function<std::string()> render_metrics,
 HttpServer::~HttpServer() { Stop(); }
 
 absl::Status HttpServer::Start(const std::string& address) {
-  std::string host;
-  int port = 0;
-  absl::Status parsed = ParseHostPort(address, &host, &port);
-  if (!parsed.ok()) return parsed;
+  absl::StatusOr<common::HostPort> parsed =
+      common::ParseHostPort(address, common::PortZero::kAllowed);
+  if (!parsed.ok()) return parsed.status();
+  const std::string& host = parsed->host;
+  const int port = parsed->port;
 
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;

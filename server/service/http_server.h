@@ -5,8 +5,8 @@
 //   GET /metrics  the Prometheus text exposition (version 0.0.4) from the render callback.
 //
 // Contract
-// - Start() binds host:port (an IPv6 host may be bracketed, "[::]:8080"; port 0 picks a free
-//   one, see port()) and serves on one thread of its own; a bind failure is UNAVAILABLE naming
+// - Start() binds host:port (common::ParseHostPort's rule: an IPv6 host in brackets, "[::]:8080";
+//   port 0 picks a free one, see port()) and serves on one thread of its own; a bind failure is UNAVAILABLE naming
 //   the address, and an unparsable address INVALID_ARGUMENT.
 // - Slow or abusive clients cannot starve the endpoints: one event loop does all socket I/O
 //   without blocking, and a request is answered as soon as its head has arrived, whatever
@@ -43,9 +43,6 @@
 #include "absl/time/time.h"
 
 namespace arcface::service {
-
-// Splits "host:port" / "[v6]:port"; the port must be 0..65535.
-absl::Status ParseHostPort(const std::string& address, std::string* host, int* port);
 
 // Per-connection bounds; see the contract above.
 struct HttpServerOptions {

@@ -5,10 +5,14 @@
 // - ParseServerFlags() never exits the process: it returns the exit status the caller should
 //   exit with (0 after --help/--version, 2 for any bad flag or value, with a message naming the
 //   flag written to `err`), or -1 with a validated config to run with.
-// - Validation covers syntax and ranges (positive sizes, queue size >= batch size, a known
-//   device/precision/log level, TLS files that exist and come in the right combinations,
-//   exactly one of --weights/--demo-weights). Whether the device or precision is available on
-//   this machine is decided later, by the engine.
+// - Validation: each option's own rule is a CLI11 validator beside it (CLI::Range for sizes,
+//   CLI::IsMember for precision and logging, CLI::ExistingFile for the weights and TLS files,
+//   validators of our own for the device, host:port addresses (common/address.h) and the
+//   drain timeout); the first bad value ends the parse, its message saying "--flag: what is
+//   wrong". Then the rules between flags (exactly one of --weights/--demo-weights,
+//   --max-queue-size >= --max-batch-size, TLS files in the right combinations) and the hidden
+//   test hook's fault spec are checked, every broken one reported. Whether the device or precision is
+//   available on this machine is decided later, by the engine.
 // - Pure apart from reading the environment and checking that named files exist; thread-safe.
 #ifndef ARCFACE_SERVER_SERVICE_SERVER_CONFIG_H_
 #define ARCFACE_SERVER_SERVICE_SERVER_CONFIG_H_

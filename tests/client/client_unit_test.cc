@@ -13,6 +13,7 @@
 #include "client/cli/stats.h"
 #include "client/cpp/client.h"
 #include "client/cpp/policies.h"
+#include "common/address.h"
 
 namespace arcface {
 namespace {
@@ -97,11 +98,11 @@ TEST(Addresses, ListsAndHostPorts) {
   auto list = client::ParseAddressList("localhost:50051, 10.0.0.2:7000,[::1]:9");
   ASSERT_TRUE(list.ok()) << list.status();
   EXPECT_EQ(*list, (std::vector<std::string>{"localhost:50051", "10.0.0.2:7000", "[::1]:9"}));
-  std::string host;
-  int port = 0;
-  ASSERT_TRUE(client::SplitHostPort("[::1]:9", &host, &port).ok());
-  EXPECT_EQ(host, "::1");
-  EXPECT_EQ(port, 9);
+  absl::StatusOr<common::HostPort> parsed =
+      common::ParseHostPort("[::1]:9", common::PortZero::kRefused);
+  ASSERT_TRUE(parsed.ok());
+  EXPECT_EQ(parsed->host, "::1");
+  EXPECT_EQ(parsed->port, 9);
   for (const char* bad : {"", "localhost", "host:", ":80", "h:0", "h:70000", "h:x", "::1:80",
                           "a:1,,b:2", "[::1:80"}) {
     EXPECT_EQ(client::ParseAddressList(bad).status().code(), absl::StatusCode::kInvalidArgument)

@@ -1,6 +1,7 @@
 // Fuzz target: the HTTP side's and the command line's own parsing. The input is split at NUL
 // bytes into an argv for ParseServerFlags (CLI11 is header-only, so it is instrumented too), and
-// the whole input is also given to ParseHostPort, the address parser of HttpServer::Start.
+// the whole input is also given to common::ParseHostPort, the address rule of the server's
+// listening addresses and the clients' server addresses.
 //
 // Why not raw HTTP requests: the request parsing of the HTTP port is cpp-httplib's, linked from
 // Debian's compiled library (not instrumented: libFuzzer would get no coverage to steer by, and
@@ -15,7 +16,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "server/service/http_server.h"
+#include "common/address.h"
 #include "server/service/server_config.h"
 
 namespace {
@@ -26,14 +27,18 @@ void Fail(const std::string& what, const std::string& input) {
 }
 
 void CheckAddress(const std::string& address) {
-  std::string host = "unset";
-  int port = -2;
-  const absl::Status status = arcface::service::ParseHostPort(address, &host, &port);
-  if (status.ok()) {
-    if (host.empty() || port < 0 || port > 65535) Fail("accepted a bad address", address);
-  } else if (status.code() != absl::StatusCode::kInvalidArgument || host != "unset" ||
-             port != -2) {
-    Fail("an error was not INVALID_ARGUMENT, or wrote its outputs", address);
+  using arcface::common::PortZero;
+  for (PortZero zero : {PortZero::kAllowed, PortZero::kRefused}) {
+    const absl::StatusOr<arcface::common::HostPort> parsed =
+        arcface::common::ParseHostPort(address, zero);
+    if (parsed.ok()) {
+      const int min_port = zero == PortZero::kAllowed ? 0 : 1;
+      if (parsed->host.empty() || parsed->port < min_port || parsed->port > 65535) {
+        Fail("accepted a bad address", address);
+      }
+    } else if (parsed.status().code() != absl::StatusCode::kInvalidArgument) {
+      Fail("an error was not INVALID_ARGUMENT", address);
+    }
   }
 }
 

@@ -70,16 +70,23 @@ void Fail(const std::string& what) {
 // Each crop's embedding is a function of its bytes: finite, of both signs, never zero.
 class FakeModel final : public EmbeddingModel {
  public:
-  absl::StatusOr<std::vector<float>> Run(absl::Span<const uint8_t> crops) override {
+  absl::StatusOr<EmbeddingBatch> Run(absl::Span<const uint8_t> crops) override {
     const size_t n = crops.size() / kCropBytes;
-    std::vector<float> out(n * kEmbeddingDim);
+    EmbeddingBatch out;
+    out.size = static_cast<int>(n);
+    out.values.resize(n * kEmbeddingDim);
+    out.norms.resize(n);
     for (size_t i = 0; i < n; ++i) {
       uint64_t h = 1469598103934665603ull;
       for (size_t b = 0; b < kCropBytes; ++b) h = (h ^ crops[i * kCropBytes + b]) * 1099511628211ull;
+      double squares = 0;
       for (int j = 0; j < kEmbeddingDim; ++j) {
         h = h * 6364136223846793005ull + 1442695040888963407ull;
-        out[i * kEmbeddingDim + j] = static_cast<float>(int(h >> 53) - 512) / 64.0f + 0.01f;
+        const float v = static_cast<float>(int(h >> 53) - 512) / 64.0f + 0.01f;
+        out.values[i * kEmbeddingDim + j] = v;
+        squares += double(v) * v;
       }
+      out.norms[i] = static_cast<float>(std::sqrt(squares));
     }
     return out;
   }

@@ -204,8 +204,8 @@ def hold_server(start_server, tmp_path, drain_timeout, name):
 
 def test_drain_timeout_expires_with_held_calls(start_server, tmp_path):
     """The model never returns (held): after SIGTERM the calls end for their callers once the
-    drain timeout (2 s) has passed, and the process exits at timeout + 10 s (main.cc's
-    watchdog: the batcher cannot flush a batch stuck in the model) with status 1, saying why."""
+    drain timeout (2 s) has passed, and the process exits at timeout + 10 s (the Server's drain
+    watchdog, server/app/server.cc: the batcher cannot flush a batch stuck in the model) with status 1, saying why."""
     drain = 2
     server, hold, calls = hold_server(start_server, tmp_path, drain, "drain-expiry")
     ended = {}

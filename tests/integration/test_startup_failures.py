@@ -1,6 +1,6 @@
 """Start-up failures: each ends the process with a message naming the problem and the exit
-status of main.cc's convention (1: cannot listen, 2: a bad flag or weights file), never a hang
-or a crash; and the outputs being unwritable is not one of them."""
+status of the Server's convention (server/app/server.h; 1: cannot listen, 2: a bad flag or
+weights file), never a hang or a crash; and the outputs being unwritable is not one of them."""
 
 import os
 import socket

@@ -74,9 +74,15 @@ std::vector<float> FakeEmbedding(const uint8_t* crop) {
   return v;
 }
 
+double Norm(const std::vector<float>& v) {
+  double s = 0;
+  for (float x : v) s += double(x) * x;
+  return std::sqrt(s);
+}
+
 class FakeModel final : public EmbeddingModel {
  public:
-  absl::StatusOr<std::vector<float>> Run(absl::Span<const uint8_t> crops) override {
+  absl::StatusOr<EmbeddingBatch> Run(absl::Span<const uint8_t> crops) override {
     const int n = static_cast<int>(crops.size() / kCropBytes);
     {
       absl::MutexLock lock(&mu_);
@@ -89,11 +95,13 @@ class FakeModel final : public EmbeddingModel {
         return s;
       }
     }
-    std::vector<float> out;
-    out.reserve(size_t(n) * kEmbeddingDim);
+    EmbeddingBatch out;
+    out.size = n;
+    out.values.reserve(size_t(n) * kEmbeddingDim);
     for (int i = 0; i < n; ++i) {
       std::vector<float> e = FakeEmbedding(crops.data() + size_t(i) * kCropBytes);
-      out.insert(out.end(), e.begin(), e.end());
+      out.values.insert(out.values.end(), e.begin(), e.end());
+      out.norms.push_back(static_cast<float>(Norm(e)));
     }
     return out;
   }
@@ -150,12 +158,6 @@ v1::Face RawFace(const std::vector<uint8_t>& rgb, int width = kCropSize, int hei
   raw->set_format(v1::RGB8);
   raw->set_data(std::string(rgb.begin(), rgb.end()));
   return face;
-}
-
-double Norm(const std::vector<float>& v) {
-  double s = 0;
-  for (float x : v) s += double(x) * x;
-  return std::sqrt(s);
 }
 
 double Cosine(const std::vector<float>& a, const std::vector<float>& b) {
@@ -547,19 +549,19 @@ TEST(Embedder, SplitsAcrossBatchesAndKeepsOrder) {
     crops_b.push_back(SeededCrop(100 + i));
     buf_b.insert(buf_b.end(), crops_b.back().begin(), crops_b.back().end());
   }
-  absl::StatusOr<std::vector<float>> out_a = absl::UnknownError("not done");
-  absl::StatusOr<std::vector<float>> out_b = absl::UnknownError("not done");
+  absl::StatusOr<EmbeddingBatch> out_a = absl::UnknownError("not done");
+  absl::StatusOr<EmbeddingBatch> out_b = absl::UnknownError("not done");
   int done_a = 0, done_b = 0;
   ASSERT_TRUE((*embedder)
                   ->Submit(std::move(buf_a), absl::InfiniteFuture(), nullptr,
-                           [&](absl::StatusOr<std::vector<float>> r) {
+                           [&](absl::StatusOr<EmbeddingBatch> r) {
                              out_a = std::move(r);
                              ++done_a;
                            })
                   .ok());
   ASSERT_TRUE((*embedder)
                   ->Submit(std::move(buf_b), absl::InfiniteFuture(), nullptr,
-                           [&](absl::StatusOr<std::vector<float>> r) {
+                           [&](absl::StatusOr<EmbeddingBatch> r) {
                              out_b = std::move(r);
                              ++done_b;
                            })
@@ -575,16 +577,16 @@ TEST(Embedder, SplitsAcrossBatchesAndKeepsOrder) {
   EXPECT_EQ(done_b, 1);
   ASSERT_TRUE(out_a.ok());
   ASSERT_TRUE(out_b.ok());
-  ASSERT_EQ(out_a->size(), 3u * kEmbeddingDim);
-  ASSERT_EQ(out_b->size(), 6u * kEmbeddingDim);
+  ASSERT_EQ(out_a->values.size(), 3u * kEmbeddingDim);
+  ASSERT_EQ(out_b->values.size(), 6u * kEmbeddingDim);
   for (int i = 0; i < 3; ++i) {
     std::vector<float> want = FakeEmbedding(crops_a[i].data());
-    EXPECT_TRUE(std::equal(want.begin(), want.end(), out_a->begin() + i * kEmbeddingDim))
+    EXPECT_TRUE(std::equal(want.begin(), want.end(), out_a->values.begin() + i * kEmbeddingDim))
         << "a" << i;
   }
   for (int i = 0; i < 6; ++i) {
     std::vector<float> want = FakeEmbedding(crops_b[i].data());
-    EXPECT_TRUE(std::equal(want.begin(), want.end(), out_b->begin() + i * kEmbeddingDim))
+    EXPECT_TRUE(std::equal(want.begin(), want.end(), out_b->values.begin() + i * kEmbeddingDim))
         << "b" << i;
   }
 }
@@ -604,7 +606,7 @@ TEST(Embedder, PipelinedBatchesGatherEachCropIntoItsPlace) {
 
   struct Request {
     std::vector<std::vector<uint8_t>> crops;
-    absl::StatusOr<std::vector<float>> out = absl::UnknownError("not done");
+    absl::StatusOr<EmbeddingBatch> out = absl::UnknownError("not done");
     absl::Notification done;
   };
   std::atomic<bool> b_cancelled{false};
@@ -615,7 +617,7 @@ TEST(Embedder, PipelinedBatchesGatherEachCropIntoItsPlace) {
       buf.insert(buf.end(), r.crops.back().begin(), r.crops.back().end());
     }
     return (*embedder)->Submit(std::move(buf), absl::InfiniteFuture(), std::move(is_cancelled),
-                               [&r](absl::StatusOr<std::vector<float>> out) {
+                               [&r](absl::StatusOr<EmbeddingBatch> out) {
                                  r.out = std::move(out);
                                  r.done.Notify();
                                });
@@ -639,10 +641,10 @@ TEST(Embedder, PipelinedBatchesGatherEachCropIntoItsPlace) {
   EXPECT_THAT(model.batch_sizes(), ElementsAre(4, 3));  // [a a a a] [c d d]
   for (Request* r : {&a, &c, &d}) {
     ASSERT_TRUE(r->out.ok()) << r->out.status();
-    ASSERT_EQ(r->out->size(), r->crops.size() * kEmbeddingDim);
+    ASSERT_EQ(r->out->values.size(), r->crops.size() * kEmbeddingDim);
     for (size_t i = 0; i < r->crops.size(); ++i) {
       std::vector<float> want = FakeEmbedding(r->crops[i].data());
-      EXPECT_TRUE(std::equal(want.begin(), want.end(), r->out->begin() + i * kEmbeddingDim));
+      EXPECT_TRUE(std::equal(want.begin(), want.end(), r->out->values.begin() + i * kEmbeddingDim));
     }
   }
 }
@@ -666,12 +668,12 @@ TEST(Embedder, TwoBatchesInFlightFillOneRequestsRowsInPlace) {
     crops.push_back(SeededCrop(100 + i));
     buf.insert(buf.end(), crops.back().begin(), crops.back().end());
   }
-  absl::StatusOr<std::vector<float>> out = absl::UnknownError("not done");
+  absl::StatusOr<EmbeddingBatch> out = absl::UnknownError("not done");
   absl::Notification done;
   model.Hold();
   ASSERT_TRUE((*embedder)
                   ->Submit(std::move(buf), absl::InfiniteFuture(), nullptr,
-                           [&](absl::StatusOr<std::vector<float>> result) {
+                           [&](absl::StatusOr<EmbeddingBatch> result) {
                              out = std::move(result);
                              done.Notify();
                            })
@@ -683,10 +685,10 @@ TEST(Embedder, TwoBatchesInFlightFillOneRequestsRowsInPlace) {
   ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(60)));
   EXPECT_THAT(model.batch_sizes(), ElementsAre(2, 2, 2));
   ASSERT_TRUE(out.ok()) << out.status();
-  ASSERT_EQ(out->size(), crops.size() * kEmbeddingDim);
+  ASSERT_EQ(out->values.size(), crops.size() * kEmbeddingDim);
   for (size_t i = 0; i < crops.size(); ++i) {
     std::vector<float> want = FakeEmbedding(crops[i].data());
-    EXPECT_TRUE(std::equal(want.begin(), want.end(), out->begin() + i * kEmbeddingDim)) << i;
+    EXPECT_TRUE(std::equal(want.begin(), want.end(), out->values.begin() + i * kEmbeddingDim)) << i;
   }
   EXPECT_EQ((*embedder)->batcher().counters().batches, 3);
 }
@@ -705,7 +707,7 @@ TEST(Embedder, AModelFailureFailsOnlyItsBatch) {
     std::vector<uint8_t> crop = SeededCrop(i);
     ASSERT_TRUE((*embedder)
                     ->Submit(std::move(crop), absl::InfiniteFuture(), nullptr,
-                             [&results, i](absl::StatusOr<std::vector<float>> r) {
+                             [&results, i](absl::StatusOr<EmbeddingBatch> r) {
                                results[i] = r.status();
                              })
                     .ok());
@@ -731,11 +733,11 @@ TEST(Embedder, ExpiredAndCancelledNeverReachTheModel) {
   absl::Status expired = absl::UnknownError(""), cancelled = absl::UnknownError("");
   ASSERT_TRUE((*embedder)
                   ->Submit(SeededCrop(1), clock.Now() + absl::Milliseconds(1), nullptr,
-                           [&](absl::StatusOr<std::vector<float>> r) { expired = r.status(); })
+                           [&](absl::StatusOr<EmbeddingBatch> r) { expired = r.status(); })
                   .ok());
   ASSERT_TRUE((*embedder)
                   ->Submit(SeededCrop(2), absl::InfiniteFuture(), [] { return true; },
-                           [&](absl::StatusOr<std::vector<float>> r) { cancelled = r.status(); })
+                           [&](absl::StatusOr<EmbeddingBatch> r) { cancelled = r.status(); })
                   .ok());
   clock.Advance(absl::Milliseconds(5));
   EXPECT_EQ(*(*embedder)->batcher().RunOnce(), 0);
@@ -753,7 +755,7 @@ TEST(Embedder, RejectsBadBuffersAndAFullQueue) {
   options.batching.start_batch_thread = false;
   auto embedder = Embedder::Create(options, &model, &clock);
   ASSERT_TRUE(embedder.ok());
-  auto noop = [](absl::StatusOr<std::vector<float>>) {};
+  auto noop = [](absl::StatusOr<EmbeddingBatch>) {};
   EXPECT_EQ((*embedder)->Submit({}, absl::InfiniteFuture(), nullptr, noop).code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ((*embedder)->Submit(std::vector<uint8_t>(100), absl::InfiniteFuture(), nullptr, noop)
@@ -782,7 +784,7 @@ TEST(Embedder, HoldFileHoldsTheBatchUntilRemoved) {
   absl::Notification done;
   ASSERT_TRUE((*embedder)
                   ->Submit(SeededCrop(1), absl::InfiniteFuture(), nullptr,
-                           [&](absl::StatusOr<std::vector<float>> r) { done.Notify(); })
+                           [&](absl::StatusOr<EmbeddingBatch> r) { done.Notify(); })
                   .ok());
   for (int i = 0; i < 5000 && !(*embedder)->held(); ++i) absl::SleepFor(absl::Milliseconds(1));
   EXPECT_TRUE((*embedder)->held());
@@ -809,7 +811,7 @@ TEST(Embedder, ARefusedSubmitReleasesItsCropsAndDone) {
   two.insert(two.end(), two.begin(), two.end());
   ASSERT_TRUE((*embedder)
                   ->Submit(std::move(two), absl::InfiniteFuture(), nullptr,
-                           [](absl::StatusOr<std::vector<float>>) {})
+                           [](absl::StatusOr<EmbeddingBatch>) {})
                   .ok());
   int calls = 0;
   auto refused = [&](std::vector<uint8_t> crops) {
@@ -818,7 +820,7 @@ TEST(Embedder, ARefusedSubmitReleasesItsCropsAndDone) {
     const absl::StatusCode code =
         (*embedder)
             ->Submit(std::move(crops), absl::InfiniteFuture(), nullptr,
-                     [sentinel, &calls](absl::StatusOr<std::vector<float>>) { ++calls; })
+                     [sentinel, &calls](absl::StatusOr<EmbeddingBatch>) { ++calls; })
             .code();
     sentinel.reset();
     EXPECT_TRUE(weak.expired()) << absl::StatusCodeToString(code);
@@ -858,11 +860,11 @@ TEST(Embedder, ExpiredRequestsFreeTheirQueueRoomWhileTheModelIsBusy) {
     return buf;
   };
   struct Result {
-    absl::StatusOr<std::vector<float>> out = absl::UnknownError("not done");
+    absl::StatusOr<EmbeddingBatch> out = absl::UnknownError("not done");
     absl::Notification done;
   };
   auto into = [](Result& r) {
-    return [&r](absl::StatusOr<std::vector<float>> out) {
+    return [&r](absl::StatusOr<EmbeddingBatch> out) {
       r.out = std::move(out);
       r.done.Notify();
     };
@@ -876,7 +878,7 @@ TEST(Embedder, ExpiredRequestsFreeTheirQueueRoomWhileTheModelIsBusy) {
   ASSERT_TRUE((*embedder)->Submit(crops(20, 2), deadline, nullptr, into(short_b)).ok());
   EXPECT_EQ((*embedder)
                 ->Submit(crops(30, 1), absl::InfiniteFuture(), nullptr,
-                         [](absl::StatusOr<std::vector<float>>) {})
+                         [](absl::StatusOr<EmbeddingBatch>) {})
                 .code(),
             absl::StatusCode::kResourceExhausted);
 
@@ -895,7 +897,7 @@ TEST(Embedder, ExpiredRequestsFreeTheirQueueRoomWhileTheModelIsBusy) {
   ASSERT_TRUE(live.done.WaitForNotificationWithTimeout(absl::Seconds(60)));
   ASSERT_TRUE(live.out.ok()) << live.out.status();
   std::vector<float> want = FakeEmbedding(SeededCrop(30).data());
-  EXPECT_EQ(*live.out, want);
+  EXPECT_EQ(live.out->values, want);
   EXPECT_THAT(model.batch_sizes(), ElementsAre(2, 1));  // the expired crops never ran
 }
 

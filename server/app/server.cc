@@ -1,0 +1,384 @@
+#include "server/app/server.h"
+
+#include <dlfcn.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <thread>
+#include <utility>
+
+#include <grpc/support/log.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <spdlog/spdlog.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/files.h"
+#include "server/model/demo_weights.h"
+
+#ifndef ARCFACE_VERSION
+#define ARCFACE_VERSION "0.0.0"
+#endif
+
+namespace arcface::app {
+namespace {
+
+constexpr char kServiceName[] = "arcface.v1.FaceEmbedding";
+
+// The exit status for a failed phase (the header's rule).
+int ExitStatus(const absl::Status& status) {
+  switch (status.code()) {
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kFailedPrecondition:
+    case absl::StatusCode::kUnimplemented:
+      return 2;
+    default:
+      return 1;
+  }
+}
+
+// The same code, the message behind `prefix`.
+absl::Status Prefixed(absl::string_view prefix, const absl::Status& status) {
+  return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
+}
+
+struct Credentials {
+  std::shared_ptr<grpc::ServerCredentials> creds;
+  std::string mode;  // "plaintext", "tls", "mutual-tls"
+};
+
+absl::StatusOr<Credentials> MakeCredentials(const service::ServerConfig& c) {
+  if (c.tls_cert.empty()) return Credentials{grpc::InsecureServerCredentials(), "plaintext"};
+  // An unreadable file that the flags named is the flag's fault: status 2, whatever the reason.
+  auto read = [](const std::string& path, std::string* out) {
+    absl::StatusOr<std::string> bytes = common::ReadFile(path);
+    if (!bytes.ok()) return absl::InvalidArgumentError(bytes.status().message());
+    *out = *std::move(bytes);
+    return absl::OkStatus();
+  };
+  grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+  absl::Status s = read(c.tls_key, &pair.private_key);
+  if (s.ok()) s = read(c.tls_cert, &pair.cert_chain);
+  if (!s.ok()) return s;
+  grpc::SslServerCredentialsOptions options(
+      c.tls_client_ca.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                              : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  if (!c.tls_client_ca.empty()) {
+    s = read(c.tls_client_ca, &options.pem_root_certs);
+    if (!s.ok()) return s;
+  }
+  options.pem_key_cert_pairs.push_back(std::move(pair));
+  return Credentials{grpc::SslServerCredentials(options),
+                     c.tls_client_ca.empty() ? "tls" : "mutual-tls"};
+}
+
+// Replaces the port of "host:port" for the log line.
+std::string WithPort(const std::string& address, int port) {
+  size_t colon = address.rfind(':');
+  return absl::StrCat(address.substr(0, colon), ":", port);
+}
+
+absl::Status WritePortFile(const std::string& path, int grpc_port, int http_port) {
+  // Written whole, then renamed, so that a reader never sees a partial file.
+  const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << grpc_port << " " << http_port << "\n";
+    if (!out.good()) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    return absl::UnavailableError(absl::StrCat("cannot rename ", tmp, " to ", path));
+  }
+  return absl::OkStatus();
+}
+
+// gRPC's own log lines (handshake failures, ...) go through spdlog, so that --log-format json
+// keeps every line JSON. gRPC's errors here are mostly about a peer (a client without a
+// certificate), not about the server: warnings.
+void LogFromGrpc(gpr_log_func_args* args) {
+  switch (args->severity) {
+    case GPR_LOG_SEVERITY_DEBUG:
+      spdlog::debug("grpc: {}", args->message);
+      break;
+    case GPR_LOG_SEVERITY_INFO:
+      spdlog::info("grpc: {}", args->message);
+      break;
+    case GPR_LOG_SEVERITY_ERROR:
+      spdlog::warn("grpc: {}", args->message);
+      break;
+  }
+}
+
+void SetHealth(grpc::Server* server, bool serving) {
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  health->SetServingStatus("", serving);
+  health->SetServingStatus(kServiceName, serving);
+}
+
+}  // namespace
+
+Server::Server(service::ServerConfig config) : config_(std::move(config)) {}
+
+Server::~Server() { StopServing(absl::Now(), absl::Now()); }
+
+int Server::Run(const absl::Notification& stop) {
+  gpr_set_log_function(LogFromGrpc);
+  absl::Status status = Listen();
+  if (status.ok()) status = LoadModel();
+  if (status.ok()) status = WarmUp();
+  if (!status.ok()) {
+    spdlog::error("{}", std::string(status.message()));
+    StopServing(absl::Now(), absl::Now());
+    return ExitStatus(status);
+  }
+  Serve(stop);
+  return Drain();
+}
+
+absl::Status Server::Listen() {
+  const service::ServerConfig& cfg = config_;
+  metrics_ = std::make_unique<service::ServiceMetrics>(cfg.max_batch_size);
+  pool_threads_ = cfg.preprocess_threads > 0
+                      ? cfg.preprocess_threads
+                      : std::max(2, static_cast<int>(std::thread::hardware_concurrency()));
+  pool_faces_ =
+      cfg.preprocess_queue > 0 ? cfg.preprocess_queue : std::max(1024, cfg.max_queue_size);
+  absl::StatusOr<std::unique_ptr<service::WorkQueue>> pool =
+      service::WorkQueue::Create(pool_threads_, pool_faces_);
+  // The flags were validated: a failure here is not theirs.
+  if (!pool.ok()) return absl::InternalError(pool.status().message());
+  pool_ = *std::move(pool);
+  metrics_->registry().AddCallbackGauge(
+      "arcface_preprocess_calls", "Calls admitted to the preprocessing pool and not through it.",
+      [queue = pool_.get()] { return double(queue->pending()); });
+  metrics_->registry().AddCallbackGauge(
+      "arcface_preprocess_admitted_faces",
+      "Faces (and Compare matrices, in crops) of the calls on the preprocessing pool; new calls "
+      "are refused beyond --preprocess-queue.",
+      [queue = pool_.get()] { return double(queue->pending_cost()); });
+
+  service::ServiceOptions options;
+  options.max_faces_per_request = cfg.max_faces_per_request;
+  options.max_compare_rows = cfg.max_compare_rows;
+  options.max_compare_cols = cfg.max_compare_cols;
+  options.image_limits.max_pixels = cfg.max_image_pixels;
+  options.image_limits.max_encoded_bytes = static_cast<size_t>(cfg.max_message_bytes);
+  options.max_message_bytes = static_cast<uint64_t>(cfg.max_message_bytes);
+  options.server_version = ARCFACE_VERSION;
+  service_ = std::make_unique<service::FaceEmbeddingService>(options, metrics_.get(), pool_.get());
+
+  absl::StatusOr<Credentials> creds = MakeCredentials(cfg);
+  if (!creds.ok()) return Prefixed("--tls-*: ", creds.status());
+  tls_mode_ = creds->mode;
+
+  grpc::EnableDefaultHealthCheckService(true);
+  // Loading the reflection library registers its plugin with every ServerBuilder made after.
+  if (cfg.reflection && dlopen(ARCFACE_REFLECTION_LIBRARY, RTLD_NOW | RTLD_GLOBAL) == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("--reflection: cannot load ", ARCFACE_REFLECTION_LIBRARY, ": ", dlerror()));
+  }
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(cfg.listen, creds->creds, &grpc_port_);
+  builder.RegisterService(service_.get());
+  builder.SetMaxReceiveMessageSize(static_cast<int>(cfg.max_message_bytes));
+  // gRPC enables SO_REUSEPORT by default, which would let a second server "bind" a busy port.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  grpc_ = builder.BuildAndStart();
+  if (grpc_ == nullptr || grpc_port_ == 0) {
+    return absl::UnavailableError(absl::StrCat(
+        "cannot listen for gRPC on ", cfg.listen, " (address in use, or not a local address?)"));
+  }
+  SetHealth(grpc_.get(), false);
+
+  service::ServiceMetrics* metrics = metrics_.get();
+  http_ = std::make_unique<service::HttpServer>([metrics] { return metrics->Render(); });
+  if (absl::Status s = http_->Start(cfg.http_listen); !s.ok()) {
+    return absl::UnavailableError(absl::StrCat("--http-listen: ", s.message()));
+  }
+  spdlog::info("arcface-server {} listening: gRPC {} ({}, reflection {}), HTTP {}",
+               ARCFACE_VERSION, WithPort(cfg.listen, grpc_port_), tls_mode_,
+               cfg.reflection ? "on" : "off", WithPort(cfg.http_listen, http_->port()));
+  return absl::OkStatus();
+}
+
+absl::Status Server::LoadModel() {
+  load_start_ = absl::Now();
+  if (config_.demo_weights) {
+    checkpoint_ = model::MakeDemoCheckpoint();
+    return absl::OkStatus();
+  }
+  absl::StatusOr<model::Checkpoint> loaded = model::LoadCheckpoint(config_.weights);
+  // Whatever is wrong with the file (missing, unreadable, malformed), --weights is at fault.
+  if (!loaded.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--weights: ", loaded.status().message()));
+  }
+  checkpoint_ = *std::move(loaded);
+  return absl::OkStatus();
+}
+
+absl::Status Server::WarmUp() {
+  const service::ServerConfig& cfg = config_;
+  absl::StatusOr<engine::Precision> precision = engine::ParsePrecision(cfg.precision);
+  if (!precision.ok()) return Prefixed("--precision: ", precision.status());
+  engine::EngineOptions engine_options;
+  engine_options.device = cfg.device;
+  engine_options.precision = *precision;
+  engine_options.threads = cfg.threads;
+  engine_options.warmup_batch_size = cfg.warmup_batch_size;
+  engine_options.max_batch_size = cfg.max_batch_size;  // CUDA graphs up to the batcher's limit
+  // A lane (stream and staging buffers) for each batch in flight; ignored on the CPU.
+  if (cfg.max_batches_in_flight > 0) engine_options.cuda_lanes = cfg.max_batches_in_flight;
+  // Built (and warmed up) on a thread that exits afterwards. Every thread that runs libtorch
+  // keeps an OpenMP team of its own; with the loading thread's idle team beside the model
+  // thread's, libgomp manages more threads than there are cores and cuts its spin-wait at
+  // barriers from 300000 to 1000 spins, so the model's threads sleep on a futex and are woken
+  // at most barriers of the forward pass (docs/PERFORMANCE.md).
+  absl::StatusOr<std::unique_ptr<engine::Engine>> engine;
+  std::thread([&] { engine = engine::Engine::Create(checkpoint_, engine_options); }).join();
+  if (!engine.ok()) {
+    // A device or precision this machine cannot serve (INVALID_ARGUMENT, FAILED_PRECONDITION,
+    // UNIMPLEMENTED) is a bad flag value; anything else (out of memory, a runtime failure) is
+    // not: the engine's code decides the exit status.
+    return Prefixed(absl::StrCat("engine (--device ", cfg.device, ", --precision ",
+                                 cfg.precision, ", --threads ", cfg.threads, "): "),
+                    engine.status());
+  }
+  engine_ = *std::move(engine);
+  if (!cfg.test_fault_injection.empty()) {
+    // Validated with the flags; parsed again here for the injector itself.
+    faults_ = *service::FaultInjector::Parse(cfg.test_fault_injection);
+  }
+  engine_model_ = std::make_unique<EngineModel>(engine_.get(), faults_.get());
+
+  model_.arch = checkpoint_.arch;
+  model_.model_id = checkpoint_.ModelId();
+  model_.weights_sha256 = checkpoint_.sha256;
+  model_.weights_path = cfg.demo_weights ? "" : cfg.weights;
+  model_.device = engine_->device();
+  model_.precision = engine::PrecisionName(engine_->precision());
+  model_.demo_weights = cfg.demo_weights;
+  model_.device_memory = [e = engine_.get()] { return e->device_memory(); };
+  checkpoint_ = model::Checkpoint();  // the engine holds its own copy of the weights
+
+  service::EmbedderOptions embedder_options;
+  embedder_options.batching.max_batch_size = cfg.max_batch_size;
+  embedder_options.batching.max_queue_delay = absl::Microseconds(cfg.max_queue_delay_us);
+  embedder_options.batching.max_queue_size = cfg.max_queue_size;
+  // Automatic: on the CPU one forward pass already uses every core (a second would only
+  // contend); on CUDA one batch per lane, so copies, compute and the next batch overlap.
+  embedder_options.batching.max_batches_in_flight =
+      cfg.max_batches_in_flight > 0 ? cfg.max_batches_in_flight : engine_->concurrent_runs();
+  embedder_options.batching.cancel_poll_interval =
+      absl::Microseconds(cfg.cancel_poll_interval_us);
+  embedder_options.batching.observer = metrics_.get();
+  embedder_options.hold_file = cfg.test_hold_model_file;
+  absl::StatusOr<std::unique_ptr<service::Embedder>> embedder =
+      service::Embedder::Create(embedder_options, engine_model_.get());
+  if (!embedder.ok()) return Prefixed("batching: ", embedder.status());
+  embedder_ = *std::move(embedder);
+  service::Embedder* emb = embedder_.get();
+  metrics_->SetModelInfo(model_.arch, model_.model_id, model_.device, model_.precision);
+  metrics_->SetQueueDepthSource([emb] { return double(emb->batcher().queue_depth()); });
+  metrics_->SetHeldSource([emb] { return emb->held() ? 1.0 : 0.0; });
+  metrics_->SetDeviceMemorySource(model_.device_memory);
+  return absl::OkStatus();
+}
+
+void Server::Serve(const absl::Notification& stop) {
+  const service::ServerConfig& cfg = config_;
+  spdlog::info("model: arch {} model_id {} weights {} sha256 {}", model_.arch, model_.model_id,
+               cfg.demo_weights ? std::string("(demo)") : cfg.weights, model_.weights_sha256);
+  if (cfg.demo_weights) {
+    spdlog::warn("DEMO WEIGHTS: seeded random, untrained; the pipeline is real but the "
+                 "embeddings are NOT meaningful");
+  }
+  spdlog::info("engine: device {} precision {} threads {} warm-up batch {}; loaded in {:.2f} s",
+               model_.device, model_.precision,
+               cfg.threads == 0 ? std::string("default") : std::to_string(cfg.threads),
+               cfg.warmup_batch_size, absl::ToDoubleSeconds(absl::Now() - load_start_));
+  spdlog::info(
+      "batching: max batch {} max queue delay {} us max queue {} crops, {} batch(es) in flight; "
+      "limits: {} faces per request, {} message bytes, {} image pixels, compare {}x{}; "
+      "preprocessing threads {}, faces {}; drain timeout {}",
+      cfg.max_batch_size, cfg.max_queue_delay_us, cfg.max_queue_size,
+      embedder_->batcher().options().max_batches_in_flight, cfg.max_faces_per_request,
+      cfg.max_message_bytes, cfg.max_image_pixels, cfg.max_compare_rows, cfg.max_compare_cols,
+      pool_threads_, pool_faces_, absl::FormatDuration(cfg.drain_timeout));
+  if (!cfg.test_hold_model_file.empty()) {
+    spdlog::warn("TEST HOOK: batches wait before the model while {} exists",
+                 cfg.test_hold_model_file);
+  }
+  if (faults_) {
+    spdlog::warn("TEST HOOK: fault injection {}", faults_->spec());
+    service::FaultInjector::Install(faults_.get());
+    faults_installed_ = true;
+  }
+
+  service_->SetReady(embedder_.get(), model_);
+  SetHealth(grpc_.get(), true);
+  http_->SetReady(true);
+  if (!cfg.port_file.empty()) {
+    if (absl::Status s = WritePortFile(cfg.port_file, grpc_port_, http_->port()); !s.ok()) {
+      spdlog::error("--port-file: {}", std::string(s.message()));
+    }
+  }
+  spdlog::info("SERVING");
+  stop.WaitForNotification();
+}
+
+int Server::Drain() {
+  const absl::Duration timeout = config_.drain_timeout;
+  const absl::Time drain_start = absl::Now();
+  const absl::Time deadline = drain_start + timeout;
+  spdlog::info("drain started: {} calls in flight, timeout {}", service_->inflight(),
+               absl::FormatDuration(timeout));
+  // Should something never finish, do not hang past the drain timeout for long.
+  absl::Notification drained;
+  std::thread watchdog([&drained, timeout] {
+    if (drained.WaitForNotificationWithTimeout(timeout + absl::Seconds(10))) return;
+    spdlog::error("drain did not complete within its timeout + 10 s: exiting");
+    spdlog::default_logger()->flush();
+    std::_Exit(1);
+  });
+  http_->SetDraining(true);
+  SetHealth(grpc_.get(), false);
+  service_->BeginDrain();
+  if (!service_->WaitForIdle(deadline)) {
+    spdlog::warn("drain timeout: {} calls still running are cancelled", service_->inflight());
+  }
+  service_->WaitForQuiet(absl::Milliseconds(300),
+                         std::min(deadline, absl::Now() + absl::Seconds(3)));
+  spdlog::debug("drain: calls finished after {:.3f} s",
+                absl::ToDoubleSeconds(absl::Now() - drain_start));
+  // Our calls are done (or past the deadline); what remains are connections the server waits on
+  // to close after GOAWAY, and calls of other services (health Watch). A short grace, then gRPC
+  // cancels them.
+  StopServing(std::min(deadline, absl::Now() + absl::Seconds(1)), drain_start);
+  const auto counters = embedder_->batcher().counters();
+  spdlog::info("drain finished in {:.3f} s: {} requests embedded ({} crops in {} batches)",
+               absl::ToDoubleSeconds(absl::Now() - drain_start), counters.tasks_succeeded,
+               counters.items_batched, counters.batches);
+  drained.Notify();
+  watchdog.join();
+  return 0;
+}
+
+void Server::StopServing(absl::Time grpc_deadline, absl::Time since) {
+  if (stopped_) return;
+  stopped_ = true;
+  auto elapsed = [since] { return absl::ToDoubleSeconds(absl::Now() - since); };
+  if (grpc_) {
+    grpc_->Shutdown(absl::ToChronoTime(grpc_deadline));
+    spdlog::debug("stopping: gRPC server shut down after {:.3f} s", elapsed());
+  }
+  if (embedder_) embedder_->Shutdown();
+  if (pool_) pool_->Shutdown();
+  if (faults_installed_) service::FaultInjector::Install(nullptr);  // no preprocessing runs now
+  spdlog::debug("stopping: batcher and pool stopped after {:.3f} s", elapsed());
+  if (http_) http_->Stop();
+}
+
+}  // namespace arcface::app

@@ -1,0 +1,124 @@
+// Server: one arcface-server process's service, from a validated ServerConfig to its exit
+// status. main.cc parses the flags and runs it.
+//
+// Phases (Run() goes through them in order)
+// 1. Listen: the gRPC port (FaceEmbedding, health, and reflection with --reflection) and the
+//    HTTP port (/metrics, /healthz, /readyz) open before the model loads, so that a busy port
+//    is reported at once and liveness probes see the process while it loads. Meanwhile health
+//    says NOT_SERVING, /readyz 503, and FaceEmbedding calls get UNAVAILABLE.
+// 2. Load model: the weights file (or the demo weights) is read and validated.
+// 3. Warm up: the engine is built on its device and runs its warm-up batches (CUDA: captures
+//    its graphs) on a thread that exits afterwards (docs/PERFORMANCE.md); the batcher starts.
+// 4. Serve: health SERVING, /readyz 200, the port file is written, "SERVING" is logged; then
+//    Run() waits for `stop`.
+// 5. Drain: health NOT_SERVING, /readyz 503, new calls UNAVAILABLE, open streams finish after
+//    their read messages; every accepted call finishes (calls still running at the drain
+//    timeout are cancelled); the gRPC server shuts down, the batcher flushes, the
+//    preprocessing pool and the HTTP server stop; Run() returns 0. A drain still unfinished at
+//    the drain timeout + 10 s (a batch stuck in the model keeps the batcher from flushing)
+//    ends the process with status 1.
+//
+// Contract
+// - Errors: one path. A phase that fails returns a status naming the cause (the flag, when a
+//   flag's value is at fault); Run() logs it, stops what was started (see Teardown below) and
+//   returns the exit status: 2 when a flag's value cannot be served (INVALID_ARGUMENT,
+//   FAILED_PRECONDITION, UNIMPLEMENTED: a bad weights or TLS file, a device or precision this
+//   build or machine lacks, --reflection without its library), else 1 (the machine failed: a
+//   port in use, out of memory, a device error).
+// - Blocking: Run() blocks the calling thread through every phase until the drain is over.
+//   Call it once.
+// - `stop` may be notified from any thread at any time; before SERVING, the drain follows
+//   right after the model is ready. It is borrowed and must outlive Run().
+// - Process-wide state it sets: gRPC's log function (into spdlog), the installed fault
+//   injector (--test-fault-injection), libtorch's thread count (--threads). One Server per
+//   process.
+// - Thread safety: Run() and the destructor on one thread; nothing else is public.
+//
+// Teardown
+// Stopping and destroying are two steps. StopServing() stops, in this order: the gRPC server
+// (no call reaches the service any more; those running at its deadline are cancelled), the
+// batcher (flushes: every accepted crop is answered), the preprocessing pool, the fault
+// injector's installation, the HTTP server (the last reader of the metrics' sources). Both the
+// drain and a failed start end with it. Then the members are destroyed in the reverse of their
+// declaration order below, which is why they are declared so: each is declared after
+// everything it uses, and so destroyed before it.
+#ifndef ARCFACE_SERVER_APP_SERVER_H_
+#define ARCFACE_SERVER_APP_SERVER_H_
+
+#include <memory>
+#include <string>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/status.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
+#include "server/app/engine_model.h"
+#include "server/engine/engine.h"
+#include "server/model/checkpoint.h"
+#include "server/service/embedder.h"
+#include "server/service/embedding_model.h"
+#include "server/service/face_embedding_service.h"
+#include "server/service/fault_injection.h"
+#include "server/service/http_server.h"
+#include "server/service/metrics.h"
+#include "server/service/server_config.h"
+#include "server/service/work_queue.h"
+
+namespace arcface::app {
+
+class Server {
+ public:
+  explicit Server(service::ServerConfig config);
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // The phases above; the process's exit status.
+  int Run(const absl::Notification& stop);
+
+ private:
+  absl::Status Listen();
+  absl::Status LoadModel();
+  absl::Status WarmUp();
+  void Serve(const absl::Notification& stop);
+  int Drain();
+  // The first step of the teardown (see above); idempotent. `grpc_deadline`: when calls still
+  // running are cancelled. `since`: the start of the drain, for the debug log's timings.
+  void StopServing(absl::Time grpc_deadline, absl::Time since);
+
+  const service::ServerConfig config_;
+  // What the phases pass on to the next: the listening ports, the weights (until the engine
+  // holds its own copy), the served model's description.
+  int grpc_port_ = 0;
+  std::string tls_mode_;  // "plaintext", "tls", "mutual-tls"
+  int pool_threads_ = 0;
+  int pool_faces_ = 0;
+  absl::Time load_start_;
+  model::Checkpoint checkpoint_;
+  service::ModelDescription model_;
+  bool faults_installed_ = false;
+  bool stopped_ = false;  // StopServing() has run
+
+  // Declared in dependency order; destroyed bottom-up (see Teardown above).
+  // Every part reports into the metrics; the HTTP server renders them.
+  std::unique_ptr<service::ServiceMetrics> metrics_;
+  std::unique_ptr<engine::Engine> engine_;
+  std::unique_ptr<service::FaultInjector> faults_;
+  // Calls the engine and the fault injector.
+  std::unique_ptr<EngineModel> engine_model_;
+  // Preprocessing calls the installed fault injector.
+  std::unique_ptr<service::WorkQueue> pool_;
+  // Its model threads call the engine model.
+  std::unique_ptr<service::Embedder> embedder_;
+  // Borrows the metrics, the pool and (once ready) the embedder.
+  std::unique_ptr<service::FaceEmbeddingService> service_;
+  // Dispatches calls into the service.
+  std::unique_ptr<grpc::Server> grpc_;
+  // Renders the metrics, whose sources read the pool, the batcher and the engine.
+  std::unique_ptr<service::HttpServer> http_;
+};
+
+}  // namespace arcface::app
+
+#endif  // ARCFACE_SERVER_APP_SERVER_H_
