@@ -47,7 +47,7 @@
 #include "server/service/fault_injection.h"
 #include "server/service/http_server.h"
 #include "server/service/logging.h"
-#include "server/service/metrics.h"
+#include "server/service/service_metrics.h"
 #include "server/service/server_config.h"
 #include "server/service/work_queue.h"
 
