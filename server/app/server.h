@@ -61,7 +61,7 @@
 #include "server/service/face_embedding_service.h"
 #include "server/service/fault_injection.h"
 #include "server/service/http_server.h"
-#include "server/service/metrics.h"
+#include "server/service/service_metrics.h"
 #include "server/service/server_config.h"
 #include "server/service/work_queue.h"
 

@@ -9,7 +9,7 @@
 //   wait), so callers re-check their state in a loop. absl::InfiniteFuture() waits for a signal
 //   only.
 // - Production code uses RealClock (absl::Now(), real timed waits). Tests use FakeClock
-//   (fake_clock.h), whose time moves only when the test advances it.
+//   (tests/test_util/fake_clock.h), whose time moves only when the test advances it.
 #ifndef ARCFACE_SERVER_BATCHING_CLOCK_H_
 #define ARCFACE_SERVER_BATCHING_CLOCK_H_
 

@@ -229,21 +229,28 @@ struct BatcherCounters {
 
 class DynamicBatcher {
  public:
+  // Create() checks each range and names the option it refuses.
   struct Options {
-    int max_batch_size = 32;                                // >= 1
-    absl::Duration max_queue_delay = absl::Milliseconds(2);  // >= 0, finite; 0: no waiting
-    int max_queue_size = 4096;  // items not yet in a batch; >= max_batch_size
+    // Items in one BatchFn call at most. >= 1; default 32.
+    int max_batch_size = 32;
+    // How long the oldest queued item may wait for a fuller batch, on the batcher's clock.
+    // >= 0 and finite, 0: no waiting; default 2 ms.
+    absl::Duration max_queue_delay = absl::Milliseconds(2);
+    // Items accepted and not yet in the model (queued or staged); beyond, Schedule() refuses.
+    // >= max_batch_size; default 4096.
+    int max_queue_size = 4096;
     // false: "puppet" mode for deterministic tests of the layer above: no threads; batches are
     // formed, staged, run and finished only inside RunOnce() and Shutdown(), on the caller's
-    // thread.
+    // thread. Default true.
     bool start_batch_thread = true;
-    // Model threads, each calling the BatchFn with its own batch: 1..kMaxBatchesInFlight. Ignored
-    // in puppet mode, which runs one batch at a time.
+    // Model threads, each calling the BatchFn with its own batch: 1..kMaxBatchesInFlight;
+    // default 1. Ignored in puppet mode, which runs one batch at a time.
     int max_batches_in_flight = 1;
-    // How often the waiting tasks' is_cancelled is polled, on the batcher's clock: >= 0, finite;
-    // 0: only when a task's items are about to be handed to the model.
+    // How often the waiting tasks' is_cancelled is polled, on the batcher's clock. >= 0 and
+    // finite, 0: only when a task's items are about to be handed to the model; default 20 ms.
     absl::Duration cancel_poll_interval = absl::Milliseconds(20);
-    BatcherObserver* observer = nullptr;  // optional, not owned
+    // Metrics hooks; optional (default none), not owned, must outlive the batcher.
+    BatcherObserver* observer = nullptr;
   };
   static constexpr int kMaxBatchesInFlight = 16;
 
@@ -264,6 +271,9 @@ class DynamicBatcher {
   // accepted task, joins the batch thread. Idempotent; concurrent callers all wait.
   void Shutdown() ABSL_LOCKS_EXCLUDED(mu_, step_mu_, join_mu_);
 
+  // Test hooks (puppet mode, the idle waits) stay in the class: they run its private steps (sweep,
+  // form, stage, run, finish) and read its batch thread's state under mu_, unreachable outside.
+  //
   // Puppet mode only (else FAILED_PRECONDITION). Ends the waiting tasks that expired or (when a
   // poll is due) were cancelled, as the batch thread would at the clock's current time; then, if
   // a batch is due, drops the expired/cancelled tasks in its way, runs it and returns its size;

@@ -68,8 +68,8 @@ struct EmbeddingBatch {
   std::vector<float> norms;   // size, L2 norm of each raw row
 };
 
-inline constexpr int kCropSize = model::kInputSize;
-inline constexpr size_t kCropBytes = size_t{kCropSize} * kCropSize * 3;
+using model::kCropBytes;
+using model::kCropSize;
 using model::kEmbeddingDim;
 
 class CudaEngine;

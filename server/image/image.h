@@ -33,11 +33,12 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "server/model/shapes.h"
 
 namespace arcface::image {
 
-inline constexpr int kCropSize = 112;
-inline constexpr size_t kCropBytes = size_t{kCropSize} * kCropSize * 3;
+using model::kCropBytes;
+using model::kCropSize;
 
 // kCropSize × kCropSize × 3 bytes, RGB, row-major HWC; always exactly kCropBytes long.
 using Crop = std::vector<uint8_t>;

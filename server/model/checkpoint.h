@@ -20,12 +20,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "server/model/shapes.h"
 
 namespace arcface::model {
-
-// The network's fixed shapes (ARCFACE.md): 112×112 RGB in, 512 values out.
-inline constexpr int kInputSize = 112;
-inline constexpr int kEmbeddingDim = 512;
 
 // A dense row-major float32 tensor in host memory.
 struct HostTensor {

@@ -51,8 +51,11 @@
 namespace arcface::service {
 
 struct EmbedderOptions {
+  // The batcher's options, ranges and defaults (see DynamicBatcher::Options).
   batching::DynamicBatcher::Options batching;
-  std::string hold_file;  // test hook; empty: off
+  // Test hook (see the contract): a path whose existence holds each batch before the model.
+  // Default empty: off.
+  std::string hold_file;
 };
 
 class Embedder {

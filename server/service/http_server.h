@@ -46,9 +46,13 @@ namespace arcface::service {
 
 // Per-connection bounds; see the contract above.
 struct HttpServerOptions {
+  // From the accept to the end of the request head, else 408 and close. > 0; default 5 s.
   absl::Duration request_timeout = absl::Seconds(5);
+  // For the client to take the whole answer, else close. > 0; default 5 s.
   absl::Duration write_timeout = absl::Seconds(5);
+  // The longest request head (request line and headers), else 431. >= 1; default 8 KiB.
   size_t max_head_bytes = 8 << 10;
+  // Connections open at once; one more closes the oldest. >= 1; default 256.
   int max_connections = 256;
 };
 

@@ -50,7 +50,9 @@ class WorkQueue {
   // One step; true: call again later.
   using Job = absl::AnyInvocable<bool()>;
 
-  // threads >= 1, max_pending >= 1 (in cost units); errors name the option.
+  // `threads`: pool threads, >= 1. `max_pending`: the bound on the summed cost of unfinished
+  // jobs (see "Admission is weighted" above), >= 1. No defaults: the server derives both from
+  // --preprocess-threads and --preprocess-queue. Errors name the option.
   static absl::StatusOr<std::unique_ptr<WorkQueue>> Create(int threads, int max_pending);
   ~WorkQueue();
   WorkQueue(const WorkQueue&) = delete;

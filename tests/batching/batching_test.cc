@@ -23,7 +23,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/batching/clock.h"
-#include "server/batching/fake_clock.h"
+#include "tests/test_util/fake_clock.h"
 
 namespace arcface::batching {
 namespace {

@@ -52,7 +52,7 @@
 #include "server/service/embedder.h"
 #include "server/service/embedding_model.h"
 #include "server/service/face_embedding_service.h"
-#include "server/service/metrics.h"
+#include "server/service/service_metrics.h"
 #include "server/service/work_queue.h"
 
 namespace arcface::service {

@@ -18,7 +18,7 @@ from arcface.v1 import face_embedding_pb2 as pb
 from arcface.v1 import face_embedding_pb2_grpc as pb_grpc
 
 STREAM_METHOD = "/arcface.v1.FaceEmbedding/EmbedStream"
-MAX_REQUEST_ID_BYTES = 1024  # kMaxRequestIdBytes, server/service/face_embedding_service.h
+MAX_REQUEST_ID_BYTES = 1024  # kMaxRequestIdBytes, server/service/service_options.h
 STREAM_MAX_HELD_BYTES = 16 << 20  # ServiceOptions::stream_max_held_bytes, the default
 
 

@@ -15,7 +15,6 @@
 #include <map>
 #include <memory>
 #include <numeric>
-#include <regex>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -25,11 +24,8 @@
 #include <opencv2/imgcodecs.hpp>
 
 #include "absl/status/status.h"
-#include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
@@ -37,19 +33,24 @@
 #include "arcface/v1/face_embedding.grpc.pb.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "server/batching/fake_clock.h"
+#include "server/service/compare_call.h"
+#include "server/service/cosine.h"
 #include "server/service/embedder.h"
 #include "server/service/embedding_model.h"
 #include "server/service/face_embedding_service.h"
 #include "server/service/face_preprocess.h"
-#include "server/service/metrics.h"
+#include "server/service/service_metrics.h"
 #include "server/service/server_config.h"
 #include "server/service/status_mapping.h"
 #include "server/service/work_queue.h"
+#include "tests/test_util/exposition.h"
+#include "tests/test_util/fake_clock.h"
 
 namespace arcface::service {
 namespace {
 
+using ::arcface::test_util::ParseExposition;
+using ::arcface::test_util::Sample;
 using ::testing::AllOf;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
@@ -164,200 +165,6 @@ double Cosine(const std::vector<float>& a, const std::vector<float>& b) {
   double dot = 0;
   for (size_t i = 0; i < a.size(); ++i) dot += double(a[i]) * b[i];
   return dot / (Norm(a) * Norm(b));
-}
-
-// ---------------------------------------------------------------------------------------------
-// Metrics
-
-struct Sample {
-  std::string name;
-  std::map<std::string, std::string> labels;
-  double value;
-};
-
-// Parses the exposition back: "# TYPE" lines into `types`, every sample line into a Sample.
-std::vector<Sample> ParseExposition(const std::string& text,
-                                    std::map<std::string, std::string>* types) {
-  std::vector<Sample> samples;
-  const std::regex sample_re(R"(^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$)");
-  const std::regex label_re(R"re(([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)")re");
-  for (absl::string_view line : absl::StrSplit(text, '\n')) {
-    if (line.empty()) continue;
-    std::string l(line);
-    if (absl::StartsWith(l, "# TYPE ")) {
-      std::vector<std::string> parts = absl::StrSplit(l, ' ');
-      EXPECT_EQ(parts.size(), 4u) << l;
-      (*types)[parts[2]] = parts[3];
-      continue;
-    }
-    if (absl::StartsWith(l, "# HELP ")) continue;
-    std::smatch m;
-    EXPECT_TRUE(std::regex_match(l, m, sample_re)) << "not a sample line: " << l;
-    if (m.empty()) continue;
-    Sample s;
-    s.name = m[1];
-    std::string labels = m[3];
-    for (auto it = std::sregex_iterator(labels.begin(), labels.end(), label_re);
-         it != std::sregex_iterator(); ++it) {
-      s.labels[(*it)[1]] = (*it)[2];
-    }
-    std::string v = m[4];
-    if (v == "+Inf") {
-      s.value = INFINITY;
-    } else {
-      EXPECT_TRUE(absl::SimpleAtod(v, &s.value)) << l;
-    }
-    samples.push_back(s);
-  }
-  return samples;
-}
-
-TEST(Metrics, CountersGaugesAndLabelsRenderAndParseBack) {
-  MetricsRegistry registry;
-  auto& requests = registry.AddCounter("t_requests_total", "Requests.", {"rpc", "code"});
-  requests.WithLabels({"Embed", "OK"}).Inc();
-  requests.WithLabels({"Embed", "OK"}).Inc(2);
-  requests.WithLabels({"Compare", "INVALID_ARGUMENT"}).Inc();
-  auto& odd = registry.AddGauge("t_odd", "Odd label values.", {"v"});
-  odd.WithLabels({"a\"b\\c\nd"}).Set(1.5);
-  registry.AddCallbackGauge("t_callback", "Read at render.", [] { return 7.0; });
-
-  const std::string text = registry.Render();
-  EXPECT_THAT(text, HasSubstr("# HELP t_requests_total Requests.\n# TYPE t_requests_total counter\n"));
-  EXPECT_THAT(text, HasSubstr("t_requests_total{rpc=\"Embed\",code=\"OK\"} 3\n"));
-  EXPECT_THAT(text, HasSubstr("t_odd{v=\"a\\\"b\\\\c\\nd\"} 1.5\n"));
-  EXPECT_THAT(text, HasSubstr("t_callback 7\n"));
-
-  std::map<std::string, std::string> types;
-  std::vector<Sample> samples = ParseExposition(text, &types);
-  EXPECT_EQ(types["t_requests_total"], "counter");
-  EXPECT_EQ(types["t_odd"], "gauge");
-  EXPECT_EQ(types["t_callback"], "gauge");
-  ASSERT_EQ(samples.size(), 4u);
-  EXPECT_EQ(samples[0].name, "t_requests_total");
-  EXPECT_EQ(samples[0].labels["rpc"], "Compare");  // children in label-value order
-  EXPECT_EQ(samples[0].labels["code"], "INVALID_ARGUMENT");
-  EXPECT_EQ(samples[0].value, 1);
-}
-
-TEST(Metrics, HistogramBucketsAreCumulativeWithSumAndCount) {
-  MetricsRegistry registry;
-  auto& h = registry.AddHistogram("t_seconds", "Latency.", {0.005, 0.1, 1}, {"rpc"});
-  for (double v : {0.001, 0.005, 0.05, 0.5, 2.0}) h.WithLabels({"Embed"}).Observe(v);
-
-  std::map<std::string, std::string> types;
-  std::vector<Sample> samples = ParseExposition(registry.Render(), &types);
-  EXPECT_EQ(types["t_seconds"], "histogram");
-  std::vector<std::pair<std::string, double>> buckets;
-  double sum = -1, count = -1;
-  for (const Sample& s : samples) {
-    EXPECT_EQ(s.labels.at("rpc"), "Embed");
-    if (s.name == "t_seconds_bucket") buckets.push_back({s.labels.at("le"), s.value});
-    if (s.name == "t_seconds_sum") sum = s.value;
-    if (s.name == "t_seconds_count") count = s.value;
-  }
-  // 0.005 falls in le="0.005" (upper bounds are inclusive).
-  EXPECT_THAT(buckets, ElementsAre(std::pair<std::string, double>{"0.005", 2},
-                                   std::pair<std::string, double>{"0.1", 3},
-                                   std::pair<std::string, double>{"1", 4},
-                                   std::pair<std::string, double>{"+Inf", 5}));
-  EXPECT_NEAR(sum, 2.556, 1e-12);
-  EXPECT_EQ(count, 5);
-}
-
-TEST(Metrics, ServiceMetricsHaveTheRequiredFamilies) {
-  ServiceMetrics m(/*max_batch_size=*/24);
-  m.SetModelInfo("r50", "arcface-r50@0123456789ab", "cpu", "fp32");
-  m.SetQueueDepthSource([] { return 3.0; });
-  m.SetDeviceMemorySource([] {
-    engine::DeviceMemory memory;
-    memory.allocated_bytes = 123456789;
-    memory.reserved_bytes = 234567890;
-    return memory;
-  });
-  m.RecordRequest("Embed", absl::OkStatus(), 0.01);
-  m.RecordRequest("Embed", absl::InvalidArgumentError("x"), 0.001);
-  m.AddFaces(4);
-  m.OnRejected(batching::RejectReason::kQueueFull, 1);
-  m.OnDropped(batching::DropReason::kExpired, 2);
-  absl::Duration waits[] = {absl::Milliseconds(1), absl::Milliseconds(2)};
-  batching::BatchInfo info;
-  info.size = 24;
-  info.num_tasks = 2;
-  info.queue_waits = waits;
-  info.run_time = absl::Milliseconds(30);
-  info.model_idle = absl::Microseconds(40);
-  info.items_staged_ahead = 20;
-  info.stage_time = absl::Microseconds(300);
-  info.finish_time = absl::Microseconds(700);
-  m.OnBatch(info);
-  info.model_idle.reset();  // the first batch has none
-  info.items_staged_ahead = 0;
-  m.OnBatch(info);
-  m.RecordPreprocess(0.002);
-
-  std::map<std::string, std::string> types;
-  std::vector<Sample> samples = ParseExposition(m.Render(), &types);
-  EXPECT_EQ(types["arcface_requests_total"], "counter");
-  EXPECT_EQ(types["arcface_faces_total"], "counter");
-  EXPECT_EQ(types["arcface_batch_size"], "histogram");
-  EXPECT_EQ(types["arcface_queue_wait_seconds"], "histogram");
-  EXPECT_EQ(types["arcface_inference_seconds"], "histogram");
-  EXPECT_EQ(types["arcface_request_seconds"], "histogram");
-  EXPECT_EQ(types["arcface_queue_depth"], "gauge");
-  EXPECT_EQ(types["arcface_rejected_total"], "counter");
-  EXPECT_EQ(types["arcface_model_info"], "gauge");
-  EXPECT_EQ(types["arcface_preprocess_seconds"], "histogram");
-  EXPECT_EQ(types["arcface_batch_stage_seconds"], "histogram");
-  EXPECT_EQ(types["arcface_postprocess_seconds"], "histogram");
-  EXPECT_EQ(types["arcface_model_idle_seconds"], "histogram");
-  EXPECT_EQ(types["arcface_staged_ahead_crops_total"], "counter");
-  EXPECT_EQ(types["arcface_stream_held_bytes"], "gauge");
-  std::map<std::string, double> flat;
-  for (const Sample& s : samples) {
-    std::string key = s.name;
-    for (const auto& [k, v] : s.labels) absl::StrAppend(&key, ",", k, "=", v);
-    flat[key] = s.value;
-  }
-  EXPECT_EQ(flat["arcface_requests_total,code=OK,rpc=Embed"], 1);
-  EXPECT_EQ(flat["arcface_requests_total,code=INVALID_ARGUMENT,rpc=Embed"], 1);
-  EXPECT_EQ(flat["arcface_faces_total"], 4);
-  EXPECT_EQ(flat["arcface_queue_depth"], 3);
-  EXPECT_EQ(types["arcface_device_memory_allocated_bytes"], "gauge");
-  EXPECT_EQ(flat["arcface_device_memory_allocated_bytes"], 123456789);
-  EXPECT_EQ(flat["arcface_device_memory_reserved_bytes"], 234567890);
-  EXPECT_EQ(flat["arcface_rejected_total,reason=queue_full"], 1);
-  EXPECT_EQ(flat["arcface_dropped_total,reason=expired"], 1);
-  EXPECT_EQ(flat["arcface_model_info,arch=r50,device=cpu,model_id=arcface-r50@0123456789ab,"
-                 "precision=fp32"],
-            1);
-  // Batch-size buckets: powers of two up to the limit, and the limit itself.
-  EXPECT_EQ(flat["arcface_batch_size_bucket,le=16"], 0);
-  EXPECT_EQ(flat["arcface_batch_size_bucket,le=24"], 2);
-  EXPECT_EQ(flat.count("arcface_batch_size_bucket,le=32"), 0u);
-  EXPECT_EQ(flat["arcface_batch_size_sum"], 48);
-  EXPECT_EQ(flat["arcface_queue_wait_seconds_count"], 4);
-  EXPECT_NEAR(flat["arcface_inference_seconds_sum"], 0.06, 1e-12);
-  // The per-stage times: idle only where the batcher knows it, staged crops counted.
-  EXPECT_EQ(flat["arcface_model_idle_seconds_count"], 1);
-  EXPECT_NEAR(flat["arcface_model_idle_seconds_sum"], 40e-6, 1e-12);
-  EXPECT_EQ(flat["arcface_model_idle_seconds_bucket,le=5e-05"], 1);
-  EXPECT_EQ(flat["arcface_model_idle_seconds_bucket,le=2.5e-05"], 0);
-  EXPECT_EQ(flat["arcface_staged_ahead_crops_total"], 20);
-  EXPECT_EQ(flat["arcface_batch_stage_seconds_count"], 2);
-  EXPECT_NEAR(flat["arcface_postprocess_seconds_sum"], 1.4e-3, 1e-12);
-  EXPECT_EQ(flat["arcface_preprocess_seconds_count"], 1);
-  EXPECT_NEAR(flat["arcface_preprocess_seconds_sum"], 0.002, 1e-12);
-}
-
-TEST(Metrics, ValueFormatting) {
-  EXPECT_EQ(FormatMetricValue(3), "3");
-  EXPECT_EQ(FormatMetricValue(0.005), "0.005");
-  EXPECT_EQ(FormatMetricValue(0.1), "0.1");
-  EXPECT_EQ(FormatMetricValue(INFINITY), "+Inf");
-  EXPECT_EQ(FormatMetricValue(-INFINITY), "-Inf");
-  EXPECT_EQ(FormatMetricValue(NAN), "NaN");
-  EXPECT_EQ(EscapeLabelValue("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
 }
 
 // ---------------------------------------------------------------------------------------------

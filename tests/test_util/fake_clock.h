@@ -8,8 +8,8 @@
 //   DynamicBatcher::WaitUntilIdle()), never on real time.
 // - All methods are thread-safe. Lock order: a waiter's mutex before the clock's mutex; the
 //   clock never holds its own mutex while taking a waiter's, so the two cannot deadlock.
-#ifndef ARCFACE_SERVER_BATCHING_FAKE_CLOCK_H_
-#define ARCFACE_SERVER_BATCHING_FAKE_CLOCK_H_
+#ifndef ARCFACE_TESTS_TEST_UTIL_FAKE_CLOCK_H_
+#define ARCFACE_TESTS_TEST_UTIL_FAKE_CLOCK_H_
 
 #include <vector>
 
@@ -61,4 +61,4 @@ class FakeClock final : public Clock {
 
 }  // namespace arcface::batching
 
-#endif  // ARCFACE_SERVER_BATCHING_FAKE_CLOCK_H_
+#endif  // ARCFACE_TESTS_TEST_UTIL_FAKE_CLOCK_H_

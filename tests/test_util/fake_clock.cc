@@ -1,4 +1,4 @@
-#include "server/batching/fake_clock.h"
+#include "tests/test_util/fake_clock.h"
 
 #include <algorithm>
 

@@ -1,0 +1,232 @@
+#include "server/service/compare_call.h"
+
+#include <cmath>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "server/service/admission.h"
+#include "server/service/cosine.h"
+#include "server/service/embedding_model.h"
+
+namespace arcface::service {
+
+using arcface::v1::CompareRequest;
+using arcface::v1::CompareResponse;
+using arcface::v1::Probe;
+
+namespace {
+
+// Below this many multiply-adds a Compare matrix is computed on whichever thread has the
+// embeddings (even the batch thread: ~1 ms); above it, on the preprocessing pool.
+constexpr int64_t kInlineCompareMacs = int64_t{1} << 22;
+// One step of a Compare matrix: about this many multiply-adds (~10 ms).
+constexpr int64_t kMatrixStepMacs = int64_t{1} << 24;
+
+struct CompareWork {
+  int rows = 0;
+  int cols = 0;
+  std::vector<float> queries;     // rows × 512 unit vectors
+  std::vector<float> references;  // cols × 512 unit vectors
+  // Face probes in embedding order: (is_query, index).
+  std::vector<std::pair<bool, int>> faces;
+};
+
+using CompareState = CallState<CompareRequest, CompareResponse>;
+
+const char* ProbeLabel(bool is_query) { return is_query ? "query" : "reference"; }
+
+// Validates embedding probes and lists face probes; writes embedding probes' unit vectors.
+absl::Status CollectProbes(const google::protobuf::RepeatedPtrField<Probe>& probes,
+                           bool is_query, std::vector<float>* units,
+                           std::vector<std::pair<bool, int>>* faces) {
+  for (int i = 0; i < probes.size(); ++i) {
+    const Probe& p = probes[i];
+    const std::string label = absl::StrCat(ProbeLabel(is_query), " ", i);
+    switch (p.probe_case()) {
+      case Probe::kFace:
+        faces->push_back({is_query, i});
+        break;
+      case Probe::kEmbedding: {
+        const auto& values = p.embedding().values();
+        if (values.size() != kEmbeddingDim) {
+          return absl::InvalidArgumentError(absl::StrCat(label, ": embedding has ", values.size(),
+                                                         " values, expected ", kEmbeddingDim));
+        }
+        for (int j = 0; j < kEmbeddingDim; ++j) {
+          if (!std::isfinite(values[j])) {
+            return absl::InvalidArgumentError(
+                absl::StrCat(label, ": embedding value ", j, " is not finite"));
+          }
+        }
+        if (!ToUnit(values.data(), units->data() + size_t(i) * kEmbeddingDim)) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(label, ": embedding has zero norm (cosine is undefined)"));
+        }
+        break;
+      }
+      case Probe::PROBE_NOT_SET:
+        return absl::InvalidArgumentError(
+            absl::StrCat(label, ": probe has neither a face nor an embedding"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void FillCompare(const std::vector<float>& sims, const CompareRequest& request,
+                 CompareResponse* response) {
+  response->mutable_similarities()->Assign(sims.begin(), sims.end());
+  if (request.has_threshold()) {
+    const float threshold = request.threshold();
+    auto* matches = response->mutable_matches();
+    matches->Reserve(static_cast<int>(sims.size()));
+    for (float s : sims) matches->Add(s >= threshold);
+  }
+}
+
+// What a matrix job costs the pool: the memory of its answer, in crop-sized units.
+int64_t MatrixCost(const CompareWork& work, const CompareRequest& request) {
+  const uint64_t bytes = CompareReplyBytes(work.rows, work.cols, request.has_threshold(), 0);
+  return static_cast<int64_t>((bytes + kCropBytes - 1) / kCropBytes);
+}
+
+// A pool job computing the matrix a block of rows per step; it stops when the call is dead.
+WorkQueue::Job MatrixJob(std::shared_ptr<CompareState> state, std::shared_ptr<CompareWork> work,
+                         ServiceMetrics* metrics) {
+  return [state = std::move(state), work = std::move(work), metrics,
+          blocks = std::optional<CosineBlocks>()]() mutable -> bool {
+    absl::Status alive = CheckAlive(state->is_cancelled, state->deadline, metrics);
+    if (!alive.ok()) {
+      state->Complete(alive);
+      return false;
+    }
+    if (!blocks) blocks.emplace(work->queries, work->references, work->rows, work->cols,
+                                kEmbeddingDim);
+    if (blocks->ComputeSome(kMatrixStepMacs)) return true;
+    FillCompare(std::move(*blocks).Take(), *state->request, state->response);
+    state->Complete(absl::OkStatus());
+    return false;
+  };
+}
+
+}  // namespace
+
+uint64_t CompareReplyBytes(int rows, int cols, bool with_matches, size_t model_id_bytes) {
+  const uint64_t cells = uint64_t(rows) * uint64_t(cols);
+  // Per field at most: a tag (1 byte) and a length or value varint (10).
+  constexpr uint64_t kFieldOverhead = 11;
+  return cells * (sizeof(float) + (with_matches ? 1 : 0)) + 5 * kFieldOverhead + model_id_bytes;
+}
+
+void StartCompare(const CallEnv& env, const CompareRequest* request, CompareResponse* response,
+                  CallContext call, DoneFn done) {
+  const ServiceOptions& options = *env.options;
+  response->set_model_id(env.admission->model().model_id);
+  auto work = std::make_shared<CompareWork>();
+  work->rows = request->queries_size();
+  work->cols = request->references_size();
+  response->set_rows(work->rows);
+  response->set_cols(work->cols);
+  if (work->rows > options.max_compare_rows || work->cols > options.max_compare_cols) {
+    env.metrics->RecordRejected("compare_too_large");
+    return done(absl::ResourceExhaustedError(absl::StrCat(
+        "compare matrix of ", work->rows, " queries x ", work->cols,
+        " references is over the limit of ", options.max_compare_rows, " x ",
+        options.max_compare_cols, " (--max-compare-rows, --max-compare-cols)")));
+  }
+  const uint64_t reply_bytes = CompareReplyBytes(work->rows, work->cols, request->has_threshold(),
+                                                 env.admission->model().model_id.size());
+  if (reply_bytes > options.max_message_bytes) {
+    env.metrics->RecordRejected("compare_too_large");
+    return done(absl::ResourceExhaustedError(absl::StrCat(
+        "compare reply of ", work->rows, " queries x ", work->cols, " references",
+        request->has_threshold() ? " (similarities and matches)" : "", " would take up to ",
+        reply_bytes, " bytes, over the message cap of ", options.max_message_bytes,
+        " bytes (--max-message-bytes); split the references over several calls")));
+  }
+  if (request->has_threshold() && !std::isfinite(request->threshold())) {
+    return done(absl::InvalidArgumentError("threshold is not finite"));
+  }
+  work->queries.resize(size_t(work->rows) * kEmbeddingDim);
+  work->references.resize(size_t(work->cols) * kEmbeddingDim);
+  absl::Status s = CollectProbes(request->queries(), true, &work->queries, &work->faces);
+  if (s.ok()) s = CollectProbes(request->references(), false, &work->references, &work->faces);
+  if (!s.ok()) return done(s);
+  const int num_faces = static_cast<int>(work->faces.size());
+  if (num_faces > options.max_faces_per_request) {
+    env.metrics->RecordRejected("too_many_faces", num_faces);
+    return done(absl::ResourceExhaustedError(
+        absl::StrCat("too many face probes: ", num_faces, " in one request, the limit is ",
+                     options.max_faces_per_request, " (--max-faces-per-request)")));
+  }
+  const bool small = int64_t{work->rows} * work->cols * kEmbeddingDim <= kInlineCompareMacs;
+  if (num_faces == 0 && small) {
+    FillCompare(CosineMatrix(work->queries, work->references, work->rows, work->cols,
+                             kEmbeddingDim),
+                *request, response);
+    return done(absl::OkStatus());
+  }
+
+  auto state = std::make_shared<CompareState>(
+      CompareState{request, response, std::move(call.is_cancelled), call.deadline,
+                   std::move(done)});
+  absl::Status queued;
+  if (num_faces == 0) {
+    queued = env.preprocess->Submit(MatrixJob(state, work, env.metrics),
+                                    MatrixCost(*work, *request));
+  } else {
+    queued = env.preprocess->Submit(PreprocessJob(
+        state, num_faces, options.image_limits, env.metrics,
+        [request, work](int k) -> const arcface::v1::Face& {
+          const auto& [is_query, index] = work->faces[k];
+          return (is_query ? request->queries(index) : request->references(index)).face();
+        },
+        [work](int k) {
+          const auto& [is_query, index] = work->faces[k];
+          return absl::StrCat(ProbeLabel(is_query), " ", index);
+        },
+        [env, state, work, num_faces, small](std::vector<uint8_t> crops) {
+          absl::Status scheduled = env.admission->embedder()->Submit(
+              std::move(crops), state->deadline, state->is_cancelled,
+              [env, state, work, num_faces, small](absl::StatusOr<EmbeddingBatch> rows) {
+                if (!rows.ok()) return state->Complete(rows.status());
+                for (int k = 0; k < num_faces; ++k) {
+                  const auto& [is_query, index] = work->faces[k];
+                  float* unit = (is_query ? work->queries : work->references).data() +
+                                size_t(index) * kEmbeddingDim;
+                  if (!ToUnit(rows->values.data() + size_t(k) * kEmbeddingDim, unit)) {
+                    return state->Complete(absl::InvalidArgumentError(absl::StrCat(
+                        ProbeLabel(is_query), " ", index,
+                        ": the face's embedding has zero norm (cosine is undefined)")));
+                  }
+                }
+                env.metrics->AddFaces(num_faces);
+                if (small) {  // ~1 ms: here, on the batch thread
+                  FillCompare(CosineMatrix(work->queries, work->references, work->rows,
+                                           work->cols, kEmbeddingDim),
+                              *state->request, state->response);
+                  return state->Complete(absl::OkStatus());
+                }
+                // The matrix itself on the pool, so the batch thread only feeds the model; as a
+                // later stage of a call already admitted, it is never refused for room (these
+                // calls are bounded by the batcher's queue, which they came through).
+                absl::Status continued = env.preprocess->Continue(
+                    MatrixJob(state, work, env.metrics), MatrixCost(*work, *state->request));
+                if (!continued.ok()) state->Complete(continued);
+              });
+          if (!scheduled.ok()) state->Complete(scheduled);
+        }),
+        /*cost=*/num_faces);
+  }
+  if (!queued.ok()) {
+    if (queued.code() == absl::StatusCode::kResourceExhausted) {
+      env.metrics->RecordRejected("preprocess_queue_full", num_faces);
+    }
+    state->Complete(queued);
+  }
+}
+
+}  // namespace arcface::service

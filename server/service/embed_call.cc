@@ -1,0 +1,94 @@
+#include "server/service/embed_call.h"
+
+#include <algorithm>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "server/service/admission.h"
+#include "server/service/cosine.h"
+#include "server/service/embedding_model.h"
+
+namespace arcface::service {
+
+using arcface::v1::EmbedRequest;
+using arcface::v1::EmbedResponse;
+
+namespace {
+
+// The norms are the model's own (EmbeddingModel's contract), reported and divided by as they are.
+void FillEmbeddings(const EmbeddingBatch& rows, bool normalize, EmbedResponse* response) {
+  const int n = rows.size;
+  response->mutable_embeddings()->Reserve(n);
+  for (int i = 0; i < n; ++i) {
+    const float* row = rows.values.data() + size_t(i) * kEmbeddingDim;
+    const double norm = rows.norms[i];
+    arcface::v1::Embedding* e = response->add_embeddings();
+    e->set_norm(static_cast<float>(norm));
+    auto* out = e->mutable_values();
+    out->Resize(kEmbeddingDim, 0.0f);
+    float* dst = out->mutable_data();
+    if (normalize && norm > 0) {
+      for (int j = 0; j < kEmbeddingDim; ++j) dst[j] = static_cast<float>(row[j] / norm);
+    } else {
+      std::copy(row, row + kEmbeddingDim, dst);
+    }
+  }
+}
+
+}  // namespace
+
+absl::Status CheckRequestId(const EmbedRequest& request) {
+  if (request.request_id().size() <= kMaxRequestIdBytes) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("request_id is ", request.request_id().size(),
+                                                 " bytes, over the limit of ",
+                                                 kMaxRequestIdBytes, " bytes"));
+}
+
+void StartEmbed(const CallEnv& env, const EmbedRequest* request, EmbedResponse* response,
+                CallContext call, DoneFn done) {
+  response->set_request_id(request->request_id());
+  response->set_model_id(env.admission->model().model_id);
+  const int n = request->faces_size();
+  if (n > env.options->max_faces_per_request) {
+    env.metrics->RecordRejected("too_many_faces", n);
+    done(absl::ResourceExhaustedError(
+        absl::StrCat("too many faces: ", n, " in one request, the limit is ",
+                     env.options->max_faces_per_request, " (--max-faces-per-request)")));
+    return;
+  }
+  if (n == 0) {
+    done(absl::OkStatus());
+    return;
+  }
+  using State = CallState<EmbedRequest, EmbedResponse>;
+  auto state = std::make_shared<State>(
+      State{request, response, std::move(call.is_cancelled), call.deadline, std::move(done)});
+
+  absl::Status queued = env.preprocess->Submit(PreprocessJob(
+      state, n, env.options->image_limits, env.metrics,
+      [request](int i) -> const arcface::v1::Face& { return request->faces(i); },
+      [](int i) { return absl::StrCat("face ", i); },
+      [env, state, n](std::vector<uint8_t> crops) {
+        const bool normalize = state->request->normalize();
+        absl::Status scheduled = env.admission->embedder()->Submit(
+            std::move(crops), state->deadline, state->is_cancelled,
+            [env, state, normalize, n](absl::StatusOr<EmbeddingBatch> rows) {
+              if (!rows.ok()) return state->Complete(rows.status());
+              FillEmbeddings(*rows, normalize, state->response);
+              env.metrics->AddFaces(n);
+              state->Complete(absl::OkStatus());
+            });
+        if (!scheduled.ok()) state->Complete(scheduled);
+      }),
+      /*cost=*/n);
+  if (!queued.ok()) {
+    if (queued.code() == absl::StatusCode::kResourceExhausted) {
+      env.metrics->RecordRejected("preprocess_queue_full", n);
+    }
+    state->Complete(queued);
+  }
+}
+
+}  // namespace arcface::service
