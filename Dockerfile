@@ -38,6 +38,7 @@ FROM deps AS python-client
 ARG VARIANT=cpu
 WORKDIR /src
 COPY CMakeLists.txt ./
+COPY common common
 COPY proto proto
 COPY client client
 COPY server server
