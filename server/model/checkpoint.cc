@@ -99,7 +99,7 @@ absl::Status CheckValues(const std::map<std::string, HostTensor>& tensors) {
   return absl::OkStatus();
 }
 
-// Checks that `tensors` is exactly the key set of ARCFACE.md for the blocks its keys imply.
+// Checks that `tensors` is exactly the key set of docs/MODEL.md for the blocks its keys imply.
 absl::StatusOr<std::array<int, 4>> ValidateTensors(
     const std::map<std::string, HostTensor>& tensors) {
   std::vector<std::string> keys;

@@ -3,7 +3,7 @@
 // Contract
 // - LoadCheckpoint reads a whole weights file (py-feat's safetensors, or InsightFace's ONNX
 //   export: w600k_r50.onnx, glintr100.onnx), validates it completely and returns the tensors in
-//   the fused-BN key layout of ARCFACE.md (the safetensors names), all converted to float32.
+//   the fused-BN key layout of docs/MODEL.md (the safetensors names), all converted to float32.
 //   Nothing is trusted before it is checked: a malformed, truncated, empty, wrong-architecture
 //   or extra-key file gives an error status whose message names the file, the key (when there
 //   is one) and what was wrong. It never aborts or throws.
@@ -33,7 +33,7 @@ struct HostTensor {
 struct Checkpoint {
   std::string arch;                  // "r50", "r100", or "r<N>" for other depths
   std::array<int, 4> blocks{};       // residual blocks per stage, e.g. {3, 4, 14, 3}
-  std::map<std::string, HostTensor> tensors;  // fused-BN keys of ARCFACE.md, prelu as [C]
+  std::map<std::string, HostTensor> tensors;  // fused-BN keys of docs/MODEL.md, prelu as [C]
   std::string sha256;                // hex SHA-256 of the file's bytes
   std::string format;                // "safetensors" or "onnx"
   std::string path;

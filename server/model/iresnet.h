@@ -1,4 +1,4 @@
-// IResNet: the fused-BN ArcFace backbone of ARCFACE.md (py-feat / InsightFace ONNX form) as a
+// IResNet: the fused-BN ArcFace backbone of docs/MODEL.md (py-feat / InsightFace ONNX form) as a
 // libtorch module.
 //
 // Contract

@@ -1,6 +1,6 @@
 // ONNX weights reader: the initializers of an InsightFace IResNet ONNX export (w600k_r50.onnx,
 // glintr100.onnx, or any torch.onnx export of the unfused IResNet with BN folded into the
-// convolutions), mapped onto the fused-BN checkpoint keys of ARCFACE.md.
+// convolutions), mapped onto the fused-BN checkpoint keys of docs/MODEL.md.
 //
 // Contract
 // - ParseOnnxModel only decodes the protobuf (files up to 2 GiB, protobuf's own limit); it

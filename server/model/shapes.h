@@ -1,4 +1,4 @@
-// The network's fixed shapes (ARCFACE.md): 112×112×3 uint8 RGB crops in (row-major HWC), 512
+// The network's fixed shapes (docs/MODEL.md): 112×112×3 uint8 RGB crops in (row-major HWC), 512
 // float values out. The one definition of the crop size: the image code, which makes crops,
 // and the model and engine, which consume them, may not depend on each other (OpenCV on one
 // side, torch on the other), so both see this header-only, dependency-free target instead.

@@ -1,5 +1,5 @@
 // Face preprocessing: turns an API Face (encoded or raw image, plus optional box or five
-// landmarks) into the 112×112×3 RGB crop the model consumes, per DESIGN.md: 5 landmarks →
+// landmarks) into the 112×112×3 RGB crop the model consumes, per docs/MODEL.md: 5 landmarks →
 // aligned to the ArcFace template; else a box → that region, cropped and resized; else the
 // whole image.
 //

@@ -153,7 +153,7 @@ TEST(SafetensorsLoad, R50LayoutIsInferredAndLoadsQuickly) {
   std::string bytes;
   {
     const auto tensors = MakeTensors(kR50, Values::kZero);
-    ASSERT_EQ(tensors.size(), 237u);  // ARCFACE.md
+    ASSERT_EQ(tensors.size(), 237u);  // docs/MODEL.md
     bytes = EncodeSafetensors(ToEntries(tensors, "F32"));
   }
   const std::string path = TempPath("r50.safetensors");
@@ -224,7 +224,7 @@ TEST(CheckpointKeys, ExpectedShapesMatchArcfaceMd) {
     for (int64_t d : shape) n *= d;
     parameters += n;
   }
-  EXPECT_EQ(parameters, 43578176);  // ARCFACE.md (includes features.weight/bias)
+  EXPECT_EQ(parameters, 43578176);  // docs/MODEL.md (includes features.weight/bias)
 }
 
 // ---------------------------------------------------------------- file-level failures

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Exports an InsightFace-style (unfused) IResNet with random weights to ONNX, as InsightFace
 exported w600k_r50.onnx, plus the BN-folded weights computed here in the fused safetensors
-layout of ARCFACE.md. The C++ test OnnxLoad.RealTorchExportMatchesFoldedWeights loads both and
+layout of docs/MODEL.md. The C++ test OnnxLoad.RealTorchExportMatchesFoldedWeights loads both and
 compares them, which checks the loader's positional mapping of conv/PReLU initializers against
 a real torch.onnx export.
 

@@ -58,7 +58,7 @@ def blocks_per_stage(weights: Dict[str, torch.Tensor]) -> List[int]:
 
 
 def expected_shapes(layers: Sequence[int]) -> Dict[str, Tuple[int, ...]]:
-    """The exact key -> shape layout of a fused checkpoint (ARCFACE.md 'Checkpoint keys'),
+    """The exact key -> shape layout of a fused checkpoint (docs/MODEL.md 'Checkpoint keys'),
     in canonical order, without num_batches_tracked."""
     shapes: Dict[str, Tuple[int, ...]] = {}
     shapes["conv1.weight"] = (64, 3, 3, 3)

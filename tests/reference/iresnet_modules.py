@@ -1,7 +1,7 @@
 """nn.Module forms of IResNet, used for ONNX export and as cross-checks of arcface_ref.forward.
 
 - FusedIResNet: the py-feat / InsightFace-ONNX fused form; parameter names are exactly the
-  checkpoint keys of ARCFACE.md, so `load_state_dict` takes a fused checkpoint.
+  checkpoint keys of docs/MODEL.md, so `load_state_dict` takes a fused checkpoint.
 - InsightFaceIResNet: insightface's recognition/arcface_torch/backbones/iresnet.py structure
   (unfused: convs without bias followed by BatchNorm), eval-mode only use here.
 """

@@ -1,6 +1,6 @@
 """Seeded random IResNet weights that behave like a trained network numerically.
 
-- make_fused_weights(layers, seed): a fused checkpoint (exact ARCFACE.md key layout, float32).
+- make_fused_weights(layers, seed): a fused checkpoint (exact docs/MODEL.md key layout, float32).
 - make_insightface_module(layers, seed): an unfused insightface-style IResNet (iresnet.py form).
 
 Random draws come from numpy's PCG64 (bit-reproducible across machines). He-style init, the
@@ -153,7 +153,7 @@ def _calibrate(model: torch.nn.Module, rng: np.random.Generator, calib: torch.Te
 
 def make_fused_weights(layers: Sequence[int], seed: int, calib: torch.Tensor | None = None,
                        num_batches_tracked: bool = False) -> "OrderedDict[str, np.ndarray]":
-    """Fused checkpoint as an ordered dict (canonical ARCFACE.md order) of float32 arrays, plus
+    """Fused checkpoint as an ordered dict (canonical docs/MODEL.md order) of float32 arrays, plus
     int64 `*.num_batches_tracked` scalars if asked."""
     rng = np.random.default_rng(seed)
     shapes = ref.expected_shapes(layers)

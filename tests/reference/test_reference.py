@@ -64,7 +64,7 @@ def test_checkpoint_layout(r50_weights):
     assert sum(k.endswith("num_batches_tracked") for k in r50_weights) == 26
     assert ref.blocks_per_stage(r50_weights) == R50
     params = sum(v.numel() for k, v in r50_weights.items() if k in floats)
-    # ARCFACE.md: 43,578,176 parameters (trainable; BN running stats are buffers)
+    # docs/MODEL.md: 43,578,176 parameters (trainable; BN running stats are buffers)
     buffers = sum(v.numel() for k, v in r50_weights.items()
                   if k.endswith(("running_mean", "running_var")))
     assert params - buffers == 43_578_176
