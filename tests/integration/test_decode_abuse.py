@@ -2,6 +2,7 @@
 deadline, calls take turns on the preprocessing pool (a small call is not stuck behind two calls
 of many slow images), and a full pool refuses at once with the server's memory flat."""
 
+import re
 import struct
 import threading
 import time
@@ -154,8 +155,11 @@ def test_full_pool_refuses_at_once_with_flat_memory(start_server, slow_png):
                 with lock:
                     slowest[0] = max(slowest[0], took)
                 assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert ("preprocessing pool full (6 of 6 face crops admitted, this call needs "
-                        "32; --preprocess-queue)") in e.value.details()
+                # The admitted calls' faces leave the pool as they are decoded (slowly, but a
+                # sanitized server refuses slowly too), so the admitted count may fall.
+                assert re.search(r"preprocessing pool full \([0-6] of 6 face crops admitted, "
+                                 r"this call needs 32; --preprocess-queue\)",
+                                 e.value.details()), e.value.details()
         finally:
             channel.close()
 
