@@ -5,7 +5,6 @@ Debian's python3-grpcio, photos read in place from ARCFACE_TEST_DATA (default: t
 golden embeddings of tests/reference, openssl for certificates. Every wait is bounded.
 """
 
-import ctypes
 import hashlib
 import json
 import math
@@ -80,14 +79,13 @@ def wait_until(predicate, timeout, interval=0.05, what="condition"):
         time.sleep(interval)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent():
-    """Popen preexec_fn: the child gets SIGTERM when the test process dies (say, killed by a
-    ctest timeout), so no server or Prometheus outlives the run."""
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def orphan_guarded(cmd):
+    """`cmd` run through util-linux's setpriv, which has the child get SIGTERM when the test
+    process dies (say, killed by a ctest timeout), so no server or Prometheus outlives the run.
+    Not a Popen preexec_fn: that makes Python fork(), where grpcio's pre-fork handler joins gRPC's
+    own threads and can wait for ever (seen: a test process stuck in fork() for 12 minutes);
+    without one, Python starts the child with vfork, which runs no fork handlers."""
+    return ["setpriv", "--pdeathsig", "TERM", "--", *cmd]
 
 
 def free_port():
@@ -343,9 +341,8 @@ class ServerProcess:
             if k.startswith("ARCFACE_") and k not in ("ARCFACE_SERVER_BIN",):
                 del env[k]
         env.update(self.env or {})
-        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env,
-                                     preexec_fn=die_with_parent)
+        self.proc = subprocess.Popen(orphan_guarded(self.command()), stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         try:
             self._wait_serving(timeout)
         except BaseException:

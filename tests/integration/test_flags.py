@@ -64,8 +64,8 @@ def test_bad_flag_exits_2(case):
     base = [] if "--listen" in args else BASE[:2]
     cmd = [lib.SERVER_BIN] + base + BASE[2:] + args
     try:
-        p = subprocess.run(cmd, env=clean_env(env), stdin=subprocess.DEVNULL,
-                           capture_output=True, timeout=120, preexec_fn=lib.die_with_parent)
+        p = subprocess.run(lib.orphan_guarded(cmd), env=clean_env(env), stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=120)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{case}: still running after 120 s (the bad value was accepted)")
     out = (p.stdout + p.stderr).decode(errors="replace")
@@ -127,10 +127,10 @@ def test_not_serving_until_model_is_ready(tmp_path):
     log_path = tmp_path / "startup.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [lib.SERVER_BIN, *lib.demo_args("--log-format", "json"),
-             "--listen", f"127.0.0.1:{gport}", "--http-listen", f"127.0.0.1:{hport}"],
-            env=clean_env({}), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=lib.die_with_parent)
+            lib.orphan_guarded([lib.SERVER_BIN, *lib.demo_args("--log-format", "json"),
+                                "--listen", f"127.0.0.1:{gport}",
+                                "--http-listen", f"127.0.0.1:{hport}"]),
+            env=clean_env({}), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def http_up():
         assert proc.poll() is None, log_path.read_text()

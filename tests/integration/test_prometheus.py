@@ -49,10 +49,10 @@ def test_prometheus_scrapes_metrics(r50_server, goldens, tmp_path):
     port = lib.free_port()
     log = open(tmp_path / "prometheus.log", "wb")
     proc = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        preexec_fn=lib.die_with_parent)
+        lib.orphan_guarded([PROMETHEUS, f"--config.file={config}",
+                            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                            f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]),
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def log_tail():
         return (tmp_path / "prometheus.log").read_text(errors="replace")[-4000:]

@@ -15,9 +15,9 @@ import arcface_testlib as lib
 def run_server(args, timeout=180, **kw):
     """Runs arcface-server to its exit; returns (exit status, its output)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARCFACE_")}
-    r = subprocess.run([lib.SERVER_BIN, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       stdin=subprocess.DEVNULL, env=env, timeout=timeout,
-                       preexec_fn=lib.die_with_parent, **kw)
+    r = subprocess.run(lib.orphan_guarded([lib.SERVER_BIN, *args]), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                       timeout=timeout, **kw)
     return r.returncode, r.stdout.decode("utf-8", "replace")
 
 
