@@ -187,7 +187,10 @@ def test_full_pool_refuses_at_once_with_flat_memory(start_server, slow_png):
     # RSS swings by what malloc keeps cached from the requests of the last burst (up to ~200 MB
     # here, up and down) but does not climb: the later samples stay within the band of the
     # earlier ones. Keeping each refused request would add 240 MB a sample.
-    assert min(rss[3:]) < max(rss[:3]) + 16 * 2**20, rss
+    # Under ThreadSanitizer RSS also grows with the shadow memory of every new address the
+    # allocator hands out, so only the refusals' accounting and latency are checked there.
+    assert os.environ.get("ARCFACE_SANITIZE") == "thread" or (
+        min(rss[3:]) < max(rss[:3]) + 16 * 2**20), rss
     assert slowest[0] < 2.0
     for f in admitted:
         assert len(f.result().embeddings) == 3
