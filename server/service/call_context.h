@@ -91,6 +91,17 @@ struct CallState {
   }
 };
 
+// Ends a call the pool refused to admit with the pool's status; a full pool (RESOURCE_EXHAUSTED)
+// is also counted as a rejection of the call's `faces`. Nothing to do when `queued` is OK.
+template <typename State>
+void CompleteIfRefused(absl::Status queued, int faces, ServiceMetrics* metrics, State& state) {
+  if (queued.ok()) return;
+  if (queued.code() == absl::StatusCode::kResourceExhausted) {
+    metrics->RecordRejected("preprocess_queue_full", faces);
+  }
+  state.Complete(std::move(queued));
+}
+
 // A pool job that decodes, crops and aligns a call's `n` faces, a time slice per step, checking
 // before each face that the call is still alive, then hands the crops to `then` (on the pool).
 // `face_at(i)` is the i-th face; `label_at(i)` names it in errors ("face 3", "query 0").

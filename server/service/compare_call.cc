@@ -221,12 +221,7 @@ void StartCompare(const CallEnv& env, const CompareRequest* request, CompareResp
         }),
         /*cost=*/num_faces);
   }
-  if (!queued.ok()) {
-    if (queued.code() == absl::StatusCode::kResourceExhausted) {
-      env.metrics->RecordRejected("preprocess_queue_full", num_faces);
-    }
-    state->Complete(queued);
-  }
+  CompleteIfRefused(std::move(queued), num_faces, env.metrics, *state);
 }
 
 }  // namespace arcface::service

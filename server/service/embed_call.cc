@@ -83,12 +83,7 @@ void StartEmbed(const CallEnv& env, const EmbedRequest* request, EmbedResponse* 
         if (!scheduled.ok()) state->Complete(scheduled);
       }),
       /*cost=*/n);
-  if (!queued.ok()) {
-    if (queued.code() == absl::StatusCode::kResourceExhausted) {
-      env.metrics->RecordRejected("preprocess_queue_full", n);
-    }
-    state->Complete(queued);
-  }
+  CompleteIfRefused(std::move(queued), n, env.metrics, *state);
 }
 
 }  // namespace arcface::service

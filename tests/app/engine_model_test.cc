@@ -23,6 +23,7 @@
 #include "server/service/face_embedding_service.h"
 #include "server/service/service_metrics.h"
 #include "server/service/work_queue.h"
+#include "tests/test_util/seeded_bytes.h"
 
 namespace arcface::app {
 namespace {
@@ -35,15 +36,7 @@ using engine::kEmbeddingDim;
 constexpr int kCrops = 16;
 
 std::vector<uint8_t> SeededCrops(int n) {
-  std::vector<uint8_t> crops(size_t(n) * kCropBytes);
-  uint32_t x = 2463534242u;
-  for (auto& b : crops) {
-    x ^= x << 13;
-    x ^= x >> 17;
-    x ^= x << 5;
-    b = static_cast<uint8_t>(x);
-  }
-  return crops;
+  return test_util::SeededBytes(size_t(n) * kCropBytes, 2463534242u);
 }
 
 uint32_t Bits(float f) {

@@ -45,6 +45,7 @@
 #include "server/service/work_queue.h"
 #include "tests/test_util/exposition.h"
 #include "tests/test_util/fake_clock.h"
+#include "tests/test_util/seeded_bytes.h"
 
 namespace arcface::service {
 namespace {
@@ -140,15 +141,7 @@ class FakeModel final : public EmbeddingModel {
 
 // A 112×112 RGB crop filled from a seed; a raw 112×112 face is copied into the crop unchanged.
 std::vector<uint8_t> SeededCrop(int seed) {
-  std::vector<uint8_t> c(kCropBytes);
-  uint32_t x = 2463534242u + seed * 7919u;
-  for (auto& b : c) {
-    x ^= x << 13;
-    x ^= x >> 17;
-    x ^= x << 5;
-    b = static_cast<uint8_t>(x);
-  }
-  return c;
+  return test_util::SeededBytes(kCropBytes, 2463534242u + seed * 7919u);
 }
 
 v1::Face RawFace(const std::vector<uint8_t>& rgb, int width = kCropSize, int height = kCropSize) {
