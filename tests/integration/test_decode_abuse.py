@@ -131,16 +131,21 @@ def server_rss_bytes(server):
     raise AssertionError("no VmRSS")
 
 
+# Slow faces per admitted call: enough that the pool stays full while the refusals run.
+ADMITTED = 12
+
+
 def test_full_pool_refuses_at_once_with_flat_memory(start_server, slow_png):
-    """--preprocess-queue 6 (faces) with one thread: two admitted calls of 3 slow faces fill it;
+    """--preprocess-queue 24 (faces) with one thread: two admitted calls of 12 slow faces fill it;
     calls beyond are refused at once, naming the pool, and the server's RSS stays flat over
     1400 refused 1.2 MB requests (280 under a sanitizer); the admitted calls then complete."""
-    server = start_server(lib.demo_args("--preprocess-threads", "1", "--preprocess-queue", "6"),
-                          name="full")
-    admitted = [server.stub.Embed.future(pb.EmbedRequest(faces=slow_faces(slow_png, 3)),
+    server = start_server(lib.demo_args("--preprocess-threads", "1",
+                                        "--preprocess-queue", str(2 * ADMITTED)), name="full")
+    admitted = [server.stub.Embed.future(pb.EmbedRequest(faces=slow_faces(slow_png, ADMITTED)),
                                          timeout=300) for _ in range(2)]
-    lib.wait_until(lambda: server.metrics().get("arcface_preprocess_admitted_faces") == 6, 30,
-                   interval=0.01, what="the pool is full")
+    lib.wait_until(
+        lambda: server.metrics().get("arcface_preprocess_admitted_faces") == 2 * ADMITTED, 30,
+        interval=0.01, what="the pool is full")
     assert server.metrics().get("arcface_preprocess_calls") == 2
     refused = pb.EmbedRequest(faces=[small_face(i) for i in range(32)])  # 1.2 MB
     slowest = [0.0]
@@ -160,7 +165,7 @@ def test_full_pool_refuses_at_once_with_flat_memory(start_server, slow_png):
                 assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 # The admitted calls' faces leave the pool as they are decoded (slowly, but a
                 # sanitized server refuses slowly too), so the admitted count may fall.
-                assert re.search(r"preprocessing pool full \([0-6] of 6 face crops admitted, "
+                assert re.search(r"preprocessing pool full \(\d+ of 24 face crops admitted, "
                                  r"this call needs 32; --preprocess-queue\)",
                                  e.value.details()), e.value.details()
         finally:
@@ -173,7 +178,7 @@ def test_full_pool_refuses_at_once_with_flat_memory(start_server, slow_png):
         for t in threads:
             t.join()
 
-    # The admitted calls hold the pool only while their six slow faces decode (a few seconds);
+    # The admitted calls hold the pool only while their slow faces decode (about 24 × 0.3 s);
     # a sanitized server refuses several times slower, so it gets fewer refusals in that time.
     each = 10 if os.environ.get("ARCFACE_SANITIZE") else 50
     burst(each)  # warm-up: gRPC's buffers and malloc's arenas reach their working size
@@ -195,4 +200,4 @@ def test_full_pool_refuses_at_once_with_flat_memory(start_server, slow_png):
         min(rss[3:]) < max(rss[:3]) + 16 * 2**20), rss
     assert slowest[0] < 2.0
     for f in admitted:
-        assert len(f.result().embeddings) == 3
+        assert len(f.result().embeddings) == ADMITTED
