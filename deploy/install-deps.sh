@@ -13,6 +13,7 @@ set -euo pipefail
 BUILD_PKGS=(
   build-essential cmake ninja-build pkg-config git ca-certificates curl
   libtorch-dev                     # the model runtime (libtorch, CPU build)
+  libdnnl-dev                      # oneDNN, which the CPU engine calls directly (onednn_net.cc)
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libopencv-dev                    # decode, crop, align
   opencv-data                      # Haar cascades for arcface-client detect
@@ -27,7 +28,7 @@ BUILD_PKGS=(
 )
 # The packages behind the binaries' shared libraries (readelf -d NEEDED), for the image.
 LIB_PKGS=(
-  libtorch1.13 libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623
+  libtorch1.13 libdnnl2 libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623
   libopencv-core406 libopencv-imgproc406 libopencv-imgcodecs406
   libopencv-objdetect406               # arcface-client's detect (Haar cascade)
   libspdlog1.10 libfmt9 libssl3 libcpp-httplib0.11

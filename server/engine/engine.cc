@@ -1,5 +1,6 @@
 #include "server/engine/engine.h"
 
+#include <cmath>
 #include <utility>
 
 #include <ATen/Parallel.h>
@@ -17,6 +18,7 @@
 namespace arcface::engine {
 
 struct Engine::Impl {
+  std::unique_ptr<OnednnNet> onednn;  // the CPU path by default; else `net` runs on libtorch
   model::IResNet net{nullptr};
   torch::Device device{torch::kCPU};
   torch::ScalarType dtype = torch::kFloat32;
@@ -40,8 +42,9 @@ absl::StatusOr<Precision> ParsePrecision(const std::string& name) {
   if (name == "fp32") return Precision::kFp32;
   if (name == "fp16") return Precision::kFp16;
   if (name == "bf16") return Precision::kBf16;
+  if (name == "int8") return Precision::kInt8;
   return absl::InvalidArgumentError(
-      absl::StrCat("unknown precision '", name, "': expected fp32, fp16 or bf16"));
+      absl::StrCat("unknown precision '", name, "': expected fp32, fp16, bf16 or int8"));
 }
 
 const char* PrecisionName(Precision precision) {
@@ -49,6 +52,7 @@ const char* PrecisionName(Precision precision) {
     case Precision::kFp32: return "fp32";
     case Precision::kFp16: return "fp16";
     case Precision::kBf16: return "bf16";
+    case Precision::kInt8: return "int8";
   }
   return "?";
 }
@@ -95,7 +99,8 @@ torch::ScalarType ScalarTypeOf(Precision precision) {
   switch (precision) {
     case Precision::kFp16: return torch::kFloat16;
     case Precision::kBf16: return torch::kBFloat16;
-    case Precision::kFp32: break;
+    case Precision::kFp32:
+    case Precision::kInt8: break;
   }
   return torch::kFloat32;
 }
@@ -119,8 +124,17 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
   if (!device.ok()) return device.status();
   if (options.precision == Precision::kFp16 && device->is_cpu()) {
     return absl::InvalidArgumentError(
-        "precision fp16 is not supported on the CPU (libtorch has no fp16 CPU convolutions); "
-        "use fp32 or bf16");
+        "precision fp16 is not supported on the CPU; use fp32, bf16 or int8");
+  }
+  if (options.precision == Precision::kInt8 && !device->is_cpu()) {
+    return absl::InvalidArgumentError("precision int8 runs on the CPU only; use fp16 or bf16 on CUDA");
+  }
+  if (device->is_cpu() && options.cpu_backend != "onednn" && options.cpu_backend != "torch") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown CPU backend '", options.cpu_backend, "': expected onednn or torch"));
+  }
+  if (device->is_cpu() && options.cpu_backend == "torch" && options.precision == Precision::kInt8) {
+    return absl::InvalidArgumentError("precision int8 needs the onednn CPU backend");
   }
   if (options.threads < 0) {
     return absl::InvalidArgumentError(absl::StrCat("threads must be >= 0, got ", options.threads));
@@ -141,6 +155,19 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
 
   auto impl = std::make_unique<Impl>();
   std::shared_ptr<CudaEngine> cuda;
+  if (device->is_cpu() && options.cpu_backend == "onednn") {
+    OnednnNet::Options onednn;
+    onednn.precision = options.precision;
+    onednn.threads = options.threads;
+    onednn.warmup_batch = options.warmup_batch_size;
+    onednn.winograd = options.winograd;
+    onednn.calibration = options.int8_calibration;
+    absl::StatusOr<std::unique_ptr<OnednnNet>> net = OnednnNet::Create(checkpoint, onednn);
+    if (!net.ok()) return net.status();
+    impl->onednn = *std::move(net);
+    return std::unique_ptr<Engine>(new Engine(std::move(impl), nullptr, 1, "cpu", options.precision,
+                                              checkpoint.arch));
+  }
   impl->device = *device;
   impl->dtype = ScalarTypeOf(options.precision);
   impl->channels_last = options.channels_last;
@@ -201,7 +228,25 @@ absl::StatusOr<EmbeddingBatch> Engine::Run(absl::Span<const uint8_t> crops) {
     torch::Tensor out;
     {
       absl::MutexLock lock(&mu_);
-      out = impl_->Forward(crops.data(), n);
+      if (impl_->onednn) {
+        batch.values.resize(static_cast<size_t>(n) * kEmbeddingDim);
+        absl::Status s = impl_->onednn->Run(crops.data(), static_cast<int>(n), batch.values.data());
+        if (!s.ok()) return s;
+      } else {
+        out = impl_->Forward(crops.data(), n);
+      }
+    }
+    if (impl_->onednn) {
+      batch.norms.resize(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) {
+        double sum = 0;
+        for (int64_t k = 0; k < kEmbeddingDim; ++k) {
+          const double v = batch.values[i * kEmbeddingDim + k];
+          sum += v * v;
+        }
+        batch.norms[i] = static_cast<float>(std::sqrt(sum));
+      }
+      return batch;
     }
     batch.values.assign(out.data_ptr<float>(), out.data_ptr<float>() + n * kEmbeddingDim);
     torch::Tensor norms = out.norm(2, {1});

@@ -32,14 +32,11 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
+#include "server/engine/onednn_net.h"
+#include "server/engine/precision.h"
 #include "server/model/checkpoint.h"
 
 namespace arcface::engine {
-
-enum class Precision { kFp32, kFp16, kBf16 };
-
-absl::StatusOr<Precision> ParsePrecision(const std::string& name);  // "fp32", "fp16", "bf16"
-const char* PrecisionName(Precision precision);
 
 // Whether this binary has the CUDA path compiled in (ARCFACE_WITH_CUDA) and its libtorch has CUDA.
 bool BuiltWithCuda();
@@ -50,6 +47,11 @@ struct EngineOptions {
   int threads = 0;                // intra-op threads; 0 keeps libtorch's default
   int warmup_batch_size = 8;      // CPU: 0 skips warm-up; CUDA warms every graph size anyway
   bool channels_last = true;      // memory format of activations (faster on oneDNN and cuDNN)
+  // CPU only: "onednn" (the network on oneDNN directly, OnednnNet) or "torch" (libtorch's
+  // module, as the CUDA path runs it; kept for comparison and as the reference).
+  std::string cpu_backend = "onednn";
+  bool winograd = false;          // onednn: Winograd 3×3 convolutions (see OnednnNet)
+  const Int8Calibration* int8_calibration = nullptr;  // onednn int8: required
   // CUDA only (validated everywhere, ignored by the CPU):
   int max_batch_size = 512;       // the largest captured graph; larger batches run in pieces
   bool cuda_graphs = true;        // false: run eagerly (for comparison; graphs are faster)

@@ -1,0 +1,586 @@
+#include "server/engine/onednn_net.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <optional>
+#include <tuple>
+#include <unordered_map>
+#include <utility>
+
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "server/model/shapes.h"
+
+namespace arcface::engine {
+namespace {
+
+using dnnl::memory;
+using dt = memory::data_type;
+using tag = memory::format_tag;
+
+constexpr double kBatchNormEps = 1e-5;
+constexpr int64_t kStageWidths[4] = {64, 128, 256, 512};
+constexpr int64_t kHeadSide = 7;
+constexpr float kInt8Max = 127.f;
+
+// A float tensor in plain (row-major, PyTorch) layout. The net keeps these so that the plan of
+// a new batch size can reorder them into whatever layout its kernels ask for.
+struct PlainTensor {
+  memory::dims dims;
+  std::vector<float> values;
+};
+
+struct Conv {
+  PlainTensor weight;  // OIHW
+  PlainTensor bias;    // O
+  PlainTensor prelu;   // [1, O, 1, 1] slopes, empty when there is no PReLU after it
+  int64_t stride = 1;
+  int64_t pad = 1;
+  std::vector<float> weight_scales;  // int8: per output channel, 127 / max |w|
+};
+
+struct Block {
+  int64_t in_channels = 0;
+  int64_t channels = 0;
+  int64_t stride = 1;
+  PlainTensor bn_scale, bn_shift;  // bn1 as y = x * scale + shift, each [1, Cin, 1, 1]
+  Conv conv1, conv2;
+  std::optional<Conv> downsample;
+};
+
+const std::vector<float>& Tensor(const model::Checkpoint& ckpt, const std::string& key) {
+  // The checkpoint was validated against ExpectedShapes when it was loaded.
+  return ckpt.tensors.at(key).values;
+}
+
+PlainTensor Plain(memory::dims dims, std::vector<float> values) {
+  return PlainTensor{std::move(dims), std::move(values)};
+}
+
+// Inference BatchNorm as y = x * scale + shift, in double.
+std::pair<std::vector<double>, std::vector<double>> BatchNormAffine(const model::Checkpoint& ckpt,
+                                                                    const std::string& prefix) {
+  const auto& w = Tensor(ckpt, prefix + ".weight");
+  const auto& b = Tensor(ckpt, prefix + ".bias");
+  const auto& mean = Tensor(ckpt, prefix + ".running_mean");
+  const auto& var = Tensor(ckpt, prefix + ".running_var");
+  std::vector<double> scale(w.size()), shift(w.size());
+  for (size_t c = 0; c < w.size(); ++c) {
+    scale[c] = w[c] / std::sqrt(static_cast<double>(var[c]) + kBatchNormEps);
+    shift[c] = b[c] - mean[c] * scale[c];
+  }
+  return {scale, shift};
+}
+
+Conv MakeConv(const model::Checkpoint& ckpt, const std::string& prefix, int64_t stride,
+              const std::string& prelu_key) {
+  const model::HostTensor& w = ckpt.tensors.at(prefix + ".weight");
+  Conv conv;
+  conv.weight = Plain({w.shape[0], w.shape[1], w.shape[2], w.shape[3]}, w.values);
+  conv.bias = Plain({w.shape[0]}, Tensor(ckpt, prefix + ".bias"));
+  if (!prelu_key.empty()) conv.prelu = Plain({1, w.shape[0], 1, 1}, Tensor(ckpt, prelu_key));
+  conv.stride = stride;
+  conv.pad = w.shape[2] / 2;
+  const int64_t per_out = w.shape[1] * w.shape[2] * w.shape[3];
+  conv.weight_scales.resize(w.shape[0]);
+  for (int64_t o = 0; o < w.shape[0]; ++o) {
+    float max_abs = 0;
+    for (int64_t i = 0; i < per_out; ++i) max_abs = std::max(max_abs, std::abs(w.values[o * per_out + i]));
+    conv.weight_scales[o] = max_abs > 0 ? kInt8Max / max_abs : 1.f;
+  }
+  return conv;
+}
+
+// The head bn2 → flatten → fc → features as one affine map of the [512, 7, 7] feature map,
+// folded in double. fc's input index is c·49 + h·7 + w, i.e. a [512, 512, 7, 7] kernel.
+std::pair<PlainTensor, PlainTensor> FoldHead(const model::Checkpoint& ckpt) {
+  auto [s1, t1] = BatchNormAffine(ckpt, "bn2");
+  auto [s2, t2] = BatchNormAffine(ckpt, "features");
+  const auto& fc_w = Tensor(ckpt, "fc.weight");
+  const auto& fc_b = Tensor(ckpt, "fc.bias");
+  const int64_t in = 512, out = model::kEmbeddingDim, area = kHeadSide * kHeadSide;
+  std::vector<float> w(fc_w.size()), b(out);
+  for (int64_t o = 0; o < out; ++o) {
+    double bias = fc_b[o];
+    for (int64_t c = 0; c < in; ++c) {
+      for (int64_t k = 0; k < area; ++k) {
+        const int64_t i = (o * in + c) * area + k;
+        bias += fc_w[i] * t1[c];
+        w[i] = static_cast<float>(fc_w[i] * s1[c] * s2[o]);
+      }
+    }
+    b[o] = static_cast<float>(bias * s2[o] + t2[o]);
+  }
+  return {Plain({out, in, kHeadSide, kHeadSide}, std::move(w)), Plain({out}, std::move(b))};
+}
+
+// The activation buffers of a plan. Each step names the slots it reads and writes; the arenas
+// behind the slots are shared by all plans and grow to the largest batch.
+enum Slot { kInput, kStemInput, kResidualA, kResidualB, kBlockIn, kBlockMid, kOutput, kSlots };
+
+struct Operand {
+  int slot = -1;         // an arena, or -1 for a fixed memory (weights)
+  memory::desc desc;     // the slot's layout for this step
+  memory fixed;
+};
+
+struct Step {
+  dnnl::primitive primitive;
+  std::vector<std::pair<int, Operand>> args;
+  std::string what;      // e.g. "layer3.7.conv2"
+  std::string impl;      // oneDNN's implementation name
+  int probe = -1;        // calibration: index into the probed tensors, output is DST
+};
+
+struct Plan {
+  std::vector<Step> steps;
+  std::array<size_t, kSlots> slot_bytes{};
+  memory::desc input_desc;   // kInput: n × 3 × 112 × 112 f32, nhwc
+  memory::desc output_desc;  // kOutput: n × 512 f32
+};
+
+dt QuantizedType(Precision precision) {
+  switch (precision) {
+    case Precision::kBf16: return dt::bf16;
+    case Precision::kInt8: return dt::s8;
+    default: return dt::f32;
+  }
+}
+
+}  // namespace
+
+struct OnednnNet::Impl {
+  Precision precision = Precision::kFp32;
+  int threads = 0;
+  bool winograd = false;
+  tag act_tag = getenv("ARCFACE_ONEDNN_TAG") ? tag::aBcd16b : tag::any;
+  dnnl::engine cpu{dnnl::engine::kind::cpu, 0};
+  dnnl::stream stream{cpu};
+
+  Conv stem;
+  std::vector<Block> blocks;
+  PlainTensor head_weight, head_bias;
+  Int8Calibration calibration;  // int8 only
+
+  // Reordered weights, one per (tensor, layout, quantization) in use.
+  std::map<const void*, std::vector<std::pair<memory::desc, memory>>> reordered;
+  std::map<int, Plan> plans;
+  std::array<std::vector<char>, kSlots> arenas;
+  std::vector<float> probe_max;  // calibration: max |x| at each probed tensor
+
+  memory PlainMemory(const PlainTensor& t) {
+    const tag plain = t.dims.size() == 1 ? tag::a : t.dims.size() == 2 ? tag::ab : tag::abcd;
+    return memory({t.dims, dt::f32, plain}, cpu, const_cast<float*>(t.values.data()));
+  }
+
+  // `t` in layout `desc`, reordered (and for s8, scaled per output channel) once.
+  memory Weights(const PlainTensor& t, const memory::desc& desc, const std::vector<float>* scales) {
+    auto& cached = reordered[&t];
+    for (const auto& [d, m] : cached) {
+      if (d == desc) return m;
+    }
+    memory src = PlainMemory(t);
+    memory dst(desc, cpu);
+    dnnl::primitive_attr attr;
+    if (desc.data_type() == dt::s8 && scales) attr.set_output_scales(1 << 0, *scales);
+    dnnl::reorder(dnnl::reorder::primitive_desc(cpu, src.get_desc(), cpu, desc, attr))
+        .execute(stream, src, dst);
+    stream.wait();
+    cached.emplace_back(desc, dst);
+    return dst;
+  }
+
+  Operand Fixed(memory m) { return Operand{-1, m.get_desc(), m}; }
+  static Operand InSlot(int slot, const memory::desc& desc) { return Operand{slot, desc, {}}; }
+
+  void Add(Plan& plan, dnnl::primitive primitive, const char* impl,
+           std::vector<std::pair<int, Operand>> args, std::string what, int probe = -1) {
+    for (const auto& [arg, operand] : args) {
+      if (operand.slot >= 0) {
+        plan.slot_bytes[operand.slot] = std::max(plan.slot_bytes[operand.slot], operand.desc.get_size());
+      }
+    }
+    plan.steps.push_back(Step{std::move(primitive), std::move(args), std::move(what), impl, probe});
+  }
+
+  struct ConvSpec {
+    const Conv* conv;
+    dt src_type, weight_type, dst_type;
+    bool sum = false;                  // dst += conv(src) (the residual add)
+    std::vector<float> output_scales;  // int8: per output channel; empty for none
+    float bias_scale = 1.f;            // int8: the bias in the accumulator's units
+  };
+
+  // The convolution of `spec` on an n × C × side × side input. `dst` fixes the output layout
+  // (the residual a sum post-op accumulates into); an `any` layout leaves it to the kernel.
+  dnnl::convolution_forward::primitive_desc ConvPd(const ConvSpec& spec, int64_t n, int64_t side,
+                                                   const std::optional<memory::desc>& dst) {
+    const Conv& c = *spec.conv;
+    const memory::dims& w = c.weight.dims;
+    const int64_t out_side = (side + 2 * c.pad - w[2]) / c.stride + 1;
+    const tag t = spec.src_type == dt::s8 || w[1] == 3 ? tag::any : act_tag;
+    memory::desc src({n, w[1], side, side}, spec.src_type, t);
+    memory::desc out = dst ? *dst : memory::desc({n, w[0], out_side, out_side}, spec.dst_type, spec.src_type == dt::s8 ? tag::any : act_tag);
+    dnnl::post_ops ops;
+    if (spec.sum) ops.append_sum(1.f);
+    dnnl::primitive_attr attr;
+    attr.set_post_ops(ops);
+    if (!spec.output_scales.empty()) attr.set_output_scales(1 << 1, spec.output_scales);
+    auto make = [&](dnnl::algorithm alg) {
+      dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_inference, alg, src,
+                                        memory::desc(w, spec.weight_type, tag::any),
+                                        memory::desc({w[0]}, dt::f32, tag::a), out,
+                                        {c.stride, c.stride}, {c.pad, c.pad}, {c.pad, c.pad});
+      return dnnl::convolution_forward::primitive_desc(d, attr, cpu);
+    };
+    if (winograd && w[2] == 3 && c.stride == 1 && spec.src_type == dt::f32) {
+      try {
+        return make(dnnl::algorithm::convolution_winograd);
+      } catch (const dnnl::error&) {
+        // No Winograd kernel for this shape or ISA: the direct one below.
+      }
+    }
+    return make(dnnl::algorithm::convolution_direct);
+  }
+
+  // Adds the convolution `pd` reading `src` (its slot and the layout it was written in) and
+  // writing `dst_slot`; returns the output layout.
+  memory::desc AddConv(Plan& plan, const ConvSpec& spec,
+                       const dnnl::convolution_forward::primitive_desc& pd, int src_slot,
+                       const memory::desc& src, int dst_slot, const std::string& what,
+                       int probe = -1) {
+    const Conv& c = *spec.conv;
+    const int from = AddReorderIfNeeded(plan, src_slot, src, pd.src_desc(), what);
+    const bool s8 = spec.weight_type == dt::s8;
+    std::vector<std::pair<int, Operand>> args = {
+        {DNNL_ARG_SRC, InSlot(from, pd.src_desc())},
+        {DNNL_ARG_WEIGHTS, Fixed(Weights(c.weight, pd.weights_desc(), s8 ? &c.weight_scales : nullptr))},
+        {DNNL_ARG_BIAS, Fixed(BiasMemory(c, spec.bias_scale))},
+        {DNNL_ARG_DST, InSlot(dst_slot, pd.dst_desc())}};
+    Add(plan, dnnl::convolution_forward(pd), pd.impl_info_str(), std::move(args), what,
+        c.prelu.values.empty() ? probe : -1);
+    if (!c.prelu.values.empty()) {
+      // In place. oneDNN 2.6's fast convolutions take no PReLU post-op (with one, only the
+      // reference convolution is left: 100× slower), so it is a pass of its own.
+      dnnl::prelu_forward::desc d(dnnl::prop_kind::forward_inference, pd.dst_desc(),
+                                  memory::desc(c.prelu.dims, dt::f32, tag::any));
+      dnnl::prelu_forward::primitive_desc ppd(d, cpu);
+      Add(plan, dnnl::prelu_forward(ppd), ppd.impl_info_str(),
+          {{DNNL_ARG_SRC, InSlot(dst_slot, pd.dst_desc())},
+           {DNNL_ARG_WEIGHTS, Fixed(Weights(c.prelu, ppd.weights_desc(), nullptr))},
+           {DNNL_ARG_DST, InSlot(dst_slot, pd.dst_desc())}},
+          what + ".prelu", probe);
+    }
+    return pd.dst_desc();
+  }
+
+  // The bias as oneDNN 2.x adds it: in int8 it is added to the integer accumulator before the
+  // output scale, so it is stored in the accumulator's units (bias · src scale · weight scale).
+  std::map<std::pair<const void*, float>, std::vector<float>> scaled_biases;
+  memory BiasMemory(const Conv& c, float src_scale) {
+    if (src_scale == 1.f) return PlainMemory(c.bias);
+    auto [it, added] = scaled_biases.try_emplace({&c.bias, src_scale}, c.bias.values);
+    if (added) {
+      for (size_t o = 0; o < it->second.size(); ++o) it->second[o] *= src_scale * c.weight_scales[o];
+    }
+    return memory({c.bias.dims, dt::f32, tag::a}, cpu, it->second.data());
+  }
+
+  // When a consumer wants `want` but the producer wrote `have` into `slot`, a reorder into the
+  // stem-input scratch slot (used only at the start, so free later) bridges them.
+  int AddReorderIfNeeded(Plan& plan, int slot, const memory::desc& have, const memory::desc& want,
+                         const std::string& what) {
+    if (have == want) return slot;
+    const int scratch = slot == kStemInput ? kBlockIn : kStemInput;
+    dnnl::reorder::primitive_desc pd(cpu, have, cpu, want);
+    Add(plan, dnnl::reorder(pd), pd.impl_info_str(),
+        {{DNNL_ARG_FROM, InSlot(slot, have)}, {DNNL_ARG_TO, InSlot(scratch, want)}},
+        what + ".reorder");
+    return scratch;
+  }
+
+  Plan Build(int64_t n) {
+    Plan plan;
+    const dt q = QuantizedType(precision);
+    const bool int8 = precision == Precision::kInt8;
+    plan.input_desc = memory::desc({n, 3, model::kCropSize, model::kCropSize}, dt::f32, tag::nhwc);
+    // The residual stream stays f32. Its layout is the kernels' choice, except in int8, whose
+    // kernels read and write nhwc only.
+    auto residual_layout = [&](int64_t channels, int64_t side) -> std::optional<memory::desc> {
+      if (!int8) return std::nullopt;
+      return memory::desc({n, channels, side, side}, dt::f32, tag::nhwc);
+    };
+    // Stem: f32 whatever the precision (3 input channels: 2 % of the work).
+    ConvSpec stem_spec{&stem, dt::f32, dt::f32, dt::f32};
+    memory::desc x = AddConv(
+        plan, stem_spec, ConvPd(stem_spec, n, model::kCropSize, residual_layout(kStageWidths[0], model::kCropSize)),
+        kInput, plan.input_desc, kResidualA, "stem");
+    int residual = kResidualA;
+    for (size_t b = 0; b < blocks.size(); ++b) {
+      const Block& blk = blocks[b];
+      const std::string name = absl::StrCat("block", b);
+      const int64_t side = x.dims()[2];
+      const float in_scale = int8 ? kInt8Max / calibration.block_input_max[b] : 1.f;
+      const float mid_scale = int8 ? kInt8Max / calibration.block_mid_max[b] : 1.f;
+      ConvSpec conv1{&blk.conv1, q, q, q};
+      ConvSpec conv2{&blk.conv2, q, q, dt::f32, /*sum=*/true};
+      if (int8) {
+        conv1.output_scales.resize(blk.channels);
+        conv2.output_scales.resize(blk.channels);
+        for (int64_t o = 0; o < blk.channels; ++o) {
+          conv1.output_scales[o] = mid_scale / (in_scale * blk.conv1.weight_scales[o]);
+          conv2.output_scales[o] = 1.f / (mid_scale * blk.conv2.weight_scales[o]);
+        }
+        conv1.bias_scale = in_scale;
+        conv2.bias_scale = mid_scale;
+      }
+      // bn1 → conv1: the BatchNorm cannot fold into conv1 (conv1 zero-pads bn1's output, not
+      // its input), so it is a binary mul with an add post-op, written straight into conv1's
+      // input layout and type (for int8 with the input's quantization scale folded in).
+      auto conv1_pd = ConvPd(conv1, n, side, std::nullopt);
+      AddScaleShift(plan, blk, in_scale, residual, x, conv1_pd.src_desc(), name + ".bn1",
+                    int8 ? -1 : Probe(2 * b));
+      memory::desc u = AddConv(plan, conv1, conv1_pd, kBlockIn, conv1_pd.src_desc(), kBlockMid,
+                               name + ".conv1", int8 ? -1 : Probe(2 * b + 1));
+      // The shortcut: the input itself, or a strided 1×1 convolution of it (f32) into the
+      // other residual arena; conv2 then adds its result into that arena.
+      int out_slot = residual;
+      memory::desc out_desc = x;
+      if (blk.downsample) {
+        out_slot = residual == kResidualA ? kResidualB : kResidualA;
+        ConvSpec ds{&*blk.downsample, dt::f32, dt::f32, dt::f32};
+        const int64_t out_side = (side - 1) / blk.stride + 1;
+        out_desc = AddConv(plan, ds, ConvPd(ds, n, side, residual_layout(blk.channels, out_side)),
+                           residual, x, out_slot, name + ".downsample");
+      }
+      AddConv(plan, conv2, ConvPd(conv2, n, u.dims()[2], out_desc), kBlockMid, u, out_slot,
+              name + ".conv2");
+      residual = out_slot;
+      x = out_desc;
+    }
+    // Head: one inner product over the [512, 7, 7] map (bn2, fc and features folded).
+    plan.output_desc = memory::desc({n, model::kEmbeddingDim}, dt::f32, tag::nc);
+    memory::desc w_any(head_weight.dims, dt::f32, tag::any);
+    dnnl::inner_product_forward::desc d(dnnl::prop_kind::forward_inference, x, w_any,
+                                        memory::desc(head_bias.dims, dt::f32, tag::a),
+                                        plan.output_desc);
+    dnnl::inner_product_forward::primitive_desc pd(d, cpu);
+    const int src = AddReorderIfNeeded(plan, residual, x, pd.src_desc(), "head");
+    Add(plan, dnnl::inner_product_forward(pd), pd.impl_info_str(),
+        {{DNNL_ARG_SRC, InSlot(src, pd.src_desc())},
+         {DNNL_ARG_WEIGHTS, Fixed(Weights(head_weight, pd.weights_desc(), nullptr))},
+         {DNNL_ARG_BIAS, Fixed(PlainMemory(head_bias))},
+         {DNNL_ARG_DST, InSlot(kOutput, plan.output_desc)}},
+        "head");
+    return plan;
+  }
+
+  int Probe(int index) { return probe_max.empty() ? -1 : index; }
+
+  void AddScaleShift(Plan& plan, const Block& blk, float out_scale, int src_slot,
+                     const memory::desc& src, const memory::desc& dst, const std::string& what,
+                     int probe) {
+    const PlainTensor* scale = &blk.bn_scale;
+    const PlainTensor* shift = &blk.bn_shift;
+    if (out_scale != 1.f) {
+      // int8: quantize on the way out (x · scale + shift) · s; the product is cached per block.
+      scale = &ScaledCopy(blk.bn_scale, out_scale);
+      shift = &ScaledCopy(blk.bn_shift, out_scale);
+    }
+    memory::desc per_channel(scale->dims, dt::f32, tag::abcd);
+    dnnl::post_ops ops;
+    ops.append_binary(dnnl::algorithm::binary_add, per_channel);
+    dnnl::primitive_attr attr;
+    attr.set_post_ops(ops);
+    dnnl::binary::desc d(dnnl::algorithm::binary_mul, src, per_channel, dst);
+    dnnl::binary::primitive_desc pd(d, attr, cpu);
+    Add(plan, dnnl::binary(pd), pd.impl_info_str(),
+        {{DNNL_ARG_SRC_0, InSlot(src_slot, src)},
+         {DNNL_ARG_SRC_1, Fixed(PlainMemory(*scale))},
+         {DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, Fixed(PlainMemory(*shift))},
+         {DNNL_ARG_DST, InSlot(kBlockIn, dst)}},
+        what, probe);
+  }
+
+  std::map<std::pair<const PlainTensor*, float>, PlainTensor> scaled_copies;
+  const PlainTensor& ScaledCopy(const PlainTensor& t, float s) {
+    auto [it, added] = scaled_copies.try_emplace({&t, s}, t);
+    if (added) {
+      for (float& v : it->second.values) v *= s;
+    }
+    return it->second;
+  }
+
+  Plan& PlanFor(int n) {
+    auto it = plans.find(n);
+    if (it == plans.end()) it = plans.emplace(n, Build(n)).first;
+    for (int s = 0; s < kSlots; ++s) {
+      if (arenas[s].size() < it->second.slot_bytes[s]) {
+        arenas[s] = std::vector<char>();
+        arenas[s].resize(it->second.slot_bytes[s] + 64);
+      }
+    }
+    return it->second;
+  }
+
+  static void* Aligned(std::vector<char>& arena) {
+    // oneDNN's kernels prefer 64-byte aligned buffers; the arena has 64 spare bytes.
+    const uintptr_t p = reinterpret_cast<uintptr_t>(arena.data());
+    return reinterpret_cast<void*>((p + 63) & ~uintptr_t{63});
+  }
+
+  void Execute(const uint8_t* crops, int n, float* embeddings) {
+    if (threads > 0) omp_set_num_threads(threads);
+    Plan& plan = PlanFor(n);
+    // (x − 127.5) / 127.5 into nhwc f32: the crops' own HWC order, so a flat loop.
+    float* input = static_cast<float*>(Aligned(arenas[kInput]));
+    const size_t count = static_cast<size_t>(n) * model::kCropBytes;
+#pragma omp parallel for schedule(static) if (count > (1 << 16))
+    for (size_t i = 0; i < count; ++i) input[i] = (static_cast<float>(crops[i]) - 127.5f) / 127.5f;
+    for (const Step& step : plan.steps) {
+      std::unordered_map<int, memory> args;
+      for (const auto& [arg, operand] : step.args) {
+        args.emplace(arg, operand.slot < 0 ? operand.fixed
+                                           : memory(operand.desc, cpu, Aligned(arenas[operand.slot])));
+      }
+      step.primitive.execute(stream, args);
+      if (step.probe >= 0) {
+        stream.wait();
+        const memory& out = args.at(DNNL_ARG_DST);
+        const float* v = static_cast<const float*>(out.get_data_handle());
+        float m = probe_max[step.probe];
+        for (size_t i = 0; i < out.get_desc().get_size() / sizeof(float); ++i) m = std::max(m, std::abs(v[i]));
+        probe_max[step.probe] = m;
+      }
+    }
+    stream.wait();
+    std::memcpy(embeddings, Aligned(arenas[kOutput]), static_cast<size_t>(n) * model::kEmbeddingDim * sizeof(float));
+  }
+};
+
+OnednnNet::OnednnNet(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+OnednnNet::~OnednnNet() = default;
+
+std::string CpuLacksFor(Precision precision) {
+  __builtin_cpu_init();
+  switch (precision) {
+    case Precision::kFp32: return "";
+    case Precision::kBf16:
+      return __builtin_cpu_supports("avx512bf16") ? "" : "this CPU has no AVX512-BF16 (bf16 needs it on the CPU)";
+    case Precision::kInt8:
+      return __builtin_cpu_supports("avx512bw") ? "" : "this CPU has no AVX-512 (int8 needs AVX512-BW at least)";
+    case Precision::kFp16: return "fp16 is not supported on the CPU; use fp32, bf16 or int8";
+  }
+  return "unknown precision";
+}
+
+absl::StatusOr<std::unique_ptr<OnednnNet>> OnednnNet::Create(const model::Checkpoint& checkpoint,
+                                                             const Options& options) {
+  if (std::string lacks = CpuLacksFor(options.precision); !lacks.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("precision ", PrecisionName(options.precision), ": ", lacks));
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->precision = options.precision;
+  impl->threads = options.threads;
+  impl->winograd = options.winograd;
+  size_t block_count = 0;
+  for (int n : checkpoint.blocks) block_count += static_cast<size_t>(n);
+  if (options.precision == Precision::kInt8) {
+    if (!options.calibration) {
+      return absl::InvalidArgumentError("precision int8 needs an activation calibration");
+    }
+    if (options.calibration->block_input_max.size() != block_count ||
+        options.calibration->block_mid_max.size() != block_count) {
+      return absl::InvalidArgumentError(absl::StrCat("the int8 calibration has ",
+                                                     options.calibration->block_input_max.size(),
+                                                     " blocks, the network ", block_count));
+    }
+    impl->calibration = *options.calibration;
+  }
+  try {
+    impl->stem = MakeConv(checkpoint, "conv1", 1, "prelu.weight");
+    int64_t in_channels = kStageWidths[0];
+    for (int stage = 0; stage < 4; ++stage) {
+      for (int i = 0; i < checkpoint.blocks[stage]; ++i) {
+        const std::string p = absl::StrCat("layer", stage + 1, ".", i);
+        Block blk;
+        blk.in_channels = i == 0 ? in_channels : kStageWidths[stage];
+        blk.channels = kStageWidths[stage];
+        blk.stride = i == 0 ? 2 : 1;
+        auto [scale, shift] = BatchNormAffine(checkpoint, p + ".bn1");
+        blk.bn_scale = Plain({1, blk.in_channels, 1, 1}, std::vector<float>(scale.begin(), scale.end()));
+        blk.bn_shift = Plain({1, blk.in_channels, 1, 1}, std::vector<float>(shift.begin(), shift.end()));
+        blk.conv1 = MakeConv(checkpoint, p + ".conv1", 1, p + ".prelu.weight");
+        blk.conv2 = MakeConv(checkpoint, p + ".conv2", blk.stride, "");
+        if (i == 0) blk.downsample = MakeConv(checkpoint, p + ".downsample", blk.stride, "");
+        impl->blocks.push_back(std::move(blk));
+      }
+      in_channels = kStageWidths[stage];
+    }
+    std::tie(impl->head_weight, impl->head_bias) = FoldHead(checkpoint);
+    if (options.warmup_batch > 0) {
+      std::vector<uint8_t> zeros(model::kCropBytes * options.warmup_batch, 0);
+      std::vector<float> out(model::kEmbeddingDim * options.warmup_batch);
+      impl->Execute(zeros.data(), options.warmup_batch, out.data());
+    }
+  } catch (const dnnl::error& e) {
+    return absl::InternalError(absl::StrCat("oneDNN could not build the ", PrecisionName(options.precision),
+                                            " network: ", e.what()));
+  }
+  return std::unique_ptr<OnednnNet>(new OnednnNet(std::move(impl)));
+}
+
+absl::Status OnednnNet::Run(const uint8_t* crops, int n, float* embeddings) {
+  try {
+    impl_->Execute(crops, n, embeddings);
+  } catch (const dnnl::error& e) {
+    return absl::InternalError(absl::StrCat("oneDNN forward pass of batch ", n, " failed: ", e.what()));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Int8Calibration> OnednnNet::Calibrate(const model::Checkpoint& checkpoint,
+                                                     const std::vector<uint8_t>& crops, int threads) {
+  const int n = static_cast<int>(crops.size() / model::kCropBytes);
+  if (n == 0 || crops.size() % model::kCropBytes != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("calibration needs whole 112x112x3 crops, got ", crops.size(), " bytes"));
+  }
+  Options options;
+  options.threads = threads;
+  options.warmup_batch = 0;
+  absl::StatusOr<std::unique_ptr<OnednnNet>> net = Create(checkpoint, options);
+  if (!net.ok()) return net.status();
+  Impl& impl = *(*net)->impl_;
+  impl.probe_max.assign(2 * impl.blocks.size(), 0.f);
+  std::vector<float> out(static_cast<size_t>(model::kEmbeddingDim) * 8);
+  for (int first = 0; first < n; first += 8) {
+    const int count = std::min(8, n - first);
+    if (absl::Status s = (*net)->Run(crops.data() + first * model::kCropBytes, count, out.data()); !s.ok()) {
+      return s;
+    }
+  }
+  Int8Calibration calibration;
+  for (size_t b = 0; b < impl.blocks.size(); ++b) {
+    calibration.block_input_max.push_back(std::max(impl.probe_max[2 * b], 1e-6f));
+    calibration.block_mid_max.push_back(std::max(impl.probe_max[2 * b + 1], 1e-6f));
+  }
+  return calibration;
+}
+
+absl::StatusOr<std::vector<std::string>> OnednnNet::Describe(int batch) {
+  std::vector<std::string> lines;
+  try {
+    for (const Step& step : impl_->PlanFor(batch).steps) lines.push_back(step.what + ": " + step.impl);
+  } catch (const dnnl::error& e) {
+    return absl::InternalError(absl::StrCat("oneDNN could not build the plan of batch ", batch, ": ", e.what()));
+  }
+  return lines;
+}
+
+}  // namespace arcface::engine
