@@ -50,7 +50,7 @@ struct EngineOptions {
   // CPU only: "onednn" (the network on oneDNN directly, OnednnNet) or "torch" (libtorch's
   // module, as the CUDA path runs it; kept for comparison and as the reference).
   std::string cpu_backend = "onednn";
-  bool winograd = false;          // onednn: Winograd 3×3 convolutions (see OnednnNet)
+  bool winograd = true;          // onednn: Winograd 3×3 convolutions (see OnednnNet)
   const Int8Calibration* int8_calibration = nullptr;  // onednn int8: required
   // CUDA only (validated everywhere, ignored by the CPU):
   int max_batch_size = 512;       // the largest captured graph; larger batches run in pieces

@@ -158,7 +158,9 @@ struct OnednnNet::Impl {
   Precision precision = Precision::kFp32;
   int threads = 0;
   bool winograd = false;
-  tag act_tag = getenv("ARCFACE_ONEDNN_TAG") ? tag::aBcd16b : tag::any;
+  // Activations' layout: the kernels' choice (nhwc, brgconv), or with Winograd nChw16c
+  // throughout, Winograd's only layout (mixing the two costs a reorder at every block).
+  tag act_tag = tag::any;
   dnnl::engine cpu{dnnl::engine::kind::cpu, 0};
   dnnl::stream stream{cpu};
 
@@ -340,13 +342,13 @@ struct OnednnNet::Impl {
         conv2.bias_scale = mid_scale;
       }
       // bn1 → conv1: the BatchNorm cannot fold into conv1 (conv1 zero-pads bn1's output, not
-      // its input), so it is a binary mul with an add post-op, written straight into conv1's
-      // input layout and type (for int8 with the input's quantization scale folded in).
+      // its input), so it is a binary mul with an add post-op, f32 in the residual's layout
+      // (oneDNN 2.6 has a fast binary only where input and output agree); for int8 with the
+      // input's quantization scale folded in. A reorder then gives conv1 its type and layout.
       auto conv1_pd = ConvPd(conv1, n, side, std::nullopt);
-      AddScaleShift(plan, blk, in_scale, residual, x, conv1_pd.src_desc(), name + ".bn1",
-                    int8 ? -1 : Probe(2 * b));
-      memory::desc u = AddConv(plan, conv1, conv1_pd, kBlockIn, conv1_pd.src_desc(), kBlockMid,
-                               name + ".conv1", int8 ? -1 : Probe(2 * b + 1));
+      AddScaleShift(plan, blk, in_scale, residual, x, name + ".bn1", int8 ? -1 : Probe(2 * b));
+      memory::desc u = AddConv(plan, conv1, conv1_pd, kBlockIn, x, kBlockMid, name + ".conv1",
+                               int8 ? -1 : Probe(2 * b + 1));
       // The shortcut: the input itself, or a strided 1×1 convolution of it (f32) into the
       // other residual arena; conv2 then adds its result into that arena.
       int out_slot = residual;
@@ -383,8 +385,7 @@ struct OnednnNet::Impl {
   int Probe(int index) { return probe_max.empty() ? -1 : index; }
 
   void AddScaleShift(Plan& plan, const Block& blk, float out_scale, int src_slot,
-                     const memory::desc& src, const memory::desc& dst, const std::string& what,
-                     int probe) {
+                     const memory::desc& src, const std::string& what, int probe) {
     const PlainTensor* scale = &blk.bn_scale;
     const PlainTensor* shift = &blk.bn_shift;
     if (out_scale != 1.f) {
@@ -392,18 +393,22 @@ struct OnednnNet::Impl {
       scale = &ScaledCopy(blk.bn_scale, out_scale);
       shift = &ScaledCopy(blk.bn_shift, out_scale);
     }
-    memory::desc per_channel(scale->dims, dt::f32, tag::abcd);
+    // The per-channel operands in the activation's own layout (for [1, C, 1, 1] the bytes are
+    // the same): oneDNN 2.6's jit binary takes a blocked input only with a blocked operand.
+    const memory::desc blocked(src.dims(), dt::f32, tag::aBcd16b);
+    const memory::desc per_channel(scale->dims, dt::f32, src == blocked ? tag::aBcd16b : tag::abcd);
     dnnl::post_ops ops;
     ops.append_binary(dnnl::algorithm::binary_add, per_channel);
     dnnl::primitive_attr attr;
     attr.set_post_ops(ops);
-    dnnl::binary::desc d(dnnl::algorithm::binary_mul, src, per_channel, dst);
+    dnnl::binary::desc d(dnnl::algorithm::binary_mul, src, per_channel, src);
     dnnl::binary::primitive_desc pd(d, attr, cpu);
     Add(plan, dnnl::binary(pd), pd.impl_info_str(),
         {{DNNL_ARG_SRC_0, InSlot(src_slot, src)},
-         {DNNL_ARG_SRC_1, Fixed(PlainMemory(*scale))},
-         {DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, Fixed(PlainMemory(*shift))},
-         {DNNL_ARG_DST, InSlot(kBlockIn, dst)}},
+         {DNNL_ARG_SRC_1, Fixed(memory(per_channel, cpu, const_cast<float*>(scale->values.data())))},
+         {DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
+          Fixed(memory(per_channel, cpu, const_cast<float*>(shift->values.data())))},
+         {DNNL_ARG_DST, InSlot(kBlockIn, src)}},
         what, probe);
   }
 
@@ -488,6 +493,7 @@ absl::StatusOr<std::unique_ptr<OnednnNet>> OnednnNet::Create(const model::Checkp
   impl->precision = options.precision;
   impl->threads = options.threads;
   impl->winograd = options.winograd;
+  if (options.winograd && options.precision == Precision::kFp32) impl->act_tag = tag::aBcd16b;
   size_t block_count = 0;
   for (int n : checkpoint.blocks) block_count += static_cast<size_t>(n);
   if (options.precision == Precision::kInt8) {
