@@ -4,9 +4,12 @@
 #   docker build --target prometheus -t arcface-prometheus .             # Prometheus scraping it
 #   docker build --target video-analytics -t arcface-video-analytics .   # the example sidecar
 #
-# Every stage starts from debian:bookworm and installs Debian packages with
+# Every stage but the last starts from debian:bookworm and installs Debian packages with
 # deploy/install-deps.sh, so dependency layers come before any source layer and stay cached
-# while only the sources change. Where no registry is reachable, deploy/docker-engine.sh makes
+# while only the sources change. The server's image (runtime) starts from scratch: it holds only
+# the files its programs load, gathered by deploy/image-rootfs.sh (580 MB instead of 1.37 GB),
+# and the build runs deploy/image-check.sh in it (serve with the demo weights, embed, drain), so
+# a missing library fails the build. Where no registry is reachable, deploy/docker-engine.sh makes
 # debian:bookworm locally. BuildKit (DOCKER_BUILDKIT=1, Docker 20.10+) keeps the compiler cache
 # (ccache) between builds; no `# syntax` line, so no frontend image has to be pulled.
 #
@@ -120,7 +123,9 @@ ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONPATH=/opt/arcface/python \
     LD_LIBRARY_PATH=/opt/libtorch/lib
 # A library, module or path missing from the gathered files fails the build here, not a user:
-# the image itself serves with the demo weights, embeds through both clients and drains.
+# the image itself serves with the demo weights, embeds through both clients and drains. Its
+# Python run, as root, leaves the bytecode of the modules the client imports (7 MB), so that
+# the client starts in 0.3 s instead of 0.9 s as uid 10001, which cannot write it.
 RUN --mount=type=bind,source=deploy/image-check.sh,target=/tmp/image-check.sh \
     if [ "$VARIANT" = cpu ]; then sh /tmp/image-check.sh; fi
 # Numeric, so that Kubernetes can verify runAsNonRoot without knowing the image.
