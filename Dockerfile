@@ -86,10 +86,10 @@ USER 10002:10002
 ENTRYPOINT ["python3", "/opt/arcface/video_analytics.py"]
 
 # ---- rootfs: the runtime's files alone, gathered where every runtime package is installed ----
-# Debian's libtorch1.13 depends on OpenCV's video and GUI modules, FFmpeg, GDAL and Qt (some 500
-# packages, 1.37 GB as an image); deploy/image-rootfs.sh takes only what is loaded: the binaries'
-# resolved library closure (ldd, and the files the server maps while it serves here), sh,
-# coreutils and the Python client's interpreter and modules.
+# Debian's libtorch1.13 depends on OpenCV's video and GUI modules, FFmpeg, GDAL and Qt (325
+# packages beside the base's 88, 1.37 GB as an image); deploy/image-rootfs.sh takes only what is
+# loaded: the binaries' resolved library closure (ldd, and the files the server maps while it
+# serves here), sh, coreutils and the Python client's interpreter and modules.
 FROM deps AS rootfs
 ARG VARIANT=cpu
 RUN install-deps.sh --libs-only && rm -rf /var/lib/apt/lists/*

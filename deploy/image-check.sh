@@ -12,9 +12,11 @@
 # on any failure.
 set -eu
 
+set -f # no pathname expansion of the environment's words
 for v in $(env); do
   case $v in ARCFACE_*=*) unset "${v%%=*}" ;; esac
 done
+set +f
 
 fail() {
   echo "image-check: $*" >&2

@@ -3,14 +3,15 @@
 # (every runtime package installed there):
 #   image-rootfs.sh [--no-run] DEST PROGRAM...
 # Debian's libtorch1.13 depends on OpenCV's video and GUI modules, FFmpeg, GDAL and Qt, which
-# pull in some 500 packages; the image takes only the files that are loaded:
+# bring 325 packages beside the base's 88; the image takes only the files that are loaded:
 # - the shared libraries of the PROGRAMs (not the PROGRAMs themselves: the Dockerfile copies them
 #   in their own layer), resolved by the dynamic loader (ldd: the whole closure, whatever the
 #   programs link), each with its chain of symbolic links (sonames, /etc/alternatives);
 # - every file the server maps while deploy/image-check.sh runs it here (demo weights, a PNG and
 #   a raw crop embedded): libraries it dlopen()s too; --no-run skips this (the CUDA variant,
 #   which cannot start without the host's driver);
-# - tools: /bin/sh (dash: the entry point, the health check's shell) and coreutils;
+# - tools: /bin/sh (dash: the entry point, a shell for `docker exec`) and coreutils (`sleep`
+#   of the Kubernetes preStop hook, `id`, ...);
 # - the Python client's interpreter and modules: the files of python3, python3-grpcio,
 #   python3-numpy and of the Python packages they depend on (documentation left out), and the
 #   shared libraries of their programs and extension modules;
