@@ -5,7 +5,7 @@
 #   (none)          everything: build, tests, tools (tests/run.sh)
 #   --runtime-only  what building and running the server needs (deploy/run.sh, the image's builder)
 #   --libs-only     only the shared libraries of the built binaries and the Python client (the
-#                   image's runtime stage: no compilers, no headers)
+#                   image's rootfs stage, which gathers from them the files the image keeps)
 #   --sidecar       the example video-analytics program (Python client, OpenCV, Haar cascades)
 #   --prometheus    Prometheus alone (the compose stack's scraper image)
 set -euo pipefail

@@ -4,6 +4,7 @@ Starts an engine when none answers (deploy/docker-engine.sh: private data root, 
 made with debootstrap when missing; never skipped: no engine is a failure), builds the three
 images from the repository's Dockerfile, brings deploy/docker-compose.yml up with the demo
 weights and the test photos (tests/data) as the sidecar's input, and checks:
+- the server image is at most 600 MB and SERVING at most 15 s after `docker run` (demo weights);
 - the service becomes `healthy` (the image's HEALTHCHECK, arcface-client health);
 - Embed from the host through the published port, and from inside the video-analytics
   container over localhost (its shared network namespace), both equal the reference: the
@@ -201,6 +202,35 @@ def test_image_contract(engine, images):
     # Flags reach the server, and --demo-weights replaced the image's ARCFACE_WEIGHTS.
     assert out.returncode == 2 and "--max-batch-size" in out.stderr, out
     assert "give exactly one" not in out.stderr, out.stderr
+
+
+MAX_IMAGE_BYTES = 600_000_000
+MAX_START_TO_READY_S = 15.0
+
+
+def test_image_lean(engine, images):
+    """The image holds only what the binaries load (deploy/image-rootfs.sh), ≤ 600 MB (Debian's
+    packages made it 1.37 GB), and serves with the demo weights ≤ 15 s after `docker run`."""
+    image = images[0]
+    size = int(run([DOCKER, "image", "inspect", "-f", "{{.Size}}", image], engine, 60))
+    assert size <= MAX_IMAGE_BYTES, f"{image}: {size / 1e6:.0f} MB"
+    port = lib.free_port()
+    started = time.monotonic()
+    cid = run([DOCKER, "run", "-d", "-p", f"127.0.0.1:{port}:50051",
+               "-e", "ARCFACE_DEMO_WEIGHTS=true", image], engine, 120).strip()
+    try:
+        with ArcFaceClient(f"127.0.0.1:{port}", timeout=30) as client:
+            ready = client.wait_ready(timeout=120)
+            elapsed = time.monotonic() - started
+            if not ready:
+                logs = subprocess.run([DOCKER, "logs", "--tail", "40", cid], env=engine,
+                                      capture_output=True, text=True, timeout=60)
+                pytest.fail(f"not SERVING 120 s after docker run:\n{logs.stdout}{logs.stderr}")
+            print(f"{image}: {size / 1e6:.0f} MB, SERVING {elapsed:.1f} s after docker run")
+            assert elapsed <= MAX_START_TO_READY_S, f"SERVING after {elapsed:.1f} s"
+            assert client.embed([np.zeros((112, 112, 3), np.uint8)]).shape == (1, 512)
+    finally:
+        run([DOCKER, "rm", "--force", cid], engine, 120, check=False)
 
 
 SIDECAR_EMBED = """
