@@ -79,7 +79,8 @@ START=$(date +%s)
 # own limit is 600 s; what is under $OUT comes back even when a step is cut). The dry run shares
 # 2 cores with other builds.
 TOTAL=420
-[ "$MODE" = dry ] && TOTAL=1100
+BUILD_LIMIT=240  # 16 cores
+if [ "$MODE" = dry ]; then TOTAL=1100; BUILD_LIMIT=900; fi
 elapsed() { echo $(( $(date +%s) - START )); }
 log() { echo "[device_check $(elapsed)s] $*"; }
 # Seconds a step may take: at most $1, and never past TOTAL in all.
@@ -415,7 +416,7 @@ step_done configure
 
 # ---- build: gpu_bench and what it links, nothing else ---------------------------------------
 log "build gpu_bench with $JOBS jobs"
-if ! timeout "$(budget 240)" cmake --build "$BUILD" --target gpu_bench -j "$JOBS" \
+if ! timeout "$(budget $BUILD_LIMIT)" cmake --build "$BUILD" --target gpu_bench -j "$JOBS" \
      >> "$OUT/build.log" 2>&1; then
   log "build failed or ran out of time (full log: $OUT/build.log)"
   show_errors "$OUT/build.log"; exit 1
