@@ -144,6 +144,11 @@ try:
     print("cudnn", torch.backends.cudnn.version())
 except Exception as e:
     print("cudnn", None, e)
+try:
+    n = torch.cuda.device_count() if torch.version.cuda else 0
+    print("gpus", n, torch.cuda.get_device_name(0) if n else "")
+except Exception as e:
+    print("gpus", 0, e)
 ' 2> "$OUT/python_torch.err") || continue
     PY=$(command -v "$py")
     TORCH_VERSION=$(sed -n 's/^version //p' <<< "$info")
@@ -152,8 +157,10 @@ except Exception as e:
     TORCH_PREFIX=$(sed -n 's/^prefix //p' <<< "$info")
     TORCH_LIB=$(sed -n 's/^lib //p' <<< "$info")
     TORCH_CUDNN=$(sed -n 's/^cudnn //p' <<< "$info")
+    TORCH_GPUS=$(sed -n 's/^gpus //p' <<< "$info")
     mapfile -t NV_LIB_DIRS < <(sed -n 's/^nvlib //p' <<< "$info")
-    echo "torch $TORCH_VERSION (cuda $TORCH_CUDA, cudnn $TORCH_CUDNN, cxx11 abi $TORCH_ABI) from $PY"
+    echo "torch $TORCH_VERSION (cuda $TORCH_CUDA, cudnn $TORCH_CUDNN, cxx11 abi $TORCH_ABI) from $PY;" \
+      "GPUs: $TORCH_GPUS"
     return 0
   done
   problem "no Python with torch: tried ${tried[*]} $(tail -1 "$OUT/python_torch.err")"
@@ -174,6 +181,11 @@ check_torch() {
   for lib in libtorch_cuda.so libc10_cuda.so; do
     [ -e "$TORCH_LIB/$lib" ] || problem "torch $TORCH_VERSION: $lib missing in $TORCH_LIB"
   done
+  # The bench would fail only after the build (minutes) without a device torch can use.
+  case "$TORCH_GPUS" in
+    ''|0*) problem "torch $TORCH_VERSION sees no CUDA device (torch.cuda.device_count():" \
+             "$TORCH_GPUS; nvidia-smi above says what the driver sees)" ;;
+  esac
   case "$TORCH_CUDNN" in
     ''|None*) problem "torch $TORCH_VERSION cannot load cuDNN (torch.backends.cudnn.version():" \
                 "$TORCH_CUDNN; searched by libtorch_cuda's RUNPATH and ${NV_LIB_DIRS[*]:-no pip" \
