@@ -18,7 +18,9 @@
 namespace arcface::engine {
 
 struct Engine::Impl {
+#ifdef ARCFACE_WITH_ONEDNN
   std::unique_ptr<OnednnNet> onednn;  // the CPU path by default; else `net` runs on libtorch
+#endif
   model::IResNet net{nullptr};
   torch::Device device{torch::kCPU};
   torch::ScalarType dtype = torch::kFloat32;
@@ -55,6 +57,14 @@ const char* PrecisionName(Precision precision) {
     case Precision::kInt8: return "int8";
   }
   return "?";
+}
+
+bool BuiltWithOnednn() {
+#ifdef ARCFACE_WITH_ONEDNN
+  return true;
+#else
+  return false;
+#endif
 }
 
 bool BuiltWithCuda() {
@@ -129,11 +139,17 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
   if (options.precision == Precision::kInt8 && !device->is_cpu()) {
     return absl::InvalidArgumentError("precision int8 runs on the CPU only; use fp16 or bf16 on CUDA");
   }
-  if (device->is_cpu() && options.cpu_backend != "onednn" && options.cpu_backend != "torch") {
+  const std::string backend = !options.cpu_backend.empty() ? options.cpu_backend
+                              : BuiltWithOnednn()          ? "onednn"
+                                                           : "torch";
+  if (backend != "onednn" && backend != "torch") {
     return absl::InvalidArgumentError(
-        absl::StrCat("unknown CPU backend '", options.cpu_backend, "': expected onednn or torch"));
+        absl::StrCat("unknown CPU backend '", backend, "': expected onednn or torch"));
   }
-  if (device->is_cpu() && options.cpu_backend == "torch" && options.precision == Precision::kInt8) {
+  if (backend == "onednn" && !BuiltWithOnednn()) {
+    return absl::FailedPreconditionError("CPU backend onednn: this build has no oneDNN (ARCFACE_ONEDNN=OFF)");
+  }
+  if (device->is_cpu() && backend == "torch" && options.precision == Precision::kInt8) {
     return absl::InvalidArgumentError("precision int8 needs the onednn CPU backend");
   }
   if (options.threads < 0) {
@@ -155,7 +171,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
 
   auto impl = std::make_unique<Impl>();
   std::shared_ptr<CudaEngine> cuda;
-  if (device->is_cpu() && options.cpu_backend == "onednn") {
+#ifdef ARCFACE_WITH_ONEDNN
+  if (device->is_cpu() && backend == "onednn") {
     OnednnNet::Options onednn;
     onednn.precision = options.precision;
     onednn.threads = options.threads;
@@ -168,6 +185,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
     return std::unique_ptr<Engine>(new Engine(std::move(impl), nullptr, 1, "cpu", options.precision,
                                               checkpoint.arch));
   }
+#endif
   impl->device = *device;
   impl->dtype = ScalarTypeOf(options.precision);
   impl->channels_last = options.channels_last;
@@ -228,15 +246,16 @@ absl::StatusOr<EmbeddingBatch> Engine::Run(absl::Span<const uint8_t> crops) {
     torch::Tensor out;
     {
       absl::MutexLock lock(&mu_);
+#ifdef ARCFACE_WITH_ONEDNN
       if (impl_->onednn) {
         batch.values.resize(static_cast<size_t>(n) * kEmbeddingDim);
         absl::Status s = impl_->onednn->Run(crops.data(), static_cast<int>(n), batch.values.data());
         if (!s.ok()) return s;
-      } else {
-        out = impl_->Forward(crops.data(), n);
       }
+#endif
+      if (batch.values.empty()) out = impl_->Forward(crops.data(), n);
     }
-    if (impl_->onednn) {
+    if (!out.defined()) {
       batch.norms.resize(static_cast<size_t>(n));
       for (int64_t i = 0; i < n; ++i) {
         double sum = 0;

@@ -38,6 +38,9 @@
 
 namespace arcface::engine {
 
+// Whether this binary's CPU path can run on oneDNN directly (ARCFACE_ONEDNN).
+bool BuiltWithOnednn();
+
 // Whether this binary has the CUDA path compiled in (ARCFACE_WITH_CUDA) and its libtorch has CUDA.
 bool BuiltWithCuda();
 
@@ -47,9 +50,10 @@ struct EngineOptions {
   int threads = 0;                // intra-op threads; 0 keeps libtorch's default
   int warmup_batch_size = 8;      // CPU: 0 skips warm-up; CUDA warms every graph size anyway
   bool channels_last = true;      // memory format of activations (faster on oneDNN and cuDNN)
-  // CPU only: "onednn" (the network on oneDNN directly, OnednnNet) or "torch" (libtorch's
-  // module, as the CUDA path runs it; kept for comparison and as the reference).
-  std::string cpu_backend = "onednn";
+  // CPU only: "onednn" (the network on oneDNN directly, OnednnNet), "torch" (libtorch's module,
+  // as the CUDA path runs it; for comparison), or "" for onednn where the build has it
+  // (ARCFACE_ONEDNN, default ON), else torch.
+  std::string cpu_backend;
   bool winograd = true;          // onednn: Winograd 3×3 convolutions (see OnednnNet)
   const Int8Calibration* int8_calibration = nullptr;  // onednn int8: required
   // CUDA only (validated everywhere, ignored by the CPU):

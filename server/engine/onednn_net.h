@@ -12,12 +12,12 @@
 // Contract
 // - Create() folds and copies the checkpoint's tensors (the checkpoint may die afterwards),
 //   builds and runs the plan of `warmup_batch` (if > 0) and returns errors as statuses:
-//   INVALID_ARGUMENT for a precision this CPU cannot run (bf16 needs AVX512-BF16 or AMX,
-//   int8 needs a calibration), INTERNAL for a oneDNN failure (its message included).
+//   INVALID_ARGUMENT for a precision this CPU cannot run (bf16 needs AVX512-BF16, int8
+//   AVX-512), INTERNAL for a oneDNN failure (its message included).
 // - Run() takes n uint8 RGB crops (HWC, 112×112), normalizes them as (x − 127.5) / 127.5 and
-//   writes n × 512 raw float embeddings. The plan of a batch size is built on its first use
-//   (milliseconds: oneDNN JIT-compiles its kernels) and kept; the activation arenas are sized
-//   for the largest batch seen so far.
+//   writes n × 512 raw float embeddings, in chunks of at most max_chunk faces. The plan of a
+//   chunk size is built on its first use (tens of milliseconds: oneDNN JIT-compiles its
+//   kernels) and kept; the activation arenas are sized for the largest chunk seen so far.
 // - Precisions: fp32; bf16 (bf16 weights and activations, f32 accumulation, the residual
 //   stream and the head in f32); int8 (s8 weights per output channel, s8 convolution inputs
 //   with per-tensor scales from a calibration, the residual stream, the stem, the shortcut
@@ -55,7 +55,13 @@ class OnednnNet {
     int threads = 0;       // OpenMP threads for Run(); 0 leaves OpenMP's default
     int warmup_batch = 8;  // 0 skips the warm-up
     bool winograd = false; // 3×3 stride-1 convolutions by Winograd F(4,3) where oneDNN has it
-    const Int8Calibration* calibration = nullptr;  // required for int8
+    // Larger batches run as balanced chunks of at most this many faces, so at most max_chunk
+    // plans and arenas for max_chunk faces exist (each plan holds JIT code and, for Winograd,
+    // weights transformed for its batch size). On 2 cores throughput is flat from 8 faces up.
+    int max_chunk = 8;
+    // int8: the activation scales; null runs Calibrate() at load time on the 16 real face
+    // crops compiled into the binary (int8_calibration/crops.h), about a second.
+    const Int8Calibration* calibration = nullptr;
   };
 
   static absl::StatusOr<std::unique_ptr<OnednnNet>> Create(const model::Checkpoint& checkpoint,
