@@ -54,7 +54,19 @@ struct Block {
   PlainTensor bn_scale, bn_shift;  // bn1 as y = x * scale + shift, each [1, Cin, 1, 1]
   Conv conv1, conv2;
   std::optional<Conv> downsample;
+  // int8 only. Each s8 tensor holds its channel c scaled by its own factor k[c] (127 over the
+  // channel's calibrated range); the factors are folded into the neighbouring weights, which
+  // is exact: the convolutions zero-pad, and zero scaled stays zero; PReLU commutes with a
+  // positive scale. So bn1's scale and shift are multiplied by k_in, conv1's input channels
+  // divided by k_in, conv1's outputs multiplied by k_mid (its output scales), conv2's input
+  // channels divided by k_mid.
+  PlainTensor q_bn_scale, q_bn_shift;
+  Conv q_conv1, q_conv2;
+  std::vector<float> k_mid;
 };
+
+// `conv` with input channel c divided by k[c], its per-output-channel weight scales redone.
+Conv DivideInputChannels(const Conv& conv, const std::vector<float>& k);
 
 const std::vector<float>& Tensor(const model::Checkpoint& ckpt, const std::string& key) {
   // The checkpoint was validated against ExpectedShapes when it was loaded.
@@ -80,6 +92,20 @@ std::pair<std::vector<double>, std::vector<double>> BatchNormAffine(const model:
   return {scale, shift};
 }
 
+// int8 weights: per output channel, 127 over the row's largest magnitude.
+void SetWeightScales(Conv& conv) {
+  const memory::dims& d = conv.weight.dims;
+  const int64_t per_out = d[1] * d[2] * d[3];
+  conv.weight_scales.assign(d[0], 1.f);
+  for (int64_t o = 0; o < d[0]; ++o) {
+    float max_abs = 0;
+    for (int64_t i = 0; i < per_out; ++i) {
+      max_abs = std::max(max_abs, std::abs(conv.weight.values[o * per_out + i]));
+    }
+    if (max_abs > 0) conv.weight_scales[o] = kInt8Max / max_abs;
+  }
+}
+
 Conv MakeConv(const model::Checkpoint& ckpt, const std::string& prefix, int64_t stride,
               const std::string& prelu_key) {
   const model::HostTensor& w = ckpt.tensors.at(prefix + ".weight");
@@ -89,14 +115,22 @@ Conv MakeConv(const model::Checkpoint& ckpt, const std::string& prefix, int64_t 
   if (!prelu_key.empty()) conv.prelu = Plain({1, w.shape[0], 1, 1}, Tensor(ckpt, prelu_key));
   conv.stride = stride;
   conv.pad = w.shape[2] / 2;
-  const int64_t per_out = w.shape[1] * w.shape[2] * w.shape[3];
-  conv.weight_scales.resize(w.shape[0]);
-  for (int64_t o = 0; o < w.shape[0]; ++o) {
-    float max_abs = 0;
-    for (int64_t i = 0; i < per_out; ++i) max_abs = std::max(max_abs, std::abs(w.values[o * per_out + i]));
-    conv.weight_scales[o] = max_abs > 0 ? kInt8Max / max_abs : 1.f;
-  }
+  SetWeightScales(conv);
   return conv;
+}
+
+Conv DivideInputChannels(const Conv& conv, const std::vector<float>& k) {
+  Conv out = conv;
+  const memory::dims& d = conv.weight.dims;
+  const int64_t area = d[2] * d[3];
+  for (int64_t o = 0; o < d[0]; ++o) {
+    for (int64_t c = 0; c < d[1]; ++c) {
+      float* w = out.weight.values.data() + (o * d[1] + c) * area;
+      for (int64_t i = 0; i < area; ++i) w[i] /= k[c];
+    }
+  }
+  SetWeightScales(out);
+  return out;
 }
 
 // The head bn2 → flatten → fc → features as one affine map of the [512, 7, 7] feature map,
@@ -177,7 +211,8 @@ struct OnednnNet::Impl {
   std::map<const void*, std::vector<std::pair<memory::desc, memory>>> reordered;
   std::map<int, Plan> plans;
   std::array<std::vector<char>, kSlots> arenas;
-  std::vector<float> probe_max;  // calibration: max |x| at each probed tensor
+  // Calibration: the largest |x| of each channel of each probed tensor.
+  std::vector<std::vector<float>> probe_max;
 
   memory PlainMemory(const PlainTensor& t) {
     const tag plain = t.dims.size() == 1 ? tag::a : t.dims.size() == 2 ? tag::ab : tag::abcd;
@@ -219,7 +254,7 @@ struct OnednnNet::Impl {
     dt src_type, weight_type, dst_type;
     bool sum = false;                  // dst += conv(src) (the residual add)
     std::vector<float> output_scales;  // int8: per output channel; empty for none
-    float bias_scale = 1.f;            // int8: the bias in the accumulator's units
+    bool int8_bias = false;            // int8: the bias in the accumulator's units
   };
 
   // The convolution of `spec` on an n × C × side × side input. `dst` fixes the output layout
@@ -276,7 +311,7 @@ struct OnednnNet::Impl {
     std::vector<std::pair<int, Operand>> args = {
         {DNNL_ARG_SRC, InSlot(from, pd.src_desc())},
         {DNNL_ARG_WEIGHTS, Fixed(Weights(c.weight, pd.weights_desc(), s8 ? &c.weight_scales : nullptr))},
-        {DNNL_ARG_BIAS, Fixed(BiasMemory(c, spec.bias_scale))},
+        {DNNL_ARG_BIAS, Fixed(spec.int8_bias ? Int8Bias(c) : PlainMemory(c.bias))},
         {DNNL_ARG_DST, InSlot(dst_slot, pd.dst_desc())}};
     Add(plan, dnnl::convolution_forward(pd), pd.impl_info_str(), std::move(args), what,
         c.prelu.values.empty() ? probe : -1);
@@ -295,14 +330,14 @@ struct OnednnNet::Impl {
     return pd.dst_desc();
   }
 
-  // The bias as oneDNN 2.x adds it: in int8 it is added to the integer accumulator before the
-  // output scale, so it is stored in the accumulator's units (bias · src scale · weight scale).
-  std::map<std::pair<const void*, float>, std::vector<float>> scaled_biases;
-  memory BiasMemory(const Conv& c, float src_scale) {
-    if (src_scale == 1.f) return PlainMemory(c.bias);
-    auto [it, added] = scaled_biases.try_emplace({&c.bias, src_scale}, c.bias.values);
+  // The bias as oneDNN 2.x adds it in int8: to the integer accumulator, before the output
+  // scale, so in the accumulator's units (bias · weight scale; the input's scale is folded
+  // into the weights).
+  std::map<const void*, std::vector<float>> int8_biases;
+  memory Int8Bias(const Conv& c) {
+    auto [it, added] = int8_biases.try_emplace(&c.bias, c.bias.values);
     if (added) {
-      for (size_t o = 0; o < it->second.size(); ++o) it->second[o] *= src_scale * c.weight_scales[o];
+      for (size_t o = 0; o < it->second.size(); ++o) it->second[o] *= c.weight_scales[o];
     }
     return memory({c.bias.dims, dt::f32, tag::a}, cpu, it->second.data());
   }
@@ -322,17 +357,16 @@ struct OnednnNet::Impl {
 
   Plan Build(int64_t n) {
     Plan plan;
-    const dt q = QuantizedType(precision);
-    const bool int8 = precision == Precision::kInt8;
+    const bool int8_net = precision == Precision::kInt8;
     plan.input_desc = memory::desc({n, 3, model::kCropSize, model::kCropSize}, dt::f32, tag::nhwc);
     // The residual stream stays f32. Its layout is the kernels' choice, except in int8, whose
     // kernels read and write nhwc only.
     auto residual_layout = [&](int64_t channels, int64_t side) -> std::optional<memory::desc> {
-      if (!int8) return std::nullopt;
+      if (!int8_net) return std::nullopt;
       return memory::desc({n, channels, side, side}, dt::f32, tag::nhwc);
     };
     // Stem: f32 whatever the precision (3 input channels: 2 % of the work).
-    ConvSpec stem_spec{&stem, dt::f32, dt::f32, dt::f32, false, {}, 1.f};
+    ConvSpec stem_spec{&stem, dt::f32, dt::f32, dt::f32, false, {}, false};
     memory::desc x = AddConv(
         plan, stem_spec, ConvPd(stem_spec, n, model::kCropSize, residual_layout(kStageWidths[0], model::kCropSize)),
         kInput, plan.input_desc, kResidualA, "stem");
@@ -341,36 +375,35 @@ struct OnednnNet::Impl {
       const Block& blk = blocks[b];
       const std::string name = absl::StrCat("block", b);
       const int64_t side = x.dims()[2];
-      const float in_scale = int8 ? kInt8Max / calibration.block_input_max[b] : 1.f;
-      const float mid_scale = int8 ? kInt8Max / calibration.block_mid_max[b] : 1.f;
-      ConvSpec conv1{&blk.conv1, q, q, q, false, {}, 1.f};
-      ConvSpec conv2{&blk.conv2, q, q, dt::f32, /*sum=*/true, {}, 1.f};
+      const bool int8 = int8_net;
+      const dt q = int8 ? dt::s8 : QuantizedType(precision);
+      ConvSpec conv1{int8 ? &blk.q_conv1 : &blk.conv1, q, q, q, false, {}, int8};
+      ConvSpec conv2{int8 ? &blk.q_conv2 : &blk.conv2, q, q, dt::f32, /*sum=*/true, {}, int8};
       if (int8) {
         conv1.output_scales.resize(blk.channels);
         conv2.output_scales.resize(blk.channels);
         for (int64_t o = 0; o < blk.channels; ++o) {
-          conv1.output_scales[o] = mid_scale / (in_scale * blk.conv1.weight_scales[o]);
-          conv2.output_scales[o] = 1.f / (mid_scale * blk.conv2.weight_scales[o]);
+          conv1.output_scales[o] = blk.k_mid[o] / blk.q_conv1.weight_scales[o];
+          conv2.output_scales[o] = 1.f / blk.q_conv2.weight_scales[o];
         }
-        conv1.bias_scale = in_scale;
-        conv2.bias_scale = mid_scale;
       }
       // bn1 → conv1: the BatchNorm cannot fold into conv1 (conv1 zero-pads bn1's output, not
-      // its input), so it is a binary mul with an add post-op, f32 in the residual's layout
-      // (oneDNN 2.6 has a fast binary only where input and output agree); for int8 with the
-      // input's quantization scale folded in. A reorder then gives conv1 its type and layout.
+      // its input), so it is a binary mul with an add post-op. It writes f32 in the residual's
+      // layout (oneDNN 2.6's binary is fast only where input and output layouts agree) and a
+      // reorder gives conv1 its layout; for int8 it writes conv1's s8 input directly.
       auto conv1_pd = ConvPd(conv1, n, side, std::nullopt);
       const memory::desc bn1_out = int8 ? conv1_pd.src_desc() : x;
-      AddScaleShift(plan, blk, in_scale, residual, x, bn1_out, name + ".bn1", int8 ? -1 : Probe(2 * b));
+      AddScaleShift(plan, int8 ? blk.q_bn_scale : blk.bn_scale, int8 ? blk.q_bn_shift : blk.bn_shift,
+                    residual, x, bn1_out, name + ".bn1", Probe(2 * b));
       memory::desc u = AddConv(plan, conv1, conv1_pd, kBlockIn, bn1_out, kBlockMid, name + ".conv1",
-                               int8 ? -1 : Probe(2 * b + 1));
+                               Probe(2 * b + 1));
       // The shortcut: the input itself, or a strided 1×1 convolution of it (f32) into the
       // other residual arena; conv2 then adds its result into that arena.
       int out_slot = residual;
       memory::desc out_desc = x;
       if (blk.downsample) {
         out_slot = residual == kResidualA ? kResidualB : kResidualA;
-        ConvSpec ds{&*blk.downsample, dt::f32, dt::f32, dt::f32, false, {}, 1.f};
+        ConvSpec ds{&*blk.downsample, dt::f32, dt::f32, dt::f32, false, {}, false};
         const int64_t out_side = (side - 1) / blk.stride + 1;
         out_desc = AddConv(plan, ds, ConvPd(ds, n, side, residual_layout(blk.channels, out_side)),
                            residual, x, out_slot, name + ".downsample");
@@ -399,20 +432,13 @@ struct OnednnNet::Impl {
 
   int Probe(int index) { return probe_max.empty() ? -1 : index; }
 
-  void AddScaleShift(Plan& plan, const Block& blk, float out_scale, int src_slot,
+  void AddScaleShift(Plan& plan, const PlainTensor& scale, const PlainTensor& shift, int src_slot,
                      const memory::desc& src, const memory::desc& dst, const std::string& what,
                      int probe) {
-    const PlainTensor* scale = &blk.bn_scale;
-    const PlainTensor* shift = &blk.bn_shift;
-    if (out_scale != 1.f) {
-      // int8: quantize on the way out (x · scale + shift) · s; the product is cached per block.
-      scale = &ScaledCopy(blk.bn_scale, out_scale);
-      shift = &ScaledCopy(blk.bn_shift, out_scale);
-    }
     // The per-channel operands in the activation's own layout (for [1, C, 1, 1] the bytes are
     // the same): oneDNN 2.6's jit binary takes a blocked input only with a blocked operand.
     const memory::desc blocked(src.dims(), dt::f32, tag::aBcd16b);
-    const memory::desc per_channel(scale->dims, dt::f32, src == blocked ? tag::aBcd16b : tag::abcd);
+    const memory::desc per_channel(scale.dims, dt::f32, src == blocked ? tag::aBcd16b : tag::abcd);
     dnnl::post_ops ops;
     ops.append_binary(dnnl::algorithm::binary_add, per_channel);
     dnnl::primitive_attr attr;
@@ -421,20 +447,11 @@ struct OnednnNet::Impl {
     dnnl::binary::primitive_desc pd(d, attr, cpu);
     Add(plan, dnnl::binary(pd), pd.impl_info_str(),
         {{DNNL_ARG_SRC_0, InSlot(src_slot, src)},
-         {DNNL_ARG_SRC_1, Fixed(memory(per_channel, cpu, const_cast<float*>(scale->values.data())))},
+         {DNNL_ARG_SRC_1, Fixed(memory(per_channel, cpu, const_cast<float*>(scale.values.data())))},
          {DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
-          Fixed(memory(per_channel, cpu, const_cast<float*>(shift->values.data())))},
+          Fixed(memory(per_channel, cpu, const_cast<float*>(shift.values.data())))},
          {DNNL_ARG_DST, InSlot(kBlockIn, dst)}},
         what, probe);
-  }
-
-  std::map<std::pair<const PlainTensor*, float>, PlainTensor> scaled_copies;
-  const PlainTensor& ScaledCopy(const PlainTensor& t, float s) {
-    auto [it, added] = scaled_copies.try_emplace({&t, s}, t);
-    if (added) {
-      for (float& v : it->second.values) v *= s;
-    }
-    return it->second;
   }
 
   Plan& PlanFor(int n) {
@@ -447,6 +464,59 @@ struct OnednnNet::Impl {
       }
     }
     return it->second;
+  }
+
+  // Folds the calibrated per-channel ranges into the int8 tensors of every block (see Block)
+  // and drops the f32 convolution weights the int8 plans no longer read.
+  void PrepareInt8() {
+    for (size_t b = 0; b < blocks.size(); ++b) {
+      Block& blk = blocks[b];
+      const std::vector<float> k_in = ChannelFactors(calibration.block_input_max[b]);
+      blk.k_mid = ChannelFactors(calibration.block_mid_max[b]);
+      blk.q_bn_scale = blk.bn_scale;
+      blk.q_bn_shift = blk.bn_shift;
+      for (size_t c = 0; c < k_in.size(); ++c) {
+        blk.q_bn_scale.values[c] *= k_in[c];
+        blk.q_bn_shift.values[c] *= k_in[c];
+      }
+      blk.q_conv1 = DivideInputChannels(blk.conv1, k_in);
+      blk.q_conv2 = DivideInputChannels(blk.conv2, blk.k_mid);
+      blk.conv1 = Conv();
+      blk.conv2 = Conv();
+    }
+  }
+
+  // 127 over each channel's quantization range. The range is the geometric mean of the
+  // channel's own calibrated range and the tensor's widest (per-channel resolution for narrow
+  // channels, but not ranges so tight that an input unlike the calibration faces saturates
+  // them), with headroom 1.5. Both choices were measured on the goldens (docs/PERFORMANCE.md):
+  // per-tensor ranges lost resolution (worst 0.9888), per-channel ones saturated on salt-and-
+  // pepper noise (0.8985). A channel that (nearly) never moved on the calibration crops gets at
+  // least a twentieth of the widest range, so its factor does not shrink its weights into the
+  // rounding of the weights' own quantization.
+  static std::vector<float> ChannelFactors(const std::vector<float>& max_abs) {
+    constexpr float kHeadroom = 1.5f;
+    constexpr float kFloor = 0.05f;
+    const float widest = std::max(*std::max_element(max_abs.begin(), max_abs.end()), 1e-6f);
+    std::vector<float> k(max_abs.size());
+    for (size_t c = 0; c < k.size(); ++c) {
+      const float own = std::max(max_abs[c], kFloor * widest);
+      k[c] = kInt8Max / (kHeadroom * std::sqrt(own * widest));
+    }
+    return k;
+  }
+
+  // Per-channel max |x| of an f32 activation, through a copy in nhwc (channels innermost).
+  void RecordChannelMax(memory out, std::vector<float>& max_abs) {
+    const memory::dims dims = out.get_desc().dims();
+    memory plain({dims, dt::f32, tag::nhwc}, cpu);
+    dnnl::reorder(out, plain).execute(stream, out, plain);
+    stream.wait();
+    const size_t channels = static_cast<size_t>(dims[1]);
+    max_abs.resize(channels, 0.f);
+    const float* v = static_cast<const float*>(plain.get_data_handle());
+    const size_t count = plain.get_desc().get_size() / sizeof(float);
+    for (size_t i = 0; i < count; ++i) max_abs[i % channels] = std::max(max_abs[i % channels], std::abs(v[i]));
   }
 
   static void* Aligned(std::vector<char>& arena) {
@@ -470,14 +540,7 @@ struct OnednnNet::Impl {
                                            : memory(operand.desc, cpu, Aligned(arenas[operand.slot])));
       }
       step.primitive.execute(stream, args);
-      if (step.probe >= 0) {
-        stream.wait();
-        const memory& out = args.at(DNNL_ARG_DST);
-        const float* v = static_cast<const float*>(out.get_data_handle());
-        float m = probe_max[step.probe];
-        for (size_t i = 0; i < out.get_desc().get_size() / sizeof(float); ++i) m = std::max(m, std::abs(v[i]));
-        probe_max[step.probe] = m;
-      }
+      if (step.probe >= 0) RecordChannelMax(args.at(DNNL_ARG_DST), probe_max[step.probe]);
     }
     stream.wait();
     std::memcpy(embeddings, Aligned(arenas[kOutput]), static_cast<size_t>(n) * model::kEmbeddingDim * sizeof(float));
@@ -551,6 +614,16 @@ absl::StatusOr<std::unique_ptr<OnednnNet>> OnednnNet::Create(const model::Checkp
       in_channels = kStageWidths[stage];
     }
     std::tie(impl->head_weight, impl->head_bias) = FoldHead(checkpoint);
+    if (options.precision == Precision::kInt8) {
+      for (size_t b = 0; b < impl->blocks.size(); ++b) {
+        if (impl->calibration.block_input_max[b].size() != static_cast<size_t>(impl->blocks[b].in_channels) ||
+            impl->calibration.block_mid_max[b].size() != static_cast<size_t>(impl->blocks[b].channels)) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("the int8 calibration's block ", b, " has the wrong channel count"));
+        }
+      }
+      impl->PrepareInt8();
+    }
     if (options.warmup_batch > 0) {
       std::vector<uint8_t> zeros(model::kCropBytes * options.warmup_batch, 0);
       std::vector<float> out(model::kEmbeddingDim * options.warmup_batch);
@@ -592,7 +665,7 @@ absl::StatusOr<Int8Calibration> OnednnNet::Calibrate(const model::Checkpoint& ch
   absl::StatusOr<std::unique_ptr<OnednnNet>> net = Create(checkpoint, options);
   if (!net.ok()) return net.status();
   Impl& impl = *(*net)->impl_;
-  impl.probe_max.assign(2 * impl.blocks.size(), 0.f);
+  impl.probe_max.assign(2 * impl.blocks.size(), {});
   std::vector<float> out(static_cast<size_t>(model::kEmbeddingDim) * 8);
   for (int first = 0; first < n; first += 8) {
     const int count = std::min(8, n - first);
@@ -602,10 +675,8 @@ absl::StatusOr<Int8Calibration> OnednnNet::Calibrate(const model::Checkpoint& ch
   }
   Int8Calibration calibration;
   for (size_t b = 0; b < impl.blocks.size(); ++b) {
-    const float h = getenv("ARCFACE_HEADROOM") ? atof(getenv("ARCFACE_HEADROOM")) : 1.f;
-    const float h2 = getenv("ARCFACE_HEADROOM2") ? atof(getenv("ARCFACE_HEADROOM2")) : 1.f;
-    calibration.block_input_max.push_back(h * std::max(impl.probe_max[2 * b], 1e-6f));
-    calibration.block_mid_max.push_back(h2 * std::max(impl.probe_max[2 * b + 1], 1e-6f));
+    calibration.block_input_max.push_back(impl.probe_max[2 * b]);
+    calibration.block_mid_max.push_back(impl.probe_max[2 * b + 1]);
   }
   return calibration;
 }

@@ -40,12 +40,12 @@
 
 namespace arcface::engine {
 
-// Per-tensor activation scales of the int8 path: for every convolution input that is
-// quantized, the largest magnitude expected there (the value mapped to 127). Produced by
-// OnednnNet::Calibrate on real crops; see docs/PERFORMANCE.md.
+// The activation ranges of the int8 path: for every convolution input that is quantized, the
+// largest magnitude of each channel seen on the calibration crops. Produced by
+// OnednnNet::Calibrate; see docs/PERFORMANCE.md.
 struct Int8Calibration {
-  std::vector<float> block_input_max;  // per residual block: its bn1 output
-  std::vector<float> block_mid_max;    // per residual block: its conv1 + PReLU output
+  std::vector<std::vector<float>> block_input_max;  // per residual block, per channel: bn1's output
+  std::vector<std::vector<float>> block_mid_max;    // per residual block, per channel: conv1 + PReLU
 };
 
 class OnednnNet {

@@ -265,7 +265,6 @@ double WorstCosineToGoldens(const std::vector<const GoldenCase*>& cases,
   std::string worst_name;
   for (size_t i = 0; i < cases.size(); ++i) {
     const double cosine = Compare(out->values.data() + i * kEmbeddingDim, cases[i]->embedding).cosine;
-    if (getenv("ARCFACE_DEBUG_COS")) std::printf("  %s %.6f\n", cases[i]->name.c_str(), cosine);
     if (cosine < worst) {
       worst = cosine;
       worst_name = cases[i]->name;
