@@ -112,10 +112,12 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
       ->envname("ARCFACE_DEVICE")
       ->check(DeviceName());
   app.add_option("--precision", c.precision,
-                 "fp32, bf16, or fp16 (CUDA only); reduced precision is opt-in")
+                 "fp32; bf16; fp16 (CUDA only); int8 (CPU only, calibrated at start-up on "
+                 "compiled-in face crops); reduced precision is opt-in")
       ->envname("ARCFACE_PRECISION")
-      ->check(CLI::IsMember({"fp32", "fp16", "bf16"}));
-  app.add_option("--threads", c.threads, "Intra-op threads of the model; 0: libtorch's default")
+      ->check(CLI::IsMember({"fp32", "fp16", "bf16", "int8"}));
+  app.add_option("--threads", c.threads,
+                 "Intra-op threads of the model; 0: OpenMP's default (every core)")
       ->envname("ARCFACE_THREADS")
       ->check(CLI::Range(0, 1024));
   app.add_option("--max-batch-size", c.max_batch_size, "Crops per model batch at most")

@@ -46,7 +46,7 @@ int main(int argc, char** argv) {
   app.add_option("--seconds", seconds, "measuring time per batch size (after warm-up)");
   app.add_flag("!--no-channels-last", options.channels_last, "use NCHW activations (torch backend)");
   app.add_option("--cpu-backend", options.cpu_backend, "onednn or torch");
-  app.add_flag("--winograd", options.winograd, "onednn: Winograd 3x3 convolutions");
+  app.add_flag("!--no-winograd", options.winograd, "onednn: direct 3x3 convolutions, not Winograd");
   CLI11_PARSE(app, argc, argv);
 
   auto parsed = arcface::engine::ParsePrecision(precision);

@@ -379,3 +379,24 @@ def test_two_batches_in_flight_answer_the_goldens(r50_server, start_server, gold
         for n, emb in zip(order, resp.embeddings):
             case = goldens.cases[n]
             lib.check_embedding(emb, goldens.embedding(case), case["tolerance"], n)
+
+
+def test_int8_server(start_server, goldens):
+    """--precision int8 on the CPU: the server calibrates at start-up, says so in GetModelInfo
+    and /metrics, and its embeddings of the real-photo goldens stay within cosine 0.995 of the
+    fp32 reference (the engine test holds every golden case to the same bar)."""
+    server = start_server([
+        "--weights", goldens.model_path("r50"), "--precision", "int8",
+        "--device", "cpu", "--threads", str(lib.THREADS), "--max-batch-size", "8",
+    ], name="r50_int8")
+    info = server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    assert info.precision == "int8"
+    m = server.metrics()
+    assert m.get("arcface_model_info", arch="r50", model_id=info.model_id, device="cpu",
+                 precision="int8") == 1
+    names = ["whole_single_face", "box_multi_p2", "align_multi_p4", "whole_0-f1-su-ph",
+             "crop_face_like_5", "crop_saltpepper_6"]
+    resp = server.embed([goldens.face(goldens.cases[n]) for n in names])
+    for n, emb in zip(names, resp.embeddings):
+        got = np.asarray(emb.values, np.float64)
+        assert lib.cosine(got, goldens.embedding(goldens.cases[n])) >= 0.995, n
