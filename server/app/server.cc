@@ -227,6 +227,7 @@ absl::Status Server::WarmUp() {
   engine_options.device = cfg.device;
   engine_options.precision = *precision;
   engine_options.threads = cfg.threads;
+  engine_options.winograd = cfg.cpu_winograd;
   engine_options.warmup_batch_size = cfg.warmup_batch_size;
   engine_options.max_batch_size = cfg.max_batch_size;  // CUDA graphs up to the batcher's limit
   // A lane (stream and staging buffers) for each batch in flight; ignored on the CPU.
@@ -295,8 +296,9 @@ void Server::Serve(const absl::Notification& stop) {
     spdlog::warn("DEMO WEIGHTS: seeded random, untrained; the pipeline is real but the "
                  "embeddings are NOT meaningful");
   }
-  spdlog::info("engine: device {} precision {} threads {} warm-up batch {}; loaded in {:.2f} s",
-               model_.device, model_.precision,
+  spdlog::info("engine: device {} precision {} backend {} threads {} warm-up batch {}; loaded in "
+               "{:.2f} s",
+               model_.device, model_.precision, engine_->backend(),
                cfg.threads == 0 ? std::string("default") : std::to_string(cfg.threads),
                cfg.warmup_batch_size, absl::ToDoubleSeconds(absl::Now() - load_start_));
   spdlog::info(

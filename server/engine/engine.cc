@@ -118,13 +118,14 @@ torch::ScalarType ScalarTypeOf(Precision precision) {
 }  // namespace
 
 Engine::Engine(std::unique_ptr<Impl> impl, std::shared_ptr<CudaEngine> cuda, int concurrent_runs,
-               std::string device_name, Precision precision, std::string arch)
+               std::string device_name, Precision precision, std::string arch, std::string backend)
     : impl_(std::move(impl)),
       cuda_(std::move(cuda)),
       concurrent_runs_(concurrent_runs),
       device_name_(std::move(device_name)),
       precision_(precision),
-      arch_(std::move(arch)) {}
+      arch_(std::move(arch)),
+      backend_(std::move(backend)) {}
 
 Engine::~Engine() = default;
 
@@ -182,8 +183,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
     absl::StatusOr<std::unique_ptr<OnednnNet>> net = OnednnNet::Create(checkpoint, onednn);
     if (!net.ok()) return net.status();
     impl->onednn = *std::move(net);
+    const bool winograd = options.winograd && options.precision == Precision::kFp32;
     return std::unique_ptr<Engine>(new Engine(std::move(impl), nullptr, 1, "cpu", options.precision,
-                                              checkpoint.arch));
+                                              checkpoint.arch,
+                                              winograd ? "onednn, winograd" : "onednn"));
   }
 #endif
   impl->device = *device;
@@ -222,7 +225,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
   }
   const int concurrent_runs = cuda ? options.cuda_lanes : 1;
   return std::unique_ptr<Engine>(new Engine(std::move(impl), std::move(cuda), concurrent_runs,
-                                            device->str(), options.precision, checkpoint.arch));
+                                            device->str(), options.precision, checkpoint.arch,
+                                            "libtorch"));
 }
 
 absl::StatusOr<EmbeddingBatch> Engine::Run(absl::Span<const uint8_t> crops) {

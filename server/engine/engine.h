@@ -2,18 +2,22 @@
 // raw 512-d embeddings.
 //
 // Contract
-// - Create() validates the options (device, precision, threads), builds the network from the
-//   checkpoint, moves it to the device in the requested precision and warms it up. Errors name
-//   the option and the reason (e.g. "cuda" on a CPU-only build, fp16 on the CPU).
-// - Run() copies the uint8 batch to the device once, converts and normalizes it there
-//   ((x - 127.5) / 127.5, the numbers of py-feat's x/255*2-1), runs the network under
-//   InferenceMode and returns float32 embeddings (raw, not normalized) and their L2 norms.
+// - Create() validates the options (device, precision, threads, CPU backend), builds the
+//   network from the checkpoint, places it on the device in the requested precision and warms
+//   it up. Errors name the option and the reason (e.g. "cuda" on a CPU-only build, fp16 on the
+//   CPU, int8 on CUDA).
+// - On the CPU the network runs on oneDNN directly (OnednnNet, onednn_net.h: fp32, bf16, int8)
+//   unless cpu_backend is "torch" or the build has no oneDNN; on CUDA, and for "torch", it is
+//   libtorch's module (server/model/iresnet.h) under InferenceMode.
+// - Run() normalizes the uint8 batch ((x - 127.5) / 127.5, the numbers of py-feat's
+//   x/255*2-1; on CUDA after one copy to the device), runs the network and returns float32
+//   embeddings (raw, not normalized) and their L2 norms.
 // - Blocking: Run() blocks for the forward pass. It is safe to call from any thread; on the CPU
 //   calls are serialized by an internal mutex (see CUDA below for the GPU).
-// - Errors: torch exceptions are caught here and returned as INTERNAL (a device or runtime
+// - Errors: torch and oneDNN exceptions are caught and returned as INTERNAL (a device or runtime
 //   failure, never a caller's mistake); a batch of 0 or a wrong buffer size is INVALID_ARGUMENT.
-// - Threads: intra-op parallelism is a process-wide libtorch setting; Create() sets it when
-//   options.threads > 0.
+// - Threads: options.threads > 0 sets libtorch's process-wide intra-op count and the OpenMP team
+//   of the thread calling Run() on oneDNN; 0 keeps OpenMP's default (every core).
 // - CUDA (only when built against a CUDA libtorch; else "cuda" is refused with "built without
 //   CUDA"): the work is done by CudaEngine (cuda_engine.h): pinned staging buffers, device-side
 //   normalization, cuDNN autotuning, CUDA graphs captured in Create() for powers of two up to
@@ -94,6 +98,8 @@ class Engine {
   const std::string& device() const { return device_name_; }
   Precision precision() const { return precision_; }
   const std::string& arch() const { return arch_; }
+  // What runs the network: "onednn, winograd", "onednn" or "libtorch" (on CUDA always libtorch).
+  const std::string& backend() const { return backend_; }
   // How many Run() calls make progress at once: the CUDA lanes, 1 on the CPU (where Run() is
   // serialized). More concurrent callers than this only wait.
   int concurrent_runs() const { return concurrent_runs_; }
@@ -103,7 +109,7 @@ class Engine {
  private:
   struct Impl;
   Engine(std::unique_ptr<Impl> impl, std::shared_ptr<CudaEngine> cuda, int concurrent_runs,
-         std::string device_name, Precision precision, std::string arch);
+         std::string device_name, Precision precision, std::string arch, std::string backend);
 
   absl::Mutex mu_;
   std::unique_ptr<Impl> impl_ ABSL_GUARDED_BY(mu_);  // the CPU path
@@ -114,6 +120,7 @@ class Engine {
   const std::string device_name_;
   const Precision precision_;
   const std::string arch_;
+  const std::string backend_;
 };
 
 }  // namespace arcface::engine

@@ -120,6 +120,9 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
                  "Intra-op threads of the model; 0: OpenMP's default (every core)")
       ->envname("ARCFACE_THREADS")
       ->check(CLI::Range(0, 1024));
+  app.add_flag("--cpu-winograd,!--no-cpu-winograd", c.cpu_winograd,
+               "CPU fp32: Winograd 3x3 convolutions (default; faster, about 1.2 GB more memory)")
+      ->envname("ARCFACE_CPU_WINOGRAD");
   app.add_option("--max-batch-size", c.max_batch_size, "Crops per model batch at most")
       ->envname("ARCFACE_MAX_BATCH_SIZE")
       ->check(CLI::Range(1, 4096));
