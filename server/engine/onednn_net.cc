@@ -158,7 +158,21 @@ std::pair<PlainTensor, PlainTensor> FoldHead(const model::Checkpoint& ckpt) {
 
 // The activation buffers of a plan. Each step names the slots it reads and writes; the arenas
 // behind the slots are shared by all plans and grow to the largest batch.
-enum Slot { kInput, kStemInput, kResidualA, kResidualB, kBlockIn, kBlockMid, kOutput, kSlots };
+enum Slot {
+  kInput, kStemInput, kResidualA, kResidualB, kBlockIn, kBlockMid, kOutput,
+  kScratchpad,  // the primitives' temporary memory (one at a time runs)
+  kSlots
+};
+
+// Every primitive of a plan takes its scratchpad from the plan's arena. oneDNN's own
+// (library-managed) scratchpad is per thread and belongs to the thread that created the
+// primitive: the server builds the warm-up plan on a thread that then exits, and running that
+// plan from the model thread crashed.
+dnnl::primitive_attr PlanAttr() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
 
 struct Operand {
   int slot = -1;         // an arena, or -1 for a fixed memory (weights)
@@ -239,8 +253,12 @@ struct OnednnNet::Impl {
   Operand Fixed(memory m) { return Operand{-1, m.get_desc(), m}; }
   static Operand InSlot(int slot, const memory::desc& desc) { return Operand{slot, desc, {}}; }
 
-  void Add(Plan& plan, dnnl::primitive primitive, const char* impl,
+  void Add(Plan& plan, const dnnl::primitive_desc_base& pd, dnnl::primitive primitive,
            std::vector<std::pair<int, Operand>> args, std::string what, int probe = -1) {
+    if (pd.scratchpad_desc().get_size() > 0) {
+      args.push_back({DNNL_ARG_SCRATCHPAD, InSlot(kScratchpad, pd.scratchpad_desc())});
+    }
+    const char* impl = pd.impl_info_str();
     for (const auto& [arg, operand] : args) {
       if (operand.slot >= 0) {
         plan.slot_bytes[operand.slot] = std::max(plan.slot_bytes[operand.slot], operand.desc.get_size());
@@ -269,7 +287,7 @@ struct OnednnNet::Impl {
     memory::desc out = dst ? *dst : memory::desc({n, w[0], out_side, out_side}, spec.dst_type, spec.src_type == dt::s8 ? tag::any : act_tag);
     dnnl::post_ops ops;
     if (spec.sum) ops.append_sum(1.f);
-    dnnl::primitive_attr attr;
+    dnnl::primitive_attr attr = PlanAttr();
     attr.set_post_ops(ops);
     if (!spec.output_scales.empty()) attr.set_output_scales(1 << 1, spec.output_scales);
     auto make = [&](dnnl::algorithm alg, const memory::desc& weights) {
@@ -313,15 +331,15 @@ struct OnednnNet::Impl {
         {DNNL_ARG_WEIGHTS, Fixed(Weights(c.weight, pd.weights_desc(), s8 ? &c.weight_scales : nullptr))},
         {DNNL_ARG_BIAS, Fixed(spec.int8_bias ? Int8Bias(c) : PlainMemory(c.bias))},
         {DNNL_ARG_DST, InSlot(dst_slot, pd.dst_desc())}};
-    Add(plan, dnnl::convolution_forward(pd), pd.impl_info_str(), std::move(args), what,
+    Add(plan, pd, dnnl::convolution_forward(pd), std::move(args), what,
         c.prelu.values.empty() ? probe : -1);
     if (!c.prelu.values.empty()) {
       // In place. oneDNN 2.6's fast convolutions take no PReLU post-op (with one, only the
       // reference convolution is left: 100× slower), so it is a pass of its own.
       dnnl::prelu_forward::desc d(dnnl::prop_kind::forward_inference, pd.dst_desc(),
                                   memory::desc(c.prelu.dims, dt::f32, tag::any));
-      dnnl::prelu_forward::primitive_desc ppd(d, cpu);
-      Add(plan, dnnl::prelu_forward(ppd), ppd.impl_info_str(),
+      dnnl::prelu_forward::primitive_desc ppd(d, PlanAttr(), cpu);
+      Add(plan, ppd, dnnl::prelu_forward(ppd),
           {{DNNL_ARG_SRC, InSlot(dst_slot, pd.dst_desc())},
            {DNNL_ARG_WEIGHTS, Fixed(Weights(c.prelu, ppd.weights_desc(), nullptr))},
            {DNNL_ARG_DST, InSlot(dst_slot, pd.dst_desc())}},
@@ -348,8 +366,8 @@ struct OnednnNet::Impl {
                          const std::string& what) {
     if (have == want) return slot;
     const int scratch = slot == kStemInput ? kBlockIn : kStemInput;
-    dnnl::reorder::primitive_desc pd(cpu, have, cpu, want);
-    Add(plan, dnnl::reorder(pd), pd.impl_info_str(),
+    dnnl::reorder::primitive_desc pd(cpu, have, cpu, want, PlanAttr());
+    Add(plan, pd, dnnl::reorder(pd),
         {{DNNL_ARG_FROM, InSlot(slot, have)}, {DNNL_ARG_TO, InSlot(scratch, want)}},
         what + ".reorder");
     return scratch;
@@ -419,9 +437,9 @@ struct OnednnNet::Impl {
     dnnl::inner_product_forward::desc d(dnnl::prop_kind::forward_inference, x, w_any,
                                         memory::desc(head_bias.dims, dt::f32, tag::a),
                                         plan.output_desc);
-    dnnl::inner_product_forward::primitive_desc pd(d, cpu);
+    dnnl::inner_product_forward::primitive_desc pd(d, PlanAttr(), cpu);
     const int src = AddReorderIfNeeded(plan, residual, x, pd.src_desc(), "head");
-    Add(plan, dnnl::inner_product_forward(pd), pd.impl_info_str(),
+    Add(plan, pd, dnnl::inner_product_forward(pd),
         {{DNNL_ARG_SRC, InSlot(src, pd.src_desc())},
          {DNNL_ARG_WEIGHTS, Fixed(Weights(head_weight, pd.weights_desc(), nullptr))},
          {DNNL_ARG_BIAS, Fixed(PlainMemory(head_bias))},
@@ -441,11 +459,11 @@ struct OnednnNet::Impl {
     const memory::desc per_channel(scale.dims, dt::f32, src == blocked ? tag::aBcd16b : tag::abcd);
     dnnl::post_ops ops;
     ops.append_binary(dnnl::algorithm::binary_add, per_channel);
-    dnnl::primitive_attr attr;
+    dnnl::primitive_attr attr = PlanAttr();
     attr.set_post_ops(ops);
     dnnl::binary::desc d(dnnl::algorithm::binary_mul, src, per_channel, dst);
     dnnl::binary::primitive_desc pd(d, attr, cpu);
-    Add(plan, dnnl::binary(pd), pd.impl_info_str(),
+    Add(plan, pd, dnnl::binary(pd),
         {{DNNL_ARG_SRC_0, InSlot(src_slot, src)},
          {DNNL_ARG_SRC_1, Fixed(memory(per_channel, cpu, const_cast<float*>(scale.values.data())))},
          {DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,

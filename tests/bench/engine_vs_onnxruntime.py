@@ -15,6 +15,8 @@ import os
 import subprocess
 import sys
 
+from cpuinfo import cpu_model
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -33,16 +35,6 @@ VARIANTS = {
     "bf16": ["--precision", "bf16"],
     "int8": ["--precision", "int8"],
 }
-
-
-def cpu_model():
-    """'<model name> (family F, model M)' from /proc/cpuinfo: ratios hold only for that CPU."""
-    info = {}
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
 
 
 def main():

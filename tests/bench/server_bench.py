@@ -29,6 +29,8 @@ import urllib.request
 
 import numpy as np
 
+from cpuinfo import cpu_model
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -221,7 +223,8 @@ def main():
           f"{args.max_batch_size}, max delay {args.max_queue_delay_us} us, {args.seconds:g} s per row; "
           f"offline: engine_bench at batch {args.offline_batch} (best) before each round's rows; "
           f"'other CPU': CPU time of processes other than the server, the callers and engine_bench "
-          f"during the offline / server measurement, in cores (the machine is shared)")
+          f"during the offline / server measurement, in cores (the machine is shared); "
+          f"CPU: {cpu_model()}")
     print("| round | callers | faces/req | faces/s | offline | / offline | p50 ms | p99 ms | errors "
           "| mean batch | model ms/face | model idle ms | staged ahead | stage ms | post ms | pre ms "
           "| client CPU ms/req | other CPU |")

@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <gmock/gmock.h>
@@ -219,6 +220,32 @@ TEST_F(EngineGoldenTest, MatchesOnnxRuntime) {
       ExpectMatches(std::string("onnxruntime ") + model + "/" + cases[i]->name,
                     out.values.data() + i * kEmbeddingDim,
                     ort.at(cases[i]->name).get<std::vector<float>>(), cases[i]->exact);
+    }
+  }
+}
+
+// The server builds and warms up the engine on a thread that exits, then runs it on its model
+// thread: the warm-up batch size's plan must not depend on the thread that made it (oneDNN's
+// library-managed scratchpad is thread-local; with it this crashed).
+TEST_F(EngineGoldenTest, RunsOnAnotherThreadThanTheOneThatBuiltIt) {
+  auto cases = CasesOf("r50");
+  cases.resize(8);
+  for (const Precision precision : {Precision::kFp32, Precision::kInt8}) {
+    EngineOptions options;
+    options.precision = precision;
+    options.warmup_batch_size = static_cast<int>(cases.size());
+    absl::StatusOr<std::unique_ptr<Engine>> engine = absl::UnknownError("not built");
+    std::thread([&] { engine = Engine::Create(checkpoints_->at("r50"), options); }).join();
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    std::vector<uint8_t> buffer;
+    for (const auto* c : cases) buffer.insert(buffer.end(), c->crop.begin(), c->crop.end());
+    absl::StatusOr<EmbeddingBatch> out;
+    std::thread([&] { out = (*engine)->Run(buffer); }).join();
+    ASSERT_TRUE(out.ok()) << out.status();
+    for (size_t i = 0; i < cases.size(); ++i) {
+      EXPECT_GE(Compare(out->values.data() + i * kEmbeddingDim, cases[i]->embedding).cosine,
+                precision == Precision::kFp32 ? 0.99999 : 0.995)
+          << PrecisionName(precision) << " " << cases[i]->name;
     }
   }
 }
