@@ -3,16 +3,20 @@
 // Exit status: 0 after a drain (or --help/--version), 2 for a bad flag or a value that cannot be
 // served, 1 when the machine failed; the life cycle and its rules are server/app/server.h's.
 #include <iostream>
+#include <string>
 
 #include <spdlog/spdlog.h>
 
 #include "absl/status/status.h"
 #include "server/app/server.h"
 #include "server/app/stop_signals.h"
+#include "server/engine/openmp_env.h"
 #include "server/service/logging.h"
 #include "server/service/server_config.h"
 
 int main(int argc, char** argv) {
+  // May re-execute the program (openmp_env.h), so before anything else.
+  const std::string openmp = arcface::engine::ApplyOpenMpDefaults(argv);
   arcface::app::BlockStopSignals();  // before any thread exists (stop_signals.h)
   arcface::service::ParsedFlags parsed =
       arcface::service::ParseServerFlags(argc, argv, std::cout, std::cerr);
@@ -23,6 +27,7 @@ int main(int argc, char** argv) {
     std::cerr << "arcface-server: " << s.message() << "\n";
     return 2;
   }
+  spdlog::info("{}", openmp);
   arcface::app::Server server(parsed.config);
   const int code = server.Run(arcface::app::WatchStopSignals());
   spdlog::default_logger()->flush();

@@ -1,0 +1,28 @@
+// ApplyOpenMpDefaults: the OpenMP waiting the CPU engine needs, for a process that did not choose
+// its own.
+//
+// oneDNN runs each primitive as an OpenMP parallel region, about 130 of them in a forward pass.
+// With libgomp's default waiting its team threads reach each region late: the fp32 forward pass
+// ran 10–20 % slower than with OMP_WAIT_POLICY=active, in the server and offline alike
+// (docs/PERFORMANCE.md). Active waiting with a bounded spin (GOMP_SPINCOUNT=100000) keeps that
+// speed and still lets idle threads sleep: an idle server used no CPU over 5 s.
+//
+// Contract
+// - libgomp reads both variables when it is loaded, before main(); so when neither is set, this
+//   sets both and re-executes the program (/proc/self/exe, same argv and pid) and never
+//   returns. Otherwise it returns a line for the start-up log saying what is in effect.
+// - Call it first thing in main(), before any thread of the program's own exists (an exec ends
+//   all threads). If the re-exec fails, it returns and the process runs with libgomp's defaults;
+//   the returned line says so. ARCFACE_OPENMP_DEFAULTS=0 skips it.
+#ifndef ARCFACE_SERVER_ENGINE_OPENMP_ENV_H_
+#define ARCFACE_SERVER_ENGINE_OPENMP_ENV_H_
+
+#include <string>
+
+namespace arcface::engine {
+
+std::string ApplyOpenMpDefaults(char** argv);
+
+}  // namespace arcface::engine
+
+#endif  // ARCFACE_SERVER_ENGINE_OPENMP_ENV_H_
