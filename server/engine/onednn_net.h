@@ -15,7 +15,7 @@
 //   INVALID_ARGUMENT for a precision this CPU cannot run (bf16 needs AVX512-BF16, int8
 //   AVX-512), INTERNAL for a oneDNN failure (its message included).
 // - Run() takes n uint8 RGB crops (HWC, 112×112), normalizes them as (x − 127.5) / 127.5 and
-//   writes n × 512 raw float embeddings, in chunks of at most max_chunk faces. The plan of a
+//   writes n × 512 raw float embeddings; above max_chunk faces in chunks of max_chunk. The plan of a
 //   chunk size is built on its first use (tens of milliseconds: oneDNN JIT-compiles its
 //   kernels) and kept; the activation arenas are sized for the largest chunk seen so far.
 // - Precisions: fp32; bf16 (bf16 weights and activations, f32 accumulation, the residual
@@ -55,9 +55,10 @@ class OnednnNet {
     int threads = 0;       // OpenMP threads for Run(); 0 leaves OpenMP's default
     int warmup_batch = 8;  // 0 skips the warm-up
     bool winograd = false; // 3×3 stride-1 convolutions by Winograd F(4,3) where oneDNN has it
-    // Larger batches run as balanced chunks of at most this many faces, so at most max_chunk
-    // plans and arenas for max_chunk faces exist (each plan holds JIT code and, for Winograd,
-    // weights transformed for its batch size). On 2 cores throughput is flat from 8 faces up.
+    // Larger batches run as chunks of exactly this many faces (the last one padded), so at most
+    // max_chunk plans and arenas for max_chunk faces exist (each plan holds JIT code and, for
+    // Winograd, weights transformed for its batch size). On 2 cores throughput is flat from 8
+    // faces up.
     int max_chunk = 8;
     // int8: the activation scales; null runs Calibrate() at load time on the 16 real face
     // crops compiled into the binary (int8_calibration/crops.h), about a second.
