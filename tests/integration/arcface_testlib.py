@@ -336,9 +336,11 @@ class ServerProcess:
             os.unlink(self.port_file)
         self._log = open(self.log_path, "wb")
         env = dict(os.environ)
-        # Only the flags given here configure the server.
+        # Only the flags given here configure the server (and its OpenMP waiting: its own
+        # defaults unless a test sets them).
         for k in list(env):
-            if k.startswith("ARCFACE_") and k not in ("ARCFACE_SERVER_BIN",):
+            if (k.startswith("ARCFACE_") and k not in ("ARCFACE_SERVER_BIN",)) or k in (
+                    "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
                 del env[k]
         env.update(self.env or {})
         self.proc = subprocess.Popen(orphan_guarded(self.command()), stdout=self._log,

@@ -342,7 +342,8 @@ def test_startup_summary_logged(r50_server, goldens):
     sha = lib.sha256_file(goldens.model_path("r50"))
     for needle in [sha, f"arcface-r50@{sha[:12]}", goldens.model_path("r50"), "cpu", "fp32",
                    f"127.0.0.1:{r50_server.grpc_port}", f"127.0.0.1:{r50_server.http_port}",
-                   f"max batch {lib.R50_MAX_BATCH}"]:
+                   f"max batch {lib.R50_MAX_BATCH}", "backend onednn, winograd",
+                   "OpenMP: OMP_WAIT_POLICY=active GOMP_SPINCOUNT=100000"]:
         assert needle in log, f"{needle!r} not in the start-up log:\n{log[-3000:]}"
 
 
@@ -379,6 +380,23 @@ def test_two_batches_in_flight_answer_the_goldens(r50_server, start_server, gold
         for n, emb in zip(order, resp.embeddings):
             case = goldens.cases[n]
             lib.check_embedding(emb, goldens.embedding(case), case["tolerance"], n)
+
+
+def test_direct_convolutions_and_own_openmp_settings(start_server, goldens):
+    """--no-cpu-winograd runs the direct kernels, still exact to the reference; OpenMP settings
+    the caller chose are kept (no re-execution), and the log says which are in effect."""
+    server = start_server([
+        "--weights", goldens.model_path("r50"), "--no-cpu-winograd",
+        "--device", "cpu", "--threads", str(lib.THREADS), "--max-batch-size", "4",
+    ], name="r50_direct", env={"OMP_WAIT_POLICY": "passive"})
+    log = server.log_text()
+    assert "backend onednn threads" in log and "winograd" not in log, log[-2000:]
+    assert "OpenMP: OMP_WAIT_POLICY=passive GOMP_SPINCOUNT=(unset)" in log, log[-2000:]
+    names = ["crop_face_like_5", "crop_gaussian_1", "whole_single_face"]
+    resp = server.embed([goldens.face(goldens.cases[n]) for n in names])
+    for n, emb in zip(names, resp.embeddings):
+        case = goldens.cases[n]
+        lib.check_embedding(emb, goldens.embedding(case), case["tolerance"], n)
 
 
 def test_int8_server(start_server, goldens):
