@@ -234,7 +234,7 @@ TEST(ServerFlags, BadValuesExitTwoNamingTheFlag) {
       {{"--demo-weights", "--max-message-bytes", "10"}, "--max-message-bytes"},
       {{"--demo-weights", "--max-image-pixels", "0"}, "--max-image-pixels"},
       {{"--demo-weights", "--device", "gpu"}, "--device"},
-      {{"--demo-weights", "--precision", "int8"}, "--precision"},
+      {{"--demo-weights", "--precision", "int4"}, "--precision"},
       {{"--demo-weights", "--threads", "-2"}, "--threads"},
       {{"--demo-weights", "--preprocess-queue", "-1"}, "--preprocess-queue"},
       {{"--demo-weights", "--drain-timeout", "soon"}, "--drain-timeout"},
