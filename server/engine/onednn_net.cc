@@ -4,12 +4,11 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <oneapi/dnnl/dnnl.hpp>
 #include <optional>
 #include <tuple>
 #include <unordered_map>
 #include <utility>
-
-#include <oneapi/dnnl/dnnl.hpp>
 
 #include "absl/strings/str_cat.h"
 #include "server/engine/int8_calibration/crops.h"
@@ -65,9 +64,6 @@ struct Block {
   std::vector<float> k_mid;
 };
 
-// `conv` with input channel c divided by k[c], its per-output-channel weight scales redone.
-Conv DivideInputChannels(const Conv& conv, const std::vector<float>& k);
-
 const std::vector<float>& Tensor(const model::Checkpoint& ckpt, const std::string& key) {
   // The checkpoint was validated against ExpectedShapes when it was loaded.
   return ckpt.tensors.at(key).values;
@@ -119,6 +115,7 @@ Conv MakeConv(const model::Checkpoint& ckpt, const std::string& prefix, int64_t 
   return conv;
 }
 
+// `conv` with input channel c divided by k[c], its per-output-channel weight scales redone.
 Conv DivideInputChannels(const Conv& conv, const std::vector<float>& k) {
   Conv out = conv;
   const memory::dims& d = conv.weight.dims;
@@ -159,7 +156,13 @@ std::pair<PlainTensor, PlainTensor> FoldHead(const model::Checkpoint& ckpt) {
 // The activation buffers of a plan. Each step names the slots it reads and writes; the arenas
 // behind the slots are shared by all plans and grow to the largest batch.
 enum Slot {
-  kInput, kStemInput, kResidualA, kResidualB, kBlockIn, kBlockMid, kOutput,
+  kInput,
+  kStemInput,
+  kResidualA,
+  kResidualB,
+  kBlockIn,
+  kBlockMid,
+  kOutput,
   kScratchpad,  // the primitives' temporary memory (one at a time runs)
   kSlots
 };
@@ -175,17 +178,16 @@ dnnl::primitive_attr PlanAttr() {
 }
 
 struct Operand {
-  int slot = -1;         // an arena, or -1 for a fixed memory (weights)
-  memory::desc desc;     // the slot's layout for this step
+  int slot = -1;      // an arena, or -1 for a fixed memory (weights)
+  memory::desc desc;  // the slot's layout for this step
   memory fixed;
 };
 
 struct Step {
   dnnl::primitive primitive;
   std::vector<std::pair<int, Operand>> args;
-  std::string what;      // e.g. "layer3.7.conv2"
-  std::string impl;      // oneDNN's implementation name
-  int probe = -1;        // calibration: index into the probed tensors, output is DST
+  std::string what;  // e.g. "block12.conv2" (for error messages and debugging)
+  int probe = -1;    // calibration: index into the probed tensors, output is DST
 };
 
 struct Plan {
@@ -197,9 +199,12 @@ struct Plan {
 
 dt QuantizedType(Precision precision) {
   switch (precision) {
-    case Precision::kBf16: return dt::bf16;
-    case Precision::kInt8: return dt::s8;
-    default: return dt::f32;
+    case Precision::kBf16:
+      return dt::bf16;
+    case Precision::kInt8:
+      return dt::s8;
+    default:
+      return dt::f32;
   }
 }
 
@@ -227,6 +232,7 @@ struct OnednnNet::Impl {
   std::array<std::vector<char>, kSlots> arenas;
   // Calibration: the largest |x| of each channel of each probed tensor.
   std::vector<std::vector<float>> probe_max;
+  const std::string* running = nullptr;  // the step Execute() is in, for error messages
 
   memory PlainMemory(const PlainTensor& t) {
     const tag plain = t.dims.size() == 1 ? tag::a : t.dims.size() == 2 ? tag::ab : tag::abcd;
@@ -258,13 +264,13 @@ struct OnednnNet::Impl {
     if (pd.scratchpad_desc().get_size() > 0) {
       args.push_back({DNNL_ARG_SCRATCHPAD, InSlot(kScratchpad, pd.scratchpad_desc())});
     }
-    const char* impl = pd.impl_info_str();
     for (const auto& [arg, operand] : args) {
       if (operand.slot >= 0) {
-        plan.slot_bytes[operand.slot] = std::max(plan.slot_bytes[operand.slot], operand.desc.get_size());
+        plan.slot_bytes[operand.slot] =
+            std::max(plan.slot_bytes[operand.slot], operand.desc.get_size());
       }
     }
-    plan.steps.push_back(Step{std::move(primitive), std::move(args), std::move(what), impl, probe});
+    plan.steps.push_back(Step{std::move(primitive), std::move(args), std::move(what), probe});
   }
 
   struct ConvSpec {
@@ -284,7 +290,9 @@ struct OnednnNet::Impl {
     const int64_t out_side = (side + 2 * c.pad - w[2]) / c.stride + 1;
     const tag t = spec.src_type == dt::s8 || w[1] == 3 ? tag::any : act_tag;
     memory::desc src({n, w[1], side, side}, spec.src_type, t);
-    memory::desc out = dst ? *dst : memory::desc({n, w[0], out_side, out_side}, spec.dst_type, spec.src_type == dt::s8 ? tag::any : act_tag);
+    memory::desc out = dst ? *dst
+                           : memory::desc({n, w[0], out_side, out_side}, spec.dst_type,
+                                          spec.src_type == dt::s8 ? tag::any : act_tag);
     dnnl::post_ops ops;
     if (spec.sum) ops.append_sum(1.f);
     dnnl::primitive_attr attr = PlanAttr();
@@ -298,16 +306,6 @@ struct OnednnNet::Impl {
     };
     const memory::desc any_weights(w, spec.weight_type, tag::any);
     if (winograd && w[2] == 3 && c.stride == 1 && spec.src_type == dt::f32) {
-      // Winograd's weights (transformed, 4× the size) take a layout that depends on the batch
-      // size when left to the kernel; reusing the layout of another batch size's plan, where the
-      // kernel accepts it, keeps one copy per convolution (else 110 MB more per plan).
-      for (const auto& [desc, mem] : reordered[&c.weight]) {
-        try {
-          return make(dnnl::algorithm::convolution_winograd, desc);
-        } catch (const dnnl::error&) {
-          // That layout does not fit this batch size's kernel: try the next, then a new one.
-        }
-      }
       try {
         return make(dnnl::algorithm::convolution_winograd, any_weights);
       } catch (const dnnl::error&) {
@@ -328,7 +326,8 @@ struct OnednnNet::Impl {
     const bool s8 = spec.weight_type == dt::s8;
     std::vector<std::pair<int, Operand>> args = {
         {DNNL_ARG_SRC, InSlot(from, pd.src_desc())},
-        {DNNL_ARG_WEIGHTS, Fixed(Weights(c.weight, pd.weights_desc(), s8 ? &c.weight_scales : nullptr))},
+        {DNNL_ARG_WEIGHTS,
+         Fixed(Weights(c.weight, pd.weights_desc(), s8 ? &c.weight_scales : nullptr))},
         {DNNL_ARG_BIAS, Fixed(spec.int8_bias ? Int8Bias(c) : PlainMemory(c.bias))},
         {DNNL_ARG_DST, InSlot(dst_slot, pd.dst_desc())}};
     Add(plan, pd, dnnl::convolution_forward(pd), std::move(args), what,
@@ -386,7 +385,8 @@ struct OnednnNet::Impl {
     // Stem: f32 whatever the precision (3 input channels: 2 % of the work).
     ConvSpec stem_spec{&stem, dt::f32, dt::f32, dt::f32, false, {}, false};
     memory::desc x = AddConv(
-        plan, stem_spec, ConvPd(stem_spec, n, model::kCropSize, residual_layout(kStageWidths[0], model::kCropSize)),
+        plan, stem_spec,
+        ConvPd(stem_spec, n, model::kCropSize, residual_layout(kStageWidths[0], model::kCropSize)),
         kInput, plan.input_desc, kResidualA, "stem");
     int residual = kResidualA;
     for (size_t b = 0; b < blocks.size(); ++b) {
@@ -411,8 +411,9 @@ struct OnednnNet::Impl {
       // reorder gives conv1 its layout; for int8 it writes conv1's s8 input directly.
       auto conv1_pd = ConvPd(conv1, n, side, std::nullopt);
       const memory::desc bn1_out = int8 ? conv1_pd.src_desc() : x;
-      AddScaleShift(plan, int8 ? blk.q_bn_scale : blk.bn_scale, int8 ? blk.q_bn_shift : blk.bn_shift,
-                    residual, x, bn1_out, name + ".bn1", Probe(2 * b));
+      AddScaleShift(plan, int8 ? blk.q_bn_scale : blk.bn_scale,
+                    int8 ? blk.q_bn_shift : blk.bn_shift, residual, x, bn1_out, name + ".bn1",
+                    Probe(2 * b));
       memory::desc u = AddConv(plan, conv1, conv1_pd, kBlockIn, bn1_out, kBlockMid, name + ".conv1",
                                Probe(2 * b + 1));
       // The shortcut: the input itself, or a strided 1×1 convolution of it (f32) into the
@@ -534,7 +535,8 @@ struct OnednnNet::Impl {
     max_abs.resize(channels, 0.f);
     const float* v = static_cast<const float*>(plain.get_data_handle());
     const size_t count = plain.get_desc().get_size() / sizeof(float);
-    for (size_t i = 0; i < count; ++i) max_abs[i % channels] = std::max(max_abs[i % channels], std::abs(v[i]));
+    for (size_t i = 0; i < count; ++i)
+      max_abs[i % channels] = std::max(max_abs[i % channels], std::abs(v[i]));
   }
 
   static void* Aligned(std::vector<char>& arena) {
@@ -554,8 +556,9 @@ struct OnednnNet::Impl {
       return;
     }
     for (int first = 0; first < n; first += max_chunk) {
-      Execute(crops + static_cast<size_t>(first) * model::kCropBytes, std::min(max_chunk, n - first),
-              max_chunk, embeddings + static_cast<size_t>(first) * model::kEmbeddingDim);
+      Execute(crops + static_cast<size_t>(first) * model::kCropBytes,
+              std::min(max_chunk, n - first), max_chunk,
+              embeddings + static_cast<size_t>(first) * model::kEmbeddingDim);
     }
   }
 
@@ -573,14 +576,17 @@ struct OnednnNet::Impl {
     for (const Step& step : plan.steps) {
       std::unordered_map<int, memory> args;
       for (const auto& [arg, operand] : step.args) {
-        args.emplace(arg, operand.slot < 0 ? operand.fixed
-                                           : memory(operand.desc, cpu, Aligned(arenas[operand.slot])));
+        args.emplace(arg, operand.slot < 0
+                              ? operand.fixed
+                              : memory(operand.desc, cpu, Aligned(arenas[operand.slot])));
       }
+      running = &step.what;
       step.primitive.execute(stream, args);
       if (step.probe >= 0) RecordChannelMax(args.at(DNNL_ARG_DST), probe_max[step.probe]);
     }
     stream.wait();
-    std::memcpy(embeddings, Aligned(arenas[kOutput]), static_cast<size_t>(n) * model::kEmbeddingDim * sizeof(float));
+    std::memcpy(embeddings, Aligned(arenas[kOutput]),
+                static_cast<size_t>(n) * model::kEmbeddingDim * sizeof(float));
   }
 };
 
@@ -590,12 +596,18 @@ OnednnNet::~OnednnNet() = default;
 std::string CpuLacksFor(Precision precision) {
   __builtin_cpu_init();
   switch (precision) {
-    case Precision::kFp32: return "";
+    case Precision::kFp32:
+      return "";
     case Precision::kBf16:
-      return __builtin_cpu_supports("avx512bf16") ? "" : "this CPU has no AVX512-BF16 (bf16 needs it on the CPU)";
+      return __builtin_cpu_supports("avx512bf16")
+                 ? ""
+                 : "this CPU has no AVX512-BF16 (bf16 needs it on the CPU)";
     case Precision::kInt8:
-      return __builtin_cpu_supports("avx512bw") ? "" : "this CPU has no AVX-512 (int8 needs AVX512-BW at least)";
-    case Precision::kFp16: return "fp16 is not supported on the CPU; use fp32, bf16 or int8";
+      return __builtin_cpu_supports("avx512bw")
+                 ? ""
+                 : "this CPU has no AVX-512 (int8 needs AVX512-BW at least)";
+    case Precision::kFp16:
+      return "fp16 is not supported on the CPU; use fp32, bf16 or int8";
   }
   return "unknown precision";
 }
@@ -603,7 +615,8 @@ std::string CpuLacksFor(Precision precision) {
 absl::StatusOr<std::unique_ptr<OnednnNet>> OnednnNet::Create(const model::Checkpoint& checkpoint,
                                                              const Options& options) {
   if (std::string lacks = CpuLacksFor(options.precision); !lacks.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat("precision ", PrecisionName(options.precision), ": ", lacks));
+    return absl::InvalidArgumentError(
+        absl::StrCat("precision ", PrecisionName(options.precision), ": ", lacks));
   }
   auto impl = std::make_unique<Impl>();
   impl->precision = options.precision;
@@ -641,8 +654,10 @@ absl::StatusOr<std::unique_ptr<OnednnNet>> OnednnNet::Create(const model::Checkp
         blk.channels = kStageWidths[stage];
         blk.stride = i == 0 ? 2 : 1;
         auto [scale, shift] = BatchNormAffine(checkpoint, p + ".bn1");
-        blk.bn_scale = Plain({1, blk.in_channels, 1, 1}, std::vector<float>(scale.begin(), scale.end()));
-        blk.bn_shift = Plain({1, blk.in_channels, 1, 1}, std::vector<float>(shift.begin(), shift.end()));
+        blk.bn_scale =
+            Plain({1, blk.in_channels, 1, 1}, std::vector<float>(scale.begin(), scale.end()));
+        blk.bn_shift =
+            Plain({1, blk.in_channels, 1, 1}, std::vector<float>(shift.begin(), shift.end()));
         blk.conv1 = MakeConv(checkpoint, p + ".conv1", 1, p + ".prelu.weight");
         blk.conv2 = MakeConv(checkpoint, p + ".conv2", blk.stride, "");
         if (i == 0) blk.downsample = MakeConv(checkpoint, p + ".downsample", blk.stride, "");
@@ -653,8 +668,10 @@ absl::StatusOr<std::unique_ptr<OnednnNet>> OnednnNet::Create(const model::Checkp
     std::tie(impl->head_weight, impl->head_bias) = FoldHead(checkpoint);
     if (options.precision == Precision::kInt8) {
       for (size_t b = 0; b < impl->blocks.size(); ++b) {
-        if (impl->calibration.block_input_max[b].size() != static_cast<size_t>(impl->blocks[b].in_channels) ||
-            impl->calibration.block_mid_max[b].size() != static_cast<size_t>(impl->blocks[b].channels)) {
+        if (impl->calibration.block_input_max[b].size() !=
+                static_cast<size_t>(impl->blocks[b].in_channels) ||
+            impl->calibration.block_mid_max[b].size() !=
+                static_cast<size_t>(impl->blocks[b].channels)) {
           return absl::InvalidArgumentError(
               absl::StrCat("the int8 calibration's block ", b, " has the wrong channel count"));
         }
@@ -667,23 +684,27 @@ absl::StatusOr<std::unique_ptr<OnednnNet>> OnednnNet::Create(const model::Checkp
       impl->RunChunked(zeros.data(), options.warmup_batch, out.data());
     }
   } catch (const dnnl::error& e) {
-    return absl::InternalError(absl::StrCat("oneDNN could not build the ", PrecisionName(options.precision),
-                                            " network: ", e.what()));
+    return absl::InternalError(absl::StrCat(
+        "oneDNN could not build the ", PrecisionName(options.precision), " network: ", e.what()));
   }
   return std::unique_ptr<OnednnNet>(new OnednnNet(std::move(impl)));
 }
 
 absl::Status OnednnNet::Run(const uint8_t* crops, int n, float* embeddings) {
   try {
+    impl_->running = nullptr;
     impl_->RunChunked(crops, n, embeddings);
   } catch (const dnnl::error& e) {
-    return absl::InternalError(absl::StrCat("oneDNN forward pass of batch ", n, " failed: ", e.what()));
+    return absl::InternalError(absl::StrCat("oneDNN forward pass of batch ", n, " failed",
+                                            impl_->running ? " at " + *impl_->running : "", ": ",
+                                            e.what()));
   }
   return absl::OkStatus();
 }
 
 absl::StatusOr<Int8Calibration> OnednnNet::Calibrate(const model::Checkpoint& checkpoint,
-                                                     const std::vector<uint8_t>& crops, int threads) {
+                                                     const std::vector<uint8_t>& crops,
+                                                     int threads) {
   const int n = static_cast<int>(crops.size() / model::kCropBytes);
   if (n == 0 || crops.size() % model::kCropBytes != 0) {
     return absl::InvalidArgumentError(
@@ -699,7 +720,8 @@ absl::StatusOr<Int8Calibration> OnednnNet::Calibrate(const model::Checkpoint& ch
   std::vector<float> out(static_cast<size_t>(model::kEmbeddingDim) * 8);
   for (int first = 0; first < n; first += 8) {
     const int count = std::min(8, n - first);
-    if (absl::Status s = (*net)->Run(crops.data() + first * model::kCropBytes, count, out.data()); !s.ok()) {
+    if (absl::Status s = (*net)->Run(crops.data() + first * model::kCropBytes, count, out.data());
+        !s.ok()) {
       return s;
     }
   }
@@ -709,16 +731,6 @@ absl::StatusOr<Int8Calibration> OnednnNet::Calibrate(const model::Checkpoint& ch
     calibration.block_mid_max.push_back(impl.probe_max[2 * b + 1]);
   }
   return calibration;
-}
-
-absl::StatusOr<std::vector<std::string>> OnednnNet::Describe(int batch) {
-  std::vector<std::string> lines;
-  try {
-    for (const Step& step : impl_->PlanFor(batch).steps) lines.push_back(step.what + ": " + step.impl);
-  } catch (const dnnl::error& e) {
-    return absl::InternalError(absl::StrCat("oneDNN could not build the plan of batch ", batch, ": ", e.what()));
-  }
-  return lines;
 }
 
 }  // namespace arcface::engine

@@ -15,9 +15,9 @@
 //   INVALID_ARGUMENT for a precision this CPU cannot run (bf16 needs AVX512-BF16, int8
 //   AVX-512), INTERNAL for a oneDNN failure (its message included).
 // - Run() takes n uint8 RGB crops (HWC, 112×112), normalizes them as (x − 127.5) / 127.5 and
-//   writes n × 512 raw float embeddings; above max_chunk faces in chunks of max_chunk. The plan of a
-//   chunk size is built on its first use (tens of milliseconds: oneDNN JIT-compiles its
-//   kernels) and kept; the activation arenas are sized for the largest chunk seen so far.
+//   writes n × 512 raw float embeddings; above max_chunk faces in chunks of max_chunk. The plan of
+//   a chunk size is built on its first use (tens of milliseconds: oneDNN JIT-compiles its kernels)
+//   and kept; the activation arenas are sized for the largest chunk seen so far.
 // - Precisions: fp32; bf16 (bf16 weights and activations, f32 accumulation, the residual
 //   stream and the head in f32); int8 (s8 weights per output channel, s8 convolution inputs
 //   with per-tensor scales from a calibration, the residual stream, the stem, the shortcut
@@ -45,16 +45,16 @@ namespace arcface::engine {
 // OnednnNet::Calibrate; see docs/PERFORMANCE.md.
 struct Int8Calibration {
   std::vector<std::vector<float>> block_input_max;  // per residual block, per channel: bn1's output
-  std::vector<std::vector<float>> block_mid_max;    // per residual block, per channel: conv1 + PReLU
+  std::vector<std::vector<float>> block_mid_max;  // per residual block, per channel: conv1 + PReLU
 };
 
 class OnednnNet {
  public:
   struct Options {
     Precision precision = Precision::kFp32;
-    int threads = 0;       // OpenMP threads for Run(); 0 leaves OpenMP's default
-    int warmup_batch = 8;  // 0 skips the warm-up
-    bool winograd = false; // 3×3 stride-1 convolutions by Winograd F(4,3) where oneDNN has it
+    int threads = 0;        // OpenMP threads for Run(); 0 leaves OpenMP's default
+    int warmup_batch = 8;   // 0 skips the warm-up
+    bool winograd = false;  // 3×3 stride-1 convolutions by Winograd F(4,3) where oneDNN has it
     // Larger batches run as chunks of exactly this many faces (the last one padded), so at most
     // max_chunk plans and arenas for max_chunk faces exist (each plan holds JIT code and, for
     // Winograd, weights transformed for its batch size). On 2 cores throughput is flat from 8
@@ -77,12 +77,7 @@ class OnednnNet {
   // Runs the fp32 network of `checkpoint` over `crops` and records the activation ranges the
   // int8 path quantizes (the largest magnitude seen at each quantized tensor).
   static absl::StatusOr<Int8Calibration> Calibrate(const model::Checkpoint& checkpoint,
-                                                   const std::vector<uint8_t>& crops,
-                                                   int threads);
-
-  // One line per primitive of the plan of `batch`: its kind and oneDNN's implementation name
-  // (e.g. "brg:avx512_core", "jit:avx512_core_bf16"); builds the plan if needed.
-  absl::StatusOr<std::vector<std::string>> Describe(int batch);
+                                                   const std::vector<uint8_t>& crops, int threads);
 
  private:
   struct Impl;

@@ -16,9 +16,9 @@ extern "C" const uint8_t arcface_int8_calibration_crops_end[];
 namespace arcface::engine {
 
 absl::Span<const uint8_t> Int8CalibrationCrops() {
-  return absl::Span<const uint8_t>(
-      arcface_int8_calibration_crops_begin,
-      static_cast<size_t>(arcface_int8_calibration_crops_end - arcface_int8_calibration_crops_begin));
+  return absl::Span<const uint8_t>(arcface_int8_calibration_crops_begin,
+                                   static_cast<size_t>(arcface_int8_calibration_crops_end -
+                                                       arcface_int8_calibration_crops_begin));
 }
 
 }  // namespace arcface::engine
