@@ -179,7 +179,6 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
     onednn.threads = options.threads;
     onednn.warmup_batch = options.warmup_batch_size;
     onednn.winograd = options.winograd;
-    onednn.calibration = options.int8_calibration;
     absl::StatusOr<std::unique_ptr<OnednnNet>> net = OnednnNet::Create(checkpoint, onednn);
     if (!net.ok()) return net.status();
     impl->onednn = *std::move(net);

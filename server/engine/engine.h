@@ -59,7 +59,6 @@ struct EngineOptions {
   // (ARCFACE_ONEDNN, default ON), else torch.
   std::string cpu_backend;
   bool winograd = true;          // onednn: Winograd 3×3 convolutions (see OnednnNet)
-  const Int8Calibration* int8_calibration = nullptr;  // onednn int8: required
   // CUDA only (validated everywhere, ignored by the CPU):
   int max_batch_size = 512;       // the largest captured graph; larger batches run in pieces
   bool cuda_graphs = true;        // false: run eagerly (for comparison; graphs are faster)

@@ -624,24 +624,12 @@ absl::StatusOr<std::unique_ptr<OnednnNet>> OnednnNet::Create(const model::Checkp
   impl->winograd = options.winograd;
   impl->max_chunk = std::max(1, options.max_chunk);
   if (options.winograd && options.precision == Precision::kFp32) impl->act_tag = tag::aBcd16b;
-  size_t block_count = 0;
-  for (int n : checkpoint.blocks) block_count += static_cast<size_t>(n);
   if (options.precision == Precision::kInt8) {
-    if (options.calibration) {
-      impl->calibration = *options.calibration;
-    } else {
-      const absl::Span<const uint8_t> crops = Int8CalibrationCrops();
-      absl::StatusOr<Int8Calibration> measured =
-          Calibrate(checkpoint, std::vector<uint8_t>(crops.begin(), crops.end()), options.threads);
-      if (!measured.ok()) return measured.status();
-      impl->calibration = *std::move(measured);
-    }
-    if (impl->calibration.block_input_max.size() != block_count ||
-        impl->calibration.block_mid_max.size() != block_count) {
-      return absl::InvalidArgumentError(absl::StrCat("the int8 calibration has ",
-                                                     impl->calibration.block_input_max.size(),
-                                                     " blocks, the network ", block_count));
-    }
+    const absl::Span<const uint8_t> crops = Int8CalibrationCrops();
+    absl::StatusOr<Int8Calibration> measured =
+        Calibrate(checkpoint, std::vector<uint8_t>(crops.begin(), crops.end()), options.threads);
+    if (!measured.ok()) return measured.status();
+    impl->calibration = *std::move(measured);
   }
   try {
     impl->stem = MakeConv(checkpoint, "conv1", 1, "prelu.weight");
@@ -666,18 +654,7 @@ absl::StatusOr<std::unique_ptr<OnednnNet>> OnednnNet::Create(const model::Checkp
       in_channels = kStageWidths[stage];
     }
     std::tie(impl->head_weight, impl->head_bias) = FoldHead(checkpoint);
-    if (options.precision == Precision::kInt8) {
-      for (size_t b = 0; b < impl->blocks.size(); ++b) {
-        if (impl->calibration.block_input_max[b].size() !=
-                static_cast<size_t>(impl->blocks[b].in_channels) ||
-            impl->calibration.block_mid_max[b].size() !=
-                static_cast<size_t>(impl->blocks[b].channels)) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("the int8 calibration's block ", b, " has the wrong channel count"));
-        }
-      }
-      impl->PrepareInt8();
-    }
+    if (options.precision == Precision::kInt8) impl->PrepareInt8();
     if (options.warmup_batch > 0) {
       std::vector<uint8_t> zeros(model::kCropBytes * options.warmup_batch, 0);
       std::vector<float> out(model::kEmbeddingDim * options.warmup_batch);

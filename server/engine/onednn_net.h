@@ -20,8 +20,9 @@
 //   and kept; the activation arenas are sized for the largest chunk seen so far.
 // - Precisions: fp32; bf16 (bf16 weights and activations, f32 accumulation, the residual
 //   stream and the head in f32); int8 (s8 weights per output channel, s8 convolution inputs
-//   with per-tensor scales from a calibration, the residual stream, the stem, the shortcut
-//   convolutions and the head in f32).
+//   with per-channel ranges calibrated at load time on the 16 real face crops compiled into
+//   the binary (int8_calibration/crops.h; about a second), the residual stream, the stem, the
+//   shortcut convolutions and the head in f32).
 // - Threads: oneDNN runs on OpenMP; Run() sets the calling thread's OpenMP team size to
 //   `threads` when it is > 0.
 // - Not thread-safe: one Run() at a time (Engine serializes them). Never throws: oneDNN's
@@ -60,9 +61,6 @@ class OnednnNet {
     // Winograd, weights transformed for its batch size). On 2 cores throughput is flat from 8
     // faces up.
     int max_chunk = 8;
-    // int8: the activation scales; null runs Calibrate() at load time on the 16 real face
-    // crops compiled into the binary (int8_calibration/crops.h), about a second.
-    const Int8Calibration* calibration = nullptr;
   };
 
   static absl::StatusOr<std::unique_ptr<OnednnNet>> Create(const model::Checkpoint& checkpoint,
@@ -74,19 +72,19 @@ class OnednnNet {
   // `crops`: n × 112 × 112 × 3 bytes; `embeddings`: n × 512 floats.
   absl::Status Run(const uint8_t* crops, int n, float* embeddings);
 
+ private:
   // Runs the fp32 network of `checkpoint` over `crops` and records the activation ranges the
-  // int8 path quantizes (the largest magnitude seen at each quantized tensor).
+  // int8 path quantizes (the largest magnitude of each channel at each quantized tensor).
   static absl::StatusOr<Int8Calibration> Calibrate(const model::Checkpoint& checkpoint,
                                                    const std::vector<uint8_t>& crops, int threads);
 
- private:
   struct Impl;
   explicit OnednnNet(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
 
-// Whether this CPU has what `precision` needs on oneDNN: bf16 needs AVX512-BF16 (or AMX),
-// int8 runs everywhere but is only fast with VNNI. Returns an empty string when supported,
+// Whether this CPU has what `precision` needs on oneDNN: bf16 needs AVX512-BF16, int8
+// AVX512-BW (fast only with VNNI). Returns an empty string when supported,
 // else the reason.
 std::string CpuLacksFor(Precision precision);
 
