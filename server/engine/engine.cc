@@ -150,7 +150,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
   if (backend == "onednn" && !BuiltWithOnednn()) {
     return absl::FailedPreconditionError("CPU backend onednn: this build has no oneDNN (ARCFACE_ONEDNN=OFF)");
   }
-  if (device->is_cpu() && backend == "torch" && options.precision == Precision::kInt8) {
+  if (backend == "torch" && options.precision == Precision::kInt8) {
     return absl::InvalidArgumentError("precision int8 needs the onednn CPU backend");
   }
   if (options.threads < 0) {
@@ -181,11 +181,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
     onednn.winograd = options.winograd;
     absl::StatusOr<std::unique_ptr<OnednnNet>> net = OnednnNet::Create(checkpoint, onednn);
     if (!net.ok()) return net.status();
+    const char* name = (*net)->winograd() ? "onednn, winograd" : "onednn";
     impl->onednn = *std::move(net);
-    const bool winograd = options.winograd && options.precision == Precision::kFp32;
     return std::unique_ptr<Engine>(new Engine(std::move(impl), nullptr, 1, "cpu", options.precision,
-                                              checkpoint.arch,
-                                              winograd ? "onednn, winograd" : "onednn"));
+                                              checkpoint.arch, name));
   }
 #endif
   impl->device = *device;

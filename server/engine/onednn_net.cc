@@ -56,11 +56,9 @@ struct Block {
   // int8 only. Each s8 tensor holds its channel c scaled by its own factor k[c] (127 over the
   // channel's calibrated range); the factors are folded into the neighbouring weights, which
   // is exact: the convolutions zero-pad, and zero scaled stays zero; PReLU commutes with a
-  // positive scale. So bn1's scale and shift are multiplied by k_in, conv1's input channels
-  // divided by k_in, conv1's outputs multiplied by k_mid (its output scales), conv2's input
-  // channels divided by k_mid.
-  PlainTensor q_bn_scale, q_bn_shift;
-  Conv q_conv1, q_conv2;
+  // positive scale. So PrepareInt8 multiplies bn1's scale and shift by k_in and divides
+  // conv1's input channels by k_in and conv2's by k_mid; conv1's outputs are multiplied by
+  // k_mid through its output scales.
   std::vector<float> k_mid;
 };
 
@@ -193,8 +191,6 @@ struct Step {
 struct Plan {
   std::vector<Step> steps;
   std::array<size_t, kSlots> slot_bytes{};
-  memory::desc input_desc;   // kInput: n × 3 × 112 × 112 f32, nhwc
-  memory::desc output_desc;  // kOutput: n × 512 f32
 };
 
 dt QuantizedType(Precision precision) {
@@ -213,18 +209,14 @@ dt QuantizedType(Precision precision) {
 struct OnednnNet::Impl {
   Precision precision = Precision::kFp32;
   int threads = 0;
-  bool winograd = false;
+  bool winograd = false;  // fp32 only: the other precisions have no Winograd kernels
   int max_chunk = 8;
-  // Activations' layout: the kernels' choice (nhwc, brgconv), or with Winograd nChw16c
-  // throughout, Winograd's only layout (mixing the two costs a reorder at every block).
-  tag act_tag = tag::any;
   dnnl::engine cpu{dnnl::engine::kind::cpu, 0};
   dnnl::stream stream{cpu};
 
   Conv stem;
   std::vector<Block> blocks;
   PlainTensor head_weight, head_bias;
-  Int8Calibration calibration;  // int8 only
 
   // Reordered weights, one per (tensor, layout, quantization) in use.
   std::map<const void*, std::vector<std::pair<memory::desc, memory>>> reordered;
@@ -288,6 +280,9 @@ struct OnednnNet::Impl {
     const Conv& c = *spec.conv;
     const memory::dims& w = c.weight.dims;
     const int64_t out_side = (side + 2 * c.pad - w[2]) / c.stride + 1;
+    // Activations' layout: the kernels' choice (nhwc, brgconv), or with Winograd nChw16c
+    // throughout, Winograd's only layout (mixing the two costs a reorder at every block).
+    const tag act_tag = winograd ? tag::aBcd16b : tag::any;
     const tag t = spec.src_type == dt::s8 || w[1] == 3 ? tag::any : act_tag;
     memory::desc src({n, w[1], side, side}, spec.src_type, t);
     memory::desc out = dst ? *dst
@@ -305,7 +300,7 @@ struct OnednnNet::Impl {
       return dnnl::convolution_forward::primitive_desc(d, attr, cpu);
     };
     const memory::desc any_weights(w, spec.weight_type, tag::any);
-    if (winograd && w[2] == 3 && c.stride == 1 && spec.src_type == dt::f32) {
+    if (winograd && w[2] == 3 && c.stride == 1) {
       try {
         return make(dnnl::algorithm::convolution_winograd, any_weights);
       } catch (const dnnl::error&) {
@@ -374,12 +369,13 @@ struct OnednnNet::Impl {
 
   Plan Build(int64_t n) {
     Plan plan;
-    const bool int8_net = precision == Precision::kInt8;
-    plan.input_desc = memory::desc({n, 3, model::kCropSize, model::kCropSize}, dt::f32, tag::nhwc);
+    const bool int8 = precision == Precision::kInt8;
+    const dt q = QuantizedType(precision);
+    const memory::desc input({n, 3, model::kCropSize, model::kCropSize}, dt::f32, tag::nhwc);
     // The residual stream stays f32. Its layout is the kernels' choice, except in int8, whose
     // kernels read and write nhwc only.
     auto residual_layout = [&](int64_t channels, int64_t side) -> std::optional<memory::desc> {
-      if (!int8_net) return std::nullopt;
+      if (!int8) return std::nullopt;
       return memory::desc({n, channels, side, side}, dt::f32, tag::nhwc);
     };
     // Stem: f32 whatever the precision (3 input channels: 2 % of the work).
@@ -387,22 +383,20 @@ struct OnednnNet::Impl {
     memory::desc x = AddConv(
         plan, stem_spec,
         ConvPd(stem_spec, n, model::kCropSize, residual_layout(kStageWidths[0], model::kCropSize)),
-        kInput, plan.input_desc, kResidualA, "stem");
+        kInput, input, kResidualA, "stem");
     int residual = kResidualA;
     for (size_t b = 0; b < blocks.size(); ++b) {
       const Block& blk = blocks[b];
       const std::string name = absl::StrCat("block", b);
       const int64_t side = x.dims()[2];
-      const bool int8 = int8_net;
-      const dt q = int8 ? dt::s8 : QuantizedType(precision);
-      ConvSpec conv1{int8 ? &blk.q_conv1 : &blk.conv1, q, q, q, false, {}, int8};
-      ConvSpec conv2{int8 ? &blk.q_conv2 : &blk.conv2, q, q, dt::f32, /*sum=*/true, {}, int8};
+      ConvSpec conv1{&blk.conv1, q, q, q, false, {}, int8};
+      ConvSpec conv2{&blk.conv2, q, q, dt::f32, /*sum=*/true, {}, int8};
       if (int8) {
         conv1.output_scales.resize(blk.channels);
         conv2.output_scales.resize(blk.channels);
         for (int64_t o = 0; o < blk.channels; ++o) {
-          conv1.output_scales[o] = blk.k_mid[o] / blk.q_conv1.weight_scales[o];
-          conv2.output_scales[o] = 1.f / blk.q_conv2.weight_scales[o];
+          conv1.output_scales[o] = blk.k_mid[o] / blk.conv1.weight_scales[o];
+          conv2.output_scales[o] = 1.f / blk.conv2.weight_scales[o];
         }
       }
       // bn1 → conv1: the BatchNorm cannot fold into conv1 (conv1 zero-pads bn1's output, not
@@ -411,8 +405,7 @@ struct OnednnNet::Impl {
       // reorder gives conv1 its layout; for int8 it writes conv1's s8 input directly.
       auto conv1_pd = ConvPd(conv1, n, side, std::nullopt);
       const memory::desc bn1_out = int8 ? conv1_pd.src_desc() : x;
-      AddScaleShift(plan, int8 ? blk.q_bn_scale : blk.bn_scale,
-                    int8 ? blk.q_bn_shift : blk.bn_shift, residual, x, bn1_out, name + ".bn1",
+      AddScaleShift(plan, blk.bn_scale, blk.bn_shift, residual, x, bn1_out, name + ".bn1",
                     Probe(2 * b));
       memory::desc u = AddConv(plan, conv1, conv1_pd, kBlockIn, bn1_out, kBlockMid, name + ".conv1",
                                Probe(2 * b + 1));
@@ -433,18 +426,17 @@ struct OnednnNet::Impl {
       x = out_desc;
     }
     // Head: one inner product over the [512, 7, 7] map (bn2, fc and features folded).
-    plan.output_desc = memory::desc({n, model::kEmbeddingDim}, dt::f32, tag::nc);
+    const memory::desc output({n, model::kEmbeddingDim}, dt::f32, tag::nc);
     memory::desc w_any(head_weight.dims, dt::f32, tag::any);
     dnnl::inner_product_forward::desc d(dnnl::prop_kind::forward_inference, x, w_any,
-                                        memory::desc(head_bias.dims, dt::f32, tag::a),
-                                        plan.output_desc);
+                                        memory::desc(head_bias.dims, dt::f32, tag::a), output);
     dnnl::inner_product_forward::primitive_desc pd(d, PlanAttr(), cpu);
     const int src = AddReorderIfNeeded(plan, residual, x, pd.src_desc(), "head");
     Add(plan, pd, dnnl::inner_product_forward(pd),
         {{DNNL_ARG_SRC, InSlot(src, pd.src_desc())},
          {DNNL_ARG_WEIGHTS, Fixed(Weights(head_weight, pd.weights_desc(), nullptr))},
          {DNNL_ARG_BIAS, Fixed(PlainMemory(head_bias))},
-         {DNNL_ARG_DST, InSlot(kOutput, plan.output_desc)}},
+         {DNNL_ARG_DST, InSlot(kOutput, output)}},
         "head");
     return plan;
   }
@@ -485,24 +477,31 @@ struct OnednnNet::Impl {
     return it->second;
   }
 
-  // Folds the calibrated per-channel ranges into the int8 tensors of every block (see Block)
-  // and drops the f32 convolution weights the int8 plans no longer read.
-  void PrepareInt8() {
+  // Measures the activation ranges the int8 path quantizes by running the fp32 network over
+  // the calibration crops (the largest magnitude of each channel at bn1's and conv1's outputs),
+  // then folds them into every block's tensors (see Block) and switches the net to int8. The
+  // fp32 plans and reordered weights are dropped: they belong to the unscaled tensors.
+  void CalibrateAndPrepareInt8(absl::Span<const uint8_t> crops) {
+    precision = Precision::kFp32;
+    probe_max.assign(2 * blocks.size(), {});
+    const int n = static_cast<int>(crops.size() / model::kCropBytes);
+    std::vector<float> out(static_cast<size_t>(n) * model::kEmbeddingDim);
+    RunChunked(crops.data(), n, out.data());
+    plans.clear();
+    reordered.clear();
     for (size_t b = 0; b < blocks.size(); ++b) {
       Block& blk = blocks[b];
-      const std::vector<float> k_in = ChannelFactors(calibration.block_input_max[b]);
-      blk.k_mid = ChannelFactors(calibration.block_mid_max[b]);
-      blk.q_bn_scale = blk.bn_scale;
-      blk.q_bn_shift = blk.bn_shift;
+      const std::vector<float> k_in = ChannelFactors(probe_max[2 * b]);
+      blk.k_mid = ChannelFactors(probe_max[2 * b + 1]);
       for (size_t c = 0; c < k_in.size(); ++c) {
-        blk.q_bn_scale.values[c] *= k_in[c];
-        blk.q_bn_shift.values[c] *= k_in[c];
+        blk.bn_scale.values[c] *= k_in[c];
+        blk.bn_shift.values[c] *= k_in[c];
       }
-      blk.q_conv1 = DivideInputChannels(blk.conv1, k_in);
-      blk.q_conv2 = DivideInputChannels(blk.conv2, blk.k_mid);
-      blk.conv1 = Conv();
-      blk.conv2 = Conv();
+      blk.conv1 = DivideInputChannels(blk.conv1, k_in);
+      blk.conv2 = DivideInputChannels(blk.conv2, blk.k_mid);
     }
+    probe_max.clear();
+    precision = Precision::kInt8;
   }
 
   // 127 over each channel's quantization range. The range is the geometric mean of the
@@ -593,6 +592,8 @@ struct OnednnNet::Impl {
 OnednnNet::OnednnNet(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 OnednnNet::~OnednnNet() = default;
 
+bool OnednnNet::winograd() const { return impl_->winograd; }
+
 std::string CpuLacksFor(Precision precision) {
   __builtin_cpu_init();
   switch (precision) {
@@ -621,16 +622,8 @@ absl::StatusOr<std::unique_ptr<OnednnNet>> OnednnNet::Create(const model::Checkp
   auto impl = std::make_unique<Impl>();
   impl->precision = options.precision;
   impl->threads = options.threads;
-  impl->winograd = options.winograd;
+  impl->winograd = options.winograd && options.precision == Precision::kFp32;
   impl->max_chunk = std::max(1, options.max_chunk);
-  if (options.winograd && options.precision == Precision::kFp32) impl->act_tag = tag::aBcd16b;
-  if (options.precision == Precision::kInt8) {
-    const absl::Span<const uint8_t> crops = Int8CalibrationCrops();
-    absl::StatusOr<Int8Calibration> measured =
-        Calibrate(checkpoint, std::vector<uint8_t>(crops.begin(), crops.end()), options.threads);
-    if (!measured.ok()) return measured.status();
-    impl->calibration = *std::move(measured);
-  }
   try {
     impl->stem = MakeConv(checkpoint, "conv1", 1, "prelu.weight");
     int64_t in_channels = kStageWidths[0];
@@ -654,7 +647,7 @@ absl::StatusOr<std::unique_ptr<OnednnNet>> OnednnNet::Create(const model::Checkp
       in_channels = kStageWidths[stage];
     }
     std::tie(impl->head_weight, impl->head_bias) = FoldHead(checkpoint);
-    if (options.precision == Precision::kInt8) impl->PrepareInt8();
+    if (options.precision == Precision::kInt8) impl->CalibrateAndPrepareInt8(Int8CalibrationCrops());
     if (options.warmup_batch > 0) {
       std::vector<uint8_t> zeros(model::kCropBytes * options.warmup_batch, 0);
       std::vector<float> out(model::kEmbeddingDim * options.warmup_batch);
@@ -677,37 +670,6 @@ absl::Status OnednnNet::Run(const uint8_t* crops, int n, float* embeddings) {
                                             e.what()));
   }
   return absl::OkStatus();
-}
-
-absl::StatusOr<Int8Calibration> OnednnNet::Calibrate(const model::Checkpoint& checkpoint,
-                                                     const std::vector<uint8_t>& crops,
-                                                     int threads) {
-  const int n = static_cast<int>(crops.size() / model::kCropBytes);
-  if (n == 0 || crops.size() % model::kCropBytes != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("calibration needs whole 112x112x3 crops, got ", crops.size(), " bytes"));
-  }
-  Options options;
-  options.threads = threads;
-  options.warmup_batch = 0;
-  absl::StatusOr<std::unique_ptr<OnednnNet>> net = Create(checkpoint, options);
-  if (!net.ok()) return net.status();
-  Impl& impl = *(*net)->impl_;
-  impl.probe_max.assign(2 * impl.blocks.size(), {});
-  std::vector<float> out(static_cast<size_t>(model::kEmbeddingDim) * 8);
-  for (int first = 0; first < n; first += 8) {
-    const int count = std::min(8, n - first);
-    if (absl::Status s = (*net)->Run(crops.data() + first * model::kCropBytes, count, out.data());
-        !s.ok()) {
-      return s;
-    }
-  }
-  Int8Calibration calibration;
-  for (size_t b = 0; b < impl.blocks.size(); ++b) {
-    calibration.block_input_max.push_back(impl.probe_max[2 * b]);
-    calibration.block_mid_max.push_back(impl.probe_max[2 * b + 1]);
-  }
-  return calibration;
 }
 
 }  // namespace arcface::engine

@@ -41,14 +41,6 @@
 
 namespace arcface::engine {
 
-// The activation ranges of the int8 path: for every convolution input that is quantized, the
-// largest magnitude of each channel seen on the calibration crops. Produced by
-// OnednnNet::Calibrate; see docs/PERFORMANCE.md.
-struct Int8Calibration {
-  std::vector<std::vector<float>> block_input_max;  // per residual block, per channel: bn1's output
-  std::vector<std::vector<float>> block_mid_max;  // per residual block, per channel: conv1 + PReLU
-};
-
 class OnednnNet {
  public:
   struct Options {
@@ -63,6 +55,9 @@ class OnednnNet {
     int max_chunk = 8;
   };
 
+  // Whether the fp32 3×3 stride-1 convolutions run by Winograd (options.winograd, fp32 only).
+  bool winograd() const;
+
   static absl::StatusOr<std::unique_ptr<OnednnNet>> Create(const model::Checkpoint& checkpoint,
                                                            const Options& options);
   ~OnednnNet();
@@ -73,10 +68,6 @@ class OnednnNet {
   absl::Status Run(const uint8_t* crops, int n, float* embeddings);
 
  private:
-  // Runs the fp32 network of `checkpoint` over `crops` and records the activation ranges the
-  // int8 path quantizes (the largest magnitude of each channel at each quantized tensor).
-  static absl::StatusOr<Int8Calibration> Calibrate(const model::Checkpoint& checkpoint,
-                                                   const std::vector<uint8_t>& crops, int threads);
 
   struct Impl;
   explicit OnednnNet(std::unique_ptr<Impl> impl);
