@@ -186,11 +186,14 @@ struct Step {
   std::vector<std::pair<int, Operand>> args;
   std::string what;  // e.g. "block12.conv2" (for error messages and debugging)
   int probe = -1;    // calibration: index into the probed tensors, output is DST
+  // `args` as memories on the arenas, made once per arena generation (not on every pass).
+  std::unordered_map<int, memory> bound;
 };
 
 struct Plan {
   std::vector<Step> steps;
   std::array<size_t, kSlots> slot_bytes{};
+  int bound_generation = -1;  // the arenas' generation the steps' memories point into
 };
 
 dt QuantizedType(Precision precision) {
@@ -222,6 +225,7 @@ struct OnednnNet::Impl {
   std::map<const void*, std::vector<std::pair<memory::desc, memory>>> reordered;
   std::map<int, Plan> plans;
   std::array<std::vector<char>, kSlots> arenas;
+  int arena_generation = 0;  // bumped whenever an arena is reallocated
   // Calibration: the largest |x| of each channel of each probed tensor.
   std::vector<std::vector<float>> probe_max;
   const std::string* running = nullptr;  // the step Execute() is in, for error messages
@@ -262,7 +266,7 @@ struct OnednnNet::Impl {
             std::max(plan.slot_bytes[operand.slot], operand.desc.get_size());
       }
     }
-    plan.steps.push_back(Step{std::move(primitive), std::move(args), std::move(what), probe});
+    plan.steps.push_back(Step{std::move(primitive), std::move(args), std::move(what), probe, {}});
   }
 
   struct ConvSpec {
@@ -468,13 +472,26 @@ struct OnednnNet::Impl {
   Plan& PlanFor(int n) {
     auto it = plans.find(n);
     if (it == plans.end()) it = plans.emplace(n, Build(n)).first;
+    Plan& plan = it->second;
     for (int s = 0; s < kSlots; ++s) {
-      if (arenas[s].size() < it->second.slot_bytes[s]) {
+      if (arenas[s].size() < plan.slot_bytes[s]) {
         arenas[s] = std::vector<char>();
-        arenas[s].resize(it->second.slot_bytes[s] + 64);
+        arenas[s].resize(plan.slot_bytes[s] + 64);
+        ++arena_generation;
       }
     }
-    return it->second;
+    if (plan.bound_generation != arena_generation) {
+      for (Step& step : plan.steps) {
+        step.bound.clear();
+        for (const auto& [arg, operand] : step.args) {
+          step.bound.emplace(arg, operand.slot < 0
+                                      ? operand.fixed
+                                      : memory(operand.desc, cpu, Aligned(arenas[operand.slot])));
+        }
+      }
+      plan.bound_generation = arena_generation;
+    }
+    return plan;
   }
 
   // Measures the activation ranges the int8 path quantizes by running the fp32 network over
@@ -573,15 +590,9 @@ struct OnednnNet::Impl {
     for (size_t i = 0; i < count; ++i) input[i] = (static_cast<float>(crops[i]) - 127.5f) / 127.5f;
     std::fill(input + count, input + static_cast<size_t>(plan_size) * model::kCropBytes, 0.f);
     for (const Step& step : plan.steps) {
-      std::unordered_map<int, memory> args;
-      for (const auto& [arg, operand] : step.args) {
-        args.emplace(arg, operand.slot < 0
-                              ? operand.fixed
-                              : memory(operand.desc, cpu, Aligned(arenas[operand.slot])));
-      }
       running = &step.what;
-      step.primitive.execute(stream, args);
-      if (step.probe >= 0) RecordChannelMax(args.at(DNNL_ARG_DST), probe_max[step.probe]);
+      step.primitive.execute(stream, step.bound);
+      if (step.probe >= 0) RecordChannelMax(step.bound.at(DNNL_ARG_DST), probe_max[step.probe]);
     }
     stream.wait();
     std::memcpy(embeddings, Aligned(arenas[kOutput]),
