@@ -56,7 +56,7 @@ struct Block {
   // int8 only. Each s8 tensor holds its channel c scaled by its own factor k[c] (127 over the
   // channel's calibrated range); the factors are folded into the neighbouring weights, which
   // is exact: the convolutions zero-pad, and zero scaled stays zero; PReLU commutes with a
-  // positive scale. So PrepareInt8 multiplies bn1's scale and shift by k_in and divides
+  // positive scale. So CalibrateAndPrepareInt8 multiplies bn1's scale and shift by k_in and divides
   // conv1's input channels by k_in and conv2's by k_mid; conv1's outputs are multiplied by
   // k_mid through its output scales.
   std::vector<float> k_mid;
@@ -658,7 +658,8 @@ absl::StatusOr<std::unique_ptr<OnednnNet>> OnednnNet::Create(const model::Checkp
       in_channels = kStageWidths[stage];
     }
     std::tie(impl->head_weight, impl->head_bias) = FoldHead(checkpoint);
-    if (options.precision == Precision::kInt8) impl->CalibrateAndPrepareInt8(Int8CalibrationCrops());
+    if (options.precision == Precision::kInt8)
+      impl->CalibrateAndPrepareInt8(Int8CalibrationCrops());
     if (options.warmup_batch > 0) {
       std::vector<uint8_t> zeros(model::kCropBytes * options.warmup_batch, 0);
       std::vector<float> out(model::kEmbeddingDim * options.warmup_batch);
