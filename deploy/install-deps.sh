@@ -22,6 +22,10 @@ BUILD_PKGS=(
   libcli11-dev                     # flags
   libcpp-httplib-dev               # /metrics, /healthz
   libssl-dev                       # SHA-256 of the weights
+  libfaiss-dev                     # the gallery's vector search (exact and HNSW)
+  libopenblas0-openmp              # the BLAS under FAISS and libtorch (the reference BLAS is ~50x slower)
+  libsqlite3-dev                   # the gallery's embedded store (sqlite:PATH)
+  libpqxx-dev libpq-dev            # the gallery's shared store (postgres://...)
   libgtest-dev libgmock-dev libbenchmark-dev
   python3-pip                      # the Python client's wheel (with python3-setuptools, -wheel)
   ccache                           # the image's builder keeps its compiler cache between builds
@@ -32,6 +36,7 @@ LIB_PKGS=(
   libopencv-core406 libopencv-imgproc406 libopencv-imgcodecs406
   libopencv-objdetect406               # arcface-client's detect (Haar cascade)
   libspdlog1.10 libfmt9 libssl3 libcpp-httplib0.11
+  libopenblas0-openmp libgomp1 libsqlite3-0 libpqxx-6.4 libpq5   # the gallery (FAISS is static)
   python3 python3-grpcio python3-numpy   # the Python client (arcface_client)
 )
 SIDECAR_PKGS=(python3 python3-grpcio python3-numpy python3-opencv opencv-data)
@@ -41,6 +46,7 @@ TEST_PKGS=(
   python3-venv                     # the wheel installed into a fresh venv (tests/packaging)
   docker.io docker-compose debootstrap python3-yaml   # the Docker and Kubernetes tests
   clang-14 libclang-rt-14-dev      # the sanitizer and thread-safety lanes of tests/run.sh
+  postgresql-15                    # the gallery's PostgreSQL tests start throwaway clusters
 )
 
 case ${1:-} in

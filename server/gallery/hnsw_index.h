@@ -1,0 +1,49 @@
+// HnswIndex: approximate maximum-inner-product search (FAISS's IndexHNSWFlat) over the faces of
+// one large gallery, beside its exact VectorIndex. Faces are known to it by their slot, a
+// number Galleries gives each face for its life (rows move on removal, slots do not).
+//
+// Contract
+// - Build() makes the graph from a snapshot (blocking, seconds to minutes: Galleries runs it on
+//   a background thread, serving exact search meanwhile). Add() inserts faces enrolled since.
+//   Removed faces stay in the graph; Galleries skips their slots in the answers (and rebuilds
+//   when too many are dead), so Search() is asked for more than it needs.
+// - Search(): for each of nq unit probes, up to k (slot, similarity) pairs, best first; a
+//   missing result has slot -1. Approximate: recall is measured by tests/bench/gallery_bench.
+// - Errors: INVALID_ARGUMENT for bad options; INTERNAL for a FAISS exception (its message).
+// - Thread safety: Search() may run concurrently with Search(); Add() needs exclusive access.
+#ifndef ARCFACE_SERVER_GALLERY_HNSW_INDEX_H_
+#define ARCFACE_SERVER_GALLERY_HNSW_INDEX_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace arcface::gallery {
+
+struct HnswOptions {
+  int m = 32;                 // graph degree (--gallery-hnsw-m)
+  int ef_construction = 80;   // build-time beam
+  int ef_search = 128;        // search-time beam (--gallery-hnsw-ef-search), raised to k if lower
+};
+
+class HnswIndex {
+ public:
+  // n unit vectors (n × kDim floats) and their slots.
+  static absl::StatusOr<std::unique_ptr<HnswIndex>> Build(const HnswOptions& options,
+                                                          const float* units,
+                                                          const int64_t* slots, size_t n);
+  virtual ~HnswIndex() = default;
+  virtual absl::Status Add(const float* units, const int64_t* slots, size_t n) = 0;
+  virtual absl::Status Search(const float* probes, int nq, int k, float* sims,
+                              int64_t* slots) const = 0;
+  virtual size_t size() const = 0;  // faces in the graph, dead ones included
+  virtual std::string Describe() const = 0;  // "hnsw(M=32,efSearch=128)"
+};
+
+}  // namespace arcface::gallery
+
+#endif  // ARCFACE_SERVER_GALLERY_HNSW_INDEX_H_
