@@ -147,14 +147,13 @@ void FillGalleryLimits(const GalleryServiceOptions& options, const gallery::Gall
 }
 
 FaceGalleryService::FaceGalleryService(const CallEnv& env, const GalleryServiceOptions& options,
-                                       gallery::Galleries* galleries, WorkQueue* queue,
-                                       GalleryMetrics* metrics)
-    : env_(env), options_(options), galleries_(galleries), queue_(queue), metrics_(metrics) {}
+                                       WorkQueue* queue, GalleryMetrics* metrics)
+    : env_(env), options_(options), queue_(queue), metrics_(metrics) {}
 
 grpc::ServerUnaryReactor* FaceGalleryService::Serve(
     grpc::CallbackServerContext* context, const char* rpc,
     absl::AnyInvocable<void(CallContext, DoneFn)> work) {
-  if (galleries_ == nullptr) {
+  if (galleries_.load() == nullptr) {
     work = [](CallContext, DoneFn done) {
       done(absl::UnimplementedError(
           "this server runs without a face gallery (--gallery-store none); start it with "
@@ -212,7 +211,7 @@ grpc::ServerUnaryReactor* FaceGalleryService::Enroll(grpc::CallbackServerContext
                    write.request_id = r.request_id();
                    for (int i = 0; i < n; ++i) write.face_ids.push_back(gallery::NewFaceId());
                    write.embeddings = std::move(work->units);
-                   absl::StatusOr<gallery::EnrollResult> result = galleries_->Enroll(write);
+                   absl::StatusOr<gallery::EnrollResult> result = galleries()->Enroll(write);
                    metrics_->RecordStoreResult("enroll", result.status());
                    if (!result.ok()) return state->Complete(result.status());
                    state->response->set_subject_id(r.subject_id());
@@ -288,7 +287,7 @@ grpc::ServerUnaryReactor* FaceGalleryService::Identify(grpc::CallbackServerConte
             std::vector<std::vector<gallery::Candidate>> results;
             uint64_t version = 0;
             const absl::Time start = absl::Now();
-            absl::Status searched = galleries_->Identify(gallery_name, model, work->units.data(),
+            absl::Status searched = galleries()->Identify(gallery_name, model, work->units.data(),
                                                          n, top_k, threshold, &results, &version);
             if (!searched.ok()) return state->Complete(searched);
             metrics_->RecordSearch(n, SecondsSince(start));
@@ -342,7 +341,7 @@ grpc::ServerUnaryReactor* FaceGalleryService::Forget(grpc::CallbackServerContext
       write.gallery = gallery_name;
       write.subject_id = state->request->subject_id();
       write.face_ids.assign(state->request->face_ids().begin(), state->request->face_ids().end());
-      absl::StatusOr<gallery::ForgetResult> result = galleries_->Forget(write);
+      absl::StatusOr<gallery::ForgetResult> result = galleries()->Forget(write);
       metrics_->RecordStoreResult("forget", result.status());
       if (!result.ok()) return state->Complete(result.status());
       state->response->set_faces_removed(result->faces_removed);
@@ -365,7 +364,7 @@ grpc::ServerUnaryReactor* FaceGalleryService::ListSubjects(
                                                                     kMaxPageSize));
     std::string next;
     absl::StatusOr<std::vector<gallery::SubjectInfo>> page =
-        galleries_->ListSubjects(gallery_name, page_size, request->page_token(), &next);
+        galleries()->ListSubjects(gallery_name, page_size, request->page_token(), &next);
     if (!page.ok()) return done(page.status());
     for (gallery::SubjectInfo& s : *page) {
       auto* subject = response->add_subjects();
@@ -384,16 +383,16 @@ grpc::ServerUnaryReactor* FaceGalleryService::GetGalleryInfo(
   return Serve(context, "GetGalleryInfo", [this, request, response](CallContext, DoneFn done) {
     const std::string gallery_name = GalleryName(request->gallery());
     if (absl::Status s = CheckId("gallery", gallery_name); !s.ok()) return done(s);
-    absl::StatusOr<gallery::GalleryStats> stats = galleries_->Stats(gallery_name);
+    absl::StatusOr<gallery::GalleryStats> stats = galleries()->Stats(gallery_name);
     if (!stats.ok()) return done(stats.status());
     response->set_gallery(stats->gallery);
     response->set_model_id(stats->model_id);
     response->set_num_subjects(stats->num_subjects);
     response->set_num_faces(stats->num_faces);
     response->set_version(stats->version);
-    response->set_store(galleries_->store_description());
+    response->set_store(galleries()->store_description());
     response->set_index(stats->index);
-    FillGalleryLimits(options_, galleries_, response->mutable_limits());
+    FillGalleryLimits(options_, galleries_.load(), response->mutable_limits());
     done(absl::OkStatus());
   });
 }

@@ -24,6 +24,7 @@
 #ifndef ARCFACE_SERVER_SERVICE_FACE_GALLERY_SERVICE_H_
 #define ARCFACE_SERVER_SERVICE_FACE_GALLERY_SERVICE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -54,9 +55,12 @@ void FillGalleryLimits(const GalleryServiceOptions& options, const gallery::Gall
 
 class FaceGalleryService final : public arcface::v1::FaceGallery::CallbackService {
  public:
-  // `galleries` null: serve UNIMPLEMENTED. `queue` runs store writes and searches.
-  FaceGalleryService(const CallEnv& env, const GalleryServiceOptions& options,
-                     gallery::Galleries* galleries, WorkQueue* queue, GalleryMetrics* metrics);
+  // `queue` runs store writes and searches. Until SetGalleries() (and for good without it),
+  // every method answers UNIMPLEMENTED once the service is ready.
+  FaceGalleryService(const CallEnv& env, const GalleryServiceOptions& options, WorkQueue* queue,
+                     GalleryMetrics* metrics);
+  // The galleries, once loaded (before the service is ready); borrowed.
+  void SetGalleries(gallery::Galleries* galleries) { galleries_ = galleries; }
 
   grpc::ServerUnaryReactor* Enroll(grpc::CallbackServerContext* context,
                                    const arcface::v1::EnrollRequest* request,
@@ -79,9 +83,11 @@ class FaceGalleryService final : public arcface::v1::FaceGallery::CallbackServic
   grpc::ServerUnaryReactor* Serve(grpc::CallbackServerContext* context, const char* rpc,
                                   absl::AnyInvocable<void(CallContext, DoneFn)> work);
 
+  gallery::Galleries* galleries() const { return galleries_.load(); }
+
   const CallEnv env_;
   const GalleryServiceOptions options_;
-  gallery::Galleries* const galleries_;
+  std::atomic<gallery::Galleries*> galleries_{nullptr};
   WorkQueue* const queue_;
   GalleryMetrics* const metrics_;
 };
