@@ -22,27 +22,29 @@ namespace {
 
 // FAISS keeps its graph's node numbers in 32 bits (HNSW::storage_idx_t).
 constexpr size_t kMaxFaces = 1u << 30;
+// Beams beyond this search most of any graph they would be worth using on: use exact search.
+constexpr int kMaxEf = 4096;
 
 absl::Status FaissError(const char* what, const std::exception& e) {
   return absl::InternalError(absl::StrCat("FAISS HNSW ", what, " failed: ", e.what()));
 }
 
+absl::Status CheckEf(const char* name, int ef) {
+  if (ef < 1 || ef > kMaxEf) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("HNSW ", name, " must be in [1, ", kMaxEf, "], got ", ef));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CheckOptions(const HnswOptions& options) {
-  // FAISS asserts on none of these; a zero or negative value would build a graph that finds
-  // nothing (or loop), so they are refused here, each by its name.
+  // FAISS checks none of these: a zero or negative value builds a graph that finds nothing.
   if (options.m < 2 || options.m > 256) {
     return absl::InvalidArgumentError(
         absl::StrCat("HNSW M (graph degree) must be in [2, 256], got ", options.m));
   }
-  if (options.ef_construction < 1 || options.ef_construction > 4096) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "HNSW efConstruction must be in [1, 4096], got ", options.ef_construction));
-  }
-  if (options.ef_search < 1 || options.ef_search > 4096) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("HNSW efSearch must be in [1, 4096], got ", options.ef_search));
-  }
-  return absl::OkStatus();
+  if (absl::Status s = CheckEf("efConstruction", options.ef_construction); !s.ok()) return s;
+  return CheckEf("efSearch", options.ef_search);
 }
 
 class FaissHnswIndex final : public HnswIndex {
@@ -74,6 +76,13 @@ class FaissHnswIndex final : public HnswIndex {
     return absl::OkStatus();
   }
 
+  absl::Status SetEfSearch(int ef_search) override {
+    if (absl::Status s = CheckEf("efSearch", ef_search); !s.ok()) return s;
+    options_.ef_search = ef_search;
+    index_.hnsw.efSearch = ef_search;
+    return absl::OkStatus();
+  }
+
   absl::Status Search(const float* probes, int nq, int k, float* sims,
                       int64_t* slots) const override {
     if (nq < 0 || k < 1) {
@@ -81,8 +90,9 @@ class FaissHnswIndex final : public HnswIndex {
           absl::StrCat("HNSW Search: needs nq >= 0 and k >= 1, got nq=", nq, " k=", k));
     }
     if (nq == 0) return absl::OkStatus();
+    // A beam narrower than k cannot hold k results (FAISS widens it too). FAISS 1.7 takes the
+    // beam from index_.hnsw, later ones from these parameters (faiss PR #3233): both say the same.
     faiss::SearchParametersHNSW params;
-    // A beam narrower than k cannot hold k results.
     params.efSearch = std::max(options_.ef_search, k);
     static_assert(sizeof(faiss::Index::idx_t) == sizeof(int64_t));
     auto* ids = reinterpret_cast<faiss::Index::idx_t*>(slots);
@@ -105,7 +115,7 @@ class FaissHnswIndex final : public HnswIndex {
   }
 
  private:
-  const HnswOptions options_;
+  HnswOptions options_;
   faiss::IndexHNSWFlat index_;
   std::vector<int64_t> slots_;
 };
