@@ -16,6 +16,7 @@
 #include <sqlite3.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "server/gallery/galleries.h"
 #include "server/gallery/gallery_store.h"
 #include "server/gallery/ids.h"
@@ -457,6 +458,60 @@ TEST(Galleries, ConcurrentEnrollAndIdentifyLoseNothing) {
   EXPECT_EQ(stored.size(), (*all)[0].face_ids.size());  // no face twice
   EXPECT_EQ(stored.size(), acknowledged.size() + 1);    // the seed and every acknowledged one
   for (const std::string& id : acknowledged) EXPECT_EQ(stored.count(id), 1u) << id;
+}
+
+// Above hnsw_min_faces a gallery gets an HNSW graph in the background; then Identify is
+// approximate but close to exact, and faces enrolled or removed afterwards count at once.
+TEST(Galleries, ApproximateSearchAboveTheSizeFlag) {
+  TempDir dir;
+  auto store = OpenSqliteStore(dir.file("g.db"));
+  ASSERT_TRUE(store.ok());
+  GalleriesOptions options;
+  options.hnsw_min_faces = 400;
+  options.hnsw.ef_search = 64;
+  auto opened = Galleries::Open(*std::move(store), options);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  std::unique_ptr<Galleries> g = *std::move(opened);
+  std::vector<float> units = RandomUnits(500, 21);
+  std::vector<Face> faces;
+  for (int s = 0; s < 100; ++s) {
+    std::vector<float> part(units.begin() + s * 5 * kDim, units.begin() + (s + 1) * 5 * kDim);
+    EnrollWrite w = Write("big", absl::StrCat("s", s), part);
+    ASSERT_TRUE(g->Enroll(w).ok());
+    for (int i = 0; i < 5; ++i) {
+      faces.push_back({w.face_ids[i], w.subject_id, units.data() + (s * 5 + i) * kDim});
+    }
+  }
+  // The graph is built on its own thread; exact search serves until it is in.
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  while (g->Stats("big")->index == "flat" && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  ASSERT_EQ(g->Stats("big")->index, "hnsw(M=32,efSearch=64)");
+  std::vector<float> probes = RandomUnits(50, 77);
+  std::vector<std::vector<Candidate>> results;
+  uint64_t version;
+  ASSERT_TRUE(
+      g->Identify("big", kModel, probes.data(), 50, 10, std::nullopt, &results, &version).ok());
+  int hits = 0;
+  for (int p = 0; p < 50; ++p) {
+    std::set<std::string> want;
+    for (const Candidate& c : BruteForce(faces, probes.data() + p * kDim, 10, std::nullopt)) {
+      want.insert(c.subject_id);
+    }
+    for (const Candidate& c : results[p]) hits += want.count(c.subject_id);
+  }
+  EXPECT_GE(hits, 50 * 10 * 95 / 100) << "recall@10 of subjects below 0.95";
+  // A face removed is never answered; one enrolled after the build is found.
+  ASSERT_TRUE(g->Forget({"big", "", {faces[42].face_id}}).ok());
+  EnrollWrite late = Write("big", "late", RandomUnits(1, 4242));
+  ASSERT_TRUE(g->Enroll(late).ok());
+  std::vector<float> two(faces[42].unit, faces[42].unit + kDim);
+  two.insert(two.end(), late.embeddings.begin(), late.embeddings.end());
+  ASSERT_TRUE(g->Identify("big", kModel, two.data(), 2, 3, std::nullopt, &results, &version).ok());
+  for (const Candidate& c : results[0]) EXPECT_NE(c.face_id, faces[42].face_id);
+  EXPECT_EQ(results[1][0].face_id, late.face_ids[0]);
+  EXPECT_NEAR(results[1][0].similarity, 1.0, 1e-4);
 }
 
 TEST(FlatIndex, SwapRemoveKeepsRowsDense) {
