@@ -390,11 +390,12 @@ struct Recorder {
 };
 
 TEST_F(PostgresStoreTest, ReplicaFollowsTheOthersWrites) {
+  // The recorders outlive the stores whose followers call them.
+  Recorder seen, seen_by_a;
   std::unique_ptr<GalleryStore> a = Open();
   std::unique_ptr<GalleryStore> b = Open();
   ASSERT_NE(a, nullptr);
   ASSERT_NE(b, nullptr);
-  Recorder seen;
   b->Follow(seen.Listener());
   ASSERT_TRUE(seen.WaitChanged(1, absl::Seconds(10)));  // the first catch-up, once listening
 
@@ -424,7 +425,6 @@ TEST_F(PostgresStoreTest, ReplicaFollowsTheOthersWrites) {
          latencies_ms[2], latencies_ms.back());
 
   // Forget on B reaches A the same way.
-  Recorder seen_by_a;
   a->Follow(seen_by_a.Listener());
   ASSERT_TRUE(seen_by_a.WaitChanged(1, absl::Seconds(10)));
   ASSERT_TRUE(b->Forget({"g", "s0", {}}).ok());
@@ -527,6 +527,7 @@ TEST(PostgresStoreOutageTest, WritesFailWhileDownAndTheReplicaCatchesUpAfter) {
   PgCluster cluster;
   absl::Status started = cluster.Start(ARCFACE_PYTHON, ARCFACE_PG_CLUSTER_PY);
   ASSERT_TRUE(started.ok()) << started;
+  Recorder seen;  // outlives the store whose follower calls it
   const std::string secret = "S3cr3t-Pw";
   std::string uri = cluster.uri();
   uri.replace(uri.find("postgres@"), 9, "postgres:" + secret + "@");
@@ -534,7 +535,6 @@ TEST(PostgresStoreOutageTest, WritesFailWhileDownAndTheReplicaCatchesUpAfter) {
   absl::StatusOr<std::unique_ptr<GalleryStore>> b = OpenPostgresStore(uri);
   ASSERT_TRUE(a.ok()) << a.status();
   ASSERT_TRUE(b.ok()) << b.status();
-  Recorder seen;
   (*a)->Follow(seen.Listener());
   ASSERT_TRUE(seen.WaitChanged(1, absl::Seconds(10)));
   ASSERT_TRUE((*a)->Enroll(Write("g", "alice", {"a0"}, 1)).ok());  // a pooled connection
