@@ -276,15 +276,28 @@ void PostgresStore::SetHealth(bool up, const std::string& reason) {
   down_reason_ = up ? "" : Redact(reason);
 }
 
+// An idle connection has nothing to read: when its socket is readable, the server closed it
+// (a restart or a crash; it sends the reason and EOF). Such a connection is not used: libpqxx
+// would reconnect it inside BEGIN, and that path of libpqxx 6.4 leaks libpq's first result.
+bool ClosedByServer(const pqxx::connection& conn) {
+  pollfd fd = {conn.sock(), POLLIN, 0};
+  return fd.fd < 0 || poll(&fd, 1, 0) != 0;
+}
+
 std::unique_ptr<pqxx::connection> PostgresStore::Acquire(bool* reused) {
+  std::vector<std::unique_ptr<pqxx::connection>> closed;  // dropped outside the lock
   {
     absl::MutexLock lock(&mu_);
     mu_.Await(absl::Condition(
         +[](int* in_use) { return *in_use < kPoolSize; }, &in_use_));
     ++in_use_;
-    if (!idle_.empty()) {
+    while (!idle_.empty()) {
       std::unique_ptr<pqxx::connection> conn = std::move(idle_.back());
       idle_.pop_back();
+      if (ClosedByServer(*conn)) {
+        closed.push_back(std::move(conn));
+        continue;
+      }
       *reused = true;
       return conn;
     }

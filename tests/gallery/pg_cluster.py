@@ -32,17 +32,18 @@ INSTALL_HINT = ("PostgreSQL's server binaries (initdb, postgres, pg_isready) wer
 
 
 def find_bin_dir():
-    """The folder of initdb/postgres: $PG_BIN, Debian's /usr/lib/postgresql/N/bin (newest), or
-    PATH. Raises RuntimeError naming the installer when there is none."""
-    candidates = []
+    """The folder of initdb/postgres: $PG_BIN when set, else Debian's /usr/lib/postgresql/N/bin
+    (newest) or PATH. Raises RuntimeError naming the installer when there is none."""
     if os.environ.get("PG_BIN"):
-        candidates.append(os.environ["PG_BIN"])
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"),
-                         key=lambda p: int(p.split("/")[-2]) if p.split("/")[-2].isdigit() else 0,
-                         reverse=True)
-    on_path = shutil.which("initdb")
-    if on_path:
-        candidates.append(os.path.dirname(on_path))
+        candidates = [os.environ["PG_BIN"]]
+    else:
+        candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"),
+                            key=lambda p: int(p.split("/")[-2]) if p.split("/")[-2].isdigit()
+                            else 0,
+                            reverse=True)
+        on_path = shutil.which("initdb")
+        if on_path:
+            candidates.append(os.path.dirname(on_path))
     for folder in candidates:
         if all(os.access(os.path.join(folder, b), os.X_OK)
                for b in ("initdb", "postgres", "pg_isready")):
@@ -89,8 +90,11 @@ class PgCluster:
         self._finalizer = weakref.finalize(self, PgCluster._cleanup, self.root, self._proc_box)
         uid, gid = _owner_ids()
         os.chown(self.root, uid, gid)
+        # --no-sync: initdb's own final flush of a folder that dies with the test (the server
+        # itself runs with fsync on).
         self._run([os.path.join(self.bin, "initdb"), "-D", self.data, "-U", "postgres",
-                   "--auth-local=trust", "--auth-host=trust", "-E", "UTF8", "--locale=C"])
+                   "--auth-local=trust", "--auth-host=trust", "-E", "UTF8", "--locale=C",
+                   "--no-sync"])
         self.start()
 
     @property
