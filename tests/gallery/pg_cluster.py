@@ -236,6 +236,9 @@ def serve():
             except RuntimeError as e:
                 print(f"error {e}".replace("\n", " "), flush=True)
     finally:
+        # The parent's death brings both SIGTERM and the end of stdin: the second must not cut
+        # the clean-up short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         cluster.close()
     return 0
 
