@@ -64,6 +64,15 @@ def _unprivileged_prefix():
     return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 
 
+def _server_prefix():
+    """The server's prefix: unprivileged, and killed when this process dies. setpriv sets the
+    parent-death signal after changing the ids (a credential change clears it); it is not a
+    Popen preexec_fn, which makes Python fork(), where grpcio's fork handlers can hang (see
+    tests/integration/arcface_testlib.py's orphan_guarded)."""
+    prefix = _unprivileged_prefix() or ["setpriv"]
+    return prefix + ["--pdeathsig", "KILL", "--"]
+
+
 def _owner_ids():
     if os.geteuid() != 0:
         return os.geteuid(), os.getegid()
@@ -117,18 +126,12 @@ class PgCluster:
         deadline = time.monotonic() + self.start_timeout
         while True:
             log = open(self.log_path, "ab")
-            cmd = _unprivileged_prefix() + [
+            cmd = _server_prefix() + [
                 os.path.join(self.bin, "postgres"), "-D", self.data, "-p", str(self.port),
                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.root}",
                 "-c", "fsync=on", "-c", "max_connections=200"]
-            if _unprivileged_prefix():
-                # setpriv applies it after changing the ids (a credential change clears it).
-                cmd[len(_unprivileged_prefix()):len(_unprivileged_prefix())] = [
-                    "--pdeathsig", "KILL"]
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=self.root,
-                                         preexec_fn=None if _unprivileged_prefix()
-                                         else _die_with_parent)
+                                         stdin=subprocess.DEVNULL, cwd=self.root)
             log.close()
             self._proc_box[0] = self.proc
             if self._wait_ready(deadline):
@@ -203,13 +206,6 @@ class PgCluster:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _die_with_parent():
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    PR_SET_PDEATHSIG = 1
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def serve():
