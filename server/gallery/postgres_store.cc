@@ -195,11 +195,12 @@ absl::StatusOr<Labels> ParseLabels(const std::string& text, const std::string& g
 
 class PostgresStore final : public GalleryStore {
  public:
-  PostgresStore(std::string conninfo, std::string password, std::string described)
+  // Takes `stop_fd`, an eventfd.
+  PostgresStore(std::string conninfo, std::string password, std::string described, int stop_fd)
       : conninfo_(std::move(conninfo)),
         password_(std::move(password)),
         described_(std::move(described)),
-        stop_fd_(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+        stop_fd_(stop_fd) {}
 
   ~PostgresStore() override {
     if (follower_.joinable()) {
@@ -209,7 +210,7 @@ class PostgresStore final : public GalleryStore {
       }
       follower_.join();
     }
-    if (stop_fd_ >= 0) close(stop_fd_);
+    close(stop_fd_);
   }
 
   // Opens the first connection and brings the schema to kSchemaVersion.
@@ -802,7 +803,12 @@ absl::StatusOr<std::unique_ptr<GalleryStore>> OpenPostgresStore(const std::strin
   if (!port.empty()) absl::StrAppend(&described, ":", port);
   absl::StrAppend(&described, "/", dbname);
 
-  auto store = std::make_unique<PostgresStore>(conninfo, password, described);
+  const int stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (stop_fd < 0) {
+    return absl::InternalError(absl::StrCat("gallery store ", described,
+                                            ": eventfd failed: ", std::strerror(errno)));
+  }
+  auto store = std::make_unique<PostgresStore>(conninfo, password, described, stop_fd);
   if (absl::Status status = store->Migrate(); !status.ok()) return status;
   return store;
 }
