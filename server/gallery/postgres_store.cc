@@ -2,6 +2,7 @@
 
 #include <libpq-fe.h>
 #include <poll.h>
+#include <spdlog/spdlog.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -11,7 +12,6 @@
 #include <cstring>
 #include <memory>
 #include <nlohmann/json.hpp>
-#include <optional>
 #include <pqxx/pqxx>
 #include <set>
 #include <string>
@@ -27,7 +27,6 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include <spdlog/spdlog.h>
 
 // Embeddings are stored as raw little-endian float32 and copied as they are.
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the byte order of stored embeddings");
@@ -104,8 +103,8 @@ constexpr absl::Duration kMaxBackoff = absl::Seconds(2);
 // Options that libpq leaves off by default and that an outage needs: a bounded connect, and a
 // dead peer noticed by keepalives. The URI's own values win.
 constexpr std::pair<const char*, const char*> kDefaultOptions[] = {
-    {"connect_timeout", "2"},     {"keepalives_idle", "5"},
-    {"keepalives_interval", "2"}, {"keepalives_count", "3"},
+    {"connect_timeout", "2"},      {"keepalives_idle", "5"},
+    {"keepalives_interval", "2"},  {"keepalives_count", "3"},
     {"tcp_user_timeout", "10000"}, {"fallback_application_name", "arcface-server"},
 };
 
@@ -186,9 +185,9 @@ absl::StatusOr<Labels> ParseLabels(const std::string& text, const std::string& g
     }
   }
   if (!ok) {
-    return absl::InternalError(absl::StrCat("subject '", subject, "' of gallery '", gallery,
-                                            "' has labels that are not an object of strings: ",
-                                            text.substr(0, 200)));
+    return absl::InternalError(
+        absl::StrCat("subject '", subject, "' of gallery '", gallery,
+                     "' has labels that are not an object of strings: ", text.substr(0, 200)));
   }
   return labels;
 }
@@ -341,8 +340,8 @@ absl::Status PostgresStore::Run(const char* what, const Body& body) {
       if (IsConnectionState(e.sqlstate())) {
         lost = e.what();
       } else {
-        status = absl::InternalError(Redact(
-            absl::StrCat("gallery store ", described_, ": ", what, " failed: ", e.what())));
+        status = absl::InternalError(
+            Redact(absl::StrCat("gallery store ", described_, ": ", what, " failed: ", e.what())));
       }
     } catch (const std::exception& e) {
       status = absl::InternalError(
@@ -385,10 +384,10 @@ absl::Status PostgresStore::Migrate() {
       if (!rows.empty()) version = rows[0][0].as<int>();
     }
     if (version > kSchemaVersion) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "the gallery schema in ", described_, " is version ", version,
-          ", newer than this server's ", kSchemaVersion,
-          " (written by a newer arcface-server): upgrade this server"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("the gallery schema in ", described_, " is version ", version,
+                       ", newer than this server's ", kSchemaVersion,
+                       " (written by a newer arcface-server): upgrade this server"));
     }
     if (version == kSchemaVersion) return absl::OkStatus();
     for (int v = version; v < kSchemaVersion; ++v) tx.exec(kMigrations[v]);
@@ -424,14 +423,14 @@ absl::StatusOr<GalleryDelta> PostgresStore::LoadDelta(pqxx::dbtransaction& tx,
            gallery, from)) {
     delta.removed_subjects.push_back(row[0].as<std::string>());
   }
-  for (const pqxx::row& row : tx.exec_params(
-           "SELECT subject_id, labels::text FROM arcface_subjects WHERE gallery = $1 "
-           "AND updated_version > $2 AND removed_version IS NULL",
-           gallery, from)) {
+  for (const pqxx::row& row :
+       tx.exec_params("SELECT subject_id, labels::text FROM arcface_subjects WHERE gallery = $1 "
+                      "AND updated_version > $2 AND removed_version IS NULL",
+                      gallery, from)) {
     SubjectRecord subject;
     subject.subject_id = row[0].as<std::string>();
-    absl::StatusOr<Labels> labels = ParseLabels(row[1].as<std::string>(), gallery,
-                                                subject.subject_id);
+    absl::StatusOr<Labels> labels =
+        ParseLabels(row[1].as<std::string>(), gallery, subject.subject_id);
     if (!labels.ok()) return labels.status();
     subject.labels = *std::move(labels);
     delta.subjects.push_back(std::move(subject));
@@ -439,15 +438,17 @@ absl::StatusOr<GalleryDelta> PostgresStore::LoadDelta(pqxx::dbtransaction& tx,
 
   // The added faces, streamed: a binary cursor hands the embeddings over as their raw bytes (no
   // hex text to decode), kFetchRows at a time, into storage reserved from the count.
-  const std::string live =
-      " FROM arcface_faces WHERE gallery = " + tx.quote(gallery) +
-      " AND added_version > " + std::to_string(from) + " AND removed_version IS NULL";
+  const std::string live = " FROM arcface_faces WHERE gallery = " + tx.quote(gallery) +
+                           " AND added_version > " + std::to_string(from) +
+                           " AND removed_version IS NULL";
   const size_t count = tx.exec("SELECT count(*)" + live)[0][0].as<size_t>();
   delta.face_ids.reserve(count);
   delta.face_subjects.reserve(count);
   delta.embeddings.reserve(count * kDim);
-  tx.exec("DECLARE arcface_added BINARY NO SCROLL CURSOR FOR SELECT face_id, subject_id, "
-          "embedding" + live);
+  tx.exec(
+      "DECLARE arcface_added BINARY NO SCROLL CURSOR FOR SELECT face_id, subject_id, "
+      "embedding" +
+      live);
   const std::string fetch = "FETCH " + std::to_string(kFetchRows) + " FROM arcface_added";
   for (;;) {
     const pqxx::result rows = tx.exec(fetch);
@@ -563,8 +564,7 @@ absl::StatusOr<EnrollResult> PostgresStore::Enroll(const EnrollWrite& write) {
         "INSERT INTO arcface_faces (gallery, face_id, subject_id, model_id, embedding, "
         "  request_id, request_seq, added_version) "
         "SELECT $1, f.id, $2, $3, substring($4::bytea FROM ((f.n - 1) * " +
-            std::to_string(kEmbeddingBytes) + " + 1)::int FOR " +
-            std::to_string(kEmbeddingBytes) +
+            std::to_string(kEmbeddingBytes) + " + 1)::int FOR " + std::to_string(kEmbeddingBytes) +
             "), $5, (f.n - 1)::int, $6 "
             "FROM unnest($7::text[]) WITH ORDINALITY AS f (id, n)",
         write.gallery, write.subject_id, write.model_id, embeddings,
@@ -574,8 +574,7 @@ absl::StatusOr<EnrollResult> PostgresStore::Enroll(const EnrollWrite& write) {
         "UPDATE arcface_galleries SET version = $2, updated_at = clock_timestamp() "
         "WHERE name = $1 RETURNING (extract(epoch FROM updated_at) * 1000000)::bigint",
         write.gallery, version);
-    tx.exec_params("SELECT pg_notify($1, $2)", kChannel,
-                   absl::StrCat(version, " ", write.gallery));
+    tx.exec_params("SELECT pg_notify($1, $2)", kChannel, absl::StrCat(version, " ", write.gallery));
     tx.commit();
 
     result.face_ids = write.face_ids;
@@ -601,12 +600,11 @@ absl::StatusOr<ForgetResult> PostgresStore::Forget(const ForgetWrite& write) {
   const absl::Status status = Run("Forget", [&](pqxx::connection& conn) {
     result = ForgetResult();
     pqxx::work tx(conn);
-    const pqxx::result gallery = tx.exec_params(
-        "SELECT version, model_id FROM arcface_galleries WHERE name = $1 FOR UPDATE",
-        write.gallery);
+    const pqxx::result gallery =
+        tx.exec_params("SELECT version, model_id FROM arcface_galleries WHERE name = $1 FOR UPDATE",
+                       write.gallery);
     if (gallery.empty()) {
-      return 
-          absl::NotFoundError(absl::StrCat("gallery '", write.gallery, "' does not exist"));
+      return absl::NotFoundError(absl::StrCat("gallery '", write.gallery, "' does not exist"));
     }
     const int64_t version = gallery[0][0].as<int64_t>() + 1;
     const std::string in_gallery = absl::StrCat(" in gallery '", write.gallery, "'");
@@ -621,11 +619,11 @@ absl::StatusOr<ForgetResult> PostgresStore::Forget(const ForgetWrite& write) {
     // Subjects whose faces went, in the order first touched.
     std::vector<std::string> touched;
     if (write.face_ids.empty()) {
-      for (const pqxx::row& row : tx.exec_params(
-               "UPDATE arcface_faces SET removed_version = $3, embedding = NULL "
-               "WHERE gallery = $1 AND subject_id = $2 AND removed_version IS NULL "
-               "RETURNING face_id",
-               write.gallery, write.subject_id, version)) {
+      for (const pqxx::row& row :
+           tx.exec_params("UPDATE arcface_faces SET removed_version = $3, embedding = NULL "
+                          "WHERE gallery = $1 AND subject_id = $2 AND removed_version IS NULL "
+                          "RETURNING face_id",
+                          write.gallery, write.subject_id, version)) {
         result.delta.removed_faces.push_back(row[0].as<std::string>());
       }
       touched.push_back(write.subject_id);
@@ -666,8 +664,7 @@ absl::StatusOr<ForgetResult> PostgresStore::Forget(const ForgetWrite& write) {
         "UPDATE arcface_galleries SET version = $2, updated_at = clock_timestamp() "
         "WHERE name = $1 RETURNING (extract(epoch FROM updated_at) * 1000000)::bigint",
         write.gallery, version);
-    tx.exec_params("SELECT pg_notify($1, $2)", kChannel,
-                   absl::StrCat(version, " ", write.gallery));
+    tx.exec_params("SELECT pg_notify($1, $2)", kChannel, absl::StrCat(version, " ", write.gallery));
     tx.commit();
 
     result.faces_removed = static_cast<uint32_t>(result.delta.removed_faces.size());
@@ -805,8 +802,8 @@ absl::StatusOr<std::unique_ptr<GalleryStore>> OpenPostgresStore(const std::strin
 
   const int stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (stop_fd < 0) {
-    return absl::InternalError(absl::StrCat("gallery store ", described,
-                                            ": eventfd failed: ", std::strerror(errno)));
+    return absl::InternalError(
+        absl::StrCat("gallery store ", described, ": eventfd failed: ", std::strerror(errno)));
   }
   auto store = std::make_unique<PostgresStore>(conninfo, password, described, stop_fd);
   if (absl::Status status = store->Migrate(); !status.ok()) return status;

@@ -80,7 +80,7 @@ class PgCluster {
     return uri_.substr(0, uri_.rfind('/') + 1) + dbname;
   }
 
-  absl::Status Stop() { return Command("stop"); }    // fast shutdown, data kept
+  absl::Status Stop() { return Command("stop"); }     // fast shutdown, data kept
   absl::Status Resume() { return Command("start"); }  // on the same port
   absl::Status Kill() { return Command("kill"); }     // SIGKILL to the postmaster
 

@@ -2,6 +2,8 @@
 // (tests/gallery/pg_cluster.py: initdb + postgres as an unprivileged user on a free loopback
 // port). Each test gets a database of its own on one shared cluster; the outage test stops and
 // restarts a cluster of its own. Missing PostgreSQL binaries fail the tests (never a skip).
+#include "server/gallery/postgres_store.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -28,19 +30,18 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "server/gallery/gallery_store.h"
-#include "server/gallery/postgres_store.h"
 #include "tests/gallery/pg_cluster.h"
 
 namespace arcface::gallery {
 namespace {
 
+using test_util::PgCluster;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using ::testing::IsEmpty;
 using ::testing::Not;
 using ::testing::UnorderedElementsAre;
 using ::testing::UnorderedElementsAreArray;
-using test_util::PgCluster;
 
 // The one cluster the tests share (started on first use, stopped at exit).
 PgCluster* SharedCluster(absl::Status* status) {
@@ -120,8 +121,7 @@ class PostgresStoreTest : public ::testing::Test {
     ASSERT_TRUE(status.ok()) << status;
     static int counter = 0;
     const std::string db = absl::StrCat(
-        "t", ++counter, "_",
-        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+        "t", ++counter, "_", ::testing::UnitTest::GetInstance()->current_test_info()->name());
     std::string lower;
     for (char c : db) lower += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
     CreateDatabase(*cluster_, lower);
@@ -158,8 +158,8 @@ TEST_F(PostgresStoreTest, EnrollChangesSinceForgetRoundTrip) {
   EXPECT_EQ(r1->delta.version, 1u);
   EXPECT_THAT(r1->delta.face_subjects, ElementsAre("alice", "alice"));
   EXPECT_EQ(r1->delta.embeddings, a1.embeddings);
-  EXPECT_EQ(Subjects(r1->delta), (std::map<std::string, Labels>{
-                                     {"alice", {{"name", "Alice"}, {"team", "a"}}}}));
+  EXPECT_EQ(Subjects(r1->delta),
+            (std::map<std::string, Labels>{{"alice", {{"name", "Alice"}, {"team", "a"}}}}));
   // The database's clock and this one's agree within a second here (one machine).
   EXPECT_GE(r1->delta.committed, before - absl::Seconds(1));
   EXPECT_LE(r1->delta.committed, absl::Now() + absl::Seconds(1));
@@ -185,11 +185,10 @@ TEST_F(PostgresStoreTest, EnrollChangesSinceForgetRoundTrip) {
   EXPECT_EQ(full.committed, r3->delta.committed);
   EXPECT_THAT(full.removed_faces, IsEmpty());
   EXPECT_THAT(full.removed_subjects, IsEmpty());
-  EXPECT_EQ(Subjects(full),
-            (std::map<std::string, Labels>{{"alice", merged}, {"bob", {}}}));
-  EXPECT_EQ(Faces(full), (std::map<std::string, std::vector<float>>{
-                             {"a0", Row(a1, 0)}, {"a1", Row(a1, 1)}, {"b0", Row(b1, 0)},
-                             {"a2", Row(a2, 0)}}));
+  EXPECT_EQ(Subjects(full), (std::map<std::string, Labels>{{"alice", merged}, {"bob", {}}}));
+  EXPECT_EQ(Faces(full),
+            (std::map<std::string, std::vector<float>>{
+                {"a0", Row(a1, 0)}, {"a1", Row(a1, 1)}, {"b0", Row(b1, 0)}, {"a2", Row(a2, 0)}}));
   for (size_t i = 0; i < full.face_ids.size(); ++i) {
     EXPECT_EQ(full.face_subjects[i], full.face_ids[i][0] == 'a' ? "alice" : "bob");
   }
@@ -323,15 +322,13 @@ TEST_F(PostgresStoreTest, RequestIdReplaysTheEarlierAnswer) {
   EXPECT_EQ(again->version, 1u);  // the earlier write's
   EXPECT_THAT(again->delta.face_ids, IsEmpty());
 
-  absl::StatusOr<EnrollResult> clash =
-      store->Enroll(Write("g", "bob", {"y1"}, 4, {}, "req-1"));
+  absl::StatusOr<EnrollResult> clash = store->Enroll(Write("g", "bob", {"y1"}, 4, {}, "req-1"));
   EXPECT_EQ(clash.status().code(), absl::StatusCode::kAlreadyExists);
   EXPECT_THAT(clash.status().message(), HasSubstr("request_id 'req-1'"));
   EXPECT_THAT(clash.status().message(), HasSubstr("'alice'"));
 
   // request ids are per gallery.
-  absl::StatusOr<EnrollResult> elsewhere =
-      store->Enroll(Write("h", "bob", {"y1"}, 4, {}, "req-1"));
+  absl::StatusOr<EnrollResult> elsewhere = store->Enroll(Write("h", "bob", {"y1"}, 4, {}, "req-1"));
   ASSERT_TRUE(elsewhere.ok()) << elsewhere.status();
   EXPECT_FALSE(elsewhere->replayed);
 
@@ -357,16 +354,15 @@ struct Recorder {
   std::vector<absl::Time> changed_at ABSL_GUARDED_BY(mu);
 
   StoreListener Listener() {
-    return StoreListener{
-        [this] {
-          absl::MutexLock lock(&mu);
-          ++changed;
-          changed_at.push_back(absl::Now());
-        },
-        [this](bool up, const std::string& reason) {
-          absl::MutexLock lock(&mu);
-          availability.emplace_back(up, reason);
-        }};
+    return StoreListener{[this] {
+                           absl::MutexLock lock(&mu);
+                           ++changed;
+                           changed_at.push_back(absl::Now());
+                         },
+                         [this](bool up, const std::string& reason) {
+                           absl::MutexLock lock(&mu);
+                           availability.emplace_back(up, reason);
+                         }};
   }
   bool WaitChanged(int at_least, absl::Duration timeout) {
     absl::MutexLock lock(&mu);
@@ -421,9 +417,10 @@ TEST_F(PostgresStoreTest, ReplicaFollowsTheOthersWrites) {
     EXPECT_LT(latency, absl::Seconds(1));
   }
   std::sort(latencies_ms.begin(), latencies_ms.end());
-  printf("[ measure  ] A's Enroll acknowledged -> B notified and caught up: median %.2f ms, "
-         "max %.2f ms (5 writes)\n",
-         latencies_ms[2], latencies_ms.back());
+  printf(
+      "[ measure  ] A's Enroll acknowledged -> B notified and caught up: median %.2f ms, "
+      "max %.2f ms (5 writes)\n",
+      latencies_ms[2], latencies_ms.back());
 
   // Forget on B reaches A the same way.
   a->Follow(seen_by_a.Listener());
@@ -684,10 +681,11 @@ TEST_F(PostgresStoreTest, LoadsALargeGalleryQuickly) {
         << d.face_ids[i];
   }
   const double per_million = absl::ToDoubleSeconds(load) * 1e6 / n;
-  printf("[ measure  ] %zu faces: enrolled in %.1f s (%.0f faces/s, %zu a call); "
-         "loaded in %.2f s (%.0f faces/s, %.1f s per million)\n",
-         n, absl::ToDoubleSeconds(enroll), n / absl::ToDoubleSeconds(enroll), kPerCall,
-         absl::ToDoubleSeconds(load), n / absl::ToDoubleSeconds(load), per_million);
+  printf(
+      "[ measure  ] %zu faces: enrolled in %.1f s (%.0f faces/s, %zu a call); "
+      "loaded in %.2f s (%.0f faces/s, %.1f s per million)\n",
+      n, absl::ToDoubleSeconds(enroll), n / absl::ToDoubleSeconds(enroll), kPerCall,
+      absl::ToDoubleSeconds(load), n / absl::ToDoubleSeconds(load), per_million);
   // The budget is 30 s per million; twice that here, on a machine shared with builds.
   EXPECT_LT(per_million, 60.0);
 }
