@@ -97,6 +97,7 @@ constexpr size_t kEmbeddingBytes = kDim * sizeof(float);
 constexpr int kPoolSize = 8;
 // Rows of faces per FETCH of a load (about 4 MB).
 constexpr int kFetchRows = 2048;
+constexpr size_t kFetchesAhead = 4;
 constexpr absl::Duration kFirstBackoff = absl::Milliseconds(100);
 constexpr absl::Duration kMaxBackoff = absl::Seconds(2);
 
@@ -437,7 +438,9 @@ absl::StatusOr<GalleryDelta> PostgresStore::LoadDelta(pqxx::dbtransaction& tx,
   }
 
   // The added faces, streamed: a binary cursor hands the embeddings over as their raw bytes (no
-  // hex text to decode), kFetchRows at a time, into storage reserved from the count.
+  // hex text to decode), kFetchRows at a time, into storage reserved from the count. The
+  // FETCHes go through a pipeline a few ahead, so the server reads the next rows while these
+  // are copied.
   const std::string live = " FROM arcface_faces WHERE gallery = " + tx.quote(gallery) +
                            " AND added_version > " + std::to_string(from) +
                            " AND removed_version IS NULL";
@@ -446,12 +449,20 @@ absl::StatusOr<GalleryDelta> PostgresStore::LoadDelta(pqxx::dbtransaction& tx,
   delta.face_subjects.reserve(count);
   delta.embeddings.reserve(count * kDim);
   tx.exec(
-      "DECLARE arcface_added BINARY NO SCROLL CURSOR FOR SELECT face_id, subject_id, "
-      "embedding" +
+      "DECLARE arcface_added BINARY NO SCROLL CURSOR FOR SELECT face_id, subject_id, embedding" +
       live);
   const std::string fetch = "FETCH " + std::to_string(kFetchRows) + " FROM arcface_added";
-  for (;;) {
-    const pqxx::result rows = tx.exec(fetch);
+  const size_t fetches = (count + kFetchRows - 1) / kFetchRows;
+  pqxx::pipeline pipe(tx);
+  size_t issued = 0;
+  for (; issued < fetches && issued < kFetchesAhead; ++issued) pipe.insert(fetch);
+  pipe.resume();
+  while (!pipe.empty()) {
+    const pqxx::result rows = pipe.retrieve().second;
+    if (issued < fetches) {
+      pipe.insert(fetch);
+      ++issued;
+    }
     for (const pqxx::row& row : rows) {
       const pqxx::field embedding = row[2];
       std::string face_id(row[0].c_str(), row[0].size());
@@ -466,8 +477,8 @@ absl::StatusOr<GalleryDelta> PostgresStore::LoadDelta(pqxx::dbtransaction& tx,
       delta.embeddings.resize(at + kDim);
       std::memcpy(delta.embeddings.data() + at, embedding.c_str(), kEmbeddingBytes);
     }
-    if (rows.size() < static_cast<size_t>(kFetchRows)) break;
   }
+  pipe.complete();
   tx.exec("CLOSE arcface_added");
   return delta;
 }
