@@ -732,7 +732,6 @@ void PostgresStore::FollowLoop(StoreListener listener) {
       if (announced_down) {
         announced_down = false;
         SetHealth(true, "");
-        spdlog::info("gallery store {} is reachable again", described_);
         if (listener.availability) listener.availability(true, "");
       }
       // Whatever was committed before LISTEN took effect (at start-up: since the caller's
@@ -765,7 +764,6 @@ void PostgresStore::FollowLoop(StoreListener listener) {
     SetHealth(false, reason);
     if (!announced_down) {
       announced_down = true;
-      spdlog::warn("gallery store {} is unavailable: {}; reconnecting", described_, reason);
       if (listener.availability) listener.availability(false, reason);
     }
     if (!WaitReadable(-1, backoff)) return;
