@@ -7,7 +7,8 @@ root; CI and the dev containers run as root), through `setpriv`. It dies with it
 (PR_SET_PDEATHSIG), and the folder is removed by close(), by the context manager and by a
 finalizer, so a test that dies leaves no server behind.
 
-Python: `with PgCluster() as pg: pg.uri ... pg.stop(); pg.start(); pg.kill()`.
+Python: `with PgCluster() as pg: pg.uri ... pg.sql("CREATE ROLE ..."); pg.stop(); pg.start();
+pg.kill()`.
 
 Other languages (the C++ tests, tests/gallery/pg_cluster.h): `pg_cluster.py serve` starts a
 cluster, prints `uri <URI>` on stdout, then reads one command a line on stdin (`stop`, `start`,
@@ -26,7 +27,7 @@ import tempfile
 import time
 import weakref
 
-INSTALL_HINT = ("PostgreSQL's server binaries (initdb, postgres, pg_isready) were not found: "
+INSTALL_HINT = ("PostgreSQL's binaries (initdb, postgres, pg_isready, psql) were not found: "
                 "deploy/install-deps.sh installs them (Debian postgresql-15); or set PG_BIN to "
                 "the folder that holds them")
 
@@ -46,7 +47,7 @@ def find_bin_dir():
             candidates.append(os.path.dirname(on_path))
     for folder in candidates:
         if all(os.access(os.path.join(folder, b), os.X_OK)
-               for b in ("initdb", "postgres", "pg_isready")):
+               for b in ("initdb", "postgres", "pg_isready", "psql")):
             return folder
     raise RuntimeError(INSTALL_HINT)
 
@@ -142,6 +143,21 @@ class PgCluster:
                 raise RuntimeError(f"postgres did not start on port {self.port}: "
                                    f"{self._log_tail()}")
             time.sleep(0.2)
+
+    def sql(self, statement):
+        """Runs one statement as the superuser (psql); returns its output, unaligned."""
+        done = subprocess.run([os.path.join(self.bin, "psql"), "-X", "-q", "-A", "-t",
+                               "-v", "ON_ERROR_STOP=1", "-c", statement, self.uri],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"psql -c {statement!r} failed: {done.stdout}")
+        return done.stdout
+
+    def uri_as(self, user, password=None):
+        """The URI for another role (created by the caller, e.g. with sql())."""
+        secret = f":{password}" if password else ""
+        return f"postgresql://{user}{secret}@127.0.0.1:{self.port}/postgres"
 
     def _wait_ready(self, deadline):
         while time.monotonic() < deadline:
