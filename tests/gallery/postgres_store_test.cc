@@ -640,10 +640,12 @@ TEST(PostgresStoreOutageTest, WritesFailWhileDownAndTheReplicaCatchesUpAfter) {
 }
 
 // Start-up load: ChangesSince({}) of a gallery of N faces (ARCFACE_PG_LOAD_FACES, default
-// 100000; the target is 1M faces in 30 s).
+// 100000, 20000 in the sanitizer lanes, which check the path and not its speed; the issue's
+// target is 1M faces in 30 s).
 TEST_F(PostgresStoreTest, LoadsALargeGalleryQuickly) {
   const char* env = std::getenv("ARCFACE_PG_LOAD_FACES");
-  const size_t n = env != nullptr ? std::strtoul(env, nullptr, 10) : 100000;
+  const size_t n = env != nullptr ? std::strtoul(env, nullptr, 10)
+                                  : (ARCFACE_SANITIZED ? 20000 : 100000);
   constexpr size_t kPerCall = 1000;
   std::unique_ptr<GalleryStore> store = Open();
   ASSERT_NE(store, nullptr);
@@ -687,7 +689,9 @@ TEST_F(PostgresStoreTest, LoadsALargeGalleryQuickly) {
       n, absl::ToDoubleSeconds(enroll), n / absl::ToDoubleSeconds(enroll), kPerCall,
       absl::ToDoubleSeconds(load), n / absl::ToDoubleSeconds(load), per_million);
   // The budget is 30 s per million; twice that here, on a machine shared with builds.
-  EXPECT_LT(per_million, 60.0);
+  if (!ARCFACE_SANITIZED) {
+    EXPECT_LT(per_million, 60.0);
+  }
 }
 
 }  // namespace
