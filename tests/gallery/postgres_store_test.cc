@@ -497,6 +497,32 @@ TEST_F(PostgresStoreTest, ConcurrentWritersGetDenseVersionsAndExactCounts) {
   EXPECT_EQ((*all)[0].subjects.size(), 5u);
 }
 
+TEST_F(PostgresStoreTest, RowsThisServerDidNotWriteAreInternalNamingTheRow) {
+  std::unique_ptr<GalleryStore> store = Open();
+  ASSERT_NE(store, nullptr);
+  ASSERT_TRUE(store->Enroll(Write("g", "alice", {"a0", "a1"}, 1)).ok());
+  {
+    pqxx::connection conn(uri_);
+    pqxx::work tx(conn);
+    tx.exec("UPDATE arcface_faces SET embedding = '\\x0102' WHERE face_id = 'a1'");
+    tx.commit();
+  }
+  absl::StatusOr<std::vector<GalleryDelta>> read = store->ChangesSince({});
+  EXPECT_EQ(read.status().code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(read.status().message(), HasSubstr("face 'a1' of gallery 'g'"));
+  EXPECT_THAT(read.status().message(), HasSubstr("2 bytes, not 2048"));
+  {
+    pqxx::connection conn(uri_);
+    pqxx::work tx(conn);
+    tx.exec("UPDATE arcface_faces SET removed_version = 1 WHERE face_id = 'a1'");
+    tx.exec("UPDATE arcface_subjects SET labels = '{\"k\": 7}' WHERE subject_id = 'alice'");
+    tx.commit();
+  }
+  read = store->ChangesSince({});
+  EXPECT_EQ(read.status().code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(read.status().message(), HasSubstr("subject 'alice' of gallery 'g'"));
+}
+
 TEST_F(PostgresStoreTest, PasswordIsNeverShown) {
   const std::string secret = "S3cr3t-Pw";
   // Trust authentication ignores the password, so the URI connects.
