@@ -9,6 +9,7 @@
 #include <fstream>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include <grpc/support/log.h>
 #include <grpcpp/health_check_service_interface.h>
@@ -129,6 +130,7 @@ int Server::Run(const absl::Notification& stop) {
   absl::Status status = Listen();
   if (status.ok()) status = LoadModel();
   if (status.ok()) status = WarmUp();
+  if (status.ok()) status = OpenGallery();
   if (!status.ok()) {
     spdlog::error("{}", std::string(status.message()));
     StopServing(absl::Now(), absl::Now());
@@ -170,6 +172,20 @@ absl::Status Server::Listen() {
   options.server_version = ARCFACE_VERSION;
   service_ = std::make_unique<service::FaceEmbeddingService>(options, metrics_.get(), pool_.get());
 
+  gallery_metrics_ = std::make_unique<service::GalleryMetrics>(&metrics_->registry());
+  absl::StatusOr<std::unique_ptr<service::WorkQueue>> gallery_queue = service::WorkQueue::Create(
+      cfg.gallery_threads,
+      std::max(cfg.gallery_max_probes, cfg.gallery_max_faces_per_enroll) * 4);
+  if (!gallery_queue.ok()) return absl::InternalError(gallery_queue.status().message());
+  gallery_queue_ = *std::move(gallery_queue);
+  service::GalleryServiceOptions gallery_options;
+  gallery_options.max_faces_per_enroll = cfg.gallery_max_faces_per_enroll;
+  gallery_options.max_probes_per_identify = cfg.gallery_max_probes;
+  gallery_options.max_top_k = cfg.gallery_max_top_k;
+  gallery_options.hnsw_min_faces = static_cast<uint64_t>(cfg.gallery_hnsw_min_faces);
+  gallery_service_ = std::make_unique<service::FaceGalleryService>(
+      service_->env(), gallery_options, gallery_queue_.get(), gallery_metrics_.get());
+
   absl::StatusOr<Credentials> creds = MakeCredentials(cfg);
   if (!creds.ok()) return Prefixed("--tls-*: ", creds.status());
   tls_mode_ = creds->mode;
@@ -183,6 +199,7 @@ absl::Status Server::Listen() {
   grpc::ServerBuilder builder;
   builder.AddListeningPort(cfg.listen, creds->creds, &grpc_port_);
   builder.RegisterService(service_.get());
+  builder.RegisterService(gallery_service_.get());
   builder.SetMaxReceiveMessageSize(static_cast<int>(cfg.max_message_bytes));
   // gRPC enables SO_REUSEPORT by default, which would let a second server "bind" a busy port.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
@@ -288,6 +305,45 @@ absl::Status Server::WarmUp() {
   return absl::OkStatus();
 }
 
+absl::Status Server::OpenGallery() {
+  const service::ServerConfig& cfg = config_;
+  service::GalleryServiceOptions limits;
+  limits.max_faces_per_enroll = cfg.gallery_max_faces_per_enroll;
+  limits.max_probes_per_identify = cfg.gallery_max_probes;
+  limits.max_top_k = cfg.gallery_max_top_k;
+  limits.hnsw_min_faces = static_cast<uint64_t>(cfg.gallery_hnsw_min_faces);
+  arcface::v1::GalleryLimits reported;
+  if (cfg.gallery_store == "none") {
+    service::FillGalleryLimits(limits, nullptr, &reported);
+    service_->SetGalleryLimits(reported);
+    spdlog::info("gallery: none (--gallery-store none); FaceGallery answers UNIMPLEMENTED");
+    return absl::OkStatus();
+  }
+  absl::StatusOr<std::unique_ptr<gallery::GalleryStore>> store =
+      gallery::OpenGalleryStore(cfg.gallery_store);
+  // A URI of no known kind or a newer schema is the flag's fault (exit 2); an unreachable
+  // store is the machine's (exit 1): the store's code says which.
+  if (!store.ok()) return Prefixed("--gallery-store: ", store.status());
+  gallery::GalleriesOptions options;
+  options.hnsw_min_faces = static_cast<uint64_t>(cfg.gallery_hnsw_min_faces);
+  options.hnsw.m = cfg.gallery_hnsw_m;
+  options.hnsw.ef_search = cfg.gallery_hnsw_ef_search;
+  absl::StatusOr<std::unique_ptr<gallery::Galleries>> galleries =
+      gallery::Galleries::Open(*std::move(store), std::move(options));
+  if (!galleries.ok()) return Prefixed("--gallery-store: loading: ", galleries.status());
+  galleries_ = *std::move(galleries);
+  uint64_t faces = 0;
+  const std::vector<gallery::GalleryStats> all = galleries_->AllStats();
+  for (const gallery::GalleryStats& g : all) faces += g.num_faces;
+  spdlog::info("gallery: store {}; {} galleries, {} faces loaded in {:.3f} s",
+               galleries_->store_description(), all.size(), faces, galleries_->load_seconds());
+  gallery_metrics_->SetGalleries(galleries_.get());
+  gallery_service_->SetGalleries(galleries_.get());
+  service::FillGalleryLimits(limits, galleries_.get(), &reported);
+  service_->SetGalleryLimits(reported);
+  return absl::OkStatus();
+}
+
 void Server::Serve(const absl::Notification& stop) {
   const service::ServerConfig& cfg = config_;
   spdlog::info("model: arch {} model_id {} weights {} sha256 {}", model_.arch, model_.model_id,
@@ -378,6 +434,7 @@ void Server::StopServing(absl::Time grpc_deadline, absl::Time since) {
   }
   if (embedder_) embedder_->Shutdown();
   if (pool_) pool_->Shutdown();
+  if (gallery_queue_) gallery_queue_->Shutdown();
   if (faults_installed_) service::FaultInjector::Install(nullptr);  // no preprocessing runs now
   spdlog::debug("stopping: batcher and pool stopped after {:.3f} s", elapsed());
   if (http_) http_->Stop();

@@ -9,9 +9,12 @@
 // 2. Load model: the weights file (or the demo weights) is read and validated.
 // 3. Warm up: the engine is built on its device and runs its warm-up batches (CUDA: captures
 //    its graphs) on a thread that exits afterwards (docs/PERFORMANCE.md); the batcher starts.
-// 4. Serve: health SERVING, /readyz 200, the port file is written, "SERVING" is logged; then
+// 4. Open the gallery (--gallery-store): the store is opened (its schema created or migrated)
+//    and every gallery loaded into memory, timed and logged; a store that cannot be opened
+//    stops the start (exit 2 for a bad URI or a newer schema, 1 when it cannot be reached).
+// 5. Serve: health SERVING, /readyz 200, the port file is written, "SERVING" is logged; then
 //    Run() waits for `stop`.
-// 5. Drain: health NOT_SERVING, /readyz 503, new calls UNAVAILABLE, open streams finish after
+// 6. Drain: health NOT_SERVING, /readyz 503, new calls UNAVAILABLE, open streams finish after
 //    their read messages; every accepted call finishes (calls still running at the drain
 //    timeout are cancelled); the gRPC server shuts down, the batcher flushes, the
 //    preprocessing pool and the HTTP server stop; Run() returns 0. A drain still unfinished at
@@ -55,10 +58,13 @@
 #include "absl/time/time.h"
 #include "server/app/engine_model.h"
 #include "server/engine/engine.h"
+#include "server/gallery/galleries.h"
 #include "server/model/checkpoint.h"
 #include "server/service/embedder.h"
 #include "server/service/embedding_model.h"
 #include "server/service/face_embedding_service.h"
+#include "server/service/face_gallery_service.h"
+#include "server/service/gallery_metrics.h"
 #include "server/service/fault_injection.h"
 #include "server/service/http_server.h"
 #include "server/service/service_metrics.h"
@@ -81,6 +87,7 @@ class Server {
   absl::Status Listen();
   absl::Status LoadModel();
   absl::Status WarmUp();
+  absl::Status OpenGallery();
   void Serve(const absl::Notification& stop);
   int Drain();
   // The first step of the teardown (see above); idempotent. `grpc_deadline`: when calls still
@@ -113,6 +120,13 @@ class Server {
   std::unique_ptr<service::Embedder> embedder_;
   // Borrows the metrics, the pool and (once ready) the embedder.
   std::unique_ptr<service::FaceEmbeddingService> service_;
+  // The galleries (null with --gallery-store none), their metrics (which read them), and the
+  // queue that runs their writes and searches.
+  std::unique_ptr<gallery::Galleries> galleries_;
+  std::unique_ptr<service::GalleryMetrics> gallery_metrics_;
+  std::unique_ptr<service::WorkQueue> gallery_queue_;
+  // Borrows the embedding service's call environment, the galleries, the queue and metrics.
+  std::unique_ptr<service::FaceGalleryService> gallery_service_;
   // Dispatches calls into the service.
   std::unique_ptr<grpc::Server> grpc_;
   // Renders the metrics, whose sources read the pool, the batcher and the engine.

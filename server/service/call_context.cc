@@ -3,6 +3,11 @@
 #include <chrono>
 #include <utility>
 
+#include <spdlog/spdlog.h>
+
+#include "server/service/admission.h"
+#include "server/service/status_mapping.h"
+
 namespace arcface::service {
 
 CallContext ContextOf(grpc::CallbackServerContext* context, std::function<bool()> is_cancelled) {
@@ -28,6 +33,36 @@ absl::Status CheckAlive(const std::function<bool()>& is_cancelled, absl::Time de
     return absl::CancelledError("the call was cancelled");
   }
   return absl::OkStatus();
+}
+
+namespace {
+
+void FinishUnary(const CallEnv& env, grpc::ServerUnaryReactor* reactor, const char* rpc,
+                 absl::Time start, const absl::Status& status) {
+  env.metrics->RecordRequest(rpc, status, SecondsSince(start));
+  if (!status.ok()) spdlog::debug("{} failed: {}", rpc, status.ToString());
+  reactor->Finish(ToGrpcStatus(status));
+}
+
+}  // namespace
+
+grpc::ServerUnaryReactor* ServeUnary(const CallEnv& env, grpc::CallbackServerContext* context,
+                                     const char* rpc,
+                                     absl::AnyInvocable<void(CallContext, DoneFn)> work) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const absl::Time start = absl::Now();
+  absl::Status admitted = env.admission->Admit();
+  if (!admitted.ok()) {
+    FinishUnary(env, reactor, rpc, start, admitted);
+    return reactor;
+  }
+  // A unary call ends only after its work's done: the work may poll the call's context.
+  work(ContextOf(context, [context] { return context->IsCancelled(); }),
+       [env, reactor, rpc, start](absl::Status status) {
+         FinishUnary(env, reactor, rpc, start, status);
+         env.admission->Release();
+       });
+  return reactor;
 }
 
 }  // namespace arcface::service

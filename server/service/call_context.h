@@ -61,6 +61,13 @@ using DoneFn = absl::AnyInvocable<void(absl::Status)>;
 // only until the work's done (the work may keep it longer, in the batcher).
 CallContext ContextOf(grpc::CallbackServerContext* context, std::function<bool()> is_cancelled);
 
+// The life of every unary call (of every service): admit it through env.admission (or finish it
+// with the refusal), run `work`, which calls its DoneFn exactly once, then finish, meter (by
+// `rpc`) and release the call from there.
+grpc::ServerUnaryReactor* ServeUnary(const CallEnv& env, grpc::CallbackServerContext* context,
+                                     const char* rpc,
+                                     absl::AnyInvocable<void(CallContext, DoneFn)> work);
+
 // Whether the call is still worth working on; checked before each slice of costly work (a face,
 // a block of Compare rows). A call found dead is counted as an aborted preprocessing.
 absl::Status CheckAlive(const std::function<bool()>& is_cancelled, absl::Time deadline,

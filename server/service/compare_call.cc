@@ -11,6 +11,7 @@
 #include "server/service/admission.h"
 #include "server/service/cosine.h"
 #include "server/service/embedding_model.h"
+#include "server/service/probe_units.h"
 
 namespace arcface::service {
 
@@ -38,43 +39,6 @@ struct CompareWork {
 using CompareState = CallState<CompareRequest, CompareResponse>;
 
 const char* ProbeLabel(bool is_query) { return is_query ? "query" : "reference"; }
-
-// Validates embedding probes and lists face probes; writes embedding probes' unit vectors.
-absl::Status CollectProbes(const google::protobuf::RepeatedPtrField<Probe>& probes,
-                           bool is_query, std::vector<float>* units,
-                           std::vector<std::pair<bool, int>>* faces) {
-  for (int i = 0; i < probes.size(); ++i) {
-    const Probe& p = probes[i];
-    const std::string label = absl::StrCat(ProbeLabel(is_query), " ", i);
-    switch (p.probe_case()) {
-      case Probe::kFace:
-        faces->push_back({is_query, i});
-        break;
-      case Probe::kEmbedding: {
-        const auto& values = p.embedding().values();
-        if (values.size() != kEmbeddingDim) {
-          return absl::InvalidArgumentError(absl::StrCat(label, ": embedding has ", values.size(),
-                                                         " values, expected ", kEmbeddingDim));
-        }
-        for (int j = 0; j < kEmbeddingDim; ++j) {
-          if (!std::isfinite(values[j])) {
-            return absl::InvalidArgumentError(
-                absl::StrCat(label, ": embedding value ", j, " is not finite"));
-          }
-        }
-        if (!ToUnit(values.data(), units->data() + size_t(i) * kEmbeddingDim)) {
-          return absl::InvalidArgumentError(
-              absl::StrCat(label, ": embedding has zero norm (cosine is undefined)"));
-        }
-        break;
-      }
-      case Probe::PROBE_NOT_SET:
-        return absl::InvalidArgumentError(
-            absl::StrCat(label, ": probe has neither a face nor an embedding"));
-    }
-  }
-  return absl::OkStatus();
-}
 
 void FillCompare(const std::vector<float>& sims, const CompareRequest& request,
                  CompareResponse* response) {
@@ -152,9 +116,14 @@ void StartCompare(const CallEnv& env, const CompareRequest* request, CompareResp
   }
   work->queries.resize(size_t(work->rows) * kEmbeddingDim);
   work->references.resize(size_t(work->cols) * kEmbeddingDim);
-  absl::Status s = CollectProbes(request->queries(), true, &work->queries, &work->faces);
-  if (s.ok()) s = CollectProbes(request->references(), false, &work->references, &work->faces);
-  if (!s.ok()) return done(s);
+  for (bool is_query : {true, false}) {
+    std::vector<int> faces;
+    absl::Status s = CollectProbes(is_query ? request->queries() : request->references(),
+                                   ProbeLabel(is_query),
+                                   (is_query ? work->queries : work->references).data(), &faces);
+    if (!s.ok()) return done(s);
+    for (int i : faces) work->faces.push_back({is_query, i});
+  }
   const int num_faces = static_cast<int>(work->faces.size());
   if (num_faces > options.max_faces_per_request) {
     env.metrics->RecordRejected("too_many_faces", num_faces);

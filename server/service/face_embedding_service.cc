@@ -2,13 +2,10 @@
 
 #include <utility>
 
-#include <spdlog/spdlog.h>
-
 #include "absl/time/clock.h"
 #include "server/service/compare_call.h"
 #include "server/service/embed_call.h"
 #include "server/service/embed_stream.h"
-#include "server/service/status_mapping.h"
 
 namespace arcface::service {
 
@@ -42,36 +39,10 @@ void FaceEmbeddingService::WaitForQuiet(absl::Duration quiet, absl::Time deadlin
 
 int FaceEmbeddingService::inflight() const { return admission_.inflight(); }
 
-void FaceEmbeddingService::FinishUnary(grpc::ServerUnaryReactor* reactor, const char* rpc,
-                                       absl::Time start, const absl::Status& status) {
-  metrics_->RecordRequest(rpc, status, SecondsSince(start));
-  if (!status.ok()) spdlog::debug("{} failed: {}", rpc, status.ToString());
-  reactor->Finish(ToGrpcStatus(status));
-}
-
-grpc::ServerUnaryReactor* FaceEmbeddingService::ServeUnary(
-    grpc::CallbackServerContext* context, const char* rpc,
-    absl::AnyInvocable<void(CallContext, DoneFn)> work) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  const absl::Time start = absl::Now();
-  absl::Status admitted = admission_.Admit();
-  if (!admitted.ok()) {
-    FinishUnary(reactor, rpc, start, admitted);
-    return reactor;
-  }
-  // A unary call ends only after its work's done: the work may poll the call's context.
-  work(ContextOf(context, [context] { return context->IsCancelled(); }),
-       [this, reactor, rpc, start](absl::Status status) {
-         FinishUnary(reactor, rpc, start, status);
-         admission_.Release();
-       });
-  return reactor;
-}
-
 grpc::ServerUnaryReactor* FaceEmbeddingService::Embed(grpc::CallbackServerContext* context,
                                                       const EmbedRequest* request,
                                                       EmbedResponse* response) {
-  return ServeUnary(context, "Embed", [this, request, response](CallContext call, DoneFn done) {
+  return ServeUnary(env_, context, "Embed", [this, request, response](CallContext call, DoneFn done) {
     if (absl::Status id = CheckRequestId(*request); !id.ok()) return done(std::move(id));
     StartEmbed(env_, request, response, std::move(call), std::move(done));
   });
@@ -85,7 +56,7 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* FaceEmbeddingServic
 grpc::ServerUnaryReactor* FaceEmbeddingService::Compare(grpc::CallbackServerContext* context,
                                                         const CompareRequest* request,
                                                         CompareResponse* response) {
-  return ServeUnary(context, "Compare", [this, request, response](CallContext call, DoneFn done) {
+  return ServeUnary(env_, context, "Compare", [this, request, response](CallContext call, DoneFn done) {
     StartCompare(env_, request, response, std::move(call), std::move(done));
   });
 }
@@ -93,7 +64,7 @@ grpc::ServerUnaryReactor* FaceEmbeddingService::Compare(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* FaceEmbeddingService::GetModelInfo(
     grpc::CallbackServerContext* context, const arcface::v1::GetModelInfoRequest* request,
     arcface::v1::ModelInfo* response) {
-  return ServeUnary(context, "GetModelInfo", [this, response](CallContext, DoneFn done) {
+  return ServeUnary(env_, context, "GetModelInfo", [this, response](CallContext, DoneFn done) {
     const ModelDescription& model = admission_.model();
     response->set_arch(model.arch);
     response->set_embedding_dim(kEmbeddingDim);
@@ -112,6 +83,7 @@ grpc::ServerUnaryReactor* FaceEmbeddingService::GetModelInfo(
     response->mutable_batching()->set_max_batches_in_flight(batching.max_batches_in_flight);
     response->set_max_faces_per_request(options_.max_faces_per_request);
     response->set_max_message_bytes(options_.max_message_bytes);
+    *response->mutable_gallery() = gallery_limits_;
     if (model.device_memory) {
       const engine::DeviceMemory memory = model.device_memory();
       response->set_device_memory_allocated_bytes(static_cast<uint64_t>(memory.allocated_bytes));

@@ -75,6 +75,8 @@ class FaceEmbeddingService final : public FaceEmbeddingCallbackBase {
 
   // The model is loaded and warm: calls are served from now on. `embedder` is borrowed.
   void SetReady(Embedder* embedder, const ModelDescription& model);
+  // What GetModelInfo reports of the gallery (ModelInfo.gallery); set before SetReady().
+  void SetGalleryLimits(const arcface::v1::GalleryLimits& limits) { gallery_limits_ = limits; }
   // New calls get UNAVAILABLE; open streams finish once their read messages are answered.
   void BeginDrain();
   // Blocks until no accepted call is unfinished or until `deadline`; true when idle.
@@ -86,6 +88,8 @@ class FaceEmbeddingService final : public FaceEmbeddingCallbackBase {
   // service's UNAVAILABLE), so the server waits until clients have heard UNAVAILABLE and stopped.
   void WaitForQuiet(absl::Duration quiet, absl::Time deadline);
   int inflight() const;
+  // What the calls share; the gallery's service (face_gallery_service.h) serves through it too.
+  const CallEnv& env() const { return env_; }
 
   grpc::ServerUnaryReactor* Embed(grpc::CallbackServerContext* context,
                                   const arcface::v1::EmbedRequest* request,
@@ -100,15 +104,9 @@ class FaceEmbeddingService final : public FaceEmbeddingCallbackBase {
                                          arcface::v1::ModelInfo* response) override;
 
  private:
-  void FinishUnary(grpc::ServerUnaryReactor* reactor, const char* rpc, absl::Time start,
-                   const absl::Status& status);
-  // The life of every unary call: admit it (or finish it with the refusal), run `work`, which
-  // calls its DoneFn exactly once, then finish, meter and release the call from there.
-  grpc::ServerUnaryReactor* ServeUnary(grpc::CallbackServerContext* context, const char* rpc,
-                                       absl::AnyInvocable<void(CallContext, DoneFn)> work);
-
   const ServiceOptions options_;
   ServiceMetrics* const metrics_;
+  arcface::v1::GalleryLimits gallery_limits_;
   Admission admission_;
   // What all streams hold (each stream's held bytes summed), against streams_max_held_bytes.
   std::atomic<int64_t> stream_bytes_held_{0};

@@ -169,12 +169,20 @@ void MetricsRegistry::AddCallbackGauge(const std::string& name, const std::strin
   e.read = std::move(read);
 }
 
+void MetricsRegistry::AddRenderHook(std::function<void()> hook) {
+  absl::MutexLock lock(&mu_);
+  render_hooks_.push_back(std::move(hook));
+}
+
 std::string MetricsRegistry::Render() const {
   std::vector<const Entry*> entries;
+  std::vector<std::function<void()>> hooks;
   {
     absl::MutexLock lock(&mu_);
     for (const auto& e : entries_) entries.push_back(e.get());
+    hooks = render_hooks_;
   }
+  for (const auto& hook : hooks) hook();
   std::string out;
   for (const Entry* e : entries) {
     absl::StrAppend(&out, "# HELP ", e->name, " ", EscapeHelp(e->help), "\n");

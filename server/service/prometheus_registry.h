@@ -116,6 +116,10 @@ class MetricsRegistry {
   void AddCallbackGauge(const std::string& name, const std::string& help,
                         std::function<double()> read);
 
+  // Called at the start of every Render(), before any family is read: for families whose
+  // values are read from elsewhere at scrape time (one child per label value).
+  void AddRenderHook(std::function<void()> hook);
+
   // The whole exposition, ending with a newline.
   std::string Render() const;
 
@@ -133,6 +137,7 @@ class MetricsRegistry {
 
   mutable absl::Mutex mu_;
   std::vector<std::unique_ptr<Entry>> entries_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::function<void()>> render_hooks_ ABSL_GUARDED_BY(mu_);
 };
 
 // Prometheus number formatting: integers without a fraction, +Inf/-Inf/NaN spelled as such.

@@ -181,6 +181,38 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
                  "Batch size of the warm-up pass before SERVING; 0 skips it")
       ->envname("ARCFACE_WARMUP_BATCH_SIZE")
       ->check(CLI::Range(0, 4096));
+  app.add_option("--gallery-store", c.gallery_store,
+                 "The face gallery's store: sqlite:PATH (embedded, one server per file), "
+                 "postgres://USER@HOST:PORT/DB (shared by replicas; password in the URI or "
+                 "PGPASSWORD), or none (FaceGallery answers UNIMPLEMENTED)")
+      ->envname("ARCFACE_GALLERY_STORE");
+  app.add_option("--gallery-max-faces-per-enroll", c.gallery_max_faces_per_enroll,
+                 "Faces in one Enroll at most")
+      ->envname("ARCFACE_GALLERY_MAX_FACES_PER_ENROLL")
+      ->check(CLI::Range(1, 100'000));
+  app.add_option("--gallery-max-probes", c.gallery_max_probes, "Probes in one Identify at most")
+      ->envname("ARCFACE_GALLERY_MAX_PROBES")
+      ->check(CLI::Range(1, 100'000));
+  app.add_option("--gallery-max-top-k", c.gallery_max_top_k,
+                 "Identify: candidates (distinct subjects) per probe at most")
+      ->envname("ARCFACE_GALLERY_MAX_TOP_K")
+      ->check(CLI::Range(1, 10'000));
+  app.add_option("--gallery-threads", c.gallery_threads,
+                 "Threads running gallery store writes and searches")
+      ->envname("ARCFACE_GALLERY_THREADS")
+      ->check(CLI::Range(1, 256));
+  app.add_option("--gallery-hnsw-min-faces", c.gallery_hnsw_min_faces,
+                 "Galleries with at least this many faces are searched approximately (FAISS "
+                 "HNSW, built in the background; exact until then); 0: always exact")
+      ->envname("ARCFACE_GALLERY_HNSW_MIN_FACES")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 40));
+  app.add_option("--gallery-hnsw-m", c.gallery_hnsw_m, "HNSW graph degree")
+      ->envname("ARCFACE_GALLERY_HNSW_M")
+      ->check(CLI::Range(4, 256));
+  app.add_option("--gallery-hnsw-ef-search", c.gallery_hnsw_ef_search,
+                 "HNSW search beam (higher: better recall, slower)")
+      ->envname("ARCFACE_GALLERY_HNSW_EF_SEARCH")
+      ->check(CLI::Range(1, 65536));
   app.add_option("--drain-timeout", drain_timeout,
                  "On SIGTERM/SIGINT, how long accepted calls may take to finish (e.g. 30s, 500ms, "
                  "or seconds)")
@@ -253,6 +285,13 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
         "give both the certificate and the key, or neither");
   Check(&bad, c.tls_client_ca.empty() || !c.tls_cert.empty(), "--tls-client-ca",
         "mutual TLS needs --tls-cert and --tls-key too");
+  Check(&bad,
+        c.gallery_store == "none" ||
+            (absl::StartsWith(c.gallery_store, "sqlite:") && c.gallery_store.size() > 7) ||
+            absl::StartsWith(c.gallery_store, "postgres://") ||
+            absl::StartsWith(c.gallery_store, "postgresql://"),
+        "--gallery-store",
+        "must be sqlite:PATH, postgres://... (or postgresql://...) or none");
   // A hidden option's validation error would not name it (CLI11 gives hidden options no name),
   // so the test hook's spec is checked here.
   if (!c.test_fault_injection.empty()) {

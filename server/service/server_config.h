@@ -52,6 +52,15 @@ struct ServerConfig {
   int preprocess_threads = 0;  // 0: the number of hardware threads (at least 2)
   int preprocess_queue = 0;    // faces admitted to preprocessing; 0: max(1024, max_queue_size)
   int warmup_batch_size = 8;
+  // The face gallery: "none", "sqlite:PATH" or a postgres:// URI, and its limits.
+  std::string gallery_store = "none";
+  int gallery_max_faces_per_enroll = 64;
+  int gallery_max_probes = 256;
+  int gallery_max_top_k = 100;
+  int gallery_threads = 2;
+  int64_t gallery_hnsw_min_faces = 0;  // 0: exact search only
+  int gallery_hnsw_m = 32;
+  int gallery_hnsw_ef_search = 128;
   absl::Duration drain_timeout = absl::Seconds(30);
   std::string log_level = "info";
   std::string log_format = "text";
