@@ -43,7 +43,7 @@ nlohmann::json ErrorsJson(const std::vector<FailedInput>& failed) {
   return out;
 }
 
-// The face or probe an INVALID_ARGUMENT names by its index in the list sent ("Enroll: face 7
+// The face or probe an INVALID_ARGUMENT names by its index in the list sent ("Enroll: faces 7
 // (a.jpg): undecodable image"), if it names one below `count`.
 std::optional<size_t> NamedIndex(const absl::Status& status, const std::string& rpc,
                                  const std::string& word, size_t count) {
@@ -141,7 +141,7 @@ int RunGalleryEnroll(const CommonOptions& common, const GalleryOptions& gallery,
   client::EnrollOptions enroll_options;
   enroll_options.labels = options.labels;
   absl::Status status = ForEachRequest(
-      files, options.face, info->gallery().max_faces_per_enroll(), "Enroll", "face", &failed,
+      files, options.face, info->gallery().max_faces_per_enroll(), "Enroll", "faces", &failed,
       [&](const std::vector<std::string>& names, const std::vector<Probe>& probes) {
         absl::StatusOr<arcface::v1::EnrollResponse> r =
             (*client)->Enroll(gallery.gallery, options.subject, probes, enroll_options);
@@ -190,8 +190,9 @@ int RunGalleryIdentify(const CommonOptions& common, const GalleryOptions& galler
   std::vector<std::pair<std::string, arcface::v1::Identification>> results;
   arcface::v1::IdentifyResponse last;
   absl::Status status = ForEachRequest(
-      files, options.face, info->gallery().max_probes_per_identify(), "Identify", "probe",
-      &failed, [&](const std::vector<std::string>& names, const std::vector<Probe>& probes) {
+      files, options.face,
+      std::min(info->gallery().max_probes_per_identify(), info->max_faces_per_request()),
+      "Identify", "probes", &failed, [&](const std::vector<std::string>& names, const std::vector<Probe>& probes) {
         absl::StatusOr<arcface::v1::IdentifyResponse> r =
             (*client)->Identify(gallery.gallery, probes, options.top_k, options.threshold);
         if (!r.ok()) return r.status();

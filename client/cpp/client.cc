@@ -47,7 +47,7 @@ absl::Status NameFace(const absl::Status& status, const std::string& rpc,
                                                                      size_t index)>& rename) {
   if (status.ok()) return status;
   const std::string message(status.message());
-  for (const char* word : {"face", "probe", "query", "reference"}) {
+  for (const char* word : {"face", "faces", "probes", "query", "reference"}) {
     const std::string prefix = absl::StrCat(word, " ");
     if (!absl::StartsWith(message, prefix)) continue;
     size_t end = prefix.size();
@@ -73,7 +73,8 @@ absl::Status NameFaceInList(const absl::Status& status, const std::string& rpc, 
   });
 }
 
-// As NameFaceInList, for the Probe lists of the gallery calls (`word`: "face" or "probe").
+// As NameFaceInList, for the Probe lists of the gallery calls (`word`: the request's field,
+// "faces" or "probes", as the server names them).
 absl::Status NameProbeInList(const absl::Status& status, const std::string& rpc,
                              const std::string& word, size_t offset,
                              const std::vector<Probe>& probes) {
@@ -682,7 +683,7 @@ absl::StatusOr<arcface::v1::EnrollResponse> Client::Enroll(const std::string& ga
   absl::StatusOr<Limits> limits = ServerLimits(/*gallery=*/true);
   if (!limits.ok()) return limits.status();
   auto chunks = SplitProbes(faces, limits->max_enroll, limits->max_bytes);
-  if (!chunks.ok()) return NameProbeInList(chunks.status(), "Enroll", "face", 0, faces);
+  if (!chunks.ok()) return NameProbeInList(chunks.status(), "Enroll", "faces", 0, faces);
   // A key on every request, so that a retry after UNAVAILABLE never adds a face twice.
   const std::string base = !options.request_id.empty()
                                ? options.request_id
@@ -703,7 +704,7 @@ absl::StatusOr<arcface::v1::EnrollResponse> Client::Enroll(const std::string& ga
       response.Clear();
       return gallery_stub_->Enroll(context, request, &response);
     });
-    if (!s.ok()) return NameProbeInList(ToAbsl(s), "Enroll", "face", begin, faces);
+    if (!s.ok()) return NameProbeInList(ToAbsl(s), "Enroll", "faces", begin, faces);
     if (response.face_ids_size() != int(end - begin)) {
       return absl::InternalError(absl::StrCat("Enroll: ", response.face_ids_size(),
                                               " face ids for ", end - begin, " faces"));
@@ -723,8 +724,14 @@ absl::StatusOr<arcface::v1::IdentifyResponse> Client::Identify(const std::string
   if (probes.empty()) return out;
   absl::StatusOr<Limits> limits = ServerLimits(/*gallery=*/true);
   if (!limits.ok()) return limits.status();
-  auto chunks = SplitProbes(probes, limits->max_probes, limits->max_bytes);
-  if (!chunks.ok()) return NameProbeInList(chunks.status(), "Identify", "probe", 0, probes);
+  // Face probes also count against the server's max_faces_per_request.
+  int max_count = limits->max_probes;
+  if (std::any_of(probes.begin(), probes.end(),
+                  [](const Probe& p) { return std::holds_alternative<FaceInput>(p); })) {
+    max_count = max_count > 0 ? std::min(max_count, limits->max_faces) : limits->max_faces;
+  }
+  auto chunks = SplitProbes(probes, max_count, limits->max_bytes);
+  if (!chunks.ok()) return NameProbeInList(chunks.status(), "Identify", "probes", 0, probes);
   for (const auto& [begin, end] : *chunks) {
     arcface::v1::IdentifyRequest request;
     request.set_gallery(gallery);
@@ -736,7 +743,7 @@ absl::StatusOr<arcface::v1::IdentifyResponse> Client::Identify(const std::string
       response.Clear();
       return gallery_stub_->Identify(context, request, &response);
     });
-    if (!s.ok()) return NameProbeInList(ToAbsl(s), "Identify", "probe", begin, probes);
+    if (!s.ok()) return NameProbeInList(ToAbsl(s), "Identify", "probes", begin, probes);
     if (response.results_size() != int(end - begin)) {
       return absl::InternalError(absl::StrCat("Identify: ", response.results_size(),
                                               " results for ", end - begin, " probes"));

@@ -24,7 +24,8 @@
 //   the same request_id completes it without duplicates).
 // - Errors: absl::Status with gRPC's codes (absl and gRPC share the numbering). A face's error
 //   names the face by its label (the file path for FaceInput::FromFile) and its index in the
-//   caller's list, e.g. "face 7 (img/b.png): undecodable image ..." (Identify: "probe 7 ...").
+//   caller's list, e.g. "face 7 (img/b.png): undecodable image ..." (Enroll: "faces 7 ...",
+//   Identify: "probes 7 ...", as the server names the request's fields).
 //   A server without a gallery store answers the gallery calls UNIMPLEMENTED.
 // - Thread safety: a Client may be used from many threads at once. FaceInput is a value.
 #ifndef ARCFACE_CLIENT_CPP_CLIENT_H_
@@ -183,7 +184,7 @@ class Client {
                                                      const std::vector<Probe>& faces,
                                                      const EnrollOptions& options = {});
   // One Identification per probe, in order (top_k 0 means 1); more probes than the server's
-  // max_probes_per_identify go in several requests.
+  // max_probes_per_identify (face probes: its max_faces_per_request) go in several requests.
   absl::StatusOr<arcface::v1::IdentifyResponse> Identify(
       const std::string& gallery, const std::vector<Probe>& probes, uint32_t top_k = 1,
       std::optional<float> threshold = std::nullopt);

@@ -228,7 +228,7 @@ def test_bad_inputs_are_named(gc):
     with pytest.raises(ArcFaceError) as e:
         gc.enroll("nan", bad, gallery="bad", request_id="nan-1")
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert e.value.details.startswith("face 4"), e.value.details
+    assert e.value.details.startswith("faces 4"), e.value.details
 
     probes = good.copy()
     probes[2, 0] = np.inf  # the second request's first probe
@@ -236,7 +236,7 @@ def test_bad_inputs_are_named(gc):
     with pytest.raises(ArcFaceError) as e:
         gc.identify(probes, gallery="bad")
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert e.value.details.startswith("probe 2"), e.value.details
+    assert e.value.details.startswith("probes 2"), e.value.details
 
     for subject in ("", "x" * 257, "tab\there"):
         with pytest.raises(ArcFaceError) as e:
@@ -244,7 +244,7 @@ def test_bad_inputs_are_named(gc):
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT, subject
     with pytest.raises(ArcFaceError) as e:
         gc.enroll("short", [np.ones(128, np.float32)], gallery="bad")
-    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "face 0" in e.value.details
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "faces 0" in e.value.details
     with pytest.raises(ArcFaceError) as e:
         gc.enroll("other-model", good[:1], gallery="bad", model_id="some-other-model")
     assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION

@@ -569,12 +569,15 @@ class ArcFaceClient:
         whose ``results[i]`` lists probe i's candidates (up to ``top_k`` distinct subjects,
         each with its best face, by cosine similarity descending; with ``threshold``, only
         those at or above it). Probes are faces or embeddings, as ``enroll`` takes them; more
-        than the server's ``max_probes_per_identify`` go in several requests. An unknown
-        gallery raises ArcFaceError ``NOT_FOUND``.
+        than the server's ``max_probes_per_identify`` (faces: its ``max_faces_per_request``)
+        go in several requests. An unknown gallery raises ArcFaceError ``NOT_FOUND``.
         """
         items = self._probes(probes)
+        limit = self.gallery_limits.max_probes_per_identify
+        if any(p.HasField("face") for p in items):  # face probes: also max_faces_per_request
+            limit = min(limit or self.max_faces_per_request, self.max_faces_per_request)
         results, resp = [], None
-        for offset, chunk in self._split(items, self.gallery_limits.max_probes_per_identify):
+        for offset, chunk in self._split(items, limit):
             req = gpb.IdentifyRequest(gallery=gallery, probes=chunk, top_k=top_k,
                                       model_id=model_id)
             if threshold is not None:

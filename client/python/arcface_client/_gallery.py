@@ -85,11 +85,11 @@ class GalleryInfo:
                    m.index, GalleryLimits.from_proto(m.limits))
 
 
-_INDEXED = re.compile(r"^(face|probe) (\d+)")
+_INDEXED = re.compile(r"^(faces?|probes?) (\d+)")
 
 
 def shift_index(details, offset):
-    """The server names a face or probe by its index within one request ("face 3: ..."); a
+    """The server names a face or probe by its index within one request ("faces 3: ..."); a
     call the client split into several requests names it by its index in the caller's list."""
     if not offset:
         return details
