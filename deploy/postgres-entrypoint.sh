@@ -4,7 +4,7 @@
 # On the first start (an empty $PGDATA volume) it makes the cluster: superuser and database
 # `arcface` (POSTGRES_USER, POSTGRES_DB), password $PGPASSWORD (from the compose env file,
 # never the image), password (SCRAM) logins from the network. Then postgres runs as PID 1
-# (SIGTERM: a clean shutdown).
+# (SIGTERM: a clean shutdown); arguments are added to its command line (say, `-c max_connections=200`).
 set -eu
 
 : "${PGDATA:?}"
@@ -25,4 +25,4 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   fi
   echo "postgres-entrypoint: made the cluster (user and database '$user'/'$db')" >&2
 fi
-exec postgres -D "$PGDATA" -c listen_addresses='*' -c unix_socket_directories=/tmp
+exec postgres -D "$PGDATA" -c listen_addresses='*' -c unix_socket_directories=/tmp "$@"
