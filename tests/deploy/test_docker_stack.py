@@ -5,6 +5,8 @@ made with debootstrap when missing; never skipped: no engine is a failure), buil
 images from the repository's Dockerfile, brings deploy/docker-compose.yml up with the demo
 weights and the test photos (tests/data) as the sidecar's input, and checks:
 - the server image is at most 600 MB and SERVING at most 15 s after `docker run` (demo weights);
+- its face gallery (SQLite on the image's volume /var/lib/arcface) outlives the container: a
+  face enrolled in one container is identified by the next one on the same named volume;
 - the service becomes `healthy` (the image's HEALTHCHECK, arcface-client health);
 - Embed from the host through the published port, and from inside the video-analytics
   container over localhost (its shared network namespace), both equal the reference: the
@@ -193,6 +195,8 @@ def test_image_contract(engine, images):
     env = dict(e.split("=", 1) for e in config["Env"])
     assert env["ARCFACE_WEIGHTS"].startswith("/models/") and env["ARCFACE_DEMO_WEIGHTS"] == "false"
     assert int(env["OPENCV_IO_MAX_IMAGE_PIXELS"]) >= 40_000_000
+    assert env["ARCFACE_GALLERY_STORE"] == "sqlite:/var/lib/arcface/gallery.db"
+    assert "/var/lib/arcface" in config["Volumes"], config["Volumes"]
     assert run([DOCKER, "run", "--rm", image, "id", "-u"], engine, 120).strip() == "10001"
     out = subprocess.run([DOCKER, "run", "--rm", image], env=engine, capture_output=True,
                          text=True, timeout=120)
@@ -233,6 +237,38 @@ def test_image_lean(engine, images):
         run([DOCKER, "rm", "--force", cid], engine, 120, check=False)
 
 
+def test_gallery_outlives_the_container(engine, images):
+    """A named volume on /var/lib/arcface starts as the image's folder (owned by uid 10001):
+    the server writes its SQLite gallery there, and a new container on it finds the face."""
+    image = images[0]
+    volume = f"arcfaceci{os.getpid()}-gallery"
+    crop = np.random.default_rng(9).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    enrolled = None
+    try:
+        for attempt in ("enroll", "identify"):
+            port = lib.free_port()
+            cid = run([DOCKER, "run", "-d", "-p", f"127.0.0.1:{port}:50051", "-v",
+                       f"{volume}:/var/lib/arcface", "-e", "ARCFACE_DEMO_WEIGHTS=true", image],
+                      engine, 120).strip()
+            try:
+                with ArcFaceClient(f"127.0.0.1:{port}", timeout=60) as client:
+                    assert client.wait_ready(timeout=120), run(
+                        [DOCKER, "logs", "--tail", "40", cid], engine, 60, check=False)
+                    info = client.gallery_info()
+                    assert info.store == "sqlite:/var/lib/arcface/gallery.db", info
+                    if attempt == "enroll":
+                        enrolled = client.enroll("in-the-volume", [crop])
+                    else:
+                        best = client.identify([crop]).best()[0]
+                        assert (best.subject_id, best.face_id) == (
+                            "in-the-volume", enrolled.face_ids[0]), best
+                        assert info.num_faces == 1
+            finally:
+                run([DOCKER, "rm", "--force", cid], engine, 120, check=False)
+    finally:
+        run([DOCKER, "volume", "rm", "--force", volume], engine, 60, check=False)
+
+
 SIDECAR_EMBED = """
 import json
 from arcface_client import ArcFaceClient
@@ -257,6 +293,11 @@ def test_compose_stack(engine, stack, reference):
             got = client.embed([image], boxes=[box])
             want = reference.embed([image], boxes=[box])
             assert_same(got[0], want[0], f"host -> container, {name}")
+        # The gallery writes to its named volume under the read-only root.
+        face = os.path.join(lib.TEST_DATA, "single_face.jpg")
+        enrolled = client.enroll("compose", [face])
+        assert client.identify([face]).best()[0].face_id == enrolled.face_ids[0]
+        assert client.gallery_info().store == "sqlite:/var/lib/arcface/gallery.db"
 
     # Embed from inside the sidecar, over localhost in the shared network namespace.
     out = compose(env, "exec", "-T", "video-analytics", "python3", "-c", SIDECAR_EMBED)
