@@ -4,7 +4,7 @@ Starts an engine when none answers (deploy/docker-engine.sh: private data root, 
 made with debootstrap when missing; never skipped: no engine is a failure), builds the three
 images from the repository's Dockerfile, brings deploy/docker-compose.yml up with the demo
 weights and the test photos (tests/data) as the sidecar's input, and checks:
-- the server image is at most 600 MB and SERVING at most 15 s after `docker run` (demo weights);
+- the server image is at most 640 MB and SERVING at most 15 s after `docker run` (demo weights);
 - its face gallery (SQLite on the image's volume /var/lib/arcface) outlives the container: a
   face enrolled in one container is identified by the next one on the same named volume;
 - the service becomes `healthy` (the image's HEALTHCHECK, arcface-client health);
@@ -208,12 +208,14 @@ def test_image_contract(engine, images):
     assert "give exactly one" not in out.stderr, out.stderr
 
 
-MAX_IMAGE_BYTES = 600_000_000
+# 580 MB before the face gallery; its libraries add 38 MB (OpenBLAS, FAISS's BLAS: 43 MB on
+# disk; libpq, libpqxx, SQLite; FAISS itself is static in the server).
+MAX_IMAGE_BYTES = 640_000_000
 MAX_START_TO_READY_S = 15.0
 
 
 def test_image_lean(engine, images):
-    """The image holds only what the binaries load (deploy/image-rootfs.sh), ≤ 600 MB (Debian's
+    """The image holds only what the binaries load (deploy/image-rootfs.sh), ≤ 640 MB (Debian's
     packages made it 1.37 GB), and serves with the demo weights ≤ 15 s after `docker run`."""
     image = images[0]
     size = int(run([DOCKER, "image", "inspect", "-f", "{{.Size}}", image], engine, 60))
@@ -254,15 +256,15 @@ def test_gallery_outlives_the_container(engine, images):
                 with ArcFaceClient(f"127.0.0.1:{port}", timeout=60) as client:
                     assert client.wait_ready(timeout=120), run(
                         [DOCKER, "logs", "--tail", "40", cid], engine, 60, check=False)
-                    info = client.gallery_info()
-                    assert info.store == "sqlite:/var/lib/arcface/gallery.db", info
                     if attempt == "enroll":
                         enrolled = client.enroll("in-the-volume", [crop])
                     else:
                         best = client.identify([crop]).best()[0]
                         assert (best.subject_id, best.face_id) == (
                             "in-the-volume", enrolled.face_ids[0]), best
-                        assert info.num_faces == 1
+                    info = client.gallery_info()
+                    assert info.store == "sqlite:/var/lib/arcface/gallery.db", info
+                    assert info.num_faces == 1, info
             finally:
                 run([DOCKER, "rm", "--force", cid], engine, 120, check=False)
     finally:
