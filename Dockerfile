@@ -89,7 +89,8 @@ RUN mkdir -p /etc/postgresql-common \
  && install-deps.sh --postgres && rm -rf /var/lib/apt/lists/* \
  && install -d -o postgres -g postgres -m 0700 /var/lib/postgresql/data
 COPY deploy/postgres-entrypoint.sh /usr/local/bin/postgres-entrypoint.sh
-ENV PGDATA=/var/lib/postgresql/data PATH=/usr/lib/postgresql/15/bin:/usr/sbin:/usr/bin:/sbin:/bin
+ENV PGDATA=/var/lib/postgresql/data \
+    PATH=/usr/lib/postgresql/15/bin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 USER postgres
 EXPOSE 5432
 VOLUME /var/lib/postgresql/data

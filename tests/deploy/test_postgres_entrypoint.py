@@ -10,6 +10,7 @@ start."""
 import os
 import pathlib
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -119,4 +120,9 @@ def test_the_image_runs_the_entrypoint_as_postgres():
     with open(os.path.join(ROOT, "Dockerfile")) as f:
         stage = f.read().split("AS postgres", 1)[1].split("\nFROM ", 1)[0]
     assert "USER postgres" in stage and 'ENTRYPOINT ["postgres-entrypoint.sh"]' in stage
-    assert "PATH=/usr/lib/postgresql/15/bin:" in stage and "VOLUME /var/lib/postgresql/data" in stage
+    assert "VOLUME /var/lib/postgresql/data" in stage
+    # The entry point is found on the image's PATH, and so are initdb and postgres.
+    path = re.search(r"PATH=(\S+)", stage).group(1).split(":")
+    copied_to = re.search(r"COPY deploy/postgres-entrypoint.sh (\S+)/postgres-entrypoint.sh",
+                          stage).group(1)
+    assert copied_to in path and PG_BIN in path, (copied_to, path)
