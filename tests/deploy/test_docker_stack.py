@@ -14,7 +14,9 @@ weights and the test photos (tests/data) as the sidecar's input, and checks:
 - the sidecar logs faces with identities, the same identity for the same face every loop;
 - Prometheus (published port 9090) reports its scrape target arcface:8080 up;
 - `docker-compose stop`: the server (PID 1 through the entry point) and the sidecar exit 0;
-- `docker-compose down` leaves no container, network or volume of the project behind.
+- `docker-compose down` leaves no container, network or volume of the project behind;
+- deploy/docker-compose.postgres.yml's `postgres` (the Dockerfile's `postgres` target): healthy,
+  the env file's password logs in over TCP and another does not, `stop` exits 0.
 The images it built are removed at the end; the base image and the build cache stay in the
 engine's data root, so a second run on the same machine rebuilds only what changed.
 """
@@ -38,6 +40,7 @@ from arcface_client import ArcFaceClient  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENGINE = os.path.join(ROOT, "deploy", "docker-engine.sh")
 COMPOSE_FILE = os.path.join(ROOT, "deploy", "docker-compose.yml")
+POSTGRES_COMPOSE_FILE = os.path.join(ROOT, "deploy", "docker-compose.postgres.yml")
 DOCKER = "/usr/bin/docker"  # Debian's client, matching Debian's engine
 PROJECT = f"arcfaceci{os.getpid()}"
 TAG = f"ci-{os.getpid()}"
@@ -45,6 +48,7 @@ IMAGES = {  # compose variable -> (image, Dockerfile target)
     "ARCFACE_IMAGE": (f"arcface-service:{TAG}", None),
     "PROMETHEUS_IMAGE": (f"arcface-prometheus:{TAG}", "prometheus"),
     "VIDEO_ANALYTICS_IMAGE": (f"arcface-video-analytics:{TAG}", "video-analytics"),
+    "POSTGRES_IMAGE": (f"arcface-postgres:{TAG}", "postgres"),
 }
 
 
@@ -104,13 +108,13 @@ def images(engine):
             timeout=300, check=False)
 
 
-def compose(env, *args, timeout=300, check=True):
-    return run(["docker-compose", "-p", PROJECT, "-f", COMPOSE_FILE, *args], env, timeout, check)
+def compose(env, *args, timeout=300, check=True, project=PROJECT, file=COMPOSE_FILE):
+    return run(["docker-compose", "-p", project, "-f", file, *args], env, timeout, check)
 
 
-def leftovers(env):
+def leftovers(env, project=PROJECT):
     """Containers, networks and volumes still labelled with the compose project."""
-    label = f"label=com.docker.compose.project={PROJECT}"
+    label = f"label=com.docker.compose.project={project}"
     found = {}
     for kind, cmd in (("containers", ["ps", "-aq"]), ("networks", ["network", "ls", "-q"]),
                       ("volumes", ["volume", "ls", "-q"])):
@@ -358,3 +362,33 @@ def test_compose_stack(engine, stack, reference):
     # down leaves nothing of the project behind.
     compose(env, "down", "--volumes", "--remove-orphans")
     assert leftovers(env) == {}
+
+
+def test_postgres_service_of_the_shared_gallery_stack(engine, images, tmp_path):
+    project = f"{PROJECT}pg"
+    env_file = tmp_path / "gallery.env"
+    env_file.write_text(f"PGPASSWORD=ci-{os.getpid()}\n")
+    env = dict(engine, ARCFACE_GALLERY_ENV_FILE=str(env_file),
+               **{k: image for k, (image, _) in IMAGES.items()})
+
+    def pg(*args, **kw):
+        return compose(env, *args, project=project, file=POSTGRES_COMPOSE_FILE, **kw)
+
+    try:
+        pg("up", "-d", "--no-build", "postgres", timeout=300)
+        cid = pg("ps", "-q", "postgres").split()[0]
+        lib.wait_until(lambda: run([DOCKER, "inspect", "-f", "{{.State.Health.Status}}", cid],
+                                   env, 60).strip() == "healthy", 120, interval=1,
+                       what="postgres to be healthy")
+        uri = "postgres://arcface@127.0.0.1:5432/arcface"
+        out = run([DOCKER, "exec", cid, "psql", "-XAt", uri, "-c", "select current_user"], env, 60)
+        assert out.strip() == "arcface"
+        wrong = subprocess.run([DOCKER, "exec", "-e", "PGPASSWORD=wrong", cid, "psql", "-XAt", uri,
+                                "-c", "select 1"], env=env, capture_output=True, text=True,
+                               timeout=60)
+        assert wrong.returncode != 0 and "password authentication failed" in wrong.stderr
+        pg("stop")
+        assert run([DOCKER, "inspect", "-f", "{{.State.ExitCode}}", cid], env, 60).strip() == "0"
+    finally:
+        pg("down", "--volumes", "--remove-orphans", check=False)
+    assert leftovers(env, project) == {}
