@@ -40,8 +40,12 @@ class HnswIndex {
   virtual absl::Status Add(const float* units, const int64_t* slots, size_t n) = 0;
   virtual absl::Status Search(const float* probes, int nq, int k, float* sims,
                               int64_t* slots) const = 0;
+  // Changes the search-time beam of the same graph (the bench's sweep of recall against
+  // latency). Needs exclusive access, as Add(): FAISS 1.7 reads the beam from the index, not from
+  // a search's parameters. INVALID_ARGUMENT when out of the options' range.
+  virtual absl::Status SetEfSearch(int ef_search) = 0;
   virtual size_t size() const = 0;  // faces in the graph, dead ones included
-  virtual std::string Describe() const = 0;  // "hnsw(M=32,efSearch=128)"
+  virtual std::string Describe() const = 0;  // "hnsw(M=32,efSearch=128)", the current beam
 };
 
 }  // namespace arcface::gallery

@@ -138,6 +138,37 @@ class Stmt {
   int rc_;
 };
 
+// One transaction: begun by the constructor, rolled back by the destructor unless committed.
+class Transaction {
+ public:
+  Transaction(sqlite3* db, const char* begin, absl::string_view doing) : db_(db) {
+    const int rc = sqlite3_exec(db_, begin, nullptr, nullptr, nullptr);
+    if (rc == SQLITE_OK) {
+      open_ = true;
+    } else {
+      status_ = SqliteError(db_, rc, doing);
+    }
+  }
+  ~Transaction() {
+    if (open_) sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
+  }
+  Transaction(const Transaction&) = delete;
+  Transaction& operator=(const Transaction&) = delete;
+
+  const absl::Status& begun() const { return status_; }
+  absl::Status Commit(absl::string_view doing) {
+    const int rc = sqlite3_exec(db_, "COMMIT", nullptr, nullptr, nullptr);
+    if (rc != SQLITE_OK) return SqliteError(db_, rc, doing);
+    open_ = false;
+    return absl::OkStatus();
+  }
+
+ private:
+  sqlite3* const db_;
+  bool open_ = false;
+  absl::Status status_;
+};
+
 Labels ParseLabels(const std::string& json) {
   Labels labels;
   const nlohmann::json j = nlohmann::json::parse(json, nullptr, /*allow_exceptions=*/false);
@@ -168,8 +199,8 @@ class SqliteStore final : public GalleryStore {
     std::vector<GalleryDelta> deltas;
     absl::Status status;
     // One read transaction: the deltas are of one consistent state.
-    if (absl::Status s = Exec("BEGIN", "begin a read"); !s.ok()) return s;
-    absl::Cleanup end = [this] { Exec("COMMIT", "end a read").IgnoreError(); };
+    Transaction read(db_, "BEGIN", "begin a read");
+    if (!read.begun().ok()) return read.begun();
     Stmt galleries(db_, "SELECT name, model_id, version, committed_us FROM galleries");
     if (absl::Status s = galleries.prepared("list the galleries"); !s.ok()) return s;
     while (galleries.Step(&status, "list the galleries")) {
@@ -190,11 +221,8 @@ class SqliteStore final : public GalleryStore {
 
   absl::StatusOr<EnrollResult> Enroll(const EnrollWrite& write) override {
     absl::MutexLock lock(&mu_);
-    if (absl::Status s = Exec("BEGIN IMMEDIATE", "begin an enrollment"); !s.ok()) return s;
-    bool committed = false;
-    absl::Cleanup rollback = [&] {
-      if (!committed) Exec("ROLLBACK", "roll back").IgnoreError();
-    };
+    Transaction tx(db_, "BEGIN IMMEDIATE", "begin an enrollment");
+    if (!tx.begun().ok()) return tx.begun();
     absl::StatusOr<uint64_t> from = BoundVersion(write.gallery, write.model_id);
     if (!from.ok()) return from.status();
     EnrollResult result;
@@ -249,8 +277,7 @@ class SqliteStore final : public GalleryStore {
     if (absl::Status s = SetVersion(write.gallery, write.model_id, version, now); !s.ok()) {
       return s;
     }
-    if (absl::Status s = Exec("COMMIT", "commit the enrollment"); !s.ok()) return s;
-    committed = true;
+    if (absl::Status s = tx.Commit("commit the enrollment"); !s.ok()) return s;
     result.face_ids = write.face_ids;
     result.version = version;
     GalleryDelta& d = result.delta;
@@ -268,11 +295,8 @@ class SqliteStore final : public GalleryStore {
 
   absl::StatusOr<ForgetResult> Forget(const ForgetWrite& write) override {
     absl::MutexLock lock(&mu_);
-    if (absl::Status s = Exec("BEGIN IMMEDIATE", "begin a removal"); !s.ok()) return s;
-    bool committed = false;
-    absl::Cleanup rollback = [&] {
-      if (!committed) Exec("ROLLBACK", "roll back").IgnoreError();
-    };
+    Transaction tx(db_, "BEGIN IMMEDIATE", "begin a removal");
+    if (!tx.begun().ok()) return tx.begun();
     std::string model_id;
     uint64_t from = 0;
     {
@@ -366,8 +390,7 @@ class SqliteStore final : public GalleryStore {
       }
     }
     if (absl::Status s = SetVersion(write.gallery, model_id, version, now); !s.ok()) return s;
-    if (absl::Status s = Exec("COMMIT", "commit the removal"); !s.ok()) return s;
-    committed = true;
+    if (absl::Status s = tx.Commit("commit the removal"); !s.ok()) return s;
     result.faces_removed = static_cast<uint32_t>(faces.size());
     result.version = version;
     d.gallery = write.gallery;
@@ -379,11 +402,6 @@ class SqliteStore final : public GalleryStore {
   }
 
  private:
-  absl::Status Exec(const char* sql, absl::string_view doing) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    const int rc = sqlite3_exec(db_, sql, nullptr, nullptr, nullptr);
-    return rc == SQLITE_OK ? absl::OkStatus() : SqliteError(db_, rc, doing);
-  }
-
   // The gallery's version, after checking that `model_id` may write to it (0: a new gallery).
   absl::StatusOr<uint64_t> BoundVersion(const std::string& gallery, const std::string& model_id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {

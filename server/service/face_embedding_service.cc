@@ -2,7 +2,6 @@
 
 #include <utility>
 
-#include "absl/time/clock.h"
 #include "server/service/compare_call.h"
 #include "server/service/embed_call.h"
 #include "server/service/embed_stream.h"
@@ -17,7 +16,6 @@ using arcface::v1::EmbedResponse;
 FaceEmbeddingService::FaceEmbeddingService(const ServiceOptions& options,
                                            ServiceMetrics* metrics, WorkQueue* preprocess)
     : options_(options),
-      metrics_(metrics),
       admission_(metrics),
       env_{&options_, metrics, preprocess, &admission_, &stream_bytes_held_} {}
 

@@ -105,7 +105,6 @@ class FaceEmbeddingService final : public FaceEmbeddingCallbackBase {
 
  private:
   const ServiceOptions options_;
-  ServiceMetrics* const metrics_;
   arcface::v1::GalleryLimits gallery_limits_;
   Admission admission_;
   // What all streams hold (each stream's held bytes summed), against streams_max_held_bytes.

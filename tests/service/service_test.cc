@@ -313,6 +313,45 @@ TEST(ServerFlags, CancelPollInterval) {
             batching::DynamicBatcher::Options().cancel_poll_interval);
 }
 
+TEST(ServerFlags, GalleryStoreAndLimits) {
+  FlagRun defaults = RunFlags({"--demo-weights"});
+  ASSERT_EQ(defaults.exit_code, -1) << defaults.err;
+  EXPECT_EQ(defaults.config.gallery_store, "none");
+  for (const char* good : {"none", "sqlite:/data/g.db", "postgres://arc@db:5432/faces",
+                           "postgresql://db/faces"}) {
+    FlagRun r = RunFlags({"--demo-weights", "--gallery-store", good});
+    EXPECT_EQ(r.exit_code, -1) << good << ": " << r.err;
+    EXPECT_EQ(r.config.gallery_store, good);
+  }
+  for (const char* bad : {"sqlite:", "mysql://db", "/data/g.db", ""}) {
+    FlagRun r = RunFlags({"--demo-weights", "--gallery-store", bad});
+    EXPECT_EQ(r.exit_code, 2) << bad;
+    EXPECT_THAT(r.err, HasSubstr("--gallery-store")) << bad;
+  }
+  // The message never echoes the URI (it may hold a password).
+  FlagRun secret = RunFlags({"--demo-weights", "--gallery-store", "mysql://u:hunter2@db"});
+  EXPECT_THAT(secret.err, ::testing::Not(HasSubstr("hunter2")));
+  setenv("ARCFACE_GALLERY_STORE", "sqlite:/tmp/x.db", 1);
+  FlagRun env = RunFlags({"--demo-weights"});
+  unsetenv("ARCFACE_GALLERY_STORE");
+  EXPECT_EQ(env.config.gallery_store, "sqlite:/tmp/x.db");
+  CheckNumericFlag("--gallery-max-faces-per-enroll", "ARCFACE_GALLERY_MAX_FACES_PER_ENROLL",
+                   &ServerConfig::gallery_max_faces_per_enroll, 64, "8", "100000",
+                   {"0", "100001", "many"});
+  CheckNumericFlag("--gallery-max-probes", "ARCFACE_GALLERY_MAX_PROBES",
+                   &ServerConfig::gallery_max_probes, 256, "1", "512", {"0", "-3"});
+  CheckNumericFlag("--gallery-max-top-k", "ARCFACE_GALLERY_MAX_TOP_K",
+                   &ServerConfig::gallery_max_top_k, 100, "10", "10000", {"0", "10001"});
+  CheckNumericFlag("--gallery-threads", "ARCFACE_GALLERY_THREADS", &ServerConfig::gallery_threads,
+                   2, "4", "1", {"0", "257"});
+  CheckNumericFlag<int64_t>("--gallery-hnsw-min-faces", "ARCFACE_GALLERY_HNSW_MIN_FACES",
+                            &ServerConfig::gallery_hnsw_min_faces, 0, "100000", "5", {"-1"});
+  CheckNumericFlag("--gallery-hnsw-m", "ARCFACE_GALLERY_HNSW_M", &ServerConfig::gallery_hnsw_m,
+                   32, "16", "64", {"3", "257"});
+  CheckNumericFlag("--gallery-hnsw-ef-search", "ARCFACE_GALLERY_HNSW_EF_SEARCH",
+                   &ServerConfig::gallery_hnsw_ef_search, 128, "64", "256", {"0", "65537"});
+}
+
 TEST(ServerFlags, DrainTimeoutForms) {
   absl::Duration d;
   ASSERT_TRUE(ParseDrainTimeout("30s", &d));
