@@ -4,16 +4,15 @@
 #include <functional>
 #include <iostream>
 #include <map>
-#include <optional>
-
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
-#include "absl/strings/strip.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "client/cli/commands.h"
 #include "client/cli/progress.h"
@@ -96,8 +95,8 @@ absl::Status ForEachRequest(
       // Reported per file: "FILE: INVALID_ARGUMENT: undecodable image", without the index
       // within this request.
       absl::string_view reason = s.message();
-      if (absl::ConsumePrefix(&reason, absl::StrCat(rpc, ": ", word, " ", *bad, " (",
-                                                    names[*bad], ")"))) {
+      if (absl::ConsumePrefix(&reason,
+                              absl::StrCat(rpc, ": ", word, " ", *bad, " (", names[*bad], ")"))) {
         absl::ConsumePrefix(&reason, ": ");
       }
       fail(names[*bad], absl::Status(s.code(), reason));
@@ -164,10 +163,10 @@ int RunGalleryEnroll(const CommonOptions& common, const GalleryOptions& gallery,
     for (const auto& [file, id] : enrolled) rows.push_back({file, id});
     std::cout << FormatTable(rows);
   }
-  std::fprintf(stderr, "enrolled %zu of %zu files as '%s' in gallery '%s' (version %llu) in %.1f s\n",
-               enrolled.size(), files.size() + missing,
-               options.subject.c_str(), GalleryName(gallery).c_str(),
-               static_cast<unsigned long long>(version),
+  std::fprintf(stderr,
+               "enrolled %zu of %zu files as '%s' in gallery '%s' (version %llu) in %.1f s\n",
+               enrolled.size(), files.size() + missing, options.subject.c_str(),
+               GalleryName(gallery).c_str(), static_cast<unsigned long long>(version),
                absl::ToDoubleSeconds(absl::Now() - start));
   if (!status.ok()) return Fail("gallery enroll", status);
   if (files.empty() && failed.empty()) {
@@ -192,7 +191,8 @@ int RunGalleryIdentify(const CommonOptions& common, const GalleryOptions& galler
   absl::Status status = ForEachRequest(
       files, options.face,
       std::min(info->gallery().max_probes_per_identify(), info->max_faces_per_request()),
-      "Identify", "probes", &failed, [&](const std::vector<std::string>& names, const std::vector<Probe>& probes) {
+      "Identify", "probes", &failed,
+      [&](const std::vector<std::string>& names, const std::vector<Probe>& probes) {
         absl::StatusOr<arcface::v1::IdentifyResponse> r =
             (*client)->Identify(gallery.gallery, probes, options.top_k, options.threshold);
         if (!r.ok()) return r.status();
@@ -266,8 +266,8 @@ int RunGalleryList(const CommonOptions& common, const GalleryOptions& gallery) {
     if (!page.ok()) return Fail("gallery list", page.status());
     for (auto& s : *page->mutable_subjects()) subjects.push_back(std::move(s));
     if (!page->next_page_token().empty() && page->next_page_token() == token) {
-      return Fail("gallery list", absl::InternalError(absl::StrCat(
-                                      "page token '", token, "' answered with itself")));
+      return Fail("gallery list", absl::InternalError(absl::StrCat("page token '", token,
+                                                                   "' answered with itself")));
     }
     token = page->next_page_token();
   } while (!token.empty());

@@ -33,9 +33,10 @@ struct FaceFlags {
   std::string box_text;
 
   void AddTo(CLI::App* command) {
-    command->add_option("--landmarks", landmarks_path,
-                        "JSON: [[x,y] x5] for every file, or {\"file\": [[x,y] x5], ...} "
-                        "(keyed by the path as given or the base name): align to ArcFace's template")
+    command
+        ->add_option("--landmarks", landmarks_path,
+                     "JSON: [[x,y] x5] for every file, or {\"file\": [[x,y] x5], ...} "
+                     "(keyed by the path as given or the base name): align to ArcFace's template")
         ->check(CLI::ExistingFile);
     command->add_option("--box", box_text, "x0,y0,x1,y1: crop this region of every image");
   }
@@ -52,7 +53,9 @@ struct FaceFlags {
       std::stringstream text;
       text << in.rdbuf();
       absl::StatusOr<LandmarksFile> lm = ParseLandmarksJson(text.str());
-      if (!lm.ok()) return absl::StrCat("--landmarks ", landmarks_path, ": ", lm.status().message());
+      if (!lm.ok()) {
+        return absl::StrCat("--landmarks ", landmarks_path, ": ", lm.status().message());
+      }
       face->landmarks = *lm;
     }
     return std::nullopt;
@@ -61,8 +64,8 @@ struct FaceFlags {
 
 int Main(int argc, char** argv) {
   CLI::App app("arcface-client: embed, compare and detect faces with an arcface-server, enroll "
-               "and identify people in its gallery, and load-test it.\nExit codes: 0 ok, 1 some inputs failed, 2 usage error, "
-               "3 server unreachable.",
+               "and identify people in its gallery, and load-test it.\nExit codes: 0 ok, 1 some "
+               "inputs failed, 2 usage error, 3 server unreachable.",
                "arcface-client");
   app.set_version_flag("--version", std::string(ARCFACE_VERSION));
   app.require_subcommand(1);

@@ -225,8 +225,8 @@ TEST_F(ClientTest, GalleryEnrollIdentifyListForget) {
   EXPECT_GT(b->gallery_version(), a->gallery_version());
 
   // 3 probes: two Identify requests; each finds its own face.
-  auto found = client_->Identify("cpp", {std::vector<float>(g6.begin(), g6.end()), alice[0], alice[1]},
-                                 /*top_k=*/2);
+  auto found = client_->Identify(
+      "cpp", {std::vector<float>(g6.begin(), g6.end()), alice[0], alice[1]}, /*top_k=*/2);
   ASSERT_TRUE(found.ok()) << found.status();
   ASSERT_EQ(found->results_size(), 3);
   EXPECT_EQ(found->model_id(), info->model_id());

@@ -545,7 +545,8 @@ GALLERY_CROPS = ("crop_uniform_0", "crop_gaussian_1", "crop_smooth_2", "crop_gra
 def test_gallery_enroll_identify_list_forget(r50_address, goldens, tmp_path):
     alice_dir = tmp_path / "alice"
     alice_dir.mkdir()
-    alice = [write_crop_png(goldens, n, alice_dir / f"{i}.png") for i, n in enumerate(GALLERY_CROPS)]
+    alice = [write_crop_png(goldens, n, alice_dir / f"{i}.png")
+             for i, n in enumerate(GALLERY_CROPS)]
     (alice_dir / "9-bad.png").write_bytes(b"not an image")  # sorted last: the second request
     bob = write_crop_png(goldens, "crop_stripes_4", tmp_path / "bob.png")
     cli = ["--server", r50_address, "gallery", "--gallery", "cli"]

@@ -206,8 +206,8 @@ class Checker:
         for c in containers:
             if not isinstance(c, dict) or "arcface-service" not in str(c.get("image", "")):
                 continue
-            entry = next((e for e in c.get("env") or [] if e.get("name") == "ARCFACE_GALLERY_STORE"),
-                         None)
+            entry = next((e for e in c.get("env") or []
+                          if e.get("name") == "ARCFACE_GALLERY_STORE"), None)
             store = arg_value(c, "--gallery-store", "ARCFACE_GALLERY_STORE")
             if store is None and entry is not None:
                 continue  # from a Secret or another source: nothing written here to check

@@ -52,7 +52,8 @@ def start(pgdir, port, password):
            "-c", "listen_addresses=127.0.0.1", "-p", str(port)]
     # As root: exec'd as postgres directly (no runuser session between), so that SIGTERM and
     # the exit status are the entry point's own, as PID 1's in the container.
-    user = {"user": "postgres", "group": "postgres", "extra_groups": []} if os.geteuid() == 0 else {}
+    root = os.geteuid() == 0
+    user = {"user": "postgres", "group": "postgres", "extra_groups": []} if root else {}
     with open(pgdir / "log", "ab") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, **user)

@@ -108,7 +108,8 @@ def test_identify_equals_a_brute_force_scan(gc):
         assert isinstance(got, Identification) and got.gallery_version == versions
         assert got.model_id == gc.model_info()["model_id"]
         assert_same_ranking(got.results, brute_force(probes, faces, top_k), f"top_k {top_k}")
-    assert got.best()[1].face_id == faces[9][1] and got.best()[1].similarity == pytest.approx(1, abs=1e-5)
+    best = got.best()[1]
+    assert best.face_id == faces[9][1] and best.similarity == pytest.approx(1, abs=1e-5)
     threshold = 0.06
     got = gc.identify(probes, gallery="bf", top_k=5, threshold=threshold)
     expected = brute_force(probes, faces, 5, threshold)
@@ -133,7 +134,8 @@ def test_faces_given_as_images_are_embedded_by_the_server(gc, goldens):
     rows = [("alice", e.face_ids[0], emb[0]), ("alice", e.face_ids[1], emb[1]),
             ("bob", bob.face_ids[0], emb[2])]
     expected = brute_force(emb[[1, 3]], rows, 2)
-    assert [[c.subject_id for c in r] for r in got.results] == [[s for s, _, _ in r] for r in expected]
+    assert ([[c.subject_id for c in r] for r in got.results]
+            == [[s for s, _, _ in r] for r in expected])
     for g, x in zip(got.results, expected):
         np.testing.assert_allclose([c.similarity for c in g], [c for _, _, c in x], atol=1e-4)
     # a face from a path, with its golden's box
@@ -164,7 +166,8 @@ def test_forget_faces_then_the_subject(gc):
     assert {c.subject_id for c in got.results[0]} == {"s-1"}
     assert [s.subject_id for s in gc.list_subjects("fg")] == ["s-1"]
     # a subject whose last face goes is gone
-    assert gc.forget(face_ids=[f for s, f, _ in faces if s == "s-1"], gallery="fg").faces_removed == 2
+    last = [f for s, f, _ in faces if s == "s-1"]
+    assert gc.forget(face_ids=last, gallery="fg").faces_removed == 2
     info = gc.gallery_info("fg")
     assert (info.num_subjects, info.num_faces) == (0, 0)
     with pytest.raises(TypeError):
@@ -181,7 +184,7 @@ def test_list_subjects_pages_through_everything_with_labels(gc):
     assert all(isinstance(s, Subject) for s in subjects)
     assert [s.subject_id for s in subjects] == names
     by_id = {s.subject_id: s for s in subjects}
-    assert by_id["p03"].num_faces == 2 and by_id["p05"].num_faces == 2 and by_id["p00"].num_faces == 1
+    assert [by_id[n].num_faces for n in ("p00", "p03", "p05")] == [1, 2, 2]
     # labels: the keys given replace their values, the others are kept
     assert by_id["p05"].labels == {"name": "p05", "team": "blue"}
     assert [s.subject_id for s in gc.list_subjects("pages")] == names

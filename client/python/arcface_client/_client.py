@@ -560,7 +560,8 @@ class ArcFaceClient:
             resp = self._gallery_call("Enroll", req, timeout, offset)
             if len(resp.face_ids) != len(chunk):
                 raise ArcFaceError(grpc.StatusCode.INTERNAL,
-                                   f"{len(resp.face_ids)} face ids for {len(chunk)} faces", "Enroll")
+                                   f"{len(resp.face_ids)} face ids for {len(chunk)} faces",
+                                   "Enroll")
             face_ids.extend(resp.face_ids)
         return Enrollment(resp.subject_id, tuple(face_ids), resp.gallery_version)
 
