@@ -1,14 +1,14 @@
 // The exact index on the CPU: the gallery's unit vectors in one row-major matrix, searched by
 // FAISS's knn_inner_product (blocked BLAS sgemm plus heaps for 20 probes or more, SIMD dot
 // products below that), the same kernels as faiss::IndexFlatIP over the same memory.
+#include <faiss/utils/distances.h>
+
 #include <cstring>
 #include <exception>
 #include <memory>
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <faiss/utils/distances.h>
 
 #include "absl/strings/str_cat.h"
 #include "server/gallery/vector_index.h"
