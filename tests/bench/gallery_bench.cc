@@ -181,7 +181,7 @@ struct Row {
 };
 
 void PrintRow(const Row& r) {
-  std::printf("| %8zu | %-24s | %5d | %10.1f | %8.3f | %8.3f | %8.3f | %s | %s |\n", r.n,
+  std::printf("| %8zu | %-26s | %5d | %10.1f | %8.3f | %8.3f | %8.3f | %s | %s |\n", r.n,
               r.method.c_str(), r.batch, r.timing.probes_per_s, r.timing.p50_ms, r.timing.p99_ms,
               r.timing.cpu_ms,
               r.recall < 0 ? "  exact " : absl::StrFormat("  %.4f", r.recall).c_str(),
