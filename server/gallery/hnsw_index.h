@@ -7,7 +7,8 @@
 // - Build() makes the graph from a snapshot (blocking, minutes: about 1,000 faces/s on one core
 //   at 10k faces, slower as the graph outgrows the caches; Galleries runs it on a background
 //   thread, serving exact search meanwhile). Add() inserts faces enrolled since.
-// - Memory: its own copy of the vectors (2 KB a face) plus the graph (2·M neighbours of 4 bytes a face at level 0, a little more above).
+// - Memory: its own copy of the vectors (2 KB a face) plus the graph (2·M neighbours of 4 bytes
+//   a face at level 0, a little more above).
 //   Removed faces stay in the graph; Galleries skips their slots in the answers (and rebuilds
 //   when too many are dead), so Search() is asked for more than it needs.
 // - Search(): for each of nq unit probes, up to k (slot, similarity) pairs, best first; a
