@@ -486,7 +486,7 @@ TEST(Galleries, ApproximateSearchAboveTheSizeFlag) {
   while (g->Stats("big")->index == "flat" && absl::Now() < deadline) {
     absl::SleepFor(absl::Milliseconds(20));
   }
-  ASSERT_EQ(g->Stats("big")->index, "hnsw(M=32,efSearch=64)");
+  ASSERT_EQ(g->Stats("big")->index, "hnsw(M=48,efSearch=64)");
   std::vector<float> probes = RandomUnits(50, 77);
   std::vector<std::vector<Candidate>> results;
   uint64_t version;
