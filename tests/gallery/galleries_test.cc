@@ -531,5 +531,36 @@ TEST(FlatIndex, SwapRemoveKeepsRowsDense) {
   EXPECT_NEAR(sims[0], 1.0, 1e-5);
 }
 
+// A gallery large enough to be searched in shards (one thread each, merged) answers as one scan:
+// the k best rows of all, wherever they are, with rows counted from the whole matrix.
+TEST(FlatIndex, ShardedSearchEqualsABruteForceScan) {
+  constexpr int kRows = 70000, kProbes = 3, kK = 7;
+  std::unique_ptr<VectorIndex> index = MakeFlatIndex();
+  std::vector<float> units = RandomUnits(kRows, 8);
+  std::vector<float> probes = RandomUnits(kProbes, 9);
+  // One probe is a row of the second half: its own row must come first.
+  std::copy(units.begin() + 65000 * kDim, units.begin() + 65001 * kDim, probes.begin());
+  ASSERT_TRUE(index->Adopt(units).ok());
+  std::vector<float> sims(kProbes * kK);
+  std::vector<int64_t> rows(kProbes * kK);
+  ASSERT_TRUE(index->Search(probes.data(), kProbes, kK, sims.data(), rows.data()).ok());
+  EXPECT_EQ(rows[0], 65000);
+  for (int q = 0; q < kProbes; ++q) {
+    std::vector<std::pair<double, int64_t>> all(kRows);
+    for (int r = 0; r < kRows; ++r) {
+      double dot = 0;
+      for (int j = 0; j < kDim; ++j) {
+        dot += double(probes[q * kDim + j]) * units[size_t(r) * kDim + j];
+      }
+      all[r] = {dot, r};
+    }
+    std::partial_sort(all.begin(), all.begin() + kK, all.end(), std::greater<>());
+    for (int j = 0; j < kK; ++j) {
+      EXPECT_EQ(rows[q * kK + j], all[j].second) << q << "/" << j;
+      EXPECT_NEAR(sims[q * kK + j], all[j].first, 1e-5);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace arcface::gallery

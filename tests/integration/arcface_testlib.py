@@ -340,7 +340,7 @@ class ServerProcess:
         # defaults unless a test sets them).
         for k in list(env):
             if (k.startswith("ARCFACE_") and k not in ("ARCFACE_SERVER_BIN",)) or k in (
-                    "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+                    "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_CORETYPE"):
                 del env[k]
         env.update(self.env or {})
         self.proc = subprocess.Popen(orphan_guarded(self.command()), stdout=self._log,
