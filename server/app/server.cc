@@ -15,9 +15,11 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <spdlog/spdlog.h>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/files.h"
+#include "server/gallery/torch_index.h"
 #include "server/model/demo_weights.h"
 
 #ifndef ARCFACE_VERSION
@@ -325,6 +327,12 @@ absl::Status Server::OpenGallery() {
   // store is the machine's (exit 1): the store's code says which.
   if (!store.ok()) return Prefixed("--gallery-store: ", store.status());
   gallery::GalleriesOptions options;
+  // With the model on CUDA, the galleries' matrices live beside it: a search is a matmul and a
+  // top-k there. On the CPU, FAISS.
+  if (absl::StartsWith(model_.device, "cuda")) {
+    const c10::Device device(model_.device);
+    options.index_factory = [device] { return gallery::MakeTorchIndex(device); };
+  }
   options.hnsw_min_faces = static_cast<uint64_t>(cfg.gallery_hnsw_min_faces);
   options.hnsw.m = cfg.gallery_hnsw_m;
   options.hnsw.ef_search = cfg.gallery_hnsw_ef_search;

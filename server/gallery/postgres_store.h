@@ -11,8 +11,20 @@
 // - Outage: a write while the database is unreachable fails UNAVAILABLE with libpq's reason,
 //   at once or within the connect timeout; Health() says down, the listener's availability() is
 //   called on each change, and the store reconnects in the background (backoff up to 2 s).
-// - Thread safety: writes and reads use a small pool of connections; all methods may be called
-//   from any thread.
+// - Follow(): changed() is also called once each time LISTEN is (re)established, the first
+//   time included (so nothing committed between the caller's load and LISTEN is missed), and
+//   for this store's own writes too (NOTIFY reaches every listener): the catch-up then finds
+//   versions the caller may already hold. A connection that breaks and reconnects at once is
+//   no outage (no availability() calls, one catch-up).
+// - Replay: an Enroll whose request_id was used before answers the earlier write's face_ids
+//   and version (the same answer as then).
+// - Connection: libpq's URI, plus connect_timeout=2 and TCP keepalives unless the URI sets
+//   them (an outage is noticed and refused within seconds). Describe() is
+//   postgres://user@host:port/db; no message or log line carries the password.
+// - Destruction stops the follower (waiting at most one connect timeout).
+// - Thread safety: writes and reads use a pool of up to 8 connections (callers beyond wait);
+//   a pooled connection found broken (the server restarted) is replaced once, transparently.
+//   All methods may be called from any thread.
 #ifndef ARCFACE_SERVER_GALLERY_POSTGRES_STORE_H_
 #define ARCFACE_SERVER_GALLERY_POSTGRES_STORE_H_
 

@@ -59,8 +59,9 @@ struct ServerConfig {
   int gallery_max_top_k = 100;
   int gallery_threads = 2;
   int64_t gallery_hnsw_min_faces = 0;  // 0: exact search only
-  int gallery_hnsw_m = 32;
-  int gallery_hnsw_ef_search = 128;
+  // HNSW's graph degree and search beam (gallery::HnswOptions' defaults: recall@10 >= 0.99).
+  int gallery_hnsw_m = 48;
+  int gallery_hnsw_ef_search = 256;
   absl::Duration drain_timeout = absl::Seconds(30);
   std::string log_level = "info";
   std::string log_format = "text";

@@ -1,5 +1,11 @@
 // The SQLite store and the in-memory galleries, on real database files: round trips through
 // the store, reloads, exact search against a brute-force scan, paging, ids, concurrency.
+#include "server/gallery/galleries.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <sqlite3.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -11,12 +17,8 @@
 #include <thread>
 #include <vector>
 
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
-#include <sqlite3.h>
-
 #include "absl/strings/str_cat.h"
-#include "server/gallery/galleries.h"
+#include "absl/time/clock.h"
 #include "server/gallery/gallery_store.h"
 #include "server/gallery/ids.h"
 #include "server/gallery/sqlite_store.h"
@@ -62,8 +64,8 @@ std::vector<float> RandomUnits(int n, uint32_t seed) {
   return v;
 }
 
-EnrollWrite Write(const std::string& gallery, const std::string& subject,
-                  std::vector<float> units, const std::string& request_id = "") {
+EnrollWrite Write(const std::string& gallery, const std::string& subject, std::vector<float> units,
+                  const std::string& request_id = "") {
   EnrollWrite w;
   w.gallery = gallery;
   w.model_id = kModel;
@@ -150,8 +152,7 @@ TEST(SqliteStore, EnrollForgetAndReloadRoundTrip) {
     auto second = (*store)->Enroll(more);
     ASSERT_TRUE(second.ok());
     ASSERT_EQ(second->delta.subjects.size(), 1u);
-    EXPECT_EQ(second->delta.subjects[0].labels,
-              (Labels{{"team", "blue"}, {"city", "Oslo"}}));
+    EXPECT_EQ(second->delta.subjects[0].labels, (Labels{{"team", "blue"}, {"city", "Oslo"}}));
     ForgetWrite f{"g", "", {w.face_ids[1]}};
     auto forgot = (*store)->Forget(f);
     ASSERT_TRUE(forgot.ok()) << forgot.status();
@@ -316,9 +317,8 @@ TEST(Galleries, IdentifyEqualsABruteForceScanAcrossForgetsAndReloads) {
     for (std::optional<float> threshold : {std::optional<float>(), std::optional<float>(0.05f)}) {
       std::vector<std::vector<Candidate>> results;
       uint64_t version = 0;
-      ASSERT_TRUE(g->Identify("g", kModel, probes.data(), 24, top_k, threshold, &results,
-                              &version)
-                      .ok());
+      ASSERT_TRUE(
+          g->Identify("g", kModel, probes.data(), 24, top_k, threshold, &results, &version).ok());
       EXPECT_EQ(version, stats->version);
       for (int p = 0; p < 24; ++p) {
         std::vector<Candidate> want =
@@ -457,6 +457,60 @@ TEST(Galleries, ConcurrentEnrollAndIdentifyLoseNothing) {
   EXPECT_EQ(stored.size(), (*all)[0].face_ids.size());  // no face twice
   EXPECT_EQ(stored.size(), acknowledged.size() + 1);    // the seed and every acknowledged one
   for (const std::string& id : acknowledged) EXPECT_EQ(stored.count(id), 1u) << id;
+}
+
+// Above hnsw_min_faces a gallery gets an HNSW graph in the background; then Identify is
+// approximate but close to exact, and faces enrolled or removed afterwards count at once.
+TEST(Galleries, ApproximateSearchAboveTheSizeFlag) {
+  TempDir dir;
+  auto store = OpenSqliteStore(dir.file("g.db"));
+  ASSERT_TRUE(store.ok());
+  GalleriesOptions options;
+  options.hnsw_min_faces = 400;
+  options.hnsw.ef_search = 64;
+  auto opened = Galleries::Open(*std::move(store), options);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  std::unique_ptr<Galleries> g = *std::move(opened);
+  std::vector<float> units = RandomUnits(500, 21);
+  std::vector<Face> faces;
+  for (int s = 0; s < 100; ++s) {
+    std::vector<float> part(units.begin() + s * 5 * kDim, units.begin() + (s + 1) * 5 * kDim);
+    EnrollWrite w = Write("big", absl::StrCat("s", s), part);
+    ASSERT_TRUE(g->Enroll(w).ok());
+    for (int i = 0; i < 5; ++i) {
+      faces.push_back({w.face_ids[i], w.subject_id, units.data() + (s * 5 + i) * kDim});
+    }
+  }
+  // The graph is built on its own thread; exact search serves until it is in.
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  while (g->Stats("big")->index == "flat" && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  ASSERT_EQ(g->Stats("big")->index, "hnsw(M=48,efSearch=64)");
+  std::vector<float> probes = RandomUnits(50, 77);
+  std::vector<std::vector<Candidate>> results;
+  uint64_t version;
+  ASSERT_TRUE(
+      g->Identify("big", kModel, probes.data(), 50, 10, std::nullopt, &results, &version).ok());
+  int hits = 0;
+  for (int p = 0; p < 50; ++p) {
+    std::set<std::string> want;
+    for (const Candidate& c : BruteForce(faces, probes.data() + p * kDim, 10, std::nullopt)) {
+      want.insert(c.subject_id);
+    }
+    for (const Candidate& c : results[p]) hits += want.count(c.subject_id);
+  }
+  EXPECT_GE(hits, 50 * 10 * 95 / 100) << "recall@10 of subjects below 0.95";
+  // A face removed is never answered; one enrolled after the build is found.
+  ASSERT_TRUE(g->Forget({"big", "", {faces[42].face_id}}).ok());
+  EnrollWrite late = Write("big", "late", RandomUnits(1, 4242));
+  ASSERT_TRUE(g->Enroll(late).ok());
+  std::vector<float> two(faces[42].unit, faces[42].unit + kDim);
+  two.insert(two.end(), late.embeddings.begin(), late.embeddings.end());
+  ASSERT_TRUE(g->Identify("big", kModel, two.data(), 2, 3, std::nullopt, &results, &version).ok());
+  for (const Candidate& c : results[0]) EXPECT_NE(c.face_id, faces[42].face_id);
+  EXPECT_EQ(results[1][0].face_id, late.face_ids[0]);
+  EXPECT_NEAR(results[1][0].similarity, 1.0, 1e-4);
 }
 
 TEST(FlatIndex, SwapRemoveKeepsRowsDense) {

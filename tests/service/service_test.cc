@@ -33,6 +33,7 @@
 #include "arcface/v1/face_embedding.grpc.pb.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/gallery/hnsw_index.h"
 #include "server/service/compare_call.h"
 #include "server/service/cosine.h"
 #include "server/service/embedder.h"
@@ -347,9 +348,12 @@ TEST(ServerFlags, GalleryStoreAndLimits) {
   CheckNumericFlag<int64_t>("--gallery-hnsw-min-faces", "ARCFACE_GALLERY_HNSW_MIN_FACES",
                             &ServerConfig::gallery_hnsw_min_faces, 0, "100000", "5", {"-1"});
   CheckNumericFlag("--gallery-hnsw-m", "ARCFACE_GALLERY_HNSW_M", &ServerConfig::gallery_hnsw_m,
-                   32, "16", "64", {"3", "257"});
+                   48, "16", "64", {"3", "257"});
   CheckNumericFlag("--gallery-hnsw-ef-search", "ARCFACE_GALLERY_HNSW_EF_SEARCH",
-                   &ServerConfig::gallery_hnsw_ef_search, 128, "64", "256", {"0", "65537"});
+                   &ServerConfig::gallery_hnsw_ef_search, 256, "64", "128", {"0", "65537"});
+  // The flags' defaults are the graph's own.
+  EXPECT_EQ(ServerConfig().gallery_hnsw_m, gallery::HnswOptions().m);
+  EXPECT_EQ(ServerConfig().gallery_hnsw_ef_search, gallery::HnswOptions().ef_search);
 }
 
 TEST(ServerFlags, DrainTimeoutForms) {
