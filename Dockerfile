@@ -1,8 +1,13 @@
-# The arcface-service image, and the two companion images of deploy/docker-compose.yml.
+# The arcface-service image, and the companion images of deploy/docker-compose*.yml.
 #
 #   docker build -t arcface-service .                                    # the server (default target)
 #   docker build --target prometheus -t arcface-prometheus .             # Prometheus scraping it
 #   docker build --target video-analytics -t arcface-video-analytics .   # the example sidecar
+#   docker build --target postgres -t arcface-postgres .                 # the gallery's shared store
+#
+# The server keeps its face gallery in SQLite on the volume /var/lib/arcface
+# (ARCFACE_GALLERY_STORE=sqlite:/var/lib/arcface/gallery.db); replicas that share one gallery
+# use PostgreSQL instead (deploy/docker-compose.postgres.yml).
 #
 # Every stage but the last starts from debian:bookworm and installs Debian packages with
 # deploy/install-deps.sh, so dependency layers come before any source layer and stay cached
@@ -73,6 +78,26 @@ VOLUME /prometheus
 ENTRYPOINT ["/usr/bin/prometheus", "--config.file=/etc/prometheus/prometheus.yml", \
             "--storage.tsdb.path=/prometheus", "--web.listen-address=:9090"]
 
+# ---- postgres: Debian's PostgreSQL 15 (no registry's postgres image is reachable here) --------
+# The gallery's shared store: deploy/postgres-entrypoint.sh makes the cluster on first start
+# (user and database `arcface`, the password from PGPASSWORD) and runs postgres as PID 1.
+FROM ${BASE_IMAGE} AS postgres
+COPY deploy/install-deps.sh /usr/local/sbin/install-deps.sh
+# No cluster at install time: the entry point makes one in the volume.
+RUN mkdir -p /etc/postgresql-common \
+ && echo "create_main_cluster = false" >/etc/postgresql-common/createcluster.conf \
+ && install-deps.sh --postgres && rm -rf /var/lib/apt/lists/* \
+ && install -d -o postgres -g postgres -m 0700 /var/lib/postgresql/data
+COPY deploy/postgres-entrypoint.sh /usr/local/bin/postgres-entrypoint.sh
+ENV PGDATA=/var/lib/postgresql/data \
+    PATH=/usr/lib/postgresql/15/bin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+USER postgres
+EXPOSE 5432
+VOLUME /var/lib/postgresql/data
+HEALTHCHECK --interval=5s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["pg_isready", "-h", "127.0.0.1", "-U", "arcface", "-d", "arcface"]
+ENTRYPOINT ["postgres-entrypoint.sh"]
+
 # ---- video-analytics: the example sidecar program ------------------------------------------
 FROM ${BASE_IMAGE} AS video-analytics
 COPY deploy/install-deps.sh /usr/local/sbin/install-deps.sh
@@ -120,6 +145,7 @@ ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     ARCFACE_LISTEN=0.0.0.0:50051 \
     ARCFACE_HTTP_LISTEN=0.0.0.0:8080 \
     OPENCV_IO_MAX_IMAGE_PIXELS=67108864 \
+    ARCFACE_GALLERY_STORE=sqlite:/var/lib/arcface/gallery.db \
     PYTHONPATH=/opt/arcface/python \
     LD_LIBRARY_PATH=/opt/libtorch/lib
 # A library, module or path missing from the gathered files fails the build here, not a user:
@@ -131,6 +157,8 @@ RUN --mount=type=bind,source=deploy/image-check.sh,target=/tmp/image-check.sh \
 # Numeric, so that Kubernetes can verify runAsNonRoot without knowing the image.
 USER 10001:10001
 EXPOSE 50051 8080
+# The gallery's SQLite file (owned by 10001: image-rootfs.sh); a new volume starts as this folder.
+VOLUME /var/lib/arcface
 # start-period: loading the weights and warming up takes a few seconds on a CPU.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
   CMD ["arcface-client", "health", "--server", "127.0.0.1:50051"]

@@ -2,10 +2,11 @@
 # The runtime image's smoke test, run by the Dockerfile while it builds the image, so that a
 # missing library, Python module or loader path fails the build and not the first user:
 #   sh deploy/image-check.sh
-# Runs both binaries' --help, `id`, and arcface-server with the demo weights on loopback
-# (ephemeral ports, no ARCFACE_* variable of the environment) until it writes its port file
-# (SERVING); then the health check, an Embed of a PNG through arcface-client, an Embed of a raw
-# crop and /readyz through the Python client; then SIGTERM, which must end the server with 0.
+# Runs both binaries' --help, `id`, and arcface-server with the demo weights and a SQLite
+# gallery store on loopback (ephemeral ports, no ARCFACE_* variable of the environment) until it
+# writes its port file (SERVING); then the health check, an Embed of a PNG through
+# arcface-client, an Embed of a raw crop, a gallery Enroll and Identify and /readyz through the
+# Python client, `arcface-client gallery list`; then SIGTERM, which must end the server with 0.
 # IMAGE_CHECK_MAPS=FILE: the running server's /proc/PID/maps (every file it mapped, libraries
 # it dlopen'ed included) is written to FILE before it stops (deploy/image-rootfs.sh uses it).
 # POSIX sh and coreutils only: the image has no other shell tools. Exits 1 with the server's log
@@ -33,7 +34,7 @@ arcface-client --help >/dev/null || fail "arcface-client --help failed"
 id -u >/dev/null || fail "id failed"
 
 arcface-server --demo-weights --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 \
-  --port-file "$dir/ports" >"$dir/log" 2>&1 &
+  --gallery-store "sqlite:$dir/gallery.db" --port-file "$dir/ports" >"$dir/log" 2>&1 &
 pid=$!
 tries=0
 until [ -s "$dir/ports" ]; do
@@ -65,12 +66,17 @@ with open(png, "wb") as f:
 crop = np.random.default_rng(1).integers(0, 256, (112, 112, 3), dtype=np.uint8)
 with ArcFaceClient(server, timeout=120) as client:
     e = client.embed([crop])
+    enrolled = client.enroll("image-check", [crop])
+    found = client.identify([crop]).best()[0]
 assert e.shape == (1, 512) and np.isfinite(e).all() and np.abs(e).sum() > 0, e
+assert (found.subject_id, found.face_id) == ("image-check", enrolled.face_ids[0]), found
 with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=10) as r:
     assert r.status == 200, r.status
 EOF
 arcface-client --server "$server" embed "$dir/face.png" >/dev/null ||
   fail "arcface-client embed of a PNG failed"
+arcface-client --server "$server" gallery list >/dev/null 2>&1 ||
+  fail "arcface-client gallery list failed"
 
 [ -z "${IMAGE_CHECK_MAPS:-}" ] || cp "/proc/$pid/maps" "$IMAGE_CHECK_MAPS"
 kill -TERM "$pid"

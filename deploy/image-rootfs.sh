@@ -16,7 +16,8 @@
 #   python3-numpy and of the Python packages they depend on (documentation left out), and the
 #   shared libraries of their programs and extension modules;
 # - merged-/usr's top-level links as here, /etc/ld.so.cache for exactly these libraries,
-#   /etc/passwd and /etc/group with `arcface` (uid/gid 10001), /tmp, /models.
+#   /etc/passwd and /etc/group with `arcface` (uid/gid 10001), /tmp, /models, and
+#   /var/lib/arcface (the gallery's volume, owned by arcface).
 # Files under /opt/libtorch are skipped: the Dockerfile copies that directory whole (the CUDA
 # variant's libtorch; empty otherwise). A library that ldd cannot find fails the script, except
 # the sonames in IMAGE_ALLOW_MISSING (space-separated; the CUDA variant's driver, libcuda.so.1,
@@ -136,6 +137,7 @@ fi
 
 mkdir -p "$DEST/etc" "$DEST/models" "$DEST/tmp"
 chmod 1777 "$DEST/tmp"
+install -d -o 10001 -g 10001 -m 0750 "$DEST/var/lib/arcface"
 cp -a /etc/ld.so.conf /etc/ld.so.conf.d "$DEST/etc/"
 [[ ! -f /etc/nsswitch.conf ]] || cp -a /etc/nsswitch.conf "$DEST/etc/"
 ldconfig -r "$DEST"

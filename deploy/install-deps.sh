@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs every Debian package (and the npm peer used by tests/benchmarks) that the build, the
 # tests and the tools need. Idempotent: when everything is present it only checks and returns.
-# Usage: deploy/install-deps.sh [--runtime-only | --libs-only | --sidecar | --prometheus]
+# Usage: deploy/install-deps.sh [--runtime-only | --libs-only | --sidecar | --prometheus | --postgres]
 #   (none)          everything: build, tests, tools (tests/run.sh)
 #   --runtime-only  what building and running the server needs (deploy/run.sh, the image's builder)
 #   --libs-only     only the shared libraries of the built binaries and the Python client (the
 #                   image's rootfs stage, which gathers from them the files the image keeps)
 #   --sidecar       the example video-analytics program (Python client, OpenCV, Haar cascades)
 #   --prometheus    Prometheus alone (the compose stack's scraper image)
+#   --postgres      PostgreSQL 15 alone (the gallery's shared store in docker-compose.postgres.yml)
 set -euo pipefail
 
 BUILD_PKGS=(
@@ -55,6 +56,7 @@ case ${1:-} in
   --libs-only) want=("${LIB_PKGS[@]}") ;;
   --sidecar) want=("${SIDECAR_PKGS[@]}") ;;
   --prometheus) want=(prometheus) ;;
+  --postgres) want=(postgresql-15) ;;
   *) echo "install-deps: unknown option '$1' (see the usage at the top of $0)" >&2; exit 2 ;;
 esac
 

@@ -4,6 +4,9 @@
 # Weights: $ARCFACE_WEIGHTS, else models/arcface_r50.safetensors (deploy/fetch-weights.sh gets
 # it). Without weights it says so and offers the demo weights (--demo-weights or
 # ARCFACE_DEMO_WEIGHTS=true): seeded random weights, a real pipeline, meaningless embeddings.
+# The face gallery: a SQLite store in the state folder $ARCFACE_DATA_DIR (default var/ in the
+# repository, git-ignored): --gallery-store sqlite:$ARCFACE_DATA_DIR/gallery.db, unless a
+# --gallery-store argument or ARCFACE_GALLERY_STORE chooses another (postgres://..., none).
 # Usage: deploy/run.sh [--demo-weights] [extra arguments for arcface-server, e.g. --listen 0.0.0.0:50052]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +43,19 @@ else
     exit 1
   fi
 fi
+store_chosen=false
+[[ -z ${ARCFACE_GALLERY_STORE:-} ]] || store_chosen=true
+for a in "${args[@]}"; do
+  [[ $a != --gallery-store && $a != --gallery-store=* ]] || store_chosen=true
+done
+if [[ $store_chosen == false ]]; then
+  data=${ARCFACE_DATA_DIR:-var}
+  mkdir -p "$data"
+  data=$(cd "$data" && pwd)
+  echo "run: the gallery is kept in $data/gallery.db (ARCFACE_DATA_DIR, --gallery-store)" >&2
+  args+=(--gallery-store "sqlite:$data/gallery.db")
+fi
+
 # The choice is made here: the server must not see a second one through its environment.
 unset ARCFACE_WEIGHTS ARCFACE_DEMO_WEIGHTS
 exec "$BUILD/server/arcface-server" "${weight_args[@]}" "${args[@]}"

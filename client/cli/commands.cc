@@ -51,18 +51,11 @@ absl::Status EmbedFiles(Client& client, const std::vector<std::string>& files,
     while (next_index < files.size()) {
       const size_t i = next_index++;
       FileOutcome& o = (*outcomes)[i];
-      absl::StatusOr<FaceInput> face = FaceInput::FromFile(files[i]);
+      absl::StatusOr<FaceInput> face = LoadFace(files[i], face_options);
       if (!face.ok()) {
         o.embedding = face.status();
         finished(i);
         continue;
-      }
-      if (face_options.landmarks) {
-        if (auto points = face_options.landmarks->Find(files[i])) face->WithLandmarks(*points);
-      }
-      if (face_options.box) {
-        const auto& b = *face_options.box;
-        face->WithBox({b[0], b[1], b[2], b[3]});
       }
       return client::StreamItem{{std::move(*face)}, static_cast<int64_t>(i)};
     }
@@ -91,14 +84,14 @@ cv::Mat ReadThumbnailSource(const std::string& file) {
   }
 }
 
+}  // namespace
+
 void NoteDemo(const arcface::v1::ModelInfo& info) {
   if (info.demo_weights()) {
     std::fprintf(stderr,
                  "note: the server runs DEMO (random) weights: embeddings are not meaningful\n");
   }
 }
-
-}  // namespace
 
 absl::StatusOr<std::unique_ptr<client::Client>> MakeClient(const CommonOptions& o, int attempts) {
   client::ClientOptions options;
@@ -125,6 +118,19 @@ absl::StatusOr<std::unique_ptr<client::Client>> MakeClient(const CommonOptions& 
                  absl::ToDoubleSeconds(wait), attempt, max_attempts);
   };
   return Client::Create(options);
+}
+
+absl::StatusOr<FaceInput> LoadFace(const std::string& file, const FaceOptions& options) {
+  absl::StatusOr<FaceInput> face = FaceInput::FromFile(file);
+  if (!face.ok()) return face;
+  if (options.landmarks) {
+    if (auto points = options.landmarks->Find(file)) face->WithLandmarks(*points);
+  }
+  if (options.box) {
+    const auto& b = *options.box;
+    face->WithBox({b[0], b[1], b[2], b[3]});
+  }
+  return face;
 }
 
 int Fail(const std::string& what, const absl::Status& status, bool usage) {

@@ -11,6 +11,8 @@
 #ifndef ARCFACE_CLIENT_CLI_COMMANDS_H_
 #define ARCFACE_CLIENT_CLI_COMMANDS_H_
 
+#include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -69,6 +71,26 @@ struct BenchOptions {
   std::string image;  // empty: a synthetic 112x112 crop sent raw
 };
 
+// The `gallery` commands' options (service FaceGallery).
+struct GalleryOptions {
+  std::string gallery;  // empty: the server's "default"
+  bool json = false;    // one JSON document on stdout instead of a table
+};
+
+struct GalleryEnrollOptions {
+  std::string subject;
+  std::vector<std::string> inputs;  // files and directories, as `embed` takes them
+  FaceOptions face;
+  std::map<std::string, std::string> labels;
+};
+
+struct GalleryIdentifyOptions {
+  std::vector<std::string> inputs;
+  FaceOptions face;
+  uint32_t top_k = 1;
+  std::optional<float> threshold;
+};
+
 // The client for the common options; `attempts` overrides CommonOptions::attempts when > 0.
 absl::StatusOr<std::unique_ptr<client::Client>> MakeClient(const CommonOptions& options,
                                                            int attempts = 0);
@@ -82,6 +104,23 @@ int RunEmbed(const CommonOptions& common, const EmbedOptions& options);
 int RunCompare(const CommonOptions& common, const CompareOptions& options);
 int RunDetect(const CommonOptions& common, const DetectOptions& options);
 int RunBench(const CommonOptions& common, const BenchOptions& options);
+
+// A note on stderr when the server runs the demo (random) weights.
+void NoteDemo(const arcface::v1::ModelInfo& info);
+
+// The face of `file` as FaceOptions say (its landmarks, else the box, else the whole image).
+absl::StatusOr<client::FaceInput> LoadFace(const std::string& file, const FaceOptions& options);
+
+// gallery.cc. Enroll and identify send the files in requests of the server's
+// max_faces_per_enroll / max_probes_per_identify with a progress bar; a file that cannot be
+// read or decoded is reported and left out, and the rest go on (exit 1).
+int RunGalleryEnroll(const CommonOptions& common, const GalleryOptions& gallery,
+                     const GalleryEnrollOptions& options);
+int RunGalleryIdentify(const CommonOptions& common, const GalleryOptions& gallery,
+                       const GalleryIdentifyOptions& options);
+int RunGalleryForget(const CommonOptions& common, const GalleryOptions& gallery,
+                     const std::string& subject, const std::vector<std::string>& face_ids);
+int RunGalleryList(const CommonOptions& common, const GalleryOptions& gallery);
 
 }  // namespace arcface::cli
 

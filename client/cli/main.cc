@@ -1,8 +1,10 @@
 // arcface-client: the command-line client of the ArcFace embedding service.
 // `arcface-client --help` and `arcface-client COMMAND --help` describe every flag; commands.h
 // states the exit codes (0 ok, 1 some inputs failed, 2 usage error, 3 server unreachable).
+#include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include <CLI/CLI.hpp>
@@ -25,10 +27,45 @@ int Usage(const std::string& message) {
   return kExitUsage;
 }
 
+// The --landmarks and --box flags of the commands that embed files.
+struct FaceFlags {
+  std::string landmarks_path;
+  std::string box_text;
+
+  void AddTo(CLI::App* command) {
+    command
+        ->add_option("--landmarks", landmarks_path,
+                     "JSON: [[x,y] x5] for every file, or {\"file\": [[x,y] x5], ...} "
+                     "(keyed by the path as given or the base name): align to ArcFace's template")
+        ->check(CLI::ExistingFile);
+    command->add_option("--box", box_text, "x0,y0,x1,y1: crop this region of every image");
+  }
+
+  // Fills `face`; a usage error's message otherwise.
+  std::optional<std::string> Parse(FaceOptions* face) const {
+    if (!box_text.empty()) {
+      absl::StatusOr<std::array<float, 4>> box = ParseBox(box_text);
+      if (!box.ok()) return absl::StrCat("--box: ", box.status().message());
+      face->box = *box;
+    }
+    if (!landmarks_path.empty()) {
+      std::ifstream in(landmarks_path);
+      std::stringstream text;
+      text << in.rdbuf();
+      absl::StatusOr<LandmarksFile> lm = ParseLandmarksJson(text.str());
+      if (!lm.ok()) {
+        return absl::StrCat("--landmarks ", landmarks_path, ": ", lm.status().message());
+      }
+      face->landmarks = *lm;
+    }
+    return std::nullopt;
+  }
+};
+
 int Main(int argc, char** argv) {
-  CLI::App app("arcface-client: embed, compare and detect faces with an arcface-server, and "
-               "load-test it.\nExit codes: 0 ok, 1 some inputs failed, 2 usage error, "
-               "3 server unreachable.",
+  CLI::App app("arcface-client: embed, compare and detect faces with an arcface-server, enroll "
+               "and identify people in its gallery, and load-test it.\nExit codes: 0 ok, 1 some "
+               "inputs failed, 2 usage error, 3 server unreachable.",
                "arcface-client");
   app.set_version_flag("--version", std::string(ARCFACE_VERSION));
   app.require_subcommand(1);
@@ -68,16 +105,12 @@ int Main(int argc, char** argv) {
 
   // embed
   EmbedOptions embed;
-  std::string landmarks_path, box_text;
+  FaceFlags embed_face;
   CLI::App* embed_cmd = app.add_subcommand(
       "embed", "Embed the faces of image files (directories: recursively), streamed through "
                "EmbedStream; a failed file is reported and the rest go on");
   embed_cmd->add_option("inputs", embed.inputs, "Image files and directories")->required();
-  embed_cmd->add_option("--landmarks", landmarks_path,
-                        "JSON: [[x,y] x5] for every file, or {\"file\": [[x,y] x5], ...} "
-                        "(keyed by the path as given or the base name): align to ArcFace's template")
-      ->check(CLI::ExistingFile);
-  embed_cmd->add_option("--box", box_text, "x0,y0,x1,y1: crop this region of every image");
+  embed_face.AddTo(embed_cmd);
   embed_cmd->add_flag("--normalize", embed.normalize, "Unit-length embeddings (default: raw)");
   embed_cmd->add_option("--out", embed.out,
                         "FILE.npy (float32 [N,512], rows in input order, names in "
@@ -126,6 +159,52 @@ int Main(int argc, char** argv) {
                         "Send this image file (default: a synthetic 112x112 crop, raw)")
       ->check(CLI::ExistingFile);
 
+  // gallery
+  GalleryOptions gallery;
+  CLI::App* gallery_cmd = app.add_subcommand(
+      "gallery", "The face gallery (a server with --gallery-store): enroll people, identify "
+                 "faces against them, forget them, list them");
+  gallery_cmd->require_subcommand(1);
+  gallery_cmd->fallthrough();
+  gallery_cmd->add_option("--gallery", gallery.gallery, "Gallery name (default: \"default\")");
+  gallery_cmd->add_flag("--json", gallery.json, "One JSON document on stdout instead of a table");
+
+  GalleryEnrollOptions enroll;
+  FaceFlags enroll_face;
+  std::vector<std::string> label_texts;
+  CLI::App* enroll_cmd = gallery_cmd->add_subcommand(
+      "enroll", "Add the faces of image files (directories: recursively) to SUBJECT, in "
+                "requests of the server's max_faces_per_enroll; a bad file is reported and the "
+                "rest go on");
+  enroll_cmd->add_option("subject", enroll.subject, "Subject id")->required();
+  enroll_cmd->add_option("inputs", enroll.inputs, "Image files and directories")->required();
+  enroll_cmd->add_option("--label", label_texts, "key=value set on the subject (repeatable)");
+  enroll_face.AddTo(enroll_cmd);
+
+  GalleryIdentifyOptions identify;
+  FaceFlags identify_face;
+  float identify_threshold = 0;
+  CLI::App* identify_cmd = gallery_cmd->add_subcommand(
+      "identify", "For the face of each image file, the best-matching subjects (cosine "
+                  "similarity, descending)");
+  identify_cmd->add_option("inputs", identify.inputs, "Image files and directories")->required();
+  identify_cmd->add_option("--top-k", identify.top_k, "Subjects per file")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1000000));
+  CLI::Option* threshold_opt = identify_cmd->add_option(
+      "--threshold", identify_threshold, "Only candidates with at least this similarity");
+  identify_face.AddTo(identify_cmd);
+
+  std::string forget_subject;
+  std::vector<std::string> forget_faces;
+  CLI::App* forget_cmd = gallery_cmd->add_subcommand(
+      "forget", "Remove SUBJECT with all its faces, or (--face) some of its faces");
+  forget_cmd->add_option("subject", forget_subject, "Subject id")->required();
+  forget_cmd->add_option("--face", forget_faces, "Remove only this face id (repeatable)");
+
+  CLI::App* list_cmd = gallery_cmd->add_subcommand(
+      "list", "Every subject of the gallery with its number of faces and labels");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -139,21 +218,28 @@ int Main(int argc, char** argv) {
     if (!embed.out.empty() && !IsKnownOutputExtension(embed.out)) {
       return Usage("--out: use a .npy, .json or .csv file name");
     }
-    if (!box_text.empty()) {
-      absl::StatusOr<std::array<float, 4>> box = ParseBox(box_text);
-      if (!box.ok()) return Usage(absl::StrCat("--box: ", box.status().message()));
-      embed.face.box = *box;
-    }
-    if (!landmarks_path.empty()) {
-      std::ifstream in(landmarks_path);
-      std::stringstream text;
-      text << in.rdbuf();
-      absl::StatusOr<LandmarksFile> lm = ParseLandmarksJson(text.str());
-      if (!lm.ok()) return Usage(absl::StrCat("--landmarks ", landmarks_path, ": ", lm.status().message()));
-      embed.face.landmarks = *lm;
-    }
+    if (auto error = embed_face.Parse(&embed.face)) return Usage(*error);
     return RunEmbed(common, embed);
   }
+  if (*enroll_cmd) {
+    if (auto error = enroll_face.Parse(&enroll.face)) return Usage(*error);
+    for (const std::string& text : label_texts) {
+      absl::StatusOr<std::pair<std::string, std::string>> label = ParseLabel(text);
+      if (!label.ok()) return Usage(absl::StrCat("--label: ", label.status().message()));
+      enroll.labels[label->first] = label->second;
+    }
+    return RunGalleryEnroll(common, gallery, enroll);
+  }
+  if (*identify_cmd) {
+    if (auto error = identify_face.Parse(&identify.face)) return Usage(*error);
+    if (threshold_opt->count() > 0) {
+      if (!std::isfinite(identify_threshold)) return Usage("--threshold must be a number");
+      identify.threshold = identify_threshold;
+    }
+    return RunGalleryIdentify(common, gallery, identify);
+  }
+  if (*forget_cmd) return RunGalleryForget(common, gallery, forget_subject, forget_faces);
+  if (*list_cmd) return RunGalleryList(common, gallery);
   if (*compare_cmd) {
     if (!compare.matrix && compare.files.size() != 2) {
       return Usage("compare takes two files (A B), or --matrix with several");

@@ -110,6 +110,38 @@ std::string CsvField(const std::string& text) {
   return out;
 }
 
+std::string FormatTable(const std::vector<std::vector<std::string>>& rows) {
+  // Code points: continuation bytes (10xxxxxx) do not count.
+  auto width = [](const std::string& text) {
+    size_t n = 0;
+    for (unsigned char c : text) n += (c & 0xC0) != 0x80;
+    return n;
+  };
+  std::vector<size_t> widths;
+  for (const auto& row : rows) {
+    if (widths.size() < row.size()) widths.resize(row.size(), 0);
+    for (size_t j = 0; j < row.size(); ++j) widths[j] = std::max(widths[j], width(row[j]));
+  }
+  std::string out;
+  for (const auto& row : rows) {
+    std::string line;
+    for (size_t j = 0; j < row.size(); ++j) {
+      if (j > 0) line.append(widths[j - 1] - width(row[j - 1]) + 2, ' ');
+      line += row[j];
+    }
+    absl::StrAppend(&out, absl::StripTrailingAsciiWhitespace(line), "\n");
+  }
+  return out;
+}
+
+absl::StatusOr<std::pair<std::string, std::string>> ParseLabel(const std::string& text) {
+  const size_t eq = text.find('=');
+  if (eq == std::string::npos || eq == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("'", text, "' is not key=value"));
+  }
+  return std::pair{text.substr(0, eq), text.substr(eq + 1)};
+}
+
 absl::Status WriteEmbeddings(const std::string& path, const std::vector<EmbeddingRow>& rows,
                              const std::vector<FailedInput>& failed, const std::string& model_id,
                              bool normalized) {

@@ -1,5 +1,6 @@
 // What `arcface-client embed` reads and writes: the input file list, the landmarks file, and
-// the embeddings as .npy (with a sidecar list of file names), .json or .csv.
+// the embeddings as .npy (with a sidecar list of file names), .json or .csv; the text tables
+// and labels of `arcface-client gallery`.
 //
 // Contract
 // - Writers take rows in the order they are to appear; they write the whole file or return a
@@ -15,6 +16,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <opencv2/core.hpp>
@@ -70,6 +72,13 @@ absl::StatusOr<std::array<float, 4>> ParseBox(const std::string& text);
 
 // A CSV field, quoted when it holds a comma, quote, CR or LF (RFC 4180).
 std::string CsvField(const std::string& text);
+
+// Rows as aligned text columns (the first row is the header), each padded to its widest cell
+// (counted in UTF-8 code points) and two spaces apart; no trailing spaces; one line per row.
+std::string FormatTable(const std::vector<std::vector<std::string>>& rows);
+
+// "key=value" (a --label) → the pair. INVALID_ARGUMENT without '=' or with an empty key.
+absl::StatusOr<std::pair<std::string, std::string>> ParseLabel(const std::string& text);
 
 }  // namespace arcface::cli
 

@@ -47,7 +47,7 @@ absl::Status NameFace(const absl::Status& status, const std::string& rpc,
                                                                      size_t index)>& rename) {
   if (status.ok()) return status;
   const std::string message(status.message());
-  for (const char* word : {"face", "query", "reference"}) {
+  for (const char* word : {"face", "faces", "probes", "query", "reference"}) {
     const std::string prefix = absl::StrCat(word, " ");
     if (!absl::StartsWith(message, prefix)) continue;
     size_t end = prefix.size();
@@ -71,6 +71,49 @@ absl::Status NameFaceInList(const absl::Status& status, const std::string& rpc, 
     if (word != "face" || offset + i >= faces.size()) return std::nullopt;
     return FaceName("face", offset + i, faces[offset + i].label());
   });
+}
+
+// As NameFaceInList, for the Probe lists of the gallery calls (`word`: the request's field,
+// "faces" or "probes", as the server names them).
+absl::Status NameProbeInList(const absl::Status& status, const std::string& rpc,
+                             const std::string& word, size_t offset,
+                             const std::vector<Probe>& probes) {
+  return NameFace(status, rpc, [&](const std::string& w, size_t i) -> std::optional<std::string> {
+    if (w != word || offset + i >= probes.size()) return std::nullopt;
+    const auto* f = std::get_if<FaceInput>(&probes[offset + i]);
+    return FaceName(word, offset + i, f ? f->label() : "");
+  });
+}
+
+void SetProbe(const Probe& probe, arcface::v1::Probe* out) {
+  if (const auto* f = std::get_if<FaceInput>(&probe)) {
+    *out->mutable_face() = f->proto();
+  } else {
+    const auto& v = std::get<std::vector<float>>(probe);
+    out->mutable_embedding()->mutable_values()->Assign(v.begin(), v.end());
+  }
+}
+
+// A Probe's serialized size, with its own tag and length around the face or embedding.
+size_t ProbeBytes(const Probe& probe) {
+  constexpr size_t kProbeWrapperBytes = 6;
+  if (const auto* f = std::get_if<FaceInput>(&probe)) {
+    return f->proto().ByteSizeLong() + kProbeWrapperBytes;
+  }
+  return std::get<std::vector<float>>(probe).size() * sizeof(float) + 2 * kProbeWrapperBytes;
+}
+
+// The [begin, end) requests of a gallery call: at most `max_count` probes (0: any number) and
+// within `max_bytes` each; one empty request for no probes (the server judges it).
+absl::StatusOr<std::vector<std::pair<size_t, size_t>>> SplitProbes(
+    const std::vector<Probe>& probes, int max_count, uint64_t max_bytes) {
+  if (probes.empty()) return std::vector<std::pair<size_t, size_t>>{{0, 0}};
+  std::vector<size_t> sizes;
+  sizes.reserve(probes.size());
+  for (const Probe& p : probes) sizes.push_back(ProbeBytes(p));
+  const int count = max_count > 0 ? max_count
+                                  : static_cast<int>(std::min<size_t>(probes.size(), INT32_MAX));
+  return SplitIntoRequests(sizes, count, max_bytes);
 }
 
 std::vector<Embedding> ToEmbeddings(const EmbedResponse& response) {
@@ -292,13 +335,14 @@ Client::Client(const ClientOptions& options, std::shared_ptr<grpc::Channel> chan
       target_(std::move(target)),
       channel_(std::move(channel)),
       stub_(arcface::v1::FaceEmbedding::NewStub(channel_)),
+      gallery_stub_(arcface::v1::FaceGallery::NewStub(channel_)),
       rng_state_(std::random_device{}() ^ (uint64_t{std::random_device{}()} << 32)) {}
 
 void Client::SetDeadline(grpc::ClientContext* context) const {
   context->set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
 }
 
-absl::Duration Client::NextBackoff(int retry) {
+uint64_t Client::NextRandom() {
   uint64_t x;
   {
     absl::MutexLock lock(&mu_);
@@ -306,8 +350,12 @@ absl::Duration Client::NextBackoff(int retry) {
   }
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  x ^= x >> 31;
-  return BackoffDelay(options_.retry, retry, double(x >> 11) / double(uint64_t{1} << 53));
+  return x ^ (x >> 31);
+}
+
+absl::Duration Client::NextBackoff(int retry) {
+  return BackoffDelay(options_.retry, retry,
+                      double(NextRandom() >> 11) / double(uint64_t{1} << 53));
 }
 
 grpc::Status Client::WithRetries(
@@ -333,22 +381,28 @@ absl::StatusOr<arcface::v1::ModelInfo> Client::GetModelInfo() {
   });
   if (!s.ok()) return NameFace(ToAbsl(s), "GetModelInfo", nullptr);
   absl::MutexLock lock(&mu_);
-  limits_ = Limits{static_cast<int>(info.max_faces_per_request()), info.max_message_bytes()};
+  limits_ = Limits{static_cast<int>(info.max_faces_per_request()), info.max_message_bytes(),
+                   static_cast<int>(info.gallery().max_faces_per_enroll()),
+                   static_cast<int>(info.gallery().max_probes_per_identify())};
   return info;
 }
 
-absl::StatusOr<Client::Limits> Client::ServerLimits() {
+absl::StatusOr<Client::Limits> Client::ServerLimits(bool gallery) {
   Limits limits;
+  bool known = false;
   {
     absl::MutexLock lock(&mu_);
     if (limits_) limits = *limits_;
+    known = limits_.has_value();
   }
   const bool need_server = (options_.max_faces_per_request == 0 && limits.max_faces == 0) ||
-                           (options_.max_message_bytes == 0 && limits.max_bytes == 0);
+                           (options_.max_message_bytes == 0 && limits.max_bytes == 0) ||
+                           (gallery && !known);
   if (need_server) {
     absl::StatusOr<arcface::v1::ModelInfo> info = GetModelInfo();
     if (!info.ok()) return info.status();
-    limits = Limits{static_cast<int>(info->max_faces_per_request()), info->max_message_bytes()};
+    absl::MutexLock lock(&mu_);
+    limits = *limits_;
   }
   // The smaller of the caller's and the server's limits (0: unknown/none).
   auto smaller = [](auto mine, auto server) {
@@ -576,18 +630,14 @@ absl::StatusOr<CompareResult> Client::Compare(const std::vector<Probe>& queries,
   for (const bool is_query : {true, false}) {
     for (const Probe& p : is_query ? queries : references) {
       auto* probe = is_query ? request.add_queries() : request.add_references();
-      if (const auto* f = std::get_if<FaceInput>(&p)) {
-        if (embed_first) {
-          const auto& v = embedded[face_index].values;
-          probe->mutable_embedding()->mutable_values()->Assign(v.begin(), v.end());
-        } else {
-          *probe->mutable_face() = f->proto();
-        }
-        ++face_index;
-      } else {
-        const auto& v = std::get<std::vector<float>>(p);
+      const bool is_face = std::holds_alternative<FaceInput>(p);
+      if (is_face && embed_first) {
+        const auto& v = embedded[face_index].values;
         probe->mutable_embedding()->mutable_values()->Assign(v.begin(), v.end());
+      } else {
+        SetProbe(p, probe);
       }
+      if (is_face) ++face_index;
     }
   }
   if (threshold) request.set_threshold(*threshold);
@@ -601,7 +651,9 @@ absl::StatusOr<CompareResult> Client::Compare(const std::vector<Probe>& queries,
     return NameFace(ToAbsl(s), "Compare",
                     [&](const std::string& word, size_t i) -> std::optional<std::string> {
                       const auto& list = word == "query" ? queries : references;
-                      if (word == "face" || i >= list.size()) return std::nullopt;
+                      if ((word != "query" && word != "reference") || i >= list.size()) {
+                        return std::nullopt;
+                      }
                       const auto* f = std::get_if<FaceInput>(&list[i]);
                       return FaceName(word, i, f ? f->label() : "");
                     });
@@ -619,6 +671,130 @@ absl::StatusOr<CompareResult> Client::Compare(const std::vector<Probe>& queries,
   result.matches.assign(response.matches().begin(), response.matches().end());
   result.model_id = response.model_id();
   return result;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gallery
+
+absl::StatusOr<arcface::v1::EnrollResponse> Client::Enroll(const std::string& gallery,
+                                                           const std::string& subject_id,
+                                                           const std::vector<Probe>& faces,
+                                                           const EnrollOptions& options) {
+  absl::StatusOr<Limits> limits = ServerLimits(/*gallery=*/true);
+  if (!limits.ok()) return limits.status();
+  auto chunks = SplitProbes(faces, limits->max_enroll, limits->max_bytes);
+  if (!chunks.ok()) return NameProbeInList(chunks.status(), "Enroll", "faces", 0, faces);
+  // A key on every request, so that a retry after UNAVAILABLE never adds a face twice.
+  const std::string base = !options.request_id.empty()
+                               ? options.request_id
+                               : absl::StrCat(absl::Hex(NextRandom(), absl::kZeroPad16),
+                                              absl::Hex(NextRandom(), absl::kZeroPad16));
+  arcface::v1::EnrollResponse out;
+  for (size_t n = 0; n < chunks->size(); ++n) {
+    const auto [begin, end] = (*chunks)[n];
+    arcface::v1::EnrollRequest request;
+    request.set_gallery(gallery);
+    request.set_subject_id(subject_id);
+    request.mutable_labels()->insert(options.labels.begin(), options.labels.end());
+    request.set_request_id(chunks->size() == 1 ? base : absl::StrCat(base, "#", n));
+    request.set_model_id(options.model_id);
+    for (size_t i = begin; i < end; ++i) SetProbe(faces[i], request.add_faces());
+    arcface::v1::EnrollResponse response;
+    grpc::Status s = WithRetries([&](grpc::ClientContext* context) {
+      response.Clear();
+      return gallery_stub_->Enroll(context, request, &response);
+    });
+    if (!s.ok()) return NameProbeInList(ToAbsl(s), "Enroll", "faces", begin, faces);
+    if (response.face_ids_size() != int(end - begin)) {
+      return absl::InternalError(absl::StrCat("Enroll: ", response.face_ids_size(),
+                                              " face ids for ", end - begin, " faces"));
+    }
+    out.set_subject_id(response.subject_id());
+    out.mutable_face_ids()->MergeFrom(response.face_ids());
+    out.set_gallery_version(response.gallery_version());
+  }
+  return out;
+}
+
+absl::StatusOr<arcface::v1::IdentifyResponse> Client::Identify(const std::string& gallery,
+                                                               const std::vector<Probe>& probes,
+                                                               uint32_t top_k,
+                                                               std::optional<float> threshold) {
+  arcface::v1::IdentifyResponse out;
+  if (probes.empty()) return out;
+  absl::StatusOr<Limits> limits = ServerLimits(/*gallery=*/true);
+  if (!limits.ok()) return limits.status();
+  // Face probes also count against the server's max_faces_per_request.
+  int max_count = limits->max_probes;
+  if (std::any_of(probes.begin(), probes.end(),
+                  [](const Probe& p) { return std::holds_alternative<FaceInput>(p); })) {
+    max_count = max_count > 0 ? std::min(max_count, limits->max_faces) : limits->max_faces;
+  }
+  auto chunks = SplitProbes(probes, max_count, limits->max_bytes);
+  if (!chunks.ok()) return NameProbeInList(chunks.status(), "Identify", "probes", 0, probes);
+  for (const auto& [begin, end] : *chunks) {
+    arcface::v1::IdentifyRequest request;
+    request.set_gallery(gallery);
+    request.set_top_k(top_k);
+    if (threshold) request.set_threshold(*threshold);
+    for (size_t i = begin; i < end; ++i) SetProbe(probes[i], request.add_probes());
+    arcface::v1::IdentifyResponse response;
+    grpc::Status s = WithRetries([&](grpc::ClientContext* context) {
+      response.Clear();
+      return gallery_stub_->Identify(context, request, &response);
+    });
+    if (!s.ok()) return NameProbeInList(ToAbsl(s), "Identify", "probes", begin, probes);
+    if (response.results_size() != int(end - begin)) {
+      return absl::InternalError(absl::StrCat("Identify: ", response.results_size(),
+                                              " results for ", end - begin, " probes"));
+    }
+    out.mutable_results()->MergeFrom(response.results());
+    out.set_model_id(response.model_id());
+    out.set_gallery_version(response.gallery_version());
+  }
+  return out;
+}
+
+absl::StatusOr<arcface::v1::ForgetResponse> Client::Forget(
+    const std::string& gallery, const std::string& subject_id,
+    const std::vector<std::string>& face_ids) {
+  arcface::v1::ForgetRequest request;
+  request.set_gallery(gallery);
+  request.set_subject_id(subject_id);
+  for (const std::string& id : face_ids) request.add_face_ids(id);
+  arcface::v1::ForgetResponse response;
+  grpc::ClientContext context;
+  SetDeadline(&context);
+  grpc::Status s = gallery_stub_->Forget(&context, request, &response);
+  if (!s.ok()) return NameFace(ToAbsl(s), "Forget", nullptr);
+  return response;
+}
+
+absl::StatusOr<arcface::v1::ListSubjectsResponse> Client::ListSubjects(
+    const std::string& gallery, uint32_t page_size, const std::string& page_token) {
+  arcface::v1::ListSubjectsRequest request;
+  request.set_gallery(gallery);
+  request.set_page_size(page_size);
+  request.set_page_token(page_token);
+  arcface::v1::ListSubjectsResponse response;
+  grpc::Status s = WithRetries([&](grpc::ClientContext* context) {
+    response.Clear();
+    return gallery_stub_->ListSubjects(context, request, &response);
+  });
+  if (!s.ok()) return NameFace(ToAbsl(s), "ListSubjects", nullptr);
+  return response;
+}
+
+absl::StatusOr<arcface::v1::GalleryInfo> Client::GetGalleryInfo(const std::string& gallery) {
+  arcface::v1::GetGalleryInfoRequest request;
+  request.set_gallery(gallery);
+  arcface::v1::GalleryInfo info;
+  grpc::Status s = WithRetries([&](grpc::ClientContext* context) {
+    info.Clear();
+    return gallery_stub_->GetGalleryInfo(context, request, &info);
+  });
+  if (!s.ok()) return NameFace(ToAbsl(s), "GetGalleryInfo", nullptr);
+  return info;
 }
 
 absl::StatusOr<ServingStatus> Client::CheckHealth() {

@@ -1,4 +1,4 @@
-// arcface::client::Client: the C++ client of arcface.v1.FaceEmbedding.
+// arcface::client::Client: the C++ client of arcface.v1.FaceEmbedding and arcface.v1.FaceGallery.
 //
 // Contract
 // - Client::Create validates the options and builds one gRPC channel; it does not connect (the
@@ -13,12 +13,20 @@
 //   with jitter, policies.h); every other code, INVALID_ARGUMENT above all, is returned at once.
 //   Embed, Compare, GetModelInfo and health checks are idempotent, so a retry is safe; an
 //   EmbedStream that breaks with UNAVAILABLE is reopened and its unanswered messages re-sent.
+//   The gallery's reads are idempotent too, and Enroll always carries a request_id (the
+//   caller's, else one made per call) with which the server adds its faces once; Forget alone
+//   is never retried (a repeat would report 0 faces removed for faces the first one removed).
 // - Limits: Embed and Compare read the server's max_faces_per_request and max_message_bytes
 //   from GetModelInfo once (on first need) and split large lists into several requests, keeping
-//   input order. ClientOptions can set smaller limits.
+//   input order. ClientOptions can set smaller limits. Enroll and Identify split likewise under
+//   the server's GalleryLimits (max_faces_per_enroll, max_probes_per_identify); a split Enroll
+//   is not atomic (its requests carry the keys "<request_id>#<n>": repeating a failed call with
+//   the same request_id completes it without duplicates).
 // - Errors: absl::Status with gRPC's codes (absl and gRPC share the numbering). A face's error
 //   names the face by its label (the file path for FaceInput::FromFile) and its index in the
-//   caller's list, e.g. "face 7 (img/b.png): undecodable image ...".
+//   caller's list, e.g. "face 7 (img/b.png): undecodable image ..." (Enroll: "faces 7 ...",
+//   Identify: "probes 7 ...", as the server names the request's fields).
+//   A server without a gallery store answers the gallery calls UNIMPLEMENTED.
 // - Thread safety: a Client may be used from many threads at once. FaceInput is a value.
 #ifndef ARCFACE_CLIENT_CPP_CLIENT_H_
 #define ARCFACE_CLIENT_CPP_CLIENT_H_
@@ -26,6 +34,7 @@
 #include <array>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -41,6 +50,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "arcface/v1/face_embedding.grpc.pb.h"
+#include "arcface/v1/face_gallery.grpc.pb.h"
 #include "client/cpp/policies.h"
 
 namespace arcface::client {
@@ -124,6 +134,13 @@ struct StreamOptions {
 
 enum class ServingStatus { kUnknown, kServing, kNotServing };
 
+// The optional parts of an Enroll (EnrollRequest's fields of the same names).
+struct EnrollOptions {
+  std::map<std::string, std::string> labels;  // set on the subject; other keys are kept
+  std::string request_id;                     // idempotency key; empty: one made per call
+  std::string model_id;                       // of the embedding probes; empty: the server's
+};
+
 class Client {
  public:
   static absl::StatusOr<std::unique_ptr<Client>> Create(const ClientOptions& options);
@@ -157,6 +174,29 @@ class Client {
   // not SERVING (still loading, draining); either names the last state or error.
   absl::Status WaitForHealthy(absl::Duration timeout);
 
+  // The gallery (service FaceGallery; face_gallery.proto has the semantics). An empty gallery
+  // is "default". Probes are faces (embedded by the server's model) or embeddings as given.
+
+  // Adds `faces` to the subject; the answer (face ids in input order) comes once they are
+  // durable. More faces than the server's max_faces_per_enroll go in several requests.
+  absl::StatusOr<arcface::v1::EnrollResponse> Enroll(const std::string& gallery,
+                                                     const std::string& subject_id,
+                                                     const std::vector<Probe>& faces,
+                                                     const EnrollOptions& options = {});
+  // One Identification per probe, in order (top_k 0 means 1); more probes than the server's
+  // max_probes_per_identify (face probes: its max_faces_per_request) go in several requests.
+  absl::StatusOr<arcface::v1::IdentifyResponse> Identify(
+      const std::string& gallery, const std::vector<Probe>& probes, uint32_t top_k = 1,
+      std::optional<float> threshold = std::nullopt);
+  // A subject alone: it and all its faces; face ids: those faces. Never retried.
+  absl::StatusOr<arcface::v1::ForgetResponse> Forget(const std::string& gallery,
+                                                     const std::string& subject_id,
+                                                     const std::vector<std::string>& face_ids = {});
+  // One page; pass its next_page_token for the next one (empty on the last page).
+  absl::StatusOr<arcface::v1::ListSubjectsResponse> ListSubjects(
+      const std::string& gallery, uint32_t page_size = 0, const std::string& page_token = "");
+  absl::StatusOr<arcface::v1::GalleryInfo> GetGalleryInfo(const std::string& gallery);
+
   const std::string& target() const { return target_; }
 
  private:
@@ -165,18 +205,23 @@ class Client {
   struct Limits {
     int max_faces = 0;
     uint64_t max_bytes = 0;
+    int max_enroll = 0;  // GalleryLimits; 0: no count limit known
+    int max_probes = 0;
   };
-  absl::StatusOr<Limits> ServerLimits();
+  // `gallery`: the gallery limits are needed too (GetModelInfo once, whatever the options say).
+  absl::StatusOr<Limits> ServerLimits(bool gallery = false);
   // Runs `attempt` (one RPC with a fresh context) until it succeeds, fails with a code other
   // than UNAVAILABLE, or the attempts are spent.
   grpc::Status WithRetries(const std::function<grpc::Status(grpc::ClientContext*)>& attempt);
   void SetDeadline(grpc::ClientContext* context) const;
   absl::Duration NextBackoff(int retry);
+  uint64_t NextRandom();  // splitmix64 over rng_state_
 
   const ClientOptions options_;
   const std::string target_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<arcface::v1::FaceEmbedding::Stub> stub_;
+  std::unique_ptr<arcface::v1::FaceGallery::Stub> gallery_stub_;
 
   absl::Mutex mu_;
   std::optional<Limits> limits_ ABSL_GUARDED_BY(mu_);

@@ -1,6 +1,6 @@
 // The exact index on the CPU: the gallery's unit vectors in one row-major matrix, searched by
-// FAISS's knn_inner_product (blocked BLAS sgemm plus heaps for 20 probes or more, SIMD dot
-// products below that), the same kernels as faiss::IndexFlatIP over the same memory.
+// FAISS's knn_inner_product (blocked BLAS sgemm plus heaps, for any number of probes: see
+// MakeFlatIndex), the same kernels as faiss::IndexFlatIP over the same memory.
 #include <cstring>
 #include <exception>
 #include <memory>
@@ -64,6 +64,18 @@ class FlatIndex final : public VectorIndex {
 
 }  // namespace
 
-std::unique_ptr<VectorIndex> MakeFlatIndex() { return std::make_unique<FlatIndex>(); }
+std::unique_ptr<VectorIndex> MakeFlatIndex() {
+  // BLAS from the first probe on, not from 20: Debian's libfaiss is built for the x86-64
+  // baseline, so its own dot products run scalar, while OpenBLAS's sgemm is vectorized; one
+  // probe against 100k faces took 47 ms of CPU the FAISS way and 19 ms through BLAS
+  // (docs/BENCHMARKS.md, "Gallery search"). A process-wide FAISS setting, set once before the
+  // first index exists (so before any search reads it).
+  static const bool tuned = [] {
+    faiss::distance_compute_blas_threshold = 1;
+    return true;
+  }();
+  (void)tuned;
+  return std::make_unique<FlatIndex>();
+}
 
 }  // namespace arcface::gallery

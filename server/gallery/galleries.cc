@@ -106,9 +106,9 @@ bool DecodePageToken(const std::string& token, std::string* last_subject) {
 
 absl::Status ModelMismatch(const std::string& gallery, const std::string& bound,
                            const std::string& model_id) {
-  return absl::FailedPreconditionError(absl::StrCat("gallery '", gallery,
-                                                    "' is bound to model ", bound,
-                                                    "; these faces are from model ", model_id));
+  return absl::FailedPreconditionError(absl::StrCat("gallery '", gallery, "' is bound to model ",
+                                                    bound, "; these faces are from model ",
+                                                    model_id));
 }
 
 }  // namespace
@@ -401,8 +401,9 @@ absl::StatusOr<GalleryStats> Galleries::Stats(const std::string& gallery) const 
     return absl::NotFoundError(absl::StrCat("gallery '", gallery, "' does not exist"));
   }
   absl::ReaderMutexLock lock(&g->mu);
-  return GalleryStats{g->name, g->model_id, g->subject_number.size(), g->num_faces(),
-                      g->version, g->hnsw ? g->hnsw->Describe() : g->index->Describe()};
+  return GalleryStats{
+      g->name,        g->model_id, g->subject_number.size(),
+      g->num_faces(), g->version,  g->hnsw ? g->hnsw->Describe() : g->index->Describe()};
 }
 
 std::vector<GalleryStats> Galleries::AllStats() const {
@@ -496,8 +497,7 @@ void Galleries::BuildHnsw(Gallery* g) {
   if (!late_slots.empty()) {
     if (absl::Status s = (*built)->Add(late_units.data(), late_slots.data(), late_slots.size());
         !s.ok()) {
-      spdlog::error("gallery '{}': HNSW add failed, searching exactly: {}", g->name,
-                    s.ToString());
+      spdlog::error("gallery '{}': HNSW add failed, searching exactly: {}", g->name, s.ToString());
       return;
     }
   }

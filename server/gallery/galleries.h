@@ -102,8 +102,7 @@ class Galleries {
 
   // Subjects by id, after the one `page_token` names (empty: from the first); up to page_size.
   // *next_page_token: empty after the last.
-  absl::StatusOr<std::vector<SubjectInfo>> ListSubjects(const std::string& gallery,
-                                                        int page_size,
+  absl::StatusOr<std::vector<SubjectInfo>> ListSubjects(const std::string& gallery, int page_size,
                                                         const std::string& page_token,
                                                         std::string* next_page_token) const;
 

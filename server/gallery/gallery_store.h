@@ -71,7 +71,7 @@ struct EnrollWrite {
   std::string gallery;
   std::string model_id;  // the model that computed `embeddings`
   std::string subject_id;
-  Labels labels;  // set on the subject: keys given replace their values, others are kept
+  Labels labels;           // set on the subject: keys given replace their values, others are kept
   std::string request_id;  // idempotency key; empty: none
   std::vector<std::string> face_ids;  // new, unique ids chosen by the caller, one per face
   std::vector<float> embeddings;      // face_ids.size() × kDim unit vectors

@@ -45,19 +45,18 @@ size_t Utf8Sequence(absl::string_view s, size_t i, uint32_t* cp) {
 absl::Status CheckId(absl::string_view what, absl::string_view id) {
   if (id.empty()) return absl::InvalidArgumentError(absl::StrCat(what, " is empty"));
   if (id.size() > kMaxIdBytes) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ": ", id.size(),
-                                                   " bytes, the limit is ", kMaxIdBytes));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": ", id.size(), " bytes, the limit is ", kMaxIdBytes));
   }
   for (size_t i = 0; i < id.size();) {
     uint32_t cp = 0;
     const size_t len = Utf8Sequence(id, i, &cp);
     if (len == 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(what, ": not valid UTF-8 at byte ", i));
+      return absl::InvalidArgumentError(absl::StrCat(what, ": not valid UTF-8 at byte ", i));
     }
     if (cp < 0x20 || (cp >= 0x7F && cp <= 0x9F)) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s: control character U+%04X at byte %d", what, cp, i));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: control character U+%04X at byte %d", what, cp, i));
     }
     i += len;
   }
@@ -68,8 +67,7 @@ std::string NewFaceId() {
   static absl::Mutex mu(absl::kConstInit);
   static absl::BitGen gen ABSL_GUARDED_BY(mu);
   absl::MutexLock lock(&mu);
-  return absl::StrFormat("%016x%016x", absl::Uniform<uint64_t>(gen),
-                         absl::Uniform<uint64_t>(gen));
+  return absl::StrFormat("%016x%016x", absl::Uniform<uint64_t>(gen), absl::Uniform<uint64_t>(gen));
 }
 
 }  // namespace arcface::gallery

@@ -5,11 +5,10 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/cleanup/cleanup.h"
@@ -57,8 +56,8 @@ CREATE INDEX faces_removed ON faces(gallery, removed_version) WHERE removed_vers
 )sql";
 
 absl::Status SqliteError(sqlite3* db, int rc, absl::string_view doing) {
-  const std::string message =
-      absl::StrCat("gallery store (SQLite): ", doing, ": ", db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
+  const std::string message = absl::StrCat("gallery store (SQLite): ", doing, ": ",
+                                           db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
   switch (rc & 0xff) {
     case SQLITE_BUSY:
     case SQLITE_LOCKED:
@@ -234,7 +233,8 @@ class SqliteStore final : public GalleryStore {
     const absl::Time now = absl::Now();
     SubjectRecord subject{write.subject_id, {}};
     {
-      Stmt read(db_, "SELECT labels, removed_version FROM subjects WHERE gallery=? AND subject_id=?");
+      Stmt read(db_,
+                "SELECT labels, removed_version FROM subjects WHERE gallery=? AND subject_id=?");
       if (absl::Status s = read.prepared("read the subject"); !s.ok()) return s;
       read.Bind(1, write.gallery).Bind(2, write.subject_id);
       absl::Status status;
@@ -344,7 +344,8 @@ class SqliteStore final : public GalleryStore {
         if (!found || (!write.subject_id.empty() && find.Text(0) != write.subject_id)) {
           return absl::NotFoundError(absl::StrCat(
               "face '", face_id, "' is not in gallery '", write.gallery, "'",
-              write.subject_id.empty() ? "" : absl::StrCat(" under subject '", write.subject_id, "'")));
+              write.subject_id.empty() ? ""
+                                       : absl::StrCat(" under subject '", write.subject_id, "'")));
         }
         faces.emplace_back(face_id, find.Text(0));
       }
@@ -414,9 +415,9 @@ class SqliteStore final : public GalleryStore {
       return 0;
     }
     if (read.Text(0) != model_id) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "gallery '", gallery, "' is bound to model ", read.Text(0),
-          "; these faces are from model ", model_id));
+      return absl::FailedPreconditionError(absl::StrCat("gallery '", gallery,
+                                                        "' is bound to model ", read.Text(0),
+                                                        "; these faces are from model ", model_id));
     }
     return static_cast<uint64_t>(read.Int(1));
   }
@@ -443,8 +444,8 @@ class SqliteStore final : public GalleryStore {
     return status;
   }
 
-  absl::Status SetVersion(const std::string& gallery, const std::string& model_id,
-                          uint64_t version, absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  absl::Status SetVersion(const std::string& gallery, const std::string& model_id, uint64_t version,
+                          absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     Stmt write(db_,
                "INSERT INTO galleries(name, model_id, version, committed_us) VALUES(?,?,?,?) "
                "ON CONFLICT(name) DO UPDATE SET version=excluded.version, "
@@ -465,12 +466,14 @@ class SqliteStore final : public GalleryStore {
                    "added_version<=?");
       if (absl::Status s = removed.prepared("read removed faces"); !s.ok()) return s;
       removed.Bind(1, d->gallery).Bind(2, since).Bind(3, since);
-      while (removed.Step(&status, "read removed faces")) d->removed_faces.push_back(removed.Text(0));
+      while (removed.Step(&status, "read removed faces"))
+        d->removed_faces.push_back(removed.Text(0));
       if (!status.ok()) return status;
       Stmt gone(db_, "SELECT subject_id FROM subjects WHERE gallery=? AND removed_version>?");
       if (absl::Status s = gone.prepared("read removed subjects"); !s.ok()) return s;
       gone.Bind(1, d->gallery).Bind(2, since);
-      while (gone.Step(&status, "read removed subjects")) d->removed_subjects.push_back(gone.Text(0));
+      while (gone.Step(&status, "read removed subjects"))
+        d->removed_subjects.push_back(gone.Text(0));
       if (!status.ok()) return status;
     }
     Stmt subjects(db_,
@@ -506,8 +509,8 @@ class SqliteStore final : public GalleryStore {
       const void* blob = faces.Blob(2, &bytes);
       if (bytes != kDim * sizeof(float) || faces.Text(3) != d->model_id) {
         return absl::InternalError(absl::StrCat(
-            "gallery store (SQLite): face '", faces.Text(0), "' of gallery '", d->gallery,
-            "' has ", bytes, " bytes of embedding from model ", faces.Text(3), ", expected ",
+            "gallery store (SQLite): face '", faces.Text(0), "' of gallery '", d->gallery, "' has ",
+            bytes, " bytes of embedding from model ", faces.Text(3), ", expected ",
             kDim * sizeof(float), " from ", d->model_id));
       }
       d->face_ids.push_back(faces.Text(0));
@@ -528,13 +531,13 @@ class SqliteStore final : public GalleryStore {
 
 absl::StatusOr<std::unique_ptr<GalleryStore>> OpenSqliteStore(const std::string& path) {
   sqlite3* db = nullptr;
-  int rc = sqlite3_open_v2(path.c_str(), &db,
-                           SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
-                           nullptr);
+  int rc =
+      sqlite3_open_v2(path.c_str(), &db,
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX, nullptr);
   if (rc != SQLITE_OK) {
-    absl::Status s = absl::UnavailableError(absl::StrCat(
-        "gallery store: cannot open SQLite file '", path, "': ",
-        db ? sqlite3_errmsg(db) : sqlite3_errstr(rc)));
+    absl::Status s =
+        absl::UnavailableError(absl::StrCat("gallery store: cannot open SQLite file '", path,
+                                            "': ", db ? sqlite3_errmsg(db) : sqlite3_errstr(rc)));
     sqlite3_close_v2(db);
     return s;
   }
@@ -551,7 +554,8 @@ absl::StatusOr<std::unique_ptr<GalleryStore>> OpenSqliteStore(const std::string&
     return SqliteError(db, rc, absl::StrCat(doing, " of '", path, "'"));
   };
   // The exclusive lock is taken by the first write below and held for the store's life.
-  if (absl::Status s = exec("PRAGMA locking_mode=EXCLUSIVE", "set the locking mode"); !s.ok()) return s;
+  if (absl::Status s = exec("PRAGMA locking_mode=EXCLUSIVE", "set the locking mode"); !s.ok())
+    return s;
   if (absl::Status s = exec("PRAGMA journal_mode=WAL", "enable WAL"); !s.ok()) return s;
   if (absl::Status s = exec("PRAGMA synchronous=FULL", "set synchronous=FULL"); !s.ok()) return s;
   if (absl::Status s = exec("BEGIN IMMEDIATE", "lock"); !s.ok()) return s;

@@ -21,9 +21,8 @@ absl::StatusOr<std::unique_ptr<GalleryStore>> OpenGalleryStore(const std::string
   if (absl::StartsWith(uri, "postgres://") || absl::StartsWith(uri, "postgresql://")) {
     return OpenPostgresStore(uri);
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("gallery store '", uri,
-                   "' is of no known kind: sqlite:PATH, postgres://... or none"));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "gallery store '", uri, "' is of no known kind: sqlite:PATH, postgres://... or none"));
 }
 
 }  // namespace arcface::gallery

@@ -67,9 +67,9 @@ absl::StatusOr<std::string> ProbeModel(const std::string& requested, const std::
   if (requested.empty() || requested == served) return served;
   if (absl::Status s = CheckId("model_id", requested); !s.ok()) return s;
   if (has_faces) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "model_id is ", requested, " but this server embeds faces with model ", served,
-        "; send faces and embeddings of another model in separate calls"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("model_id is ", requested, " but this server embeds faces with model ", served,
+                     "; send faces and embeddings of another model in separate calls"));
   }
   return requested;
 }
@@ -103,8 +103,7 @@ void EmbedFaces(const CallEnv& env, std::shared_ptr<State> state,
                     if (!ToUnit(rows->values.data() + size_t(k) * kEmbeddingDim,
                                 work->units.data() + size_t(index) * kEmbeddingDim)) {
                       return state->Complete(absl::InvalidArgumentError(
-                          absl::StrCat(label, " ", index,
-                                       ": the face's embedding has zero norm")));
+                          absl::StrCat(label, " ", index, ": the face's embedding has zero norm")));
                     }
                   }
                   env.metrics->AddFaces(num_faces);
@@ -178,19 +177,18 @@ grpc::ServerUnaryReactor* FaceGalleryService::Enroll(grpc::CallbackServerContext
     if (n == 0) return done(absl::InvalidArgumentError("faces is empty: nothing to enroll"));
     if (n > options_.max_faces_per_enroll) {
       env_.metrics->RecordRejected("too_many_faces", n);
-      return done(absl::ResourceExhaustedError(absl::StrCat(
-          "too many faces: ", n, " in one Enroll, the limit is ", options_.max_faces_per_enroll,
-          " (--gallery-max-faces-per-enroll)")));
+      return done(absl::ResourceExhaustedError(
+          absl::StrCat("too many faces: ", n, " in one Enroll, the limit is ",
+                       options_.max_faces_per_enroll, " (--gallery-max-faces-per-enroll)")));
     }
     auto work = std::make_shared<ProbeWork>();
     work->units.resize(size_t(n) * kEmbeddingDim);
-    if (absl::Status s = CollectProbes(request->faces(), "faces", work->units.data(),
-                                       &work->faces);
+    if (absl::Status s = CollectProbes(request->faces(), "faces", work->units.data(), &work->faces);
         !s.ok()) {
       return done(s);
     }
-    absl::StatusOr<std::string> model = ProbeModel(
-        request->model_id(), env_.admission->model().model_id, !work->faces.empty());
+    absl::StatusOr<std::string> model =
+        ProbeModel(request->model_id(), env_.admission->model().model_id, !work->faces.empty());
     if (!model.ok()) return done(model.status());
     using State = CallState<EnrollRequest, EnrollResponse>;
     auto state = std::make_shared<State>(
@@ -235,16 +233,18 @@ grpc::ServerUnaryReactor* FaceGalleryService::Identify(grpc::CallbackServerConte
     if (n == 0) return done(absl::InvalidArgumentError("probes is empty: nothing to identify"));
     if (n > options_.max_probes_per_identify) {
       env_.metrics->RecordRejected("too_many_faces", n);
-      return done(absl::ResourceExhaustedError(absl::StrCat(
-          "too many probes: ", n, " in one Identify, the limit is ",
-          options_.max_probes_per_identify, " (--gallery-max-probes)")));
+      return done(absl::ResourceExhaustedError(
+          absl::StrCat("too many probes: ", n, " in one Identify, the limit is ",
+                       options_.max_probes_per_identify, " (--gallery-max-probes)")));
     }
-    const int top_k = request->top_k() == 0 ? 1 : static_cast<int>(
-        std::min<uint32_t>(request->top_k(), uint32_t{1} << 30));
+    const int top_k =
+        request->top_k() == 0
+            ? 1
+            : static_cast<int>(std::min<uint32_t>(request->top_k(), uint32_t{1} << 30));
     if (top_k > options_.max_top_k) {
-      return done(absl::InvalidArgumentError(absl::StrCat(
-          "top_k is ", request->top_k(), ", the limit is ", options_.max_top_k,
-          " (--gallery-max-top-k)")));
+      return done(
+          absl::InvalidArgumentError(absl::StrCat("top_k is ", request->top_k(), ", the limit is ",
+                                                  options_.max_top_k, " (--gallery-max-top-k)")));
     }
     if (request->has_threshold() && !std::isfinite(request->threshold())) {
       return done(absl::InvalidArgumentError("threshold is not finite"));
@@ -258,17 +258,17 @@ grpc::ServerUnaryReactor* FaceGalleryService::Identify(grpc::CallbackServerConte
     }
     auto work = std::make_shared<ProbeWork>();
     work->units.resize(size_t(n) * kEmbeddingDim);
-    if (absl::Status s = CollectProbes(request->probes(), "probes", work->units.data(),
-                                       &work->faces);
+    if (absl::Status s =
+            CollectProbes(request->probes(), "probes", work->units.data(), &work->faces);
         !s.ok()) {
       return done(s);
     }
     const int num_faces = static_cast<int>(work->faces.size());
     if (num_faces > env_.options->max_faces_per_request) {
       env_.metrics->RecordRejected("too_many_faces", num_faces);
-      return done(absl::ResourceExhaustedError(absl::StrCat(
-          "too many face probes: ", num_faces, " in one request, the limit is ",
-          env_.options->max_faces_per_request, " (--max-faces-per-request)")));
+      return done(absl::ResourceExhaustedError(
+          absl::StrCat("too many face probes: ", num_faces, " in one request, the limit is ",
+                       env_.options->max_faces_per_request, " (--max-faces-per-request)")));
     }
     absl::StatusOr<std::string> model = ProbeModel(request->model_id(), served, num_faces > 0);
     if (!model.ok()) return done(model.status());
@@ -288,7 +288,7 @@ grpc::ServerUnaryReactor* FaceGalleryService::Identify(grpc::CallbackServerConte
             uint64_t version = 0;
             const absl::Time start = absl::Now();
             absl::Status searched = galleries()->Identify(gallery_name, model, work->units.data(),
-                                                         n, top_k, threshold, &results, &version);
+                                                          n, top_k, threshold, &results, &version);
             if (!searched.ok()) return state->Complete(searched);
             metrics_->RecordSearch(n, SecondsSince(start));
             IdentifyResponse* out = state->response;
@@ -351,17 +351,17 @@ grpc::ServerUnaryReactor* FaceGalleryService::Forget(grpc::CallbackServerContext
   });
 }
 
-grpc::ServerUnaryReactor* FaceGalleryService::ListSubjects(
-    grpc::CallbackServerContext* context, const ListSubjectsRequest* request,
-    ListSubjectsResponse* response) {
+grpc::ServerUnaryReactor* FaceGalleryService::ListSubjects(grpc::CallbackServerContext* context,
+                                                           const ListSubjectsRequest* request,
+                                                           ListSubjectsResponse* response) {
   return Serve(context, "ListSubjects", [this, request, response](CallContext, DoneFn done) {
     const std::string gallery_name = GalleryName(request->gallery());
     if (absl::Status s = CheckId("gallery", gallery_name); !s.ok()) return done(s);
     // Sizes above the largest are served as the largest (a page is never an error).
-    const int page_size = request->page_size() == 0
-                              ? kDefaultPageSize
-                              : static_cast<int>(std::min<uint32_t>(request->page_size(),
-                                                                    kMaxPageSize));
+    const int page_size =
+        request->page_size() == 0
+            ? kDefaultPageSize
+            : static_cast<int>(std::min<uint32_t>(request->page_size(), kMaxPageSize));
     std::string next;
     absl::StatusOr<std::vector<gallery::SubjectInfo>> page =
         galleries()->ListSubjects(gallery_name, page_size, request->page_token(), &next);
@@ -377,9 +377,9 @@ grpc::ServerUnaryReactor* FaceGalleryService::ListSubjects(
   });
 }
 
-grpc::ServerUnaryReactor* FaceGalleryService::GetGalleryInfo(
-    grpc::CallbackServerContext* context, const GetGalleryInfoRequest* request,
-    GalleryInfo* response) {
+grpc::ServerUnaryReactor* FaceGalleryService::GetGalleryInfo(grpc::CallbackServerContext* context,
+                                                             const GetGalleryInfoRequest* request,
+                                                             GalleryInfo* response) {
   return Serve(context, "GetGalleryInfo", [this, request, response](CallContext, DoneFn done) {
     const std::string gallery_name = GalleryName(request->gallery());
     if (absl::Status s = CheckId("gallery", gallery_name); !s.ok()) return done(s);

@@ -24,11 +24,11 @@
 #ifndef ARCFACE_SERVER_SERVICE_FACE_GALLERY_SERVICE_H_
 #define ARCFACE_SERVER_SERVICE_FACE_GALLERY_SERVICE_H_
 
+#include <grpcpp/grpcpp.h>
+
 #include <atomic>
 #include <cstdint>
 #include <string>
-
-#include <grpcpp/grpcpp.h>
 
 #include "arcface/v1/face_gallery.grpc.pb.h"
 #include "server/gallery/galleries.h"

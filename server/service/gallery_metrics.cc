@@ -7,8 +7,8 @@
 namespace arcface::service {
 
 GalleryMetrics::GalleryMetrics(MetricsRegistry* registry)
-    : faces_(registry->AddGauge("arcface_gallery_faces", "Faces enrolled, by gallery.",
-                                {"gallery"})),
+    : faces_(
+          registry->AddGauge("arcface_gallery_faces", "Faces enrolled, by gallery.", {"gallery"})),
       subjects_(registry->AddGauge("arcface_gallery_subjects", "Subjects enrolled, by gallery.",
                                    {"gallery"})),
       version_(registry->AddGauge("arcface_gallery_version",
@@ -16,13 +16,13 @@ GalleryMetrics::GalleryMetrics(MetricsRegistry* registry)
       search_seconds_(registry
                           ->AddHistogram("arcface_gallery_identify_search_seconds",
                                          "Identify: the search of one call's probes.",
-                                         {0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
-                                          0.2, 0.5, 1, 2, 5})
+                                         {0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2,
+                                          0.5, 1, 2, 5})
                           .WithLabels({})),
-      probes_(registry
-                  ->AddCounter("arcface_gallery_identify_probes_total",
-                               "Probes searched by Identify.")
-                  .WithLabels({})),
+      probes_(
+          registry
+              ->AddCounter("arcface_gallery_identify_probes_total", "Probes searched by Identify.")
+              .WithLabels({})),
       store_errors_(registry->AddCounter(
           "arcface_gallery_store_errors_total",
           "Gallery writes the store failed (not the caller's errors), by operation and code.",

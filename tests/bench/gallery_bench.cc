@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <fstream>
 #include <memory>
 #include <numeric>
@@ -34,8 +35,11 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "server/engine/openmp_env.h"
+#include "server/gallery/galleries.h"
 #include "server/gallery/gallery_store.h"
 #include "server/gallery/hnsw_index.h"
+#include "server/gallery/ids.h"
+#include "server/gallery/sqlite_store.h"
 #include "server/gallery/vector_index.h"
 #include "tests/gallery/random_units.h"
 
@@ -173,11 +177,11 @@ struct Row {
   int batch;
   Timing timing;
   double recall = -1;      // recall@10 against exact; -1: exact by construction
-  double vs_faiss = -1;    // probes/s over FAISS alone's at the same N and batch
+  double vs_faiss = -1;    // FAISS alone's CPU time per probe over this one's (same N, batch)
 };
 
 void PrintRow(const Row& r) {
-  std::printf("| %8zu | %-24s | %5d | %10.1f | %8.3f | %8.3f | %8.3f | %s | %s |\n", r.n,
+  std::printf("| %8zu | %-26s | %5d | %10.1f | %8.3f | %8.3f | %8.3f | %s | %s |\n", r.n,
               r.method.c_str(), r.batch, r.timing.probes_per_s, r.timing.p50_ms, r.timing.p99_ms,
               r.timing.cpu_ms,
               r.recall < 0 ? "  exact " : absl::StrFormat("  %.4f", r.recall).c_str(),
@@ -219,11 +223,46 @@ std::vector<float> MakeProbes(const std::vector<float>& units, int count, double
   return probes;
 }
 
+// Enrolls the n faces of `units` into `galleries` (gallery "bench"): the first `single` one face
+// per call (a subject each, one durable transaction each: the rate of clients enrolling one
+// photo), the rest `per_call` faces per call (a bulk import). Returns a note with both rates.
+absl::StatusOr<std::string> EnrollAll(arcface::gallery::Galleries& galleries,
+                                      const std::vector<float>& units, size_t single,
+                                      size_t per_call) {
+  const size_t n = units.size() / kDim;
+  single = std::min(single, n);
+  double single_s = 0, bulk_s = 0;
+  size_t done = 0;
+  for (size_t call = 0; done < n; ++call) {
+    const size_t count = done < single ? 1 : std::min(per_call, n - done);
+    arcface::gallery::EnrollWrite write;
+    write.gallery = "bench";
+    write.model_id = "bench-model";
+    write.subject_id = absl::StrFormat("subject-%zu", call);
+    for (size_t i = 0; i < count; ++i) write.face_ids.push_back(arcface::gallery::NewFaceId());
+    write.embeddings.assign(units.begin() + done * kDim, units.begin() + (done + count) * kDim);
+    const auto t0 = Clock::now();
+    auto result = galleries.Enroll(write);
+    const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+    if (!result.ok()) return result.status();
+    (done < single ? single_s : bulk_s) += s;
+    done += count;
+  }
+  return absl::StrFormat(
+      "enrollment (embeddings given, SQLite, durable per call): %zu calls of 1 face: %.0f "
+      "faces/s; %zu faces in calls of %zu: %.0f faces/s",
+      single, single / std::max(single_s, 1e-9), n - single, per_call,
+      (n - single) / std::max(bulk_s, 1e-9));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   // The server's OpenMP waiting (server/engine/openmp_env.h), so that the figures compare.
   const std::string openmp = arcface::engine::ApplyOpenMpDefaults(argv);
+  // The server's FAISS settings (MakeFlatIndex sets them once) for FAISS alone too; the flags
+  // below may change them for both.
+  (void)arcface::gallery::MakeFlatIndex();
   CLI::App app{"1:N search over random unit vectors: FAISS alone, the server's exact index, HNSW"};
   std::vector<size_t> sizes = {10000, 100000, 1000000};
   std::vector<int> batches = {1, 32};
@@ -236,6 +275,8 @@ int main(int argc, char** argv) {
   double probe_cosine = 0;
   uint64_t seed = 1;
   arcface::gallery::HnswOptions hnsw;
+  std::string store_dir;
+  size_t single_enrolls = 2000;
   app.add_option("--sizes", sizes, "gallery sizes (faces)")->delimiter(',');
   app.add_option("--batch", batches, "probes per call")->delimiter(',');
   app.add_option("--seconds", seconds, "measuring time per method, size and batch");
@@ -250,6 +291,10 @@ int main(int argc, char** argv) {
   app.add_option("--recall-probes", recall_probes, "probes for recall@10");
   app.add_option("--probe-cosine", probe_cosine,
                  "0: random probes; c > 0: each probe a gallery face at cosine c");
+  app.add_option("--store-dir", store_dir,
+                 "also the server's path: enroll into a SQLite file here, Identify in-process, "
+                 "reload (the file is deleted after)");
+  app.add_option("--single-enrolls", single_enrolls, "enrollments of one face each, timed");
   app.add_option("--seed", seed, "seed of the gallery (probes use seed+1...)");
   app.add_option("--blas-threshold", faiss::distance_compute_blas_threshold,
                  "FAISS: probes per call from which it uses BLAS");
@@ -287,7 +332,7 @@ int main(int argc, char** argv) {
         MakeProbes(units, std::max(1024, recall_probes), probe_cosine, seed + 1);
     // (a) FAISS alone; its exact top-10 is the truth for recall.
     std::vector<int64_t> truth(static_cast<size_t>(recall_probes) * kRecallK);
-    std::vector<double> faiss_rate(max_batch + 1, 0);
+    std::vector<double> faiss_cpu_ms(max_batch + 1, 0);
     {
       faiss::IndexFlatIP flat(kDim);
       flat.add(static_cast<faiss::Index::idx_t>(n), units.data());
@@ -302,7 +347,7 @@ int main(int argc, char** argv) {
               flat.search(nq, probes, kRecallK, sims, rows);
             },
             pool, batch, seconds, callers);
-        faiss_rate[batch] = row.timing.probes_per_s;
+        faiss_cpu_ms[batch] = row.timing.cpu_ms;
         record(row);
       }
     }
@@ -339,60 +384,115 @@ int main(int argc, char** argv) {
               (void)flat->Search(probes, nq, kRecallK, sims, rows);
             },
             pool, batch, seconds, callers);
-        row.vs_faiss = row.timing.probes_per_s / faiss_rate[batch];
+        row.vs_faiss = faiss_cpu_ms[batch] / row.timing.cpu_ms;
         record(row);
       }
     }
     // (c) HNSW at each efSearch, recall@10 against (a).
-    if (ef_searches.empty() || n > hnsw_max) continue;
-    std::vector<int64_t> slots(n);
-    std::iota(slots.begin(), slots.end(), 0);
+    if (!ef_searches.empty() && n <= hnsw_max) {
+      std::vector<int64_t> slots(n);
+      std::iota(slots.begin(), slots.end(), 0);
+      const double rss0 = RssBytes();
+      t0 = Clock::now();
+      auto built = arcface::gallery::HnswIndex::Build(hnsw, units.data(), slots.data(), n);
+      const double build_s = std::chrono::duration<double>(Clock::now() - t0).count();
+      if (!built.ok()) {
+        std::fprintf(stderr, "HNSW build: %s\n", built.status().ToString().c_str());
+        return 1;
+      }
+      notes.push_back(absl::StrFormat(
+          "N=%zu: HNSW(M=%d, efConstruction=%d) built in %.1f s (%.0f faces/s), %.2f GB of RSS "
+          "per million faces",
+          n, hnsw.m, hnsw.ef_construction, build_s, n / build_s,
+          (RssBytes() - rss0) / n * 1e6 / 1e9));
+      for (int ef : ef_searches) {
+        std::vector<float> sims(static_cast<size_t>(std::max(max_batch, recall_probes)) * kRecallK);
+        std::vector<int64_t> found(sims.size());
+        if (absl::Status s = (*built)->SetEfSearch(ef); !s.ok()) {
+          std::fprintf(stderr, "HNSW: %s\n", s.ToString().c_str());
+          return 1;
+        }
+        if (absl::Status s =
+                (*built)->Search(pool.data(), recall_probes, kRecallK, sims.data(), found.data());
+            !s.ok()) {
+          std::fprintf(stderr, "HNSW Search: %s\n", s.ToString().c_str());
+          return 1;
+        }
+        found.resize(truth.size());
+        const double recall = Recall(truth, found);
+        for (int batch : batches) {
+          Row row{n, absl::StrFormat("hnsw efSearch=%d", ef), batch, {}};
+          row.timing = Measure(
+              [&](const float* probes, int nq, float* sims, int64_t* slots) {
+                (void)(*built)->Search(probes, nq, kRecallK, sims, slots);
+              },
+              pool, batch, seconds, callers);
+          row.recall = recall;
+          row.vs_faiss = faiss_cpu_ms[batch] / row.timing.cpu_ms;
+          record(row);
+        }
+      }
+    }
+    // (d) The server's path: Galleries over a SQLite file, Identify in-process (top_k 10),
+    // then a restart's load.
+    if (store_dir.empty()) continue;
+    const std::string path = absl::StrFormat("%s/gallery_bench_%zu.db", store_dir, n);
+    std::remove(path.c_str());
+    for (const char* suffix : {"-wal", "-shm"}) std::remove((path + suffix).c_str());
+    auto open = [&]() -> absl::StatusOr<std::unique_ptr<arcface::gallery::Galleries>> {
+      auto store = arcface::gallery::OpenSqliteStore(path);
+      if (!store.ok()) return store.status();
+      return arcface::gallery::Galleries::Open(std::move(*store), {});
+    };
+    {
+      auto galleries = open();
+      if (!galleries.ok()) {
+        std::fprintf(stderr, "open %s: %s\n", path.c_str(), galleries.status().ToString().c_str());
+        return 1;
+      }
+      t0 = Clock::now();
+      auto enrolled = EnrollAll(**galleries, units, single_enrolls, 1000);
+      if (!enrolled.ok()) {
+        std::fprintf(stderr, "enroll: %s\n", enrolled.status().ToString().c_str());
+        return 1;
+      }
+      notes.push_back(absl::StrFormat("N=%zu: %s (%.0f s in all)", n, *enrolled,
+                                      std::chrono::duration<double>(Clock::now() - t0).count()));
+    }
+    units = std::vector<float>();
     const double rss0 = RssBytes();
-    t0 = Clock::now();
-    auto built = arcface::gallery::HnswIndex::Build(hnsw, units.data(), slots.data(), n);
-    const double build_s = std::chrono::duration<double>(Clock::now() - t0).count();
-    if (!built.ok()) {
-      std::fprintf(stderr, "HNSW build: %s\n", built.status().ToString().c_str());
+    const double cpu0 = ProcessCpuSeconds();
+    auto galleries = open();
+    const double load_cpu = ProcessCpuSeconds() - cpu0;
+    if (!galleries.ok()) {
+      std::fprintf(stderr, "reopen %s: %s\n", path.c_str(), galleries.status().ToString().c_str());
       return 1;
     }
     notes.push_back(absl::StrFormat(
-        "N=%zu: HNSW(M=%d, efConstruction=%d) built in %.1f s (%.0f faces/s), %.2f GB of RSS "
-        "per million faces",
-        n, hnsw.m, hnsw.ef_construction, build_s, n / build_s,
-        (RssBytes() - rss0) / n * 1e6 / 1e9));
-    units = std::vector<float>();  // HNSW keeps its own copy
-    for (int ef : ef_searches) {
-      std::vector<float> sims(static_cast<size_t>(std::max(max_batch, recall_probes)) * kRecallK);
-      std::vector<int64_t> found(sims.size());
-      if (absl::Status s = (*built)->SetEfSearch(ef); !s.ok()) {
-        std::fprintf(stderr, "HNSW: %s\n", s.ToString().c_str());
-        return 1;
-      }
-      if (absl::Status s =
-              (*built)->Search(pool.data(), recall_probes, kRecallK, sims.data(), found.data());
-          !s.ok()) {
-        std::fprintf(stderr, "HNSW Search: %s\n", s.ToString().c_str());
-        return 1;
-      }
-      found.resize(truth.size());
-      const double recall = Recall(truth, found);
-      for (int batch : batches) {
-        Row row{n, absl::StrFormat("hnsw efSearch=%d", ef), batch, {}};
-        row.timing = Measure(
-            [&](const float* probes, int nq, float* sims, int64_t* slots) {
-              (void)(*built)->Search(probes, nq, kRecallK, sims, slots);
-            },
-            pool, batch, seconds, callers);
-        row.recall = recall;
-        row.vs_faiss = row.timing.probes_per_s / faiss_rate[batch];
-        record(row);
-      }
+        "N=%zu: restart: %zu faces loaded from SQLite in %.1f s (Galleries::load_seconds; %.1f s "
+        "of CPU), %.2f GB of RSS per million faces",
+        n, n, (*galleries)->load_seconds(), load_cpu, (RssBytes() - rss0) / n * 1e6 / 1e9));
+    for (int batch : batches) {
+      Row row{n, "Galleries::Identify top10", batch, {}};
+      row.timing = Measure(
+          [&](const float* probes, int nq, float*, int64_t*) {
+            std::vector<std::vector<arcface::gallery::Candidate>> results;
+            uint64_t version = 0;
+            absl::Status s = (*galleries)->Identify("bench", "bench-model", probes, nq, kRecallK,
+                                                    std::nullopt, &results, &version);
+            if (!s.ok()) std::fprintf(stderr, "Identify: %s\n", s.ToString().c_str());
+          },
+          pool, batch, seconds, callers);
+      row.vs_faiss = faiss_cpu_ms[batch] / row.timing.cpu_ms;
+      record(row);
     }
+    galleries->reset();
+    std::remove(path.c_str());
   }
 
   std::printf(
       "\n| faces N | method | batch | probes/s | p50 ms | p99 ms | CPU ms/call | recall@10 | "
-      "vs FAISS |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
+      "FAISS CPU / this |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const Row& r : rows) PrintRow(r);
   std::printf("\n");
   for (const std::string& note : notes) std::printf("%s\n", note.c_str());

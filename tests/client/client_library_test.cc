@@ -1,5 +1,6 @@
-// arcface::client::Client against a real arcface-server with the golden r50 weights and
-// --max-faces-per-request 4 (tests/client/test_cli.py starts it and runs this binary with
+// arcface::client::Client against a real arcface-server with the golden r50 weights,
+// --max-faces-per-request 4 and a SQLite gallery store limited to 3 faces per Enroll and 2
+// probes per Identify (tests/client/test_cli.py starts it and runs this binary with
 // ARCFACE_TEST_SERVER=host:port, ARCFACE_GOLDEN_DIR and ARCFACE_TEST_DATA).
 #include <cmath>
 #include <cstdlib>
@@ -199,6 +200,102 @@ TEST_F(ClientTest, CompareFacesAndEmbeddings) {
   auto bad = client_->Compare({q[0]}, {FaceInput::FromEncoded("xx", "nope.jpg")});
   ASSERT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(bad.status().message().find("reference 0 (nope.jpg)"), std::string::npos) << bad.status();
+}
+
+// The gallery: the server has a SQLite store and at most 3 faces per Enroll and 2 probes per
+// Identify, so that the client's splitting is exercised.
+TEST_F(ClientTest, GalleryEnrollIdentifyListForget) {
+  auto info = client_->GetModelInfo();
+  ASSERT_TRUE(info.ok()) << info.status();
+  ASSERT_TRUE(info->gallery().enabled());
+  EXPECT_EQ(info->gallery().max_faces_per_enroll(), 3u);
+  EXPECT_EQ(info->gallery().max_probes_per_identify(), 2u);
+
+  std::vector<Probe> alice;
+  for (int i = 0; i < 5; ++i) alice.emplace_back(*FaceInput::FromMat(CropBgr(kCrops[i])));
+  EnrollOptions options;
+  options.labels = {{"team", "red"}};
+  auto a = client_->Enroll("cpp", "c-alice", alice, options);  // 3 + 2 faces
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_EQ(a->face_ids_size(), 5);
+  EXPECT_EQ(a->subject_id(), "c-alice");
+  const auto g6 = Golden(kCrops[6]);
+  auto b = client_->Enroll("cpp", "c-bob", {std::vector<float>(g6.begin(), g6.end())});
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_GT(b->gallery_version(), a->gallery_version());
+
+  // 3 probes: two Identify requests; each finds its own face.
+  auto found = client_->Identify(
+      "cpp", {std::vector<float>(g6.begin(), g6.end()), alice[0], alice[1]}, /*top_k=*/2);
+  ASSERT_TRUE(found.ok()) << found.status();
+  ASSERT_EQ(found->results_size(), 3);
+  EXPECT_EQ(found->model_id(), info->model_id());
+  EXPECT_EQ(found->gallery_version(), b->gallery_version());
+  const std::vector<std::pair<std::string, std::string>> want = {
+      {"c-bob", b->face_ids(0)}, {"c-alice", a->face_ids(0)}, {"c-alice", a->face_ids(1)}};
+  for (int i = 0; i < 3; ++i) {
+    const auto& candidates = found->results(i).candidates();
+    ASSERT_EQ(candidates.size(), 2) << i;
+    EXPECT_EQ(candidates[0].subject_id(), want[i].first) << i;
+    EXPECT_EQ(candidates[0].face_id(), want[i].second) << i;
+    EXPECT_NEAR(candidates[0].similarity(), 1.0, 1e-4) << i;
+    EXPECT_GT(candidates[0].similarity(), candidates[1].similarity()) << i;
+    EXPECT_NE(candidates[1].subject_id(), candidates[0].subject_id()) << i;
+  }
+
+  auto page = client_->ListSubjects("cpp", /*page_size=*/1);
+  ASSERT_TRUE(page.ok()) << page.status();
+  ASSERT_EQ(page->subjects_size(), 1);
+  EXPECT_EQ(page->subjects(0).subject_id(), "c-alice");
+  EXPECT_EQ(page->subjects(0).num_faces(), 5u);
+  EXPECT_EQ(page->subjects(0).labels().at("team"), "red");
+  ASSERT_FALSE(page->next_page_token().empty());
+  page = client_->ListSubjects("cpp", 1, page->next_page_token());
+  ASSERT_TRUE(page.ok()) << page.status();
+  ASSERT_EQ(page->subjects_size(), 1);
+  EXPECT_EQ(page->subjects(0).subject_id(), "c-bob");
+  EXPECT_TRUE(page->next_page_token().empty());
+
+  auto gallery = client_->GetGalleryInfo("cpp");
+  ASSERT_TRUE(gallery.ok()) << gallery.status();
+  EXPECT_EQ(gallery->num_subjects(), 2u);
+  EXPECT_EQ(gallery->num_faces(), 6u);
+  EXPECT_EQ(gallery->model_id(), info->model_id());
+  EXPECT_EQ(gallery->store().rfind("sqlite:", 0), 0u) << gallery->store();
+
+  auto forgot = client_->Forget("cpp", "c-alice", {a->face_ids(0)});
+  ASSERT_TRUE(forgot.ok()) << forgot.status();
+  EXPECT_EQ(forgot->faces_removed(), 1u);
+  auto again = client_->Identify("cpp", {alice[0]}, 5);
+  ASSERT_TRUE(again.ok()) << again.status();
+  for (const auto& c : again->results(0).candidates()) EXPECT_NE(c.face_id(), a->face_ids(0));
+  forgot = client_->Forget("cpp", "c-bob");
+  ASSERT_TRUE(forgot.ok()) << forgot.status();
+  EXPECT_EQ(forgot->faces_removed(), 1u);
+  gallery = client_->GetGalleryInfo("cpp");
+  ASSERT_TRUE(gallery.ok()) << gallery.status();
+  EXPECT_EQ(gallery->num_subjects(), 1u);
+  EXPECT_EQ(gallery->num_faces(), 4u);
+}
+
+TEST_F(ClientTest, GalleryErrorsNameTheCallersFaceAcrossRequests) {
+  std::vector<Probe> faces;
+  for (int i = 0; i < 3; ++i) faces.emplace_back(*FaceInput::FromMat(CropBgr(kCrops[i])));
+  faces.emplace_back(FaceInput::FromEncoded("xx", "bad.jpg"));  // the second request's first
+  auto r = client_->Enroll("cpp-bad", "x", faces);
+  ASSERT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+  EXPECT_NE(r.status().message().find("faces 3 (bad.jpg)"), std::string::npos) << r.status();
+
+  const auto g = Golden(kCrops[0]);
+  std::vector<float> v(g.begin(), g.end()), nan = v;
+  nan[5] = std::nanf("");
+  auto found = client_->Identify("cpp-bad", {v, v, nan});
+  ASSERT_EQ(found.status().code(), absl::StatusCode::kInvalidArgument) << found.status();
+  EXPECT_NE(found.status().message().find("probes 2"), std::string::npos) << found.status();
+  found = client_->Identify("cpp-never-enrolled", {v});
+  EXPECT_EQ(found.status().code(), absl::StatusCode::kNotFound) << found.status();
+  auto forgot = client_->Forget("cpp-bad", "");
+  EXPECT_EQ(forgot.status().code(), absl::StatusCode::kInvalidArgument) << forgot.status();
 }
 
 TEST(ClientUnreachable, RetriesUnavailableThenGivesUp) {

@@ -1,5 +1,6 @@
 // The client's pure pieces: retry backoff, request splitting, address lists, the .npy writer,
-// percentiles, CSV quoting, the landmarks file, progress text, the plot's layout, cv::Mat input.
+// percentiles, CSV quoting, the landmarks file, progress text, the plot's layout, cv::Mat input,
+// the gallery commands' tables and labels.
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -229,6 +230,28 @@ TEST(Landmarks, ForAllOrByFile) {
   for (const char* bad : {"", "{", "[[1,2]]", R"({"a": [[1,2],[3,4],[5,6],[7,8],[9]]})", "7"}) {
     EXPECT_EQ(cli::ParseLandmarksJson(bad).status().code(), absl::StatusCode::kInvalidArgument)
         << bad;
+  }
+}
+
+TEST(Table, ColumnsAlignedByCodePointsWithoutTrailingSpaces) {
+  EXPECT_EQ(cli::FormatTable({{"SUBJECT", "FACES", "LABELS"},
+                              {"zoë", "12", "team=red"},
+                              {"bob", "1", ""}}),
+            "SUBJECT  FACES  LABELS\n"
+            "zoë      12     team=red\n"
+            "bob      1\n");
+  EXPECT_EQ(cli::FormatTable({}), "");
+  EXPECT_EQ(cli::FormatTable({{"a", "b"}, {"long-one"}}), "a         b\nlong-one\n");
+}
+
+TEST(Label, KeyEqualsValue) {
+  auto l = cli::ParseLabel("team=red=blue");
+  ASSERT_TRUE(l.ok()) << l.status();
+  EXPECT_EQ(l->first, "team");
+  EXPECT_EQ(l->second, "red=blue");  // the first '=' splits
+  EXPECT_EQ(cli::ParseLabel("empty=")->second, "");
+  for (const char* bad : {"team", "=red", ""}) {
+    EXPECT_EQ(cli::ParseLabel(bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
   }
 }
 

@@ -39,15 +39,24 @@ def run_cli(*args, timeout=300, env=None, **kw):
                           timeout=timeout, env=env or cli_env(), stdin=subprocess.DEVNULL, **kw)
 
 
+# The gallery's limits on that server: splitting is exercised there too.
+GALLERY_MAX_ENROLL = 3
+GALLERY_MAX_PROBES = 2
+
+
 @pytest.fixture(scope="session")
-def r50(session_servers, goldens):
-    """The golden r50 weights, at most MAX_FACES faces per request."""
+def r50(session_servers, goldens, tmp_path_factory):
+    """The golden r50 weights, at most MAX_FACES faces per request; a SQLite gallery store."""
+    store = tmp_path_factory.mktemp("r50_gallery") / "gallery.db"
     return session_servers([
         "--weights", goldens.model_path("r50"),
         "--device", "cpu", "--threads", str(lib.THREADS),
         "--max-batch-size", "8", "--max-queue-delay-us", "2000",
         "--max-faces-per-request", str(MAX_FACES),
         "--max-image-pixels", str(lib.R50_MAX_PIXELS),
+        "--gallery-store", f"sqlite:{store}",
+        "--gallery-max-faces-per-enroll", str(GALLERY_MAX_ENROLL),
+        "--gallery-max-probes", str(GALLERY_MAX_PROBES),
         "--drain-timeout", "20",
     ], name="r50_client")
 

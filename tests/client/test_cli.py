@@ -1,7 +1,7 @@
 """arcface-client and the C++ client library against real arcface-server processes on
 loopback: outputs equal the reference goldens, pictures, the progress bar's terminal rule,
 round robin, retries across a restart and a drain, no retry of INVALID_ARGUMENT, TLS and mutual
-TLS, bench against the server's own counters, exit codes."""
+TLS, bench against the server's own counters, exit codes, the gallery commands."""
 
 import json
 import os
@@ -66,7 +66,7 @@ def test_cpp_library_against_the_golden_server(r50_address):
                   ARCFACE_FREE_ADDRESS=f"127.0.0.1:{lib.free_port()}")
     r = subprocess.run([LIBRARY_TEST], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert "[  PASSED  ] 7 tests" in r.stdout, r.stdout[-3000:]
+    assert "[  PASSED  ] 9 tests" in r.stdout, r.stdout[-3000:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,6 +527,117 @@ def test_exit_codes(r50_address, tmp_path):
     r = run_cli("info", env=cli_env(ARCFACE_SERVER=r50_address))
     assert r.returncode == 0 and "arcface-r50@" in r.stdout, r.stderr
     assert run_cli("--help").returncode == 0
+
+
+# --------------------------------------------------------------------------------------------
+# gallery (the r50 server has a SQLite store, 3 faces per Enroll, 2 probes per Identify)
+
+
+def table(text):
+    """A FormatTable's rows, split on runs of two or more spaces; the header first."""
+    return [re.split(r" {2,}", line) for line in text.splitlines()]
+
+
+GALLERY_CROPS = ("crop_uniform_0", "crop_gaussian_1", "crop_smooth_2", "crop_gradient_3",
+                 "crop_face_like_5")
+
+
+def test_gallery_enroll_identify_list_forget(r50_address, goldens, tmp_path):
+    alice_dir = tmp_path / "alice"
+    alice_dir.mkdir()
+    alice = [write_crop_png(goldens, n, alice_dir / f"{i}.png")
+             for i, n in enumerate(GALLERY_CROPS)]
+    (alice_dir / "9-bad.png").write_bytes(b"not an image")  # sorted last: the second request
+    bob = write_crop_png(goldens, "crop_stripes_4", tmp_path / "bob.png")
+    cli = ["--server", r50_address, "gallery", "--gallery", "cli"]
+
+    # A folder of 6 files (two Enroll requests): the bad one is reported, the rest enrolled.
+    r = run_cli(*cli, "enroll", "alice", alice_dir, "--label", "team=red", "--json")
+    assert r.returncode == 1, r.stderr
+    doc = json.loads(r.stdout)
+    assert [f["file"] for f in doc["faces"]] == alice
+    alice_ids = [f["face_id"] for f in doc["faces"]]
+    assert len(set(alice_ids)) == 5 and doc["subject_id"] == "alice" and doc["gallery"] == "cli"
+    assert [(e["file"], e["code"]) for e in doc["errors"]] == [
+        (str(alice_dir / "9-bad.png"), "INVALID_ARGUMENT")]
+    assert f"error: {alice_dir / '9-bad.png'}: INVALID_ARGUMENT" in r.stderr
+    assert "enrolled 5 of 6 files as 'alice' in gallery 'cli'" in r.stderr
+    r = run_cli(*cli, "enroll", "bob", bob)
+    assert r.returncode == 0, r.stderr
+    rows = table(r.stdout)
+    assert rows[0] == ["FILE", "FACE_ID"] and rows[1][0] == bob
+    bob_id = rows[1][1]
+
+    # identify: each file finds its own face first (similarity 1), the other subject second.
+    r = run_cli(*cli, "identify", alice[0], alice[3], bob, "--top-k", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["model_id"].startswith("arcface-r50@") and doc["errors"] == []
+    want = [("alice", alice_ids[0]), ("alice", alice_ids[3]), ("bob", bob_id)]
+    for result, file, (subject, face) in zip(doc["results"], [alice[0], alice[3], bob], want):
+        assert result["file"] == file
+        first, second = result["candidates"]
+        assert (first["subject_id"], first["face_id"]) == (subject, face)
+        assert first["similarity"] == pytest.approx(1.0, abs=1e-4)
+        assert second["subject_id"] != subject and second["similarity"] < first["similarity"]
+    # as a table, with a threshold that leaves only the files' own faces
+    r = run_cli(*cli, "identify", alice[0], bob, "--top-k", "2", "--threshold", "0.99")
+    assert r.returncode == 0, r.stderr
+    rows = table(r.stdout)
+    assert rows[0] == ["FILE", "RANK", "SUBJECT", "SIMILARITY", "FACE_ID"]
+    assert [(x[0], x[1], x[2], x[4]) for x in rows[1:]] == [
+        (alice[0], "1", "alice", alice_ids[0]), (bob, "1", "bob", bob_id)]
+    assert all(float(x[3]) > 0.99 for x in rows[1:])
+
+    r = run_cli(*cli, "list")
+    assert r.returncode == 0, r.stderr
+    assert table(r.stdout) == [["SUBJECT", "FACES", "LABELS"], ["alice", "5", "team=red"],
+                               ["bob", "1"]]
+    assert "2 subjects, 6 faces in gallery 'cli'" in r.stderr
+
+    r = run_cli(*cli, "forget", "alice", "--face", alice_ids[0], "--face", alice_ids[1])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("removed 2 faces of 'alice' from gallery 'cli'"), r.stdout
+    r = run_cli(*cli, "forget", "bob", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["faces_removed"] == 1, r.stdout
+    r = run_cli(*cli, "list", "--json")
+    assert json.loads(r.stdout) == {"gallery": "cli", "subjects": [
+        {"subject_id": "alice", "num_faces": 3, "labels": {"team": "red"}}]}
+    # forgotten faces no longer answer
+    r = run_cli(*cli, "identify", alice[0], "--top-k", "5", "--json")
+    found = json.loads(r.stdout)["results"][0]["candidates"]
+    assert alice_ids[0] not in [c["face_id"] for c in found] and found
+
+    r = run_cli(*cli[:3], "--gallery", "never-made", "identify", alice[0])
+    assert r.returncode == 1 and "NOT_FOUND" in r.stderr, r.stderr
+
+
+def test_gallery_enroll_progress_bar_on_a_terminal(r50_address, goldens, tmp_path):
+    files = [write_crop_png(goldens, n, tmp_path / f"{n}.png") for n in GALLERY_CROPS]
+    rc, terminal, _ = _run_in_pty(["--server", r50_address, "gallery", "--gallery", "tty",
+                                   "enroll", "carol", *files], stdout_is_tty=True)
+    assert rc == 0, terminal
+    assert re.search(rb"\[#+\] 5/5 files +[0-9.]+/s +ETA 0:00", terminal), terminal
+    r = run_cli("--server", r50_address, "gallery", "--gallery", "tty", "enroll", "dave", *files)
+    assert r.returncode == 0 and "ETA" not in r.stderr and "\r" not in r.stderr
+
+
+def test_gallery_usage_and_a_server_without_a_store(demo_trio, r50_address, tmp_path):
+    crop = tmp_path / "x.png"
+    cv2.imwrite(str(crop), np.full((112, 112, 3), 90, np.uint8))
+    for args in (["gallery"], ["gallery", "enroll", "x"], ["gallery", "enroll", "x", crop,
+                 "--label", "no-equals"], ["gallery", "identify", crop, "--top-k", "0"],
+                 ["gallery", "forget"], ["gallery", "identify", crop, "--box", "1,2"]):
+        r = run_cli("--server", r50_address, *args)
+        assert r.returncode == 2, (args, r.stderr)
+    no_store = f"127.0.0.1:{demo_trio[0].grpc_port}"
+    r = run_cli("--server", no_store, "gallery", "enroll", "x", crop)
+    assert r.returncode == 1 and "UNIMPLEMENTED" in r.stderr and "--gallery-store" in r.stderr
+    r = run_cli("--server", no_store, "gallery", "list")
+    assert r.returncode == 1 and "UNIMPLEMENTED" in r.stderr
+    free = f"127.0.0.1:{lib.free_port()}"
+    r = run_cli("--server", free, "--retries", "1", "gallery", "list", timeout=60)
+    assert r.returncode == 3 and "unreachable" in r.stderr
 
 
 # --------------------------------------------------------------------------------------------

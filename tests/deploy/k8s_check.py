@@ -11,7 +11,12 @@ consistency the server needs across files:
 - the Service is headless (clusterIP: None) and its target ports exist in the pods;
 - the HPA targets an existing Deployment whose containers request CPU;
 - resource quantities parse, and requests do not exceed limits;
-- a GPU Deployment asks for nvidia.com/gpu and runs --device cuda.
+- a GPU Deployment asks for nvidia.com/gpu and runs --device cuda;
+- env entries have one source (value or valueFrom; a secretKeyRef names its Secret and key);
+- the server's gallery store (--gallery-store, ARCFACE_GALLERY_STORE, else the image's
+  sqlite:/var/lib/arcface/gallery.db): no password written in a manifest (a Secret holds it);
+  SQLite only in a single pod (replicas cannot share its file), on a writable volume when the
+  root file system is read-only.
 
     python3 tests/deploy/k8s_check.py deploy/k8s/*.yaml     # prints problems, exit 1 if any
 """
@@ -41,6 +46,9 @@ PROBE_KEYS = {"grpc", "httpGet", "tcpSocket", "exec", "initialDelaySeconds", "pe
               "timeoutSeconds", "failureThreshold", "successThreshold",
               "terminationGracePeriodSeconds"}
 PROBE_HANDLERS = ("grpc", "httpGet", "tcpSocket", "exec")
+# The image's default store (Dockerfile: ARCFACE_GALLERY_STORE).
+IMAGE_GALLERY_STORE = "sqlite:/var/lib/arcface/gallery.db"
+CREDENTIALS_IN_URI = re.compile(r"^[a-z]+://[^/@:]*:[^/@]*@")
 QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
 SCALE = {None: 1, "m": 1e-3, "k": 1e3, "Ki": 2**10, "M": 1e6, "Mi": 2**20, "G": 1e9,
          "Gi": 2**30, "T": 1e12, "Ti": 2**40}
@@ -122,6 +130,12 @@ class Checker:
             self.need(e, "name", str, f"{where} env[{i}]")
             if "value" in e and not isinstance(e["value"], str):
                 self.bad(f"{where} env[{i}]", "'value' must be a string (quote numbers)")
+            if ("value" in e) == ("valueFrom" in e):
+                self.bad(f"{where} env[{i}]", "needs exactly one of 'value' and 'valueFrom'")
+            ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+            if "valueFrom" in e and ref is not None:
+                for key in ("name", "key"):
+                    self.need(ref, key, str, f"{where} env[{i}] secretKeyRef")
         return ports
 
     def probe(self, probe, ports, container, where):
@@ -166,8 +180,8 @@ class Checker:
             if "/" in name and requests.get(name, limits.get(name)) != limits.get(name):
                 self.bad(where, f"extended resource {name}: request must equal the limit")
 
-    def pod_spec(self, spec, where):
-        """Checks a pod spec; returns {container name: ports}."""
+    def pod_spec(self, spec, where, replicas=1):
+        """Checks a pod spec (of `replicas` pods); returns {container name: ports}."""
         if not isinstance(spec, dict):
             self.bad(where, "pod spec must be a mapping")
             return {}
@@ -184,7 +198,34 @@ class Checker:
                 if m.get("name") not in volumes:
                     self.bad(f"{where} containers[{i}]", f"volumeMount '{m.get('name')}' has no volume")
         self.drain(spec, containers, where)
+        self.gallery(spec, containers, where, replicas)
         return out
+
+    def gallery(self, spec, containers, where, replicas):
+        """The server's gallery store: where its password and its SQLite file may live."""
+        for c in containers:
+            if not isinstance(c, dict) or "arcface-service" not in str(c.get("image", "")):
+                continue
+            entry = next((e for e in c.get("env") or []
+                          if e.get("name") == "ARCFACE_GALLERY_STORE"), None)
+            store = arg_value(c, "--gallery-store", "ARCFACE_GALLERY_STORE")
+            if store is None and entry is not None:
+                continue  # from a Secret or another source: nothing written here to check
+            store = store or IMAGE_GALLERY_STORE
+            if CREDENTIALS_IN_URI.match(store):
+                self.bad(where, f"container '{c.get('name')}' has a password in its gallery store "
+                                "URI; take ARCFACE_GALLERY_STORE from a Secret (secretKeyRef)")
+            if not store.startswith("sqlite:"):
+                continue
+            if replicas > 1:
+                self.bad(where, f"{replicas} replicas on the SQLite gallery store {store}: each "
+                                "would keep its own gallery; use postgres:// from a Secret")
+            folder = store[len("sqlite:"):].rsplit("/", 1)[0] or "/"
+            mounted = any(folder == m.get("mountPath", "").rstrip("/") and not m.get("readOnly")
+                          for m in c.get("volumeMounts") or [])
+            if (c.get("securityContext") or {}).get("readOnlyRootFilesystem") and not mounted:
+                self.bad(where, f"container '{c.get('name')}' keeps its gallery in {store} on a "
+                                f"read-only root: mount a writable volume at {folder}")
 
     def drain(self, spec, containers, where):
         """terminationGracePeriodSeconds covers preStop + the server's drain timeout."""
@@ -260,7 +301,8 @@ class Checker:
         elif any(labels.get(k) != v for k, v in selector.items()):
             self.bad(where, f"selector {selector} does not match the template's labels {labels}")
         pod = template.get("spec") or {}
-        ports = self.pod_spec(pod, f"{where} template")
+        ports = self.pod_spec(pod, f"{where} template",
+                              replicas if isinstance(replicas, int) else 1)
         for c in pod.get("containers") or []:
             limits = (c.get("resources") or {}).get("limits") or {}
             if "nvidia.com/gpu" in limits:

@@ -125,7 +125,23 @@ BREAKAGES = {
     "mount without volume": (
         lambda d: find(d, "Deployment")["spec"]["template"]["spec"]["volumes"].clear(),
         "volumeMount 'weights' has no volume"),
+    "gallery password in the manifest": (
+        lambda d: gallery_env(d).update(
+            value="postgres://arcface:s3cret@db:5432/arcface", valueFrom=None) or
+        gallery_env(d).pop("valueFrom"), "password in its gallery store URI"),
+    "env with a value and a secret": (
+        lambda d: gallery_env(d).update(value="x"), "exactly one of 'value' and 'valueFrom'"),
+    "secret reference without a key": (
+        lambda d: gallery_env(d)["valueFrom"]["secretKeyRef"].pop("key"),
+        "secretKeyRef: missing 'key'"),
+    "replicas sharing no gallery": (
+        lambda d: arcface_container(d)["env"].remove(gallery_env(d)),
+        "3 replicas on the SQLite gallery store"),
 }
+
+
+def gallery_env(docs):
+    return next(e for e in arcface_container(docs)["env"] if e["name"] == "ARCFACE_GALLERY_STORE")
 
 
 @pytest.mark.parametrize("name", sorted(BREAKAGES))
@@ -136,6 +152,29 @@ def test_validator_reports_each_breakage(name):
     breakage(docs)
     problems = k8s_check.check_documents(docs)
     assert any(words in p for p in problems), f"{name}: {problems}"
+
+
+def test_gallery_store_uri_comes_from_a_secret():
+    for name in ("deployment.yaml", "deployment-gpu.yaml"):
+        (_, doc), = k8s_check.load([os.path.join(K8S, name)])
+        c, = doc["spec"]["template"]["spec"]["containers"]
+        assert k8s_check.arg_value(c, "--gallery-store", "") is None, name
+        entry, = [e for e in c["env"] if e["name"] == "ARCFACE_GALLERY_STORE"]
+        assert entry["valueFrom"] == {"secretKeyRef": {"name": "arcface-gallery",
+                                                       "key": "store-uri"}}, name
+    # No Secret (with a password) is committed: the comment says how to make one.
+    for path in manifests():
+        assert all(d["kind"] != "Secret" for _, d in k8s_check.load([path])), path
+
+
+def test_sidecar_pod_keeps_its_sqlite_gallery_on_a_writable_volume():
+    (_, pod), = k8s_check.load([os.path.join(K8S, "pod-sidecar.yaml")])
+    assert k8s_check.check_documents([("pod", pod)]) == []
+    arcface = pod["spec"]["containers"][1]
+    arcface["volumeMounts"] = [m for m in arcface["volumeMounts"] if m["name"] != "gallery"]
+    problems = k8s_check.check_documents([("pod", pod)])
+    assert any("read-only root: mount a writable volume at /var/lib/arcface" in p
+               for p in problems), problems
 
 
 def test_sidecar_pod_probe_on_loopback_grpc_is_reported():
@@ -175,6 +214,10 @@ def test_compose_stack_is_consistent():
     assert arc["read_only"] is True and arc["cap_drop"] == ["ALL"]
     assert arc["deploy"]["resources"]["limits"]["memory"]
     assert any(v.endswith(":/models:ro") for v in arc["volumes"]), arc["volumes"]
+    # the gallery's SQLite file in a named volume
+    assert arc["environment"]["ARCFACE_GALLERY_STORE"] == "sqlite:/var/lib/arcface/gallery.db"
+    assert "gallery:/var/lib/arcface:rw" in arc["volumes"], arc["volumes"]
+    assert "gallery" in cfg["volumes"]
     drain = k8s_check.duration_seconds(arc["environment"]["ARCFACE_DRAIN_TIMEOUT"])
     assert k8s_check.duration_seconds(arc["stop_grace_period"]) > drain
     va = s["video-analytics"]
@@ -195,6 +238,34 @@ def test_compose_gpu_override_reserves_a_gpu_and_runs_cuda():
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert arc["command"] == ["--device", "cuda"]
     assert arc["deploy"]["resources"]["limits"]["memory"], "the base file's limits stay"
+
+
+def test_compose_postgres_two_replicas_share_one_store(tmp_path, monkeypatch):
+    env_file = tmp_path / "gallery.env"
+    env_file.write_text("PGPASSWORD=from-the-env-file\n")
+    monkeypatch.setenv("ARCFACE_GALLERY_ENV_FILE", str(env_file))
+    cfg = compose_config("docker-compose.postgres.yml")
+    s = cfg["services"]
+    assert set(s) == {"postgres", "arcface-a", "arcface-b"}
+    assert s["postgres"]["build"]["target"] == "postgres"
+    assert "postgres-data:/var/lib/postgresql/data:rw" in s["postgres"]["volumes"]
+    assert s["postgres"]["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    published = set()
+    for name in ("arcface-a", "arcface-b"):
+        arc = s[name]
+        store = arc["environment"]["ARCFACE_GALLERY_STORE"]
+        assert store == "postgres://arcface@postgres:5432/arcface", "no password in the URI"
+        assert arc["environment"]["PGPASSWORD"] == "from-the-env-file"
+        assert arc["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert arc["read_only"] is True and arc["healthcheck"]["test"][1] == "arcface-client"
+        published |= {p["published"] for p in arc["ports"]}
+    assert s["postgres"]["environment"]["PGPASSWORD"] == "from-the-env-file"
+    assert published == {50051, 8080, 50052, 8081}
+    # The password is in no committed file.
+    with open(os.path.join(DEPLOY, "docker-compose.postgres.yml")) as f:
+        assert "PGPASSWORD" not in f.read().replace("gives PGPASSWORD", "")
+    with open(os.path.join(ROOT, ".gitignore")) as f:
+        assert "/deploy/gallery-postgres.env" in f.read().split()
 
 
 def test_compose_requires_a_video_input():

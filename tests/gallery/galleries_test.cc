@@ -1,5 +1,11 @@
 // The SQLite store and the in-memory galleries, on real database files: round trips through
 // the store, reloads, exact search against a brute-force scan, paging, ids, concurrency.
+#include "server/gallery/galleries.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <sqlite3.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -11,13 +17,8 @@
 #include <thread>
 #include <vector>
 
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
-#include <sqlite3.h>
-
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "server/gallery/galleries.h"
 #include "server/gallery/gallery_store.h"
 #include "server/gallery/ids.h"
 #include "server/gallery/sqlite_store.h"
@@ -63,8 +64,8 @@ std::vector<float> RandomUnits(int n, uint32_t seed) {
   return v;
 }
 
-EnrollWrite Write(const std::string& gallery, const std::string& subject,
-                  std::vector<float> units, const std::string& request_id = "") {
+EnrollWrite Write(const std::string& gallery, const std::string& subject, std::vector<float> units,
+                  const std::string& request_id = "") {
   EnrollWrite w;
   w.gallery = gallery;
   w.model_id = kModel;
@@ -151,8 +152,7 @@ TEST(SqliteStore, EnrollForgetAndReloadRoundTrip) {
     auto second = (*store)->Enroll(more);
     ASSERT_TRUE(second.ok());
     ASSERT_EQ(second->delta.subjects.size(), 1u);
-    EXPECT_EQ(second->delta.subjects[0].labels,
-              (Labels{{"team", "blue"}, {"city", "Oslo"}}));
+    EXPECT_EQ(second->delta.subjects[0].labels, (Labels{{"team", "blue"}, {"city", "Oslo"}}));
     ForgetWrite f{"g", "", {w.face_ids[1]}};
     auto forgot = (*store)->Forget(f);
     ASSERT_TRUE(forgot.ok()) << forgot.status();
@@ -317,9 +317,8 @@ TEST(Galleries, IdentifyEqualsABruteForceScanAcrossForgetsAndReloads) {
     for (std::optional<float> threshold : {std::optional<float>(), std::optional<float>(0.05f)}) {
       std::vector<std::vector<Candidate>> results;
       uint64_t version = 0;
-      ASSERT_TRUE(g->Identify("g", kModel, probes.data(), 24, top_k, threshold, &results,
-                              &version)
-                      .ok());
+      ASSERT_TRUE(
+          g->Identify("g", kModel, probes.data(), 24, top_k, threshold, &results, &version).ok());
       EXPECT_EQ(version, stats->version);
       for (int p = 0; p < 24; ++p) {
         std::vector<Candidate> want =

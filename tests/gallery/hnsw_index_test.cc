@@ -77,12 +77,12 @@ TEST(HnswIndexTest, RecallAt10AtDefaultOptions) {
   auto index = HnswIndex::Build(HnswOptions{}, units.data(), Slots(0, 4000).data(), 4000);
   ASSERT_TRUE(index.ok()) << index.status();
   EXPECT_EQ((*index)->size(), 4000u);
-  EXPECT_EQ((*index)->Describe(), "hnsw(M=32,efSearch=128)");
+  EXPECT_EQ((*index)->Describe(), "hnsw(M=48,efSearch=256)");
   const double recall = RecallAt10(**index, units, RandomUnits(200, 2));
   EXPECT_GE(recall, 0.99);
   // The search-time beam matters: a narrow one finds less on the same graph.
   ASSERT_TRUE((*index)->SetEfSearch(10).ok());
-  EXPECT_EQ((*index)->Describe(), "hnsw(M=32,efSearch=10)");
+  EXPECT_EQ((*index)->Describe(), "hnsw(M=48,efSearch=10)");
   EXPECT_LT(RecallAt10(**index, units, RandomUnits(200, 2)), recall - 0.05);
 }
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <ostream>
 #include <random>
 #include <string>
 #include <utility>
@@ -35,6 +36,8 @@ struct Kind {
   std::function<std::unique_ptr<VectorIndex>()> make;
   bool available = true;
 };
+
+void PrintTo(const Kind& kind, std::ostream* os) { *os << kind.name; }
 
 Kind Flat() { return {"flat", [] { return MakeFlatIndex(); }}; }
 Kind TorchCpu() { return {"torch_cpu", [] { return MakeTorchIndex(c10::Device("cpu")); }}; }

@@ -20,6 +20,8 @@ INSTALLED = (
     "include/arcface_client/client/cpp/policies.h",
     "include/arcface_client/arcface/v1/face_embedding.pb.h",
     "include/arcface_client/arcface/v1/face_embedding.grpc.pb.h",
+    "include/arcface_client/arcface/v1/face_gallery.pb.h",
+    "include/arcface_client/arcface/v1/face_gallery.grpc.pb.h",
     "lib/cmake/arcface_client/arcface_clientConfig.cmake",
     "lib/cmake/arcface_client/arcface_clientConfigVersion.cmake",
     "lib/cmake/arcface_client/arcface_clientTargets.cmake",

@@ -19,6 +19,7 @@ import json
 import sys
 
 import arcface.v1.face_embedding_pb2 as pb
+import arcface.v1.face_gallery_pb2_grpc as gallery_grpc
 import arcface_client
 import grpc_health_v1.health_pb2 as health
 from arcface_client import ArcFaceClient
@@ -32,7 +33,7 @@ print(json.dumps({
     "version": md.version("arcface-client"),
     "module_version": arcface_client.__version__,
     "files": [str(f) for f in md.files("arcface-client")],
-    "modules": [m.__file__ for m in (arcface_client, pb, health)],
+    "modules": [m.__file__ for m in (arcface_client, pb, gallery_grpc, health)],
     "embedding_dim": info["embedding_dim"],
     "shape": list(emb.shape),
     "dtype": str(emb.dtype),
@@ -77,9 +78,11 @@ def test_wheel_in_venv_embeds_like_the_in_tree_client(tmp_path, env, venv, serve
     files = set(out["files"])
     for stub in ("arcface/__init__.py", "arcface/v1/__init__.py",
                  "arcface/v1/face_embedding_pb2.py", "arcface/v1/face_embedding_pb2_grpc.py",
+                 "arcface/v1/face_gallery_pb2.py", "arcface/v1/face_gallery_pb2_grpc.py",
                  "grpc_health_v1/__init__.py", "grpc_health_v1/health_pb2.py",
                  "grpc_health_v1/health_pb2_grpc.py", "arcface_client/__init__.py",
-                 "arcface_client/_client.py", "arcface_client/_remote.py"):
+                 "arcface_client/_client.py", "arcface_client/_gallery.py",
+                 "arcface_client/_remote.py"):
         assert stub in files, f"{stub} not installed: {sorted(files)}"
     assert out["version"] == out["module_version"] == env["ARCFACE_VERSION"]
 

@@ -1,16 +1,21 @@
-"""Python client of the ArcFace embedding service (arcface.v1.FaceEmbedding).
+"""Python client of the ArcFace embedding service (arcface.v1.FaceEmbedding, FaceGallery).
 
     PYTHONPATH=<build>/python:client/python python3 -c 'import arcface_client'
 
-``ArcFaceClient``: NumPy in, NumPy out (embed, compare, model_info, embed_stream, wait_ready).
+``ArcFaceClient``: NumPy in, NumPy out (embed, compare, model_info, embed_stream, wait_ready),
+and the face gallery (enroll, identify, forget, list_subjects, gallery_info), whose results are
+the dataclasses Enrollment, Identification (of Candidate), ForgetResult, Subject, GalleryInfo.
 ``RemoteArcFace``: a drop-in for py-feat's ArcFace torch module (torch imported lazily).
 ``ArcFaceError``: every failed call, with ``.code`` (grpc.StatusCode) and ``.details``.
 """
 
 from ._client import (DEFAULT_MAX_FACES_PER_REQUEST, ArcFaceClient, ArcFaceError,  # noqa: F401
                       FaceSpec)
+from ._gallery import (Candidate, Enrollment, ForgetResult, GalleryInfo,  # noqa: F401
+                       GalleryLimits, Identification, Subject)
 from ._remote import RemoteArcFace  # noqa: F401  (imports torch only when instantiated)
 
 __all__ = ["ArcFaceClient", "ArcFaceError", "FaceSpec", "RemoteArcFace",
-           "DEFAULT_MAX_FACES_PER_REQUEST"]
+           "DEFAULT_MAX_FACES_PER_REQUEST", "Candidate", "Enrollment", "ForgetResult",
+           "GalleryInfo", "GalleryLimits", "Identification", "Subject"]
 __version__ = "0.1.0"

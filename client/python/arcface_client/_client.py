@@ -1,4 +1,5 @@
-"""ArcFaceClient: a thin, NumPy-native client of arcface.v1.FaceEmbedding.
+"""ArcFaceClient: a thin, NumPy-native client of arcface.v1.FaceEmbedding and
+arcface.v1.FaceGallery.
 
 Needs the stubs the build generates (``<build>/python`` on PYTHONPATH: ``arcface.v1`` and
 ``grpc_health_v1``), Debian's ``python3-grpcio`` and ``python3-numpy``. Nothing here imports
@@ -10,12 +11,18 @@ import os
 import socket
 import threading
 import time
+import uuid
 
 import grpc
 import numpy as np
 
 from arcface.v1 import face_embedding_pb2 as pb
 from arcface.v1 import face_embedding_pb2_grpc as pb_grpc
+from arcface.v1 import face_gallery_pb2 as gpb
+from arcface.v1 import face_gallery_pb2_grpc as gpb_grpc
+
+from ._gallery import (Candidate, Enrollment, ForgetResult, GalleryInfo, GalleryLimits,
+                       Identification, Subject, shift_index)
 
 try:  # the health stubs are generated next to arcface.v1; wait_ready needs them
     from grpc_health_v1 import health_pb2, health_pb2_grpc
@@ -39,12 +46,20 @@ DEFAULT_OPTIONS = (
 DEFAULT_RETRIES = 5
 
 
+# Retried on UNAVAILABLE: every call but Forget, whose repetition would report 0 faces removed
+# for faces the first attempt removed. Enroll is safe to repeat: it always carries a request_id
+# (the caller's, else one made per call), with which the server adds the faces only once.
+_RETRIED = [{"service": "arcface.v1.FaceEmbedding"}, {"service": "grpc.health.v1.Health"}] + [
+    {"service": "arcface.v1.FaceGallery", "method": m}
+    for m in ("Enroll", "Identify", "ListSubjects", "GetGalleryInfo")]
+
+
 def _service_config(retries):
     """Channel service config: round_robin, and (retries > 1) gRPC's retry of UNAVAILABLE."""
     config = {"loadBalancingConfig": [{"round_robin": {}}]}
     if retries > 1:
         config["methodConfig"] = [{
-            "name": [{"service": "arcface.v1.FaceEmbedding"}, {"service": "grpc.health.v1.Health"}],
+            "name": _RETRIED,
             "retryPolicy": {"maxAttempts": int(min(retries, 5)), "initialBackoff": "0.2s",
                             "maxBackoff": "5s", "backoffMultiplier": 2,
                             "retryableStatusCodes": ["UNAVAILABLE"]},
@@ -213,6 +228,10 @@ class ArcFaceClient:
     ``max_faces_per_request``: faces per Embed request; None reads the server's limit from
     GetModelInfo on first use (256 if that fails). Large lists are split into several calls;
     the result keeps the input order.
+
+    The gallery (``enroll``, ``identify``, ``forget``, ``list_subjects``, ``gallery_info``)
+    needs a server started with a gallery store (``--gallery-store``); without one its calls
+    raise ArcFaceError with ``UNIMPLEMENTED``.
     """
 
     def __init__(self, target, timeout=DEFAULT_TIMEOUT, credentials=None, options=(),
@@ -234,7 +253,9 @@ class ArcFaceClient:
         else:
             self._channel = grpc.insecure_channel(target, options=list(merged.items()))
         self._stub = pb_grpc.FaceEmbeddingStub(self._channel)
+        self._gallery_stub = gpb_grpc.FaceGalleryStub(self._channel)
         self._max_faces = max_faces_per_request
+        self._gallery_limits = None
         self._max_bytes = None
         self._info = None
         self._lock = threading.Lock()
@@ -277,9 +298,9 @@ class ArcFaceClient:
 
     # -- calls ------------------------------------------------------------------------------
 
-    def _call(self, method, request, timeout=None):
+    def _call(self, method, request, timeout=None, stub=None):
         try:
-            return getattr(self._stub, method)(
+            return getattr(stub or self._stub, method)(
                 request, timeout=self.timeout if timeout is None else timeout)
         except grpc.RpcError as e:
             raise ArcFaceError.from_rpc_error(e, method) from None
@@ -293,7 +314,9 @@ class ArcFaceClient:
                 self._max_faces = int(info.max_faces_per_request)
             if info.max_message_bytes:
                 self._max_bytes = int(info.max_message_bytes)
+            self._gallery_limits = GalleryLimits.from_proto(info.gallery)
         b = info.batching
+        g = info.gallery
         return {
             "arch": info.arch,
             "embedding_dim": info.embedding_dim,
@@ -312,6 +335,14 @@ class ArcFaceClient:
             },
             "max_faces_per_request": info.max_faces_per_request,
             "max_message_bytes": info.max_message_bytes,
+            "gallery": {
+                "enabled": g.enabled,
+                "store": g.store,
+                "max_faces_per_enroll": g.max_faces_per_enroll,
+                "max_probes_per_identify": g.max_probes_per_identify,
+                "max_top_k": g.max_top_k,
+                "approximate_min_faces": g.approximate_min_faces,
+            },
         }
 
     @property
@@ -326,10 +357,11 @@ class ArcFaceClient:
                 self._max_faces = DEFAULT_MAX_FACES_PER_REQUEST
         return self._max_faces
 
-    def _chunks(self, faces):
-        """Splits faces into requests of at most max_faces_per_request faces and (when the
-        server's limit is known) under its message size."""
-        limit = max(1, int(self.max_faces_per_request))
+    def _chunks(self, faces, limit=None):
+        """Splits faces (or probes) into requests of at most ``limit`` (default:
+        max_faces_per_request) items and (when the server's limit is known) under its message
+        size."""
+        limit = max(1, int(self.max_faces_per_request if limit is None else limit))
         max_bytes = self._max_bytes
         budget = int(max_bytes * 0.9) if max_bytes else None
         chunk, size = [], 0
@@ -472,3 +504,125 @@ class ArcFaceClient:
         for i, e in zip(idx, emb):
             out[i] = pb.Probe(embedding=pb.Embedding(values=e.tolist()))
         return out
+
+    # -- gallery (arcface.v1.FaceGallery) -------------------------------------------------------
+
+    @property
+    def gallery_limits(self):
+        """The server's GalleryLimits (from GetModelInfo, read once); all zero while unknown."""
+        if self._gallery_limits is None:
+            try:
+                self.model_info()
+            except ArcFaceError:
+                pass
+        return self._gallery_limits or GalleryLimits()
+
+    def _gallery_call(self, method, request, timeout, offset=0):
+        try:
+            return getattr(self._gallery_stub, method)(
+                request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as e:
+            err = ArcFaceError.from_rpc_error(e, method)
+            raise ArcFaceError(err.code, shift_index(err.details, offset), method) from None
+
+    def _split(self, items, limit):
+        """(offset, chunk) pairs: at most ``limit`` items (0: no count limit) per request."""
+        offset = 0
+        for chunk in self._chunks(items, limit or max(len(items), 1)):
+            yield offset, chunk
+            offset += len(chunk)
+
+    def enroll(self, subject_id, faces_or_embeddings, gallery="", labels=None, request_id="",
+               model_id="", timeout=None):
+        """Adds faces to ``subject_id`` in ``gallery`` ("" means "default"), creating the
+        subject and the gallery when new; returns an ``Enrollment`` (one face id per face, in
+        order) once the faces are durable in the server's store.
+
+        ``faces_or_embeddings``: as ``compare`` takes them: faces (paths, bytes, uint8 arrays,
+        ``FaceSpec``), embedded by the server's model, or embeddings (1-D float arrays, or one
+        float array [N, 512]) taken as given (``model_id``: the model that computed them; ""
+        means the server's). ``labels``: a dict of strings set on the subject (keys given
+        replace their values). ``request_id``: the idempotency key: repeating a call with it
+        adds nothing twice. More faces than the server's ``max_faces_per_enroll`` go in several
+        requests (keys ``<request_id>#<n>``): a call that fails part way may have enrolled its
+        first requests; repeating it with the same ``request_id`` completes it without
+        duplicates. Without a ``request_id`` the client makes one per call, so that a retry
+        after UNAVAILABLE never enrolls a face twice.
+        """
+        probes = self._probes(faces_or_embeddings)
+        base = request_id or uuid.uuid4().hex
+        chunks = list(self._split(probes, self.gallery_limits.max_faces_per_enroll)) or [(0, [])]
+        face_ids, resp = [], None
+        for n, (offset, chunk) in enumerate(chunks):
+            req = gpb.EnrollRequest(gallery=gallery, subject_id=subject_id, faces=chunk,
+                                    labels=labels or {}, model_id=model_id,
+                                    request_id=base if len(chunks) == 1 else f"{base}#{n}")
+            resp = self._gallery_call("Enroll", req, timeout, offset)
+            if len(resp.face_ids) != len(chunk):
+                raise ArcFaceError(grpc.StatusCode.INTERNAL,
+                                   f"{len(resp.face_ids)} face ids for {len(chunk)} faces",
+                                   "Enroll")
+            face_ids.extend(resp.face_ids)
+        return Enrollment(resp.subject_id, tuple(face_ids), resp.gallery_version)
+
+    def identify(self, probes, gallery="", top_k=1, threshold=None, model_id="", timeout=None):
+        """For each probe, the best-matching subjects of ``gallery``: an ``Identification``
+        whose ``results[i]`` lists probe i's candidates (up to ``top_k`` distinct subjects,
+        each with its best face, by cosine similarity descending; with ``threshold``, only
+        those at or above it). Probes are faces or embeddings, as ``enroll`` takes them; more
+        than the server's ``max_probes_per_identify`` (faces: its ``max_faces_per_request``)
+        go in several requests. An unknown gallery raises ArcFaceError ``NOT_FOUND``.
+        """
+        items = self._probes(probes)
+        limit = self.gallery_limits.max_probes_per_identify
+        if any(p.HasField("face") for p in items):  # face probes: also max_faces_per_request
+            limit = min(limit or self.max_faces_per_request, self.max_faces_per_request)
+        results, resp = [], None
+        for offset, chunk in self._split(items, limit):
+            req = gpb.IdentifyRequest(gallery=gallery, probes=chunk, top_k=top_k,
+                                      model_id=model_id)
+            if threshold is not None:
+                req.threshold = float(threshold)
+            resp = self._gallery_call("Identify", req, timeout, offset)
+            if len(resp.results) != len(chunk):
+                raise ArcFaceError(grpc.StatusCode.INTERNAL,
+                                   f"{len(resp.results)} results for {len(chunk)} probes",
+                                   "Identify")
+            results.extend(tuple(Candidate(c.subject_id, c.face_id, c.similarity)
+                                 for c in r.candidates) for r in resp.results)
+        if resp is None:
+            return Identification((), "", 0)
+        return Identification(tuple(results), resp.model_id, resp.gallery_version)
+
+    def forget(self, subject_id=None, face_ids=(), gallery="", timeout=None):
+        """Removes ``subject_id`` with all its faces, or the faces ``face_ids`` (which must be
+        the subject's when it is given too); a subject left without faces is removed. Returns a
+        ``ForgetResult``. Not retried on UNAVAILABLE (a repeat would report 0 faces removed)."""
+        if isinstance(face_ids, (str, bytes)):
+            raise TypeError("face_ids is a list of face ids, not one string")
+        req = gpb.ForgetRequest(gallery=gallery, subject_id=subject_id or "",
+                                face_ids=list(face_ids))
+        resp = self._gallery_call("Forget", req, timeout)
+        return ForgetResult(resp.faces_removed, resp.gallery_version)
+
+    def list_subjects(self, gallery="", page_size=0, timeout=None):
+        """Iterates over every ``Subject`` of ``gallery`` (by subject_id), fetching pages of
+        ``page_size`` (0: the server's default, 100) as it goes."""
+        token = ""
+        while True:
+            req = gpb.ListSubjectsRequest(gallery=gallery, page_size=page_size, page_token=token)
+            resp = self._gallery_call("ListSubjects", req, timeout)
+            for s in resp.subjects:
+                yield Subject(s.subject_id, s.num_faces, dict(s.labels))
+            if not resp.next_page_token:
+                return
+            if resp.next_page_token == token:
+                raise ArcFaceError(grpc.StatusCode.INTERNAL,
+                                   f"page token {token!r} answered with itself", "ListSubjects")
+            token = resp.next_page_token
+
+    def gallery_info(self, gallery="", timeout=None):
+        """GetGalleryInfo as a ``GalleryInfo`` (sizes, version, store, index, limits)."""
+        return GalleryInfo.from_proto(
+            self._gallery_call("GetGalleryInfo", gpb.GetGalleryInfoRequest(gallery=gallery),
+                               timeout))
