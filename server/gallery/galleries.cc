@@ -119,6 +119,7 @@ Galleries::Galleries(std::unique_ptr<GalleryStore> store, GalleriesOptions optio
       store_description_(store_->Describe()) {}
 
 Galleries::~Galleries() {
+  store_.reset();  // joins the store's follower (no catch-up, so no new HNSW build, after it)
   stopping_ = true;
   std::vector<std::thread> builds;
   {

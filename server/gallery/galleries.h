@@ -128,7 +128,9 @@ class Galleries {
   void MaybeBuildHnsw(Gallery* g) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
   void BuildHnsw(Gallery* g);
 
-  const std::unique_ptr<GalleryStore> store_;
+  // Reset first by the destructor: a shared store's follower thread calls OnStoreChanged() and
+  // OnAvailability(), which use the members below, until the store is gone.
+  std::unique_ptr<GalleryStore> store_;
   const GalleriesOptions options_;
   const std::string store_description_;
   double load_seconds_ = 0;

@@ -94,6 +94,7 @@ class PgCluster:
         self.log_path = os.path.join(self.root, "postgres.log")
         self.port = None
         self.proc = None
+        self._started = False
         self.start_timeout = start_timeout
         # What the finalizer needs, without a reference to self: the running server, if any.
         self._proc_box = [None]
@@ -136,12 +137,17 @@ class PgCluster:
             log.close()
             self._proc_box[0] = self.proc
             if self._wait_ready(deadline):
+                self._started = True
                 return
             # After kill(), the old server's leftovers (shared memory still attached by dying
-            # backends, the port) can refuse the new one for a moment: try again.
+            # backends, the port) can refuse the new one for a moment: try again. The first
+            # start may take another port (someone took the free one meanwhile); a restart keeps
+            # its port, which the clients' URIs name.
             if time.monotonic() > deadline:
                 raise RuntimeError(f"postgres did not start on port {self.port}: "
                                    f"{self._log_tail()}")
+            if not self._started:
+                self.port = free_port()
             time.sleep(0.2)
 
     def sql(self, statement):
