@@ -128,6 +128,12 @@ class GalleryStore {
   virtual std::pair<bool, std::string> Health() const { return {true, ""}; }
 };
 
+// The delta of a committed Enroll: `write`'s faces added to its subject (whose labels, after the
+// merge, are `labels`), taking the gallery from `version` - 1 to `version`. What both stores
+// answer for their own writes.
+GalleryDelta EnrollDelta(const EnrollWrite& write, Labels labels, uint64_t version,
+                         absl::Time committed);
+
 // Opens the store `uri` names: "sqlite:PATH" or "postgres://..." / "postgresql://..." (libpq's
 // URI); the schema is created or migrated to this server's version. Errors: INVALID_ARGUMENT
 // for a URI of no known kind, the store's own error (UNAVAILABLE, FAILED_PRECONDITION for a

@@ -590,16 +590,8 @@ absl::StatusOr<EnrollResult> PostgresStore::Enroll(const EnrollWrite& write) {
 
     result.face_ids = write.face_ids;
     result.version = static_cast<uint64_t>(version);
-    GalleryDelta& delta = result.delta;
-    delta.gallery = write.gallery;
-    delta.model_id = write.model_id;
-    delta.from_version = result.version - 1;
-    delta.version = result.version;
-    delta.committed = absl::FromUnixMicros(updated[0].as<int64_t>());
-    delta.subjects.push_back(SubjectRecord{write.subject_id, *std::move(labels)});
-    delta.face_ids = write.face_ids;
-    delta.face_subjects.assign(write.face_ids.size(), write.subject_id);
-    delta.embeddings = write.embeddings;
+    result.delta = EnrollDelta(write, *std::move(labels), result.version,
+                               absl::FromUnixMicros(updated[0].as<int64_t>()));
     return absl::OkStatus();
   });
   if (!status.ok()) return status;

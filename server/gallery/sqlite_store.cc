@@ -231,7 +231,7 @@ class SqliteStore final : public GalleryStore {
     }
     const uint64_t version = *from + 1;
     const absl::Time now = absl::Now();
-    SubjectRecord subject{write.subject_id, {}};
+    Labels labels;  // the subject's, merged with the write's
     {
       Stmt read(db_,
                 "SELECT labels, removed_version FROM subjects WHERE gallery=? AND subject_id=?");
@@ -239,11 +239,11 @@ class SqliteStore final : public GalleryStore {
       read.Bind(1, write.gallery).Bind(2, write.subject_id);
       absl::Status status;
       if (read.Step(&status, "read the subject") && read.IsNull(1)) {
-        subject.labels = ParseLabels(read.Text(0));
+        labels = ParseLabels(read.Text(0));
       }
       if (!status.ok()) return status;
     }
-    for (const auto& [k, v] : write.labels) subject.labels[k] = v;
+    for (const auto& [k, v] : write.labels) labels[k] = v;
     {
       Stmt upsert(db_,
                   "INSERT INTO subjects(gallery, subject_id, labels, updated_version, "
@@ -251,7 +251,7 @@ class SqliteStore final : public GalleryStore {
                   "UPDATE SET labels=excluded.labels, updated_version=excluded.updated_version, "
                   "removed_version=NULL");
       if (absl::Status s = upsert.prepared("write the subject"); !s.ok()) return s;
-      upsert.Bind(1, write.gallery).Bind(2, write.subject_id).Bind(3, LabelsJson(subject.labels));
+      upsert.Bind(1, write.gallery).Bind(2, write.subject_id).Bind(3, LabelsJson(labels));
       upsert.Bind(4, static_cast<int64_t>(version));
       if (absl::Status s = upsert.Run("write the subject"); !s.ok()) return s;
     }
@@ -280,16 +280,7 @@ class SqliteStore final : public GalleryStore {
     if (absl::Status s = tx.Commit("commit the enrollment"); !s.ok()) return s;
     result.face_ids = write.face_ids;
     result.version = version;
-    GalleryDelta& d = result.delta;
-    d.gallery = write.gallery;
-    d.model_id = write.model_id;
-    d.from_version = *from;
-    d.version = version;
-    d.committed = now;
-    d.subjects.push_back(std::move(subject));
-    d.face_ids = write.face_ids;
-    d.face_subjects.assign(write.face_ids.size(), write.subject_id);
-    d.embeddings = write.embeddings;
+    result.delta = EnrollDelta(write, std::move(labels), version, now);
     return result;
   }
 
