@@ -23,6 +23,7 @@
 #include "server/gallery/ids.h"
 #include "server/gallery/sqlite_store.h"
 #include "server/gallery/vector_index.h"
+#include "tests/gallery/random_units.h"
 
 namespace arcface::gallery {
 namespace {
@@ -48,21 +49,7 @@ class TempDir {
   std::filesystem::path path_;
 };
 
-std::vector<float> RandomUnits(int n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal;
-  std::vector<float> v(size_t(n) * kDim);
-  for (int i = 0; i < n; ++i) {
-    float* row = v.data() + size_t(i) * kDim;
-    double norm = 0;
-    for (int j = 0; j < kDim; ++j) {
-      row[j] = normal(rng);
-      norm += double(row[j]) * row[j];
-    }
-    for (int j = 0; j < kDim; ++j) row[j] = static_cast<float>(row[j] / std::sqrt(norm));
-  }
-  return v;
-}
+using testing::RandomUnits;
 
 EnrollWrite Write(const std::string& gallery, const std::string& subject, std::vector<float> units,
                   const std::string& request_id = "") {
@@ -96,8 +83,7 @@ std::vector<Candidate> BruteForce(const std::vector<Face>& faces, const float* p
                                   std::optional<float> threshold) {
   std::map<std::string, Candidate> best;
   for (const Face& f : faces) {
-    double dot = 0;
-    for (int j = 0; j < kDim; ++j) dot += double(probe[j]) * f.unit[j];
+    const double dot = testing::Dot(probe, f.unit);
     auto it = best.find(f.subject_id);
     if (it == best.end() || dot > it->second.similarity) {
       best[f.subject_id] = Candidate{f.subject_id, f.face_id, static_cast<float>(dot)};
@@ -548,11 +534,7 @@ TEST(FlatIndex, ShardedSearchEqualsABruteForceScan) {
   for (int q = 0; q < kProbes; ++q) {
     std::vector<std::pair<double, int64_t>> all(kRows);
     for (int r = 0; r < kRows; ++r) {
-      double dot = 0;
-      for (int j = 0; j < kDim; ++j) {
-        dot += double(probes[q * kDim + j]) * units[size_t(r) * kDim + j];
-      }
-      all[r] = {dot, r};
+      all[r] = {testing::Dot(probes.data() + q * kDim, units.data() + size_t(r) * kDim), r};
     }
     std::partial_sort(all.begin(), all.begin() + kK, all.end(), std::greater<>());
     for (int j = 0; j < kK; ++j) {
