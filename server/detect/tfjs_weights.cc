@@ -216,7 +216,8 @@ absl::StatusOr<TfjsWeights> TfjsWeights::Parse(absl::string_view manifest_json,
   json manifest;
   try {
     manifest = json::parse(manifest_json);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
+    // parse_error for bad syntax, out_of_range for a number beyond double's range.
     return parser.Bad(absl::StrCat("not JSON: ", e.what()));
   }
   const json* groups = &manifest;
