@@ -2,9 +2,10 @@
 ARCFACE_DETECTOR_MODELS=models/face-api /usr/bin/python3 -m pytest tests/reference/test_detect_ref.py).
 
 The FACE_API_* values were printed by face-api 1.7.15 itself (dist/face-api.esm.js of the npm
-package, TF.js's CPU backend, under node) on tests/data/multi_face.jpg decoded by OpenCV and
-passed as an int32 tensor: locateFaces (SSD, minConfidence 0.3; Tiny, scoreThreshold 0.3,
-inputSize 416) and detectAllFaces().withFaceLandmarks() (unshiftedLandmarks: crop pixels).
+package, TF.js's CPU backend, under node: face_api_peer.mjs, whose header says how to run it)
+on tests/data/multi_face.jpg decoded by OpenCV and passed as an int32 tensor: locateFaces (SSD,
+minConfidence 0.3; Tiny, scoreThreshold 0.3, inputSize 416) and
+detectAllFaces().withFaceLandmarks() (unshiftedLandmarks: crop pixels).
 torch appears here only as an outside check of the reference's own convolution and pooling.
 """
 from __future__ import annotations
