@@ -57,8 +57,8 @@ std::string ShapeString(absl::Span<const int64_t> shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
-// The largest byte size a tensor may claim: far beyond any real file, and small enough that
-// sums over a manifest cannot overflow.
+// The most elements a tensor, and bytes a group, may claim: far beyond any real file, and small
+// enough that byte sizes (4 per element at most) and their sums cannot overflow.
 constexpr uint64_t kMaxTensorBytes = uint64_t{1} << 40;
 
 class ManifestParser {
@@ -259,7 +259,7 @@ absl::StatusOr<TfjsWeights> TfjsWeights::Parse(absl::string_view manifest_json,
         return parser.BadTensor(spec->name, "the name appears twice in the manifest");
       }
       spec->offset = needed;
-      needed += spec->bytes;  // at most 2^40 per tensor: no overflow for any real count
+      needed += spec->bytes;  // both at most 2^42 here: no overflow
       if (needed > kMaxTensorBytes) {
         return parser.BadTensor(spec->name, "the group's tensors need over 1 TiB");
       }
