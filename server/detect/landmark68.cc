@@ -43,13 +43,13 @@ absl::StatusOr<std::unique_ptr<Landmark68Net>> Landmark68Net::Create(const TfjsW
     if (block.conv0.weight.defined()) block.conv0.To(device);
     for (Separable& s : block.separable) {
       if (!s.depthwise.defined()) continue;
-      s.depthwise = s.depthwise.to(device);
-      s.pointwise = s.pointwise.to(device);
-      s.bias = s.bias.to(device);
+      s.depthwise = ToDevice(s.depthwise, device);
+      s.pointwise = ToDevice(s.pointwise, device);
+      s.bias = ToDevice(s.bias, device);
     }
   }
-  net->fc_weight_ = net->fc_weight_.to(device);
-  net->fc_bias_ = net->fc_bias_.to(device);
+  net->fc_weight_ = ToDevice(net->fc_weight_, device);
+  net->fc_bias_ = ToDevice(net->fc_bias_, device);
   return net;
 }
 
@@ -70,7 +70,9 @@ torch::Tensor Landmark68Net::Block(const torch::Tensor& x, const DenseBlock& blo
 torch::Tensor Landmark68Net::Forward(const torch::Tensor& rgb) const {
   torch::Tensor mean =
       torch::tensor(at::ArrayRef<double>(kMeanRgb.data(), kMeanRgb.size()), rgb.options());
-  torch::Tensor x = ((rgb - mean) / 255).permute({0, 3, 1, 2}).contiguous();
+  // NHWC in memory is NCHW channels-last: a view, no copy.
+  torch::Tensor x =
+      ((rgb - mean) / 255).permute({0, 3, 1, 2}).contiguous(at::MemoryFormat::ChannelsLast);
   for (size_t b = 0; b < dense_.size(); ++b) x = Block(x, dense_[b], b == 0);
   // A 7×7 "valid" average pool over the 7×7 map: the mean of each channel.
   x = torch::avg_pool2d(x, 7, 2).flatten(1);

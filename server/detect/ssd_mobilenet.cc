@@ -102,7 +102,9 @@ absl::StatusOr<std::unique_ptr<SsdMobilenetV1>> SsdMobilenetV1::Create(
 }
 
 SsdMobilenetV1::Output SsdMobilenetV1::Forward(const torch::Tensor& rgb) const {
-  torch::Tensor x = (rgb.permute({0, 3, 1, 2}) / 127.5 - 1).contiguous();
+  // NHWC in memory is NCHW channels-last: a view, no copy.
+  torch::Tensor x =
+      (rgb.permute({0, 3, 1, 2}) / 127.5 - 1).contiguous(at::MemoryFormat::ChannelsLast);
   x = Relu6(ConvSame(x, conv0_.weight, conv0_.bias, 2));
   torch::Tensor conv11;
   for (int layer = 1; layer <= 13; ++layer) {

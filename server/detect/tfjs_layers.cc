@@ -43,30 +43,42 @@ std::pair<int64_t, int64_t> SamePadding(int64_t in, int64_t kernel, int64_t stri
 
 namespace {
 
-// Pads x (NCHW) with `value` for a "same" window of `kernel` with `stride`.
-torch::Tensor PadSame(const torch::Tensor& x, int64_t kernel, int64_t stride, double value = 0) {
+// A "same" window over x (NCHW, any memory format): the padding that conv2d or max_pool2d can
+// add itself when it is symmetric, else x padded explicitly with `value` (padding 0 left).
+struct Padded {
+  torch::Tensor x;
+  std::vector<int64_t> padding;
+};
+
+Padded PadSame(const torch::Tensor& x, int64_t kernel, int64_t stride, double value) {
   const auto [top, bottom] = SamePadding(x.size(2), kernel, stride);
   const auto [left, right] = SamePadding(x.size(3), kernel, stride);
-  if (top == 0 && bottom == 0 && left == 0 && right == 0) return x;
-  return torch::constant_pad_nd(x, {left, right, top, bottom}, value);
+  if (top == bottom && left == right) return {x, {top, left}};
+  // constant_pad_nd returns NCHW-contiguous: back to x's layout (channels-last stays so).
+  torch::Tensor padded = torch::constant_pad_nd(x, {left, right, top, bottom}, value)
+                             .contiguous(x.suggest_memory_format());
+  return {padded, {0, 0}};
 }
 
 }  // namespace
 
 torch::Tensor ConvSame(const torch::Tensor& x, const torch::Tensor& weight,
                        const torch::Tensor& bias, int64_t stride) {
-  return torch::conv2d(PadSame(x, weight.size(2), stride), weight, bias, stride);
+  const Padded p = PadSame(x, weight.size(2), stride, 0);
+  return torch::conv2d(p.x, weight, bias, stride, p.padding);
 }
 
 torch::Tensor DepthwiseSame(const torch::Tensor& x, const torch::Tensor& weight,
                             const torch::Tensor& bias, int64_t stride) {
-  return torch::conv2d(PadSame(x, weight.size(2), stride), weight, bias, stride,
-                       /*padding=*/at::IntArrayRef{0}, /*dilation=*/1, /*groups=*/weight.size(0));
+  const Padded p = PadSame(x, weight.size(2), stride, 0);
+  return torch::conv2d(p.x, weight, bias, stride, p.padding, /*dilation=*/1,
+                       /*groups=*/weight.size(0));
 }
 
 torch::Tensor MaxPoolSame(const torch::Tensor& x, int64_t kernel, int64_t stride) {
-  return torch::max_pool2d(PadSame(x, kernel, stride, -std::numeric_limits<double>::infinity()),
-                           kernel, stride);
+  // max_pool2d's own padding is implicit -inf, as TF's "same" pooling.
+  const Padded p = PadSame(x, kernel, stride, -std::numeric_limits<double>::infinity());
+  return torch::max_pool2d(p.x, kernel, stride, p.padding);
 }
 
 }  // namespace arcface::detect

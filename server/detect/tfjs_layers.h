@@ -6,8 +6,8 @@
 //   tensors (networks fold and then move them to their device). Each read checks the name and
 //   the exact TF shape; the first failure is kept, later reads return undefined tensors, and
 //   status() names the network and the tensor.
-// - The functions are pure torch ops on NCHW float tensors; callers run them under
-//   c10::InferenceMode and catch torch's exceptions (c10::Error).
+// - The functions are pure torch ops on NCHW float tensors (any memory format, kept); callers
+//   run them under c10::InferenceMode and catch torch's exceptions (c10::Error).
 #ifndef ARCFACE_SERVER_DETECT_TFJS_LAYERS_H_
 #define ARCFACE_SERVER_DETECT_TFJS_LAYERS_H_
 
@@ -22,12 +22,19 @@
 
 namespace arcface::detect {
 
+// The networks run channels-last (NHWC in memory, as their input arrives and as oneDNN and
+// cuDNN convolve fastest): kernels too, so that no call reorders them.
+inline torch::Tensor ToDevice(const torch::Tensor& t, torch::Device device) {
+  torch::Tensor moved = t.to(device);
+  return moved.dim() == 4 ? moved.contiguous(at::MemoryFormat::ChannelsLast) : moved;
+}
+
 // A convolution's kernel (torch layout) and bias.
 struct ConvWeights {
   torch::Tensor weight, bias;
   void To(torch::Device device) {
-    weight = weight.to(device);
-    bias = bias.to(device);
+    weight = ToDevice(weight, device);
+    bias = ToDevice(bias, device);
   }
 };
 

@@ -35,9 +35,9 @@ absl::StatusOr<std::unique_ptr<TinyFaceDetector>> TinyFaceDetector::Create(
 
   net->conv0_.To(device);
   for (Separable& s : net->separable_) {
-    s.depthwise = s.depthwise.to(device);
-    s.pointwise = s.pointwise.to(device);
-    s.bias = s.bias.to(device);
+    s.depthwise = ToDevice(s.depthwise, device);
+    s.pointwise = ToDevice(s.pointwise, device);
+    s.bias = ToDevice(s.bias, device);
   }
   net->conv8_.To(device);
   return net;
@@ -46,7 +46,9 @@ absl::StatusOr<std::unique_ptr<TinyFaceDetector>> TinyFaceDetector::Create(
 torch::Tensor TinyFaceDetector::Forward(const torch::Tensor& rgb) const {
   torch::Tensor mean =
       torch::tensor(at::ArrayRef<double>(kMeanRgb.data(), kMeanRgb.size()), rgb.options());
-  torch::Tensor x = ((rgb - mean) / 255).permute({0, 3, 1, 2}).contiguous();
+  // NHWC in memory is NCHW channels-last: a view, no copy.
+  torch::Tensor x =
+      ((rgb - mean) / 255).permute({0, 3, 1, 2}).contiguous(at::MemoryFormat::ChannelsLast);
   // face-api's first layer is a plain 3×3 convolution without padding ("valid").
   x = Leaky(torch::conv2d(x, conv0_.weight, conv0_.bias));
   for (const Separable& s : separable_) {
