@@ -48,7 +48,8 @@ std::vector<ScoredBox> DecodeTiny(absl::Span<const float> grid, int cells, float
   for (int row = 0; row < cells; ++row) {
     for (int col = 0; col < cells; ++col) {
       for (size_t a = 0; a < kTinyAnchors.size(); ++a) {
-        const float* t = &grid[(static_cast<size_t>(row) * cells + col) * per_cell + a * kPerAnchor];
+        const size_t cell = static_cast<size_t>(row) * cells + col;
+        const float* t = &grid[cell * per_cell + a * kPerAnchor];
         const float score = Sigmoid(t[4]);
         if (!(score >= min_score)) continue;
         const float cx = (col + Sigmoid(t[0])) / cells;

@@ -14,10 +14,15 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 #include <opencv2/imgproc.hpp>
+#include <torch/torch.h>
 
 #include "absl/status/status.h"
 #include "server/detect/box_decoding.h"
+#include "server/detect/landmark68.h"
+#include "server/detect/ssd_mobilenet.h"
+#include "server/detect/tiny_face_detector.h"
 #include "server/image/image.h"
 
 namespace arcface::detect {
@@ -61,7 +66,8 @@ std::unique_ptr<FaceDetector> MakeDetector(const std::string& detector) {
 }
 
 float Iou(const image::Box& a, const image::Box& b) {
-  return detect::Iou({a.x_min, a.y_min, a.x_max, a.y_max, 1}, {b.x_min, b.y_min, b.x_max, b.y_max, 1});
+  return detect::Iou({a.x_min, a.y_min, a.x_max, a.y_max, 1},
+                     {b.x_min, b.y_min, b.x_max, b.y_max, 1});
 }
 
 class FaceDetectorTest : public ::testing::TestWithParam<std::string> {
@@ -307,6 +313,230 @@ TEST_P(FaceDetectorTest, DescribesItself) {
 
 INSTANTIATE_TEST_SUITE_P(Networks, FaceDetectorTest,
                          testing::Values("ssd_mobilenetv1", "tiny_face_detector"));
+
+// ---- Decoding, NMS and the five points (torch-free) ------------------------------------------
+
+TEST(BoxDecodingTest, SsdDecodesAgainstThePriorsInYxOrder) {
+  // Prior 0: y 0.1..0.3, x 0.2..0.6. Zero encodings give the prior back; ty = 10 moves the
+  // centre down by one prior height, th = 5 * ln 2 doubles the height.
+  const std::vector<float> priors = {0.1f, 0.2f, 0.3f, 0.6f, 0.1f, 0.2f, 0.3f, 0.6f,
+                                     0.1f, 0.2f, 0.3f, 0.6f};
+  const std::vector<float> encodings = {0, 0, 0, 0, 10, 0, 5 * std::log(2.0f), 0, 0, 0, 0, 0};
+  const std::vector<float> logits = {0, 2, 0, 0, 0, 0, 0, -3, 0};  // face logit is [1]
+  const std::vector<ScoredBox> boxes = DecodeSsd(encodings, logits, priors, 0.5f);
+  ASSERT_EQ(boxes.size(), 2u);  // sigmoid(-3) < 0.5
+  EXPECT_NEAR(boxes[0].x_min, 0.2f, 1e-6);
+  EXPECT_NEAR(boxes[0].y_min, 0.1f, 1e-6);
+  EXPECT_NEAR(boxes[0].x_max, 0.6f, 1e-6);
+  EXPECT_NEAR(boxes[0].y_max, 0.3f, 1e-6);
+  EXPECT_NEAR(boxes[0].score, 1 / (1 + std::exp(-2.0f)), 1e-6);
+  EXPECT_NEAR(boxes[1].y_min, 0.2f, 1e-6);  // centre 0.4, height 0.4
+  EXPECT_NEAR(boxes[1].y_max, 0.6f, 1e-6);
+  EXPECT_NEAR(boxes[1].x_min, 0.2f, 1e-6);
+  EXPECT_NEAR(boxes[1].score, 0.5f, 1e-6);
+}
+
+TEST(BoxDecodingTest, TinyDecodesCellsAndAnchors) {
+  // A 2×2 grid, all scores low but cell (row 1, col 0), anchor 2 (2.882459 × 3.518061 cells).
+  std::vector<float> grid(2 * 2 * 25, -10);
+  float* t = &grid[(1 * 2 + 0) * 25 + 2 * 5];
+  t[0] = t[1] = t[2] = t[3] = 0;
+  t[4] = 1;
+  const std::vector<ScoredBox> boxes = DecodeTiny(grid, 2, 0.5f);
+  ASSERT_EQ(boxes.size(), 1u);
+  EXPECT_NEAR((boxes[0].x_min + boxes[0].x_max) / 2, 0.5f / 2, 1e-6);  // (0 + 0.5) / 2
+  EXPECT_NEAR((boxes[0].y_min + boxes[0].y_max) / 2, 1.5f / 2, 1e-6);
+  EXPECT_NEAR(boxes[0].x_max - boxes[0].x_min, 2.882459f / 2, 1e-6);
+  EXPECT_NEAR(boxes[0].y_max - boxes[0].y_min, 3.518061f / 2, 1e-6);
+  EXPECT_NEAR(boxes[0].score, 1 / (1 + std::exp(-1.0f)), 1e-6);
+}
+
+TEST(BoxDecodingTest, NmsKeepsTheBestOfEachOverlappingGroup) {
+  const std::vector<ScoredBox> boxes = {
+      {20, 20, 30, 30, 0.7f},  // apart
+      {1, 0, 11, 10, 0.8f},    // IoU 9/11 with the best: suppressed
+      {0, 0, 10, 10, 0.9f},
+      {5, 0, 15, 10, 0.6f},    // IoU 1/3 with the best: kept at 0.5, not at 0.3
+      {22, 20, 32, 30, 0.7f},  // a tie with the first, overlapping it: the earlier wins
+  };
+  auto scores = [](const std::vector<ScoredBox>& kept) {
+    std::vector<float> s;
+    for (const ScoredBox& b : kept) s.push_back(b.score);
+    return s;
+  };
+  const std::vector<ScoredBox> half = NonMaxSuppression(boxes, 0.5f, 100);
+  EXPECT_THAT(scores(half), testing::ElementsAre(0.9f, 0.7f, 0.6f));
+  EXPECT_EQ(half[1].x_min, 20);
+  EXPECT_THAT(scores(NonMaxSuppression(boxes, 0.3f, 100)), testing::ElementsAre(0.9f, 0.7f));
+  EXPECT_THAT(scores(NonMaxSuppression(boxes, 0.5f, 2)), testing::ElementsAre(0.9f, 0.7f));
+  EXPECT_THAT(NonMaxSuppression({}, 0.5f, 10), testing::IsEmpty());
+  // Empty boxes overlap nothing.
+  EXPECT_EQ(detect::Iou(ScoredBox{0, 0, 0, 10, 1}, ScoredBox{0, 0, 0, 10, 1}), 0);
+}
+
+TEST(FivePointsTest, EyeCentresNoseTipAndMouthCorners) {
+  std::array<image::Point, 68> points;
+  for (int i = 0; i < 68; ++i) points[i] = {float(i), float(100 + i)};
+  const std::array<image::Point, 5> five = FivePointsFrom68(points);
+  EXPECT_FLOAT_EQ(five[0].x, 38.5f);  // mean of 36..41
+  EXPECT_FLOAT_EQ(five[0].y, 138.5f);
+  EXPECT_FLOAT_EQ(five[1].x, 44.5f);  // mean of 42..47
+  EXPECT_FLOAT_EQ(five[2].x, 30);
+  EXPECT_FLOAT_EQ(five[3].x, 48);
+  EXPECT_FLOAT_EQ(five[4].x, 54);
+  EXPECT_FLOAT_EQ(five[4].y, 154);
+}
+
+// ---- The networks against the numpy reference (tests/reference/detect_ref.py) ---------------
+
+// make_detect_refs.py's output (a ctest fixture): per case, the reference's input and raw
+// outputs, and the detections face-api's post-processing keeps.
+const fs::path kRefs = ARCFACE_DETECT_REFS;
+
+std::vector<float> ReadFloats(const std::string& name, const std::vector<int64_t>& shape) {
+  const std::string bytes = ReadAll(kRefs / (name + ".f32"));
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  EXPECT_EQ(bytes.size(), static_cast<size_t>(n) * sizeof(float)) << name;
+  std::vector<float> values(bytes.size() / sizeof(float));
+  std::memcpy(values.data(), bytes.data(), values.size() * sizeof(float));
+  return values;
+}
+
+// Largest difference relative to the reference's largest magnitude, and the cosine.
+struct Agreement {
+  double max_relative, cosine;
+};
+
+Agreement Compare(const torch::Tensor& ours, const std::vector<float>& ref) {
+  const torch::Tensor a = ours.to(torch::kCPU).to(torch::kFloat64).flatten();
+  const torch::Tensor b = torch::tensor(at::ArrayRef<float>(ref)).to(torch::kFloat64);
+  EXPECT_EQ(a.numel(), b.numel());
+  return {((a - b).abs().max() / b.abs().max()).item<double>(),
+          (a.dot(b) / (a.norm() * b.norm())).item<double>()};
+}
+
+class ReferenceTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    index_ = nlohmann::json::parse(ReadAll(kRefs / "index.json"), nullptr, false);
+    auto load = [](const char* net) {
+      const fs::path manifest = kModels / (std::string(net) + "_model-weights_manifest.json");
+      absl::StatusOr<TfjsWeights> w = TfjsWeights::Load(manifest.string());
+      EXPECT_TRUE(w.ok()) << w.status();
+      return w.ok() ? std::move(*w) : TfjsWeights();
+    };
+    auto made = [](auto net) {
+      EXPECT_TRUE(net.ok()) << net.status();
+      return net.ok() ? std::move(*net) : nullptr;
+    };
+    ssd_ = made(SsdMobilenetV1::Create(load("ssd_mobilenetv1"), torch::kCPU));
+    tiny_ = made(TinyFaceDetector::Create(load("tiny_face_detector"), torch::kCPU));
+    landmarks_ = made(Landmark68Net::Create(load("face_landmark_68"), torch::kCPU));
+  }
+  void SetUp() override {
+    ASSERT_NE(ssd_, nullptr);
+    ASSERT_NE(tiny_, nullptr);
+    ASSERT_NE(landmarks_, nullptr);
+  }
+  static void TearDownTestSuite() {
+    ssd_.reset();
+    tiny_.reset();
+    landmarks_.reset();
+  }
+
+  // The cases of `net`; fails when there are none (the fixture did not run).
+  static std::vector<nlohmann::json> Cases(const std::string& net) {
+    std::vector<nlohmann::json> cases;
+    if (index_.is_object()) {
+      for (const auto& c : index_["cases"]) {
+        if (c["net"] == net) cases.push_back(c);
+      }
+    }
+    EXPECT_FALSE(cases.empty()) << "no " << net << " cases in " << kRefs / "index.json"
+                                << ": ctest runs make_detect_refs.py first (detect_refs)";
+    return cases;
+  }
+
+  static torch::Tensor Input(const nlohmann::json& c) {
+    const std::vector<int64_t> shape = c["input"];
+    const std::vector<float> values = ReadFloats(c["case"].get<std::string>() + ".input", shape);
+    return torch::tensor(at::ArrayRef<float>(values)).reshape(shape).unsqueeze(0);
+  }
+
+  static void ExpectAgrees(const nlohmann::json& c, const std::string& output,
+                           const torch::Tensor& ours) {
+    const std::vector<float> ref =
+        ReadFloats(c["case"].get<std::string>() + "." + output, c["outputs"][output]);
+    const Agreement agreement = Compare(ours, ref);
+    EXPECT_LE(agreement.max_relative, 1e-4) << c["case"] << " " << output;
+    EXPECT_GE(agreement.cosine, 0.99999) << c["case"] << " " << output;
+    std::cout << c["case"].get<std::string>() << " " << output << ": max relative difference "
+              << agreement.max_relative << ", cosine " << agreement.cosine << "\n";
+  }
+
+  static void ExpectSameDetections(const nlohmann::json& c, const std::vector<ScoredBox>& ours) {
+    const std::vector<float> scores = c["det_scores"];
+    const std::vector<std::vector<float>> boxes = c["det_boxes"];
+    ASSERT_EQ(ours.size(), scores.size()) << c["case"];
+    for (size_t i = 0; i < ours.size(); ++i) {
+      EXPECT_NEAR(ours[i].score, scores[i], 1e-4) << c["case"] << " detection " << i;
+      EXPECT_NEAR(ours[i].x_min, boxes[i][0], 1e-4) << c["case"] << " detection " << i;
+      EXPECT_NEAR(ours[i].y_min, boxes[i][1], 1e-4) << c["case"] << " detection " << i;
+      EXPECT_NEAR(ours[i].x_max, boxes[i][2], 1e-4) << c["case"] << " detection " << i;
+      EXPECT_NEAR(ours[i].y_max, boxes[i][3], 1e-4) << c["case"] << " detection " << i;
+    }
+  }
+
+  static nlohmann::json index_;
+  static std::unique_ptr<SsdMobilenetV1> ssd_;
+  static std::unique_ptr<TinyFaceDetector> tiny_;
+  static std::unique_ptr<Landmark68Net> landmarks_;
+};
+
+nlohmann::json ReferenceTest::index_;
+std::unique_ptr<SsdMobilenetV1> ReferenceTest::ssd_;
+std::unique_ptr<TinyFaceDetector> ReferenceTest::tiny_;
+std::unique_ptr<Landmark68Net> ReferenceTest::landmarks_;
+
+TEST_F(ReferenceTest, SsdMobilenetV1EqualsTheReference) {
+  c10::InferenceMode inference;
+  for (const nlohmann::json& c : Cases("ssd")) {
+    const SsdMobilenetV1::Output out = ssd_->Forward(Input(c));
+    ExpectAgrees(c, "box_encodings", out.box_encodings);
+    ExpectAgrees(c, "class_logits", out.class_logits);
+    const torch::Tensor encodings = out.box_encodings.contiguous();
+    const torch::Tensor logits = out.class_logits.contiguous();
+    ExpectSameDetections(
+        c, NonMaxSuppression(DecodeSsd({encodings.data_ptr<float>(), size_t(encodings.numel())},
+                                       {logits.data_ptr<float>(), size_t(logits.numel())},
+                                       ssd_->priors(), 0.5f),
+                             kSsdIouThreshold, 100));
+  }
+}
+
+TEST_F(ReferenceTest, TinyFaceDetectorEqualsTheReference) {
+  c10::InferenceMode inference;
+  for (const nlohmann::json& c : Cases("tiny")) {
+    const torch::Tensor grid = tiny_->Forward(Input(c)).contiguous();
+    ExpectAgrees(c, "grid", grid);
+    ExpectSameDetections(c, NonMaxSuppression(DecodeTiny({grid.data_ptr<float>(),
+                                                          size_t(grid.numel())},
+                                                         int(grid.size(1)), 0.5f),
+                                              kTinyIouThreshold, 1000));
+  }
+}
+
+TEST_F(ReferenceTest, Landmark68EqualsTheReference) {
+  c10::InferenceMode inference;
+  const std::vector<nlohmann::json> cases = Cases("landmark68");
+  EXPECT_EQ(cases.size(), 6u);  // multi_face's five faces and single_face's one
+  // One batch of all the crops, as Detect runs them.
+  std::vector<torch::Tensor> inputs;
+  for (const nlohmann::json& c : cases) inputs.push_back(Input(c));
+  const torch::Tensor out = landmarks_->Forward(torch::cat(inputs));
+  for (size_t i = 0; i < cases.size(); ++i) ExpectAgrees(cases[i], "output", out[i]);
+}
 
 // ---- Create on bad configurations and files -----------------------------------------------
 
