@@ -9,7 +9,7 @@ namespace arcface::detect {
 namespace {
 
 // The mean RGB face-api's feature extractor subtracts before dividing by 255.
-constexpr std::array<double, 3> kMeanRgb = {122.782, 117.001, 104.298};
+constexpr std::array<float, 3> kMeanRgb = {122.782, 117.001, 104.298};
 // Output channels of dense0 .. dense3 (the input has 3).
 constexpr std::array<int64_t, 5> kChannels = {3, 32, 64, 128, 256};
 
@@ -50,6 +50,7 @@ absl::StatusOr<std::unique_ptr<Landmark68Net>> Landmark68Net::Create(const TfjsW
   }
   net->fc_weight_ = ToDevice(net->fc_weight_, device);
   net->fc_bias_ = ToDevice(net->fc_bias_, device);
+  net->mean_rgb_ = torch::tensor(at::ArrayRef<float>(kMeanRgb.data(), kMeanRgb.size())).to(device);
   return net;
 }
 
@@ -68,11 +69,9 @@ torch::Tensor Landmark68Net::Block(const torch::Tensor& x, const DenseBlock& blo
 }
 
 torch::Tensor Landmark68Net::Forward(const torch::Tensor& rgb) const {
-  torch::Tensor mean =
-      torch::tensor(at::ArrayRef<double>(kMeanRgb.data(), kMeanRgb.size()), rgb.options());
   // NHWC in memory is NCHW channels-last: a view, no copy.
   torch::Tensor x =
-      ((rgb - mean) / 255).permute({0, 3, 1, 2}).contiguous(at::MemoryFormat::ChannelsLast);
+      ((rgb - mean_rgb_) / 255).permute({0, 3, 1, 2}).contiguous(at::MemoryFormat::ChannelsLast);
   for (size_t b = 0; b < dense_.size(); ++b) x = Block(x, dense_[b], b == 0);
   // A 7×7 "valid" average pool over the 7×7 map: the mean of each channel.
   x = torch::avg_pool2d(x, 7, 2).flatten(1);

@@ -49,6 +49,7 @@ class Landmark68Net {
 
   std::array<DenseBlock, 4> dense_;
   torch::Tensor fc_weight_, fc_bias_;  // [256, 136], [136]
+  torch::Tensor mean_rgb_;             // [3], on the device
 };
 
 // The five ArcFace points (left eye, right eye, nose tip, left and right mouth corners; "left"

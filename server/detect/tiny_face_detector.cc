@@ -9,7 +9,7 @@ namespace arcface::detect {
 namespace {
 
 // The mean RGB face-api subtracts before dividing by 255.
-constexpr std::array<double, 3> kMeanRgb = {117.001, 114.697, 97.404};
+constexpr std::array<float, 3> kMeanRgb = {117.001, 114.697, 97.404};
 constexpr std::array<int64_t, 6> kChannels = {16, 32, 64, 128, 256, 512};
 
 torch::Tensor Leaky(const torch::Tensor& x) { return torch::leaky_relu(x, 0.1); }
@@ -40,15 +40,14 @@ absl::StatusOr<std::unique_ptr<TinyFaceDetector>> TinyFaceDetector::Create(
     s.bias = ToDevice(s.bias, device);
   }
   net->conv8_.To(device);
+  net->mean_rgb_ = torch::tensor(at::ArrayRef<float>(kMeanRgb.data(), kMeanRgb.size())).to(device);
   return net;
 }
 
 torch::Tensor TinyFaceDetector::Forward(const torch::Tensor& rgb) const {
-  torch::Tensor mean =
-      torch::tensor(at::ArrayRef<double>(kMeanRgb.data(), kMeanRgb.size()), rgb.options());
   // NHWC in memory is NCHW channels-last: a view, no copy.
   torch::Tensor x =
-      ((rgb - mean) / 255).permute({0, 3, 1, 2}).contiguous(at::MemoryFormat::ChannelsLast);
+      ((rgb - mean_rgb_) / 255).permute({0, 3, 1, 2}).contiguous(at::MemoryFormat::ChannelsLast);
   // face-api's first layer is a plain 3×3 convolution without padding ("valid").
   x = Leaky(torch::conv2d(x, conv0_.weight, conv0_.bias));
   for (const Separable& s : separable_) {

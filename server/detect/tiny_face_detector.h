@@ -44,6 +44,7 @@ class TinyFaceDetector {
   ConvWeights conv0_;
   std::array<Separable, 5> separable_;  // conv1 .. conv5
   ConvWeights conv8_;
+  torch::Tensor mean_rgb_;  // [3], on the device
 };
 
 }  // namespace arcface::detect
