@@ -645,6 +645,49 @@ TEST(FaceDetectorCreateTest, BadConfigurationsAreRefused) {
   refused("unknown device 'tpu'");
   config.device = "cuda:x";
   refused("bad CUDA device index");
+  if (torch::cuda::device_count() == 0) {
+    config.device = "cuda";
+    refused("0 CUDA device(s) visible");
+  }
+}
+
+// The same frames on the GPU as on the CPU (skipped without one). cuDNN may convolve in TF32:
+// boxes and landmarks within 1% of the face's size, scores within 0.01.
+TEST(FaceDetectorCudaTest, FindsTheSameFacesAsTheCpu) {
+  if (torch::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  DetectorConfig config;
+  config.model_dir = kModels.string();
+  config.device = "cuda";
+  absl::StatusOr<std::unique_ptr<FaceDetector>> gpu = FaceDetector::Create(config);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  EXPECT_EQ((*gpu)->description().device, "cuda:0");
+  std::unique_ptr<FaceDetector> cpu = MakeDetector("ssd_mobilenetv1");
+  ASSERT_NE(cpu, nullptr);
+  const cv::Mat multi = Photo("multi_face.jpg");
+  std::vector<PreparedFrame> frames;
+  for (const cv::Mat& rgb : {multi, Photo("single_face.jpg"), Scaled(multi, 0.5)}) {
+    frames.push_back(*cpu->Prepare(rgb, DetectFilter()));
+  }
+  const std::vector<const PreparedFrame*> batch = {&frames[0], &frames[1], &frames[2]};
+  absl::StatusOr<std::vector<std::vector<DetectedBox>>> on_gpu = (*gpu)->Detect(batch);
+  absl::StatusOr<std::vector<std::vector<DetectedBox>>> on_cpu = cpu->Detect(batch);
+  ASSERT_TRUE(on_gpu.ok()) << on_gpu.status();
+  ASSERT_TRUE(on_cpu.ok()) << on_cpu.status();
+  for (size_t f = 0; f < batch.size(); ++f) {
+    const std::vector<DetectedBox>& a = (*on_gpu)[f];
+    const std::vector<DetectedBox>& b = (*on_cpu)[f];
+    ASSERT_EQ(a.size(), b.size()) << "frame " << f;
+    for (size_t i = 0; i < a.size(); ++i) {
+      const float tolerance = 0.01f * (b[i].box.x_max - b[i].box.x_min);
+      EXPECT_NEAR(a[i].score, b[i].score, 0.01);
+      EXPECT_NEAR(a[i].box.x_min, b[i].box.x_min, tolerance);
+      EXPECT_NEAR(a[i].box.y_max, b[i].box.y_max, tolerance);
+      for (size_t k = 0; k < 5; ++k) {
+        EXPECT_NEAR(a[i].landmarks[k].x, b[i].landmarks[k].x, tolerance);
+        EXPECT_NEAR(a[i].landmarks[k].y, b[i].landmarks[k].y, tolerance);
+      }
+    }
+  }
 }
 
 }  // namespace
