@@ -28,7 +28,12 @@ constexpr char kLandmarkName[] = "face_landmark_68";
 constexpr int kCropSide = Landmark68Net::kInputSize;
 constexpr int kMaxTinyInput = 2048;
 
+// The engine's device names (server/engine/engine.h), so that one flag can serve both.
 absl::StatusOr<torch::Device> ParseDevice(const std::string& name) {
+  if (name == "auto") {
+    return torch::cuda::device_count() > 0 ? torch::Device(torch::kCUDA, 0)
+                                           : torch::Device(torch::kCPU);
+  }
   if (name == "cpu") return torch::Device(torch::kCPU);
   if (name == "cuda" || absl::StartsWith(name, "cuda:")) {
     int index = 0;
@@ -43,7 +48,7 @@ absl::StatusOr<torch::Device> ParseDevice(const std::string& name) {
     return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
   }
   return absl::InvalidArgumentError(
-      absl::StrCat("unknown device '", name, "': expected cpu, cuda or cuda:N"));
+      absl::StrCat("unknown device '", name, "': expected auto, cpu, cuda or cuda:N"));
 }
 
 // Shrinking averages (no aliasing from large frames); enlarging interpolates.

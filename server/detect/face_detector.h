@@ -41,7 +41,7 @@ namespace arcface::detect {
 struct DetectorConfig {
   std::string model_dir;                     // holds the face-api files
   std::string detector = "ssd_mobilenetv1";  // or "tiny_face_detector"
-  std::string device = "cpu";                // "cpu", "cuda", "cuda:N"
+  std::string device = "cpu";                // "cpu", "cuda", "cuda:N", "auto" (cuda if any)
   int max_faces_per_frame = 100;             // face-api's maxResults; in [1, 5118]
   int input_size = 0;  // 0: the network's own; SSD takes only 512, Tiny multiples of 32 (416)
 };

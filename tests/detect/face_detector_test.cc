@@ -648,6 +648,12 @@ TEST(FaceDetectorCreateTest, BadConfigurationsAreRefused) {
   if (torch::cuda::device_count() == 0) {
     config.device = "cuda";
     refused("0 CUDA device(s) visible");
+    config.device = "auto";
+    config.max_faces_per_frame = 5;
+    absl::StatusOr<std::unique_ptr<FaceDetector>> automatic = FaceDetector::Create(config);
+    ASSERT_TRUE(automatic.ok()) << automatic.status();
+    EXPECT_EQ((*automatic)->description().device, "cpu");
+    EXPECT_EQ((*automatic)->description().max_faces_per_frame, 5);
   }
 }
 
