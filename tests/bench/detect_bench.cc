@@ -4,20 +4,22 @@
 // detector with its 68-point shape predictor and OpenCV's Haar cascade (no landmarks).
 //
 // Per detector and data set (dlib's examples/faces test and train files, the hand-labelled
-// tests/data/multi_face_labels.xml, and all together): recall and precision at IoU >= 0.5
-// (detections matched greedily by score, each to the unmatched labelled face it overlaps most),
-// the mean IoU of the matches, and the five-point landmark error of the matched faces (mean
-// distance over the five points divided by the labelled inter-ocular distance; mean and 90th
-// percentile). Then recall/precision over a range of score thresholds, and frames/s on the
-// labelled photos resized to 640x480 and 1920x1080, batch 1 and (the CNNs) batch 4, with the
+// tests/data/multi_face_labels.xml and photo_face_labels.xml, and all together): recall and
+// precision at IoU >= 0.5 (detections matched greedily by score, each to the unmatched labelled
+// face it overlaps most), the mean IoU of the matches, and the five-point landmark error of the
+// matched faces (mean distance over the five points divided by the labelled inter-ocular distance;
+// mean and 90th percentile). Then recall/precision over a range of score thresholds, and frames/s
+// on the labelled photos resized to 640x480 and 1920x1080, batch 1 and (the CNNs) batch 4, with the
 // same thread count for all. Prints Markdown tables; --json writes everything as JSON.
 //
 // --check turns it into the regression test detect_quality: it fails (exit 1, naming each
 // failure) when the chosen detector's recall, precision or landmark error on all the labelled
 // faces is worse than the thresholds given, or when it does not beat both baselines on recall
 // at equal or better precision.
+#include <ATen/Parallel.h>
 #include <time.h>
 
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -27,18 +29,15 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <string>
-#include <utility>
-#include <vector>
-
-#include <ATen/Parallel.h>
-#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 #include <opencv2/core.hpp>
 #include <opencv2/core/utility.hpp>
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 #include <opencv2/objdetect.hpp>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -67,9 +66,8 @@ struct Candidate {
   float lowest = 0;       // the threshold of the quality run; the sweep filters its faces
   std::vector<float> sweep;
   bool landmarks = true;
-  bool batches = false;   // runs several frames in one call (the CNNs)
-  std::function<absl::StatusOr<std::vector<Faces>>(const std::vector<const cv::Mat*>&, float)>
-      run;
+  bool batches = false;  // runs several frames in one call (the CNNs)
+  std::function<absl::StatusOr<std::vector<Faces>>(const std::vector<const cv::Mat*>&, float)> run;
 };
 
 struct DataSet {
@@ -163,9 +161,9 @@ std::string Fixed(double v, int digits) {
 }
 
 nlohmann::json TallyJson(const Tally& t) {
-  nlohmann::json j = {{"labelled", t.labelled}, {"found", t.found}, {"matched", t.matched},
-                      {"recall", t.Recall()}, {"precision", t.Precision()},
-                      {"mean_iou", Tally::Mean(t.iou)}};
+  nlohmann::json j = {{"labelled", t.labelled},     {"found", t.found},
+                      {"matched", t.matched},       {"recall", t.Recall()},
+                      {"precision", t.Precision()}, {"mean_iou", Tally::Mean(t.iou)}};
   if (!t.nme.empty()) {
     j["nme_mean"] = Tally::Mean(t.nme);
     j["nme_p90"] = Tally::Percentile(t.nme, 90);
@@ -181,9 +179,9 @@ absl::StatusOr<DataSet> LoadSet(const std::string& name, const std::string& xml)
     cv::Mat bgr = cv::imread(image.path, cv::IMREAD_COLOR | cv::IMREAD_IGNORE_ORIENTATION);
     if (bgr.empty()) return absl::NotFoundError(absl::StrCat("cannot decode ", image.path));
     if ((image.width && bgr.cols != image.width) || (image.height && bgr.rows != image.height)) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s is %dx%d, its labels (%s) say %dx%d", image.path, bgr.cols, bgr.rows, xml,
-          image.width, image.height));
+      return absl::InvalidArgumentError(absl::StrFormat("%s is %dx%d, its labels (%s) say %dx%d",
+                                                        image.path, bgr.cols, bgr.rows, xml,
+                                                        image.width, image.height));
     }
     cv::Mat rgb;
     cv::cvtColor(bgr, rgb, cv::COLOR_BGR2RGB);
@@ -192,9 +190,9 @@ absl::StatusOr<DataSet> LoadSet(const std::string& name, const std::string& xml)
   return set;
 }
 
-absl::StatusOr<Candidate> MakeCnn(const std::string& name, const std::string& models,
-                                  const std::string& device, float min_score,
-                                  std::vector<std::unique_ptr<arcface::detect::FaceDetector>>* keep) {
+absl::StatusOr<Candidate> MakeCnn(
+    const std::string& name, const std::string& models, const std::string& device, float min_score,
+    std::vector<std::unique_ptr<arcface::detect::FaceDetector>>* keep) {
   arcface::detect::DetectorConfig config;
   config.model_dir = models;
   config.detector = name;
@@ -229,8 +227,9 @@ absl::StatusOr<Candidate> MakeCnn(const std::string& name, const std::string& mo
   return c;
 }
 
-absl::StatusOr<Candidate> MakeDlib(const std::string& shape_predictor, int upsample,
-                                   std::vector<std::unique_ptr<arcface::bench::DlibHogDetector>>* keep) {
+absl::StatusOr<Candidate> MakeDlib(
+    const std::string& shape_predictor, int upsample,
+    std::vector<std::unique_ptr<arcface::bench::DlibHogDetector>>* keep) {
   absl::StatusOr<std::unique_ptr<arcface::bench::DlibHogDetector>> made =
       arcface::bench::DlibHogDetector::Create(shape_predictor, upsample);
   if (!made.ok()) return made.status();
@@ -287,8 +286,9 @@ absl::StatusOr<Candidate> MakeHaar(const std::string& cascade_path,
         face.score = float(neighbours[i]);
         faces.push_back(face);
       }
-      std::stable_sort(faces.begin(), faces.end(),
-                       [](const DetectedBox& a, const DetectedBox& b) { return a.score > b.score; });
+      std::stable_sort(faces.begin(), faces.end(), [](const DetectedBox& a, const DetectedBox& b) {
+        return a.score > b.score;
+      });
       out.push_back(std::move(faces));
     }
     return out;
@@ -358,10 +358,8 @@ int main(int argc, char** argv) {
   bool check = false;
   std::string chosen = "ssd_mobilenetv1";
   double min_recall = 0, min_precision = 0, max_nme_mean = 1e9, max_nme_p90 = 1e9;
-  app.add_option("--dlib-data", dlib_data, "fetch_dlib_data.sh's folder (faces/*.xml)")
-      ->required();
-  app.add_option("--test-data", test_data, "tests/data (multi_face.jpg, multi_face_labels.xml)")
-      ->required();
+  app.add_option("--dlib-data", dlib_data, "fetch_dlib_data.sh's folder (faces/*.xml)")->required();
+  app.add_option("--test-data", test_data, "tests/data (the photos, *_labels.xml)")->required();
   app.add_option("--models", models, "face-api's model files (deploy/fetch-models.sh)");
   app.add_option("--device", device, "the CNNs' device: cpu, cuda, cuda:N");
   app.add_option("--shape-predictor", shape_predictor, "dlib's 68-point model (libdlib-data)");
@@ -380,7 +378,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 100000));
   app.add_option("--json", json_path, "also write every figure as JSON to this file");
   app.add_flag("--check", check, "regression test: exit 1 when a threshold below fails");
-  app.add_option("--chosen", chosen, "--check: the served detector (ssd_mobilenetv1 or "
+  app.add_option("--chosen", chosen,
+                 "--check: the served detector (ssd_mobilenetv1 or "
                  "tiny_face_detector)");
   app.add_option("--min-recall", min_recall, "--check: its recall on all faces at least");
   app.add_option("--min-precision", min_precision, "--check: its precision at least");
@@ -406,7 +405,8 @@ int main(int argc, char** argv) {
   for (const auto& [name, xml] : std::vector<std::pair<std::string, std::string>>{
            {"dlib test", dlib_data + "/faces/testing_with_face_landmarks.xml"},
            {"dlib train", dlib_data + "/faces/training_with_face_landmarks.xml"},
-           {"multi_face", test_data + "/multi_face_labels.xml"}}) {
+           {"multi_face", test_data + "/multi_face_labels.xml"},
+           {"portraits", test_data + "/photo_face_labels.xml"}}) {
     absl::StatusOr<DataSet> set = LoadSet(name, xml);
     if (!set.ok()) {
       std::fprintf(stderr, "detect_bench: %s\n", set.status().ToString().c_str());
@@ -437,11 +437,12 @@ int main(int argc, char** argv) {
     candidates.push_back(*std::move(c));
   }
 
-  std::printf("CPU: %s\nload average (1 min) at start: %.2f\n%s\n", arcface::bench::CpuModel().c_str(),
-              arcface::bench::LoadAverage(), openmp.c_str());
-  std::printf("date: %s\ncommand: %s\nthreads: %d for every detector (torch intra-op, OpenCV; "
-              "dlib's HOG runs on one)\nCNN device: %s\n\n", UtcNow().c_str(), command.c_str(),
-              threads, device.c_str());
+  std::printf("CPU: %s\nload average (1 min) at start: %.2f\n%s\n",
+              arcface::bench::CpuModel().c_str(), arcface::bench::LoadAverage(), openmp.c_str());
+  std::printf(
+      "date: %s\ncommand: %s\nthreads: %d for every detector (torch intra-op, OpenCV; "
+      "dlib's HOG runs on one)\nCNN device: %s\n\n",
+      UtcNow().c_str(), command.c_str(), threads, device.c_str());
 
   // Quality: every image once, batch 1, at each detector's lowest threshold.
   std::vector<Detections> found(candidates.size());
@@ -459,45 +460,65 @@ int main(int argc, char** argv) {
     }
   }
 
-  nlohmann::json json = {{"cpu", arcface::bench::CpuModel()}, {"date", UtcNow()},
-                         {"command", command}, {"threads", threads}, {"device", device},
-                         {"min_iou", kMinIou}, {"detectors", nlohmann::json::array()}};
-  std::printf("Recall and precision at IoU >= %.1f (greedy by score); landmark error (NME): mean "
-              "distance of the five points / labelled inter-ocular distance, matched faces.\n\n",
-              kMinIou);
-  std::printf("| Detector (operating point) | Data | Faces | Found | Recall | Precision | "
-              "Mean IoU | NME mean | NME p90 |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+  nlohmann::json json = {{"cpu", arcface::bench::CpuModel()},
+                         {"date", UtcNow()},
+                         {"command", command},
+                         {"threads", threads},
+                         {"device", device},
+                         {"min_iou", kMinIou},
+                         {"detectors", nlohmann::json::array()}};
+  std::printf(
+      "Recall and precision at IoU >= %.1f (greedy by score); landmark error (NME): mean "
+      "distance of the five points / labelled inter-ocular distance, matched faces.\n\n",
+      kMinIou);
+  std::printf(
+      "| Detector (operating point) | Data | Faces | Found | Recall | Precision | "
+      "Mean IoU | NME mean | NME p90 |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
   std::vector<std::string> set_names;
   for (const DataSet& set : sets) set_names.push_back(set.name);
   set_names.push_back("");  // all
   std::vector<Tally> totals;
   for (size_t d = 0; d < candidates.size(); ++d) {
     const Candidate& c = candidates[d];
-    nlohmann::json jd = {{"name", c.name}, {"operating_point", c.operating},
-                         {"threshold", c.threshold}};
+    nlohmann::json jd = {
+        {"name", c.name}, {"operating_point", c.operating}, {"threshold", c.threshold}};
     for (const std::string& only : set_names) {
       const Tally t = TallyOf(c, sets, found[d], only, c.threshold);
       std::printf("| %s (%s) | %s | %d | %d | %.3f | %.3f | %s | %s | %s |\n", c.name.c_str(),
-                  c.operating.c_str(), only.empty() ? "**all**" : only.c_str(), t.labelled,
-                  t.found, t.Recall(), t.Precision(), Fixed(Tally::Mean(t.iou), 2).c_str(),
+                  c.operating.c_str(), only.empty() ? "**all**" : only.c_str(), t.labelled, t.found,
+                  t.Recall(), t.Precision(), Fixed(Tally::Mean(t.iou), 2).c_str(),
                   Fixed(Tally::Mean(t.nme), 3).c_str(),
                   Fixed(Tally::Percentile(t.nme, 90), 3).c_str());
       jd["data"][only.empty() ? "all" : only] = TallyJson(t);
       if (only.empty()) totals.push_back(t);
     }
+    // Every face found at the lowest threshold, for a look at what the figures count.
+    for (const DataSet& set : sets) {
+      for (size_t i = 0; i < set.images.size(); ++i) {
+        nlohmann::json faces = nlohmann::json::array();
+        for (const DetectedBox& f : found[d].at(set.name)[i]) {
+          nlohmann::json face = {{"box", {f.box.x_min, f.box.y_min, f.box.x_max, f.box.y_max}},
+                                 {"score", f.score}};
+          if (c.landmarks) {
+            for (const auto& p : f.landmarks) face["landmarks"].push_back({p.x, p.y});
+          }
+          faces.push_back(face);
+        }
+        jd["images"].push_back({{"file", set.images[i].path}, {"faces", faces}});
+      }
+    }
     json["detectors"].push_back(jd);
   }
 
-  std::printf("\nThresholds, all labelled faces:\n\n| Detector | Threshold | Found | Recall | "
-              "Precision | NME mean |\n|---|---:|---:|---:|---:|---:|\n");
+  std::printf(
+      "\nThresholds, all labelled faces:\n\n| Detector | Threshold | Found | Recall | "
+      "Precision | NME mean |\n|---|---:|---:|---:|---:|---:|\n");
   for (size_t d = 0; d < candidates.size(); ++d) {
     for (float threshold : candidates[d].sweep) {
       const Tally t = TallyOf(candidates[d], sets, found[d], "", threshold);
-      std::printf("| %s | %.2f | %d | %.3f | %.3f | %s |\n", candidates[d].name.c_str(),
-                  threshold, t.found, t.Recall(), t.Precision(),
-                  Fixed(Tally::Mean(t.nme), 3).c_str());
-      json["detectors"][d]["sweep"].push_back(
-          {{"threshold", threshold}, {"all", TallyJson(t)}});
+      std::printf("| %s | %.2f | %d | %.3f | %.3f | %s |\n", candidates[d].name.c_str(), threshold,
+                  t.found, t.Recall(), t.Precision(), Fixed(Tally::Mean(t.nme), 3).c_str());
+      json["detectors"][d]["sweep"].push_back({{"threshold", threshold}, {"all", TallyJson(t)}});
     }
   }
 
@@ -505,7 +526,7 @@ int main(int argc, char** argv) {
     // Every labelled photo stretched to each frame size (the faces' count stays; their shape
     // changes a little, which no detector's speed depends on).
     std::vector<std::pair<cv::Size, std::vector<cv::Mat>>> sizes = {{{640, 480}, {}},
-                                                                     {{1920, 1080}, {}}};
+                                                                    {{1920, 1080}, {}}};
     for (auto& [size, frames] : sizes) {
       for (const DataSet& set : sets) {
         for (const cv::Mat& rgb : set.rgb) {
@@ -515,11 +536,12 @@ int main(int argc, char** argv) {
         }
       }
     }
-    std::printf("\nFrames/s, and in brackets the process's CPU ms per frame (operating point; "
-                "%d threads each; the %zu labelled photos resized, cycled; >= %.0f s and >= %d "
-                "frames per figure):\n\n| Detector | 640x480 b1 | 640x480 b4 | 1920x1080 b1 | "
-                "1920x1080 b4 |\n|---|---:|---:|---:|---:|\n",
-                threads, sizes[0].second.size(), seconds, min_frames);
+    std::printf(
+        "\nFrames/s, and in brackets the process's CPU ms per frame (operating point; "
+        "%d threads each; the %zu labelled photos resized, cycled; >= %.0f s and >= %d "
+        "frames per figure):\n\n| Detector | 640x480 b1 | 640x480 b4 | 1920x1080 b1 | "
+        "1920x1080 b4 |\n|---|---:|---:|---:|---:|\n",
+        threads, sizes[0].second.size(), seconds, min_frames);
     for (size_t d = 0; d < candidates.size(); ++d) {
       std::string row = "| " + candidates[d].name;
       for (const auto& [size, frames] : sizes) {
@@ -534,12 +556,12 @@ int main(int argc, char** argv) {
                          speed.status().ToString().c_str());
             return 2;
           }
-          row += absl::StrFormat(" | %.1f (%.0f)", speed->frames_per_second,
-                                 speed->cpu_ms_per_frame);
-          json["detectors"][d]["speed"][absl::StrFormat("%dx%d_b%d", size.width, size.height,
-                                                        batch)] = {
-              {"frames_per_second", speed->frames_per_second},
-              {"cpu_ms_per_frame", speed->cpu_ms_per_frame}};
+          row +=
+              absl::StrFormat(" | %.1f (%.0f)", speed->frames_per_second, speed->cpu_ms_per_frame);
+          json["detectors"][d]["speed"]
+              [absl::StrFormat("%dx%d_b%d", size.width, size.height, batch)] = {
+                  {"frames_per_second", speed->frames_per_second},
+                  {"cpu_ms_per_frame", speed->cpu_ms_per_frame}};
         }
       }
       std::printf("%s |\n", row.c_str());
@@ -569,7 +591,8 @@ int main(int argc, char** argv) {
   const Tally& mine = totals[index(chosen)];
   const double nme_mean = Tally::Mean(mine.nme), nme_p90 = Tally::Percentile(mine.nme, 90);
   if (mine.Recall() < min_recall) {
-    failures.push_back(absl::StrFormat("%s: recall %.3f < %.3f", chosen, mine.Recall(), min_recall));
+    failures.push_back(
+        absl::StrFormat("%s: recall %.3f < %.3f", chosen, mine.Recall(), min_recall));
   }
   if (mine.Precision() < min_precision) {
     failures.push_back(
@@ -589,11 +612,12 @@ int main(int argc, char** argv) {
       failures.push_back(absl::StrFormat(
           "%s (recall %.3f, precision %.3f) does not beat %s (recall %.3f, precision %.3f) on "
           "recall at equal or better precision",
-          chosen, mine.Recall(), mine.Precision(), candidates[index(baseline)].name,
-          other.Recall(), other.Precision()));
+          chosen, mine.Recall(), mine.Precision(), candidates[index(baseline)].name, other.Recall(),
+          other.Precision()));
     }
   }
-  for (const std::string& f : failures) std::fprintf(stderr, "detect_quality: FAIL: %s\n", f.c_str());
+  for (const std::string& f : failures)
+    std::fprintf(stderr, "detect_quality: FAIL: %s\n", f.c_str());
   if (failures.empty()) std::printf("detect_quality: pass\n");
   return failures.empty() ? 0 : 1;
 }

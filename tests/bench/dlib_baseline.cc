@@ -1,5 +1,11 @@
 #include "tests/bench/dlib_baseline.h"
 
+#include <dlib/image_processing.h>
+#include <dlib/image_processing/frontal_face_detector.h>
+#include <dlib/image_transforms.h>
+#include <dlib/opencv.h>
+#include <dlib/xml_parser.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cstdlib>
@@ -7,12 +13,6 @@
 #include <fstream>
 #include <map>
 #include <utility>
-
-#include <dlib/image_processing.h>
-#include <dlib/image_processing/frontal_face_detector.h>
-#include <dlib/image_transforms.h>
-#include <dlib/opencv.h>
-#include <dlib/xml_parser.h>
 
 #include "absl/strings/str_cat.h"
 
@@ -44,8 +44,8 @@ class ImglabHandler : public dlib::document_handler, public dlib::error_handler 
     if (!status_.ok()) return;
     if (name == "image") {
       LabelledImage image;
-      image.path = (std::filesystem::path(xml_path_).parent_path() / Attr(line, atts, "file"))
-                       .string();
+      image.path =
+          (std::filesystem::path(xml_path_).parent_path() / Attr(line, atts, "file")).string();
       if (atts.is_in_list("width")) image.width = static_cast<int>(Number(line, atts, "width"));
       if (atts.is_in_list("height")) image.height = static_cast<int>(Number(line, atts, "height"));
       images_.push_back(std::move(image));
@@ -61,9 +61,8 @@ class ImglabHandler : public dlib::document_handler, public dlib::error_handler 
       in_box_ = true;
     } else if (name == "part") {
       if (!in_box_) return Fail(line, "<part> outside a <box>");
-      parts_[Attr(line, atts, "name")] =
-          image::Point{static_cast<float>(Number(line, atts, "x")),
-                       static_cast<float>(Number(line, atts, "y"))};
+      parts_[Attr(line, atts, "name")] = image::Point{static_cast<float>(Number(line, atts, "x")),
+                                                      static_cast<float>(Number(line, atts, "y"))};
     }
   }
 
@@ -87,9 +86,10 @@ class ImglabHandler : public dlib::document_handler, public dlib::error_handler 
                            [&](const char* p) { return parts_.count(p) > 0; })) {
       for (size_t i = 0; i < kNamedParts.size(); ++i) face.landmarks[i] = parts_[kNamedParts[i]];
     } else {
-      return Fail(box_line_, absl::StrCat("a <box> with ", parts_.size(),
-                                          " parts: neither the 68 parts \"00\"..\"67\" nor "
-                                          "left_eye, right_eye, nose_tip, mouth_left, mouth_right"));
+      return Fail(box_line_,
+                  absl::StrCat("a <box> with ", parts_.size(),
+                               " parts: neither the 68 parts \"00\"..\"67\" nor "
+                               "left_eye, right_eye, nose_tip, mouth_left, mouth_right"));
     }
     images_.back().faces.push_back(face);
   }
@@ -174,10 +174,10 @@ class DlibHogImpl : public DlibHogDetector {
                        down(dlib::dpoint(shape.part(48))), down(dlib::dpoint(shape.part(54)))};
       out.push_back(box);
     }
-    std::sort(out.begin(), out.end(), [](const detect::DetectedBox& a,
-                                          const detect::DetectedBox& b) {
-      return a.score > b.score;
-    });
+    std::sort(out.begin(), out.end(),
+              [](const detect::DetectedBox& a, const detect::DetectedBox& b) {
+                return a.score > b.score;
+              });
     return out;
   }
 
@@ -201,21 +201,20 @@ absl::StatusOr<std::vector<LabelledImage>> ReadImglabXml(const std::string& xml_
 absl::StatusOr<std::unique_ptr<DlibHogDetector>> DlibHogDetector::Create(
     const std::string& shape_predictor_path, int upsample) {
   if (!std::filesystem::exists(shape_predictor_path)) {
-    return absl::NotFoundError(absl::StrCat(
-        "dlib's shape predictor ", shape_predictor_path,
-        " does not exist (Debian: apt-get install libdlib-data)"));
+    return absl::NotFoundError(
+        absl::StrCat("dlib's shape predictor ", shape_predictor_path,
+                     " does not exist (Debian: apt-get install libdlib-data)"));
   }
   dlib::shape_predictor predictor;
   try {
     dlib::deserialize(shape_predictor_path) >> predictor;
   } catch (const dlib::serialization_error& e) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("dlib cannot read the shape predictor ", shape_predictor_path, ": ",
-                     e.what()));
+    return absl::InvalidArgumentError(absl::StrCat("dlib cannot read the shape predictor ",
+                                                   shape_predictor_path, ": ", e.what()));
   }
   if (predictor.num_parts() != 68) {
-    return absl::InvalidArgumentError(absl::StrCat(shape_predictor_path, " predicts ",
-                                                   predictor.num_parts(), " parts, not 68"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(shape_predictor_path, " predicts ", predictor.num_parts(), " parts, not 68"));
   }
   return std::make_unique<DlibHogImpl>(std::move(predictor), upsample);
 }

@@ -23,10 +23,9 @@
 
 #include <array>
 #include <memory>
+#include <opencv2/core.hpp>
 #include <string>
 #include <vector>
-
-#include <opencv2/core.hpp>
 
 #include "absl/status/statusor.h"
 #include "server/detect/detection.h"
@@ -52,8 +51,7 @@ class DlibHogDetector {
       const std::string& shape_predictor_path, int upsample);
   virtual ~DlibHogDetector() = default;
   // `rgb`: 8-bit, 3 channels, RGB. Faces by score, descending.
-  virtual std::vector<detect::DetectedBox> Detect(const cv::Mat& rgb,
-                                                  double adjust_threshold) = 0;
+  virtual std::vector<detect::DetectedBox> Detect(const cv::Mat& rgb, double adjust_threshold) = 0;
 };
 
 }  // namespace arcface::bench
