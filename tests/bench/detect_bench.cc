@@ -538,7 +538,7 @@ int main(int argc, char** argv) {
     }
     std::printf(
         "\nFrames/s, and in brackets the process's CPU ms per frame (operating point; "
-        "%d threads each; the %zu labelled photos resized, cycled; >= %.0f s and >= %d "
+        "%d thread(s) each; the %zu labelled photos resized, cycled; >= %.0f s and >= %d "
         "frames per figure):\n\n| Detector | 640x480 b1 | 640x480 b4 | 1920x1080 b1 | "
         "1920x1080 b4 |\n|---|---:|---:|---:|---:|\n",
         threads, sizes[0].second.size(), seconds, min_frames);
@@ -590,6 +590,12 @@ int main(int argc, char** argv) {
   };
   const Tally& mine = totals[index(chosen)];
   const double nme_mean = Tally::Mean(mine.nme), nme_p90 = Tally::Percentile(mine.nme, 90);
+  std::printf(
+      "\ndetect_quality: %s on all %d labelled faces: recall %.3f (at least %.3f), precision %.3f "
+      "(at least %.3f), landmark error mean %.4f (at most %.4f), 90th percentile %.4f (at most "
+      "%.4f)\n",
+      chosen.c_str(), mine.labelled, mine.Recall(), min_recall, mine.Precision(), min_precision,
+      nme_mean, max_nme_mean, nme_p90, max_nme_p90);
   if (mine.Recall() < min_recall) {
     failures.push_back(
         absl::StrFormat("%s: recall %.3f < %.3f", chosen, mine.Recall(), min_recall));
@@ -616,6 +622,7 @@ int main(int argc, char** argv) {
           other.Precision()));
     }
   }
+  std::fflush(stdout);
   for (const std::string& f : failures)
     std::fprintf(stderr, "detect_quality: FAIL: %s\n", f.c_str());
   if (failures.empty()) std::printf("detect_quality: pass\n");
