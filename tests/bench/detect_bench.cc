@@ -36,6 +36,7 @@
 #include <opencv2/imgproc.hpp>
 #include <opencv2/objdetect.hpp>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -72,6 +73,7 @@ struct Candidate {
 
 struct DataSet {
   std::string name;
+  bool by_hand = false;  // else dlib's labels, made by its own shape predictor
   std::vector<LabelledImage> images;
   std::vector<cv::Mat> rgb;  // decoded, per image
 };
@@ -95,6 +97,7 @@ double Distance(const arcface::image::Point& a, const arcface::image::Point& b) 
 struct Tally {
   int labelled = 0, found = 0, matched = 0;
   std::vector<double> iou, nme;
+  std::map<std::string, double> nme_by_face;  // "set/image/face" -> error
 
   double Recall() const { return labelled ? double(matched) / labelled : 0; }
   // With nothing found there is no wrong detection: precision 1.
@@ -116,7 +119,7 @@ struct Tally {
 // Greedy matching by score: each face, best first, takes the unmatched labelled face it overlaps
 // most if that IoU is at least kMinIou; otherwise it is a false detection.
 void Score(const std::vector<LabelledFace>& labelled, const Faces& found, float threshold,
-           bool landmarks, Tally* tally) {
+           bool landmarks, const std::string& key, Tally* tally) {
   tally->labelled += static_cast<int>(labelled.size());
   std::vector<bool> taken(labelled.size(), false);
   for (const DetectedBox& face : found) {
@@ -138,6 +141,7 @@ void Score(const std::vector<LabelledFace>& labelled, const Faces& found, float 
     double error = 0;
     for (int k = 0; k < 5; ++k) error += Distance(face.landmarks[k], truth[k]);
     tally->nme.push_back(error / 5 / inter_ocular);
+    tally->nme_by_face[absl::StrCat(key, "/", best)] = tally->nme.back();
   }
 }
 
@@ -150,7 +154,8 @@ Tally TallyOf(const Candidate& c, const std::vector<DataSet>& sets, const Detect
   for (const DataSet& set : sets) {
     if (!only.empty() && set.name != only) continue;
     for (size_t i = 0; i < set.images.size(); ++i) {
-      Score(set.images[i].faces, found.at(set.name)[i], threshold, c.landmarks, &tally);
+      Score(set.images[i].faces, found.at(set.name)[i], threshold, c.landmarks,
+            absl::StrCat(set.name, "/", i), &tally);
     }
   }
   return tally;
@@ -171,10 +176,10 @@ nlohmann::json TallyJson(const Tally& t) {
   return j;
 }
 
-absl::StatusOr<DataSet> LoadSet(const std::string& name, const std::string& xml) {
+absl::StatusOr<DataSet> LoadSet(const std::string& name, bool by_hand, const std::string& xml) {
   absl::StatusOr<std::vector<LabelledImage>> images = arcface::bench::ReadImglabXml(xml);
   if (!images.ok()) return images.status();
-  DataSet set{name, *std::move(images), {}};
+  DataSet set{name, by_hand, *std::move(images), {}};
   for (const LabelledImage& image : set.images) {
     cv::Mat bgr = cv::imread(image.path, cv::IMREAD_COLOR | cv::IMREAD_IGNORE_ORIENTATION);
     if (bgr.empty()) return absl::NotFoundError(absl::StrCat("cannot decode ", image.path));
@@ -402,12 +407,12 @@ int main(int argc, char** argv) {
   cv::setNumThreads(threads);
 
   std::vector<DataSet> sets;
-  for (const auto& [name, xml] : std::vector<std::pair<std::string, std::string>>{
-           {"dlib test", dlib_data + "/faces/testing_with_face_landmarks.xml"},
-           {"dlib train", dlib_data + "/faces/training_with_face_landmarks.xml"},
-           {"multi_face", test_data + "/multi_face_labels.xml"},
-           {"portraits", test_data + "/photo_face_labels.xml"}}) {
-    absl::StatusOr<DataSet> set = LoadSet(name, xml);
+  for (const auto& [name, by_hand, xml] : std::vector<std::tuple<std::string, bool, std::string>>{
+           {"dlib test", false, dlib_data + "/faces/testing_with_face_landmarks.xml"},
+           {"dlib train", false, dlib_data + "/faces/training_with_face_landmarks.xml"},
+           {"multi_face", true, test_data + "/multi_face_labels.xml"},
+           {"portraits", true, test_data + "/photo_face_labels.xml"}}) {
+    absl::StatusOr<DataSet> set = LoadSet(name, by_hand, xml);
     if (!set.ok()) {
       std::fprintf(stderr, "detect_bench: %s\n", set.status().ToString().c_str());
       return 2;
@@ -508,6 +513,44 @@ int main(int argc, char** argv) {
       }
     }
     json["detectors"].push_back(jd);
+  }
+
+  // The means above are over each detector's own matches (one that finds only the easy faces
+  // looks better): here the faces that every landmark detector matched, by label source.
+  std::vector<size_t> with_landmarks;
+  for (size_t d = 0; d < candidates.size(); ++d) {
+    if (candidates[d].landmarks) with_landmarks.push_back(d);
+  }
+  if (with_landmarks.size() > 1) {
+    std::printf(
+        "\nLandmark error on the faces that every landmark detector matched:\n\n| Detector | "
+        "Labels | Faces | NME mean | NME p90 |\n|---|---|---:|---:|---:|\n");
+    for (bool by_hand : {false, true}) {
+      std::vector<std::string> common;
+      for (const auto& [key, error] : totals[with_landmarks[0]].nme_by_face) {
+        const std::string set_name = key.substr(0, key.find('/'));
+        const bool hand = std::any_of(sets.begin(), sets.end(), [&](const DataSet& set) {
+          return set.name == set_name && set.by_hand;
+        });
+        if (hand == by_hand &&
+            std::all_of(with_landmarks.begin(), with_landmarks.end(),
+                        [&](size_t d) { return totals[d].nme_by_face.count(key) > 0; })) {
+          common.push_back(key);
+        }
+      }
+      const char* labels = by_hand ? "by hand" : "dlib's (its predictor's)";
+      for (size_t d : with_landmarks) {
+        std::vector<double> errors;
+        for (const std::string& key : common) errors.push_back(totals[d].nme_by_face.at(key));
+        std::printf("| %s | %s | %zu | %s | %s |\n", candidates[d].name.c_str(), labels,
+                    common.size(), Fixed(Tally::Mean(errors), 3).c_str(),
+                    Fixed(Tally::Percentile(errors, 90), 3).c_str());
+        json["detectors"][d]["common_faces"][by_hand ? "by_hand" : "dlib"] = {
+            {"faces", common.size()},
+            {"nme_mean", Tally::Mean(errors)},
+            {"nme_p90", Tally::Percentile(errors, 90)}};
+      }
+    }
   }
 
   std::printf(
