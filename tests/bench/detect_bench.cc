@@ -16,10 +16,8 @@
 // failure) when the chosen detector's recall, precision or landmark error on all the labelled
 // faces is worse than the thresholds given, or when it does not beat both baselines on recall
 // at equal or better precision.
-#include <ATen/Parallel.h>
 #include <time.h>
 
-#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -29,16 +27,19 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 #include <opencv2/core.hpp>
 #include <opencv2/core/utility.hpp>
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 #include <opencv2/objdetect.hpp>
-#include <string>
-#include <tuple>
-#include <utility>
-#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -242,7 +243,10 @@ absl::StatusOr<Candidate> MakeDlib(
   keep->push_back(*std::move(made));
   Candidate c;
   c.name = "dlib_hog+shape_predictor68";
-  c.operating = absl::StrFormat("threshold 0, upsampled %dx", 1 << upsample);
+  c.operating = upsample == 0   ? std::string("threshold 0, not upsampled")
+                : upsample == 1 ? std::string("threshold 0, upsampled once (2x)")
+                                : absl::StrFormat("threshold 0, upsampled %d times (%dx)", upsample,
+                                                  1 << upsample);
   c.threshold = 0;
   c.lowest = -0.6f;
   c.sweep = {-0.6f, -0.4f, -0.2f, 0.0f, 0.2f, 0.4f, 0.6f, 0.8f, 1.0f};
@@ -276,13 +280,17 @@ absl::StatusOr<Candidate> MakeHaar(const std::string& cascade_path,
                        float threshold) -> absl::StatusOr<std::vector<Faces>> {
     std::vector<Faces> out;
     for (const cv::Mat* rgb : frames) {
-      cv::Mat gray;
-      cv::cvtColor(*rgb, gray, cv::COLOR_RGB2GRAY);
-      cv::equalizeHist(gray, gray);
       std::vector<cv::Rect> rects;
       std::vector<int> neighbours;
-      classifier->detectMultiScale(gray, rects, neighbours, 1.1, static_cast<int>(threshold), 0,
-                                   cv::Size(30, 30));
+      try {
+        cv::Mat gray;
+        cv::cvtColor(*rgb, gray, cv::COLOR_RGB2GRAY);
+        cv::equalizeHist(gray, gray);
+        classifier->detectMultiScale(gray, rects, neighbours, 1.1, static_cast<int>(threshold), 0,
+                                     cv::Size(30, 30));
+      } catch (const cv::Exception& e) {
+        return absl::InternalError(absl::StrCat("OpenCV's Haar cascade failed: ", e.what()));
+      }
       Faces faces;
       for (size_t i = 0; i < rects.size(); ++i) {
         DetectedBox face;
@@ -338,6 +346,151 @@ absl::StatusOr<Speed> Measure(const Candidate& c, const std::vector<cv::Mat>& fr
   return Speed{done / elapsed, (ProcessCpuSeconds() - cpu_start) * 1000 / done};
 }
 
+// The means of the main table are over each detector's own matches (one that finds only the easy
+// faces looks better): this one compares the detectors with landmarks on the faces that all of
+// them matched, by label source.
+void PrintCommonLandmarkErrors(const std::vector<Candidate>& candidates,
+                               const std::vector<DataSet>& sets, const std::vector<Tally>& totals,
+                               nlohmann::json* json) {
+  std::vector<size_t> with_landmarks;
+  for (size_t d = 0; d < candidates.size(); ++d) {
+    if (candidates[d].landmarks) with_landmarks.push_back(d);
+  }
+  if (with_landmarks.size() < 2) return;
+  std::printf(
+      "\nLandmark error on the faces that every landmark detector matched:\n\n| Detector | "
+      "Labels | Faces | NME mean | NME p90 |\n|---|---|---:|---:|---:|\n");
+  for (bool by_hand : {false, true}) {
+    std::vector<std::string> common;
+    for (const auto& [key, error] : totals[with_landmarks[0]].nme_by_face) {
+      const std::string set_name = key.substr(0, key.find('/'));
+      const bool hand = std::any_of(sets.begin(), sets.end(), [&](const DataSet& set) {
+        return set.name == set_name && set.by_hand;
+      });
+      if (hand == by_hand &&
+          std::all_of(with_landmarks.begin(), with_landmarks.end(),
+                      [&](size_t d) { return totals[d].nme_by_face.count(key) > 0; })) {
+        common.push_back(key);
+      }
+    }
+    const char* labels = by_hand ? "by hand" : "dlib's (its predictor's)";
+    for (size_t d : with_landmarks) {
+      std::vector<double> errors;
+      for (const std::string& key : common) errors.push_back(totals[d].nme_by_face.at(key));
+      std::printf("| %s | %s | %zu | %s | %s |\n", candidates[d].name.c_str(), labels,
+                  common.size(), Fixed(Tally::Mean(errors), 3).c_str(),
+                  Fixed(Tally::Percentile(errors, 90), 3).c_str());
+      (*json)["detectors"][d]["common_faces"][by_hand ? "by_hand" : "dlib"] = {
+          {"faces", common.size()},
+          {"nme_mean", Tally::Mean(errors)},
+          {"nme_p90", Tally::Percentile(errors, 90)}};
+    }
+  }
+}
+
+// Frames/s and CPU ms per frame of every detector at 640x480 and 1920x1080, batch 1 and (those
+// that batch) 4: every labelled photo stretched to each frame size (the faces' count stays; their
+// shape changes a little, which no detector's speed depends on).
+absl::Status PrintSpeed(const std::vector<Candidate>& candidates, const std::vector<DataSet>& sets,
+                        int threads, double seconds, int min_frames, nlohmann::json* json) {
+  std::vector<std::pair<cv::Size, std::vector<cv::Mat>>> sizes = {{{640, 480}, {}},
+                                                                  {{1920, 1080}, {}}};
+  for (auto& [size, frames] : sizes) {
+    for (const DataSet& set : sets) {
+      for (const cv::Mat& rgb : set.rgb) {
+        cv::Mat resized;
+        cv::resize(rgb, resized, size, 0, 0, cv::INTER_LINEAR);
+        frames.push_back(resized);
+      }
+    }
+  }
+  std::printf(
+      "\nFrames/s, and in brackets the process's CPU ms per frame (operating point; "
+      "%d thread(s) each; the %zu labelled photos resized, cycled; >= %g s and >= %d "
+      "frames per figure):\n\n| Detector | 640x480 b1 | 640x480 b4 | 1920x1080 b1 | "
+      "1920x1080 b4 |\n|---|---:|---:|---:|---:|\n",
+      threads, sizes[0].second.size(), seconds, min_frames);
+  for (size_t d = 0; d < candidates.size(); ++d) {
+    std::string row = "| " + candidates[d].name;
+    for (const auto& [size, frames] : sizes) {
+      for (int batch : {1, 4}) {
+        if (batch > 1 && !candidates[d].batches) {
+          row += " | —";
+          continue;
+        }
+        absl::StatusOr<Speed> speed = Measure(candidates[d], frames, batch, seconds, min_frames);
+        if (!speed.ok()) {
+          return absl::Status(speed.status().code(),
+                              absl::StrCat(candidates[d].name, ": ", speed.status().message()));
+        }
+        row += absl::StrFormat(" | %.1f (%.0f)", speed->frames_per_second, speed->cpu_ms_per_frame);
+        (*json)["detectors"][d]["speed"]
+               [absl::StrFormat("%dx%d_b%d", size.width, size.height, batch)] = {
+                   {"frames_per_second", speed->frames_per_second},
+                   {"cpu_ms_per_frame", speed->cpu_ms_per_frame}};
+      }
+    }
+    std::printf("%s |\n", row.c_str());
+    std::fflush(stdout);
+  }
+  return absl::OkStatus();
+}
+
+// What --check asks of the chosen detector.
+struct Thresholds {
+  std::string chosen;
+  double min_recall = 0, min_precision = 0, max_nme_mean = 1e9, max_nme_p90 = 1e9;
+};
+
+// The regression test's failures, each in words; none when it passes.
+std::vector<std::string> CheckFailures(const Thresholds& want,
+                                       const std::vector<Candidate>& candidates,
+                                       const std::vector<Tally>& totals) {
+  const auto index = [&](const std::string& prefix) {
+    for (size_t d = 0; d < candidates.size(); ++d) {
+      if (candidates[d].name.rfind(prefix, 0) == 0) return d;
+    }
+    return candidates.size();
+  };
+  const std::string& chosen = want.chosen;
+  const Tally& mine = totals[index(chosen)];
+  const double nme_mean = Tally::Mean(mine.nme), nme_p90 = Tally::Percentile(mine.nme, 90);
+  std::printf(
+      "\ndetect_quality: %s on all %d labelled faces: recall %.3f (at least %.3f), precision %.3f "
+      "(at least %.3f), landmark error mean %.4f (at most %.4f), 90th percentile %.4f (at most "
+      "%.4f)\n",
+      chosen.c_str(), mine.labelled, mine.Recall(), want.min_recall, mine.Precision(),
+      want.min_precision, nme_mean, want.max_nme_mean, nme_p90, want.max_nme_p90);
+  std::vector<std::string> failures;
+  if (mine.Recall() < want.min_recall) {
+    failures.push_back(
+        absl::StrFormat("%s: recall %.3f < %.3f", chosen, mine.Recall(), want.min_recall));
+  }
+  if (mine.Precision() < want.min_precision) {
+    failures.push_back(
+        absl::StrFormat("%s: precision %.3f < %.3f", chosen, mine.Precision(), want.min_precision));
+  }
+  if (!(nme_mean <= want.max_nme_mean)) {
+    failures.push_back(absl::StrFormat("%s: mean landmark error %.4f > %.4f", chosen, nme_mean,
+                                       want.max_nme_mean));
+  }
+  if (!(nme_p90 <= want.max_nme_p90)) {
+    failures.push_back(absl::StrFormat("%s: 90th-percentile landmark error %.4f > %.4f", chosen,
+                                       nme_p90, want.max_nme_p90));
+  }
+  for (const char* baseline : {"dlib_hog", "haar"}) {
+    const Tally& other = totals[index(baseline)];
+    if (!(mine.Recall() > other.Recall() && mine.Precision() >= other.Precision())) {
+      failures.push_back(absl::StrFormat(
+          "%s (recall %.3f, precision %.3f) does not beat %s (recall %.3f, precision %.3f) on "
+          "recall at equal or better precision",
+          chosen, mine.Recall(), mine.Precision(), candidates[index(baseline)].name, other.Recall(),
+          other.Precision()));
+    }
+  }
+  return failures;
+}
+
 std::string UtcNow() {
   const std::time_t now = std::time(nullptr);
   char text[32];
@@ -361,8 +514,7 @@ int main(int argc, char** argv) {
   double seconds = 3;
   float min_score = -1;
   bool check = false;
-  std::string chosen = "ssd_mobilenetv1";
-  double min_recall = 0, min_precision = 0, max_nme_mean = 1e9, max_nme_p90 = 1e9;
+  Thresholds want{"ssd_mobilenetv1"};
   app.add_option("--dlib-data", dlib_data, "fetch_dlib_data.sh's folder (faces/*.xml)")->required();
   app.add_option("--test-data", test_data, "tests/data (the photos, *_labels.xml)")->required();
   app.add_option("--models", models, "face-api's model files (deploy/fetch-models.sh)");
@@ -382,14 +534,15 @@ int main(int argc, char** argv) {
   app.add_option("--speed-min-frames", min_frames, "frames per speed figure at least")
       ->check(CLI::Range(1, 100000));
   app.add_option("--json", json_path, "also write every figure as JSON to this file");
-  app.add_flag("--check", check, "regression test: exit 1 when a threshold below fails");
-  app.add_option("--chosen", chosen,
-                 "--check: the served detector (ssd_mobilenetv1 or "
-                 "tiny_face_detector)");
-  app.add_option("--min-recall", min_recall, "--check: its recall on all faces at least");
-  app.add_option("--min-precision", min_precision, "--check: its precision at least");
-  app.add_option("--max-nme-mean", max_nme_mean, "--check: its mean landmark error at most");
-  app.add_option("--max-nme-p90", max_nme_p90, "--check: its 90th-percentile error at most");
+  app.add_flag("--check", check,
+               "regression test (no speed): exit 1 when a threshold below fails or the chosen "
+               "detector does not beat dlib_hog and haar");
+  app.add_option("--chosen", want.chosen, "--check: the served detector")
+      ->check(CLI::IsMember({"ssd_mobilenetv1", "tiny_face_detector"}));
+  app.add_option("--min-recall", want.min_recall, "--check: its recall on all faces at least");
+  app.add_option("--min-precision", want.min_precision, "--check: its precision at least");
+  app.add_option("--max-nme-mean", want.max_nme_mean, "--check: its mean landmark error at most");
+  app.add_option("--max-nme-p90", want.max_nme_p90, "--check: its 90th-percentile error at most");
   CLI11_PARSE(app, argc, argv);
   if (check) {
     seconds = 0;
@@ -398,8 +551,8 @@ int main(int argc, char** argv) {
         detectors.push_back(needed);
       }
     }
-    if (std::find(detectors.begin(), detectors.end(), chosen) == detectors.end()) {
-      detectors.push_back(chosen);
+    if (std::find(detectors.begin(), detectors.end(), want.chosen) == detectors.end()) {
+      detectors.push_back(want.chosen);
     }
   }
 
@@ -515,43 +668,7 @@ int main(int argc, char** argv) {
     json["detectors"].push_back(jd);
   }
 
-  // The means above are over each detector's own matches (one that finds only the easy faces
-  // looks better): here the faces that every landmark detector matched, by label source.
-  std::vector<size_t> with_landmarks;
-  for (size_t d = 0; d < candidates.size(); ++d) {
-    if (candidates[d].landmarks) with_landmarks.push_back(d);
-  }
-  if (with_landmarks.size() > 1) {
-    std::printf(
-        "\nLandmark error on the faces that every landmark detector matched:\n\n| Detector | "
-        "Labels | Faces | NME mean | NME p90 |\n|---|---|---:|---:|---:|\n");
-    for (bool by_hand : {false, true}) {
-      std::vector<std::string> common;
-      for (const auto& [key, error] : totals[with_landmarks[0]].nme_by_face) {
-        const std::string set_name = key.substr(0, key.find('/'));
-        const bool hand = std::any_of(sets.begin(), sets.end(), [&](const DataSet& set) {
-          return set.name == set_name && set.by_hand;
-        });
-        if (hand == by_hand &&
-            std::all_of(with_landmarks.begin(), with_landmarks.end(),
-                        [&](size_t d) { return totals[d].nme_by_face.count(key) > 0; })) {
-          common.push_back(key);
-        }
-      }
-      const char* labels = by_hand ? "by hand" : "dlib's (its predictor's)";
-      for (size_t d : with_landmarks) {
-        std::vector<double> errors;
-        for (const std::string& key : common) errors.push_back(totals[d].nme_by_face.at(key));
-        std::printf("| %s | %s | %zu | %s | %s |\n", candidates[d].name.c_str(), labels,
-                    common.size(), Fixed(Tally::Mean(errors), 3).c_str(),
-                    Fixed(Tally::Percentile(errors, 90), 3).c_str());
-        json["detectors"][d]["common_faces"][by_hand ? "by_hand" : "dlib"] = {
-            {"faces", common.size()},
-            {"nme_mean", Tally::Mean(errors)},
-            {"nme_p90", Tally::Percentile(errors, 90)}};
-      }
-    }
-  }
+  PrintCommonLandmarkErrors(candidates, sets, totals, &json);
 
   std::printf(
       "\nThresholds, all labelled faces:\n\n| Detector | Threshold | Found | Recall | "
@@ -566,49 +683,10 @@ int main(int argc, char** argv) {
   }
 
   if (seconds > 0) {
-    // Every labelled photo stretched to each frame size (the faces' count stays; their shape
-    // changes a little, which no detector's speed depends on).
-    std::vector<std::pair<cv::Size, std::vector<cv::Mat>>> sizes = {{{640, 480}, {}},
-                                                                    {{1920, 1080}, {}}};
-    for (auto& [size, frames] : sizes) {
-      for (const DataSet& set : sets) {
-        for (const cv::Mat& rgb : set.rgb) {
-          cv::Mat resized;
-          cv::resize(rgb, resized, size, 0, 0, cv::INTER_LINEAR);
-          frames.push_back(resized);
-        }
-      }
-    }
-    std::printf(
-        "\nFrames/s, and in brackets the process's CPU ms per frame (operating point; "
-        "%d thread(s) each; the %zu labelled photos resized, cycled; >= %.0f s and >= %d "
-        "frames per figure):\n\n| Detector | 640x480 b1 | 640x480 b4 | 1920x1080 b1 | "
-        "1920x1080 b4 |\n|---|---:|---:|---:|---:|\n",
-        threads, sizes[0].second.size(), seconds, min_frames);
-    for (size_t d = 0; d < candidates.size(); ++d) {
-      std::string row = "| " + candidates[d].name;
-      for (const auto& [size, frames] : sizes) {
-        for (int batch : {1, 4}) {
-          if (batch > 1 && !candidates[d].batches) {
-            row += " | —";
-            continue;
-          }
-          absl::StatusOr<Speed> speed = Measure(candidates[d], frames, batch, seconds, min_frames);
-          if (!speed.ok()) {
-            std::fprintf(stderr, "detect_bench: %s: %s\n", candidates[d].name.c_str(),
-                         speed.status().ToString().c_str());
-            return 2;
-          }
-          row +=
-              absl::StrFormat(" | %.1f (%.0f)", speed->frames_per_second, speed->cpu_ms_per_frame);
-          json["detectors"][d]["speed"]
-              [absl::StrFormat("%dx%d_b%d", size.width, size.height, batch)] = {
-                  {"frames_per_second", speed->frames_per_second},
-                  {"cpu_ms_per_frame", speed->cpu_ms_per_frame}};
-        }
-      }
-      std::printf("%s |\n", row.c_str());
-      std::fflush(stdout);
+    if (absl::Status status = PrintSpeed(candidates, sets, threads, seconds, min_frames, &json);
+        !status.ok()) {
+      std::fprintf(stderr, "detect_bench: %s\n", status.ToString().c_str());
+      return 2;
     }
   }
   std::printf("\nload average (1 min) at end: %.2f\n", arcface::bench::LoadAverage());
@@ -623,48 +701,7 @@ int main(int argc, char** argv) {
   }
   if (!check) return 0;
 
-  // The regression test.
-  std::vector<std::string> failures;
-  const auto index = [&](const std::string& prefix) {
-    for (size_t d = 0; d < candidates.size(); ++d) {
-      if (candidates[d].name.rfind(prefix, 0) == 0) return d;
-    }
-    return candidates.size();
-  };
-  const Tally& mine = totals[index(chosen)];
-  const double nme_mean = Tally::Mean(mine.nme), nme_p90 = Tally::Percentile(mine.nme, 90);
-  std::printf(
-      "\ndetect_quality: %s on all %d labelled faces: recall %.3f (at least %.3f), precision %.3f "
-      "(at least %.3f), landmark error mean %.4f (at most %.4f), 90th percentile %.4f (at most "
-      "%.4f)\n",
-      chosen.c_str(), mine.labelled, mine.Recall(), min_recall, mine.Precision(), min_precision,
-      nme_mean, max_nme_mean, nme_p90, max_nme_p90);
-  if (mine.Recall() < min_recall) {
-    failures.push_back(
-        absl::StrFormat("%s: recall %.3f < %.3f", chosen, mine.Recall(), min_recall));
-  }
-  if (mine.Precision() < min_precision) {
-    failures.push_back(
-        absl::StrFormat("%s: precision %.3f < %.3f", chosen, mine.Precision(), min_precision));
-  }
-  if (!(nme_mean <= max_nme_mean)) {
-    failures.push_back(
-        absl::StrFormat("%s: mean landmark error %.4f > %.4f", chosen, nme_mean, max_nme_mean));
-  }
-  if (!(nme_p90 <= max_nme_p90)) {
-    failures.push_back(absl::StrFormat("%s: 90th-percentile landmark error %.4f > %.4f", chosen,
-                                       nme_p90, max_nme_p90));
-  }
-  for (const char* baseline : {"dlib_hog", "haar"}) {
-    const Tally& other = totals[index(baseline)];
-    if (!(mine.Recall() > other.Recall() && mine.Precision() >= other.Precision())) {
-      failures.push_back(absl::StrFormat(
-          "%s (recall %.3f, precision %.3f) does not beat %s (recall %.3f, precision %.3f) on "
-          "recall at equal or better precision",
-          chosen, mine.Recall(), mine.Precision(), candidates[index(baseline)].name, other.Recall(),
-          other.Precision()));
-    }
-  }
+  const std::vector<std::string> failures = CheckFailures(want, candidates, totals);
   std::fflush(stdout);
   for (const std::string& f : failures)
     std::fprintf(stderr, "detect_quality: FAIL: %s\n", f.c_str());

@@ -1,18 +1,19 @@
 #include "tests/bench/dlib_baseline.h"
 
-#include <dlib/image_processing.h>
-#include <dlib/image_processing/frontal_face_detector.h>
-#include <dlib/image_transforms.h>
-#include <dlib/opencv.h>
-#include <dlib/xml_parser.h>
-
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <utility>
+
+#include <dlib/image_processing.h>
+#include <dlib/image_processing/frontal_face_detector.h>
+#include <dlib/image_transforms.h>
+#include <dlib/opencv.h>
+#include <dlib/xml_parser.h>
 
 #include "absl/strings/str_cat.h"
 
