@@ -48,6 +48,7 @@ TEST_PKGS=(
   docker.io docker-compose debootstrap python3-yaml   # the Docker and Kubernetes tests
   clang-14 libclang-rt-14-dev      # the sanitizer and thread-safety lanes of tests/run.sh
   postgresql-15                    # the gallery's PostgreSQL tests start throwaway clusters
+  libdlib-dev libdlib-data         # the detection benchmark's baseline (HOG + shape predictor)
 )
 
 case ${1:-} in

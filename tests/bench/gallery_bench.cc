@@ -41,30 +41,16 @@
 #include "server/gallery/ids.h"
 #include "server/gallery/sqlite_store.h"
 #include "server/gallery/vector_index.h"
+#include "tests/bench/machine_info.h"
 #include "tests/gallery/random_units.h"
 
 namespace {
 
+using arcface::bench::CpuModel;
+using arcface::bench::LoadAverage;
 using arcface::gallery::kDim;
 using Clock = std::chrono::steady_clock;
 constexpr int kRecallK = 10;
-
-std::string CpuModel() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line, model = "?", family = "?", number = "?";
-  while (std::getline(in, line)) {
-    const size_t colon = line.find(':');
-    if (colon == std::string::npos) continue;
-    std::string key = line.substr(0, colon);
-    key.erase(key.find_last_not_of(" \t") + 1);
-    const std::string value = colon + 2 <= line.size() ? line.substr(colon + 2) : "";
-    if (key == "model name" && model == "?") model = value;
-    if (key == "cpu family" && family == "?") family = value;
-    if (key == "model" && number == "?") number = value;
-  }
-  return absl::StrFormat("%s (family %s, model %s), %ld CPUs online", model, family, number,
-                         sysconf(_SC_NPROCESSORS_ONLN));
-}
 
 // The BLAS FAISS runs on: the loaded libblas, its symlinks (Debian's alternatives) resolved.
 std::string LoadedBlas() {
@@ -90,11 +76,6 @@ std::string LoadedBlas() {
                             env ? absl::StrCat(", OPENBLAS_CORETYPE=", env) : "");
   }
   return blas;
-}
-
-double LoadAverage() {
-  double load[1] = {0};
-  return getloadavg(load, 1) == 1 ? load[0] : -1;
 }
 
 // Resident set size now (not the peak): the difference around a build is what it keeps.
