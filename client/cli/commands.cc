@@ -179,6 +179,15 @@ int RunInfo(const CommonOptions& common, bool json) {
             << "limits          " << info->max_faces_per_request() << " faces/request, "
             << info->max_message_bytes() << " bytes/message\n"
             << "server_version  " << info->server_version() << "\n";
+  const auto& d = info->detector();
+  if (d.enabled()) {
+    std::cout << absl::StrFormat(
+        "detector        %s (%s + %s, %dpx input, min score %.2f, up to %d faces/frame)\n",
+        d.detector_id(), d.detector(), d.landmarks(), d.input_size(), d.default_min_score(),
+        d.max_faces_per_frame());
+  } else {
+    std::cout << "detector        none (Detect is off: the server runs with --detector none)\n";
+  }
   return kExitOk;
 }
 

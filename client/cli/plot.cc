@@ -129,7 +129,7 @@ cv::Mat DrawSimilarityMatrix(const std::vector<cv::Mat>& thumbnails,
 }
 
 int LandmarkRadius(const cv::Size& image) {
-  return std::max(2, std::min(image.width, image.height) / 250);
+  return std::max(2, std::min(image.width, image.height) / 150);
 }
 
 cv::Mat DrawDetections(const cv::Mat& image, const std::vector<DrawnFace>& faces) {

@@ -336,7 +336,7 @@ TEST(Plot, DetectionsDrawBoxesLandmarksAndLabels) {
   EXPECT_EQ(m.at<cv::Vec3b>(100 - 3, 50 + 1), bgr(cli::kDetectionPalette[0]));
   EXPECT_EQ(m.at<cv::Vec3b>(120, 70), cv::Vec3b(90, 90, 90));
   EXPECT_EQ(cli::LandmarkRadius(image.size()), 2);
-  EXPECT_EQ(cli::LandmarkRadius(cv::Size(1920, 1080)), 4);
+  EXPECT_EQ(cli::LandmarkRadius(cv::Size(1920, 1080)), 7);
 }
 
 }  // namespace
