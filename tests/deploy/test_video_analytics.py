@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "integration"))
 import arcface_testlib as lib  # noqa: E402
 from arcface_client import ArcFaceClient  # noqa: E402
+from sidecar_events import faces  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROGRAM = os.path.join(ROOT, "deploy", "video-analytics", "video_analytics.py")
@@ -42,28 +43,6 @@ def analyse(server, *args, env=None):
         [sys.executable, PROGRAM, "--server", f"127.0.0.1:{server.grpc_port}", "--fps", "0",
          *args], capture_output=True, text=True, timeout=300, env=dict(os.environ, **(env or {})))
     return out.returncode, [json.loads(line) for line in out.stdout.splitlines()], out.stderr
-
-
-def iou(a, b):
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(w, 0) * max(h, 0)
-    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])
-    return inter / (area - inter)
-
-
-def faces(events):
-    """{(source, box): [identity per sighting]}: a face seen again in the same source is the
-    one whose box overlaps it (IoU >= 0.9; the server's boxes may move by a pixel between
-    batches)."""
-    seen = {}
-    for e in events:
-        if "identity" not in e:
-            continue
-        key = next((k for k in seen if k[0] == e["source"] and iou(k[1], e["box"]) >= 0.9),
-                   (e["source"], tuple(e["box"])))
-        seen.setdefault(key, []).append(e["identity"])
-    return seen
 
 
 def test_folder_loops_and_each_face_keeps_one_identity(server):
