@@ -40,7 +40,7 @@ LIB_PKGS=(
   python3 python3-grpcio python3-numpy   # the Python client (arcface_client)
 )
 SIDECAR_PKGS=(python3 python3-grpcio python3-numpy python3-opencv)
-MODEL_PKGS=(nodejs ca-certificates)   # and npm, below
+MODEL_PKGS=(nodejs ca-certificates openssl)   # and npm, below
 TEST_PKGS=(
   python3 python3-torch python3-numpy python3-grpcio python3-opencv
   python3-pytest nodejs prometheus openssl

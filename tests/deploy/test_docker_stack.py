@@ -230,8 +230,8 @@ def test_image_contract(engine, images):
 
 
 # 580 MB before the face gallery; its libraries add 38 MB (OpenBLAS, FAISS's BLAS: 43 MB on
-# disk; libpq, libpqxx, SQLite; FAISS itself is static in the server); the face detector's
-# files about 6 MB.
+# disk; libpq, libpqxx, SQLite; FAISS itself is static in the server): 619 MB; the face
+# detector's files (deploy/fetch-models.sh: face-api's networks) 13 MB.
 MAX_IMAGE_BYTES = 650_000_000
 MAX_START_TO_READY_S = 15.0
 
