@@ -150,6 +150,7 @@ struct DetectOptions {
   std::optional<float> threshold;  // only candidates with at least this similarity
 };
 
+// A gallery subject that matches a detected face (arcface.v1.Candidate).
 struct Candidate {
   std::string subject_id;
   std::string face_id;  // the subject's best-matching face
