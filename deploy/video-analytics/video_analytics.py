@@ -22,8 +22,8 @@ With the demo weights the embeddings are not meaningful, but they are determinis
 face in the same frame always gets the same identity, which is what this example shows.
 
 Exit status: 0 after --max-frames frames, at the end of the input (--no-loop) or on
-SIGTERM/SIGINT; 1 when the input cannot be read, the service runs without a detector, or it
-stays unreachable for --wait seconds.
+SIGTERM/SIGINT; 1 when the input cannot be read, the service runs without a detector (or
+without galleries, for --gallery), or it stays unreachable for --wait seconds.
 """
 
 import argparse
@@ -204,6 +204,10 @@ def main(argv=None):
         if not info["detector"]["enabled"]:
             print(f"video-analytics: {args.server} runs without a face detector (--detector "
                   "none): start it with --detector", file=sys.stderr)
+            return 1
+        if args.gallery and not info["gallery"]["enabled"]:
+            print(f"video-analytics: {args.server} keeps no galleries (--gallery-store none): "
+                  f"--gallery {args.gallery} needs a store", file=sys.stderr)
             return 1
         log(event="connected", server=args.server, model_id=info["model_id"],
             demo_weights=info["demo_weights"], detector_id=info["detector"]["detector_id"],

@@ -127,11 +127,18 @@ def test_bad_input_is_named(server, tmp_path):
     assert rc == 1 and f"no readable frames in {empty}" in err
 
 
-def test_a_server_without_a_detector_is_named(tmp_path):
+def test_a_server_without_a_detector_or_galleries_is_named(tmp_path):
     s = lib.ServerProcess(lib.demo_args("--detector", "none"), str(tmp_path),
                           name="nodetector").start()
     try:
         rc, _, err = analyse(s, "--input", lib.TEST_DATA)
         assert rc == 1 and "without a face detector" in err, err
+    finally:
+        s.stop()
+    s = lib.ServerProcess(lib.demo_args(*lib.detector_args(), "--gallery-store", "none"),
+                          str(tmp_path), name="nogallery").start()
+    try:
+        rc, _, err = analyse(s, "--input", lib.TEST_DATA, "--gallery", "door")
+        assert rc == 1 and "--gallery door needs a store" in err, err
     finally:
         s.stop()
