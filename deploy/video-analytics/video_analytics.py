@@ -215,7 +215,10 @@ def main(argv=None):
         pacer = Pacer(frames(args.input, loop=not args.no_loop), args.fps, args.max_frames, stop)
         while True:
             try:
-                for result in client.detect_stream(pacer, errors="yield", **options):
+                # Two frames in flight: the next is read once one is answered, so a server
+                # slower than --fps is not handed an ever longer queue (and a stop is quick).
+                for result in client.detect_stream(pacer, errors="yield", max_in_flight=2,
+                                                   **options):
                     count, source = pacer.answered()
                     if isinstance(result, ArcFaceError):
                         log(event="detect_failed", frame=count, source=source,

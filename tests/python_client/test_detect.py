@@ -191,6 +191,21 @@ def test_detect_stream_in_order_with_per_frame_errors(dc):
         assert lib.cosine(a, b) >= 0.9999
     assert len(out[1].faces) == 1 and len(out[4].faces) == 1
     np.testing.assert_allclose(boxes(out[1]), boxes(out[4]), atol=1.0)
+    # max_in_flight: a frame is taken from the source only when one is answered.
+    pulled = []
+
+    def counted(n):
+        for _ in range(n):
+            pulled.append(1)
+            yield SINGLE
+
+    answers = 0
+    for k, d in enumerate(dc.detect_stream(counted(6), max_in_flight=2)):
+        answers += 1
+        # k + 1 answered: at most 2 more sent (without the window all 6 go at once).
+        assert len(pulled) <= k + 1 + 2, (k, len(pulled))
+        assert len(d.faces) == 1
+    assert answers == 6 and len(pulled) == 6
     with pytest.raises(ArcFaceError) as e:
         list(dc.detect_stream([SINGLE, b"garbage", SINGLE]))
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.method == "DetectStream"
@@ -214,6 +229,9 @@ def test_arguments_are_checked_before_any_call():
                 c.detect_stream([frame], **kwargs)  # at the call, before the stream opens
         with pytest.raises(ValueError, match="errors"):
             c.detect_stream([frame], errors="ignore")
+        for bad in (0, 1.5, True):
+            with pytest.raises(ValueError, match="max_in_flight"):
+                c.detect_stream([frame], max_in_flight=bad)
         with pytest.raises(TypeError, match="uint8"):
             c.detect(np.zeros((8, 8, 3), np.float32))
         with pytest.raises(ArcFaceError) as e:

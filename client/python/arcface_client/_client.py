@@ -503,29 +503,50 @@ class ArcFaceClient:
 
     def detect_stream(self, frames, min_score=0.0, max_faces=0, embed=False, normalize=False,
                       gallery="", top_k=0, threshold=None, min_face_size=0.0, timeout=None,
-                      errors="raise"):
+                      errors="raise", max_in_flight=8):
         """``detect`` over a (possibly endless) iterable of frames through one DetectStream
         call: yields one ``Detection`` per frame, in order, as the answers arrive (for video).
         The options apply to every frame. ``errors``: "raise" raises ArcFaceError at a failed
         frame (ending the stream); "yield" yields the ArcFaceError in its place and goes on.
-        ``timeout`` bounds the whole stream (None: no deadline). A bad argument raises
-        ValueError here, before the stream opens.
+        ``timeout`` bounds the whole stream (None: no deadline). ``max_in_flight``: frames
+        sent and not yet answered at most; the next frame is taken from ``frames`` only when
+        one is answered, so a source faster than the server waits instead of queueing frames
+        without bound. A bad argument raises ValueError here, before the stream opens.
         """
         if errors not in ("raise", "yield"):
             raise ValueError("errors must be 'raise' or 'yield'")
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or (
+                max_in_flight < 1):
+            raise ValueError(f"max_in_flight must be a whole number >= 1, got {max_in_flight!r}")
         fields = detect_fields(min_score, max_faces, embed, normalize, gallery, top_k,
                                threshold, min_face_size)
-        return self._detect_stream(frames, fields, timeout, errors)
+        return self._detect_stream(frames, fields, timeout, errors, max_in_flight)
 
-    def _detect_stream(self, frames, fields, timeout, errors):
-        def requests():
-            for i, frame in enumerate(frames):
+    def _detect_stream(self, frames, fields, timeout, errors, max_in_flight):
+        slots = threading.Semaphore(max_in_flight)  # one per frame sent and not answered
+        closed = threading.Event()
+
+        def requests():  # on gRPC's thread; it must end once the call does
+            source = iter(frames)
+            i = 0
+            while True:
+                while not slots.acquire(timeout=0.1):
+                    if closed.is_set():
+                        return
+                if closed.is_set():
+                    return
+                try:
+                    frame = next(source)
+                except StopIteration:
+                    return
                 yield pb.DetectRequest(image=_image_message(frame), request_id=str(i), **fields)
+                i += 1
 
         call = self._stub.DetectStream(requests(), timeout=timeout)
         index = 0
         try:
             for resp in call:
+                slots.release()
                 if resp.request_id != str(index):
                     raise ArcFaceError(grpc.StatusCode.INTERNAL,
                                        f"response {resp.request_id!r} for frame {index}",
@@ -542,6 +563,7 @@ class ArcFaceClient:
         except grpc.RpcError as e:
             raise ArcFaceError.from_rpc_error(e, "DetectStream") from None
         finally:
+            closed.set()
             call.cancel()
 
     def _probe(self, item):
