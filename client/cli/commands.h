@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "client/cpp/client.h"
@@ -56,11 +58,12 @@ struct CompareOptions {
   std::string plot;
 };
 
+// `detect`: the server's detector (Detect) on one image file.
 struct DetectOptions {
   std::string image;
-  std::string plot;
-  std::string cascade = "/usr/share/opencv4/haarcascades/haarcascade_frontalface_default.xml";
-  int min_size = 30;
+  std::string plot;  // PNG: the image with boxes, landmarks and labels
+  bool json = false;
+  client::DetectOptions request;  // embed, gallery, thresholds
 };
 
 struct BenchOptions {
@@ -104,6 +107,9 @@ int RunEmbed(const CommonOptions& common, const EmbedOptions& options);
 int RunCompare(const CommonOptions& common, const CompareOptions& options);
 int RunDetect(const CommonOptions& common, const DetectOptions& options);
 int RunBench(const CommonOptions& common, const BenchOptions& options);
+
+// One JSON document on stdout (invalid UTF-8 in a file name replaced, not fatal).
+void PrintJson(const nlohmann::json& doc);
 
 // A note on stderr when the server runs the demo (random) weights.
 void NoteDemo(const arcface::v1::ModelInfo& info);

@@ -1,107 +1,134 @@
-// `arcface-client detect IMAGE`: faces found by OpenCV's Haar cascade (Debian's opencv-data),
-// each box embedded by the server (Face.box on the encoded image), their pairwise cosines.
-#include <algorithm>
-#include <filesystem>
+// `arcface-client detect IMAGE`: the faces the server's detector (Detect) finds in one image:
+// boxes, scores and the five landmarks; with --embed their embeddings and pairwise cosines,
+// with --gallery who they are; --json for programs, --plot for people.
+#include <cstdio>
 #include <iostream>
 
 #include <opencv2/imgcodecs.hpp>
-#include <opencv2/imgproc.hpp>
-#include <opencv2/objdetect.hpp>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "client/cli/commands.h"
 #include "client/cli/plot.h"
 
 namespace arcface::cli {
-
 namespace {
 
-absl::StatusOr<std::vector<cv::Rect>> DetectFaces(const cv::Mat& image, const DetectOptions& o) {
-  try {
-    cv::CascadeClassifier cascade;
-    if (!cascade.load(o.cascade)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "--cascade: cannot load ", o.cascade, " (Debian: apt-get install opencv-data)"));
-    }
-    cv::Mat gray;
-    cv::cvtColor(image, gray, cv::COLOR_BGR2GRAY);
-    cv::equalizeHist(gray, gray);
-    std::vector<cv::Rect> faces;
-    cascade.detectMultiScale(gray, faces, 1.1, 5, 0, cv::Size(o.min_size, o.min_size));
-    // Left to right, then top to bottom: a stable numbering for the printout and the picture.
-    std::sort(faces.begin(), faces.end(), [](const cv::Rect& a, const cv::Rect& b) {
-      return a.x != b.x ? a.x < b.x : a.y < b.y;
-    });
-    return faces;
-  } catch (const cv::Exception& e) {
-    return absl::InternalError(absl::StrCat("OpenCV face detection failed: ", e.what()));
+std::string Point(const cv::Point2f& p) { return absl::StrFormat("%.1f,%.1f", p.x, p.y); }
+
+nlohmann::json FaceJson(const client::DetectedFace& f) {
+  nlohmann::json landmarks = nlohmann::json::array();
+  for (const cv::Point2f& p : f.landmarks) landmarks.push_back({p.x, p.y});
+  nlohmann::json out = {{"box", {f.box.x_min, f.box.y_min, f.box.x_max, f.box.y_max}},
+                        {"score", f.score},
+                        {"landmarks", landmarks}};
+  if (f.embedding) out["embedding"] = {{"norm", f.embedding->norm}, {"values", f.embedding->values}};
+  nlohmann::json candidates = nlohmann::json::array();
+  for (const client::Candidate& c : f.candidates) {
+    candidates.push_back(
+        {{"subject_id", c.subject_id}, {"face_id", c.face_id}, {"similarity", c.similarity}});
   }
+  out["candidates"] = candidates;
+  return out;
+}
+
+// "1 0.99"; with a gallery "1 alice 0.87" (its best candidate's similarity), "1 ? 0.99" when
+// no subject qualified (the detector's score then).
+std::string PlotLabel(size_t index, const client::DetectedFace& f, bool identified) {
+  if (!identified) return absl::StrFormat("%d %.2f", index + 1, f.score);
+  if (f.candidates.empty()) return absl::StrFormat("%d ? %.2f", index + 1, f.score);
+  return absl::StrFormat("%d %s %.2f", index + 1, f.candidates.front().subject_id,
+                         f.candidates.front().similarity);
 }
 
 }  // namespace
 
 int RunDetect(const CommonOptions& common, const DetectOptions& options) {
-  if (!std::filesystem::exists(options.cascade)) {
-    std::fprintf(stderr, "arcface-client: --cascade: %s does not exist (Debian: apt-get install "
-                 "opencv-data)\n", options.cascade.c_str());
-    return kExitUsage;
-  }
-  absl::StatusOr<client::FaceInput> encoded = client::FaceInput::FromFile(options.image);
-  if (!encoded.ok()) return Fail(options.image, encoded.status());
-  cv::Mat image;
-  try {
-    image = cv::imread(options.image, cv::IMREAD_COLOR | cv::IMREAD_IGNORE_ORIENTATION);
-  } catch (const cv::Exception& e) {
-    image.release();
-  }
-  if (image.empty()) {
-    return Fail(options.image, absl::InvalidArgumentError("OpenCV cannot decode this image"));
-  }
-  absl::StatusOr<std::vector<cv::Rect>> boxes = DetectFaces(image, options);
-  if (!boxes.ok()) return Fail("detect", boxes.status(), true);
-
+  absl::StatusOr<client::FaceInput> frame = client::FaceInput::FromFile(options.image);
+  if (!frame.ok()) return Fail(options.image, frame.status());
   auto client = MakeClient(common);
   if (!client.ok()) return Fail("client", client.status(), true);
-  std::vector<client::FaceInput> faces;
-  for (size_t i = 0; i < boxes->size(); ++i) {
-    const cv::Rect& b = (*boxes)[i];
-    client::FaceInput face = *encoded;  // the same encoded image, one box each
-    face.WithBox({float(b.x), float(b.y), float(b.x + b.width), float(b.y + b.height)});
-    faces.push_back(std::move(face));
-  }
-  std::vector<client::Embedding> embeddings;
-  if (!faces.empty()) {
-    absl::StatusOr<std::vector<client::Embedding>> e = (*client)->Embed(faces);
-    if (!e.ok()) return Fail("detect", e.status());
-    embeddings = std::move(*e);
-  }
+  absl::StatusOr<client::Detection> found = (*client)->Detect(*frame, options.request);
+  if (!found.ok()) return Fail("detect", found.status());
+  const bool identified = !options.request.gallery.empty();
 
-  std::cout << absl::StrFormat("%s: %dx%d, %d faces\n", options.image, image.cols, image.rows,
-                               boxes->size());
-  for (size_t i = 0; i < boxes->size(); ++i) {
-    const cv::Rect& b = (*boxes)[i];
-    std::cout << absl::StrFormat("face %d: box %d,%d,%d,%d (%dx%d)  norm %.3f\n", i + 1, b.x, b.y,
-                                 b.x + b.width, b.y + b.height, b.width, b.height,
-                                 embeddings[i].norm);
-  }
-  if (boxes->size() >= 2) {
+  // With embeddings, their pairwise cosines (the server's Compare of the embeddings as given).
+  std::optional<client::CompareResult> cosines;
+  if (found->faces.size() >= 2 && found->faces.front().embedding) {
     std::vector<client::Probe> probes;
-    for (client::Embedding& e : embeddings) probes.emplace_back(e.values);
+    for (const client::DetectedFace& f : found->faces) probes.emplace_back(f.embedding->values);
     absl::StatusOr<client::CompareResult> r = (*client)->Compare(probes, probes);
     if (!r.ok()) return Fail("detect", r.status());
-    std::cout << "cosine  ";
-    for (int j = 0; j < r->cols; ++j) std::cout << absl::StrFormat("%7d", j + 1);
-    std::cout << "\n";
-    for (int i = 0; i < r->rows; ++i) {
-      std::cout << absl::StrFormat("%6d  ", i + 1);
-      for (int j = 0; j < r->cols; ++j) std::cout << absl::StrFormat("%7.3f", r->at(i, j));
+    cosines = *std::move(r);
+  }
+
+  if (options.json) {
+    nlohmann::json faces = nlohmann::json::array();
+    for (const client::DetectedFace& f : found->faces) faces.push_back(FaceJson(f));
+    nlohmann::json doc = {{"image", options.image},
+                          {"width", found->image_width},
+                          {"height", found->image_height},
+                          {"detector_id", found->detector_id},
+                          {"model_id", found->model_id},
+                          {"faces", faces}};
+    if (identified) doc["gallery"] = options.request.gallery;
+    PrintJson(doc);
+  } else {
+    std::cout << absl::StrFormat("%s: %dx%d, %d faces (%s)\n", options.image, found->image_width,
+                                 found->image_height, found->faces.size(), found->detector_id);
+    for (size_t i = 0; i < found->faces.size(); ++i) {
+      const client::DetectedFace& f = found->faces[i];
+      std::vector<std::string> points;
+      for (const cv::Point2f& p : f.landmarks) points.push_back(Point(p));
+      std::cout << absl::StrFormat(
+          "face %d: box %.1f,%.1f,%.1f,%.1f (%.0fx%.0f)  score %.4f  landmarks %s\n", i + 1,
+          f.box.x_min, f.box.y_min, f.box.x_max, f.box.y_max, f.box.x_max - f.box.x_min,
+          f.box.y_max - f.box.y_min, f.score, absl::StrJoin(points, " "));
+      if (f.embedding) {
+        std::cout << "  embedding " << EmbeddingSummary(f.embedding->norm, f.embedding->values)
+                  << "\n";
+      }
+      if (identified && f.candidates.empty()) std::cout << "  identity (no match)\n";
+      for (const client::Candidate& c : f.candidates) {
+        std::cout << absl::StrFormat("  identity %s  similarity %.4f  face %s\n", c.subject_id,
+                                     c.similarity, c.face_id);
+      }
+    }
+    if (cosines) {
+      std::cout << "cosine  ";
+      for (int j = 0; j < cosines->cols; ++j) std::cout << absl::StrFormat("%7d", j + 1);
       std::cout << "\n";
+      for (int i = 0; i < cosines->rows; ++i) {
+        std::cout << absl::StrFormat("%6d  ", i + 1);
+        for (int j = 0; j < cosines->cols; ++j) {
+          std::cout << absl::StrFormat("%7.3f", cosines->at(i, j));
+        }
+        std::cout << "\n";
+      }
     }
   }
+
   if (!options.plot.empty()) {
-    cv::Mat picture = DrawDetections(image, *boxes);
-    absl::Status s = WritePng(options.plot, picture);
+    // As the server sees it: the file's pixels, its EXIF orientation ignored.
+    cv::Mat image;
+    try {
+      image = cv::imread(options.image, cv::IMREAD_COLOR | cv::IMREAD_IGNORE_ORIENTATION);
+    } catch (const cv::Exception&) {
+      image.release();
+    }
+    if (image.empty()) {
+      return Fail("--plot", absl::InvalidArgumentError(absl::StrCat(
+                                "OpenCV cannot decode ", options.image, " to draw on it")));
+    }
+    std::vector<DrawnFace> drawn;
+    for (size_t i = 0; i < found->faces.size(); ++i) {
+      const client::DetectedFace& f = found->faces[i];
+      drawn.push_back({cv::Rect2f(cv::Point2f(f.box.x_min, f.box.y_min),
+                                  cv::Point2f(f.box.x_max, f.box.y_max)),
+                       f.landmarks, PlotLabel(i, f, identified)});
+    }
+    absl::Status s = WritePng(options.plot, DrawDetections(image, drawn));
     if (!s.ok()) return Fail("--plot", s);
     std::fprintf(stderr, "wrote %s\n", options.plot.c_str());
   }

@@ -29,11 +29,6 @@ std::string GalleryName(const GalleryOptions& g) {
   return g.gallery.empty() ? "default" : g.gallery;
 }
 
-void PrintJson(const nlohmann::json& doc) {
-  // Invalid UTF-8 in a file name is replaced rather than failing the whole output.
-  std::cout << doc.dump(1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
-}
-
 nlohmann::json ErrorsJson(const std::vector<FailedInput>& failed) {
   nlohmann::json out = nlohmann::json::array();
   for (const FailedInput& f : failed) {

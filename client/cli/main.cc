@@ -131,16 +131,36 @@ int Main(int argc, char** argv) {
 
   // detect
   DetectOptions detect;
+  float detect_threshold = 0;
   CLI::App* detect_cmd = app.add_subcommand(
-      "detect", "Find faces with OpenCV's Haar cascade, embed each box, print the boxes and "
-                "their pairwise cosines");
+      "detect", "Find the faces of an image with the server's detector (Detect): boxes, scores "
+                "and the five landmarks; with --embed their embeddings and pairwise cosines, "
+                "with --gallery who they are");
   detect_cmd->add_option("image", detect.image, "Image file")->required();
-  detect_cmd->add_option("--plot", detect.plot, "Write the image with labelled boxes (PNG)");
-  detect_cmd->add_option("--cascade", detect.cascade, "Haar cascade XML (Debian: opencv-data)")
-      ->capture_default_str();
-  detect_cmd->add_option("--min-size", detect.min_size, "Smallest face, in pixels")
-      ->capture_default_str()
-      ->check(CLI::Range(8, 100000));
+  detect_cmd->add_option("--plot", detect.plot,
+                         "Write the image with the boxes, landmarks and labels (PNG)");
+  detect_cmd->add_flag("--json", detect.json, "One JSON document on stdout instead of text");
+  detect_cmd->add_option("--min-score", detect.request.min_score,
+                         "Leave out faces scoring below this, in [0, 1] (default: the "
+                         "server's, `arcface-client info`)")
+      ->check(CLI::Range(0.0, 1.0));
+  detect_cmd->add_option("--max-faces", detect.request.max_faces,
+                         "Only the highest-scoring faces (default: all)");
+  detect_cmd->add_option("--min-face-size", detect.request.min_face_size,
+                         "Leave out faces whose box is smaller than this, in pixels (its "
+                         "shorter side)")
+      ->check(CLI::NonNegativeNumber);
+  detect_cmd->add_flag("--embed", detect.request.embed,
+                       "Also embed each face, aligned by its landmarks");
+  detect_cmd->add_flag("--normalize", detect.request.normalize,
+                       "Unit-length embeddings (default: raw)");
+  detect_cmd->add_option("--gallery", detect.request.gallery,
+                         "Identify each face in this gallery (a server with --gallery-store)");
+  detect_cmd->add_option("--top-k", detect.request.top_k, "With --gallery: subjects per face")
+      ->check(CLI::Range(1, 1000000));
+  CLI::Option* detect_threshold_opt = detect_cmd->add_option(
+      "--threshold", detect_threshold,
+      "With --gallery: only subjects with at least this similarity");
 
   // bench
   BenchOptions bench;
@@ -248,7 +268,17 @@ int Main(int argc, char** argv) {
     if (!std::isfinite(compare.threshold)) return Usage("--threshold must be a number");
     return RunCompare(common, compare);
   }
-  if (*detect_cmd) return RunDetect(common, detect);
+  if (*detect_cmd) {
+    if (detect.request.gallery.empty() &&
+        (detect.request.top_k > 0 || detect_threshold_opt->count() > 0)) {
+      return Usage("--top-k and --threshold need --gallery");
+    }
+    if (detect_threshold_opt->count() > 0) {
+      if (!std::isfinite(detect_threshold)) return Usage("--threshold must be a number");
+      detect.request.threshold = detect_threshold;
+    }
+    return RunDetect(common, detect);
+  }
   if (*bench_cmd) {
     bench.concurrency.clear();
     for (absl::string_view part : absl::StrSplit(concurrency_text, ',')) {

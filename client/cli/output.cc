@@ -99,6 +99,15 @@ bool IsKnownOutputExtension(const std::string& path) {
   return ext == ".npy" || ext == ".json" || ext == ".csv";
 }
 
+std::string EmbeddingSummary(float norm, const std::vector<float>& values) {
+  std::string out = absl::StrFormat("norm=%.4f\t[", norm);
+  for (size_t j = 0; j < 4 && j < values.size(); ++j) {
+    absl::StrAppendFormat(&out, "%s%.5f", j ? ", " : "", values[j]);
+  }
+  absl::StrAppend(&out, ", ... ", values.size(), " values]");
+  return out;
+}
+
 std::string CsvField(const std::string& text) {
   if (text.find_first_of(",\"\r\n") == std::string::npos) return text;
   std::string out = "\"";

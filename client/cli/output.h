@@ -70,6 +70,10 @@ absl::StatusOr<LandmarksFile> ParseLandmarksJson(const std::string& text);
 // "x0,y0,x1,y1" → the four numbers (x0 < x1, y0 < y1). INVALID_ARGUMENT otherwise.
 absl::StatusOr<std::array<float, 4>> ParseBox(const std::string& text);
 
+// "norm=12.3456\t[0.01234, -0.05678, 0.00012, 0.04321, ... 512 values]": an embedding in one
+// line, as `embed` and `detect --embed` print it.
+std::string EmbeddingSummary(float norm, const std::vector<float>& values);
+
 // A CSV field, quoted when it holds a comma, quote, CR or LF (RFC 4180).
 std::string CsvField(const std::string& text);
 

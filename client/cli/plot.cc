@@ -128,20 +128,35 @@ cv::Mat DrawSimilarityMatrix(const std::vector<cv::Mat>& thumbnails,
   return canvas;
 }
 
-cv::Mat DrawDetections(const cv::Mat& image, const std::vector<cv::Rect>& boxes) {
-  static const cv::Scalar kPalette[] = {{0, 200, 0},   {0, 140, 255}, {255, 80, 0},
-                                        {200, 0, 200}, {0, 220, 220}, {255, 200, 0}};
+int LandmarkRadius(const cv::Size& image) {
+  return std::max(2, std::min(image.width, image.height) / 150);
+}
+
+cv::Mat DrawDetections(const cv::Mat& image, const std::vector<DrawnFace>& faces) {
+  constexpr size_t kColors = sizeof(kDetectionPalette) / sizeof(kDetectionPalette[0]);
   cv::Mat out = image.clone();
   const int thickness = std::max(2, std::min(image.cols, image.rows) / 300);
   const double scale = std::max(0.5, std::min(image.cols, image.rows) / 800.0);
-  for (size_t i = 0; i < boxes.size(); ++i) {
-    const cv::Scalar& color = kPalette[i % (sizeof(kPalette) / sizeof(kPalette[0]))];
-    cv::rectangle(out, boxes[i], color, thickness);
-    const std::string text = std::to_string(i + 1);
+  auto pixel = [](const cv::Point2f& p) {
+    return cv::Point(int(std::lround(p.x)), int(std::lround(p.y)));
+  };
+  for (size_t i = 0; i < faces.size(); ++i) {
+    const cv::Rect2f& b = faces[i].box;
+    cv::rectangle(out, pixel(b.tl()), pixel(b.br()), kDetectionPalette[i % kColors], thickness);
+  }
+  const int radius = LandmarkRadius(image.size());
+  for (const DrawnFace& face : faces) {
+    for (int k = 0; k < 5; ++k) {
+      cv::circle(out, pixel(face.landmarks[k]), radius, kLandmarkColors[k], cv::FILLED);
+    }
+  }
+  for (size_t i = 0; i < faces.size(); ++i) {
     int baseline = 0;
-    const cv::Size size = cv::getTextSize(text, cv::FONT_HERSHEY_SIMPLEX, scale, 2, &baseline);
-    const int y = std::max(0, boxes[i].y - size.height - baseline - 4);
-    Label(out, text, {boxes[i].x, y}, scale, color, cv::Scalar(255, 255, 255));
+    const cv::Size size =
+        cv::getTextSize(faces[i].label, cv::FONT_HERSHEY_SIMPLEX, scale, 2, &baseline);
+    const cv::Point corner = pixel(faces[i].box.tl());
+    Label(out, faces[i].label, {corner.x, std::max(0, corner.y - size.height - baseline - 4)},
+          scale, kDetectionPalette[i % kColors], cv::Scalar(255, 255, 255));
   }
   return out;
 }

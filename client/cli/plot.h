@@ -7,10 +7,14 @@
 //     height = kTitleHeight + cell (column thumbnails) + n * cell + kBottomMargin
 //   Cells are coloured on a fixed blue-white-red scale over [-1, 1] with the value printed;
 //   the colour bar on the right marks the threshold.
-// - Detections: the image itself with each box drawn and labelled 1..n (the same size).
+// - Detections: the image itself (the same size) with, for face i, its box in the palette's
+//   colour i (kDetectionPalette, cycling), its five landmarks as filled dots in the fixed colours
+//   kLandmarkColors (left eye, right eye, nose tip, left and right mouth corners), and its label
+//   on a box of its colour above it; all boxes first, then all dots, then all labels.
 #ifndef ARCFACE_CLIENT_CLI_PLOT_H_
 #define ARCFACE_CLIENT_CLI_PLOT_H_
 
+#include <array>
 #include <string>
 #include <vector>
 
@@ -36,7 +40,21 @@ cv::Mat DrawSimilarityMatrix(const std::vector<cv::Mat>& thumbnails,
 // BGR colour of a cosine on the blue (-1) - white (0) - red (+1) scale.
 cv::Scalar CosineColor(float value);
 
-cv::Mat DrawDetections(const cv::Mat& image, const std::vector<cv::Rect>& boxes);
+// BGR.
+inline const cv::Scalar kDetectionPalette[] = {{0, 200, 0},   {0, 140, 255}, {255, 80, 0},
+                                               {200, 0, 200}, {0, 220, 220}, {255, 200, 0}};
+inline const cv::Scalar kLandmarkColors[5] = {
+    {255, 0, 0}, {0, 0, 255}, {0, 255, 0}, {255, 0, 255}, {0, 255, 255}};
+
+struct DrawnFace {
+  cv::Rect2f box;  // pixels of the image
+  std::array<cv::Point2f, 5> landmarks;
+  std::string label;  // e.g. "1 0.99" or "2 alice 0.87" (Hershey fonts: ASCII)
+};
+
+cv::Mat DrawDetections(const cv::Mat& image, const std::vector<DrawnFace>& faces);
+// The radius of the landmark dots DrawDetections draws on an image of that size.
+int LandmarkRadius(const cv::Size& image);
 
 // cv::imwrite with OpenCV's exceptions turned into a status naming the path.
 absl::Status WritePng(const std::string& path, const cv::Mat& image);

@@ -126,6 +126,82 @@ std::vector<Embedding> ToEmbeddings(const EmbedResponse& response) {
   return out;
 }
 
+// The error a stream response carries for its own message (EmbedResponse, DetectResponse).
+template <typename Response>
+absl::Status CarriedError(const Response& response) {
+  if (!response.has_error() || response.error().code() == 0) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(response.error().code()),
+                      response.error().message());
+}
+
+// "<rpc>: <label>: <message>": a frame's error, named by its label when it has one.
+absl::Status NameFrame(const absl::Status& status, const std::string& rpc,
+                       const FaceInput& frame) {
+  if (status.ok()) return status;
+  return absl::Status(status.code(),
+                      frame.label().empty()
+                          ? absl::StrCat(rpc, ": ", status.message())
+                          : absl::StrCat(rpc, ": ", frame.label(), ": ", status.message()));
+}
+
+arcface::v1::DetectRequest MakeDetectRequest(const FaceInput& frame,
+                                             const DetectOptions& options) {
+  arcface::v1::DetectRequest request;
+  *request.mutable_image() = frame.proto().image();
+  request.set_min_score(options.min_score);
+  request.set_max_faces(options.max_faces);
+  request.set_min_face_size(options.min_face_size);
+  request.set_embed(options.embed);
+  request.set_normalize(options.normalize);
+  request.set_gallery(options.gallery);
+  request.set_top_k(options.top_k);
+  if (options.threshold) request.set_threshold(*options.threshold);
+  return request;
+}
+
+// A frame is a whole image: landmarks or a box would be silently ignored by Detect.
+absl::Status CheckFrame(const FaceInput& frame) {
+  if (frame.proto().landmarks_size() == 0 && !frame.proto().has_box()) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      "a frame is a whole image: it must carry neither landmarks nor a box");
+}
+
+// The answer to one frame; INTERNAL when it breaks the API's promises (five landmarks per
+// face, an embedding per face when one was asked for).
+absl::StatusOr<Detection> ToDetection(const arcface::v1::DetectResponse& response,
+                                      const DetectOptions& options, const std::string& rpc) {
+  const bool embedded = options.embed || !options.gallery.empty();
+  Detection out;
+  out.image_width = static_cast<int>(response.image_width());
+  out.image_height = static_cast<int>(response.image_height());
+  out.model_id = response.model_id();
+  out.detector_id = response.detector_id();
+  out.faces.reserve(response.faces_size());
+  for (int i = 0; i < response.faces_size(); ++i) {
+    const arcface::v1::DetectedFace& f = response.faces(i);
+    if (f.landmarks_size() != 5) {
+      return absl::InternalError(
+          absl::StrCat(rpc, ": face ", i, " has ", f.landmarks_size(), " landmarks, not 5"));
+    }
+    if (embedded && !f.has_embedding()) {
+      return absl::InternalError(absl::StrCat(rpc, ": face ", i, " has no embedding"));
+    }
+    DetectedFace face;
+    face.box = {f.box().x_min(), f.box().y_min(), f.box().x_max(), f.box().y_max()};
+    face.score = f.score();
+    for (int k = 0; k < 5; ++k) face.landmarks[k] = {f.landmarks(k).x(), f.landmarks(k).y()};
+    if (f.has_embedding()) {
+      face.embedding = Embedding{
+          {f.embedding().values().begin(), f.embedding().values().end()}, f.embedding().norm()};
+    }
+    for (const arcface::v1::Candidate& c : f.identification().candidates()) {
+      face.candidates.push_back({c.subject_id(), c.face_id(), c.similarity()});
+    }
+    out.faces.push_back(std::move(face));
+  }
+  return out;
+}
+
 // IP literals ("a.b.c.d:p" or "[v6]:p") of every address; a name with IPv4 addresses
 // contributes only those, so that names resolving to both families still form one target.
 absl::StatusOr<std::vector<std::string>> Resolve(const std::vector<std::string>& addresses) {
@@ -447,14 +523,19 @@ absl::StatusOr<std::vector<Embedding>> Client::Embed(const std::vector<FaceInput
   return out;
 }
 
-absl::Status Client::EmbedStream(
-    const std::function<std::optional<StreamItem>()>& next, bool normalize,
-    const std::function<void(int64_t, absl::StatusOr<std::vector<Embedding>>)>& on_result,
+template <typename Item, typename Request, typename Response>
+absl::Status Client::RunStream(
+    const std::string& rpc,
+    const std::function<std::unique_ptr<grpc::ClientReaderWriter<Request, Response>>(
+        grpc::ClientContext*)>& open,
+    const std::function<std::optional<Item>()>& next,
+    const std::function<Request(const Item&)>& request,
+    const std::function<void(const Item&, const Response&)>& answer,
+    const std::function<void(const Item&, const absl::Status&)>& fail,
     const StreamOptions& stream_options) {
   struct Pending {
-    int64_t tag;
-    EmbedRequest request;
-    std::vector<FaceInput> faces;  // for the labels in error messages
+    Item item;
+    Request request;
   };
   const size_t window = static_cast<size_t>(std::max(1, stream_options.max_in_flight));
   absl::Mutex mu;
@@ -467,7 +548,7 @@ absl::Status Client::EmbedStream(
 
   for (int attempt = 1;; ++attempt) {
     grpc::ClientContext context;
-    auto stream = stub_->EmbedStream(&context);
+    auto stream = open(&context);
     size_t sent = 0;  // pending[0, sent) went out on this stream
     bool reader_done = false;
     bool timed_out = false;
@@ -489,16 +570,15 @@ absl::Status Client::EmbedStream(
         }
         if (!source_done && sent == pending.size() && sent < window) {
           mu.Unlock();
-          std::optional<StreamItem> item = next();
+          std::optional<Item> item = next();
           mu.Lock();
           if (!item) {
             source_done = true;
             continue;
           }
-          Pending p{item->tag, EmbedRequest(), std::move(item->faces)};
-          p.request.set_normalize(normalize);
+          Pending p{std::move(*item), Request()};
+          p.request = request(p.item);
           p.request.set_request_id(absl::StrCat(sequence++));
-          for (const FaceInput& f : p.faces) *p.request.add_faces() = f.proto();
           pending.push_back(std::move(p));
           if (sent == 0) last_progress = absl::Now();
           continue;
@@ -528,7 +608,7 @@ absl::Status Client::EmbedStream(
 
     bool progressed = false;
     std::string protocol_error;
-    EmbedResponse response;
+    Response response;
     while (stream->Read(&response)) {
       Pending p;
       {
@@ -552,18 +632,7 @@ absl::Status Client::EmbedStream(
         break;
       }
       progressed = true;
-      if (response.has_error() && response.error().code() != 0) {
-        on_result(p.tag, NameFaceInList(absl::Status(static_cast<absl::StatusCode>(
-                                                         response.error().code()),
-                                                     response.error().message()),
-                                        "EmbedStream", 0, p.faces));
-      } else if (response.embeddings_size() != p.request.faces_size()) {
-        on_result(p.tag, absl::InternalError(absl::StrCat(
-                             "EmbedStream: ", response.embeddings_size(), " embeddings for ",
-                             p.request.faces_size(), " faces")));
-      } else {
-        on_result(p.tag, ToEmbeddings(response));
-      }
+      answer(p.item, response);
     }
     {
       absl::MutexLock lock(&mu);
@@ -574,16 +643,16 @@ absl::Status Client::EmbedStream(
     watchdog.join();
     absl::Status status = ToAbsl(stream->Finish());
     if (timed_out) {
-      status = absl::DeadlineExceededError(absl::StrCat(
-          "EmbedStream: no answer within ", absl::FormatDuration(options_.timeout)));
+      status = absl::DeadlineExceededError(
+          absl::StrCat(rpc, ": no answer within ", absl::FormatDuration(options_.timeout)));
     } else if (!protocol_error.empty()) {
-      status = absl::InternalError(absl::StrCat("EmbedStream: ", protocol_error));
+      status = absl::InternalError(absl::StrCat(rpc, ": ", protocol_error));
     } else if (status.ok()) {
       if (pending.empty() && source_done) return absl::OkStatus();
-      status = absl::InternalError(absl::StrCat("EmbedStream: the server ended the stream with ",
+      status = absl::InternalError(absl::StrCat(rpc, ": the server ended the stream with ",
                                                 pending.size(), " messages unanswered"));
     } else {
-      status = absl::Status(status.code(), absl::StrCat("EmbedStream: ", status.message()));
+      status = absl::Status(status.code(), absl::StrCat(rpc, ": ", status.message()));
     }
     // A stream that got answers before it broke starts its retry budget afresh.
     if (progressed) attempt = 1;
@@ -594,9 +663,73 @@ absl::Status Client::EmbedStream(
       absl::SleepFor(wait);
       continue;
     }
-    for (Pending& p : pending) on_result(p.tag, status);
+    for (Pending& p : pending) fail(p.item, status);
     return status;
   }
+}
+
+absl::Status Client::EmbedStream(
+    const std::function<std::optional<StreamItem>()>& next, bool normalize,
+    const std::function<void(int64_t, absl::StatusOr<std::vector<Embedding>>)>& on_result,
+    const StreamOptions& stream_options) {
+  return RunStream<StreamItem, EmbedRequest, EmbedResponse>(
+      "EmbedStream",
+      [&](grpc::ClientContext* context) { return stub_->EmbedStream(context); }, next,
+      [&](const StreamItem& item) {
+        EmbedRequest request;
+        request.set_normalize(normalize);
+        for (const FaceInput& f : item.faces) *request.add_faces() = f.proto();
+        return request;
+      },
+      [&](const StreamItem& item, const EmbedResponse& response) {
+        if (absl::Status error = CarriedError(response); !error.ok()) {
+          on_result(item.tag, NameFaceInList(error, "EmbedStream", 0, item.faces));
+        } else if (response.embeddings_size() != int(item.faces.size())) {
+          on_result(item.tag, absl::InternalError(absl::StrCat(
+                                  "EmbedStream: ", response.embeddings_size(),
+                                  " embeddings for ", item.faces.size(), " faces")));
+        } else {
+          on_result(item.tag, ToEmbeddings(response));
+        }
+      },
+      [&](const StreamItem& item, const absl::Status& status) { on_result(item.tag, status); },
+      stream_options);
+}
+
+absl::StatusOr<Detection> Client::Detect(const FaceInput& frame, const DetectOptions& options) {
+  if (absl::Status s = CheckFrame(frame); !s.ok()) return NameFrame(s, "Detect", frame);
+  const arcface::v1::DetectRequest request = MakeDetectRequest(frame, options);
+  arcface::v1::DetectResponse response;
+  grpc::Status s = WithRetries([&](grpc::ClientContext* context) {
+    response.Clear();
+    return stub_->Detect(context, request, &response);
+  });
+  if (!s.ok()) return NameFrame(ToAbsl(s), "Detect", frame);
+  return ToDetection(response, options, "Detect");
+}
+
+absl::Status Client::DetectStream(
+    const std::function<std::optional<FrameItem>()>& next, const DetectOptions& options,
+    const std::function<void(int64_t, absl::StatusOr<Detection>)>& on_result,
+    const StreamOptions& stream_options) {
+  using arcface::v1::DetectRequest;
+  using arcface::v1::DetectResponse;
+  return RunStream<FrameItem, DetectRequest, DetectResponse>(
+      "DetectStream",
+      [&](grpc::ClientContext* context) { return stub_->DetectStream(context); }, next,
+      [&](const FrameItem& item) { return MakeDetectRequest(item.frame, options); },
+      [&](const FrameItem& item, const DetectResponse& response) {
+        // A frame with landmarks or a box went out as its image alone; it fails all the same.
+        absl::Status error = CheckFrame(item.frame);
+        if (error.ok()) error = CarriedError(response);
+        if (!error.ok()) {
+          on_result(item.tag, NameFrame(error, "DetectStream", item.frame));
+        } else {
+          on_result(item.tag, ToDetection(response, options, "DetectStream"));
+        }
+      },
+      [&](const FrameItem& item, const absl::Status& status) { on_result(item.tag, status); },
+      stream_options);
 }
 
 absl::StatusOr<CompareResult> Client::Compare(const std::vector<Probe>& queries,

@@ -1,4 +1,5 @@
-// arcface::client::Client: the C++ client of arcface.v1.FaceEmbedding and arcface.v1.FaceGallery.
+// arcface::client::Client: the C++ client of arcface.v1.FaceEmbedding (embedding, comparison,
+// the server's face detector) and arcface.v1.FaceGallery.
 //
 // Contract
 // - Client::Create validates the options and builds one gRPC channel; it does not connect (the
@@ -7,12 +8,13 @@
 //   (getaddrinfo); a single address goes through gRPC's DNS resolver, so a name with several
 //   A records (a headless Kubernetes service) is spread over too.
 // - Blocking: every method blocks its caller until the answer, a final error or the deadline.
-//   Each RPC attempt carries the deadline ClientOptions::timeout; EmbedStream instead fails
-//   with DEADLINE_EXCEEDED when its oldest outstanding message waits longer than that.
+//   Each RPC attempt carries the deadline ClientOptions::timeout; EmbedStream and DetectStream
+//   instead fail with DEADLINE_EXCEEDED when their oldest outstanding message waits longer.
 // - Retries: a call that fails with UNAVAILABLE is retried per RetryPolicy (exponential backoff
 //   with jitter, policies.h); every other code, INVALID_ARGUMENT above all, is returned at once.
-//   Embed, Compare, GetModelInfo and health checks are idempotent, so a retry is safe; an
-//   EmbedStream that breaks with UNAVAILABLE is reopened and its unanswered messages re-sent.
+//   Embed, Compare, Detect, GetModelInfo and health checks are idempotent, so a retry is safe;
+//   an EmbedStream or DetectStream that breaks with UNAVAILABLE is reopened and its unanswered
+//   messages re-sent.
 //   The gallery's reads are idempotent too, and Enroll always carries a request_id (the
 //   caller's, else one made per call) with which the server adds its faces once; Forget alone
 //   is never retried (a repeat would report 0 faces removed for faces the first one removed).
@@ -25,8 +27,9 @@
 // - Errors: absl::Status with gRPC's codes (absl and gRPC share the numbering). A face's error
 //   names the face by its label (the file path for FaceInput::FromFile) and its index in the
 //   caller's list, e.g. "face 7 (img/b.png): undecodable image ..." (Enroll: "faces 7 ...",
-//   Identify: "probes 7 ...", as the server names the request's fields).
-//   A server without a gallery store answers the gallery calls UNIMPLEMENTED.
+//   Identify: "probes 7 ...", as the server names the request's fields); a frame's error
+//   (Detect, DetectStream) is prefixed with its label. A server without a gallery store answers
+//   the gallery calls UNIMPLEMENTED, one started with --detector none Detect and DetectStream.
 // - Thread safety: a Client may be used from many threads at once. FaceInput is a value.
 #ifndef ARCFACE_CLIENT_CPP_CLIENT_H_
 #define ARCFACE_CLIENT_CPP_CLIENT_H_
@@ -134,6 +137,51 @@ struct StreamOptions {
 
 enum class ServingStatus { kUnknown, kServing, kNotServing };
 
+// What a Detect or DetectStream call asks for (DetectRequest's fields of the same names; zeros
+// mean the server's defaults).
+struct DetectOptions {
+  float min_score = 0;      // in [0, 1]; 0: DetectorInfo.default_min_score
+  uint32_t max_faces = 0;   // the highest-scoring faces only; 0: all
+  float min_face_size = 0;  // shorter box side in the frame's pixels; 0: all
+  bool embed = false;       // also align and embed each face
+  bool normalize = false;   // unit-length embeddings
+  std::string gallery;      // identify each face in this gallery (implies embed)
+  uint32_t top_k = 0;       // candidates (distinct subjects) per face; 0: 1
+  std::optional<float> threshold;  // only candidates with at least this similarity
+};
+
+// A gallery subject that matches a detected face (arcface.v1.Candidate).
+struct Candidate {
+  std::string subject_id;
+  std::string face_id;  // the subject's best-matching face
+  float similarity = 0;
+};
+
+struct DetectedFace {
+  Box box;  // in the frame's pixels
+  float score = 0;
+  // Left eye, right eye, nose tip, left and right mouth corners: FaceInput::WithLandmarks's
+  // order, in the frame's pixels.
+  std::array<cv::Point2f, 5> landmarks;
+  std::optional<Embedding> embedding;  // with embed or a gallery
+  std::vector<Candidate> candidates;   // with a gallery: by similarity, descending
+};
+
+// The faces of one frame, by score descending.
+struct Detection {
+  std::vector<DetectedFace> faces;
+  int image_width = 0;
+  int image_height = 0;
+  std::string model_id;  // with embed or a gallery
+  std::string detector_id;
+};
+
+// One DetectStream message: a frame (its image only: no landmarks, no box). `tag` is echoed.
+struct FrameItem {
+  FaceInput frame;
+  int64_t tag = 0;
+};
+
 // The optional parts of an Enroll (EnrollRequest's fields of the same names).
 struct EnrollOptions {
   std::map<std::string, std::string> labels;  // set on the subject; other keys are kept
@@ -159,6 +207,17 @@ class Client {
   absl::Status EmbedStream(
       const std::function<std::optional<StreamItem>()>& next, bool normalize,
       const std::function<void(int64_t tag, absl::StatusOr<std::vector<Embedding>>)>& on_result,
+      const StreamOptions& stream_options = {});
+
+  // The faces of one frame found by the server's detector. `frame` is a whole image:
+  // INVALID_ARGUMENT when it carries landmarks or a box.
+  absl::StatusOr<Detection> Detect(const FaceInput& frame, const DetectOptions& options = {});
+
+  // One DetectStream call, as EmbedStream: `next` on a writer thread until nullopt, `on_result`
+  // on the calling thread once per frame taken, in order, with its faces or its own error.
+  absl::Status DetectStream(
+      const std::function<std::optional<FrameItem>()>& next, const DetectOptions& options,
+      const std::function<void(int64_t tag, absl::StatusOr<Detection>)>& on_result,
       const StreamOptions& stream_options = {});
 
   // Cosine of every query against every reference. When the face probes exceed the server's
@@ -214,6 +273,20 @@ class Client {
   // than UNAVAILABLE, or the attempts are spent.
   grpc::Status WithRetries(const std::function<grpc::Status(grpc::ClientContext*)>& attempt);
   void SetDeadline(grpc::ClientContext* context) const;
+  // The engine of EmbedStream and DetectStream (client.cc): the window of messages in flight,
+  // the order check, the watchdog and the reopening after UNAVAILABLE. `Item` has a `tag`;
+  // `request` makes its message (the request_id is set here); `answer` gets each response in
+  // order (which may carry its own error) and `fail` each item left unanswered at the end.
+  template <typename Item, typename Request, typename Response>
+  absl::Status RunStream(
+      const std::string& rpc,
+      const std::function<std::unique_ptr<grpc::ClientReaderWriter<Request, Response>>(
+          grpc::ClientContext*)>& open,
+      const std::function<std::optional<Item>()>& next,
+      const std::function<Request(const Item&)>& request,
+      const std::function<void(const Item&, const Response&)>& answer,
+      const std::function<void(const Item&, const absl::Status&)>& fail,
+      const StreamOptions& stream_options);
   absl::Duration NextBackoff(int retry);
   uint64_t NextRandom();  // splitmix64 over rng_state_
 

@@ -1,6 +1,6 @@
 // arcface::client::Client against a real arcface-server with the golden r50 weights,
-// --max-faces-per-request 4 and a SQLite gallery store limited to 3 faces per Enroll and 2
-// probes per Identify (tests/client/test_cli.py starts it and runs this binary with
+// --max-faces-per-request 4, the face detector (--detector) and a SQLite gallery store limited to
+// 3 faces per Enroll and 2 probes per Identify (tests/client/test_cli.py starts it and runs this binary with
 // ARCFACE_TEST_SERVER=host:port, ARCFACE_GOLDEN_DIR and ARCFACE_TEST_DATA).
 #include <cmath>
 #include <cstdlib>
@@ -12,6 +12,7 @@
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
+#include "absl/strings/str_cat.h"
 #include "client/cpp/client.h"
 
 namespace arcface::client {
@@ -296,6 +297,121 @@ TEST_F(ClientTest, GalleryErrorsNameTheCallersFaceAcrossRequests) {
   EXPECT_EQ(found.status().code(), absl::StatusCode::kNotFound) << found.status();
   auto forgot = client_->Forget("cpp-bad", "");
   EXPECT_EQ(forgot.status().code(), absl::StatusCode::kInvalidArgument) << forgot.status();
+}
+
+std::string Photo(const std::string& name) { return Env("ARCFACE_TEST_DATA") + "/" + name; }
+
+std::vector<std::array<float, 4>> Boxes(const Detection& d) {
+  std::vector<std::array<float, 4>> out;
+  for (const DetectedFace& f : d.faces) out.push_back({f.box.x_min, f.box.y_min, f.box.x_max, f.box.y_max});
+  return out;
+}
+
+void ExpectSameBoxes(const Detection& a, const Detection& b, float tolerance) {
+  ASSERT_EQ(a.faces.size(), b.faces.size());
+  const auto ba = Boxes(a), bb = Boxes(b);
+  for (size_t i = 0; i < ba.size(); ++i) {
+    for (int k = 0; k < 4; ++k) EXPECT_NEAR(ba[i][k], bb[i][k], tolerance) << "face " << i;
+  }
+}
+
+TEST_F(ClientTest, DetectEmbedsAsEmbedDoesAndIdentifies) {
+  // multi_face.jpg: five people (1000x667).
+  auto frame = FaceInput::FromFile(Photo("multi_face.jpg"));
+  ASSERT_TRUE(frame.ok()) << frame.status();
+  DetectOptions options;
+  options.embed = true;
+  auto found = client_->Detect(*frame, options);
+  ASSERT_TRUE(found.ok()) << found.status();
+  EXPECT_EQ(found->image_width, 1000);
+  EXPECT_EQ(found->image_height, 667);
+  EXPECT_FALSE(found->detector_id.empty());
+  EXPECT_FALSE(found->model_id.empty());
+  ASSERT_GE(found->faces.size(), 4u);
+  for (size_t i = 0; i < found->faces.size(); ++i) {
+    const DetectedFace& f = found->faces[i];
+    if (i > 0) {
+      EXPECT_LE(f.score, found->faces[i - 1].score);
+    }
+    ASSERT_TRUE(f.embedding.has_value()) << i;
+    EXPECT_TRUE(f.candidates.empty());
+    // Embed with the landmarks Detect returned: the same aligned crop, the same embedding.
+    FaceInput face = *frame;
+    face.WithLandmarks(f.landmarks);
+    auto direct = client_->Embed({face});
+    ASSERT_TRUE(direct.ok()) << direct.status();
+    const std::vector<double> want((*direct)[0].values.begin(), (*direct)[0].values.end());
+    EXPECT_GE(Cosine(f.embedding->values, want), 0.9999) << "face " << i;
+    EXPECT_NEAR(f.embedding->norm, (*direct)[0].norm, 1e-3 * (*direct)[0].norm);
+  }
+  // Raw BGR pixels (FaceInput::FromMat) find the same faces.
+  const cv::Mat bgr = cv::imread(Photo("multi_face.jpg"), cv::IMREAD_COLOR);
+  auto raw = client_->Detect(*FaceInput::FromMat(bgr, "raw"));
+  ASSERT_TRUE(raw.ok()) << raw.status();
+  ExpectSameBoxes(*raw, *found, 1.0f);
+  EXPECT_FALSE(raw->faces[0].embedding.has_value());
+
+  // Each face enrolled as its own subject is identified as itself in the same frame.
+  for (size_t i = 0; i < found->faces.size(); ++i) {
+    auto e = client_->Enroll("cpp-detect", absl::StrCat("person-", i),
+                             {found->faces[i].embedding->values});
+    ASSERT_TRUE(e.ok()) << e.status();
+  }
+  DetectOptions identify;
+  identify.gallery = "cpp-detect";
+  identify.top_k = 2;
+  auto named = client_->Detect(*frame, identify);
+  ASSERT_TRUE(named.ok()) << named.status();
+  ASSERT_EQ(named->faces.size(), found->faces.size());
+  for (size_t i = 0; i < named->faces.size(); ++i) {
+    const DetectedFace& f = named->faces[i];
+    ASSERT_EQ(f.candidates.size(), 2u) << i;
+    EXPECT_EQ(f.candidates[0].subject_id, absl::StrCat("person-", i));
+    EXPECT_GE(f.candidates[0].similarity, 0.999f);
+    EXPECT_LT(f.candidates[1].similarity, f.candidates[0].similarity);
+  }
+  identify.gallery = "cpp-never-enrolled";
+  EXPECT_EQ(client_->Detect(*frame, identify).status().code(), absl::StatusCode::kNotFound);
+  auto bad = client_->Detect(FaceInput::FromEncoded("garbage", "cam.jpg"));
+  ASSERT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(bad.status().message().rfind("Detect: cam.jpg: ", 0), 0u) << bad.status();
+}
+
+TEST_F(ClientTest, DetectStreamAnswersEachFrameInOrderWithItsOwnError) {
+  std::vector<FrameItem> frames;
+  frames.push_back({*FaceInput::FromFile(Photo("multi_face.jpg")), 20});
+  frames.push_back({FaceInput::FromEncoded("garbage", "bad.jpg"), 21});
+  frames.push_back({*FaceInput::FromFile(Photo("free-mountain-vector-01.jpg")), 22});  // no face
+  frames.push_back({*FaceInput::FromFile(Photo("single_face.jpg")), 23});
+  size_t next = 0;
+  std::vector<int64_t> tags;
+  std::vector<absl::StatusOr<Detection>> results;
+  StreamOptions window;
+  window.max_in_flight = 2;
+  absl::Status s = client_->DetectStream(
+      [&]() -> std::optional<FrameItem> {
+        if (next == frames.size()) return std::nullopt;
+        return frames[next++];
+      },
+      DetectOptions(),
+      [&](int64_t tag, absl::StatusOr<Detection> r) {
+        tags.push_back(tag);
+        results.push_back(std::move(r));
+      },
+      window);
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(tags, (std::vector<int64_t>{20, 21, 22, 23}));
+  ASSERT_TRUE(results[0].ok()) << results[0].status();
+  auto unary = client_->Detect(frames[0].frame);
+  ASSERT_TRUE(unary.ok()) << unary.status();
+  ExpectSameBoxes(*results[0], *unary, 1e-3f);
+  EXPECT_EQ(results[1].status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(results[1].status().message().rfind("DetectStream: bad.jpg: ", 0), 0u)
+      << results[1].status();
+  ASSERT_TRUE(results[2].ok()) << results[2].status();
+  EXPECT_TRUE(results[2]->faces.empty());  // no face: an empty answer, not an error
+  ASSERT_TRUE(results[3].ok()) << results[3].status();
+  EXPECT_EQ(results[3]->faces.size(), 1u);
 }
 
 TEST(ClientUnreachable, RetriesUnavailableThenGivesUp) {

@@ -1,6 +1,7 @@
 // The client's pure pieces: retry backoff, request splitting, address lists, the .npy writer,
-// percentiles, CSV quoting, the landmarks file, progress text, the plot's layout, cv::Mat input,
-// the gallery commands' tables and labels.
+// percentiles, CSV quoting, the landmarks file, progress text, the plot's layout, the detections
+// picture, cv::Mat input, a Detect frame's own check, the gallery commands' tables and labels,
+// the embedding's one-line summary.
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -163,7 +164,30 @@ TEST(FaceInput, MatsTravelTightlyPackedInOpenCvOrder) {
             absl::StatusCode::kNotFound);
 }
 
+TEST(Client, DetectRefusesAFrameWithLandmarksOrABoxBeforeAnyCall) {
+  client::ClientOptions o;
+  o.addresses = {"127.0.0.1:1"};  // nothing listens: a call would be UNAVAILABLE
+  o.retry.max_attempts = 1;
+  auto c = client::Client::Create(o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  client::FaceInput frame = client::FaceInput::FromEncoded("jpeg bytes", "cam0.jpg");
+  frame.WithBox({1, 2, 3, 4});
+  absl::StatusOr<client::Detection> d = (*c)->Detect(frame);
+  EXPECT_EQ(d.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(d.status().message(),
+            "Detect: cam0.jpg: a frame is a whole image: it must carry neither landmarks nor a "
+            "box");
+  // A plain frame gets as far as the network.
+  EXPECT_EQ((*c)->Detect(client::FaceInput::FromEncoded("x")).status().code(),
+            absl::StatusCode::kUnavailable);
+}
+
 // ---- CLI pieces
+
+TEST(Summary, NormAndTheFirstFourValues) {
+  EXPECT_EQ(cli::EmbeddingSummary(12.34567f, {0.5f, -0.25f, 1, 2, 3}),
+            "norm=12.3457\t[0.50000, -0.25000, 1.00000, 2.00000, ... 5 values]");
+}
 
 TEST(Npy, HeaderAndLittleEndianRows) {
   const std::vector<float> values = {1.0f, -2.5f, 3.25f, 0.0f, 1e-3f, 7.0f};
@@ -286,6 +310,33 @@ TEST(Plot, MatrixLayoutAndColours) {
   const cv::Scalar want = cli::CosineColor(-1);
   EXPECT_EQ(blue, cv::Vec3b(want[0], want[1], want[2]));
   EXPECT_EQ(cli::CosineColor(0), cv::Scalar(242, 242, 242));
+}
+
+TEST(Plot, DetectionsDrawBoxesLandmarksAndLabels) {
+  const cv::Mat image(300, 400, CV_8UC3, cv::Scalar(90, 90, 90));
+  cli::DrawnFace a{cv::Rect2f(50, 100, 100, 120), {}, "1 alice 0.87"};
+  a.landmarks = {cv::Point2f(80, 140), cv::Point2f(120, 140), cv::Point2f(100, 165),
+                 cv::Point2f(85, 190), cv::Point2f(115, 190)};
+  cli::DrawnFace b{cv::Rect2f(250, 60, 80, 90), {}, "2 0.95"};
+  b.landmarks = {cv::Point2f(270, 90), cv::Point2f(310, 90), cv::Point2f(290, 110),
+                 cv::Point2f(275, 130), cv::Point2f(305, 130)};
+  cv::Mat m = cli::DrawDetections(image, {a, b});
+  ASSERT_EQ(m.size(), image.size());
+  auto bgr = [](const cv::Scalar& c) { return cv::Vec3b(c[0], c[1], c[2]); };
+  // Each box in its palette colour (its left edge, half-way down), each dot in its point's.
+  EXPECT_EQ(m.at<cv::Vec3b>(160, 50), bgr(cli::kDetectionPalette[0]));
+  EXPECT_EQ(m.at<cv::Vec3b>(105, 250), bgr(cli::kDetectionPalette[1]));
+  for (const cli::DrawnFace* f : {&a, &b}) {
+    for (int k = 0; k < 5; ++k) {
+      const cv::Point2f& p = f->landmarks[k];
+      EXPECT_EQ(m.at<cv::Vec3b>(int(p.y), int(p.x)), bgr(cli::kLandmarkColors[k])) << f->label << k;
+    }
+  }
+  // The label sits on a box of the face's colour above it; the inside of a box is untouched.
+  EXPECT_EQ(m.at<cv::Vec3b>(100 - 3, 50 + 1), bgr(cli::kDetectionPalette[0]));
+  EXPECT_EQ(m.at<cv::Vec3b>(120, 70), cv::Vec3b(90, 90, 90));
+  EXPECT_EQ(cli::LandmarkRadius(image.size()), 2);
+  EXPECT_EQ(cli::LandmarkRadius(cv::Size(1920, 1080)), 7);
 }
 
 }  // namespace

@@ -46,10 +46,12 @@ GALLERY_MAX_PROBES = 2
 
 @pytest.fixture(scope="session")
 def r50(session_servers, goldens, tmp_path_factory):
-    """The golden r50 weights, at most MAX_FACES faces per request; a SQLite gallery store."""
+    """The golden r50 weights, at most MAX_FACES faces per request, the face detector; a SQLite
+    gallery store."""
     store = tmp_path_factory.mktemp("r50_gallery") / "gallery.db"
     return session_servers([
         "--weights", goldens.model_path("r50"),
+        *lib.detector_args(),
         "--device", "cpu", "--threads", str(lib.THREADS),
         "--max-batch-size", "8", "--max-queue-delay-us", "2000",
         "--max-faces-per-request", str(MAX_FACES),

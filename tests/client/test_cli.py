@@ -1,5 +1,6 @@
 """arcface-client and the C++ client library against real arcface-server processes on
-loopback: outputs equal the reference goldens, pictures, the progress bar's terminal rule,
+loopback: outputs equal the reference goldens, detect shows the server's Detect (as JSON, text
+and a picture, with identities from the gallery), pictures, the progress bar's terminal rule,
 round robin, retries across a restart and a drain, no retry of INVALID_ARGUMENT, TLS and mutual
 TLS, bench against the server's own counters, exit codes, the gallery commands."""
 
@@ -66,7 +67,7 @@ def test_cpp_library_against_the_golden_server(r50_address):
                   ARCFACE_FREE_ADDRESS=f"127.0.0.1:{lib.free_port()}")
     r = subprocess.run([LIBRARY_TEST], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert "[  PASSED  ] 9 tests" in r.stdout, r.stdout[-3000:]
+    assert "[  PASSED  ] 11 tests" in r.stdout, r.stdout[-3000:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,38 +271,103 @@ def test_compare_matrix_table_and_plot(r50_address, goldens, tmp_path):
     assert np.abs(px - expect).max() <= 3, (px, expect)
 
 
-def test_detect_boxes_embeddings_and_plot(r50, r50_address, tmp_path):
-    from arcface.v1 import face_embedding_pb2 as pb
+def detect_json(address, *args):
+    r = run_cli("--server", address, "detect", *args, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_detect_prints_the_servers_faces_as_json_and_text(r50_address):
+    """The CLI shows what Detect answers (the Python client's detect() of the same file):
+    boxes, scores, the five landmarks, with --embed the embeddings and their cosines."""
+    from arcface_client import ArcFaceClient
+
+    image = data("multi_face.jpg")
+    with ArcFaceClient(r50_address, timeout=120) as c:
+        want = c.detect(image, embed=True)
+    assert len(want.faces) >= 4, want.faces
+    doc = detect_json(r50_address, image, "--embed")
+    assert (doc["width"], doc["height"], doc["detector_id"]) == (1000, 667, want.detector_id)
+    assert doc["model_id"] == want.model_id and doc["image"] == image
+    assert len(doc["faces"]) == len(want.faces)
+    for got, face in zip(doc["faces"], want.faces):
+        np.testing.assert_allclose(got["box"], face.box, atol=1e-3)
+        np.testing.assert_allclose(got["landmarks"], face.landmarks, atol=1e-3)
+        assert abs(got["score"] - face.score) < 1e-6 and got["candidates"] == []
+        assert lib.cosine(got["embedding"]["values"], face.embedding) >= 0.9999
+        assert abs(got["embedding"]["norm"] - face.norm) <= 1e-3 * face.norm
+    assert "embedding" not in detect_json(r50_address, image)["faces"][0]
+
+    r = run_cli("--server", r50_address, "detect", image, "--embed", "--max-faces", "3")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"{image}: 1000x667, 3 faces ({want.detector_id})\n"), r.stdout
+    number = r"(-?[0-9.]+)"
+    lines = re.findall(rf"^face (\d): box {number},{number},{number},{number} \((\d+)x(\d+)\)  "
+                       rf"score {number}  landmarks ((?:{number},{number} ?){{5}})$", r.stdout, re.M)
+    assert [int(m[0]) for m in lines] == [1, 2, 3], r.stdout
+    for m, face in zip(lines, want.faces):
+        np.testing.assert_allclose([float(v) for v in m[1:5]], face.box, atol=0.051)
+        assert abs(float(m[7]) - face.score) < 1e-4
+        points = [[float(v) for v in p.split(",")] for p in m[8].split()]
+        np.testing.assert_allclose(points, face.landmarks, atol=0.051)
+    norms = [float(v) for v in re.findall(r"^  embedding norm=([0-9.]+)\t\[", r.stdout, re.M)]
+    np.testing.assert_allclose(norms, [f.norm for f in want.faces[:3]], rtol=1e-3)
+    rows = [line.split()[1:] for line in r.stdout.splitlines() if re.match(r"^ +\d+  ", line)]
+    unit = want.embeddings()[:3] / np.linalg.norm(want.embeddings()[:3], axis=1, keepdims=True)
+    np.testing.assert_allclose(np.array(rows, np.float64), unit @ unit.T, atol=2e-3)
+
+
+def test_detect_identifies_in_a_gallery_and_plots(r50_address, tmp_path):
+    from arcface_client import ArcFaceClient
+
+    image = data("multi_face.jpg")
+    with ArcFaceClient(r50_address, timeout=120) as c:
+        found = c.detect(image, embed=True)
+        for i, e in enumerate(found.embeddings()):
+            c.enroll(f"person-{i}", [e], gallery="cli-detect")
+    n = len(found.faces)
+    doc = detect_json(r50_address, image, "--gallery", "cli-detect", "--top-k", "2")
+    assert doc["gallery"] == "cli-detect" and len(doc["faces"]) == n
+    for i, face in enumerate(doc["faces"]):
+        assert [c["subject_id"] for c in face["candidates"]][:1] == [f"person-{i}"], face
+        assert len(face["candidates"]) == 2 and face["candidates"][0]["similarity"] >= 0.999
 
     plot = tmp_path / "faces.png"
-    image = data("multi_face.jpg")
-    r = run_cli("--server", r50_address, "detect", image, "--plot", plot)
+    r = run_cli("--server", r50_address, "detect", image, "--gallery", "cli-detect",
+                "--threshold", "0.9", "--plot", plot)
     assert r.returncode == 0, r.stderr
-    found = re.findall(r"face (\d+): box (\d+),(\d+),(\d+),(\d+) \((\d+)x(\d+)\)  norm ([0-9.]+)",
-                       r.stdout)
-    assert len(found) >= 3, r.stdout
-    boxes = [tuple(int(v) for v in f[1:5]) for f in found]
-    # The same boxes embedded directly through the server's Face.box
-    encoded = lib.read_bytes(image)
-    faces = [pb.Face(image=pb.Image(encoded=encoded),
-                     box=pb.Box(x_min=x0, y_min=y0, x_max=x1, y_max=y1)) for x0, y0, x1, y1 in boxes]
-    direct = []
-    for i in range(0, len(faces), MAX_FACES):
-        direct += [np.array(e.values) for e in r50.embed(faces[i:i + MAX_FACES]).embeddings]
-    for f, d in zip(found, direct):
-        assert abs(float(f[7]) - np.linalg.norm(d)) <= 1e-3 * np.linalg.norm(d)
-    rows = [line.split()[1:] for line in r.stdout.splitlines() if re.match(r"^ +\d+  ", line)]
-    got = np.array(rows, np.float64)
-    unit = np.stack(direct) / np.linalg.norm(np.stack(direct), axis=1, keepdims=True)
-    np.testing.assert_allclose(got, unit @ unit.T, atol=2e-3)
+    identities = re.findall(r"^  identity (\S+)  similarity ([0-9.]+)  face (\S+)$", r.stdout, re.M)
+    assert [m[0] for m in identities] == [f"person-{i}" for i in range(n)], r.stdout
+    assert all(float(m[1]) >= 0.999 for m in identities), r.stdout
 
     original = cv2.imread(image, cv2.IMREAD_COLOR)
     drawn = cv2.imread(str(plot), cv2.IMREAD_COLOR)
     assert drawn.shape == original.shape
-    x0, y0, x1, y1 = boxes[0]
-    assert drawn[(y0 + y1) // 2, x0].tolist() == [0, 200, 0]  # face 1's box: the first colour
+    palette = [[0, 200, 0], [0, 140, 255], [255, 80, 0], [200, 0, 200], [0, 220, 220],
+               [255, 200, 0]]  # plot.h kDetectionPalette (BGR)
+    dots = [[255, 0, 0], [0, 0, 255], [0, 255, 0], [255, 0, 255], [0, 255, 255]]  # kLandmarkColors
+    edges = dot_hits = 0
+    for i, face in enumerate(found.faces):
+        x0, y0, x1, y1 = (int(round(v)) for v in face.box)
+        edges += drawn[(y0 + y1) // 2, x0].tolist() == palette[i % len(palette)]
+        for k, (x, y) in enumerate(face.landmarks):
+            dot_hits += drawn[int(round(y)), int(round(x))].tolist() == dots[k]
+    # Another face's label may cover a little of a box or a dot: nearly all are seen.
+    assert edges >= n - 1 and dot_hits >= 5 * n - 2, (edges, dot_hits, n)
     changed = np.any(drawn != original, axis=2).mean()
-    assert 0.005 < changed < 0.2, changed
+    assert 0.002 < changed < 0.2, changed
+
+    r = run_cli("--server", r50_address, "detect", image, "--gallery", "no-such-gallery")
+    assert r.returncode == 1 and "NOT_FOUND" in r.stderr, r.stderr
+
+
+def test_detect_without_a_detector_says_how_to_enable_it(start_server, tmp_path):
+    server = start_server(lib.demo_args("--detector", "none"), name="nodetector")
+    address = f"127.0.0.1:{server.grpc_port}"
+    r = run_cli("--server", address, "detect", data("single_face.jpg"))
+    assert r.returncode == 1 and "UNIMPLEMENTED" in r.stderr and "--detector" in r.stderr, r.stderr
+    r = run_cli("--server", address, "info")
+    assert r.returncode == 0 and re.search(r"^detector +none", r.stdout, re.M), r.stdout
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,6 +571,10 @@ def test_exit_codes(r50_address, tmp_path):
         ["--retries", "0", "info"],
         ["--server", "no-port", "info"],
         ["bench", "--concurrency", "1,x"],
+        ["detect", crop, "--top-k", "2"],
+        ["detect", crop, "--threshold", "0.5"],
+        ["detect", crop, "--min-score", "1.5"],
+        ["detect"],
         ["--bogus-flag", "info"],
     ]
     for args in usage:
@@ -512,7 +582,7 @@ def test_exit_codes(r50_address, tmp_path):
         assert r.returncode == 2, (args, r.stderr)
     free = f"127.0.0.1:{lib.free_port()}"
     for args in (["info"], ["health"], ["embed", crop], ["compare", crop, crop],
-                 ["bench", "--duration", "1"]):
+                 ["detect", crop], ["bench", "--duration", "1"]):
         r = run_cli("--server", free, "--retries", "2", *args, timeout=60)
         assert r.returncode == 3, (args, r.stderr)
         assert "unreachable" in r.stderr

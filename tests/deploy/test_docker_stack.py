@@ -1,17 +1,20 @@
 """The Docker image and the compose stack on a real engine (ctest label `docker`).
 
 Starts an engine when none answers (deploy/docker-engine.sh: private data root, base image
-made with debootstrap when missing; never skipped: no engine is a failure), builds the three
+made with debootstrap when missing; never skipped: no engine is a failure), builds the four
 images from the repository's Dockerfile, brings deploy/docker-compose.yml up with the demo
-weights and the test photos (tests/data) as the sidecar's input, and checks:
-- the server image is at most 640 MB and SERVING at most 15 s after `docker run` (demo weights);
+weights (the service and Prometheus alone; then the sidecar with `--profile video`, on its
+image's own input, the test photos), and checks:
+- the server image is at most 650 MB and SERVING at most 15 s after `docker run` (demo weights),
+  its detector (the image's /opt/arcface/face-api, ARCFACE_DETECTOR) finding the photos' faces;
 - its face gallery (SQLite on the image's volume /var/lib/arcface) outlives the container: a
   face enrolled in one container is identified by the next one on the same named volume;
 - the service becomes `healthy` (the image's HEALTHCHECK, arcface-client health);
 - Embed from the host through the published port, and from inside the video-analytics
   container over localhost (its shared network namespace), both equal the reference: the
   same inputs through arcface-server built on the host with the same demo weights;
-- the sidecar logs faces with identities, the same identity for the same face every loop;
+- without the profile no sidecar runs; with it, it logs the faces the server's DetectStream
+  finds in the image's photos, with identities, the same identity for the same face every loop;
 - Prometheus (published port 9090) reports its scrape target arcface:8080 up;
 - `docker-compose stop`: the server (PID 1 through the entry point) and the sidecar exit 0;
 - `docker-compose down` leaves no container, network or volume of the project behind;
@@ -37,12 +40,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "integration"))
 import arcface_testlib as lib  # noqa: E402
 from arcface_client import ArcFaceClient, ArcFaceError  # noqa: E402
+from sidecar_events import faces  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENGINE = os.path.join(ROOT, "deploy", "docker-engine.sh")
 COMPOSE_FILE = os.path.join(ROOT, "deploy", "docker-compose.yml")
 POSTGRES_COMPOSE_FILE = os.path.join(ROOT, "deploy", "docker-compose.postgres.yml")
 DOCKER = "/usr/bin/docker"  # Debian's client, matching Debian's engine
+# The CAs this machine trusts, given to the image's build (the Dockerfile's stage `models`): npm
+# there reaches the registry through whatever this machine reaches it through.
+HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 PROJECT = f"arcfaceci{os.getpid()}"
 TAG = f"ci-{os.getpid()}"
 IMAGES = {  # compose variable -> (image, Dockerfile target)
@@ -94,6 +101,8 @@ def images(engine):
             started = time.monotonic()
             args = [DOCKER, "build", "--progress=plain", "-t", image, "-f",
                     os.path.join(ROOT, "Dockerfile")]
+            if os.path.exists(HOST_CA_BUNDLE):  # npm in the `models` stage (a TLS proxy here)
+                args += ["--secret", f"id=ca-certificates,src={HOST_CA_BUNDLE}"]
             if target:
                 args += ["--target", target]
             built.append(image)
@@ -131,12 +140,16 @@ def stack(engine, images):
              "PROMETHEUS_PORT": lib.free_port()}
     # The demo weights are a random network: unrelated faces already reach cosines of 0.4-0.85
     # there, so the sidecar's identity threshold is raised to tell the photos' faces apart.
-    env = dict(engine, ARCFACE_DEMO_WEIGHTS="true",
-               ARCFACE_VIDEO_INPUT=os.path.realpath(lib.TEST_DATA),
-               VIDEO_THRESHOLD="0.95", VIDEO_FPS="4",
+    # No ARCFACE_VIDEO_INPUT: the sidecar reads its image's photos (the named volume).
+    env = {k: v for k, v in engine.items() if k not in ("ARCFACE_VIDEO_INPUT", "COMPOSE_PROFILES")}
+    env.update(ARCFACE_DEMO_WEIGHTS="true", VIDEO_THRESHOLD="0.95", VIDEO_FPS="4",
                **{k: str(v) for k, v in ports.items()},
                **{k: image for k, (image, _) in IMAGES.items()})
     try:
+        compose(env, "up", "-d", "--no-build", timeout=600)
+        running = sorted(compose(env, "ps", "--services", "--filter", "status=running").split())
+        assert running == ["arcface", "prometheus"], running  # the sidecar waits for its profile
+        env["COMPOSE_PROFILES"] = "video"  # from here on every command includes the sidecar
         compose(env, "up", "-d", "--no-build", timeout=600)
         yield env, ports
     finally:
@@ -201,6 +214,9 @@ def test_image_contract(engine, images):
     assert env["ARCFACE_WEIGHTS"].startswith("/models/") and env["ARCFACE_DEMO_WEIGHTS"] == "false"
     assert int(env["OPENCV_IO_MAX_IMAGE_PIXELS"]) >= 40_000_000
     assert env["ARCFACE_GALLERY_STORE"] == "sqlite:/var/lib/arcface/gallery.db"
+    assert env["ARCFACE_DETECTOR"] == "/opt/arcface/face-api", env
+    files = run([DOCKER, "run", "--rm", image, "ls", env["ARCFACE_DETECTOR"]], engine, 120)
+    assert any(f.endswith(".bin") for f in files.split()), files
     assert "/var/lib/arcface" in config["Volumes"], config["Volumes"]
     assert run([DOCKER, "run", "--rm", image, "id", "-u"], engine, 120).strip() == "10001"
     out = subprocess.run([DOCKER, "run", "--rm", image], env=engine, capture_output=True,
@@ -214,14 +230,16 @@ def test_image_contract(engine, images):
 
 
 # 580 MB before the face gallery; its libraries add 38 MB (OpenBLAS, FAISS's BLAS: 43 MB on
-# disk; libpq, libpqxx, SQLite; FAISS itself is static in the server).
-MAX_IMAGE_BYTES = 640_000_000
+# disk; libpq, libpqxx, SQLite; FAISS itself is static in the server): 619 MB; the face
+# detector's files (deploy/fetch-models.sh: face-api's networks) 13 MB.
+MAX_IMAGE_BYTES = 650_000_000
 MAX_START_TO_READY_S = 15.0
 
 
 def test_image_lean(engine, images):
-    """The image holds only what the binaries load (deploy/image-rootfs.sh), ≤ 640 MB (Debian's
-    packages made it 1.37 GB), and serves with the demo weights ≤ 15 s after `docker run`."""
+    """The image holds only what the binaries load (deploy/image-rootfs.sh), ≤ 650 MB (Debian's
+    packages made it 1.37 GB), and serves with the demo weights ≤ 15 s after `docker run`,
+    detecting faces with the files it carries."""
     image = images[0]
     size = int(run([DOCKER, "image", "inspect", "-f", "{{.Size}}", image], engine, 60))
     assert size <= MAX_IMAGE_BYTES, f"{image}: {size / 1e6:.0f} MB"
@@ -240,6 +258,9 @@ def test_image_lean(engine, images):
             print(f"{image}: {size / 1e6:.0f} MB, SERVING {elapsed:.1f} s after docker run")
             assert elapsed <= MAX_START_TO_READY_S, f"SERVING after {elapsed:.1f} s"
             assert client.embed([np.zeros((112, 112, 3), np.uint8)]).shape == (1, 512)
+            assert client.model_info()["detector"]["enabled"] is True
+            found = client.detect(os.path.join(lib.TEST_DATA, "multi_face.jpg"))
+            assert len(found.faces) >= 4, found.faces
     finally:
         run([DOCKER, "rm", "--force", cid], engine, 120, check=False)
 
@@ -313,7 +334,8 @@ def test_compose_stack(engine, stack, reference):
     want = reference.embed([os.path.join(lib.TEST_DATA, "single_face.jpg")])
     assert_same(sidecar["embedding"], want[0], "sidecar -> localhost:50051, single_face")
 
-    # The sidecar's own loop: faces found, each face its own identity, kept on every pass.
+    # The sidecar's own loop over its image's photos: the faces the server's DetectStream
+    # found, each face its own identity, kept on every pass.
     def faces_seen_twice():
         lines = compose(env, "logs", "--no-color", "video-analytics").splitlines()
         events = []
@@ -321,10 +343,7 @@ def test_compose_stack(engine, stack, reference):
             text = line.split("|", 1)[-1].strip()
             if text.startswith("{"):
                 events.append(json.loads(text))
-        faces = [e for e in events if "identity" in e]
-        seen = {}
-        for e in faces:
-            seen.setdefault((e["source"], tuple(e["box"])), []).append(e["identity"])
+        seen = faces(events)
         return seen if any(len(ids) >= 2 for ids in seen.values()) else None
 
     seen = lib.wait_until(faces_seen_twice, 240, interval=2, what="faces on a second pass")
@@ -334,7 +353,7 @@ def test_compose_stack(engine, stack, reference):
         assert len(set(identities)) == 1, f"{key} changed identity: {identities}"
     first = {ids[0] for ids in seen.values()}
     assert len(first) == len(seen), f"two faces share an identity: {seen}"
-    assert sum(src == "multi_face.jpg" for src, _ in seen) >= 3, seen
+    assert sum(src == "multi_face.jpg" for src, _ in seen) >= 4, seen
 
     # Prometheus scrapes arcface:8080 over the compose network.
     query = urllib.parse.quote('up{job="arcface"}')

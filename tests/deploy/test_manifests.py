@@ -268,9 +268,26 @@ def test_compose_postgres_two_replicas_share_one_store(tmp_path, monkeypatch):
         assert "/deploy/gallery-postgres.env" in f.read().split()
 
 
-def test_compose_requires_a_video_input():
+def test_compose_needs_no_variable_and_runs_the_sidecar_on_request():
+    """With no variable set, `config` works (it once demanded ARCFACE_VIDEO_INPUT); `up`
+    starts the service and Prometheus, the sidecar only with `--profile video`, reading the
+    image's test photos through the named volume unless ARCFACE_VIDEO_INPUT names a path."""
     exe = shutil.which("docker-compose")
-    env = {k: v for k, v in os.environ.items() if k != "ARCFACE_VIDEO_INPUT"}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ARCFACE_", "VIDEO_", "PROMETHEUS_"))}
     out = subprocess.run([exe, "-f", os.path.join(DEPLOY, "docker-compose.yml"), "config"],
                          env=env, capture_output=True, text=True, timeout=60)
-    assert out.returncode != 0 and "ARCFACE_VIDEO_INPUT" in out.stderr
+    assert out.returncode == 0, out.stderr
+    cfg = yaml.safe_load(out.stdout)
+    s = cfg["services"]
+    assert "profiles" not in s["arcface"] and "profiles" not in s["prometheus"]
+    assert s["video-analytics"]["profiles"] == ["video"]
+    assert s["video-analytics"]["volumes"] == ["video-samples:/input:ro"]
+    assert "video-samples" in cfg["volumes"]
+    assert s["video-analytics"]["environment"]["VIDEO_GALLERY"] == ""
+    # The detector's files are the image's own (the Dockerfile's ENV names the same folder).
+    detector = s["arcface"]["environment"]["ARCFACE_DETECTOR"]
+    with open(os.path.join(ROOT, "Dockerfile")) as f:
+        assert f"ARCFACE_DETECTOR={detector}" in f.read().split(), detector
+    given = compose_config("docker-compose.yml")["services"]["video-analytics"]
+    assert given["volumes"] == ["/tmp:/input:ro"], given["volumes"]

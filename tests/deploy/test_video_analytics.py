@@ -1,6 +1,9 @@
 """The example video-analytics sidecar (deploy/video-analytics) on the host, against a real
-arcface-server with the demo weights: identities from an image folder and from a video file,
-and clear failures for bad input. (test_docker_stack.py runs it inside the compose stack.)"""
+arcface-server with the demo weights and the face detector (ARCFACE_DETECTOR_MODELS): the
+server detects, aligns and embeds every frame of one DetectStream; identities of the program's
+own from an image folder and from a video file, identities from the server's gallery, and clear
+failures for bad input and a server without a detector. (test_docker_stack.py runs it inside
+the compose stack.)"""
 
 import json
 import os
@@ -13,9 +16,12 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "integration"))
 import arcface_testlib as lib  # noqa: E402
+from arcface_client import ArcFaceClient  # noqa: E402
+from sidecar_events import faces  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROGRAM = os.path.join(ROOT, "deploy", "video-analytics", "video_analytics.py")
+MULTI = os.path.join(lib.TEST_DATA, "multi_face.jpg")  # five faces
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +29,10 @@ def server(tmp_path_factory):
     problem = lib.missing_environment("deploy_video_analytics")
     if problem:
         pytest.fail(problem)
-    s = lib.ServerProcess(lib.demo_args(), str(tmp_path_factory.mktemp("va")), name="demo").start()
+    work = tmp_path_factory.mktemp("va")
+    s = lib.ServerProcess(lib.demo_args(*lib.detector_args(),
+                                        "--gallery-store", f"sqlite:{work / 'gallery.db'}"),
+                          str(work), name="demo").start()
     yield s
     s.stop()
 
@@ -36,15 +45,6 @@ def analyse(server, *args, env=None):
     return out.returncode, [json.loads(line) for line in out.stdout.splitlines()], out.stderr
 
 
-def faces(events):
-    """{(source, box): [identity per sighting]}"""
-    seen = {}
-    for e in events:
-        if "identity" in e:
-            seen.setdefault((e["source"], tuple(e["box"])), []).append(e["identity"])
-    return seen
-
-
 def test_folder_loops_and_each_face_keeps_one_identity(server):
     names = [n for n in os.listdir(lib.TEST_DATA) if n.lower().endswith((".jpg", ".png"))]
     # Two passes over the folder. The demo weights are a random network, in which unrelated
@@ -52,9 +52,13 @@ def test_folder_loops_and_each_face_keeps_one_identity(server):
     rc, events, err = analyse(server, "--input", lib.TEST_DATA,
                               "--max-frames", str(2 * len(names)), env={"VIDEO_THRESHOLD": "0.95"})
     assert rc == 0, err
-    assert events[0]["event"] == "connected" and events[0]["demo_weights"] is True
+    connected = events[0]
+    assert connected["event"] == "connected" and connected["demo_weights"] is True
+    assert connected["detector_id"] and connected["gallery"] is None, connected
     seen = faces(events)
-    assert sum(src == "multi_face.jpg" for src, _ in seen) >= 3, seen
+    # The server's detector finds the five faces of multi_face.jpg (Haar's cascade found one).
+    assert sum(src == "multi_face.jpg" for src, _ in seen) >= 4, seen
+    assert not any(src == "free-mountain-vector-01.jpg" for src, _ in seen), seen
     for key, ids in seen.items():
         assert len(ids) == 2 and ids[0] == ids[1], (key, ids)
     assert len({ids[0] for ids in seen.values()}) == len(seen), seen
@@ -66,7 +70,7 @@ def test_folder_loops_and_each_face_keeps_one_identity(server):
 
 
 def test_video_file(server, tmp_path):
-    frame = cv2.imread(os.path.join(lib.TEST_DATA, "multi_face.jpg"))
+    frame = cv2.imread(MULTI)
     path = str(tmp_path / "clip.avi")
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 5,
                              (frame.shape[1], frame.shape[0]))
@@ -81,7 +85,37 @@ def test_video_file(server, tmp_path):
         if "identity" in e:
             assert e["source"] == "clip.avi"
             per_frame.setdefault(e["frame"], []).append(e["identity"])
-    assert sorted(per_frame) == [0, 1, 2] and min(map(len, per_frame.values())) >= 3, per_frame
+    assert sorted(per_frame) == [0, 1, 2] and min(map(len, per_frame.values())) >= 4, per_frame
+
+
+def test_gallery_names_the_enrolled_faces_and_no_one_else(server, tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for name in ("multi_face.jpg", "single_face.jpg"):
+        os.symlink(os.path.join(lib.TEST_DATA, name), folder / name)
+    with ArcFaceClient(f"127.0.0.1:{server.grpc_port}", timeout=120) as client:
+        found = client.detect(MULTI, embed=True, min_face_size=40)
+        for i, face in enumerate(found.faces):
+            client.enroll(f"guest-{i}", [face.embedding], gallery="door")
+    # single_face.jpg's person was not enrolled; the random network keeps them below 0.95.
+    rc, events, err = analyse(server, "--input", str(folder), "--max-frames", "4",
+                              "--gallery", "door", "--threshold", "0.95")
+    assert rc == 0, err
+    assert events[0]["gallery"] == "door", events[0]
+    sightings = [e for e in events if "identity" in e]
+    multi = [e for e in sightings if e["source"] == "multi_face.jpg"]
+    assert len(multi) == 2 * len(found.faces), multi
+    for e in multi:
+        assert e["identity"] == f"guest-{e['face']}" and e["similarity"] >= 0.999, e
+    single = [e for e in sightings if e["source"] == "single_face.jpg"]
+    assert len(single) == 2 and all(e["identity"] is None for e in single), single
+    rc, events, err = analyse(server, "--input", str(folder), "--max-frames", "1",
+                              "--gallery", "no-such-gallery")
+    assert rc == 0, err
+    # The frame's own error, or the stream's: either way named, and the program goes on.
+    failed = [e for e in events if e.get("event") in ("detect_failed", "stream_failed")]
+    assert len(failed) == 1 and failed[0]["code"] == "NOT_FOUND", events
+    assert events[-1]["event"] == "done", events
 
 
 def test_bad_input_is_named(server, tmp_path):
@@ -91,5 +125,20 @@ def test_bad_input_is_named(server, tmp_path):
     empty.mkdir()
     rc, _, err = analyse(server, "--input", str(empty))
     assert rc == 1 and f"no readable frames in {empty}" in err
-    rc, _, err = analyse(server, "--input", lib.TEST_DATA, "--cascade", str(tmp_path / "x.xml"))
-    assert rc == 1 and "cannot load the Haar cascade" in err
+
+
+def test_a_server_without_a_detector_or_galleries_is_named(tmp_path):
+    s = lib.ServerProcess(lib.demo_args("--detector", "none"), str(tmp_path),
+                          name="nodetector").start()
+    try:
+        rc, _, err = analyse(s, "--input", lib.TEST_DATA)
+        assert rc == 1 and "without a face detector" in err, err
+    finally:
+        s.stop()
+    s = lib.ServerProcess(lib.demo_args(*lib.detector_args(), "--gallery-store", "none"),
+                          str(tmp_path), name="nogallery").start()
+    try:
+        rc, _, err = analyse(s, "--input", lib.TEST_DATA, "--gallery", "door")
+        assert rc == 1 and "--gallery door needs a store" in err, err
+    finally:
+        s.stop()

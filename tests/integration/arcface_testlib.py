@@ -556,3 +556,20 @@ def make_pki(workdir):
     return dict(ca=ca, other=other, server_cert=server_cert, server_key=server_key,
                 client_cert=client_cert, client_key=client_key, rogue_cert=rogue_cert,
                 rogue_key=rogue_key)
+
+
+# --------------------------------------------------------------------------------------------
+# The face detector (Detect, DetectStream)
+
+# The detector's model files (deploy/fetch-models.sh); ctest sets it for the suites that detect.
+DETECTOR_MODELS = os.environ.get("ARCFACE_DETECTOR_MODELS", "")
+
+
+def detector_args():
+    """The server flags of the face detector: `--detector ARCFACE_DETECTOR_MODELS`. A missing
+    variable fails the test that needs it (never a skip)."""
+    if not DETECTOR_MODELS or not os.path.isdir(DETECTOR_MODELS):
+        raise AssertionError(
+            f"ARCFACE_DETECTOR_MODELS={DETECTOR_MODELS!r} is not a folder of the detector's model "
+            "files (deploy/fetch-models.sh DIR fetches them; ctest sets the variable)")
+    return ["--detector", DETECTOR_MODELS]

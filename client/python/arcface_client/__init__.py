@@ -3,6 +3,7 @@
     PYTHONPATH=<build>/python:client/python python3 -c 'import arcface_client'
 
 ``ArcFaceClient``: NumPy in, NumPy out (embed, compare, model_info, embed_stream, wait_ready),
+the server's face detector (detect, detect_stream: Detection of DetectedFace),
 and the face gallery (enroll, identify, forget, list_subjects, gallery_info), whose results are
 the dataclasses Enrollment, Identification (of Candidate), ForgetResult, Subject, GalleryInfo.
 ``RemoteArcFace``: a drop-in for py-feat's ArcFace torch module (torch imported lazily).
@@ -11,11 +12,13 @@ the dataclasses Enrollment, Identification (of Candidate), ForgetResult, Subject
 
 from ._client import (DEFAULT_MAX_FACES_PER_REQUEST, ArcFaceClient, ArcFaceError,  # noqa: F401
                       FaceSpec)
+from ._detect import DetectedFace, Detection  # noqa: F401
 from ._gallery import (Candidate, Enrollment, ForgetResult, GalleryInfo,  # noqa: F401
                        GalleryLimits, Identification, Subject)
 from ._remote import RemoteArcFace  # noqa: F401  (imports torch only when instantiated)
 
 __all__ = ["ArcFaceClient", "ArcFaceError", "FaceSpec", "RemoteArcFace",
            "DEFAULT_MAX_FACES_PER_REQUEST", "Candidate", "Enrollment", "ForgetResult",
-           "GalleryInfo", "GalleryLimits", "Identification", "Subject"]
+           "GalleryInfo", "GalleryLimits", "Identification", "Subject", "DetectedFace",
+           "Detection"]
 __version__ = "0.1.0"

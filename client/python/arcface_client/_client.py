@@ -21,6 +21,7 @@ from arcface.v1 import face_embedding_pb2_grpc as pb_grpc
 from arcface.v1 import face_gallery_pb2 as gpb
 from arcface.v1 import face_gallery_pb2_grpc as gpb_grpc
 
+from ._detect import detect_fields, detection_from_proto
 from ._gallery import (Candidate, Enrollment, ForgetResult, GalleryInfo, GalleryLimits,
                        Identification, Subject, shift_index)
 
@@ -317,6 +318,7 @@ class ArcFaceClient:
             self._gallery_limits = GalleryLimits.from_proto(info.gallery)
         b = info.batching
         g = info.gallery
+        d = info.detector
         return {
             "arch": info.arch,
             "embedding_dim": info.embedding_dim,
@@ -342,6 +344,24 @@ class ArcFaceClient:
                 "max_probes_per_identify": g.max_probes_per_identify,
                 "max_top_k": g.max_top_k,
                 "approximate_min_faces": g.approximate_min_faces,
+            },
+            # enabled False: --detector none, and detect() raises UNIMPLEMENTED.
+            "detector": {
+                "enabled": d.enabled,
+                "detector_id": d.detector_id,
+                "detector": d.detector,
+                "landmarks": d.landmarks,
+                "weights_sha256": d.weights_sha256,
+                "input_size": d.input_size,
+                "default_min_score": d.default_min_score,
+                "max_faces_per_frame": d.max_faces_per_frame,
+                "device": d.device,
+                "batching": {
+                    "max_batch_size": d.batching.max_batch_size,
+                    "max_queue_delay_us": d.batching.max_queue_delay_us,
+                    "max_queue_size": d.batching.max_queue_size,
+                    "max_batches_in_flight": d.batching.max_batches_in_flight,
+                },
             },
         }
 
@@ -454,6 +474,96 @@ class ArcFaceClient:
         except grpc.RpcError as e:
             raise ArcFaceError.from_rpc_error(e, "EmbedStream") from None
         finally:
+            call.cancel()
+
+    # -- detection (Detect, DetectStream) -----------------------------------------------------
+
+    def detect(self, image, min_score=0.0, max_faces=0, embed=False, normalize=False,
+               gallery="", top_k=0, threshold=None, min_face_size=0.0, request_id="",
+               timeout=None):
+        """The faces of one frame, found by the server's detector: a ``Detection`` whose
+        ``faces`` (``DetectedFace``: box, score, five landmarks, in the frame's pixels) come
+        by score descending; none found is an empty tuple, not an error.
+
+        ``image``: a file path, encoded bytes or a uint8 array (HxWx3 RGB, HxW gray), as
+        ``embed`` takes them. ``min_score``: leave out faces below it (0: the server's default,
+        ``model_info()["detector"]["default_min_score"]``). ``max_faces``: the best ones only (0:
+        all). ``min_face_size``: leave out boxes whose shorter side is smaller, in pixels.
+        ``embed``: also align each face by its landmarks and embed it (``normalize``: unit
+        length). ``gallery``: also identify each face there (implies ``embed``), with up to
+        ``top_k`` candidates (0 means 1) at or above ``threshold``.
+        Raises ValueError for a bad argument before any call; ArcFaceError for the server's
+        answer: INVALID_ARGUMENT (an undecodable, empty or too large image), NOT_FOUND (no
+        such gallery), UNIMPLEMENTED (a server with ``--detector none``).
+        """
+        fields = detect_fields(min_score, max_faces, embed, normalize, gallery, top_k,
+                               threshold, min_face_size)
+        req = pb.DetectRequest(image=_image_message(image), request_id=request_id, **fields)
+        return detection_from_proto(self._call("Detect", req, timeout))
+
+    def detect_stream(self, frames, min_score=0.0, max_faces=0, embed=False, normalize=False,
+                      gallery="", top_k=0, threshold=None, min_face_size=0.0, timeout=None,
+                      errors="raise", max_in_flight=8):
+        """``detect`` over a (possibly endless) iterable of frames through one DetectStream
+        call: yields one ``Detection`` per frame, in order, as the answers arrive (for video).
+        The options apply to every frame. ``errors``: "raise" raises ArcFaceError at a failed
+        frame (ending the stream); "yield" yields the ArcFaceError in its place and goes on.
+        ``timeout`` bounds the whole stream (None: no deadline). ``max_in_flight``: frames
+        sent and not yet answered at most; the next frame is taken from ``frames`` only when
+        one is answered, so a source faster than the server waits instead of queueing frames
+        without bound. A bad argument raises ValueError here, before the stream opens.
+        """
+        if errors not in ("raise", "yield"):
+            raise ValueError("errors must be 'raise' or 'yield'")
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or (
+                max_in_flight < 1):
+            raise ValueError(f"max_in_flight must be a whole number >= 1, got {max_in_flight!r}")
+        fields = detect_fields(min_score, max_faces, embed, normalize, gallery, top_k,
+                               threshold, min_face_size)
+        return self._detect_stream(frames, fields, timeout, errors, max_in_flight)
+
+    def _detect_stream(self, frames, fields, timeout, errors, max_in_flight):
+        slots = threading.Semaphore(max_in_flight)  # one per frame sent and not answered
+        closed = threading.Event()
+
+        def requests():  # on gRPC's thread; it must end once the call does
+            source = iter(frames)
+            i = 0
+            while True:
+                while not slots.acquire(timeout=0.1):
+                    if closed.is_set():
+                        return
+                if closed.is_set():
+                    return
+                try:
+                    frame = next(source)
+                except StopIteration:
+                    return
+                yield pb.DetectRequest(image=_image_message(frame), request_id=str(i), **fields)
+                i += 1
+
+        call = self._stub.DetectStream(requests(), timeout=timeout)
+        index = 0
+        try:
+            for resp in call:
+                slots.release()
+                if resp.request_id != str(index):
+                    raise ArcFaceError(grpc.StatusCode.INTERNAL,
+                                       f"response {resp.request_id!r} for frame {index}",
+                                       "DetectStream")
+                index += 1
+                if resp.HasField("error") and resp.error.code != 0:
+                    err = ArcFaceError(_status_code(resp.error.code), resp.error.message,
+                                       "DetectStream")
+                    if errors == "raise":
+                        raise err
+                    yield err
+                    continue
+                yield detection_from_proto(resp)
+        except grpc.RpcError as e:
+            raise ArcFaceError.from_rpc_error(e, "DetectStream") from None
+        finally:
+            closed.set()
             call.cancel()
 
     def _probe(self, item):
