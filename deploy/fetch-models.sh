@@ -53,7 +53,8 @@ if [[ ${1:-} == --candidates ]]; then
   candidates=models/human-models
   if [[ $# -ge 2 ]]; then candidates=$1; shift; fi
 fi
-[[ $# -le 1 ]] || { echo "usage: deploy/fetch-models.sh [--candidates [CANDIDATE_DIR]] [DIR]" >&2; exit 2; }
+[[ $# -le 1 ]] ||
+  { echo "usage: deploy/fetch-models.sh [--candidates [CANDIDATE_DIR DIR]] [DIR]" >&2; exit 2; }
 dest_face_api=${1:-models/face-api}
 cache=${ARCFACE_MODEL_CACHE:-$HOME/.cache/arcface-models}
 say() { echo "fetch-models: $*"; }

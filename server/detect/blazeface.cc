@@ -25,7 +25,7 @@ struct Architecture {
 Architecture ArchitectureOf(BlazeFace::Range range) {
   Architecture a;
   if (range == BlazeFace::Range::kFull) {
-    a.input_size = 256;
+    a.input_size = BlazeFace::kFullRangeInput;
     // Four stages of seven blocks at one width, each after the first opened by a stride-2
     // block (widening after the second).
     for (const auto& [in, out] : std::vector<std::pair<int64_t, int64_t>>{
@@ -36,7 +36,7 @@ Architecture ArchitectureOf(BlazeFace::Range range) {
     a.to8 = {{96, 96, 2}};
     a.last_plain = true;
   } else {
-    a.input_size = 128;
+    a.input_size = BlazeFace::kShortRangeInput;
     a.to16 = {{24, 24, 1}, {24, 28, 1}, {28, 32, 2}, {32, 36, 1}, {36, 42, 1}, {42, 48, 2},
               {48, 56, 1}, {56, 64, 1}, {64, 72, 1}, {72, 80, 1}, {80, 88, 1}};
     a.to8 = {{88, 96, 2}, {96, 96, 1}, {96, 96, 1}, {96, 96, 1}, {96, 96, 1}};
@@ -59,9 +59,10 @@ absl::Status CheckInts(const TfjsWeights& weights, const std::string& name,
         absl::StrCat("blazeface: ", weights.source(), ": no int32 tensor ", name));
   }
   if (it->second.ints != want) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "blazeface: ", weights.source(), ": ", name, " holds [", absl::StrJoin(it->second.ints, ","),
-        "], this network needs [", absl::StrJoin(want, ","), "]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("blazeface: ", weights.source(), ": ", name, " holds [",
+                     absl::StrJoin(it->second.ints, ","), "], this network needs [",
+                     absl::StrJoin(want, ","), "]"));
   }
   return absl::OkStatus();
 }
@@ -82,7 +83,8 @@ absl::StatusOr<std::unique_ptr<BlazeFace>> BlazeFace::Create(const TfjsWeights& 
   std::vector<absl::Status> int_checks;
   auto make = [&](const BlockSpec& s) {
     Block block{s.in, s.out, s.stride, read.Depthwise(Unknown(4 * b + 1), 3, s.in),
-                {read.Conv(Unknown(4 * b + 3), 1, s.in, s.out), read.Plain(Unknown(4 * b + 4), {s.out})}};
+                {read.Conv(Unknown(4 * b + 3), 1, s.in, s.out),
+                 read.Plain(Unknown(4 * b + 4), {s.out})}};
     ++b;
     expected += 3;
     if (s.out > s.in) {

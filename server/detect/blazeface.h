@@ -33,6 +33,8 @@ namespace arcface::detect {
 class BlazeFace {
  public:
   enum class Range { kFull, kShort };  // blazeface-back (256), blazeface-front (128)
+  static constexpr int kFullRangeInput = 256;
+  static constexpr int kShortRangeInput = 128;
   static constexpr int kNumAnchors = 896;
   static constexpr int kRegressors = 16;
 

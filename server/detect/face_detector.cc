@@ -225,7 +225,9 @@ std::vector<std::vector<DetectedBox>> FaceDetectorImpl::FindBoxes(
     const uint32_t limit = frame.filter.max_faces == 0
                                ? max_faces_
                                : std::min<uint32_t>(frame.filter.max_faces, max_faces_);
-    const float iou = ssd_ ? kSsdIouThreshold : blaze_ ? kBlazeFaceIouThreshold : kTinyIouThreshold;
+    const float iou = ssd_     ? kSsdIouThreshold
+                      : blaze_ ? kBlazeFaceIouThreshold
+                               : kTinyIouThreshold;
     for (const ScoredBox& b : NonMaxSuppression(std::move(in_frame), iou, limit)) {
       DetectedBox face;
       face.box = {b.x_min, b.y_min, b.x_max, b.y_max};
@@ -328,7 +330,8 @@ absl::StatusOr<std::unique_ptr<FaceDetector>> FaceDetector::Create(const Detecto
   }
   const BlazeFace::Range range =
       config.detector == kBlazeName ? BlazeFace::Range::kFull : BlazeFace::Range::kShort;
-  const int blaze_size = range == BlazeFace::Range::kFull ? 256 : 128;
+  const int blaze_size =
+      range == BlazeFace::Range::kFull ? BlazeFace::kFullRangeInput : BlazeFace::kShortRangeInput;
   int input_size = config.input_size;
   if (ssd && input_size != 0 && input_size != SsdMobilenetV1::kInputSize) {
     return absl::InvalidArgumentError(absl::StrCat(kSsdName, " takes only ",

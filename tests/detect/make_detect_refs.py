@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Writes the numpy reference's (tests/reference/detect_ref.py) inputs and raw outputs of
-face-api's three networks and human-models' two BlazeFaces on test photos, for face_detector_test's exactness checks.
+face-api's three networks and human-models' two BlazeFaces on test photos, for
+face_detector_test's exactness checks.
 
 Per case, into OUT: <case>.input.f32 (the padded, resized image the first layer takes, as
 0..255 RGB, HxWx3 float32) and <case>.<output>.f32 (float32, C order), and index.json listing

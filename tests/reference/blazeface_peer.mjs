@@ -3,10 +3,12 @@
 // anchors with the highest score logit (index, logit, the four box regressors) in human's output
 // order, which test_detect_ref.py records as TFJS_BLAZEFACE. Not run by ctest (it needs the
 // face-api tarball's dist/, which deploy/fetch-models.sh caches):
-//   tar -xzf ~/.cache/arcface-models/vladmandic-face-api-1.7.15.tgz -C /tmp package/dist/face-api.esm.js
+//   tar -xzf ~/.cache/arcface-models/vladmandic-face-api-1.7.15.tgz -C /tmp \
+//     package/dist/face-api.esm.js
 //   /usr/bin/python3 tests/reference/detect_ref.py --models models/human-models \
 //     --image tests/data/multi_face.jpg --net blazeface --out /tmp/bf.npz
-//   /usr/bin/python3 -c "import numpy as n; n.load('/tmp/bf.npz')['resized'].astype('<f4').tofile('/tmp/bf.f32')"
+//   /usr/bin/python3 -c "import numpy as n; \
+//     n.load('/tmp/bf.npz')['resized'].astype('<f4').tofile('/tmp/bf.f32')"
 //   node tests/reference/blazeface_peer.mjs /tmp/package/dist/face-api.esm.js \
 //     models/human-models/blazeface-back.json /tmp/bf.f32 256
 import fs from 'fs';
@@ -27,11 +29,14 @@ await tf.ready();
 const model = JSON.parse(fs.readFileSync(graphJson));
 const folder = path.dirname(graphJson);
 const weightSpecs = model.weightsManifest.flatMap((g) => g.weights);
-const shards = model.weightsManifest.flatMap((g) => g.paths.map((p) => fs.readFileSync(path.join(folder, p))));
+const shards = model.weightsManifest.flatMap(
+  (g) => g.paths.map((p) => fs.readFileSync(path.join(folder, p))));
 const bytes = Buffer.concat(shards);
 const weightData = bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.length);
 const net = await tf.loadGraphModel({
-  load: async () => ({ modelTopology: model.modelTopology, weightSpecs, weightData, format: model.format }),
+  load: async () => ({
+    modelTopology: model.modelTopology, weightSpecs, weightData, format: model.format,
+  }),
 });
 
 const raw = fs.readFileSync(inputFile);
