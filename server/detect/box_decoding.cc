@@ -63,6 +63,26 @@ std::vector<ScoredBox> DecodeTiny(absl::Span<const float> grid, int cells, float
   return boxes;
 }
 
+std::vector<ScoredBox> DecodeBlazeFace(absl::Span<const float> logits,
+                                       absl::Span<const float> regressors,
+                                       absl::Span<const float> anchors, int input_size,
+                                       float min_score) {
+  constexpr size_t kRegressors = 16;
+  assert(regressors.size() == logits.size() * kRegressors);
+  assert(anchors.size() == logits.size() * 2);
+  const float side = static_cast<float>(input_size);
+  std::vector<ScoredBox> boxes;
+  for (size_t i = 0; i < logits.size(); ++i) {
+    const float score = Sigmoid(logits[i]);
+    if (!(score >= min_score)) continue;
+    const float* r = &regressors[i * kRegressors];
+    const float cx = anchors[2 * i] + r[0], cy = anchors[2 * i + 1] + r[1];
+    boxes.push_back({(cx - r[2] / 2) / side, (cy - r[3] / 2) / side, (cx + r[2] / 2) / side,
+                     (cy + r[3] / 2) / side, score});
+  }
+  return boxes;
+}
+
 float Iou(const ScoredBox& a, const ScoredBox& b) {
   const float area_a = (a.x_max - a.x_min) * (a.y_max - a.y_min);
   const float area_b = (b.x_max - b.x_min) * (b.y_max - b.y_min);

@@ -22,6 +22,9 @@ struct ScoredBox {
 // face-api's IoU thresholds: SSD-MobileNetV1 0.5, Tiny Face Detector 0.4.
 inline constexpr float kSsdIouThreshold = 0.5f;
 inline constexpr float kTinyIouThreshold = 0.4f;
+// BlazeFace: MediaPipe's min_suppression_threshold (MediaPipe blends overlapping boxes; human
+// and this code suppress plainly; human's own 0.1 is tuned for one face per frame).
+inline constexpr float kBlazeFaceIouThreshold = 0.3f;
 
 // SSD: `encodings` n×4 (ty, tx, th, tw), `logits` n×3 (the face score is sigmoid(logits[1])),
 // `priors` n×4 (y_min, x_min, y_max, x_max). Boxes whose score is >= min_score, decoded with
@@ -33,6 +36,16 @@ std::vector<ScoredBox> DecodeSsd(absl::Span<const float> encodings, absl::Span<c
 // centre ((col, row) + sigmoid(t)) / cells, size exp(t) × anchor / cells, score
 // sigmoid(objectness). Boxes whose score is >= min_score, in grid order.
 std::vector<ScoredBox> DecodeTiny(absl::Span<const float> grid, int cells, float min_score);
+
+// BlazeFace: per anchor `logits` (score sigmoid(logit)) and 16 `regressors` (centre offset x, y
+// and size w, h in input pixels, then keypoints, unused here), `anchors` n×2 centres (x, y) in
+// input pixels, `input_size` the square input's side. Boxes whose score is >= min_score, in
+// anchor order: centre anchor + offset, the size as predicted (human's decoding, without the
+// 1.4× enlargement it applies for its face mesh).
+std::vector<ScoredBox> DecodeBlazeFace(absl::Span<const float> logits,
+                                       absl::Span<const float> regressors,
+                                       absl::Span<const float> anchors, int input_size,
+                                       float min_score);
 
 // Intersection over union; 0 when either box is empty.
 float Iou(const ScoredBox& a, const ScoredBox& b);

@@ -11,6 +11,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "server/detect/blazeface.h"
 #include "server/detect/box_decoding.h"
 #include "server/detect/landmark68.h"
 #include "server/detect/ssd_mobilenet.h"
@@ -24,6 +25,8 @@ namespace {
 
 constexpr char kSsdName[] = "ssd_mobilenetv1";
 constexpr char kTinyName[] = "tiny_face_detector";
+constexpr char kBlazeName[] = "blazeface";  // human-models' blazeface-back: full range
+constexpr char kBlazeFrontName[] = "blazeface_front";
 constexpr char kLandmarkName[] = "face_landmark_68";
 constexpr int kCropSide = Landmark68Net::kInputSize;
 constexpr int kMaxTinyInput = 2048;
@@ -82,10 +85,12 @@ Placement CropForLandmarks(const cv::Mat& rgb, const image::Box& box, uint8_t* o
 class FaceDetectorImpl final : public FaceDetector {
  public:
   FaceDetectorImpl(std::unique_ptr<SsdMobilenetV1> ssd, std::unique_ptr<TinyFaceDetector> tiny,
-                   std::unique_ptr<Landmark68Net> landmarks, torch::Device device, int input_size,
-                   int max_faces, DetectorDescription description)
+                   std::unique_ptr<BlazeFace> blaze, std::unique_ptr<Landmark68Net> landmarks,
+                   torch::Device device, int input_size, int max_faces,
+                   DetectorDescription description)
       : ssd_(std::move(ssd)),
         tiny_(std::move(tiny)),
+        blaze_(std::move(blaze)),
         landmarks_(std::move(landmarks)),
         device_(device),
         input_size_(input_size),
@@ -110,8 +115,9 @@ class FaceDetectorImpl final : public FaceDetector {
   void FindLandmarks(absl::Span<const PreparedFrame* const> frames,
                      std::vector<std::vector<DetectedBox>>& faces) const;
 
-  const std::unique_ptr<SsdMobilenetV1> ssd_;  // exactly one of ssd_ and tiny_
+  const std::unique_ptr<SsdMobilenetV1> ssd_;  // exactly one of ssd_, tiny_ and blaze_
   const std::unique_ptr<TinyFaceDetector> tiny_;
+  const std::unique_ptr<BlazeFace> blaze_;
   const std::unique_ptr<Landmark68Net> landmarks_;
   const torch::Device device_;
   const int input_size_;
@@ -177,6 +183,10 @@ std::vector<std::vector<DetectedBox>> FaceDetectorImpl::FindBoxes(
     SsdMobilenetV1::Output out = ssd_->Forward(x);
     encodings = out.box_encodings.to(torch::kCPU).contiguous();
     logits = out.class_logits.to(torch::kCPU).contiguous();
+  } else if (blaze_) {
+    BlazeFace::Output out = blaze_->Forward(x);
+    encodings = out.regressors.to(torch::kCPU).contiguous();
+    logits = out.logits.to(torch::kCPU).contiguous();
   } else {
     grid = tiny_->Forward(x).to(torch::kCPU).contiguous();
   }
@@ -190,6 +200,11 @@ std::vector<std::vector<DetectedBox>> FaceDetectorImpl::FindBoxes(
       boxes = DecodeSsd({encodings[i].data_ptr<float>(), kAnchors * 4},
                         {logits[i].data_ptr<float>(), kAnchors * 3}, ssd_->priors(),
                         frame.filter.min_score);
+    } else if (blaze_) {
+      constexpr size_t kAnchors = BlazeFace::kNumAnchors;
+      boxes = DecodeBlazeFace({logits[i].data_ptr<float>(), kAnchors},
+                              {encodings[i].data_ptr<float>(), kAnchors * BlazeFace::kRegressors},
+                              blaze_->anchors(), input_size_, frame.filter.min_score);
     } else {
       const int cells = input_size_ / 32;
       boxes = DecodeTiny({grid[i].data_ptr<float>(), static_cast<size_t>(grid[i].numel())}, cells,
@@ -210,9 +225,10 @@ std::vector<std::vector<DetectedBox>> FaceDetectorImpl::FindBoxes(
     const uint32_t limit = frame.filter.max_faces == 0
                                ? max_faces_
                                : std::min<uint32_t>(frame.filter.max_faces, max_faces_);
-    for (const ScoredBox& b : NonMaxSuppression(std::move(in_frame),
-                                                ssd_ ? kSsdIouThreshold : kTinyIouThreshold,
-                                                limit)) {
+    const float iou = ssd_     ? kSsdIouThreshold
+                      : blaze_ ? kBlazeFaceIouThreshold
+                               : kTinyIouThreshold;
+    for (const ScoredBox& b : NonMaxSuppression(std::move(in_frame), iou, limit)) {
       DetectedBox face;
       face.box = {b.x_min, b.y_min, b.x_max, b.y_max};
       face.score = b.score;
@@ -306,10 +322,16 @@ absl::Status FaceDetectorImpl::WarmUp() {
 
 absl::StatusOr<std::unique_ptr<FaceDetector>> FaceDetector::Create(const DetectorConfig& config) {
   const bool ssd = config.detector == kSsdName;
-  if (!ssd && config.detector != kTinyName) {
-    return absl::InvalidArgumentError(absl::StrCat("unknown detector '", config.detector,
-                                                   "': expected ", kSsdName, " or ", kTinyName));
+  const bool blaze = config.detector == kBlazeName || config.detector == kBlazeFrontName;
+  if (!ssd && !blaze && config.detector != kTinyName) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown detector '", config.detector, "': expected ", kSsdName, ", ",
+                     kTinyName, ", ", kBlazeName, " or ", kBlazeFrontName));
   }
+  const BlazeFace::Range range =
+      config.detector == kBlazeName ? BlazeFace::Range::kFull : BlazeFace::Range::kShort;
+  const int blaze_size =
+      range == BlazeFace::Range::kFull ? BlazeFace::kFullRangeInput : BlazeFace::kShortRangeInput;
   int input_size = config.input_size;
   if (ssd && input_size != 0 && input_size != SsdMobilenetV1::kInputSize) {
     return absl::InvalidArgumentError(absl::StrCat(kSsdName, " takes only ",
@@ -317,14 +339,21 @@ absl::StatusOr<std::unique_ptr<FaceDetector>> FaceDetector::Create(const Detecto
                                                    "-pixel input (its prior boxes), not ",
                                                    input_size));
   }
-  if (!ssd && input_size != 0 &&
+  if (blaze && input_size != 0 && input_size != blaze_size) {
+    return absl::InvalidArgumentError(absl::StrCat(config.detector, " takes only ", blaze_size,
+                                                   "-pixel input (its anchors), not ",
+                                                   input_size));
+  }
+  if (!ssd && !blaze && input_size != 0 &&
       (input_size < 32 || input_size > kMaxTinyInput || input_size % 32 != 0)) {
     return absl::InvalidArgumentError(absl::StrCat(kTinyName, " input size ", input_size,
                                                    " must be a multiple of 32 in [32, ",
                                                    kMaxTinyInput, "]"));
   }
   if (input_size == 0) {
-    input_size = ssd ? SsdMobilenetV1::kInputSize : TinyFaceDetector::kDefaultInputSize;
+    input_size = ssd     ? SsdMobilenetV1::kInputSize
+                 : blaze ? blaze_size
+                         : TinyFaceDetector::kDefaultInputSize;
   }
   if (config.max_faces_per_frame < 1 || config.max_faces_per_frame > SsdMobilenetV1::kNumAnchors) {
     return absl::InvalidArgumentError(absl::StrCat("max_faces_per_frame ",
@@ -334,9 +363,14 @@ absl::StatusOr<std::unique_ptr<FaceDetector>> FaceDetector::Create(const Detecto
   absl::StatusOr<torch::Device> device = ParseDevice(config.device);
   if (!device.ok()) return device.status();
 
-  const std::string box_name = ssd ? kSsdName : kTinyName;
-  absl::StatusOr<TfjsWeights> box_weights = TfjsWeights::Load(
-      absl::StrCat(config.model_dir, "/", box_name, "_model-weights_manifest.json"));
+  const std::string box_name = config.detector;
+  const std::string box_file =
+      !blaze ? absl::StrCat(config.model_dir, "/", box_name, "_model-weights_manifest.json")
+             : absl::StrCat(config.candidate_model_dir.empty() ? config.model_dir
+                                                               : config.candidate_model_dir,
+                            range == BlazeFace::Range::kFull ? "/blazeface-back.json"
+                                                             : "/blazeface-front.json");
+  absl::StatusOr<TfjsWeights> box_weights = TfjsWeights::Load(box_file);
   if (!box_weights.ok()) return box_weights.status();
   absl::StatusOr<TfjsWeights> landmark_weights = TfjsWeights::Load(
       absl::StrCat(config.model_dir, "/", kLandmarkName, "_model-weights_manifest.json"));
@@ -360,7 +394,13 @@ absl::StatusOr<std::unique_ptr<FaceDetector>> FaceDetector::Create(const Detecto
     c10::InferenceMode inference;
     std::unique_ptr<SsdMobilenetV1> ssd_net;
     std::unique_ptr<TinyFaceDetector> tiny_net;
-    if (ssd) {
+    std::unique_ptr<BlazeFace> blaze_net;
+    if (blaze) {
+      absl::StatusOr<std::unique_ptr<BlazeFace>> net =
+          BlazeFace::Create(*box_weights, range, *device);
+      if (!net.ok()) return net.status();
+      blaze_net = std::move(*net);
+    } else if (ssd) {
       absl::StatusOr<std::unique_ptr<SsdMobilenetV1>> net =
           SsdMobilenetV1::Create(*box_weights, *device);
       if (!net.ok()) return net.status();
@@ -375,6 +415,7 @@ absl::StatusOr<std::unique_ptr<FaceDetector>> FaceDetector::Create(const Detecto
         Landmark68Net::Create(*landmark_weights, *device);
     if (!landmarks.ok()) return landmarks.status();
     detector = std::make_unique<FaceDetectorImpl>(std::move(ssd_net), std::move(tiny_net),
+                                                  std::move(blaze_net),
                                                   std::move(*landmarks), *device, input_size,
                                                   config.max_faces_per_frame,
                                                   std::move(description));

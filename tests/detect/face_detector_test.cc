@@ -10,6 +10,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <gmock/gmock.h>
@@ -19,6 +20,7 @@
 #include <torch/torch.h>
 
 #include "absl/status/status.h"
+#include "server/detect/blazeface.h"
 #include "server/detect/box_decoding.h"
 #include "server/detect/landmark68.h"
 #include "server/detect/ssd_mobilenet.h"
@@ -33,6 +35,7 @@ using ::testing::HasSubstr;
 
 const fs::path kModels = ARCFACE_DETECTOR_MODELS;
 const fs::path kData = ARCFACE_TEST_DATA;
+const fs::path kCandidates = ARCFACE_CANDIDATE_MODELS;  // human-models' BlazeFace files
 
 std::string ReadAll(const fs::path& path) {
   std::ifstream in(path, std::ios::binary);
@@ -465,11 +468,11 @@ class ReferenceTest : public ::testing::Test {
   }
 
   static void ExpectAgrees(const nlohmann::json& c, const std::string& output,
-                           const torch::Tensor& ours) {
+                           const torch::Tensor& ours, double max_relative = 1e-4) {
     const std::vector<float> ref =
         ReadFloats(c["case"].get<std::string>() + "." + output, c["outputs"][output]);
     const Agreement agreement = Compare(ours, ref);
-    EXPECT_LE(agreement.max_relative, 1e-4) << c["case"] << " " << output;
+    EXPECT_LE(agreement.max_relative, max_relative) << c["case"] << " " << output;
     EXPECT_GE(agreement.cosine, 0.99999) << c["case"] << " " << output;
     std::cout << c["case"].get<std::string>() << " " << output << ": max relative difference "
               << agreement.max_relative << ", cosine " << agreement.cosine << "\n";
@@ -524,6 +527,91 @@ TEST_F(ReferenceTest, TinyFaceDetectorEqualsTheReference) {
                                                           size_t(grid.numel())},
                                                          int(grid.size(1)), 0.5f),
                                               kTinyIouThreshold, 1000));
+  }
+}
+
+// Both BlazeFaces: raw outputs within 1e-5 of the reference's largest magnitude (the reference
+// interprets the graph's nodes, the C++ hand-writes the architecture), the same detections.
+TEST_F(ReferenceTest, BlazeFaceBothRangesEqualTheReference) {
+  c10::InferenceMode inference;
+  using Case = std::tuple<std::string, std::string, BlazeFace::Range>;
+  for (const auto& [net, file, range] : std::vector<Case>{
+           {"blazeface", "blazeface-back.json", BlazeFace::Range::kFull},
+           {"blazeface_front", "blazeface-front.json", BlazeFace::Range::kShort}}) {
+    absl::StatusOr<TfjsWeights> weights = TfjsWeights::Load((kCandidates / file).string());
+    ASSERT_TRUE(weights.ok()) << weights.status()
+                              << " (run deploy/fetch-models.sh --candidates, or configure with "
+                                 "-DARCFACE_CANDIDATE_MODELS=<folder>)";
+    absl::StatusOr<std::unique_ptr<BlazeFace>> blaze =
+        BlazeFace::Create(*weights, range, torch::kCPU);
+    ASSERT_TRUE(blaze.ok()) << blaze.status();
+    const std::vector<nlohmann::json> cases = Cases(net);
+    EXPECT_EQ(cases.size(), 3u) << net;
+    for (const nlohmann::json& c : cases) {
+      const std::vector<int64_t> shape = c["input"];
+      ASSERT_EQ(shape[0], (*blaze)->input_size());
+      const std::vector<float> input = ReadFloats(c["case"].get<std::string>() + ".input", shape);
+      const BlazeFace::Output out = (*blaze)->Forward(
+          torch::tensor(at::ArrayRef<float>(input)).reshape(shape).unsqueeze(0));
+      ExpectAgrees(c, "logits", out.logits, 1e-5);
+      ExpectAgrees(c, "regressors", out.regressors, 1e-5);
+      const torch::Tensor logits = out.logits.contiguous();
+      const torch::Tensor regressors = out.regressors.contiguous();
+      ExpectSameDetections(
+          c, NonMaxSuppression(DecodeBlazeFace({logits.data_ptr<float>(), size_t(logits.numel())},
+                                               {regressors.data_ptr<float>(),
+                                                size_t(regressors.numel())},
+                                               (*blaze)->anchors(), (*blaze)->input_size(), 0.5f),
+                               kBlazeFaceIouThreshold, 100));
+    }
+  }
+}
+
+// The graph's tensors are anonymous: another model's file must still be refused by name.
+TEST(BlazeFaceTest, RefusesTheOtherRangesFile) {
+  absl::StatusOr<TfjsWeights> front =
+      TfjsWeights::Load((kCandidates / "blazeface-front.json").string());
+  ASSERT_TRUE(front.ok()) << front.status();
+  absl::Status wrong =
+      BlazeFace::Create(*front, BlazeFace::Range::kFull, torch::kCPU).status();
+  EXPECT_EQ(wrong.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(wrong.message(), HasSubstr("unknown_7"));
+}
+
+// Through FaceDetector (boxes from BlazeFace, the five points from landmark68): multi_face's
+// five faces, each box overlapping SSD's for the same face, each landmark inside its box.
+TEST(BlazeFaceTest, FindsTheFiveFacesOfMultiFace) {
+  DetectorConfig config;
+  config.model_dir = kModels.string();
+  config.candidate_model_dir = kCandidates.string();
+  config.detector = "blazeface";
+  absl::StatusOr<std::unique_ptr<FaceDetector>> blaze = FaceDetector::Create(config);
+  ASSERT_TRUE(blaze.ok()) << blaze.status();
+  EXPECT_EQ((*blaze)->description().input_size, 256);
+  std::unique_ptr<FaceDetector> ssd = MakeDetector("ssd_mobilenetv1");
+  ASSERT_NE(ssd, nullptr);
+  const cv::Mat rgb = Photo("multi_face.jpg");
+  auto detect = [&](FaceDetector& d) {
+    absl::StatusOr<PreparedFrame> frame = d.Prepare(rgb, DetectFilter());
+    EXPECT_TRUE(frame.ok()) << frame.status();
+    const PreparedFrame* batch[] = {&*frame};
+    absl::StatusOr<std::vector<std::vector<DetectedBox>>> faces = d.Detect(batch);
+    EXPECT_TRUE(faces.ok()) << faces.status();
+    return faces.ok() ? (*faces)[0] : std::vector<DetectedBox>();
+  };
+  const std::vector<DetectedBox> ours = detect(**blaze), theirs = detect(*ssd);
+  ASSERT_EQ(ours.size(), 5u);
+  ASSERT_EQ(theirs.size(), 5u);
+  for (const DetectedBox& f : ours) {
+    float best = 0;
+    for (const DetectedBox& g : theirs) best = std::max(best, Iou(f.box, g.box));
+    EXPECT_GE(best, 0.5) << "score " << f.score;
+    for (const image::Point& p : f.landmarks) {
+      EXPECT_GE(p.x, f.box.x_min);
+      EXPECT_LE(p.x, f.box.x_max);
+      EXPECT_GE(p.y, f.box.y_min);
+      EXPECT_LE(p.y, f.box.y_max);
+    }
   }
 }
 
@@ -629,8 +717,11 @@ TEST(FaceDetectorCreateTest, BadConfigurationsAreRefused) {
     EXPECT_FALSE(s.ok());
     EXPECT_THAT(s.message(), HasSubstr(what));
   };
+  config.detector = "retinaface";
+  refused("unknown detector 'retinaface'");
   config.detector = "blazeface";
-  refused("unknown detector 'blazeface'");
+  config.input_size = 128;
+  refused("only 256");
   config.detector = "ssd_mobilenetv1";
   config.input_size = 416;
   refused("only 512");

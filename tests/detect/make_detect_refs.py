@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Writes the numpy reference's (tests/reference/detect_ref.py) inputs and raw outputs of
-face-api's three networks on test photos, for face_detector_test's exactness checks.
+face-api's three networks and human-models' two BlazeFaces on test photos, for
+face_detector_test's exactness checks.
 
 Per case, into OUT: <case>.input.f32 (the padded, resized image the first layer takes, as
 0..255 RGB, HxWx3 float32) and <case>.<output>.f32 (float32, C order), and index.json listing
@@ -23,6 +24,7 @@ import detect_ref  # noqa: E402
 PHOTOS = ["multi_face.jpg", "single_face.jpg", "0-f15-hao-ph.jpg"]
 LANDMARK_PHOTOS = ["multi_face.jpg", "single_face.jpg"]
 MODEL_FILES = ["ssd_mobilenetv1_model", "tiny_face_detector_model", "face_landmark_68_model"]
+CANDIDATE_FILES = ["blazeface-back", "blazeface-front"]
 
 
 def up_to_date(out: str, sources) -> bool:
@@ -49,6 +51,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", required=True)
     ap.add_argument("--data", required=True)
+    ap.add_argument("--candidate-models", required=True, help="human-models' BlazeFace files")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -57,6 +60,8 @@ def main() -> int:
     for m in MODEL_FILES:
         sources += [os.path.join(args.models, m + "-weights_manifest.json"),
                     os.path.join(args.models, m + ".bin")]
+    for m in CANDIDATE_FILES:
+        sources += [os.path.join(args.candidate_models, m + ext) for ext in (".json", ".bin")]
     missing = [s for s in sources if not os.path.exists(s)]
     if missing:
         print("make_detect_refs: missing " + ", ".join(missing), file=sys.stderr)
@@ -92,6 +97,18 @@ def main() -> int:
             "det_scores": tiny["det_scores"].tolist(),
             "det_boxes": relative(tiny["det_boxes"], width, height, tiny["resized"].shape[0]),
         })
+
+        for net, short_range in (("blazeface", False), ("blazeface_front", True)):
+            blaze = detect_ref.run_blazeface(args.candidate_models, rgb, short_range)
+            case = f"{net}.{stem}"
+            cases.append({
+                "case": case, "net": net, "photo": photo,
+                "input": write(args.out, case + ".input", blaze["resized"]),
+                "outputs": {k: write(args.out, f"{case}.{k}", blaze[k])
+                            for k in ("logits", "regressors")},
+                "det_scores": blaze["det_scores"].tolist(),
+                "det_boxes": blaze["boxes"][blaze["det_indices"]].tolist(),
+            })
 
         if photo in LANDMARK_PHOTOS:
             for i, box in enumerate(ssd["det_boxes"].tolist()):

