@@ -267,10 +267,11 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
                  "beyond: RESOURCE_EXHAUSTED")
       ->envname("ARCFACE_DETECTOR_MAX_QUEUE_SIZE")
       ->check(CLI::Range(1, 1'000'000));
+  // Up to the box networks' own count of candidate boxes (SSD-MobileNetV1's 5118 anchors).
   app.add_option("--detector-max-faces", c.detector_max_faces,
                  "Faces one frame may return at most (DetectRequest.max_faces up to it)")
       ->envname("ARCFACE_DETECTOR_MAX_FACES")
-      ->check(CLI::Range(1, 10'000));
+      ->check(CLI::Range(1, 5118));
   app.add_option("--detector-min-score", c.detector_min_score,
                  "The detector's score threshold when a request gives none, in [0, 1]")
       ->envname("ARCFACE_DETECTOR_MIN_SCORE")

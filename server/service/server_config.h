@@ -69,7 +69,7 @@ struct ServerConfig {
   int detector_max_batch_size = 8;         // 1..1024
   int64_t detector_max_queue_delay_us = 2000;  // 0..10 s
   int detector_max_queue_size = 64;        // >= detector_max_batch_size
-  int detector_max_faces = 256;            // faces one frame may return; 1..10000
+  int detector_max_faces = 256;            // faces one frame may return; 1..5118
   float detector_min_score = 0.5f;         // DetectRequest.min_score when 0; in [0, 1]
   absl::Duration drain_timeout = absl::Seconds(30);
   std::string log_level = "info";

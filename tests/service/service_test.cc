@@ -314,7 +314,7 @@ TEST(ServerFlags, DetectorAndItsBatcher) {
   CheckNumericFlag("--detector-max-queue-size", "ARCFACE_DETECTOR_MAX_QUEUE_SIZE",
                    &ServerConfig::detector_max_queue_size, 64, "128", "32", {"0", "4"});
   CheckNumericFlag("--detector-max-faces", "ARCFACE_DETECTOR_MAX_FACES",
-                   &ServerConfig::detector_max_faces, 256, "10", "1000", {"0", "10001"});
+                   &ServerConfig::detector_max_faces, 256, "10", "5118", {"0", "5119"});
   EXPECT_FLOAT_EQ(defaults.config.detector_min_score, 0.5f);
   FlagRun score = RunFlags({"--demo-weights", "--detector-min-score", "0.7"});
   ASSERT_EQ(score.exit_code, -1) << score.err;
