@@ -30,6 +30,13 @@
 //   answered. When a drain begins, a stream finishes after answering the messages it had read,
 //   with UNAVAILABLE if the client had not half-closed; a message read after a cancellation or
 //   after the stream finished is dropped (never started), counted CANCELLED or UNAVAILABLE.
+// - Detect and DetectStream (detect_call.h, detect_stream.h): a frame is decoded and prepared
+//   on the preprocessing pool, its faces found by the detector's own batcher (FrameDetector,
+//   frames of many calls in one batch) and, with embed or a gallery, aligned and embedded
+//   through the same Embedder as Embed, then identified on the gallery's queue. DetectStream
+//   is EmbedStream's reactor over DetectRequest/DetectResponse. Without a detector
+//   (SetDetection(nullptr, ...): --detector none) both answer UNIMPLEMENTED saying how to
+//   enable it.
 // - Lifetime: the service must outlive the grpc::Server it is registered with (destroy the
 //   server, or Shutdown() it, first). The Embedder, metrics and work queue are borrowed and must
 //   outlive every call (shut the server down before them).
