@@ -33,6 +33,7 @@ if [[ ! -d tests/reference/node_modules/onnxruntime-node ]]; then
   (cd tests/reference && npm install --ignore-scripts --no-audit --no-fund --loglevel=error)
 fi
 tests/data/fetch_dlib_data.sh "$BUILD/dlib-data"  # dlib's example faces (Debian's archive), once
+deploy/fetch-models.sh  # the face detector's networks (npm's @vladmandic/face-api), cached
 
 # ccache (installed by install-deps) makes the lanes' second and later builds cheap.
 common=(-G Ninja -DARCFACE_BUILD_TESTS=ON -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)

@@ -12,6 +12,7 @@
 
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
+#include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
 #include "arcface/v1/face_embedding.pb.h"
@@ -249,6 +250,51 @@ void FlagSeeds() {
   Write("fuzz_server_flags", "address_only", "0.0.0.0:50051");
 }
 
+// TF.js manifests with their shards after "#shard#" (fuzz_tfjs_weights): a face-api manifest
+// (float32, uint8-quantised float32 and int32, raw int32) and a graph model of two groups, the
+// first in two shards, with float16 and uint16 quantisation.
+void TfjsSeeds() {
+  auto shard = [](size_t n, int seed) {
+    std::string bytes(n, '\0');
+    for (size_t i = 0; i < n; ++i) bytes[i] = static_cast<char>((i * 29 + seed) % 61);
+    return bytes;
+  };
+  const nlohmann::json face_api = nlohmann::json::array(
+      {{{"paths", {"net.bin"}},
+        {"weights",
+         {{{"name", "conv0/filters"}, {"shape", {1, 1, 3, 2}}, {"dtype", "float32"},
+           {"quantization", {{"dtype", "uint8"}, {"scale", 0.0078125}, {"min", -1}}}},
+          {{"name", "conv0/bias"}, {"shape", {2}}, {"dtype", "float32"}},
+          {{"name", "stack/1"}, {"shape", nlohmann::json::array()}, {"dtype", "int32"},
+           {"quantization", {{"dtype", "uint8"}, {"scale", 1}, {"min", 5118}}}},
+          {{"name", "size"}, {"shape", {2}}, {"dtype", "int32"}}}}}});
+  // float32 [2] = 1.5, -0.25; int32 [2] = 512, 512.
+  const std::string bias("\x00\x00\xc0\x3f\x00\x00\x80\xbe", 8);
+  const std::string size("\x00\x02\x00\x00\x00\x02\x00\x00", 8);
+  Write("fuzz_tfjs_weights", "face_api",
+        face_api.dump() + "#shard#" + shard(6, 1) + bias + shard(1, 0) + size);
+
+  const nlohmann::json graph = {
+      {"format", "graph-model"},
+      {"modelTopology", nlohmann::json::object()},
+      {"weightsManifest",
+       {{{"paths", {"group1-shard1of2.bin", "group1-shard2of2.bin"}},
+         {"weights",
+          {{{"name", "h"}, {"shape", {3}}, {"dtype", "float32"},
+            {"quantization", {{"dtype", "float16"}}}},
+           {{"name", "u"}, {"shape", {2, 1}}, {"dtype", "float32"},
+            {"quantization", {{"dtype", "uint16"}, {"scale", 0.001}, {"min", -2}}}}}}},
+        {{"paths", {"group2-shard1of1.bin"}},
+         {"weights", {{{"name", "e"}, {"shape", {0, 4}}, {"dtype", "float32"}},
+                      {{"name", "i"}, {"shape", {1}}, {"dtype", "int32"},
+                       {"quantization", {{"dtype", "uint16"}, {"scale", 2}, {"min", -7}}}}}}}}}};
+  // float16 1, -2, 0.5, then uint16 [2]; split inside the second half.
+  const std::string halves("\x00\x3c\x00\xc0\x00\x38", 6);
+  Write("fuzz_tfjs_weights", "graph_model",
+        graph.dump() + "#shard#" + halves.substr(0, 3) + "#shard#" + halves.substr(3) +
+            shard(4, 2) + "#shard#" + shard(2, 3));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -263,5 +309,6 @@ int main(int argc, char** argv) {
   SafetensorsSeeds();
   OnnxSeeds();
   FlagSeeds();
+  TfjsSeeds();
   return 0;
 }

@@ -18,7 +18,8 @@ seconds=$2
 shift 2
 targets=("$@")
 if ((${#targets[@]} == 0)); then
-  targets=(fuzz_face_crop fuzz_safetensors fuzz_onnx fuzz_service fuzz_server_flags)
+  targets=(fuzz_face_crop fuzz_safetensors fuzz_onnx fuzz_service fuzz_server_flags
+           fuzz_tfjs_weights)
 fi
 
 if [[ -n ${FUZZ_KEEP:-} ]]; then
