@@ -132,6 +132,7 @@ int Server::Run(const absl::Notification& stop) {
   absl::Status status = Listen();
   if (status.ok()) status = LoadModel();
   if (status.ok()) status = WarmUp();
+  if (status.ok()) status = LoadDetector();
   if (status.ok()) status = OpenGallery();
   if (!status.ok()) {
     spdlog::error("{}", std::string(status.message()));
@@ -307,6 +308,59 @@ absl::Status Server::WarmUp() {
   return absl::OkStatus();
 }
 
+absl::Status Server::LoadDetector() {
+  const service::ServerConfig& cfg = config_;
+  detect::DetectorConfig config;
+  if (!service::ParseDetectorFlag(cfg.detector, &config.detector, &config.model_dir)) {
+    spdlog::info("detector: none (--detector none); Detect answers UNIMPLEMENTED");
+    service_->SetDetection(nullptr, gallery_service_->search());
+    return absl::OkStatus();
+  }
+  if (config.detector.empty()) config.detector = detect::DetectorConfig().detector;
+  config.device = model_.device;  // beside the embedding model
+  config.max_faces_per_frame = cfg.detector_max_faces;
+  const absl::Time start = absl::Now();
+  // Built and warmed up on a thread that exits afterwards, as the engine is (WarmUp says why).
+  absl::StatusOr<std::unique_ptr<detect::FaceDetector>> detector;
+  std::thread([&] { detector = detect::FaceDetector::Create(config); }).join();
+  if (!detector.ok()) {
+    // A missing or malformed file is the flag's fault (exit 2); torch failing is not.
+    const absl::StatusCode code = detector.status().code();
+    const bool files = code == absl::StatusCode::kNotFound ||
+                       code == absl::StatusCode::kInvalidArgument;
+    return absl::Status(files ? absl::StatusCode::kInvalidArgument : code,
+                        absl::StrCat("--detector ", cfg.detector, ": ",
+                                     detector.status().message()));
+  }
+  detector_ = *std::move(detector);
+  detector_model_ = std::make_unique<DetectorModel>(detector_.get());
+  detector_metrics_ = std::make_unique<service::DetectorMetrics>(&metrics_->registry(),
+                                                                 cfg.detector_max_batch_size);
+  detect::DetectorDescription description = detector_->description();
+  description.default_min_score = cfg.detector_min_score;
+  description.max_faces_per_frame = cfg.detector_max_faces;
+  batching::DynamicBatcher::Options batching;
+  batching.max_batch_size = cfg.detector_max_batch_size;
+  batching.max_queue_delay = absl::Microseconds(cfg.detector_max_queue_delay_us);
+  batching.max_queue_size = cfg.detector_max_queue_size;
+  batching.cancel_poll_interval = absl::Microseconds(cfg.cancel_poll_interval_us);
+  absl::StatusOr<std::unique_ptr<service::FrameDetector>> frame_detector =
+      service::FrameDetector::Create(batching, detector_model_.get(), std::move(description),
+                                     detector_metrics_.get());
+  if (!frame_detector.ok()) return Prefixed("detector batching: ", frame_detector.status());
+  frame_detector_ = *std::move(frame_detector);
+  service_->SetDetection(frame_detector_.get(), gallery_service_->search());
+  const detect::DetectorDescription& d = frame_detector_->description();
+  spdlog::info("detector: {} ({} + {}) on {}, input {} px, sha256 {}; max batch {} frames, "
+               "max queue delay {} us, max queue {} frames, max faces {}, min score {}; loaded "
+               "in {:.2f} s",
+               d.detector_id, d.detector, d.landmarks, d.device, d.input_size, d.weights_sha256,
+               cfg.detector_max_batch_size, cfg.detector_max_queue_delay_us,
+               cfg.detector_max_queue_size, d.max_faces_per_frame, d.default_min_score,
+               absl::ToDoubleSeconds(absl::Now() - start));
+  return absl::OkStatus();
+}
+
 absl::Status Server::OpenGallery() {
   const service::ServerConfig& cfg = config_;
   service::GalleryServiceOptions limits;
@@ -440,6 +494,8 @@ void Server::StopServing(absl::Time grpc_deadline, absl::Time since) {
     grpc_->Shutdown(absl::ToChronoTime(grpc_deadline));
     spdlog::debug("stopping: gRPC server shut down after {:.3f} s", elapsed());
   }
+  // The detector first: its frames' faces may still go on to the embedder.
+  if (frame_detector_) frame_detector_->Shutdown();
   if (embedder_) embedder_->Shutdown();
   if (pool_) pool_->Shutdown();
   if (gallery_queue_) gallery_queue_->Shutdown();

@@ -9,12 +9,16 @@
 // 2. Load model: the weights file (or the demo weights) is read and validated.
 // 3. Warm up: the engine is built on its device and runs its warm-up batches (CUDA: captures
 //    its graphs) on a thread that exits afterwards (docs/PERFORMANCE.md); the batcher starts.
-// 4. Open the gallery (--gallery-store): the store is opened (its schema created or migrated)
+// 4. Load the detector (--detector, unless none): face-api's files are read and validated, the
+//    networks built on the model's device and warmed up (on a thread that exits afterwards),
+//    and the detector's own batcher starts; a missing or malformed file stops the start (exit
+//    2) naming the file.
+// 5. Open the gallery (--gallery-store): the store is opened (its schema created or migrated)
 //    and every gallery loaded into memory, timed and logged; a store that cannot be opened
 //    stops the start (exit 2 for a bad URI or a newer schema, 1 when it cannot be reached).
-// 5. Serve: health SERVING, /readyz 200, the port file is written, "SERVING" is logged; then
+// 6. Serve: health SERVING, /readyz 200, the port file is written, "SERVING" is logged; then
 //    Run() waits for `stop`.
-// 6. Drain: health NOT_SERVING, /readyz 503, new calls UNAVAILABLE, open streams finish after
+// 7. Drain: health NOT_SERVING, /readyz 503, new calls UNAVAILABLE, open streams finish after
 //    their read messages; every accepted call finishes (calls still running at the drain
 //    timeout are cancelled); the gRPC server shuts down, the batcher flushes, the
 //    preprocessing pool and the HTTP server stop; Run() returns 0. A drain still unfinished at
@@ -40,7 +44,8 @@
 // Teardown
 // Stopping and destroying are two steps. StopServing() stops, in this order: the gRPC server
 // (no call reaches the service any more; those running at its deadline are cancelled), the
-// batcher (flushes: every accepted crop is answered), the preprocessing pool, the fault
+// detector's batcher and then the embedder's (each flushes: every accepted frame and crop is
+// answered; a frame's faces may still go on to the embedder), the preprocessing pool, the fault
 // injector's installation, the HTTP server (the last reader of the metrics' sources). Both the
 // drain and a failed start end with it. Then the members are destroyed in the reverse of their
 // declaration order below, which is why they are declared so: each is declared after
@@ -56,16 +61,20 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
+#include "server/app/detector_model.h"
 #include "server/app/engine_model.h"
+#include "server/detect/face_detector.h"
 #include "server/engine/engine.h"
 #include "server/gallery/galleries.h"
 #include "server/model/checkpoint.h"
+#include "server/service/detector_metrics.h"
 #include "server/service/embedder.h"
 #include "server/service/embedding_model.h"
 #include "server/service/face_embedding_service.h"
 #include "server/service/face_gallery_service.h"
 #include "server/service/gallery_metrics.h"
 #include "server/service/fault_injection.h"
+#include "server/service/frame_detector.h"
 #include "server/service/http_server.h"
 #include "server/service/service_metrics.h"
 #include "server/service/server_config.h"
@@ -87,6 +96,7 @@ class Server {
   absl::Status Listen();
   absl::Status LoadModel();
   absl::Status WarmUp();
+  absl::Status LoadDetector();
   absl::Status OpenGallery();
   void Serve(const absl::Notification& stop);
   int Drain();
@@ -114,11 +124,21 @@ class Server {
   std::unique_ptr<service::FaultInjector> faults_;
   // Calls the engine and the fault injector.
   std::unique_ptr<EngineModel> engine_model_;
+  // The face detector (null with --detector none), on the engine's device; the adapter that
+  // calls it; the metrics its batcher reports into (they render into metrics_'s registry).
+  std::unique_ptr<detect::FaceDetector> detector_;
+  std::unique_ptr<DetectorModel> detector_model_;
+  std::unique_ptr<service::DetectorMetrics> detector_metrics_;
   // Preprocessing calls the installed fault injector.
   std::unique_ptr<service::WorkQueue> pool_;
   // Its model threads call the engine model.
   std::unique_ptr<service::Embedder> embedder_;
-  // Borrows the metrics, the pool and (once ready) the embedder.
+  // Its model thread calls the detector model; its frames' faces go on to the pool and the
+  // embedder.
+  std::unique_ptr<service::FrameDetector> frame_detector_;
+  // Borrows the metrics, the pool, (once ready) the embedder and the detector, and the gallery
+  // service's search (gallery_service_, below: gRPC is shut down before anything is destroyed,
+  // so no call reaches the search while it goes).
   std::unique_ptr<service::FaceEmbeddingService> service_;
   // The galleries (null with --gallery-store none), their metrics (which read them), and the
   // queue that runs their writes and searches.

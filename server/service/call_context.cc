@@ -5,6 +5,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include "absl/strings/str_cat.h"
+
 #include "server/service/admission.h"
 #include "server/service/status_mapping.h"
 
@@ -19,6 +21,13 @@ CallContext ContextOf(grpc::CallbackServerContext* context, std::function<bool()
     call.deadline = absl::FromChrono(deadline);
   }
   return call;
+}
+
+absl::Status CheckRequestId(const std::string& request_id) {
+  if (request_id.size() <= kMaxRequestIdBytes) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("request_id is ", request_id.size(),
+                                                 " bytes, over the limit of ", kMaxRequestIdBytes,
+                                                 " bytes"));
 }
 
 absl::Status CheckAlive(const std::function<bool()>& is_cancelled, absl::Time deadline,

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -37,6 +38,7 @@
 namespace arcface::service {
 
 class Admission;
+struct DetectionEnv;
 
 // The parts of the service that every call borrows.
 struct CallEnv {
@@ -47,6 +49,8 @@ struct CallEnv {
   Admission* admission = nullptr;
   // What all EmbedStream streams hold together, against streams_max_held_bytes.
   std::atomic<int64_t>* stream_bytes_held = nullptr;
+  // Detect's detector and galleries (detect_call.h), set before the service is ready.
+  const DetectionEnv* detection = nullptr;
 };
 
 struct CallContext {
@@ -67,6 +71,10 @@ CallContext ContextOf(grpc::CallbackServerContext* context, std::function<bool()
 grpc::ServerUnaryReactor* ServeUnary(const CallEnv& env, grpc::CallbackServerContext* context,
                                      const char* rpc,
                                      absl::AnyInvocable<void(CallContext, DoneFn)> work);
+
+// INVALID_ARGUMENT naming the limit for a request_id over kMaxRequestIdBytes (Embed, Detect and
+// their streams echo it in every answer).
+absl::Status CheckRequestId(const std::string& request_id);
 
 // Whether the call is still worth working on; checked before each slice of costly work (a face,
 // a block of Compare rows). A call found dead is counted as an aborted preprocessing.

@@ -17,33 +17,29 @@ using arcface::v1::EmbedResponse;
 
 namespace {
 
-// The norms are the model's own (EmbeddingModel's contract), reported and divided by as they are.
 void FillEmbeddings(const EmbeddingBatch& rows, bool normalize, EmbedResponse* response) {
   const int n = rows.size;
   response->mutable_embeddings()->Reserve(n);
   for (int i = 0; i < n; ++i) {
-    const float* row = rows.values.data() + size_t(i) * kEmbeddingDim;
-    const double norm = rows.norms[i];
-    arcface::v1::Embedding* e = response->add_embeddings();
-    e->set_norm(static_cast<float>(norm));
-    auto* out = e->mutable_values();
-    out->Resize(kEmbeddingDim, 0.0f);
-    float* dst = out->mutable_data();
-    if (normalize && norm > 0) {
-      for (int j = 0; j < kEmbeddingDim; ++j) dst[j] = static_cast<float>(row[j] / norm);
-    } else {
-      std::copy(row, row + kEmbeddingDim, dst);
-    }
+    FillEmbedding(rows.values.data() + size_t(i) * kEmbeddingDim, rows.norms[i], normalize,
+                  response->add_embeddings());
   }
 }
 
 }  // namespace
 
-absl::Status CheckRequestId(const EmbedRequest& request) {
-  if (request.request_id().size() <= kMaxRequestIdBytes) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat("request_id is ", request.request_id().size(),
-                                                 " bytes, over the limit of ",
-                                                 kMaxRequestIdBytes, " bytes"));
+// The norms are the model's own (EmbeddingModel's contract), reported and divided by as they are.
+void FillEmbedding(const float* row, float norm, bool normalize, arcface::v1::Embedding* e) {
+  e->set_norm(norm);
+  auto* out = e->mutable_values();
+  out->Resize(kEmbeddingDim, 0.0f);
+  float* dst = out->mutable_data();
+  if (normalize && norm > 0) {
+    const double n = norm;
+    for (int j = 0; j < kEmbeddingDim; ++j) dst[j] = static_cast<float>(row[j] / n);
+  } else {
+    std::copy(row, row + kEmbeddingDim, dst);
+  }
 }
 
 void StartEmbed(const CallEnv& env, const EmbedRequest* request, EmbedResponse* response,

@@ -10,7 +10,6 @@
 //   returns (an early error, an empty request), else from the pool or the batch thread.
 // - Errors: RESOURCE_EXHAUSTED for too many faces or a full pool or batcher, INVALID_ARGUMENT
 //   naming the face ("face 3: ..."), DEADLINE_EXCEEDED / CANCELLED (see the service's contract).
-//   CheckRequestId() is INVALID_ARGUMENT for a request_id over kMaxRequestIdBytes.
 // - Thread safety: calls are independent; each may start from any thread.
 #ifndef ARCFACE_SERVER_SERVICE_EMBED_CALL_H_
 #define ARCFACE_SERVER_SERVICE_EMBED_CALL_H_
@@ -21,7 +20,9 @@
 
 namespace arcface::service {
 
-absl::Status CheckRequestId(const arcface::v1::EmbedRequest& request);
+// One row of the model (kEmbeddingDim raw floats and its norm) into `e`: the values raw, or
+// divided by the norm with `normalize`; Embed's and Detect's embeddings alike.
+void FillEmbedding(const float* row, float norm, bool normalize, arcface::v1::Embedding* e);
 
 // Fills *response and calls `done` (see the contract). The request_id is not checked here.
 void StartEmbed(const CallEnv& env, const arcface::v1::EmbedRequest* request,

@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "server/service/compare_call.h"
+#include "server/service/detect_stream.h"
 #include "server/service/embed_call.h"
 #include "server/service/embed_stream.h"
 
@@ -17,7 +18,7 @@ FaceEmbeddingService::FaceEmbeddingService(const ServiceOptions& options,
                                            ServiceMetrics* metrics, WorkQueue* preprocess)
     : options_(options),
       admission_(metrics),
-      env_{&options_, metrics, preprocess, &admission_, &stream_bytes_held_} {}
+      env_{&options_, metrics, preprocess, &admission_, &stream_bytes_held_, &detection_} {}
 
 FaceEmbeddingService::~FaceEmbeddingService() = default;
 
@@ -41,7 +42,7 @@ grpc::ServerUnaryReactor* FaceEmbeddingService::Embed(grpc::CallbackServerContex
                                                       const EmbedRequest* request,
                                                       EmbedResponse* response) {
   return ServeUnary(env_, context, "Embed", [this, request, response](CallContext call, DoneFn done) {
-    if (absl::Status id = CheckRequestId(*request); !id.ok()) return done(std::move(id));
+    if (absl::Status id = CheckRequestId(request->request_id()); !id.ok()) return done(std::move(id));
     StartEmbed(env_, request, response, std::move(call), std::move(done));
   });
 }
@@ -82,6 +83,7 @@ grpc::ServerUnaryReactor* FaceEmbeddingService::GetModelInfo(
     response->set_max_faces_per_request(options_.max_faces_per_request);
     response->set_max_message_bytes(options_.max_message_bytes);
     *response->mutable_gallery() = gallery_limits_;
+    FillDetectorInfo(response->mutable_detector());
     if (model.device_memory) {
       const engine::DeviceMemory memory = model.device_memory();
       response->set_device_memory_allocated_bytes(static_cast<uint64_t>(memory.allocated_bytes));
@@ -89,6 +91,40 @@ grpc::ServerUnaryReactor* FaceEmbeddingService::GetModelInfo(
     }
     done(absl::OkStatus());
   });
+}
+
+grpc::ServerUnaryReactor* FaceEmbeddingService::Detect(grpc::CallbackServerContext* context,
+                                                       const arcface::v1::DetectRequest* request,
+                                                       arcface::v1::DetectResponse* response) {
+  return ServeUnary(env_, context, "Detect", [this, request, response](CallContext call, DoneFn done) {
+    StartDetect(env_, request, response, std::move(call), std::move(done));
+  });
+}
+
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* FaceEmbeddingService::DetectStream(
+    grpc::CallbackServerContext* context) {
+  return OpenDetectStream(env_, context);
+}
+
+void FaceEmbeddingService::FillDetectorInfo(arcface::v1::DetectorInfo* info) {
+  FrameDetector* detector = detection_.detector;
+  info->set_enabled(detector != nullptr);
+  if (detector == nullptr) return;
+  const DetectorDescription& d = detector->description();
+  info->set_detector_id(d.detector_id);
+  info->set_detector(d.detector);
+  info->set_landmarks(d.landmarks);
+  info->set_weights_sha256(d.weights_sha256);
+  info->set_input_size(static_cast<uint32_t>(d.input_size));
+  info->set_default_min_score(d.default_min_score);
+  info->set_max_faces_per_frame(static_cast<uint32_t>(d.max_faces_per_frame));
+  info->set_device(d.device);
+  const auto& batching = detector->batcher().options();
+  info->mutable_batching()->set_max_batch_size(batching.max_batch_size);
+  info->mutable_batching()->set_max_queue_delay_us(
+      static_cast<uint64_t>(absl::ToInt64Microseconds(batching.max_queue_delay)));
+  info->mutable_batching()->set_max_queue_size(batching.max_queue_size);
+  info->mutable_batching()->set_max_batches_in_flight(batching.max_batches_in_flight);
 }
 
 }  // namespace arcface::service

@@ -30,6 +30,13 @@
 //   answered. When a drain begins, a stream finishes after answering the messages it had read,
 //   with UNAVAILABLE if the client had not half-closed; a message read after a cancellation or
 //   after the stream finished is dropped (never started), counted CANCELLED or UNAVAILABLE.
+// - Detect and DetectStream (detect_call.h, detect_stream.h): a frame is decoded and prepared
+//   on the preprocessing pool, its faces found by the detector's own batcher (FrameDetector,
+//   frames of many calls in one batch) and, with embed or a gallery, aligned and embedded
+//   through the same Embedder as Embed, then identified on the gallery's queue. DetectStream
+//   is EmbedStream's reactor over DetectRequest/DetectResponse. Without a detector
+//   (SetDetection(nullptr, ...): --detector none) both answer UNIMPLEMENTED saying how to
+//   enable it.
 // - Lifetime: the service must outlive the grpc::Server it is registered with (destroy the
 //   server, or Shutdown() it, first). The Embedder, metrics and work queue are borrowed and must
 //   outlive every call (shut the server down before them).
@@ -48,6 +55,7 @@
 #include "arcface/v1/face_embedding.grpc.pb.h"
 #include "server/service/admission.h"
 #include "server/service/call_context.h"
+#include "server/service/detect_call.h"
 #include "server/service/embedder.h"
 #include "server/service/embedding_model.h"
 #include "server/service/service_metrics.h"
@@ -56,16 +64,20 @@
 
 namespace arcface::service {
 
-// The generated CallbackService, with EmbedStream served raw (grpc::ByteBuffer messages): gRPC's
-// typed reactor cannot tell a message that does not parse from the client's half-close.
+// The generated CallbackService, with EmbedStream and DetectStream served raw
+// (grpc::ByteBuffer messages): gRPC's typed reactor cannot tell a message that does not parse
+// from the client's half-close.
 using FaceEmbeddingCallbackBase = arcface::v1::FaceEmbedding::WithCallbackMethod_Embed<
     arcface::v1::FaceEmbedding::WithRawCallbackMethod_EmbedStream<
         arcface::v1::FaceEmbedding::WithCallbackMethod_Compare<
             arcface::v1::FaceEmbedding::WithCallbackMethod_GetModelInfo<
-                arcface::v1::FaceEmbedding::Service>>>>;
+                arcface::v1::FaceEmbedding::WithCallbackMethod_Detect<
+                    arcface::v1::FaceEmbedding::WithRawCallbackMethod_DetectStream<
+                        arcface::v1::FaceEmbedding::Service>>>>>>;
 
 // The calls live in their own files: admission and drain (admission.h), Embed (embed_call.h),
-// EmbedStream (embed_stream.h), Compare (compare_call.h); this class wires them to gRPC.
+// EmbedStream (embed_stream.h), Compare (compare_call.h), Detect (detect_call.h) and
+// DetectStream (detect_stream.h); this class wires them to gRPC.
 class FaceEmbeddingService final : public FaceEmbeddingCallbackBase {
  public:
   // `metrics` and `preprocess` are borrowed.
@@ -77,6 +89,11 @@ class FaceEmbeddingService final : public FaceEmbeddingCallbackBase {
   void SetReady(Embedder* embedder, const ModelDescription& model);
   // What GetModelInfo reports of the gallery (ModelInfo.gallery); set before SetReady().
   void SetGalleryLimits(const arcface::v1::GalleryLimits& limits) { gallery_limits_ = limits; }
+  // Detect's detector (null: --detector none, Detect answers UNIMPLEMENTED) and the gallery
+  // search it shares with FaceGallery (null: none); borrowed, set before SetReady().
+  void SetDetection(FrameDetector* detector, GallerySearch* gallery) {
+    detection_ = DetectionEnv{detector, gallery};
+  }
   // New calls get UNAVAILABLE; open streams finish once their read messages are answered.
   void BeginDrain();
   // Blocks until no accepted call is unfinished or until `deadline`; true when idle.
@@ -102,10 +119,18 @@ class FaceEmbeddingService final : public FaceEmbeddingCallbackBase {
   grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
                                          const arcface::v1::GetModelInfoRequest* request,
                                          arcface::v1::ModelInfo* response) override;
+  grpc::ServerUnaryReactor* Detect(grpc::CallbackServerContext* context,
+                                   const arcface::v1::DetectRequest* request,
+                                   arcface::v1::DetectResponse* response) override;
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* DetectStream(
+      grpc::CallbackServerContext* context) override;
 
  private:
+  void FillDetectorInfo(arcface::v1::DetectorInfo* info);
+
   const ServiceOptions options_;
   arcface::v1::GalleryLimits gallery_limits_;
+  DetectionEnv detection_;
   Admission admission_;
   // What all streams hold (each stream's held bytes summed), against streams_max_held_bytes.
   std::atomic<int64_t> stream_bytes_held_{0};

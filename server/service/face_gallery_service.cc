@@ -43,10 +43,6 @@ struct ProbeWork {
   std::vector<int> faces;    // the face probes' indices
 };
 
-std::string GalleryName(const std::string& name) {
-  return name.empty() ? std::string(gallery::kDefaultGallery) : name;
-}
-
 absl::Status CheckLabels(const google::protobuf::Map<std::string, std::string>& labels) {
   if (labels.size() > kMaxLabels) {
     return absl::InvalidArgumentError(
@@ -147,17 +143,22 @@ void FillGalleryLimits(const GalleryServiceOptions& options, const gallery::Gall
 
 FaceGalleryService::FaceGalleryService(const CallEnv& env, const GalleryServiceOptions& options,
                                        WorkQueue* queue, GalleryMetrics* metrics)
-    : env_(env), options_(options), queue_(queue), metrics_(metrics) {}
+    : env_(env),
+      options_(options),
+      queue_(queue),
+      metrics_(metrics),
+      search_(queue, metrics, env.metrics, options.max_top_k) {}
+
+void FaceGalleryService::SetGalleries(gallery::Galleries* galleries) {
+  galleries_.store(galleries);
+  search_.SetGalleries(galleries);
+}
 
 grpc::ServerUnaryReactor* FaceGalleryService::Serve(
     grpc::CallbackServerContext* context, const char* rpc,
     absl::AnyInvocable<void(CallContext, DoneFn)> work) {
   if (galleries_.load() == nullptr) {
-    work = [](CallContext, DoneFn done) {
-      done(absl::UnimplementedError(
-          "this server runs without a face gallery (--gallery-store none); start it with "
-          "--gallery-store sqlite:PATH or postgres://... to enable FaceGallery"));
-    };
+    work = [](CallContext, DoneFn done) { done(NoGalleryError()); };
   }
   return ServeUnary(env_, context, rpc, std::move(work));
 }
@@ -237,15 +238,9 @@ grpc::ServerUnaryReactor* FaceGalleryService::Identify(grpc::CallbackServerConte
           absl::StrCat("too many probes: ", n, " in one Identify, the limit is ",
                        options_.max_probes_per_identify, " (--gallery-max-probes)")));
     }
-    const int top_k =
-        request->top_k() == 0
-            ? 1
-            : static_cast<int>(std::min<uint32_t>(request->top_k(), uint32_t{1} << 30));
-    if (top_k > options_.max_top_k) {
-      return done(
-          absl::InvalidArgumentError(absl::StrCat("top_k is ", request->top_k(), ", the limit is ",
-                                                  options_.max_top_k, " (--gallery-max-top-k)")));
-    }
+    absl::StatusOr<int> checked_top_k = search_.TopK(request->top_k());
+    if (!checked_top_k.ok()) return done(checked_top_k.status());
+    const int top_k = *checked_top_k;
     if (request->has_threshold() && !std::isfinite(request->threshold())) {
       return done(absl::InvalidArgumentError("threshold is not finite"));
     }
@@ -279,28 +274,21 @@ grpc::ServerUnaryReactor* FaceGalleryService::Identify(grpc::CallbackServerConte
     EmbedFaces(
         env_, state, &request->probes(), work, "probes",
         [this, state, work, gallery_name, model = *std::move(model), n, top_k]() mutable {
-          OnQueue(queue_, *state, n, [this, state, work, gallery_name, model, n, top_k] {
-            absl::Status alive = CheckAlive(state->is_cancelled, state->deadline, env_.metrics);
-            if (!alive.ok()) return state->Complete(alive);
-            std::optional<float> threshold;
-            if (state->request->has_threshold()) threshold = state->request->threshold();
-            std::vector<std::vector<gallery::Candidate>> results;
-            uint64_t version = 0;
-            const absl::Time start = absl::Now();
-            absl::Status searched = galleries()->Identify(gallery_name, model, work->units.data(),
-                                                          n, top_k, threshold, &results, &version);
-            if (!searched.ok()) return state->Complete(searched);
-            metrics_->RecordSearch(n, SecondsSince(start));
+          GalleryQuery query;
+          query.gallery = gallery_name;
+          query.model_id = std::move(model);
+          query.units = std::move(work->units);
+          query.n = n;
+          query.top_k = top_k;
+          if (state->request->has_threshold()) query.threshold = state->request->threshold();
+          query.deadline = state->deadline;
+          query.is_cancelled = state->is_cancelled;
+          search_.Search(std::move(query), [state](absl::StatusOr<GalleryMatches> found) {
+            if (!found.ok()) return state->Complete(found.status());
             IdentifyResponse* out = state->response;
-            out->set_gallery_version(version);
-            for (std::vector<gallery::Candidate>& found : results) {
-              auto* identification = out->add_results();
-              for (gallery::Candidate& c : found) {
-                auto* candidate = identification->add_candidates();
-                candidate->set_subject_id(std::move(c.subject_id));
-                candidate->set_face_id(std::move(c.face_id));
-                candidate->set_similarity(c.similarity);
-              }
+            out->set_gallery_version(found->version);
+            for (std::vector<gallery::Candidate>& candidates : found->results) {
+              FillIdentification(std::move(candidates), out->add_results());
             }
             state->Complete(absl::OkStatus());
           });

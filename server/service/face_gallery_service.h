@@ -34,6 +34,7 @@
 #include "server/gallery/galleries.h"
 #include "server/service/call_context.h"
 #include "server/service/gallery_metrics.h"
+#include "server/service/gallery_search.h"
 #include "server/service/work_queue.h"
 
 namespace arcface::service {
@@ -60,7 +61,10 @@ class FaceGalleryService final : public arcface::v1::FaceGallery::CallbackServic
   FaceGalleryService(const CallEnv& env, const GalleryServiceOptions& options, WorkQueue* queue,
                      GalleryMetrics* metrics);
   // The galleries, once loaded (before the service is ready); borrowed.
-  void SetGalleries(gallery::Galleries* galleries) { galleries_ = galleries; }
+  void SetGalleries(gallery::Galleries* galleries);
+  // Identify's search, which Detect with a gallery shares (FaceEmbeddingService::SetDetection);
+  // it lives as long as this service.
+  GallerySearch* search() { return &search_; }
 
   grpc::ServerUnaryReactor* Enroll(grpc::CallbackServerContext* context,
                                    const arcface::v1::EnrollRequest* request,
@@ -90,6 +94,7 @@ class FaceGalleryService final : public arcface::v1::FaceGallery::CallbackServic
   std::atomic<gallery::Galleries*> galleries_{nullptr};
   WorkQueue* const queue_;
   GalleryMetrics* const metrics_;
+  GallerySearch search_;
 };
 
 }  // namespace arcface::service

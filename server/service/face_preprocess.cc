@@ -8,7 +8,6 @@
 #include "server/service/fault_injection.h"
 
 namespace arcface::service {
-namespace {
 
 absl::StatusOr<cv::Mat> DecodeFaceImage(const arcface::v1::Image& img,
                                         const image::Limits& limits) {
@@ -45,8 +44,6 @@ absl::StatusOr<cv::Mat> DecodeFaceImage(const arcface::v1::Image& img,
   }
   return absl::InvalidArgumentError("no image (set image.encoded or image.raw)");
 }
-
-}  // namespace
 
 absl::Status WithContext(const absl::Status& status, absl::string_view context) {
   if (status.ok()) return status;

@@ -23,6 +23,11 @@
 
 namespace arcface::service {
 
+// The image as sent (encoded, or raw pixels of a known format) decoded into RGB (CV_8UC3), within
+// `limits`; the frame of a Detect, the image of a face.
+absl::StatusOr<cv::Mat> DecodeFaceImage(const arcface::v1::Image& image,
+                                        const image::Limits& limits);
+
 // Appends the face's crop (kCropBytes) to *out; on error *out is unchanged.
 absl::Status AppendFaceCrop(const arcface::v1::Face& face, const image::Limits& limits,
                             std::vector<uint8_t>* out);

@@ -1,5 +1,7 @@
 #include "server/service/server_config.h"
 
+#include <sys/stat.h>
+
 #include <cmath>
 #include <limits>
 #include <string>
@@ -70,7 +72,40 @@ CLI::Validator DrainTimeout() {
       "DURATION");
 }
 
+CLI::Validator DetectorSpec() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        std::string network, dir;
+        if (!ParseDetectorFlag(text, &network, &dir)) return "";
+        if (dir.empty()) {
+          return absl::StrCat("'", text, "' names no folder (none, DIR, tiny_face_detector:DIR "
+                              "or ssd_mobilenetv1:DIR)");
+        }
+        struct stat st;
+        if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+          return absl::StrCat(dir, ": no such folder (the face-api model files; "
+                              "deploy/fetch-models.sh fetches them)");
+        }
+        return "";
+      },
+      "none|DIR|tiny_face_detector:DIR|ssd_mobilenetv1:DIR");
+}
+
 }  // namespace
+
+bool ParseDetectorFlag(const std::string& text, std::string* network, std::string* dir) {
+  if (text == "none") return false;
+  network->clear();
+  *dir = text;
+  for (const char* known : {"tiny_face_detector", "ssd_mobilenetv1"}) {
+    const std::string prefix = absl::StrCat(known, ":");
+    if (absl::StartsWith(text, prefix)) {
+      *network = known;
+      *dir = text.substr(prefix.size());
+    }
+  }
+  return true;
+}
 
 bool ParseDrainTimeout(const std::string& text, absl::Duration* out) {
   double seconds = 0;
@@ -213,6 +248,34 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
                  "HNSW search beam (higher: better recall, slower)")
       ->envname("ARCFACE_GALLERY_HNSW_EF_SEARCH")
       ->check(CLI::Range(1, 65536));
+  app.add_option("--detector", c.detector,
+                 "The face detector behind Detect: none (Detect answers UNIMPLEMENTED), or a "
+                 "folder with face-api's model files (deploy/fetch-models.sh), optionally "
+                 "tiny_face_detector:DIR or ssd_mobilenetv1:DIR to choose the box network")
+      ->envname("ARCFACE_DETECTOR")
+      ->check(DetectorSpec());
+  app.add_option("--detector-max-batch-size", c.detector_max_batch_size,
+                 "Frames per detector batch at most")
+      ->envname("ARCFACE_DETECTOR_MAX_BATCH_SIZE")
+      ->check(CLI::Range(1, 1024));
+  app.add_option("--detector-max-queue-delay-us", c.detector_max_queue_delay_us,
+                 "Longest a frame waits for its detector batch to fill, in microseconds")
+      ->envname("ARCFACE_DETECTOR_MAX_QUEUE_DELAY_US")
+      ->check(CLI::Range(int64_t{0}, int64_t{10'000'000}));
+  app.add_option("--detector-max-queue-size", c.detector_max_queue_size,
+                 "Frames queued for the detector at most (at least --detector-max-batch-size); "
+                 "beyond: RESOURCE_EXHAUSTED")
+      ->envname("ARCFACE_DETECTOR_MAX_QUEUE_SIZE")
+      ->check(CLI::Range(1, 1'000'000));
+  // Up to the box networks' own count of candidate boxes (SSD-MobileNetV1's 5118 anchors).
+  app.add_option("--detector-max-faces", c.detector_max_faces,
+                 "Faces one frame may return at most (DetectRequest.max_faces up to it)")
+      ->envname("ARCFACE_DETECTOR_MAX_FACES")
+      ->check(CLI::Range(1, 5118));
+  app.add_option("--detector-min-score", c.detector_min_score,
+                 "The detector's score threshold when a request gives none, in [0, 1]")
+      ->envname("ARCFACE_DETECTOR_MIN_SCORE")
+      ->check(CLI::Range(0.0f, 1.0f));
   app.add_option("--drain-timeout", drain_timeout,
                  "On SIGTERM/SIGINT, how long accepted calls may take to finish (e.g. 30s, 500ms, "
                  "or seconds)")
@@ -281,6 +344,13 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
   Check(&bad, c.max_queue_size >= c.max_batch_size, "--max-queue-size",
         absl::StrCat("must be at least --max-batch-size (", c.max_batch_size, "), got ",
                      c.max_queue_size));
+  // CLI::Range lets NaN through (every comparison with it is false).
+  Check(&bad, c.detector_min_score >= 0 && c.detector_min_score <= 1, "--detector-min-score",
+        "must be in [0, 1]");
+  Check(&bad, c.detector_max_queue_size >= c.detector_max_batch_size,
+        "--detector-max-queue-size",
+        absl::StrCat("must be at least --detector-max-batch-size (", c.detector_max_batch_size,
+                     "), got ", c.detector_max_queue_size));
   Check(&bad, c.tls_cert.empty() == c.tls_key.empty(), "--tls-cert/--tls-key",
         "give both the certificate and the key, or neither");
   Check(&bad, c.tls_client_ca.empty() || !c.tls_cert.empty(), "--tls-client-ca",

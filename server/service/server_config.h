@@ -62,6 +62,15 @@ struct ServerConfig {
   // HNSW's graph degree and search beam (gallery::HnswOptions' defaults: recall@10 >= 0.99).
   int gallery_hnsw_m = 48;
   int gallery_hnsw_ef_search = 256;
+  // The face detector behind Detect: "none" (Detect answers UNIMPLEMENTED), or a folder with
+  // face-api's files, optionally "tiny_face_detector:DIR" or "ssd_mobilenetv1:DIR" to choose
+  // the box network (ParseDetectorFlag()); and its batcher and limits, in frames.
+  std::string detector = "none";
+  int detector_max_batch_size = 8;         // 1..1024
+  int64_t detector_max_queue_delay_us = 2000;  // 0..10 s
+  int detector_max_queue_size = 64;        // >= detector_max_batch_size
+  int detector_max_faces = 256;            // faces one frame may return; 1..5118
+  float detector_min_score = 0.5f;         // DetectRequest.min_score when 0; in [0, 1]
   absl::Duration drain_timeout = absl::Seconds(30);
   std::string log_level = "info";
   std::string log_format = "text";
@@ -81,6 +90,10 @@ struct ParsedFlags {
 
 ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& out,
                              std::ostream& err);
+
+// --detector's value: false for "none"; else true with the folder in *dir and the box network
+// in *network ("" when the value names none: the detector's default).
+bool ParseDetectorFlag(const std::string& text, std::string* network, std::string* dir);
 
 // "30s", "1.5m", "500ms" (absl::ParseDuration) or a plain number of seconds ("30", "0.5").
 bool ParseDrainTimeout(const std::string& text, absl::Duration* out);

@@ -1,10 +1,11 @@
-// Fuzz target: raw request bytes → the real FaceEmbeddingService (Embed, Compare, EmbedStream),
-// behind a real gRPC server started once per process, with a fake model instead of the engine.
+// Fuzz target: raw request bytes → the real FaceEmbeddingService (Embed, Compare, EmbedStream,
+// Detect, DetectStream), behind a real gRPC server started once per process, with a fake model
+// instead of the engine and a fake detector instead of face-api's networks.
 //
-// Input: byte 0 picks the RPC (mod 3: Embed, Compare, EmbedStream); the rest is the request
-// body, sent as is through a generic stub, so that bytes that are no valid message reach gRPC's
-// deserialization in the server exactly as from a network client. For EmbedStream the rest is
-// split at "#next#" into the stream's messages.
+// Input: byte 0 picks the RPC (mod 5: Embed, Compare, EmbedStream, Detect, DetectStream); the
+// rest is the request body, sent as is through a generic stub, so that bytes that are no valid
+// message reach gRPC's deserialization in the server exactly as from a network client. For the
+// streams the rest is split at "#next#" into the stream's messages.
 //
 // Why this way: the handlers need a live grpc::CallbackServerContext (DefaultReactor, deadline,
 // cancellation), which only a gRPC server makes, and their private steps (StartEmbed, ...) are
@@ -14,7 +15,9 @@
 // keeps both call arenas, ~22 KB, of every stream whose message fails to deserialize: 892 of
 // 1,000 such streams stayed alive, and a long run reached the 2 GB limit in minutes; the same
 // streams over TCP to arcface-server leave its RSS flat.) The fake model hashes each crop into an
-// embedding, so that every answer can be checked for shape.
+// embedding, so that every answer can be checked for shape; the fake detector finds one face in
+// the middle of every frame of at least 8×8 pixels (none in smaller ones), so that Detect's
+// alignment and embedding run on whatever frame the fuzzer makes.
 //
 // Leaks: libFuzzer's own check (after every input whose mallocs and frees differ) runs on
 // nearly every input here, as gRPC frees a call's memory on its threads after the client has
@@ -23,11 +26,12 @@
 // call in flight: memory nothing points to any more is reported whenever it leaked.
 //
 // Checked (abort = a finding): an OK Embed answers every face with 512 finite values and echoes
-// request_id; an OK Compare has rows × cols finite similarities in [-1, 1] (and as many matches
+// request_id; an OK Detect answers faces with five finite landmarks (and, with embed, 512 finite
+// values each) and echoes request_id; an OK Compare has rows × cols finite similarities in [-1, 1] (and as many matches
 // when a threshold was given); no RPC ends UNKNOWN or INTERNAL (the fake model never fails, so
 // INTERNAL would be a validation gap); an EmbedStream answers at most one response per message,
 // in order (request_id echoed; a message that does not parse answered INVALID_ARGUMENT) and,
-// when it ends OK, one each.
+// when it ends OK, one each; DetectStream the same.
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -49,9 +53,11 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "arcface/v1/face_embedding.pb.h"
+#include "server/service/detection_model.h"
 #include "server/service/embedder.h"
 #include "server/service/embedding_model.h"
 #include "server/service/face_embedding_service.h"
+#include "server/service/frame_detector.h"
 #include "server/service/service_metrics.h"
 #include "server/service/work_queue.h"
 
@@ -92,12 +98,43 @@ class FakeModel final : public EmbeddingModel {
   }
 };
 
+// One face in the middle of every frame of at least 8×8 pixels.
+class FakeDetector final : public DetectionModel {
+ public:
+  absl::StatusOr<PreparedFrame> Prepare(const cv::Mat& rgb,
+                                        const DetectFilter& filter) const override {
+    PreparedFrame frame;
+    frame.rgb = rgb;
+    frame.filter = filter;
+    return frame;
+  }
+  absl::StatusOr<std::vector<std::vector<DetectedBox>>> Run(
+      absl::Span<const PreparedFrame* const> frames) override {
+    std::vector<std::vector<DetectedBox>> out(frames.size());
+    for (size_t i = 0; i < frames.size(); ++i) {
+      const float w = static_cast<float>(frames[i]->rgb.cols);
+      const float h = static_cast<float>(frames[i]->rgb.rows);
+      if (w < 8 || h < 8 || frames[i]->filter.min_score > 0.9f) continue;
+      DetectedBox face;
+      face.box = {0.25f * w, 0.25f * h, 0.75f * w, 0.75f * h};
+      face.score = 0.9f;
+      face.landmarks = {image::Point{0.4f * w, 0.4f * h}, image::Point{0.6f * w, 0.4f * h},
+                        image::Point{0.5f * w, 0.5f * h}, image::Point{0.42f * w, 0.6f * h},
+                        image::Point{0.58f * w, 0.6f * h}};
+      out[i].push_back(face);
+    }
+    return out;
+  }
+};
+
 // The server side, built once and never destroyed (its threads run until the process exits).
 struct Harness {
   FakeModel model;
+  FakeDetector detector_model;
   std::unique_ptr<ServiceMetrics> metrics;
   std::unique_ptr<WorkQueue> pool;
   std::unique_ptr<Embedder> embedder;
+  std::unique_ptr<FrameDetector> detector;
   std::unique_ptr<FaceEmbeddingService> service;
   std::unique_ptr<grpc::Server> server;
   std::unique_ptr<grpc::GenericStub> stub;
@@ -113,6 +150,15 @@ struct Harness {
     eo.batching.max_queue_delay = absl::ZeroDuration();
     eo.batching.observer = metrics.get();
     embedder = *Embedder::Create(eo, &model);
+    batching::DynamicBatcher::Options detector_batching;
+    detector_batching.max_batch_size = 8;
+    detector_batching.max_queue_size = 64;
+    detector_batching.max_queue_delay = absl::ZeroDuration();
+    DetectorDescription description;
+    description.detector_id = "fake+fake@0123456789ab";
+    description.max_faces_per_frame = 16;
+    detector = *FrameDetector::Create(detector_batching, &detector_model, description, nullptr);
+    service->SetDetection(detector.get(), nullptr);
     grpc::ServerBuilder builder;
     int port = 0;
     builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
@@ -229,12 +275,45 @@ void Compare(const std::string& body) {
   }
 }
 
-void EmbedStream(const std::string& body) {
+void CheckFaces(const v1::DetectRequest& request, const v1::DetectResponse& response,
+                const std::string& where) {
+  if (response.request_id() != request.request_id()) Fail(where + ": request_id not echoed");
+  const bool embed = request.embed() || !request.gallery().empty();
+  for (const v1::DetectedFace& f : response.faces()) {
+    if (f.landmarks_size() != 5) Fail(where + ": a face without its five landmarks");
+    for (const v1::Point& p : f.landmarks()) {
+      if (!std::isfinite(p.x()) || !std::isfinite(p.y())) Fail(where + ": a non-finite landmark");
+    }
+    if (embed != f.has_embedding()) Fail(where + ": embed and the embeddings disagree");
+    if (!embed) continue;
+    if (f.embedding().values_size() != kEmbeddingDim) Fail(where + ": an embedding of the wrong size");
+    for (float v : f.embedding().values()) {
+      if (!std::isfinite(v)) Fail(where + ": a non-finite embedding value");
+    }
+  }
+}
+
+void Detect(const std::string& body) {
+  std::string reply;
+  const grpc::Status status = Unary("/arcface.v1.FaceEmbedding/Detect", body, &reply);
+  CheckCode(status, "Detect");
+  if (!status.ok()) return;
+  v1::DetectRequest request;
+  v1::DetectResponse response;
+  if (!request.ParseFromString(body)) Fail("Detect accepted a request that does not parse");
+  if (!response.ParseFromString(reply)) Fail("Detect answered an unparseable response");
+  CheckFaces(request, response, "Detect");
+}
+
+// EmbedStream or DetectStream: `check` looks at an answer without an error.
+template <typename Request, typename Response, typename Check>
+void Stream(const char* rpc, const std::string& body, Check check) {
   const std::vector<std::string> messages = absl::StrSplit(body, kSeparator);
   grpc::ClientContext ctx;
   SetDeadline(&ctx);
   grpc::CompletionQueue cq;
-  auto call = harness->stub->PrepareCall(&ctx, "/arcface.v1.FaceEmbedding/EmbedStream", &cq);
+  auto call =
+      harness->stub->PrepareCall(&ctx, absl::StrCat("/arcface.v1.FaceEmbedding/", rpc), &cq);
   enum Tag : intptr_t { kStart = 1, kWrite, kWritesDone, kRead, kFinish };
   auto tag_of = [](Tag t) { return reinterpret_cast<void*>(t); };
   call->StartCall(tag_of(kStart));
@@ -298,15 +377,15 @@ void EmbedStream(const std::string& body) {
   while (cq.Next(&tag, &ok)) {
   }
 
-  CheckCode(status, "EmbedStream");
-  if (replies.size() > messages.size()) Fail("EmbedStream: more responses than messages");
-  std::vector<v1::EmbedRequest> requests(messages.size());
+  CheckCode(status, rpc);
+  if (replies.size() > messages.size()) Fail(absl::StrCat(rpc, ": more responses than messages"));
+  std::vector<Request> requests(messages.size());
   std::vector<bool> parsed(messages.size());
   for (size_t i = 0; i < messages.size(); ++i) parsed[i] = requests[i].ParseFromString(messages[i]);
   for (size_t i = 0; i < replies.size(); ++i) {
-    v1::EmbedResponse response;
-    if (!response.ParseFromString(replies[i])) Fail("EmbedStream: an unparseable response");
-    const std::string where = absl::StrCat("EmbedStream message ", i);
+    Response response;
+    if (!response.ParseFromString(replies[i])) Fail(absl::StrCat(rpc, ": an unparseable response"));
+    const std::string where = absl::StrCat(rpc, " message ", i);
     if (!parsed[i]) {
       // Answered in-stream, without an id to echo.
       if (response.error().code() != grpc::StatusCode::INVALID_ARGUMENT) {
@@ -326,12 +405,12 @@ void EmbedStream(const std::string& body) {
         Fail(absl::StrCat(where, ": error code ", response.error().code()));
       }
     } else {
-      CheckEmbeddings(requests[i], response, where);
+      check(requests[i], response, where);
     }
   }
   // The silent loss of issue 10: a stream must never end OK with messages unanswered.
   if (status.ok() && replies.size() != messages.size()) {
-    Fail(absl::StrCat("EmbedStream ended OK after answering ", replies.size(), " of ",
+    Fail(absl::StrCat(rpc, " ended OK after answering ", replies.size(), " of ",
                       messages.size(), " messages"));
   }
 }
@@ -361,15 +440,24 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size == 0) return -1;
   const std::string body(reinterpret_cast<const char*>(data) + 1, size - 1);
-  switch (data[0] % 3) {
+  namespace v1 = ::arcface::v1;
+  switch (data[0] % 5) {
     case 0:
       arcface::service::Embed(body);
       break;
     case 1:
       arcface::service::Compare(body);
       break;
+    case 2:
+      arcface::service::Stream<v1::EmbedRequest, v1::EmbedResponse>(
+          "EmbedStream", body, arcface::service::CheckEmbeddings);
+      break;
+    case 3:
+      arcface::service::Detect(body);
+      break;
     default:
-      arcface::service::EmbedStream(body);
+      arcface::service::Stream<v1::DetectRequest, v1::DetectResponse>(
+          "DetectStream", body, arcface::service::CheckFaces);
       break;
   }
   if (absl::Now() - arcface::service::last_leak_check > absl::Seconds(2)) {

@@ -155,6 +155,22 @@ void ServiceSeeds(const std::map<std::string, v1::Face>& faces) {
         seed(kStream, one.SerializeAsString() + "#next#" + bad.SerializeAsString() + "#next#" +
                           two.SerializeAsString()));
   Write("fuzz_service", "stream_one", seed(kStream, one.SerializeAsString()));
+
+  const char kDetect = 3, kDetectStream = 4;
+  v1::DetectRequest frame;
+  *frame.mutable_image() = faces.at("jpeg_whole").image();
+  frame.set_embed(true);
+  frame.set_request_id("d");
+  Write("fuzz_service", "detect_embed", seed(kDetect, frame.SerializeAsString()));
+  v1::DetectRequest raw_frame;
+  *raw_frame.mutable_image() = faces.at("raw_rgb").image();
+  raw_frame.set_min_score(0.3f);
+  raw_frame.set_max_faces(2);
+  v1::DetectRequest no_image;  // an in-stream error answer
+  no_image.set_request_id("none");
+  Write("fuzz_service", "detect_stream",
+        seed(kDetectStream, frame.SerializeAsString() + "#next#" + no_image.SerializeAsString() +
+                                "#next#" + raw_frame.SerializeAsString()));
 }
 
 void SafetensorsSeeds() {
@@ -225,6 +241,11 @@ void FlagSeeds() {
         argv({"--demo-weights", "--max-batch-size", "8", "--max-queue-size=64",
               "--max-image-pixels", "1000000", "--drain-timeout", "1.5m", "--device", "cpu"}));
   Write("fuzz_server_flags", "bad", argv({"--weights", "/nonexistent", "--threads", "-1"}));
+  Write("fuzz_server_flags", "detector",
+        argv({"--demo-weights", "--detector", "tiny_face_detector:/tmp",
+              "--detector-max-batch-size", "4", "--detector-max-queue-size=16",
+              "--detector-max-queue-delay-us", "500", "--detector-max-faces", "10",
+              "--detector-min-score", "0.6"}));
   Write("fuzz_server_flags", "help", argv({"--help"}));
   Write("fuzz_server_flags", "address_only", "0.0.0.0:50051");
 }

@@ -44,6 +44,7 @@
 #include "server/service/server_config.h"
 #include "server/service/status_mapping.h"
 #include "server/service/work_queue.h"
+#include "tests/service/fake_model.h"
 #include "tests/test_util/exposition.h"
 #include "tests/test_util/fake_clock.h"
 #include "tests/test_util/seeded_bytes.h"
@@ -57,88 +58,6 @@ using ::testing::AllOf;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 namespace v1 = ::arcface::v1;
-
-// ---------------------------------------------------------------------------------------------
-// The fake model
-
-// A crop's fake embedding: row j is a function of the crop's bytes (a hash) and j, with values
-// of both signs so that cosines spread over [-1, 1].
-std::vector<float> FakeEmbedding(const uint8_t* crop) {
-  uint64_t h = 1469598103934665603ull;
-  for (size_t i = 0; i < kCropBytes; ++i) h = (h ^ crop[i]) * 1099511628211ull;
-  std::vector<float> v(kEmbeddingDim);
-  uint64_t x = h;
-  for (int j = 0; j < kEmbeddingDim; ++j) {
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    v[j] = static_cast<float>(int((x * 2685821657736338717ull) >> 40) % 2001 - 1000) / 100.0f;
-  }
-  return v;
-}
-
-double Norm(const std::vector<float>& v) {
-  double s = 0;
-  for (float x : v) s += double(x) * x;
-  return std::sqrt(s);
-}
-
-class FakeModel final : public EmbeddingModel {
- public:
-  absl::StatusOr<EmbeddingBatch> Run(absl::Span<const uint8_t> crops) override {
-    const int n = static_cast<int>(crops.size() / kCropBytes);
-    {
-      absl::MutexLock lock(&mu_);
-      batch_sizes_.push_back(n);
-      auto released = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !held_; };
-      mu_.AwaitWithTimeout(absl::Condition(&released), absl::Seconds(60));
-      if (!fail_next_.ok()) {
-        absl::Status s = fail_next_;
-        fail_next_ = absl::OkStatus();
-        return s;
-      }
-    }
-    EmbeddingBatch out;
-    out.size = n;
-    out.values.reserve(size_t(n) * kEmbeddingDim);
-    for (int i = 0; i < n; ++i) {
-      std::vector<float> e = FakeEmbedding(crops.data() + size_t(i) * kCropBytes);
-      out.values.insert(out.values.end(), e.begin(), e.end());
-      out.norms.push_back(static_cast<float>(Norm(e)));
-    }
-    return out;
-  }
-  void FailNext(absl::Status s) {
-    absl::MutexLock lock(&mu_);
-    fail_next_ = std::move(s);
-  }
-  // While held, Run() waits (after recording its batch) until Release().
-  void Hold() {
-    absl::MutexLock lock(&mu_);
-    held_ = true;
-  }
-  void Release() {
-    absl::MutexLock lock(&mu_);
-    held_ = false;
-  }
-  bool WaitForBatches(size_t n) {
-    absl::MutexLock lock(&mu_);
-    auto reached = [this, n]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      return batch_sizes_.size() >= n;
-    };
-    return mu_.AwaitWithTimeout(absl::Condition(&reached), absl::Seconds(60));
-  }
-  std::vector<int> batch_sizes() {
-    absl::MutexLock lock(&mu_);
-    return batch_sizes_;
-  }
-
- private:
-  absl::Mutex mu_;
-  std::vector<int> batch_sizes_ ABSL_GUARDED_BY(mu_);
-  absl::Status fail_next_ ABSL_GUARDED_BY(mu_);
-  bool held_ ABSL_GUARDED_BY(mu_) = false;
-};
 
 // A 112×112 RGB crop filled from a seed; a raw 112×112 face is copied into the crop unchanged.
 std::vector<uint8_t> SeededCrop(int seed) {
@@ -354,6 +273,64 @@ TEST(ServerFlags, GalleryStoreAndLimits) {
   // The flags' defaults are the graph's own.
   EXPECT_EQ(ServerConfig().gallery_hnsw_m, gallery::HnswOptions().m);
   EXPECT_EQ(ServerConfig().gallery_hnsw_ef_search, gallery::HnswOptions().ef_search);
+}
+
+TEST(ServerFlags, DetectorAndItsBatcher) {
+  FlagRun defaults = RunFlags({"--demo-weights"});
+  ASSERT_EQ(defaults.exit_code, -1) << defaults.err;
+  EXPECT_EQ(defaults.config.detector, "none");
+  std::string network, dir;
+  EXPECT_FALSE(ParseDetectorFlag("none", &network, &dir));
+  const std::string folder = ::testing::TempDir();
+  for (const auto& [value, want_network] :
+       std::vector<std::pair<std::string, std::string>>{
+           {folder, ""},
+           {"tiny_face_detector:" + folder, "tiny_face_detector"},
+           {"ssd_mobilenetv1:" + folder, "ssd_mobilenetv1"}}) {
+    FlagRun r = RunFlags({"--demo-weights", "--detector", value});
+    ASSERT_EQ(r.exit_code, -1) << value << ": " << r.err;
+    EXPECT_EQ(r.config.detector, value);
+    ASSERT_TRUE(ParseDetectorFlag(r.config.detector, &network, &dir));
+    EXPECT_EQ(network, want_network);
+    EXPECT_EQ(dir, folder);
+  }
+  for (const char* bad :
+       {"/nonexistent/face-api", "tiny_face_detector:/nonexistent", "ssd_mobilenetv1:", ""}) {
+    FlagRun r = RunFlags({"--demo-weights", "--detector", bad});
+    EXPECT_EQ(r.exit_code, 2) << bad;
+    EXPECT_THAT(r.err, HasSubstr("--detector")) << bad;
+  }
+  FlagRun missing = RunFlags({"--demo-weights", "--detector", "/nonexistent/face-api"});
+  EXPECT_THAT(missing.err, HasSubstr("/nonexistent/face-api: no such folder"));
+  setenv("ARCFACE_DETECTOR", folder.c_str(), 1);
+  FlagRun env = RunFlags({"--demo-weights"});
+  unsetenv("ARCFACE_DETECTOR");
+  EXPECT_EQ(env.config.detector, folder);
+  CheckNumericFlag("--detector-max-batch-size", "ARCFACE_DETECTOR_MAX_BATCH_SIZE",
+                   &ServerConfig::detector_max_batch_size, 8, "16", "4", {"0", "1025", "x"});
+  CheckNumericFlag<int64_t>("--detector-max-queue-delay-us", "ARCFACE_DETECTOR_MAX_QUEUE_DELAY_US",
+                            &ServerConfig::detector_max_queue_delay_us, 2000, "0", "500",
+                            {"-1", "10000001"});
+  CheckNumericFlag("--detector-max-queue-size", "ARCFACE_DETECTOR_MAX_QUEUE_SIZE",
+                   &ServerConfig::detector_max_queue_size, 64, "128", "32", {"0", "4"});
+  CheckNumericFlag("--detector-max-faces", "ARCFACE_DETECTOR_MAX_FACES",
+                   &ServerConfig::detector_max_faces, 256, "10", "5118", {"0", "5119"});
+  EXPECT_FLOAT_EQ(defaults.config.detector_min_score, 0.5f);
+  FlagRun score = RunFlags({"--demo-weights", "--detector-min-score", "0.7"});
+  ASSERT_EQ(score.exit_code, -1) << score.err;
+  EXPECT_FLOAT_EQ(score.config.detector_min_score, 0.7f);
+  setenv("ARCFACE_DETECTOR_MIN_SCORE", "0.25", 1);
+  FlagRun score_env = RunFlags({"--demo-weights"});
+  unsetenv("ARCFACE_DETECTOR_MIN_SCORE");
+  EXPECT_FLOAT_EQ(score_env.config.detector_min_score, 0.25f);
+  for (const char* bad : {"-0.1", "1.5", "nan", "high"}) {
+    FlagRun r = RunFlags({"--demo-weights", "--detector-min-score", bad});
+    EXPECT_EQ(r.exit_code, 2) << bad;
+    EXPECT_THAT(r.err, HasSubstr("--detector-min-score")) << bad;
+  }
+  FlagRun help = RunFlags({"--help"});
+  EXPECT_THAT(help.out, HasSubstr("ARCFACE_DETECTOR_MIN_SCORE"));
+  EXPECT_THAT(help.out, HasSubstr("(Env:ARCFACE_DETECTOR)"));
 }
 
 TEST(ServerFlags, DrainTimeoutForms) {

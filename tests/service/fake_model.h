@@ -1,0 +1,102 @@
+// The fake embedding model of the service's tests (no torch): the embedding of a crop is a
+// deterministic function of its bytes, so every expected value can be computed by the test; it
+// can hold its batches (Hold/Release) and fail the next one.
+#ifndef ARCFACE_TESTS_SERVICE_FAKE_MODEL_H_
+#define ARCFACE_TESTS_SERVICE_FAKE_MODEL_H_
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "server/service/embedding_model.h"
+
+namespace arcface::service {
+
+// A crop's fake embedding: row j is a function of the crop's bytes (a hash) and j, with values
+// of both signs so that cosines spread over [-1, 1].
+inline std::vector<float> FakeEmbedding(const uint8_t* crop) {
+  uint64_t h = 1469598103934665603ull;
+  for (size_t i = 0; i < kCropBytes; ++i) h = (h ^ crop[i]) * 1099511628211ull;
+  std::vector<float> v(kEmbeddingDim);
+  uint64_t x = h;
+  for (int j = 0; j < kEmbeddingDim; ++j) {
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    v[j] = static_cast<float>(int((x * 2685821657736338717ull) >> 40) % 2001 - 1000) / 100.0f;
+  }
+  return v;
+}
+
+inline double Norm(const std::vector<float>& v) {
+  double s = 0;
+  for (float x : v) s += double(x) * x;
+  return std::sqrt(s);
+}
+
+class FakeModel final : public EmbeddingModel {
+ public:
+  absl::StatusOr<EmbeddingBatch> Run(absl::Span<const uint8_t> crops) override {
+    const int n = static_cast<int>(crops.size() / kCropBytes);
+    {
+      absl::MutexLock lock(&mu_);
+      batch_sizes_.push_back(n);
+      auto released = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !held_; };
+      mu_.AwaitWithTimeout(absl::Condition(&released), absl::Seconds(60));
+      if (!fail_next_.ok()) {
+        absl::Status s = fail_next_;
+        fail_next_ = absl::OkStatus();
+        return s;
+      }
+    }
+    EmbeddingBatch out;
+    out.size = n;
+    out.values.reserve(size_t(n) * kEmbeddingDim);
+    for (int i = 0; i < n; ++i) {
+      std::vector<float> e = FakeEmbedding(crops.data() + size_t(i) * kCropBytes);
+      out.values.insert(out.values.end(), e.begin(), e.end());
+      out.norms.push_back(static_cast<float>(Norm(e)));
+    }
+    return out;
+  }
+  void FailNext(absl::Status s) {
+    absl::MutexLock lock(&mu_);
+    fail_next_ = std::move(s);
+  }
+  // While held, Run() waits (after recording its batch) until Release().
+  void Hold() {
+    absl::MutexLock lock(&mu_);
+    held_ = true;
+  }
+  void Release() {
+    absl::MutexLock lock(&mu_);
+    held_ = false;
+  }
+  bool WaitForBatches(size_t n) {
+    absl::MutexLock lock(&mu_);
+    auto reached = [this, n]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return batch_sizes_.size() >= n;
+    };
+    return mu_.AwaitWithTimeout(absl::Condition(&reached), absl::Seconds(60));
+  }
+  std::vector<int> batch_sizes() {
+    absl::MutexLock lock(&mu_);
+    return batch_sizes_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::vector<int> batch_sizes_ ABSL_GUARDED_BY(mu_);
+  absl::Status fail_next_ ABSL_GUARDED_BY(mu_);
+  bool held_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace arcface::service
+
+#endif  // ARCFACE_TESTS_SERVICE_FAKE_MODEL_H_
