@@ -1,6 +1,9 @@
 #include "server/app/server.h"
 
 #include <dlfcn.h>
+#include <grpc/support/log.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -10,10 +13,6 @@
 #include <thread>
 #include <utility>
 #include <vector>
-
-#include <grpc/support/log.h>
-#include <grpcpp/health_check_service_interface.h>
-#include <spdlog/spdlog.h>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -177,8 +176,7 @@ absl::Status Server::Listen() {
 
   gallery_metrics_ = std::make_unique<service::GalleryMetrics>(&metrics_->registry());
   absl::StatusOr<std::unique_ptr<service::WorkQueue>> gallery_queue = service::WorkQueue::Create(
-      cfg.gallery_threads,
-      std::max(cfg.gallery_max_probes, cfg.gallery_max_faces_per_enroll) * 4);
+      cfg.gallery_threads, std::max(cfg.gallery_max_probes, cfg.gallery_max_faces_per_enroll) * 4);
   if (!gallery_queue.ok()) return absl::InternalError(gallery_queue.status().message());
   gallery_queue_ = *std::move(gallery_queue);
   service::GalleryServiceOptions gallery_options;
@@ -208,8 +206,8 @@ absl::Status Server::Listen() {
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   grpc_ = builder.BuildAndStart();
   if (grpc_ == nullptr || grpc_port_ == 0) {
-    return absl::UnavailableError(absl::StrCat(
-        "cannot listen for gRPC on ", cfg.listen, " (address in use, or not a local address?)"));
+    return absl::UnavailableError(absl::StrCat("cannot listen for gRPC on ", cfg.listen,
+                                               " (address in use, or not a local address?)"));
   }
   SetHealth(grpc_.get(), false);
 
@@ -218,9 +216,9 @@ absl::Status Server::Listen() {
   if (absl::Status s = http_->Start(cfg.http_listen); !s.ok()) {
     return absl::UnavailableError(absl::StrCat("--http-listen: ", s.message()));
   }
-  spdlog::info("arcface-server {} listening: gRPC {} ({}, reflection {}), HTTP {}",
-               ARCFACE_VERSION, WithPort(cfg.listen, grpc_port_), tls_mode_,
-               cfg.reflection ? "on" : "off", WithPort(cfg.http_listen, http_->port()));
+  spdlog::info("arcface-server {} listening: gRPC {} ({}, reflection {}), HTTP {}", ARCFACE_VERSION,
+               WithPort(cfg.listen, grpc_port_), tls_mode_, cfg.reflection ? "on" : "off",
+               WithPort(cfg.http_listen, http_->port()));
   return absl::OkStatus();
 }
 
@@ -263,8 +261,8 @@ absl::Status Server::WarmUp() {
     // A device or precision this machine cannot serve (INVALID_ARGUMENT, FAILED_PRECONDITION,
     // UNIMPLEMENTED) is a bad flag value; anything else (out of memory, a runtime failure) is
     // not: the engine's code decides the exit status.
-    return Prefixed(absl::StrCat("engine (--device ", cfg.device, ", --precision ",
-                                 cfg.precision, ", --threads ", cfg.threads, "): "),
+    return Prefixed(absl::StrCat("engine (--device ", cfg.device, ", --precision ", cfg.precision,
+                                 ", --threads ", cfg.threads, "): "),
                     engine.status());
   }
   engine_ = *std::move(engine);
@@ -292,8 +290,7 @@ absl::Status Server::WarmUp() {
   // contend); on CUDA one batch per lane, so copies, compute and the next batch overlap.
   embedder_options.batching.max_batches_in_flight =
       cfg.max_batches_in_flight > 0 ? cfg.max_batches_in_flight : engine_->concurrent_runs();
-  embedder_options.batching.cancel_poll_interval =
-      absl::Microseconds(cfg.cancel_poll_interval_us);
+  embedder_options.batching.cancel_poll_interval = absl::Microseconds(cfg.cancel_poll_interval_us);
   embedder_options.batching.observer = metrics_.get();
   embedder_options.hold_file = cfg.test_hold_model_file;
   absl::StatusOr<std::unique_ptr<service::Embedder>> embedder =
@@ -326,11 +323,11 @@ absl::Status Server::LoadDetector() {
   if (!detector.ok()) {
     // A missing or malformed file is the flag's fault (exit 2); torch failing is not.
     const absl::StatusCode code = detector.status().code();
-    const bool files = code == absl::StatusCode::kNotFound ||
-                       code == absl::StatusCode::kInvalidArgument;
-    return absl::Status(files ? absl::StatusCode::kInvalidArgument : code,
-                        absl::StrCat("--detector ", cfg.detector, ": ",
-                                     detector.status().message()));
+    const bool files =
+        code == absl::StatusCode::kNotFound || code == absl::StatusCode::kInvalidArgument;
+    return absl::Status(
+        files ? absl::StatusCode::kInvalidArgument : code,
+        absl::StrCat("--detector ", cfg.detector, ": ", detector.status().message()));
   }
   detector_ = *std::move(detector);
   detector_model_ = std::make_unique<DetectorModel>(detector_.get());
@@ -346,18 +343,19 @@ absl::Status Server::LoadDetector() {
   batching.cancel_poll_interval = absl::Microseconds(cfg.cancel_poll_interval_us);
   absl::StatusOr<std::unique_ptr<service::FrameDetector>> frame_detector =
       service::FrameDetector::Create(batching, detector_model_.get(), std::move(description),
-                                     detector_metrics_.get());
+                                     detector_metrics_.get(), /*clock=*/nullptr,
+                                     cfg.detector_max_held_mib << 20);
   if (!frame_detector.ok()) return Prefixed("detector batching: ", frame_detector.status());
   frame_detector_ = *std::move(frame_detector);
   service_->SetDetection(frame_detector_.get(), gallery_service_->search());
   const detect::DetectorDescription& d = frame_detector_->description();
-  spdlog::info("detector: {} ({} + {}) on {}, input {} px, sha256 {}; max batch {} frames, "
-               "max queue delay {} us, max queue {} frames, max faces {}, min score {}; loaded "
-               "in {:.2f} s",
-               d.detector_id, d.detector, d.landmarks, d.device, d.input_size, d.weights_sha256,
-               cfg.detector_max_batch_size, cfg.detector_max_queue_delay_us,
-               cfg.detector_max_queue_size, d.max_faces_per_frame, d.default_min_score,
-               absl::ToDoubleSeconds(absl::Now() - start));
+  spdlog::info(
+      "detector: {} ({} + {}) on {}, input {} px, sha256 {}; max batch {} frames, "
+      "max queue delay {} us, max queue {} frames, max faces {}, min score {}; loaded "
+      "in {:.2f} s",
+      d.detector_id, d.detector, d.landmarks, d.device, d.input_size, d.weights_sha256,
+      cfg.detector_max_batch_size, cfg.detector_max_queue_delay_us, cfg.detector_max_queue_size,
+      d.max_faces_per_frame, d.default_min_score, absl::ToDoubleSeconds(absl::Now() - start));
   return absl::OkStatus();
 }
 
@@ -411,14 +409,16 @@ void Server::Serve(const absl::Notification& stop) {
   spdlog::info("model: arch {} model_id {} weights {} sha256 {}", model_.arch, model_.model_id,
                cfg.demo_weights ? std::string("(demo)") : cfg.weights, model_.weights_sha256);
   if (cfg.demo_weights) {
-    spdlog::warn("DEMO WEIGHTS: seeded random, untrained; the pipeline is real but the "
-                 "embeddings are NOT meaningful");
+    spdlog::warn(
+        "DEMO WEIGHTS: seeded random, untrained; the pipeline is real but the "
+        "embeddings are NOT meaningful");
   }
-  spdlog::info("engine: device {} precision {} backend {} threads {} warm-up batch {}; loaded in "
-               "{:.2f} s",
-               model_.device, model_.precision, engine_->backend(),
-               cfg.threads == 0 ? std::string("default") : std::to_string(cfg.threads),
-               cfg.warmup_batch_size, absl::ToDoubleSeconds(absl::Now() - load_start_));
+  spdlog::info(
+      "engine: device {} precision {} backend {} threads {} warm-up batch {}; loaded in "
+      "{:.2f} s",
+      model_.device, model_.precision, engine_->backend(),
+      cfg.threads == 0 ? std::string("default") : std::to_string(cfg.threads),
+      cfg.warmup_batch_size, absl::ToDoubleSeconds(absl::Now() - load_start_));
   spdlog::info(
       "batching: max batch {} max queue delay {} us max queue {} crops, {} batch(es) in flight; "
       "limits: {} faces per request, {} message bytes, {} image pixels, compare {}x{}; "

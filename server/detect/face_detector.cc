@@ -1,15 +1,13 @@
 #include "server/detect/face_detector.h"
 
+#include <torch/torch.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <opencv2/imgproc.hpp>
 #include <utility>
 
-#include <opencv2/imgproc.hpp>
-#include <torch/torch.h>
-
-#include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "server/detect/blazeface.h"
 #include "server/detect/box_decoding.h"
@@ -17,6 +15,7 @@
 #include "server/detect/ssd_mobilenet.h"
 #include "server/detect/tfjs_weights.h"
 #include "server/detect/tiny_face_detector.h"
+#include "server/engine/device.h"
 #include "server/model/sha256.h"
 
 namespace arcface::detect {
@@ -30,29 +29,6 @@ constexpr char kBlazeFrontName[] = "blazeface_front";
 constexpr char kLandmarkName[] = "face_landmark_68";
 constexpr int kCropSide = Landmark68Net::kInputSize;
 constexpr int kMaxTinyInput = 2048;
-
-// The engine's device names (server/engine/engine.h), so that one flag can serve both.
-absl::StatusOr<torch::Device> ParseDevice(const std::string& name) {
-  if (name == "auto") {
-    return torch::cuda::device_count() > 0 ? torch::Device(torch::kCUDA, 0)
-                                           : torch::Device(torch::kCPU);
-  }
-  if (name == "cpu") return torch::Device(torch::kCPU);
-  if (name == "cuda" || absl::StartsWith(name, "cuda:")) {
-    int index = 0;
-    if (name != "cuda" && (!absl::SimpleAtoi(name.substr(5), &index) || index < 0)) {
-      return absl::InvalidArgumentError(absl::StrCat("device '", name, "': bad CUDA device index"));
-    }
-    const int count = static_cast<int>(torch::cuda::device_count());
-    if (index >= count) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("device '", name, "': ", count, " CUDA device(s) visible"));
-    }
-    return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
-  }
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown device '", name, "': expected auto, cpu, cuda or cuda:N"));
-}
 
 // Shrinking averages (no aliasing from large frames); enlarging interpolates.
 int Interpolation(int from, int to) { return to < from ? cv::INTER_AREA : cv::INTER_LINEAR; }
@@ -225,9 +201,7 @@ std::vector<std::vector<DetectedBox>> FaceDetectorImpl::FindBoxes(
     const uint32_t limit = frame.filter.max_faces == 0
                                ? max_faces_
                                : std::min<uint32_t>(frame.filter.max_faces, max_faces_);
-    const float iou = ssd_     ? kSsdIouThreshold
-                      : blaze_ ? kBlazeFaceIouThreshold
-                               : kTinyIouThreshold;
+    const float iou = ssd_ ? kSsdIouThreshold : blaze_ ? kBlazeFaceIouThreshold : kTinyIouThreshold;
     for (const ScoredBox& b : NonMaxSuppression(std::move(in_frame), iou, limit)) {
       DetectedBox face;
       face.box = {b.x_min, b.y_min, b.x_max, b.y_max};
@@ -244,8 +218,8 @@ void FaceDetectorImpl::FindLandmarks(absl::Span<const PreparedFrame* const> fram
   for (const auto& f : faces) total += f.size();
   if (total == 0) return;
   constexpr size_t kCropBytes = static_cast<size_t>(kCropSide) * kCropSide * 3;
-  torch::Tensor crops = torch::empty({static_cast<int64_t>(total), kCropSide, kCropSide, 3},
-                                     torch::kUInt8);
+  torch::Tensor crops =
+      torch::empty({static_cast<int64_t>(total), kCropSide, kCropSide, 3}, torch::kUInt8);
   std::vector<Placement> placements;
   placements.reserve(total);
   uint8_t* out = crops.data_ptr<uint8_t>();
@@ -324,9 +298,9 @@ absl::StatusOr<std::unique_ptr<FaceDetector>> FaceDetector::Create(const Detecto
   const bool ssd = config.detector == kSsdName;
   const bool blaze = config.detector == kBlazeName || config.detector == kBlazeFrontName;
   if (!ssd && !blaze && config.detector != kTinyName) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("unknown detector '", config.detector, "': expected ", kSsdName, ", ",
-                     kTinyName, ", ", kBlazeName, " or ", kBlazeFrontName));
+    return absl::InvalidArgumentError(absl::StrCat("unknown detector '", config.detector,
+                                                   "': expected ", kSsdName, ", ", kTinyName, ", ",
+                                                   kBlazeName, " or ", kBlazeFrontName));
   }
   const BlazeFace::Range range =
       config.detector == kBlazeName ? BlazeFace::Range::kFull : BlazeFace::Range::kShort;
@@ -334,15 +308,13 @@ absl::StatusOr<std::unique_ptr<FaceDetector>> FaceDetector::Create(const Detecto
       range == BlazeFace::Range::kFull ? BlazeFace::kFullRangeInput : BlazeFace::kShortRangeInput;
   int input_size = config.input_size;
   if (ssd && input_size != 0 && input_size != SsdMobilenetV1::kInputSize) {
-    return absl::InvalidArgumentError(absl::StrCat(kSsdName, " takes only ",
-                                                   SsdMobilenetV1::kInputSize,
-                                                   "-pixel input (its prior boxes), not ",
-                                                   input_size));
+    return absl::InvalidArgumentError(
+        absl::StrCat(kSsdName, " takes only ", SsdMobilenetV1::kInputSize,
+                     "-pixel input (its prior boxes), not ", input_size));
   }
   if (blaze && input_size != 0 && input_size != blaze_size) {
     return absl::InvalidArgumentError(absl::StrCat(config.detector, " takes only ", blaze_size,
-                                                   "-pixel input (its anchors), not ",
-                                                   input_size));
+                                                   "-pixel input (its anchors), not ", input_size));
   }
   if (!ssd && !blaze && input_size != 0 &&
       (input_size < 32 || input_size > kMaxTinyInput || input_size % 32 != 0)) {
@@ -360,7 +332,7 @@ absl::StatusOr<std::unique_ptr<FaceDetector>> FaceDetector::Create(const Detecto
                                                    config.max_faces_per_frame, " is outside [1, ",
                                                    SsdMobilenetV1::kNumAnchors, "]"));
   }
-  absl::StatusOr<torch::Device> device = ParseDevice(config.device);
+  absl::StatusOr<torch::Device> device = engine::ResolveDevice(config.device);
   if (!device.ok()) return device.status();
 
   const std::string box_name = config.detector;
@@ -414,11 +386,9 @@ absl::StatusOr<std::unique_ptr<FaceDetector>> FaceDetector::Create(const Detecto
     absl::StatusOr<std::unique_ptr<Landmark68Net>> landmarks =
         Landmark68Net::Create(*landmark_weights, *device);
     if (!landmarks.ok()) return landmarks.status();
-    detector = std::make_unique<FaceDetectorImpl>(std::move(ssd_net), std::move(tiny_net),
-                                                  std::move(blaze_net),
-                                                  std::move(*landmarks), *device, input_size,
-                                                  config.max_faces_per_frame,
-                                                  std::move(description));
+    detector = std::make_unique<FaceDetectorImpl>(
+        std::move(ssd_net), std::move(tiny_net), std::move(blaze_net), std::move(*landmarks),
+        *device, input_size, config.max_faces_per_frame, std::move(description));
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("building the face detector on ", config.device,
                                             " failed: ", e.what_without_backtrace()));

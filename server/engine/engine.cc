@@ -1,14 +1,15 @@
 #include "server/engine/engine.h"
 
-#include <cmath>
-#include <utility>
-
 #include <ATen/Parallel.h>
 #include <torch/torch.h>
+
+#include <cmath>
+#include <utility>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "server/engine/device.h"
 #include "server/model/iresnet.h"
 
 #ifdef ARCFACE_WITH_CUDA
@@ -30,8 +31,8 @@ struct Engine::Impl {
     c10::InferenceMode inference;
     // from_blob does not copy; the single copy is the transfer to the device (or, on the CPU,
     // the conversion to float below).
-    torch::Tensor nhwc = torch::from_blob(const_cast<uint8_t*>(data), {n, kCropSize, kCropSize, 3},
-                                          torch::kUInt8);
+    torch::Tensor nhwc =
+        torch::from_blob(const_cast<uint8_t*>(data), {n, kCropSize, kCropSize, 3}, torch::kUInt8);
     torch::Tensor x = nhwc.to(device, /*non_blocking=*/false).permute({0, 3, 1, 2});
     x = x.to(torch::kFloat32).sub_(127.5).div_(127.5);
     x = x.contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
@@ -51,10 +52,14 @@ absl::StatusOr<Precision> ParsePrecision(const std::string& name) {
 
 const char* PrecisionName(Precision precision) {
   switch (precision) {
-    case Precision::kFp32: return "fp32";
-    case Precision::kFp16: return "fp16";
-    case Precision::kBf16: return "bf16";
-    case Precision::kInt8: return "int8";
+    case Precision::kFp32:
+      return "fp32";
+    case Precision::kFp16:
+      return "fp16";
+    case Precision::kBf16:
+      return "bf16";
+    case Precision::kInt8:
+      return "int8";
   }
   return "?";
 }
@@ -75,13 +80,11 @@ bool BuiltWithCuda() {
 #endif
 }
 
-namespace {
-
 absl::StatusOr<torch::Device> ResolveDevice(const std::string& name) {
   const bool cuda_built = BuiltWithCuda();
   if (name == "auto") {
     return cuda_built && torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0)
-                                                      : torch::Device(torch::kCPU);
+                                                     : torch::Device(torch::kCPU);
   }
   if (name == "cpu") return torch::Device(torch::kCPU);
   if (name == "cuda" || absl::StartsWith(name, "cuda:")) {
@@ -91,7 +94,8 @@ absl::StatusOr<torch::Device> ResolveDevice(const std::string& name) {
     }
     if (!cuda_built) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "device '", name, "': this server was built without CUDA (against a CPU-only libtorch); "
+          "device '", name,
+          "': this server was built without CUDA (against a CPU-only libtorch); "
           "use --device=cpu, or rebuild with -DTorch_DIR=<a CUDA libtorch>/share/cmake/Torch"));
     }
     const int count = static_cast<int>(torch::cuda::device_count());
@@ -105,12 +109,17 @@ absl::StatusOr<torch::Device> ResolveDevice(const std::string& name) {
       absl::StrCat("unknown device '", name, "': expected auto, cpu, cuda or cuda:N"));
 }
 
+namespace {
+
 torch::ScalarType ScalarTypeOf(Precision precision) {
   switch (precision) {
-    case Precision::kFp16: return torch::kFloat16;
-    case Precision::kBf16: return torch::kBFloat16;
+    case Precision::kFp16:
+      return torch::kFloat16;
+    case Precision::kBf16:
+      return torch::kBFloat16;
     case Precision::kFp32:
-    case Precision::kInt8: break;
+    case Precision::kInt8:
+      break;
   }
   return torch::kFloat32;
 }
@@ -138,7 +147,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
         "precision fp16 is not supported on the CPU; use fp32, bf16 or int8");
   }
   if (options.precision == Precision::kInt8 && !device->is_cpu()) {
-    return absl::InvalidArgumentError("precision int8 runs on the CPU only; use fp16 or bf16 on CUDA");
+    return absl::InvalidArgumentError(
+        "precision int8 runs on the CPU only; use fp16 or bf16 on CUDA");
   }
   const std::string backend = !options.cpu_backend.empty() ? options.cpu_backend
                               : BuiltWithOnednn()          ? "onednn"
@@ -148,7 +158,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
         absl::StrCat("unknown CPU backend '", backend, "': expected onednn or torch"));
   }
   if (backend == "onednn" && !BuiltWithOnednn()) {
-    return absl::FailedPreconditionError("CPU backend onednn: this build has no oneDNN (ARCFACE_ONEDNN=OFF)");
+    return absl::FailedPreconditionError(
+        "CPU backend onednn: this build has no oneDNN (ARCFACE_ONEDNN=OFF)");
   }
   if (backend == "torch" && options.precision == Precision::kInt8) {
     return absl::InvalidArgumentError("precision int8 needs the onednn CPU backend");
@@ -183,8 +194,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
     if (!net.ok()) return net.status();
     const char* name = (*net)->winograd() ? "onednn, winograd" : "onednn";
     impl->onednn = *std::move(net);
-    return std::unique_ptr<Engine>(new Engine(std::move(impl), nullptr, 1, "cpu", options.precision,
-                                              checkpoint.arch, name));
+    return std::unique_ptr<Engine>(
+        new Engine(std::move(impl), nullptr, 1, "cpu", options.precision, checkpoint.arch, name));
   }
 #endif
   impl->device = *device;
@@ -273,8 +284,8 @@ absl::StatusOr<EmbeddingBatch> Engine::Run(absl::Span<const uint8_t> crops) {
     torch::Tensor norms = out.norm(2, {1});
     batch.norms.assign(norms.data_ptr<float>(), norms.data_ptr<float>() + n);
   } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat("forward pass on ", device_name_, " failed: ",
-                                            e.what_without_backtrace()));
+    return absl::InternalError(
+        absl::StrCat("forward pass on ", device_name_, " failed: ", e.what_without_backtrace()));
   }
   return batch;
 }

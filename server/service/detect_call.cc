@@ -1,5 +1,6 @@
 #include "server/service/detect_call.h"
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <string>
@@ -31,6 +32,8 @@ struct DetectWork {
   DetectFilter filter;
   bool embed = false;  // also with a gallery
   int top_k = 1;
+  // Declared before the frame, so that it is given back after the frame is freed.
+  FrameDetector::FrameReservation reservation;
   cv::Mat frame;  // decoded; kept until the faces are aligned
   std::vector<DetectedBox> faces;
 };
@@ -46,9 +49,9 @@ absl::Status CheckDetect(const CallEnv& env, const DetectRequest& r, DetectWork*
   const DetectorDescription& detector = detection->detector->description();
   const float min_score = r.min_score();
   if (!(min_score >= 0 && min_score <= 1)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("min_score is ", min_score, ", it must be in [0, 1] (0: the default, ",
-                     detector.default_min_score, ")"));
+    return absl::InvalidArgumentError(absl::StrCat("min_score is ", min_score,
+                                                   ", it must be in [0, 1] (0: the default, ",
+                                                   detector.default_min_score, ")"));
   }
   const float min_face_size = r.min_face_size();
   if (!(std::isfinite(min_face_size) && min_face_size >= 0)) {
@@ -56,9 +59,9 @@ absl::Status CheckDetect(const CallEnv& env, const DetectRequest& r, DetectWork*
         "min_face_size is ", min_face_size, ", it must be a finite size in pixels, 0 or more"));
   }
   if (r.max_faces() > static_cast<uint32_t>(detector.max_faces_per_frame)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("max_faces is ", r.max_faces(), ", the limit is ",
-                     detector.max_faces_per_frame, " (--detector-max-faces)"));
+    return absl::InvalidArgumentError(absl::StrCat("max_faces is ", r.max_faces(),
+                                                   ", the limit is ", detector.max_faces_per_frame,
+                                                   " (--detector-max-faces)"));
   }
   work->detector = detection->detector;
   work->filter.min_score = min_score == 0 ? detector.default_min_score : min_score;
@@ -127,9 +130,9 @@ void Identify(const CallEnv& env, std::shared_ptr<DetectState> state,
   work->gallery->Search(std::move(query), [state](absl::StatusOr<GalleryMatches> found) {
     if (!found.ok()) return state->Complete(found.status());
     for (size_t i = 0; i < found->results.size(); ++i) {
-      FillIdentification(std::move(found->results[i]),
-                         state->response->mutable_faces(static_cast<int>(i))
-                             ->mutable_identification());
+      FillIdentification(
+          std::move(found->results[i]),
+          state->response->mutable_faces(static_cast<int>(i))->mutable_identification());
     }
     state->Complete(absl::OkStatus());
   });
@@ -188,6 +191,17 @@ WorkQueue::Job AlignJob(const CallEnv& env, std::shared_ptr<DetectState> state,
 
 // On the pool: the frame decoded (one step), then prepared for the detector (the next) and
 // handed to the detector's batcher.
+// The size the frame will have decoded, from its header alone; 0 when the header is unreadable
+// (decoding then fails with the reason). A frame over the pixel cap is refused by decoding with
+// its reason, so it reserves no more than the cap.
+int64_t DecodedBytes(const arcface::v1::Image& image) {
+  if (image.has_raw()) {
+    return int64_t{image.raw().width()} * int64_t{image.raw().height()} * 3;
+  }
+  absl::StatusOr<image::ImageInfo> info = image::ProbeImage(image.encoded());
+  return info.ok() ? int64_t{info->width} * int64_t{info->height} * 3 : 0;
+}
+
 WorkQueue::Job FrameJob(const CallEnv& env, std::shared_ptr<DetectState> state,
                         std::shared_ptr<DetectWork> work) {
   return [env, state = std::move(state), work = std::move(work)]() mutable -> bool {
@@ -197,6 +211,14 @@ WorkQueue::Job FrameJob(const CallEnv& env, std::shared_ptr<DetectState> state,
       return false;
     }
     if (work->frame.empty()) {
+      absl::StatusOr<FrameDetector::FrameReservation> reserved =
+          work->detector->ReserveFrame(std::min(DecodedBytes(state->request->image()),
+                                                env.options->image_limits.max_pixels * 3));
+      if (!reserved.ok()) {
+        state->Complete(reserved.status());
+        return false;
+      }
+      work->reservation = *std::move(reserved);
       absl::StatusOr<cv::Mat> rgb =
           DecodeFaceImage(state->request->image(), env.options->image_limits);
       if (!rgb.ok()) {

@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 
 namespace arcface::service {
 
@@ -14,10 +15,14 @@ struct FrameDetector::FrameTask : batching::Task {
 
 absl::StatusOr<std::unique_ptr<FrameDetector>> FrameDetector::Create(
     batching::DynamicBatcher::Options batching, DetectionModel* model,
-    DetectorDescription description, DetectorMetrics* metrics, batching::Clock* clock) {
+    DetectorDescription description, DetectorMetrics* metrics, batching::Clock* clock,
+    int64_t max_held_frame_bytes) {
   if (model == nullptr) return absl::InvalidArgumentError("detector: no model");
+  if (max_held_frame_bytes < 1) {
+    return absl::InvalidArgumentError("detector: the frame budget must be at least one byte");
+  }
   std::unique_ptr<FrameDetector> detector(
-      new FrameDetector(model, std::move(description), metrics));
+      new FrameDetector(model, std::move(description), metrics, max_held_frame_bytes));
   FrameDetector* raw = detector.get();
   batching.observer = metrics;
   auto batcher = batching::DynamicBatcher::Create(
@@ -28,8 +33,25 @@ absl::StatusOr<std::unique_ptr<FrameDetector>> FrameDetector::Create(
 }
 
 FrameDetector::FrameDetector(DetectionModel* model, DetectorDescription description,
-                             DetectorMetrics* metrics)
-    : model_(model), description_(std::move(description)), metrics_(metrics) {}
+                             DetectorMetrics* metrics, int64_t max_held_frame_bytes)
+    : model_(model),
+      description_(std::move(description)),
+      metrics_(metrics),
+      max_held_frame_bytes_(max_held_frame_bytes) {}
+
+absl::StatusOr<FrameDetector::FrameReservation> FrameDetector::ReserveFrame(int64_t bytes) {
+  int64_t held = held_frame_bytes_.load();
+  do {
+    if (held > 0 && held + bytes > max_held_frame_bytes_) {
+      constexpr double kMiB = 1 << 20;
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "the frames being detected hold %.1f MiB of decoded pixels; this frame's %.1f MiB "
+          "would pass the bound of %.1f MiB (--detector-max-held-mib); retry shortly",
+          held / kMiB, bytes / kMiB, max_held_frame_bytes_ / kMiB));
+    }
+  } while (!held_frame_bytes_.compare_exchange_weak(held, held + bytes));
+  return FrameReservation(this, bytes);
+}
 
 FrameDetector::~FrameDetector() { Shutdown(); }
 

@@ -2,12 +2,11 @@
 
 #include <sys/stat.h>
 
+#include <CLI/CLI.hpp>
 #include <cmath>
 #include <limits>
 #include <string>
 #include <vector>
-
-#include <CLI/CLI.hpp>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -41,8 +40,8 @@ CLI::Validator DeviceName() {
       [](std::string& d) -> std::string {
         if (d == "auto" || d == "cpu" || d == "cuda") return "";
         int index = -1;
-        if (absl::StartsWith(d, "cuda:") && absl::SimpleAtoi(d.substr(5), &index) &&
-            index >= 0 && index < 1024) {
+        if (absl::StartsWith(d, "cuda:") && absl::SimpleAtoi(d.substr(5), &index) && index >= 0 &&
+            index < 1024) {
           return "";
         }
         return absl::StrCat("'", d, "' is not auto, cpu, cuda or cuda:N");
@@ -78,12 +77,14 @@ CLI::Validator DetectorSpec() {
         std::string network, dir;
         if (!ParseDetectorFlag(text, &network, &dir)) return "";
         if (dir.empty()) {
-          return absl::StrCat("'", text, "' names no folder (none, DIR, tiny_face_detector:DIR "
+          return absl::StrCat("'", text,
+                              "' names no folder (none, DIR, tiny_face_detector:DIR "
                               "or ssd_mobilenetv1:DIR)");
         }
         struct stat st;
         if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
-          return absl::StrCat(dir, ": no such folder (the face-api model files; "
+          return absl::StrCat(dir,
+                              ": no such folder (the face-api model files; "
                               "deploy/fetch-models.sh fetches them)");
         }
         return "";
@@ -123,9 +124,10 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
   ServerConfig& c = result.config;
   std::string drain_timeout = "30s";
 
-  CLI::App app("arcface-server: ArcFace face embeddings over gRPC (arcface.v1.FaceEmbedding), "
-               "with /metrics, /healthz and /readyz over HTTP.",
-               "arcface-server");
+  CLI::App app(
+      "arcface-server: ArcFace face embeddings over gRPC (arcface.v1.FaceEmbedding), "
+      "with /metrics, /healthz and /readyz over HTTP.",
+      "arcface-server");
   app.set_version_flag("--version", std::string(ARCFACE_VERSION));
   app.option_defaults()->always_capture_default();
 
@@ -272,6 +274,11 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
                  "Faces one frame may return at most (DetectRequest.max_faces up to it)")
       ->envname("ARCFACE_DETECTOR_MAX_FACES")
       ->check(CLI::Range(1, 5118));
+  app.add_option("--detector-max-held-mib", c.detector_max_held_mib,
+                 "Decoded frames held by Detect calls at once, over all calls, in MiB; beyond: "
+                 "RESOURCE_EXHAUSTED")
+      ->envname("ARCFACE_DETECTOR_MAX_HELD_MIB")
+      ->check(CLI::Range(int64_t{16}, int64_t{1} << 20));
   app.add_option("--detector-min-score", c.detector_min_score,
                  "The detector's score threshold when a request gives none, in [0, 1]")
       ->envname("ARCFACE_DETECTOR_MIN_SCORE")
@@ -338,8 +345,9 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
   if (!c.weights.empty() && c.demo_weights) {
     bad.push_back({"--weights and --demo-weights: give exactly one, not both"});
   } else if (c.weights.empty() && !c.demo_weights) {
-    bad.push_back({"--weights: no model; give --weights PATH (or ARCFACE_WEIGHTS), or "
-                   "--demo-weights to try the pipeline on untrained weights"});
+    bad.push_back(
+        {"--weights: no model; give --weights PATH (or ARCFACE_WEIGHTS), or "
+         "--demo-weights to try the pipeline on untrained weights"});
   }
   Check(&bad, c.max_queue_size >= c.max_batch_size, "--max-queue-size",
         absl::StrCat("must be at least --max-batch-size (", c.max_batch_size, "), got ",
@@ -347,8 +355,7 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
   // CLI::Range lets NaN through (every comparison with it is false).
   Check(&bad, c.detector_min_score >= 0 && c.detector_min_score <= 1, "--detector-min-score",
         "must be in [0, 1]");
-  Check(&bad, c.detector_max_queue_size >= c.detector_max_batch_size,
-        "--detector-max-queue-size",
+  Check(&bad, c.detector_max_queue_size >= c.detector_max_batch_size, "--detector-max-queue-size",
         absl::StrCat("must be at least --detector-max-batch-size (", c.detector_max_batch_size,
                      "), got ", c.detector_max_queue_size));
   Check(&bad, c.tls_cert.empty() == c.tls_key.empty(), "--tls-cert/--tls-key",
@@ -360,8 +367,7 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
             (absl::StartsWith(c.gallery_store, "sqlite:") && c.gallery_store.size() > 7) ||
             absl::StartsWith(c.gallery_store, "postgres://") ||
             absl::StartsWith(c.gallery_store, "postgresql://"),
-        "--gallery-store",
-        "must be sqlite:PATH, postgres://... (or postgresql://...) or none");
+        "--gallery-store", "must be sqlite:PATH, postgres://... (or postgresql://...) or none");
   // A hidden option's validation error would not name it (CLI11 gives hidden options no name),
   // so the test hook's spec is checked here.
   if (!c.test_fault_injection.empty()) {

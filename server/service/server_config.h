@@ -11,8 +11,8 @@
 //   drain timeout); the first bad value ends the parse, its message saying "--flag: what is
 //   wrong". Then the rules between flags (exactly one of --weights/--demo-weights,
 //   --max-queue-size >= --max-batch-size, TLS files in the right combinations) and the hidden
-//   test hook's fault spec are checked, every broken one reported. Whether the device or precision is
-//   available on this machine is decided later, by the engine.
+//   test hook's fault spec are checked, every broken one reported. Whether the device or precision
+//   is available on this machine is decided later, by the engine.
 // - Pure apart from reading the environment and checking that named files exist; thread-safe.
 #ifndef ARCFACE_SERVER_SERVICE_SERVER_CONFIG_H_
 #define ARCFACE_SERVER_SERVICE_SERVER_CONFIG_H_
@@ -66,11 +66,14 @@ struct ServerConfig {
   // face-api's files, optionally "tiny_face_detector:DIR" or "ssd_mobilenetv1:DIR" to choose
   // the box network (ParseDetectorFlag()); and its batcher and limits, in frames.
   std::string detector = "none";
-  int detector_max_batch_size = 8;         // 1..1024
+  int detector_max_batch_size = 8;             // 1..1024
   int64_t detector_max_queue_delay_us = 2000;  // 0..10 s
-  int detector_max_queue_size = 64;        // >= detector_max_batch_size
-  int detector_max_faces = 256;            // faces one frame may return; 1..5118
-  float detector_min_score = 0.5f;         // DetectRequest.min_score when 0; in [0, 1]
+  int detector_max_queue_size = 64;            // >= detector_max_batch_size
+  int detector_max_faces = 256;                // faces one frame may return; 1..5118
+  float detector_min_score = 0.5f;             // DetectRequest.min_score when 0; in [0, 1]
+  // Decoded frames held by Detect calls at once, over all calls, in MiB (a 40 MP frame is
+  // 114 MiB); beyond, RESOURCE_EXHAUSTED. 16..1048576.
+  int64_t detector_max_held_mib = 1024;
   absl::Duration drain_timeout = absl::Seconds(30);
   std::string log_level = "info";
   std::string log_format = "text";

@@ -3,21 +3,20 @@
 // torch): the fake detector reads each frame's faces from its own pixels (pixel (0,0) says how
 // many and where), so every caller's expected faces are computed here; the fake embedding model
 // is service_test's (an embedding is a function of the crop's bytes).
+#include <grpcpp/grpcpp.h>
 #include <unistd.h>
 
 #include <atomic>
-#include <cstdio>
 #include <cmath>
+#include <cstdio>
 #include <limits>
 #include <map>
 #include <memory>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <grpcpp/grpcpp.h>
-#include <opencv2/imgcodecs.hpp>
-#include <opencv2/imgproc.hpp>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -87,7 +86,7 @@ std::vector<DetectedBox> Filtered(std::vector<DetectedBox> faces, const DetectFi
   return kept;
 }
 
-class FakeDetector final : public DetectionModel {
+class FakeDetector final : public DetectionModel, public BatchGate {
  public:
   absl::StatusOr<PreparedFrame> Prepare(const cv::Mat& rgb,
                                         const DetectFilter& filter) const override {
@@ -98,52 +97,13 @@ class FakeDetector final : public DetectionModel {
   }
   absl::StatusOr<std::vector<std::vector<DetectedBox>>> Run(
       absl::Span<const PreparedFrame* const> frames) override {
-    {
-      absl::MutexLock lock(&mu_);
-      batch_sizes_.push_back(static_cast<int>(frames.size()));
-      auto released = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !held_; };
-      mu_.AwaitWithTimeout(absl::Condition(&released), absl::Seconds(60));
-      if (!fail_next_.ok()) {
-        absl::Status s = fail_next_;
-        fail_next_ = absl::OkStatus();
-        return s;
-      }
-    }
+    if (absl::Status s = Enter(static_cast<int>(frames.size())); !s.ok()) return s;
     std::vector<std::vector<DetectedBox>> out;
     for (const PreparedFrame* frame : frames) {
       out.push_back(Filtered(FacesIn(frame->rgb), frame->filter));
     }
     return out;
   }
-  void Hold() {
-    absl::MutexLock lock(&mu_);
-    held_ = true;
-  }
-  void Release() {
-    absl::MutexLock lock(&mu_);
-    held_ = false;
-  }
-  void FailNext(absl::Status s) {
-    absl::MutexLock lock(&mu_);
-    fail_next_ = std::move(s);
-  }
-  bool WaitForBatches(size_t n) {
-    absl::MutexLock lock(&mu_);
-    auto reached = [this, n]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      return batch_sizes_.size() >= n;
-    };
-    return mu_.AwaitWithTimeout(absl::Condition(&reached), absl::Seconds(60));
-  }
-  std::vector<int> batch_sizes() {
-    absl::MutexLock lock(&mu_);
-    return batch_sizes_;
-  }
-
- private:
-  absl::Mutex mu_;
-  std::vector<int> batch_sizes_ ABSL_GUARDED_BY(mu_);
-  bool held_ ABSL_GUARDED_BY(mu_) = false;
-  absl::Status fail_next_ ABSL_GUARDED_BY(mu_);
 };
 
 // A frame of raw RGB pixels whose content (and so whose faces) depends on `faces` and `seed`.
@@ -151,9 +111,9 @@ cv::Mat MakeFrame(int faces, int seed) {
   cv::Mat rgb(kFrameHeight, kFrameWidth, CV_8UC3);
   for (int y = 0; y < rgb.rows; ++y) {
     for (int x = 0; x < rgb.cols; ++x) {
-      rgb.at<cv::Vec3b>(y, x) = cv::Vec3b(uint8_t((x * 7 + y * 3 + seed * 31) & 255),
-                                          uint8_t((x * y + seed * 17) & 255),
-                                          uint8_t((x + y * 5 + seed) & 255));
+      rgb.at<cv::Vec3b>(y, x) =
+          cv::Vec3b(uint8_t((x * 7 + y * 3 + seed * 31) & 255), uint8_t((x * y + seed * 17) & 255),
+                    uint8_t((x + y * 5 + seed) & 255));
     }
   }
   rgb.at<cv::Vec3b>(0, 0) = cv::Vec3b(uint8_t(faces), uint8_t(seed), 0);
@@ -243,8 +203,9 @@ class DetectTest : public ::testing::Test {
       description.input_size = 416;
       description.default_min_score = 0.5f;
       description.max_faces_per_frame = 6;
-      frame_detector_ = *FrameDetector::Create(bo, &fake_detector_, description,
-                                               detector_metrics_.get());
+      frame_detector_ =
+          *FrameDetector::Create(bo, &fake_detector_, description, detector_metrics_.get(), nullptr,
+                                 max_held_frame_bytes_);
     }
     service_->SetDetection(frame_detector_.get(), search_.get());
     grpc::ServerBuilder builder;
@@ -259,8 +220,8 @@ class DetectTest : public ::testing::Test {
     model.device = "cpu";
     model.precision = "fp32";
     service_->SetReady(embedder_.get(), model);
-    stub_ = v1::FaceEmbedding::NewStub(grpc::CreateChannel(
-        absl::StrCat("127.0.0.1:", port_), grpc::InsecureChannelCredentials()));
+    stub_ = v1::FaceEmbedding::NewStub(
+        grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_), grpc::InsecureChannelCredentials()));
   }
 
   void TearDown() override {
@@ -289,6 +250,7 @@ class DetectTest : public ::testing::Test {
     return 0;
   }
 
+  int64_t max_held_frame_bytes_ = int64_t{1} << 30;  // set before Start()
   FakeModel model_;
   FakeDetector fake_detector_;
   std::unique_ptr<ServiceMetrics> metrics_;
@@ -370,58 +332,74 @@ TEST_F(DetectTest, MalformedRequestsNameTheFieldAndTheReason) {
     rows.push_back({std::move(name), std::move(r), code, std::move(message)});
   };
   using C = grpc::StatusCode;
-  add("no image", [](v1::DetectRequest& r) { r.clear_image(); }, C::INVALID_ARGUMENT,
+  add(
+      "no image", [](v1::DetectRequest& r) { r.clear_image(); }, C::INVALID_ARGUMENT,
       "image: no image (set image.encoded or image.raw)");
-  add("undecodable", [](v1::DetectRequest& r) { r.mutable_image()->set_encoded("not an image"); },
+  add(
+      "undecodable", [](v1::DetectRequest& r) { r.mutable_image()->set_encoded("not an image"); },
       C::INVALID_ARGUMENT, "image: unsupported or undecodable image: unrecognized format");
-  add("empty", [](v1::DetectRequest& r) { r.mutable_image()->set_encoded(""); },
+  add(
+      "empty", [](v1::DetectRequest& r) { r.mutable_image()->set_encoded(""); },
       C::INVALID_ARGUMENT, "image: empty image");
-  add("too large",
+  add(
+      "too large",
       [](v1::DetectRequest& r) {
         v1::RawImage* raw = r.mutable_image()->mutable_raw();
         raw->set_width(100000);
         raw->set_height(100000);
       },
-      C::INVALID_ARGUMENT, "image: raw image is 100000x100000 = 10000000000 pixels, over the limit");
-  add("raw of the wrong size",
+      C::INVALID_ARGUMENT,
+      "image: raw image is 100000x100000 = 10000000000 pixels, over the limit");
+  add(
+      "raw of the wrong size",
       [](v1::DetectRequest& r) { r.mutable_image()->mutable_raw()->set_width(kFrameWidth + 1); },
       C::INVALID_ARGUMENT, "image: raw image data is");
-  add("min_score above 1", [](v1::DetectRequest& r) { r.set_min_score(1.5f); },
-      C::INVALID_ARGUMENT, "min_score is 1.5, it must be in [0, 1]");
-  add("min_score below 0", [](v1::DetectRequest& r) { r.set_min_score(-0.1f); },
+  add(
+      "min_score above 1", [](v1::DetectRequest& r) { r.set_min_score(1.5f); }, C::INVALID_ARGUMENT,
+      "min_score is 1.5, it must be in [0, 1]");
+  add(
+      "min_score below 0", [](v1::DetectRequest& r) { r.set_min_score(-0.1f); },
       C::INVALID_ARGUMENT, "min_score is -0.1");
-  add("min_score NaN",
+  add(
+      "min_score NaN",
       [](v1::DetectRequest& r) { r.set_min_score(std::numeric_limits<float>::quiet_NaN()); },
       C::INVALID_ARGUMENT, "min_score is nan");
-  add("min_face_size negative", [](v1::DetectRequest& r) { r.set_min_face_size(-1); },
+  add(
+      "min_face_size negative", [](v1::DetectRequest& r) { r.set_min_face_size(-1); },
       C::INVALID_ARGUMENT, "min_face_size is -1");
-  add("min_face_size NaN",
+  add(
+      "min_face_size NaN",
       [](v1::DetectRequest& r) { r.set_min_face_size(std::numeric_limits<float>::quiet_NaN()); },
       C::INVALID_ARGUMENT, "min_face_size is nan");
-  add("min_face_size infinite",
-      [](v1::DetectRequest& r) {
-        r.set_min_face_size(std::numeric_limits<float>::infinity());
-      },
+  add(
+      "min_face_size infinite",
+      [](v1::DetectRequest& r) { r.set_min_face_size(std::numeric_limits<float>::infinity()); },
       C::INVALID_ARGUMENT, "min_face_size is inf");
-  add("max_faces over the limit", [](v1::DetectRequest& r) { r.set_max_faces(7); },
+  add(
+      "max_faces over the limit", [](v1::DetectRequest& r) { r.set_max_faces(7); },
       C::INVALID_ARGUMENT, "max_faces is 7, the limit is 6 (--detector-max-faces)");
-  add("top_k over the limit",
+  add(
+      "top_k over the limit",
       [](v1::DetectRequest& r) {
         r.set_gallery("staff");
         r.set_top_k(6);
       },
       C::INVALID_ARGUMENT, "top_k is 6, the limit is 5 (--gallery-max-top-k)");
-  add("threshold not finite",
+  add(
+      "threshold not finite",
       [](v1::DetectRequest& r) {
         r.set_gallery("staff");
         r.set_threshold(std::numeric_limits<float>::infinity());
       },
       C::INVALID_ARGUMENT, "threshold is not finite");
-  add("gallery not a valid id", [](v1::DetectRequest& r) { r.set_gallery("tab\there"); },
+  add(
+      "gallery not a valid id", [](v1::DetectRequest& r) { r.set_gallery("tab\there"); },
       C::INVALID_ARGUMENT, "gallery");
-  add("unknown gallery", [](v1::DetectRequest& r) { r.set_gallery("nobody-here"); },
-      C::NOT_FOUND, "gallery 'nobody-here' does not exist");
-  add("request_id too long",
+  add(
+      "unknown gallery", [](v1::DetectRequest& r) { r.set_gallery("nobody-here"); }, C::NOT_FOUND,
+      "gallery 'nobody-here' does not exist");
+  add(
+      "request_id too long",
       [](v1::DetectRequest& r) { r.set_request_id(std::string(kMaxRequestIdBytes + 1, 'x')); },
       C::INVALID_ARGUMENT, "request_id is 1025 bytes, over the limit of 1024 bytes");
   for (const Row& row : rows) {
@@ -493,8 +471,8 @@ TEST_F(DetectTest, ConcurrentCallersAreCoalescedIntoDetectorBatchesAndGetTheirOw
       v1::DetectResponse response;
       grpc::ClientContext context;
       context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
-      grpc::Status s = stub->Detect(&context, DetectOf(frame, absl::StrCat("caller-", c)),
-                                    &response);
+      grpc::Status s =
+          stub->Detect(&context, DetectOf(frame, absl::StrCat("caller-", c)), &response);
       ASSERT_TRUE(s.ok()) << s.error_message();
       EXPECT_EQ(response.request_id(), absl::StrCat("caller-", c));
       ExpectFaces(response, Filtered(FacesIn(frame), {0.5f, 0, 6}), absl::StrCat("caller ", c));
@@ -624,10 +602,43 @@ TEST_F(DetectTest, AHeldDetectorLetsDeadlinesPassAndTheFrameNeverReachesIt) {
   EXPECT_EQ(fake_detector_.batch_sizes(), std::vector<int>({1}));
   // It left the detector's queue (or, on a slow machine, never got past the pool).
   const batching::BatcherCounters counters = frame_detector_->batcher().counters();
-  EXPECT_EQ(counters.items_dropped + Metric("arcface_preprocess_aborted_total",
-                                            {{"reason", "deadline"}}) +
+  EXPECT_EQ(counters.items_dropped +
+                Metric("arcface_preprocess_aborted_total", {{"reason", "deadline"}}) +
                 Metric("arcface_preprocess_aborted_total", {{"reason", "cancelled"}}),
             1);
+}
+
+// Decoded frames wait in the detector's queue; their bytes are bounded over all calls, so many
+// callers of large frames cannot hold unbounded memory.
+TEST_F(DetectTest, DecodedFramesHeldAtOnceAreBoundedAndALoneLargeFrameStillRuns) {
+  const int64_t frame_bytes = int64_t{kFrameWidth} * kFrameHeight * 3;
+  max_held_frame_bytes_ = frame_bytes + frame_bytes / 2;  // one frame fits, two do not
+  Start(true, true, /*max_batch_size=*/1, absl::ZeroDuration());
+  fake_detector_.Hold();
+  std::thread first([&] {
+    v1::DetectResponse response;
+    EXPECT_TRUE(Detect(DetectOf(MakeFrame(1, 1)), &response).ok());
+  });
+  ASSERT_TRUE(fake_detector_.WaitForBatches(1));
+  EXPECT_EQ(frame_detector_->held_frame_bytes(), frame_bytes);
+  v1::DetectResponse response;
+  grpc::Status refused = Detect(DetectOf(MakeFrame(2, 2)), &response);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(refused.error_message(), HasSubstr("--detector-max-held-mib"));
+  fake_detector_.Release();
+  first.join();
+  // Given back with the call: the next frame runs; so does one larger than the whole bound,
+  // alone.
+  for (const absl::Time end = absl::Now() + absl::Seconds(10);
+       frame_detector_->held_frame_bytes() != 0 && absl::Now() < end;) {
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  EXPECT_EQ(frame_detector_->held_frame_bytes(), 0);
+  EXPECT_TRUE(Detect(DetectOf(MakeFrame(2, 2)), &response).ok());
+  cv::Mat large;
+  cv::resize(MakeFrame(1, 3), large, cv::Size(kFrameWidth * 2, kFrameHeight * 2));
+  large.at<cv::Vec3b>(0, 0) = cv::Vec3b(1, 3, 0);
+  EXPECT_TRUE(Detect(DetectOf(large), &response).ok());
 }
 
 TEST(FrameDetector, ExpiredAndCancelledFramesNeverReachTheModelAndFailuresFailTheirBatch) {
@@ -648,8 +659,9 @@ TEST(FrameDetector, ExpiredAndCancelledFramesNeverReachTheModelAndFailuresFailTh
                            [&](auto r) { expired = std::move(r); })
                   .ok());
   ASSERT_TRUE((*detector)
-                  ->Submit(prepared(2), absl::InfiniteFuture(), [] { return true; },
-                           [&](auto r) { cancelled = std::move(r); })
+                  ->Submit(
+                      prepared(2), absl::InfiniteFuture(), [] { return true; },
+                      [&](auto r) { cancelled = std::move(r); })
                   .ok());
   ASSERT_TRUE((*detector)
                   ->Submit(prepared(3), absl::InfiniteFuture(), nullptr,

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -40,36 +41,22 @@ inline double Norm(const std::vector<float>& v) {
   return std::sqrt(s);
 }
 
-class FakeModel final : public EmbeddingModel {
+// What the fakes share: each batch is recorded; while held, a batch waits (after it was
+// recorded) until Release(); FailNext() makes the next batch fail with that status.
+class BatchGate {
  public:
-  absl::StatusOr<EmbeddingBatch> Run(absl::Span<const uint8_t> crops) override {
-    const int n = static_cast<int>(crops.size() / kCropBytes);
-    {
-      absl::MutexLock lock(&mu_);
-      batch_sizes_.push_back(n);
-      auto released = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !held_; };
-      mu_.AwaitWithTimeout(absl::Condition(&released), absl::Seconds(60));
-      if (!fail_next_.ok()) {
-        absl::Status s = fail_next_;
-        fail_next_ = absl::OkStatus();
-        return s;
-      }
-    }
-    EmbeddingBatch out;
-    out.size = n;
-    out.values.reserve(size_t(n) * kEmbeddingDim);
-    for (int i = 0; i < n; ++i) {
-      std::vector<float> e = FakeEmbedding(crops.data() + size_t(i) * kCropBytes);
-      out.values.insert(out.values.end(), e.begin(), e.end());
-      out.norms.push_back(static_cast<float>(Norm(e)));
-    }
-    return out;
+  // Called by a fake at the start of each batch of `size` items.
+  absl::Status Enter(int size) {
+    absl::MutexLock lock(&mu_);
+    batch_sizes_.push_back(size);
+    auto released = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !held_; };
+    mu_.AwaitWithTimeout(absl::Condition(&released), absl::Seconds(60));
+    return std::exchange(fail_next_, absl::OkStatus());
   }
   void FailNext(absl::Status s) {
     absl::MutexLock lock(&mu_);
     fail_next_ = std::move(s);
   }
-  // While held, Run() waits (after recording its batch) until Release().
   void Hold() {
     absl::MutexLock lock(&mu_);
     held_ = true;
@@ -80,9 +67,8 @@ class FakeModel final : public EmbeddingModel {
   }
   bool WaitForBatches(size_t n) {
     absl::MutexLock lock(&mu_);
-    auto reached = [this, n]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      return batch_sizes_.size() >= n;
-    };
+    auto reached = [this, n]()
+                       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return batch_sizes_.size() >= n; };
     return mu_.AwaitWithTimeout(absl::Condition(&reached), absl::Seconds(60));
   }
   std::vector<int> batch_sizes() {
@@ -95,6 +81,23 @@ class FakeModel final : public EmbeddingModel {
   std::vector<int> batch_sizes_ ABSL_GUARDED_BY(mu_);
   absl::Status fail_next_ ABSL_GUARDED_BY(mu_);
   bool held_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+class FakeModel final : public EmbeddingModel, public BatchGate {
+ public:
+  absl::StatusOr<EmbeddingBatch> Run(absl::Span<const uint8_t> crops) override {
+    const int n = static_cast<int>(crops.size() / kCropBytes);
+    if (absl::Status s = Enter(n); !s.ok()) return s;
+    EmbeddingBatch out;
+    out.size = n;
+    out.values.reserve(size_t(n) * kEmbeddingDim);
+    for (int i = 0; i < n; ++i) {
+      std::vector<float> e = FakeEmbedding(crops.data() + size_t(i) * kCropBytes);
+      out.values.insert(out.values.end(), e.begin(), e.end());
+      out.norms.push_back(static_cast<float>(Norm(e)));
+    }
+    return out;
+  }
 };
 
 }  // namespace arcface::service

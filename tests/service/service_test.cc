@@ -2,6 +2,7 @@
 // parsing, the Embedder over a puppet batcher, and the FaceEmbedding service through a real
 // in-process gRPC server on 127.0.0.1:0 with a fake model (no torch): the fake's embedding of a
 // crop is a deterministic function of its bytes, so every expected value is computed here.
+#include <grpcpp/grpcpp.h>
 #include <malloc.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -15,13 +16,11 @@
 #include <map>
 #include <memory>
 #include <numeric>
+#include <opencv2/imgcodecs.hpp>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <grpcpp/grpcpp.h>
-#include <opencv2/imgcodecs.hpp>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -40,8 +39,8 @@
 #include "server/service/embedding_model.h"
 #include "server/service/face_embedding_service.h"
 #include "server/service/face_preprocess.h"
-#include "server/service/service_metrics.h"
 #include "server/service/server_config.h"
+#include "server/service/service_metrics.h"
 #include "server/service/status_mapping.h"
 #include "server/service/work_queue.h"
 #include "tests/service/fake_model.h"
@@ -163,8 +162,7 @@ TEST(ServerFlags, BadValuesExitTwoNamingTheFlag) {
       {{"--demo-weights", "--listen", "nonsense"}, "--listen"},
       {{"--demo-weights", "--http-listen", "1.2.3.4:99999"}, "--http-listen"},
       {{"--demo-weights", "--tls-cert", "/etc/hostname"}, "--tls-cert"},
-      {{"--demo-weights", "--tls-cert", "/nonexistent", "--tls-key", "/nonexistent"},
-       "--tls-cert"},
+      {{"--demo-weights", "--tls-cert", "/nonexistent", "--tls-key", "/nonexistent"}, "--tls-cert"},
   };
   for (const auto& [args, flag] : cases) {
     FlagRun r = RunFlags(args);
@@ -237,8 +235,8 @@ TEST(ServerFlags, GalleryStoreAndLimits) {
   FlagRun defaults = RunFlags({"--demo-weights"});
   ASSERT_EQ(defaults.exit_code, -1) << defaults.err;
   EXPECT_EQ(defaults.config.gallery_store, "none");
-  for (const char* good : {"none", "sqlite:/data/g.db", "postgres://arc@db:5432/faces",
-                           "postgresql://db/faces"}) {
+  for (const char* good :
+       {"none", "sqlite:/data/g.db", "postgres://arc@db:5432/faces", "postgresql://db/faces"}) {
     FlagRun r = RunFlags({"--demo-weights", "--gallery-store", good});
     EXPECT_EQ(r.exit_code, -1) << good << ": " << r.err;
     EXPECT_EQ(r.config.gallery_store, good);
@@ -266,8 +264,8 @@ TEST(ServerFlags, GalleryStoreAndLimits) {
                    2, "4", "1", {"0", "257"});
   CheckNumericFlag<int64_t>("--gallery-hnsw-min-faces", "ARCFACE_GALLERY_HNSW_MIN_FACES",
                             &ServerConfig::gallery_hnsw_min_faces, 0, "100000", "5", {"-1"});
-  CheckNumericFlag("--gallery-hnsw-m", "ARCFACE_GALLERY_HNSW_M", &ServerConfig::gallery_hnsw_m,
-                   48, "16", "64", {"3", "257"});
+  CheckNumericFlag("--gallery-hnsw-m", "ARCFACE_GALLERY_HNSW_M", &ServerConfig::gallery_hnsw_m, 48,
+                   "16", "64", {"3", "257"});
   CheckNumericFlag("--gallery-hnsw-ef-search", "ARCFACE_GALLERY_HNSW_EF_SEARCH",
                    &ServerConfig::gallery_hnsw_ef_search, 256, "64", "128", {"0", "65537"});
   // The flags' defaults are the graph's own.
@@ -282,8 +280,7 @@ TEST(ServerFlags, DetectorAndItsBatcher) {
   std::string network, dir;
   EXPECT_FALSE(ParseDetectorFlag("none", &network, &dir));
   const std::string folder = ::testing::TempDir();
-  for (const auto& [value, want_network] :
-       std::vector<std::pair<std::string, std::string>>{
+  for (const auto& [value, want_network] : std::vector<std::pair<std::string, std::string>>{
            {folder, ""},
            {"tiny_face_detector:" + folder, "tiny_face_detector"},
            {"ssd_mobilenetv1:" + folder, "ssd_mobilenetv1"}}) {
@@ -313,6 +310,9 @@ TEST(ServerFlags, DetectorAndItsBatcher) {
                             {"-1", "10000001"});
   CheckNumericFlag("--detector-max-queue-size", "ARCFACE_DETECTOR_MAX_QUEUE_SIZE",
                    &ServerConfig::detector_max_queue_size, 64, "128", "32", {"0", "4"});
+  CheckNumericFlag<int64_t>("--detector-max-held-mib", "ARCFACE_DETECTOR_MAX_HELD_MIB",
+                            &ServerConfig::detector_max_held_mib, 1024, "16", "4096",
+                            {"15", "1048577", "x"});
   CheckNumericFlag("--detector-max-faces", "ARCFACE_DETECTOR_MAX_FACES",
                    &ServerConfig::detector_max_faces, 256, "10", "5118", {"0", "5119"});
   EXPECT_FLOAT_EQ(defaults.config.detector_min_score, 0.5f);
@@ -451,7 +451,8 @@ TEST(Embedder, PipelinedBatchesGatherEachCropIntoItsPlace) {
   ASSERT_TRUE(submit(d, 30, 2, nullptr).ok());
   b_cancelled.store(true);
   model.Release();
-  for (Request* r : {&a, &c}) ASSERT_TRUE(r->done.WaitForNotificationWithTimeout(absl::Seconds(60)));
+  for (Request* r : {&a, &c})
+    ASSERT_TRUE(r->done.WaitForNotificationWithTimeout(absl::Seconds(60)));
   ASSERT_TRUE(b.done.WaitForNotificationWithTimeout(absl::Seconds(60)));
   EXPECT_EQ(b.out.status().code(), absl::StatusCode::kCancelled);
   if (!d.done.HasBeenNotified()) {  // d's second crop did not fit in c's batch: its delay
@@ -498,7 +499,7 @@ TEST(Embedder, TwoBatchesInFlightFillOneRequestsRowsInPlace) {
                              done.Notify();
                            })
                   .ok());
-  ASSERT_TRUE(model.WaitForBatches(2));  // both inside Run() at once
+  ASSERT_TRUE(model.WaitForBatches(2));       // both inside Run() at once
   EXPECT_EQ(model.batch_sizes().size(), 2u);  // the third has no free thread
   EXPECT_FALSE(done.HasBeenNotified());
   model.Release();
@@ -525,12 +526,11 @@ TEST(Embedder, AModelFailureFailsOnlyItsBatch) {
   std::vector<absl::Status> results(3, absl::UnknownError("not done"));
   for (int i = 0; i < 3; ++i) {
     std::vector<uint8_t> crop = SeededCrop(i);
-    ASSERT_TRUE((*embedder)
-                    ->Submit(std::move(crop), absl::InfiniteFuture(), nullptr,
-                             [&results, i](absl::StatusOr<EmbeddingBatch> r) {
-                               results[i] = r.status();
-                             })
-                    .ok());
+    ASSERT_TRUE(
+        (*embedder)
+            ->Submit(std::move(crop), absl::InfiniteFuture(), nullptr,
+                     [&results, i](absl::StatusOr<EmbeddingBatch> r) { results[i] = r.status(); })
+            .ok());
   }
   model.FailNext(absl::InternalError("device lost"));
   EXPECT_EQ(*(*embedder)->batcher().RunOnce(), 2);  // tasks 0 and 1 fail
@@ -556,8 +556,9 @@ TEST(Embedder, ExpiredAndCancelledNeverReachTheModel) {
                            [&](absl::StatusOr<EmbeddingBatch> r) { expired = r.status(); })
                   .ok());
   ASSERT_TRUE((*embedder)
-                  ->Submit(SeededCrop(2), absl::InfiniteFuture(), [] { return true; },
-                           [&](absl::StatusOr<EmbeddingBatch> r) { cancelled = r.status(); })
+                  ->Submit(
+                      SeededCrop(2), absl::InfiniteFuture(), [] { return true; },
+                      [&](absl::StatusOr<EmbeddingBatch> r) { cancelled = r.status(); })
                   .ok());
   clock.Advance(absl::Milliseconds(5));
   EXPECT_EQ(*(*embedder)->batcher().RunOnce(), 0);
@@ -578,9 +579,9 @@ TEST(Embedder, RejectsBadBuffersAndAFullQueue) {
   auto noop = [](absl::StatusOr<EmbeddingBatch>) {};
   EXPECT_EQ((*embedder)->Submit({}, absl::InfiniteFuture(), nullptr, noop).code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ((*embedder)->Submit(std::vector<uint8_t>(100), absl::InfiniteFuture(), nullptr, noop)
-                .code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      (*embedder)->Submit(std::vector<uint8_t>(100), absl::InfiniteFuture(), nullptr, noop).code(),
+      absl::StatusCode::kInvalidArgument);
   std::vector<uint8_t> two = SeededCrop(1);
   two.insert(two.end(), two.begin(), two.end());
   EXPECT_TRUE((*embedder)->Submit(std::move(two), absl::InfiniteFuture(), nullptr, noop).ok());
@@ -923,8 +924,8 @@ TEST_F(ServiceTest, InvalidRequestsNameTheFaceAndTheReason) {
       {"empty encoded",
        [&](v1::EmbedRequest* r) { r->add_faces()->mutable_image()->set_encoded(""); },
        grpc::StatusCode::INVALID_ARGUMENT, "face 0: "},
-      {"no image", [&](v1::EmbedRequest* r) { r->add_faces(); },
-       grpc::StatusCode::INVALID_ARGUMENT, "face 0: no image"},
+      {"no image", [&](v1::EmbedRequest* r) { r->add_faces(); }, grpc::StatusCode::INVALID_ARGUMENT,
+       "face 0: no image"},
       {"four landmarks",
        [&](v1::EmbedRequest* r) {
          v1::Face* f = r->add_faces();
@@ -1016,7 +1017,7 @@ TEST_F(ServiceTest, CompareMatchesHandComputedCosines) {
   *req.add_references()->mutable_face() = RawFace(faces[1]);
   *req.add_references()->mutable_face() = RawFace(faces[2]);
   req.add_references()->mutable_embedding()->mutable_values()->Assign(embs[0].begin(),
-                                                                       embs[0].end());
+                                                                      embs[0].end());
   req.set_threshold(0.05f);
   v1::CompareResponse resp;
   grpc::Status s = Compare(req, &resp);
@@ -1248,8 +1249,8 @@ grpc::ByteBuffer Bytes(const std::string& data) {
 TEST_F(ServiceTest, StreamAnswersMessagesThatDoNotParseAndGoesOn) {
   Start();
   Ready();
-  auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_),
-                                     grpc::InsecureChannelCredentials());
+  auto channel =
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_), grpc::InsecureChannelCredentials());
   grpc::ClientContext ctx;
   std::unique_ptr<RawStream> stream = OpenRawStream(channel.get(), &ctx);
   auto valid = [](int i) {
@@ -1261,8 +1262,8 @@ TEST_F(ServiceTest, StreamAnswersMessagesThatDoNotParseAndGoesOn) {
   const std::string truncated = valid(3).substr(0, 100);  // inside the face's pixels
   // Field 3 (request_id), length 2, bytes that are not UTF-8: proto3 refuses to parse it.
   const std::string bad_utf8 = std::string("\x1a\x02\xff\xfe", 4);
-  const std::vector<std::string> messages = {valid(0), "\xff\xff\xff\xff garbage", valid(2),
-                                             truncated,  bad_utf8,                 valid(5)};
+  const std::vector<std::string> messages = {
+      valid(0), "\xff\xff\xff\xff garbage", valid(2), truncated, bad_utf8, valid(5)};
   for (const std::string& m : messages) ASSERT_TRUE(stream->Write(Bytes(m)));
   stream->WritesDone();
   std::vector<v1::EmbedResponse> responses;
@@ -1342,13 +1343,14 @@ TEST_F(ServiceTest, StreamCancelledWhileItsMessageIsInPreprocessing) {
   auto unblock = std::make_shared<absl::Notification>();
   auto blocked = std::make_shared<std::atomic<int>>(0);
   for (int i = 0; i < 2; ++i) {
-    ASSERT_TRUE(pool_->Submit(
-                         [unblock, blocked] {
-                           ++*blocked;
-                           unblock->WaitForNotification();
-                           return false;
-                         },
-                         1)
+    ASSERT_TRUE(pool_
+                    ->Submit(
+                        [unblock, blocked] {
+                          ++*blocked;
+                          unblock->WaitForNotification();
+                          return false;
+                        },
+                        1)
                     .ok());
   }
   struct Unblock {  // also when an assertion ends the test early, or TearDown would hang
@@ -1570,8 +1572,8 @@ TEST_F(ServiceTest, ExpiredCallsStopDecodingAndASmallCallIsNotStuckBehindThem) {
   ASSERT_TRUE(WaitForIdlePool());
   const double decoded = Metric("arcface_preprocess_faces_total") - 1;  // less the small face
   std::cout << "slow face: " << cost << "; small call waited " << small_wait << "; the server "
-            << "ended the heavy calls " << server_done << " after they began, with "
-            << decoded << " of their " << 2 * kHeavy << " faces decoded\n";
+            << "ended the heavy calls " << server_done << " after they began, with " << decoded
+            << " of their " << 2 * kHeavy << " faces decoded\n";
   // About one face per pool thread before the small call's turn; the margins absorb a loaded
   // machine or a sanitizer stretching some faces, and stay far below the heavy calls' whole
   // decode (kHeavy faces per pool thread) that the small call waited for before the fix.
@@ -1580,8 +1582,7 @@ TEST_F(ServiceTest, ExpiredCallsStopDecodingAndASmallCallIsNotStuckBehindThem) {
   // The deadline (0.5 s) passes during the heavy calls' first or second face.
   EXPECT_LE(decoded, 2 * (1 + absl::Milliseconds(500) / cost) + 2);
   EXPECT_EQ(Metric("arcface_preprocess_aborted_total", {{"reason", "deadline"}}), 2);
-  EXPECT_EQ(Metric("arcface_requests_total", {{"rpc", "Embed"}, {"code", "DEADLINE_EXCEEDED"}}),
-            2);
+  EXPECT_EQ(Metric("arcface_requests_total", {{"rpc", "Embed"}, {"code", "DEADLINE_EXCEEDED"}}), 2);
   EXPECT_THAT(model_.batch_sizes(), ElementsAre(1));  // the heavy calls never reached the model
 }
 
@@ -1647,13 +1648,14 @@ TEST_F(ServiceTest, FullPoolRefusesAtOnceWithFlatMemoryAndAdmittedCallsFinish) {
   Ready();
   // Holds one pool thread and one face's room.
   absl::Notification held, release;
-  ASSERT_TRUE(pool_->Submit(
-                       [&] {
-                         held.Notify();
-                         release.WaitForNotification();
-                         return false;
-                       },
-                       /*cost=*/1)
+  ASSERT_TRUE(pool_
+                  ->Submit(
+                      [&] {
+                        held.Notify();
+                        release.WaitForNotification();
+                        return false;
+                      },
+                      /*cost=*/1)
                   .ok());
   held.WaitForNotification();
   v1::EmbedRequest admitted = SlowRequest(2);
@@ -1724,23 +1726,25 @@ TEST_F(ServiceTest, FullPoolRefusesAtOnceWithFlatMemoryAndAdmittedCallsFinish) {
 class PreprocessingHold {
  public:
   explicit PreprocessingHold(WorkQueue* pool) : pool_(pool) {
-    EXPECT_TRUE(pool_->Submit(
-                         [this] {
-                           first_.WaitForNotification();
-                           return false;
-                         },
-                         /*cost=*/1)
+    EXPECT_TRUE(pool_
+                    ->Submit(
+                        [this] {
+                          first_.WaitForNotification();
+                          return false;
+                        },
+                        /*cost=*/1)
                     .ok());
   }
   // Call once the request's job is queued behind the first holder.
   void HoldAfterOneStep() {
-    EXPECT_TRUE(pool_->Submit(
-                         [this] {
-                           held_.Notify();
-                           release_.WaitForNotification();
-                           return false;
-                         },
-                         /*cost=*/1)
+    EXPECT_TRUE(pool_
+                    ->Submit(
+                        [this] {
+                          held_.Notify();
+                          release_.WaitForNotification();
+                          return false;
+                        },
+                        /*cost=*/1)
                     .ok());
     first_.Notify();  // the call's first step runs, then this second holder
     held_.WaitForNotification();
@@ -1769,15 +1773,14 @@ TEST_F(ServiceTest, DeadlinePassingDuringPreprocessingEndsItBeforeTheModel) {
   ASSERT_EQ(pool_->pending(), 2);
   hold.HoldAfterOneStep();
   EXPECT_EQ(Metric("arcface_preprocess_faces_total"), 1);  // in the middle of the call
-  client.join();  // the deadline passes meanwhile
+  client.join();                                           // the deadline passes meanwhile
   EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
   // The server's deadline is the client's plus the request's transit: let it pass too.
   absl::SleepFor(absl::Milliseconds(300));
   hold.Release();
   ASSERT_TRUE(WaitForIdlePool());
   EXPECT_TRUE(service_->WaitForIdle(absl::Now() + absl::Seconds(10)));
-  EXPECT_EQ(Metric("arcface_requests_total", {{"rpc", "Embed"}, {"code", "DEADLINE_EXCEEDED"}}),
-            1);
+  EXPECT_EQ(Metric("arcface_requests_total", {{"rpc", "Embed"}, {"code", "DEADLINE_EXCEEDED"}}), 1);
   EXPECT_EQ(Metric("arcface_preprocess_aborted_total", {{"reason", "deadline"}}), 1);
   EXPECT_EQ(Metric("arcface_preprocess_faces_total"), 1);  // the second face never decoded
   EXPECT_TRUE(model_.batch_sizes().empty());
@@ -1849,8 +1852,8 @@ TEST_F(ServiceTest, CompareRepliesFitTheMessageCapAtTheDefaults) {
     v1::CompareResponse resp;
     grpc::Status s = Compare(req, &resp);
     EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
-    EXPECT_THAT(s.error_message(), HasSubstr(absl::StrCat(rows, " queries x ", cols + 1,
-                                                          " references")));
+    EXPECT_THAT(s.error_message(),
+                HasSubstr(absl::StrCat(rows, " queries x ", cols + 1, " references")));
     EXPECT_THAT(s.error_message(),
                 HasSubstr("over the message cap of 67108864 bytes (--max-message-bytes)"));
   }
