@@ -2,7 +2,6 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
-
 #include <opencv2/core.hpp>
 #include <opencv2/imgproc.hpp>
 
@@ -23,14 +22,14 @@ absl::Status CheckRgb(const cv::Mat& rgb) {
   return absl::OkStatus();
 }
 
-// A 112×112 CV_8UC3 header over the crop's own buffer, so OpenCV writes the result in place.
-cv::Mat CropView(Crop& crop) { return cv::Mat(kCropSize, kCropSize, CV_8UC3, crop.data()); }
+// A size × size CV_8UC3 header over the crop's own buffer, so OpenCV writes the result in place.
+cv::Mat CropView(Crop& crop, int size) { return cv::Mat(size, size, CV_8UC3, crop.data()); }
 
-absl::StatusOr<Crop> ResizeToCrop(const cv::Mat& region) {
-  Crop crop(kCropBytes);
-  cv::Mat out = CropView(crop);
+absl::StatusOr<Crop> ResizeToCrop(const cv::Mat& region, const model::CropGeometry& geometry) {
+  Crop crop(geometry.bytes());
+  cv::Mat out = CropView(crop, geometry.size);
   try {
-    if (region.cols == kCropSize && region.rows == kCropSize) {
+    if (region.cols == geometry.size && region.rows == geometry.size) {
       region.copyTo(out);
     } else {
       cv::resize(region, out, out.size(), 0, 0, cv::INTER_LINEAR);
@@ -60,12 +59,13 @@ absl::StatusOr<int64_t> RoundEdge(float v, const char* name) {
 
 }  // namespace
 
-absl::StatusOr<Crop> ResizeWhole(const cv::Mat& rgb) {
+absl::StatusOr<Crop> ResizeWhole(const cv::Mat& rgb, const model::CropGeometry& geometry) {
   if (absl::Status s = CheckRgb(rgb); !s.ok()) return s;
-  return ResizeToCrop(rgb);
+  return ResizeToCrop(rgb, geometry);
 }
 
-absl::StatusOr<Crop> CropBox(const cv::Mat& rgb, const Box& box, const Limits& limits) {
+absl::StatusOr<Crop> CropBox(const cv::Mat& rgb, const Box& box, const Limits& limits,
+                             const model::CropGeometry& geometry) {
   if (absl::Status s = CheckRgb(rgb); !s.ok()) return s;
   absl::StatusOr<int64_t> x0 = RoundEdge(box.x_min, "x_min");
   if (!x0.ok()) return x0.status();
@@ -91,7 +91,7 @@ absl::StatusOr<Crop> CropBox(const cv::Mat& rgb, const Box& box, const Limits& l
   const cv::Rect region(static_cast<int>(*x0), static_cast<int>(*y0), static_cast<int>(width),
                         static_cast<int>(height));
   const cv::Rect image(0, 0, rgb.cols, rgb.rows);
-  if ((region & image) == region) return ResizeToCrop(rgb(region));
+  if ((region & image) == region) return ResizeToCrop(rgb(region), geometry);
 
   cv::Mat canvas;
   try {
@@ -101,10 +101,11 @@ absl::StatusOr<Crop> CropBox(const cv::Mat& rgb, const Box& box, const Limits& l
   } catch (const cv::Exception& e) {
     return absl::InternalError(absl::StrCat("OpenCV box canvas failed: ", e.err));
   }
-  return ResizeToCrop(canvas);
+  return ResizeToCrop(canvas, geometry);
 }
 
-absl::StatusOr<Crop> AlignFace(const cv::Mat& rgb, absl::Span<const Point> landmarks) {
+absl::StatusOr<Crop> AlignFace(const cv::Mat& rgb, absl::Span<const Point> landmarks,
+                               const model::CropGeometry& geometry) {
   if (landmarks.size() != 5) {
     return absl::InvalidArgumentError(absl::StrCat("expected 5 landmarks, got ", landmarks.size()));
   }
@@ -115,7 +116,7 @@ absl::StatusOr<Crop> AlignFace(const cv::Mat& rgb, absl::Span<const Point> landm
     }
   }
   if (absl::Status s = CheckRgb(rgb); !s.ok()) return s;
-  absl::StatusOr<cv::Matx23d> m = EstimateSimilarity(landmarks, ArcFaceTemplate());
+  absl::StatusOr<cv::Matx23d> m = EstimateSimilarity(landmarks, Template(geometry));
   if (!m.ok()) return m.status();
 
   cv::Mat source = rgb;
@@ -128,8 +129,8 @@ absl::StatusOr<Crop> AlignFace(const cv::Mat& rgb, absl::Span<const Point> landm
     const double a = warp(0, 0), b = warp(0, 1), c = warp(1, 0), d = warp(1, 1);
     const double det = a * d - b * c;  // s² > 0: EstimateSimilarity refuses scale 0
     double min_x = HUGE_VAL, min_y = HUGE_VAL, max_x = -HUGE_VAL, max_y = -HUGE_VAL;
-    for (double qx : {-1.0, double{kCropSize}}) {
-      for (double qy : {-1.0, double{kCropSize}}) {
+    for (double qx : {-1.0, double{geometry.size}}) {
+      for (double qy : {-1.0, double{geometry.size}}) {
         const double ux = qx - warp(0, 2), uy = qy - warp(1, 2);
         const double px = (d * ux - b * uy) / det, py = (-c * ux + a * uy) / det;
         min_x = std::min(min_x, px);
@@ -142,7 +143,7 @@ absl::StatusOr<Crop> AlignFace(const cv::Mat& rgb, absl::Span<const Point> landm
     const double y0 = std::clamp(std::floor(min_y) - 2, 0.0, static_cast<double>(rgb.rows));
     const double x1 = std::clamp(std::ceil(max_x) + 3, 0.0, static_cast<double>(rgb.cols));
     const double y1 = std::clamp(std::ceil(max_y) + 3, 0.0, static_cast<double>(rgb.rows));
-    if (x1 <= x0 || y1 <= y0) return Crop(kCropBytes, 0);  // the face lies outside the image
+    if (x1 <= x0 || y1 <= y0) return Crop(geometry.bytes(), 0);  // the face is outside the image
     if (x1 - x0 >= SHRT_MAX || y1 - y0 >= SHRT_MAX) {
       return absl::InvalidArgumentError(absl::StrCat("landmarks span too large a region to align (",
                                                      x1 - x0, "x", y1 - y0, " pixels; at most ",
@@ -154,8 +155,8 @@ absl::StatusOr<Crop> AlignFace(const cv::Mat& rgb, absl::Span<const Point> landm
     warp(1, 2) += c * x0 + d * y0;
   }
 
-  Crop crop(kCropBytes);
-  cv::Mat out = CropView(crop);
+  Crop crop(geometry.bytes());
+  cv::Mat out = CropView(crop, geometry.size);
   try {
     cv::warpAffine(source, out, cv::Mat(warp), out.size(), cv::INTER_LINEAR, cv::BORDER_CONSTANT,
                    cv::Scalar::all(0));

@@ -1,5 +1,6 @@
 // arcface::image — turns what a client sends (encoded or raw pixels, plus an optional box or
-// five landmarks) into the 112×112×3 uint8 RGB crop the ArcFace model consumes.
+// five landmarks) into the square uint8 RGB crop a model consumes: by default ArcFace's 112×112,
+// or any model family's model::CropGeometry (its size and five-point template).
 //
 // Contract
 // - Ownership: inputs are borrowed for the duration of the call only. Every returned cv::Mat
@@ -14,8 +15,8 @@
 //   already validated. No exception escapes: OpenCV's are caught here and become a status.
 // - Thread safety: all functions are pure (no state between calls) and may run concurrently
 //   from any number of threads.
-// - Pixel conventions: images are cv::Mat CV_8UC3 in RGB order; a Crop is kCropBytes of RGB,
-//   row-major HWC. Coordinates are in pixels with integer pixel centres (pixel (0,0) spans
+// - Pixel conventions: images are cv::Mat CV_8UC3 in RGB order; a Crop is geometry.bytes() of
+//   RGB, row-major HWC. Coordinates are in pixels with integer pixel centres (pixel (0,0) spans
 //   [-0.5, 0.5)). Resizing is bilinear with half-pixel centres and no antialiasing (py-feat's
 //   F.interpolate(align_corners=False)); it is done by OpenCV's 8-bit fixed-point path, so
 //   results may differ by 1 from rounding a float bilinear interpolation.
@@ -25,11 +26,10 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <opencv2/core.hpp>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <opencv2/core.hpp>
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
@@ -40,7 +40,7 @@ namespace arcface::image {
 using model::kCropBytes;
 using model::kCropSize;
 
-// kCropSize × kCropSize × 3 bytes, RGB, row-major HWC; always exactly kCropBytes long.
+// size × size × 3 bytes of the geometry it was made for, RGB, row-major HWC.
 using Crop = std::vector<uint8_t>;
 
 // Layout of tightly packed raw pixels (no row padding).
@@ -115,20 +115,25 @@ absl::StatusOr<cv::Mat> DecodeImage(std::string_view encoded, const Limits& limi
 absl::StatusOr<cv::Mat> RawToRgb(std::string_view data, int width, int height, PixelFormat format,
                                  const Limits& limits);
 
-// The whole image as the crop: copied exactly when already 112×112, else resized.
-absl::StatusOr<Crop> ResizeWhole(const cv::Mat& rgb);
+// The whole image as the crop: copied exactly when already of the crop's size, else resized.
+absl::StatusOr<Crop> ResizeWhole(const cv::Mat& rgb,
+                                 const model::CropGeometry& geometry = model::kArcFaceCrop);
 
 // The box region as the crop. Edges are rounded to whole pixels with floor(v + 0.5): the region
 // is columns [round(x_min), round(x_max)) and rows [round(y_min), round(y_max)). Parts outside
-// the image are black. The region is copied exactly when 112×112, else resized. Errors: a
-// non-finite coordinate, an empty region after rounding, an area over limits.max_pixels.
-absl::StatusOr<Crop> CropBox(const cv::Mat& rgb, const Box& box, const Limits& limits = Limits());
+// the image are black. The region is copied exactly when of the crop's size, else resized.
+// Errors: a non-finite coordinate, an empty region after rounding, an area over
+// limits.max_pixels.
+absl::StatusOr<Crop> CropBox(const cv::Mat& rgb, const Box& box, const Limits& limits = Limits(),
+                             const model::CropGeometry& geometry = model::kArcFaceCrop);
 
 // InsightFace's norm_crop: the five landmarks (left eye, right eye, nose tip, left mouth corner,
-// right mouth corner) are mapped onto ArcFaceTemplate() by EstimateSimilarity, and the image is
-// warped bilinearly into 112×112 with a black border. Errors: not exactly 5 landmarks, a
-// non-finite landmark, degenerate (coincident) landmarks.
-absl::StatusOr<Crop> AlignFace(const cv::Mat& rgb, absl::Span<const Point> landmarks);
+// right mouth corner) are mapped onto the geometry's template (ArcFaceTemplate() by default) by
+// EstimateSimilarity, and the image is warped bilinearly into the geometry's square with a black
+// border. Errors: not exactly 5 landmarks, a non-finite landmark, degenerate (coincident)
+// landmarks.
+absl::StatusOr<Crop> AlignFace(const cv::Mat& rgb, absl::Span<const Point> landmarks,
+                               const model::CropGeometry& geometry = model::kArcFaceCrop);
 
 // Least-squares similarity transform with scale (Umeyama 1991, as skimage's
 // SimilarityTransform.estimate) taking src[i] to dst[i]: a 2×3 matrix [sR | t], R a proper
@@ -137,7 +142,10 @@ absl::StatusOr<Crop> AlignFace(const cv::Mat& rgb, absl::Span<const Point> landm
 absl::StatusOr<cv::Matx23d> EstimateSimilarity(absl::Span<const Point> src,
                                                absl::Span<const Point> dst);
 
-// The five ArcFace landmark positions in the 112×112 crop.
+// The five landmark positions of a geometry, in its crop's pixels.
+std::array<Point, 5> Template(const model::CropGeometry& geometry);
+
+// The five ArcFace landmark positions in the 112×112 crop (model::kArcFaceCrop).
 const std::array<Point, 5>& ArcFaceTemplate();
 
 }  // namespace arcface::image

@@ -2,7 +2,6 @@
 #include <array>
 #include <cmath>
 #include <cstddef>
-
 #include <opencv2/core.hpp>
 
 #include "absl/status/status.h"
@@ -12,15 +11,16 @@
 
 namespace arcface::image {
 
+std::array<Point, 5> Template(const model::CropGeometry& geometry) {
+  std::array<Point, 5> points;
+  for (size_t i = 0; i < points.size(); ++i) {
+    points[i] = {geometry.landmarks[i][0], geometry.landmarks[i][1]};
+  }
+  return points;
+}
+
 const std::array<Point, 5>& ArcFaceTemplate() {
-  // InsightFace's arcface_dst (face_align.py) for 112×112 crops.
-  static constexpr std::array<Point, 5> kTemplate = {{
-      {38.2946f, 51.6963f},
-      {73.5318f, 51.5014f},
-      {56.0252f, 71.7366f},
-      {41.5493f, 92.3655f},
-      {70.7299f, 92.2041f},
-  }};
+  static const std::array<Point, 5> kTemplate = Template(model::kArcFaceCrop);
   return kTemplate;
 }
 

@@ -1,12 +1,12 @@
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
 #include <cmath>
 #include <limits>
+#include <opencv2/imgproc.hpp>
 #include <random>
 #include <thread>
 #include <vector>
-
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
-#include <opencv2/imgproc.hpp>
 
 #include "server/image/image.h"
 #include "tests/image/test_util.h"
@@ -190,6 +190,35 @@ TEST(AlignFaceTest, MatchesWarpAffineOfTheEstimatedTransform) {
   const cv::Vec3b corner = CropToMat(*crop).at<cv::Vec3b>(0, 0);
   const cv::Vec3b source = rgb.at<cv::Vec3b>(140, 180);
   for (int c = 0; c < 3; ++c) EXPECT_NEAR(corner[c], source[c], 1);
+}
+
+TEST(AlignFaceTest, AnotherGeometryMapsTheLandmarksOntoItsOwnTemplateInItsOwnSquare) {
+  // A 150×150 geometry whose template is ArcFace's scaled by 1.5 and moved by (-9, -4): the crop
+  // is that similarity's warp of the image, at 150×150, and the same geometry's box and whole-image
+  // crops are 150×150 too.
+  model::CropGeometry wide{150, {}};
+  for (int i = 0; i < 5; ++i) {
+    wide.landmarks[i] = {model::kArcFaceCrop.landmarks[i][0] * 1.5f - 9,
+                         model::kArcFaceCrop.landmarks[i][1] * 1.5f - 4};
+  }
+  const cv::Mat rgb = ReadRgbReference(DataPath("single_face.jpg"));
+  const cv::Matx23d to_image = ScaledRotation(1.3, 8.0, 170, 120);
+  const std::vector<Point> landmarks = Apply(to_image, TemplatePoints());
+  const std::array<Point, 5> target = Template(wide);
+  absl::StatusOr<cv::Matx23d> m = EstimateSimilarity(landmarks, target);
+  ASSERT_THAT(m, IsOk());
+  cv::Mat expected;
+  cv::warpAffine(rgb, expected, cv::Mat(*m), cv::Size(150, 150), cv::INTER_LINEAR,
+                 cv::BORDER_CONSTANT, cv::Scalar::all(0));
+  absl::StatusOr<Crop> crop = AlignFace(rgb, landmarks, wide);
+  ASSERT_THAT(crop, IsOk());
+  ASSERT_EQ(crop->size(), wide.bytes());
+  EXPECT_EQ(MaxAbsDiff(cv::Mat(150, 150, CV_8UC3, crop->data()), expected), 0);
+  for (const absl::StatusOr<Crop>& other :
+       {ResizeWhole(rgb, wide), CropBox(rgb, {10, 10, 60, 80}, Limits(), wide)}) {
+    ASSERT_THAT(other, IsOk());
+    EXPECT_EQ(other->size(), size_t{150 * 150 * 3});
+  }
 }
 
 TEST(AlignFaceTest, OutsideTheImageIsBlack) {
