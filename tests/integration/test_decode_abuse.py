@@ -206,9 +206,14 @@ def test_full_pool_refuses_at_once_with_flat_memory(start_server, slow_png):
     # here, up and down) but does not climb: the later samples stay within the band of the
     # earlier ones. Keeping each refused request would add 240 MB a sample.
     # Under ThreadSanitizer RSS also grows with the shadow memory of every new address the
-    # allocator hands out, so only the refusals' accounting and latency are checked there.
-    assert os.environ.get("ARCFACE_SANITIZE") == "thread" or (
-        min(rss[3:]) < max(rss[:3]) + 16 * 2**20), rss
+    # allocator hands out, so only the refusals' accounting and latency are checked there. Under
+    # AddressSanitizer freed blocks wait in its quarantine (256 MiB by default) before they are
+    # reused, so RSS climbs by up to that much over the run (171 MiB seen), then stays.
+    sanitizer = os.environ.get("ARCFACE_SANITIZE", "")
+    if sanitizer.startswith("address"):
+        assert max(rss) - rss[0] < (256 + 16) * 2**20, rss
+    elif sanitizer != "thread":
+        assert min(rss[3:]) < max(rss[:3]) + 16 * 2**20, rss
     assert slowest[0] < 2.0
     for f in admitted:
         assert len(f.result().embeddings) == ADMITTED

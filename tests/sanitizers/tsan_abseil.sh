@@ -37,7 +37,10 @@ apt-get "${apt_opts[@]}" update
 
 # Debian's configuration (debian/rules: C++17, shared), clang with TSan on top; no RPATH, so
 # that the binaries' RPATH finds the libraries' own dependencies here too.
-cmake -S "$src/absl" -B "$src/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+# ccache where there is one (tests/run.sh's lanes: a second clone reuses the first's objects).
+launcher=()
+command -v ccache >/dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+cmake -S "$src/absl" -B "$src/build" -G Ninja -DCMAKE_BUILD_TYPE=Release "${launcher[@]}" \
   -DCMAKE_CXX_COMPILER=clang++-14 -DCMAKE_CXX_STANDARD=17 -DBUILD_SHARED_LIBS=ON \
   -DCMAKE_SKIP_RPATH=ON \
   -DCMAKE_CXX_FLAGS="-fsanitize=thread -gline-tables-only" > "$src/configure.log" 2>&1
