@@ -2,11 +2,12 @@
 # Installs what is missing, configures, builds, and runs every test (C++ via ctest, the Python
 # reference's own tests, ONNX Runtime as the peer); then the reliability lanes, each a clang
 # build in its own folder:
-#   asan  ASan + UBSan + LeakSanitizer (build-asan): every C++ test, and the integration, client
-#         and Python-client suites against the sanitized server
+#   asan  ASan + UBSan + LeakSanitizer (build-asan): every C++ test, and the integration and CLI
+#         suites against the sanitized server
 #   tsan  ThreadSanitizer (build-tsan): the batching, service and client C++ suites, the
-#         integration and fault suites against the TSan server (ARCFACE_TSAN_ALL=1 adds the CLI
-#         and Python-client suite)
+#         integration and fault suites against the TSan server
+#   Neither runs the Python client's suite (Python code; the server paths it reaches are the
+#   integration suites'), and TSan not the CLI's; ARCFACE_LANES_ALL=1 runs them too.
 #   tsa   clang's -Wthread-safety as errors over every .cc of server/ and client/ (build-tsa)
 #   fuzz  the libFuzzer targets of tests/fuzz (build-fuzz, ASan+UBSan), each for
 #         ARCFACE_FUZZ_SECONDS (60) on its seed corpus and regression inputs
@@ -56,7 +57,7 @@ asan() {
   cmake -S . -B build-asan "${common[@]}" "${clang[@]}" -DARCFACE_SANITIZE=address,undefined \
     >/dev/null &&
   timed build cmake --build build-asan -j"$(nproc)" &&
-  timed tests ctest --test-dir build-asan --output-on-failure "$@"
+  timed tests ctest --test-dir build-asan --output-on-failure $(lane_skip python_client_pytest) "$@"
 }
 
 tsan() {
@@ -64,11 +65,16 @@ tsan() {
   cmake -S . -B build-tsan "${common[@]}" "${clang[@]}" -DARCFACE_SANITIZE=thread \
     -DARCFACE_TSAN_ABSEIL_DIR="$PWD/build-tsan/absl" >/dev/null &&
   timed build cmake --build build-tsan -j"$(nproc)" &&
-  # The CLI and Python-client suite (client_pytest, 6 minutes under TSan) adds no server path
-  # that the integration suites do not cover; ARCFACE_TSAN_ALL=1 runs it too.
-  local skip=(-E '^client_pytest$')
-  [[ ${ARCFACE_TSAN_ALL:-0} == 1 ]] && skip=()
-  timed tests ctest --test-dir build-tsan --output-on-failure "${skip[@]}" "$@"
+  # The CLI's suite (client_pytest, 6 minutes under TSan) adds no server path that the
+  # integration suites do not cover, and the CLI's threads are its C++ tests' (run here).
+  timed tests ctest --test-dir build-tsan --output-on-failure \
+    $(lane_skip 'client_pytest|python_client_pytest') "$@"
+}
+
+# lane_skip NAMES: ctest's exclusion of those suites (a regex alternation), unless
+# ARCFACE_LANES_ALL=1.
+lane_skip() {
+  [[ ${ARCFACE_LANES_ALL:-0} == 1 ]] || printf -- '-E ^(%s)$' "$1"
 }
 
 tsa() {
