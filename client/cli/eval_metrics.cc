@@ -162,14 +162,16 @@ absl::StatusOr<VerificationResult> KFoldVerification(const std::vector<ScoredPai
     out.folds.push_back(fold);
   }
   for (const FoldResult& f : out.folds) {
-    out.accuracy_mean += f.accuracy / folds;
-    out.threshold_mean += f.threshold / folds;
+    out.accuracy_mean += f.accuracy;
+    out.threshold_mean += f.threshold;
   }
-  double variance = 0;
+  out.accuracy_mean /= folds;
+  out.threshold_mean /= folds;
+  double squares = 0;
   for (const FoldResult& f : out.folds) {
-    variance += (f.accuracy - out.accuracy_mean) * (f.accuracy - out.accuracy_mean) / folds;
+    squares += (f.accuracy - out.accuracy_mean) * (f.accuracy - out.accuracy_mean);
   }
-  out.accuracy_std = std::sqrt(variance);
+  out.accuracy_std = std::sqrt(squares / folds);
   return out;
 }
 
