@@ -277,11 +277,10 @@ int RunCompare(const CommonOptions& common, const CompareOptions& options) {
     if (!r.ok()) return Fail("compare", r.status());
     const float cosine = r->at(0, 0);
     const bool same = !r->matches.empty() && r->matches[0];
-    std::cout << absl::StrFormat("%s\t%s\tcosine=%.4f\t%s (threshold %.2f%s)\n", options.files[0],
-                                 options.files[1], cosine, same ? "same" : "different",
-                                 options.threshold,
-                                 info->demo_weights() ? absl::StrCat("; ", kRandomWeightsVerdict)
-                                                      : "");
+    std::cout << absl::StrFormat(
+        "%s\t%s\tcosine=%.4f\t%s (threshold %.2f%s)\n", options.files[0], options.files[1], cosine,
+        same ? "same" : "different", options.threshold,
+        info->demo_weights() ? absl::StrCat("; ", kRandomWeightsVerdict) : "");
     return kExitOk;
   }
 

@@ -14,17 +14,16 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "client/cpp/client.h"
 #include "client/cli/output.h"
 #include "client/cli/progress.h"
+#include "client/cpp/client.h"
 
 namespace arcface::cli {
 
@@ -99,10 +98,10 @@ struct GalleryIdentifyOptions {
 // (eval_data.h has the layout and pairs.txt; eval_metrics.h the figures).
 struct EvalOptions {
   std::string root;
-  std::string pairs;          // LFW-style pairs.txt; empty: every pair of images
-  bool detect = false;        // --faces detect: the largest face the server's detector finds
-  std::string gallery;        // also measure top-1 through FaceGallery in this scratch gallery
-  std::string roc;            // PNG of the ROC
+  std::string pairs;    // LFW-style pairs.txt; empty: every pair of images
+  bool detect = false;  // --faces detect: the largest face the server's detector finds
+  std::string gallery;  // also measure top-1 through FaceGallery in this scratch gallery
+  std::string roc;      // PNG of the ROC
   bool json = false;
 };
 

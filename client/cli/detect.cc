@@ -139,9 +139,9 @@ int RunDetect(const CommonOptions& common, const DetectOptions& options) {
     std::vector<DrawnFace> drawn;
     for (size_t i = 0; i < found->faces.size(); ++i) {
       const client::DetectedFace& f = found->faces[i];
-      drawn.push_back({cv::Rect2f(cv::Point2f(f.box.x_min, f.box.y_min),
-                                  cv::Point2f(f.box.x_max, f.box.y_max)),
-                       f.landmarks, PlotLabel(i, f, identified, random_weights)});
+      drawn.push_back(
+          {cv::Rect2f(cv::Point2f(f.box.x_min, f.box.y_min), cv::Point2f(f.box.x_max, f.box.y_max)),
+           f.landmarks, PlotLabel(i, f, identified, random_weights)});
     }
     absl::Status s = WritePng(options.plot, DrawDetections(image, drawn));
     if (!s.ok()) return Fail("--plot", s);

@@ -88,9 +88,9 @@ Rows EmbedDetected(Client& client, const EvalSet& set, absl::Status* stream) {
       auto area = [](const client::DetectedFace& f) {
         return (f.box.x_max - f.box.x_min) * (f.box.y_max - f.box.y_min);
       };
-      const auto largest = std::max_element(
-          found->faces.begin(), found->faces.end(),
-          [&](const auto& a, const auto& b) { return area(a) < area(b); });
+      const auto largest =
+          std::max_element(found->faces.begin(), found->faces.end(),
+                           [&](const auto& a, const auto& b) { return area(a) < area(b); });
       if (largest->embedding) {
         rows[tag] = std::move(largest->embedding->values);
       } else {
@@ -184,8 +184,7 @@ absl::StatusOr<Top1Result> GalleryTop1(Client& client, const std::string& galler
 }
 
 nlohmann::json Top1Json(const Top1Result& t) {
-  return {{"rate", t.rate()}, {"correct", t.correct}, {"probes", t.probes},
-          {"skipped", t.skipped}};
+  return {{"rate", t.rate()}, {"correct", t.correct}, {"probes", t.probes}, {"skipped", t.skipped}};
 }
 
 std::string Top1Text(const Top1Result& t) {
@@ -215,8 +214,8 @@ int RunEval(const CommonOptions& common, const EvalOptions& options) {
   }
 
   absl::Status stream;
-  const Rows rows = options.detect ? EmbedDetected(**client, *set, &stream)
-                                   : EmbedWhole(**client, *set, &stream);
+  const Rows rows =
+      options.detect ? EmbedDetected(**client, *set, &stream) : EmbedWhole(**client, *set, &stream);
   if (!stream.ok()) return Fail("eval", stream);
   std::vector<FailedInput> failed;
   std::vector<std::vector<float>> unit;
@@ -259,8 +258,8 @@ int RunEval(const CommonOptions& common, const EvalOptions& options) {
     if (!t.ok()) return Fail(absl::StrCat("eval --gallery ", options.gallery), t.status());
     gallery_top1 = *t;
   }
-  const int64_t same = std::count_if(pairs.begin(), pairs.end(),
-                                     [](const ScoredPair& p) { return p.same; });
+  const int64_t same =
+      std::count_if(pairs.begin(), pairs.end(), [](const ScoredPair& p) { return p.same; });
   const int64_t different = static_cast<int64_t>(pairs.size()) - same;
   const bool random = info->demo_weights();
   // What always answering the more common kind scores: the accuracy of knowing nothing.
@@ -293,7 +292,8 @@ int RunEval(const CommonOptions& common, const EvalOptions& options) {
   if (options.json) {
     nlohmann::json per_fold = nlohmann::json::array();
     for (const FoldResult& f : verification->folds) {
-      per_fold.push_back({{"accuracy", f.accuracy}, {"threshold", f.threshold}, {"pairs", f.pairs}});
+      per_fold.push_back(
+          {{"accuracy", f.accuracy}, {"threshold", f.threshold}, {"pairs", f.pairs}});
     }
     nlohmann::json tar_json = nlohmann::json::array();
     for (const TarAtFarResult& t : tars) {
@@ -309,25 +309,31 @@ int RunEval(const CommonOptions& common, const EvalOptions& options) {
     for (const FailedInput& f : failed) {
       errors.push_back({{"file", f.file}, {"code", f.code}, {"message", f.message}});
     }
-    nlohmann::json doc = {
-        {"root", options.root},
-        {"pairs_file", options.pairs.empty() ? nlohmann::json(nullptr) : nlohmann::json(options.pairs)},
-        {"faces", options.detect ? "detect" : "whole"},
-        {"model_id", info->model_id()},
-        {"random_weights", random},
-        {"identities", set->subjects.size()},
-        {"images", rows.size()},
-        {"images_failed", failed.size()},
-        {"errors", errors},
-        {"pairs", {{"total", set->pairs.size()}, {"same", same}, {"different", different},
-                   {"skipped", skipped_pairs}}},
-        {"accuracy", {{"folds", set->folds}, {"mean", verification->accuracy_mean},
-                      {"std", verification->accuracy_std},
-                      {"threshold_mean", verification->threshold_mean}, {"chance", chance},
-                      {"per_fold", per_fold}}},
-        {"roc_auc", *auc},
-        {"tar_at_far", tar_json},
-        {"top1", Top1Json(top1)}};
+    nlohmann::json doc = {{"root", options.root},
+                          {"pairs_file", options.pairs.empty() ? nlohmann::json(nullptr)
+                                                               : nlohmann::json(options.pairs)},
+                          {"faces", options.detect ? "detect" : "whole"},
+                          {"model_id", info->model_id()},
+                          {"random_weights", random},
+                          {"identities", set->subjects.size()},
+                          {"images", rows.size()},
+                          {"images_failed", failed.size()},
+                          {"errors", errors},
+                          {"pairs",
+                           {{"total", set->pairs.size()},
+                            {"same", same},
+                            {"different", different},
+                            {"skipped", skipped_pairs}}},
+                          {"accuracy",
+                           {{"folds", set->folds},
+                            {"mean", verification->accuracy_mean},
+                            {"std", verification->accuracy_std},
+                            {"threshold_mean", verification->threshold_mean},
+                            {"chance", chance},
+                            {"per_fold", per_fold}}},
+                          {"roc_auc", *auc},
+                          {"tar_at_far", tar_json},
+                          {"top1", Top1Json(top1)}};
     if (gallery_top1) {
       doc["gallery_top1"] = Top1Json(*gallery_top1);
       doc["gallery_top1"]["gallery"] = options.gallery;
@@ -357,8 +363,8 @@ int RunEval(const CommonOptions& common, const EvalOptions& options) {
     }
     table.push_back({"top-1 (leave-one-out)", Top1Text(top1)});
     if (gallery_top1) {
-      table.push_back({absl::StrCat("top-1 (gallery ", options.gallery, ")"),
-                       Top1Text(*gallery_top1)});
+      table.push_back(
+          {absl::StrCat("top-1 (gallery ", options.gallery, ")"), Top1Text(*gallery_top1)});
     }
     std::cout << FormatTable(table);
     if (random) {

@@ -40,18 +40,19 @@ std::vector<std::string> ImagesOf(const std::string& root, const std::string& na
 absl::Status CheckUsable(const EvalSet& set, const std::string& what) {
   if (set.subjects.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
-        what, " has no identity subfolders with image files (LFW's layout: ROOT/<person>/<image "
-              "files>)"));
+        what,
+        " has no identity subfolders with image files (LFW's layout: ROOT/<person>/<image "
+        "files>)"));
   }
   if (set.subjects.size() == 1) {
-    return absl::InvalidArgumentError(absl::StrCat(what, " has one identity (", set.subjects[0],
-                                                   "): eval needs at least two"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " has one identity (", set.subjects[0], "): eval needs at least two"));
   }
   const auto same = std::count_if(set.pairs.begin(), set.pairs.end(),
                                   [](const EvalSet::Pair& p) { return p.same; });
   if (same == 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        what, " has no same-person pair: no identity with two images"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " has no same-person pair: no identity with two images"));
   }
   if (same == static_cast<long>(set.pairs.size())) {
     return absl::InvalidArgumentError(absl::StrCat(what, " has no different-person pair"));
@@ -79,7 +80,8 @@ absl::StatusOr<PairsText> ParsePairsText(const std::string& text, const std::str
   while (std::getline(in, line)) {
     ++number;
     if (!line.empty() && line.back() == '\r') line.pop_back();
-    std::vector<std::string> words = absl::StrSplit(line, absl::ByAnyChar(" \t"), absl::SkipEmpty());
+    std::vector<std::string> words =
+        absl::StrSplit(line, absl::ByAnyChar(" \t"), absl::SkipEmpty());
     if (words.empty()) continue;
     if (expected < 0) {  // the header
       int a = 0, b = 0;
@@ -91,8 +93,10 @@ absl::StatusOr<PairsText> ParsePairsText(const std::string& text, const std::str
         out.pairs_per_fold = b;
         expected = 2 * int64_t{a} * b;
       } else {
-        return error(absl::StrCat("expected the header \"FOLDS PAIRS_PER_FOLD\" (LFW: \"10 300\") "
-                                  "or a pair count, got \"", line, "\""));
+        return error(
+            absl::StrCat("expected the header \"FOLDS PAIRS_PER_FOLD\" (LFW: \"10 300\") "
+                         "or a pair count, got \"",
+                         line, "\""));
       }
       continue;
     }
@@ -108,8 +112,10 @@ absl::StatusOr<PairsText> ParsePairsText(const std::string& text, const std::str
       pair.name_a = words[0];
       pair.name_b = words[2];
     } else {
-      return error(absl::StrCat("expected \"NAME I J\" or \"NAME1 I NAME2 J\" (image numbers "
-                                "from 1), got \"", line, "\""));
+      return error(
+          absl::StrCat("expected \"NAME I J\" or \"NAME1 I NAME2 J\" (image numbers "
+                       "from 1), got \"",
+                       line, "\""));
     }
     out.pairs.push_back(std::move(pair));
   }
@@ -160,9 +166,9 @@ absl::StatusOr<EvalSet> PairsFromFile(const std::string& root, const std::string
   if (!parsed.ok()) return parsed.status();
 
   EvalSet set;
-  std::map<std::string, int> subject_of;  // name -> index into set.subjects
+  std::map<std::string, int> subject_of;                    // name -> index into set.subjects
   std::map<std::string, std::vector<std::string>> listing;  // name -> its image files
-  std::map<std::string, int> image_of;  // path -> index into set.images
+  std::map<std::string, int> image_of;                      // path -> index into set.images
   // The image's index in set.images, added on first sight.
   auto image = [&](const std::string& name, int index, int line) -> absl::StatusOr<int> {
     const fs::path lfw = fs::path(root) / name / absl::StrFormat("%s_%04d.jpg", name, index);

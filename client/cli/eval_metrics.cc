@@ -89,8 +89,8 @@ TarAtFarResult TarAtFar(const std::vector<ScoredPair>& pairs, double far_target)
   int64_t same = 0, different = 0;
   Count(pairs, &same, &different);
   if (different < out.needed) {
-    out.why_not = absl::StrFormat("%d different-person pairs; FAR %g needs at least %d",
-                                  different, far_target, out.needed);
+    out.why_not = absl::StrFormat("%d different-person pairs; FAR %g needs at least %d", different,
+                                  far_target, out.needed);
     return out;
   }
   if (same == 0) {
@@ -149,9 +149,8 @@ absl::StatusOr<VerificationResult> KFoldVerification(const std::vector<ScoredPai
       (p.fold == k ? test : train).push_back(p);
     }
     if (test.empty()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("fold ", k + 1, " of ", folds, " has no pairs (", pairs.size(),
-                       " pairs in all)"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "fold ", k + 1, " of ", folds, " has no pairs (", pairs.size(), " pairs in all)"));
     }
     FoldResult fold;
     fold.threshold = BestThreshold(train);

@@ -26,7 +26,7 @@
 namespace arcface::cli {
 
 struct ScoredPair {
-  double score = 0;  // cosine similarity
+  double score = 0;   // cosine similarity
   bool same = false;  // the same person
   int fold = 0;       // in [0, folds)
 };
@@ -49,10 +49,10 @@ std::vector<RocPoint> RocCurve(const std::vector<ScoredPair>& pairs);
 struct TarAtFarResult {
   double far_target = 0;
   bool reported = false;
-  std::string why_not;   // when not reported
-  int64_t needed = 0;    // different-person pairs it needs: round(1 / far_target)
+  std::string why_not;  // when not reported
+  int64_t needed = 0;   // different-person pairs it needs: round(1 / far_target)
   double tar = 0;
-  double far = 0;        // the FAR actually reached (<= far_target)
+  double far = 0;  // the FAR actually reached (<= far_target)
   double threshold = 0;
 };
 TarAtFarResult TarAtFar(const std::vector<ScoredPair>& pairs, double far_target);

@@ -63,10 +63,11 @@ struct FaceFlags {
 };
 
 int Main(int argc, char** argv) {
-  CLI::App app("arcface-client: embed, compare and detect faces with an arcface-server, enroll "
-               "and identify people in its gallery, measure its accuracy (eval) and load-test it.\nExit codes: 0 ok, 1 some "
-               "inputs failed, 2 usage error, 3 server unreachable.",
-               "arcface-client");
+  CLI::App app(
+      "arcface-client: embed, compare and detect faces with an arcface-server, enroll and "
+      "identify people in its gallery, measure its accuracy (eval) and load-test it.\n"
+      "Exit codes: 0 ok, 1 some inputs failed, 2 usage error, 3 server unreachable.",
+      "arcface-client");
   app.set_version_flag("--version", std::string(ARCFACE_VERSION));
   app.require_subcommand(1);
   app.fallthrough();  // the common flags may come after the command too
@@ -183,9 +184,10 @@ int Main(int argc, char** argv) {
   EvalOptions eval;
   std::string eval_faces = "whole";
   CLI::App* eval_cmd = app.add_subcommand(
-      "eval", "Verification and identification figures of the served model on a folder of "
-              "identity subfolders (LFW's layout ROOT/<person>/<images>): 10-fold accuracy, "
-              "ROC AUC, TAR at FAR 1e-3 and 1e-2, leave-one-out top-1");
+      "eval",
+      "Verification and identification figures of the served model on a folder of identity "
+      "subfolders (LFW's layout ROOT/<person>/<images>): 10-fold accuracy, ROC AUC, TAR at FAR "
+      "1e-3 and 1e-2, leave-one-out top-1");
   eval_cmd->add_option("root", eval.root, "Folder of identity subfolders")->required();
   eval_cmd
       ->add_option("--pairs", eval.pairs,

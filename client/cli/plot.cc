@@ -167,8 +167,8 @@ cv::Mat DrawRoc(const std::vector<std::pair<double, double>>& curve,
   cv::Mat canvas(kRocHeight, kRocWidth, CV_8UC3, kBackground);
   cv::putText(canvas, title, {8, 20}, cv::FONT_HERSHEY_SIMPLEX, 0.5, kInk, 1, cv::LINE_AA);
   if (!subtitle.empty()) {
-    cv::putText(canvas, subtitle, {8, 40}, cv::FONT_HERSHEY_SIMPLEX, 0.42, cv::Scalar(0, 0, 190),
-                1, cv::LINE_AA);
+    cv::putText(canvas, subtitle, {8, 40}, cv::FONT_HERSHEY_SIMPLEX, 0.42, cv::Scalar(0, 0, 190), 1,
+                cv::LINE_AA);
   }
   const int x0 = kRocLeft, x1 = kRocWidth - kRocRight, y0 = kRocTop, y1 = kRocHeight - kRocBottom;
   const double decades = -std::log10(far_min);
@@ -182,7 +182,8 @@ cv::Mat DrawRoc(const std::vector<std::pair<double, double>>& curve,
     const double far = std::pow(10.0, -d);
     const int x = px(far, 0).x;
     cv::line(canvas, {x, y0}, {x, y1}, grid);
-    CenteredText(canvas, d == 0 ? std::string("1") : absl::StrFormat("1e-%d", d), cv::Rect(x - 30, y1 + 4, 60, 18), 0.4, kInk);
+    CenteredText(canvas, d == 0 ? std::string("1") : absl::StrFormat("1e-%d", d),
+                 cv::Rect(x - 30, y1 + 4, 60, 18), 0.4, kInk);
   }
   for (int t = 0; t <= 5; ++t) {
     const int y = px(1, t / 5.0).y;

@@ -21,12 +21,11 @@
 #define ARCFACE_CLIENT_CLI_PLOT_H_
 
 #include <array>
+#include <opencv2/core.hpp>
 #include <optional>
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <opencv2/core.hpp>
 
 #include "absl/status/status.h"
 

@@ -1,9 +1,9 @@
 // `arcface-client eval`'s figures against hand-computed cases (eval_metrics.h) and its reading
 // of LFW's pairs.txt and of identity folders (eval_data.h); its ROC picture (plot.h).
+#include <gtest/gtest.h>
+
 #include <filesystem>
 #include <fstream>
-
-#include <gtest/gtest.h>
 
 #include "client/cli/eval_data.h"
 #include "client/cli/eval_metrics.h"
@@ -95,7 +95,8 @@ TEST(KFold, AThresholdFromTheOtherFoldsIsTestedOnThisOne) {
   // Two folds. Fold 1: same 0.9, different 0.1. Fold 2: same 0.3, different 0.7 (inverted).
   // On fold 2 alone, accepting all is 1 right, above 0.3 none, above 0.7 one again: the
   // lowest best threshold is just below 0.3. On fold 1 alone the best is the midpoint 0.5.
-  std::vector<ScoredPair> pairs = {{0.9, true, 0}, {0.1, false, 0}, {0.3, true, 1}, {0.7, false, 1}};
+  std::vector<ScoredPair> pairs = {
+      {0.9, true, 0}, {0.1, false, 0}, {0.3, true, 1}, {0.7, false, 1}};
   absl::StatusOr<VerificationResult> r = KFoldVerification(pairs, 2);
   ASSERT_TRUE(r.ok()) << r.status();
   // Fold 1 tested with a threshold just below 0.3: 0.9 accepted (right), 0.1 rejected (right).
@@ -111,7 +112,8 @@ TEST(KFold, AThresholdFromTheOtherFoldsIsTestedOnThisOne) {
 TEST(KFold, AnEmptyFoldIsNamed) {
   std::vector<ScoredPair> pairs = Pairs({0.9, 0.8}, {0.1});
   AssignFolds(&pairs, 3);  // same -> folds 0, 1; different -> fold 0: fold 3 is empty
-  EXPECT_EQ(KFoldVerification(pairs, 3).status().message(), "fold 3 of 3 has no pairs (3 pairs in all)");
+  EXPECT_EQ(KFoldVerification(pairs, 3).status().message(),
+            "fold 3 of 3 has no pairs (3 pairs in all)");
 }
 
 TEST(TarAtFar, TheHighestTarWithinTheFar) {
@@ -156,8 +158,8 @@ TEST(TarAtFar, TiedDifferentPairsAreAcceptedTogether) {
 TEST(Top1, LeaveOneOutNearestNeighbour) {
   // A: (1, 0), (0.96, 0.28); B: (0, 1), (0.8, 0.6); C alone: (-1, 0).
   // A1 -> A2 (0.96); A2 -> A1 (0.96); B1 -> B2 (0.6 vs A2 0.28); B2 -> A2 (0.936): wrong.
-  const std::vector<std::vector<float>> rows = {{1, 0}, {0.96f, 0.28f}, {0, 1}, {0.8f, 0.6f},
-                                                {-1, 0}};
+  const std::vector<std::vector<float>> rows = {
+      {1, 0}, {0.96f, 0.28f}, {0, 1}, {0.8f, 0.6f}, {-1, 0}};
   const Top1Result r = LeaveOneOutTop1(rows, {0, 0, 1, 1, 2});
   EXPECT_EQ(r.probes, 4);
   EXPECT_EQ(r.correct, 3);
@@ -166,8 +168,8 @@ TEST(Top1, LeaveOneOutNearestNeighbour) {
 }
 
 TEST(PairsText, LfwHeaderWithFolds) {
-  absl::StatusOr<PairsText> p = ParsePairsText("2\t1\nAl 1 2\nAl 1 Bo 1\r\n\nBo 1 2\nAl 2 Bo 3\n",
-                                               "pairs.txt");
+  absl::StatusOr<PairsText> p =
+      ParsePairsText("2\t1\nAl 1 2\nAl 1 Bo 1\r\n\nBo 1 2\nAl 2 Bo 3\n", "pairs.txt");
   ASSERT_TRUE(p.ok()) << p.status();
   EXPECT_EQ(p->folds, 2);
   EXPECT_EQ(p->pairs_per_fold, 1);
@@ -285,7 +287,7 @@ TEST(RocPlot, LogFarAxisCurveAndMark) {
   EXPECT_TRUE(near(middle, kRocCurveColor));
   EXPECT_TRUE(near({x0 + 1, y1 - (y1 - y0) / 8}, kRocCurveColor));
   EXPECT_TRUE(near({middle.x + 6, middle.y}, kRocMarkColor));  // the ring, radius 6
-  EXPECT_TRUE(near({x1 - 3, y0 + 3}, kRocCurveColor));          // (1, 1)
+  EXPECT_TRUE(near({x1 - 3, y0 + 3}, kRocCurveColor));         // (1, 1)
 }
 
 }  // namespace
