@@ -121,7 +121,8 @@ int Main(int argc, char** argv) {
   CompareOptions compare;
   CLI::App* compare_cmd = app.add_subcommand(
       "compare", "compare A B: the cosine and a same/different verdict; compare --matrix "
-                 "FILES...: every pair, as a table and optionally a picture");
+                 "FILES...: every pair, as a table and optionally a picture. Against random "
+                 "(demo) weights the output says it is no identity verdict");
   compare_cmd->add_option("files", compare.files, "Image files")->required();
   compare_cmd->add_flag("--matrix", compare.matrix, "All pairs of FILES");
   compare_cmd->add_option("--threshold", compare.threshold,
