@@ -368,8 +368,7 @@ int RunEval(const CommonOptions& common, const EvalOptions& options) {
     }
     std::cout << FormatTable(table);
     if (random) {
-      std::cout << "(" << kRandomWeightsVerdict << ": figures near chance, AUC about 0.5, are "
-                << "expected)\n";
+      std::cout << "(" << kRandomWeightsVerdict << ": these figures say nothing of a trained model)\n";
     }
   }
   return failed.empty() ? kExitOk : kExitSomeFailed;
