@@ -368,7 +368,8 @@ int RunEval(const CommonOptions& common, const EvalOptions& options) {
     }
     std::cout << FormatTable(table);
     if (random) {
-      std::cout << "(" << kRandomWeightsVerdict << ": these figures say nothing of a trained model)\n";
+      std::cout << "(" << kRandomWeightsVerdict
+                << ": these figures say nothing of a trained model)\n";
     }
   }
   return failed.empty() ? kExitOk : kExitSomeFailed;
