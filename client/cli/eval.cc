@@ -146,7 +146,9 @@ absl::StatusOr<Top1Result> GalleryTop1(Client& client, const std::string& galler
       enrolled.push_back(set.subjects[subject]);
       if (absl::Status s = enroll(subject, images); !s.ok()) return s;
     }
-    ProgressBar progress(static_cast<int64_t>(rows.size()), ProgressWanted());
+    int64_t embedded = 0;
+    for (const auto& [subject, images] : images_of) embedded += images.size();
+    ProgressBar progress(embedded, ProgressWanted());
     int64_t done = 0;
     for (const auto& [subject, images] : images_of) {
       for (size_t i : images) {
@@ -181,6 +183,12 @@ absl::StatusOr<Top1Result> GalleryTop1(Client& client, const std::string& galler
     }
   }
   return result;
+}
+
+// "lfw" for "data/lfw" and "data/lfw/".
+std::string FolderName(const std::string& root) {
+  const std::filesystem::path path(root);
+  return (path.has_filename() ? path : path.parent_path()).filename().string();
 }
 
 nlohmann::json Top1Json(const Top1Result& t) {
@@ -279,11 +287,11 @@ int RunEval(const CommonOptions& common, const EvalOptions& options) {
     }
     const double far_min =
         std::max(1e-9, std::min(kFars[0], std::pow(10.0, std::floor(std::log10(1.0 / different)))));
-    cv::Mat picture = DrawRoc(
-        curve, mark, far_min,
-        absl::StrFormat("ROC AUC %.4f: %s, %d pairs of %s", *auc, info->model_id(), pairs.size(),
-                        std::filesystem::path(options.root).filename().string()),
-        subtitle);
+    cv::Mat picture =
+        DrawRoc(curve, mark, far_min,
+                absl::StrFormat("ROC AUC %.4f: %s, %d pairs of %s", *auc, info->model_id(),
+                                pairs.size(), FolderName(options.root)),
+                subtitle);
     absl::Status s = WritePng(options.roc, picture);
     if (!s.ok()) return Fail("--roc", s);
     std::fprintf(stderr, "wrote %s\n", options.roc.c_str());
