@@ -48,9 +48,11 @@ cmake -S . -B "$BUILD" "${common[@]}" -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$BUILD" -j"$(nproc)"
 ctest --test-dir "$BUILD" --output-on-failure "$@" || failed+=(suite)
 
-# The lanes share the main build's goldens (the fixtures find them current and return at once).
+# The lanes share the main build's goldens (the fixtures find them current and return at once)
+# and dlib's example faces (client_pytest's eval reads johns/).
 golden=$(sed -n 's/^ARCFACE_GOLDEN_DIR:PATH=//p' "$BUILD/CMakeCache.txt")
-clang=(-DCMAKE_CXX_COMPILER=clang++-14 -DARCFACE_GOLDEN_DIR="$golden")
+dlib=$(sed -n 's/^ARCFACE_DLIB_DATA:PATH=//p' "$BUILD/CMakeCache.txt")
+clang=(-DCMAKE_CXX_COMPILER=clang++-14 -DARCFACE_GOLDEN_DIR="$golden" -DARCFACE_DLIB_DATA="$dlib")
 
 # Each lane's steps are chained with &&: inside `if`, `set -e` does not apply.
 asan() {

@@ -24,14 +24,8 @@ using client::FaceInput;
 
 std::string CodeName(const absl::Status& s) { return absl::StatusCodeToString(s.code()); }
 
-// The outcome of embedding one file through EmbedStream.
-struct FileOutcome {
-  std::string file;
-  absl::StatusOr<Embedding> embedding = absl::UnknownError("not embedded");
-};
+}  // namespace
 
-// Embeds each file as one EmbedStream message (so one bad file fails alone), in order,
-// printing each failure as it happens. Returns the stream's own status.
 absl::Status EmbedFiles(Client& client, const std::vector<std::string>& files,
                         const FaceOptions& face_options, bool normalize, ProgressBar& progress,
                         std::vector<FileOutcome>* outcomes) {
@@ -74,6 +68,8 @@ absl::Status EmbedFiles(Client& client, const std::vector<std::string>& files,
   progress.Finish();
   return status;
 }
+
+namespace {
 
 // A thumbnail's source: the whole image as the user passed it.
 cv::Mat ReadThumbnailSource(const std::string& file) {
@@ -266,6 +262,9 @@ int RunCompare(const CommonOptions& common, const CompareOptions& options) {
   auto client = MakeClient(common);
   if (!client.ok()) return Fail("client", client.status(), true);
 
+  absl::StatusOr<arcface::v1::ModelInfo> info = (*client)->GetModelInfo();
+  if (!info.ok()) return Fail("compare", info.status());
+  NoteDemo(*info);
   if (!options.matrix) {
     std::vector<client::Probe> probes;
     for (const std::string& f : options.files) {
@@ -278,15 +277,13 @@ int RunCompare(const CommonOptions& common, const CompareOptions& options) {
     if (!r.ok()) return Fail("compare", r.status());
     const float cosine = r->at(0, 0);
     const bool same = !r->matches.empty() && r->matches[0];
-    std::cout << absl::StrFormat("%s\t%s\tcosine=%.4f\t%s (threshold %.2f)\n", options.files[0],
-                                 options.files[1], cosine, same ? "same" : "different",
-                                 options.threshold);
+    std::cout << absl::StrFormat(
+        "%s\t%s\tcosine=%.4f\t%s (threshold %.2f%s)\n", options.files[0], options.files[1], cosine,
+        same ? "same" : "different", options.threshold,
+        info->demo_weights() ? absl::StrCat("; ", kRandomWeightsVerdict) : "");
     return kExitOk;
   }
 
-  absl::StatusOr<arcface::v1::ModelInfo> info = (*client)->GetModelInfo();
-  if (!info.ok()) return Fail("compare", info.status());
-  NoteDemo(*info);
   ProgressBar progress(static_cast<int64_t>(options.files.size()), ProgressWanted());
   std::vector<FileOutcome> outcomes;
   absl::Status stream = EmbedFiles(**client, options.files, FaceOptions{}, /*normalize=*/false,
@@ -315,13 +312,15 @@ int RunCompare(const CommonOptions& common, const CompareOptions& options) {
     for (int j = 0; j < n; ++j) std::cout << absl::StrFormat("%7.3f", r->at(i, j));
     std::cout << "\n";
   }
+  if (info->demo_weights()) std::cout << "(" << kRandomWeightsVerdict << ")\n";
   if (!options.plot.empty()) {
     std::vector<cv::Mat> thumbnails;
     for (const std::string& f : names) thumbnails.push_back(ReadThumbnailSource(f));
     cv::Mat picture = DrawSimilarityMatrix(
         thumbnails, r->similarities, options.threshold,
         absl::StrCat("cosine similarity, ", info->model_id()),
-        info->demo_weights() ? "DEMO (random) weights: the values are not meaningful" : "");
+        info->demo_weights() ? absl::StrCat(kRandomWeightsVerdict, " (the server's demo weights)")
+                             : "");
     absl::Status s = WritePng(options.plot, picture);
     if (!s.ok()) return Fail("--plot", s);
     std::fprintf(stderr, "wrote %s (%dx%d)\n", options.plot.c_str(), picture.cols, picture.rows);

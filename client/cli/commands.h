@@ -14,16 +14,16 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "client/cpp/client.h"
 #include "client/cli/output.h"
+#include "client/cli/progress.h"
+#include "client/cpp/client.h"
 
 namespace arcface::cli {
 
@@ -94,6 +94,21 @@ struct GalleryIdentifyOptions {
   std::optional<float> threshold;
 };
 
+// `eval`: verification and identification figures on a folder of identity subfolders
+// (eval_data.h has the layout and pairs.txt; eval_metrics.h the figures).
+struct EvalOptions {
+  std::string root;
+  std::string pairs;    // LFW-style pairs.txt; empty: every pair of images
+  bool detect = false;  // --faces detect: the largest face the server's detector finds
+  std::string gallery;  // also measure top-1 through FaceGallery in this scratch gallery
+  std::string roc;      // PNG of the ROC
+  bool json = false;
+};
+
+// Said with every verdict (same/different, who a face is) when the server runs random (demo)
+// weights: such a verdict tells nothing about identity.
+inline constexpr char kRandomWeightsVerdict[] = "random weights: not an identity verdict";
+
 // The client for the common options; `attempts` overrides CommonOptions::attempts when > 0.
 absl::StatusOr<std::unique_ptr<client::Client>> MakeClient(const CommonOptions& options,
                                                            int attempts = 0);
@@ -107,12 +122,25 @@ int RunEmbed(const CommonOptions& common, const EmbedOptions& options);
 int RunCompare(const CommonOptions& common, const CompareOptions& options);
 int RunDetect(const CommonOptions& common, const DetectOptions& options);
 int RunBench(const CommonOptions& common, const BenchOptions& options);
+int RunEval(const CommonOptions& common, const EvalOptions& options);
 
 // One JSON document on stdout (invalid UTF-8 in a file name replaced, not fatal).
 void PrintJson(const nlohmann::json& doc);
 
 // A note on stderr when the server runs the demo (random) weights.
 void NoteDemo(const arcface::v1::ModelInfo& info);
+
+// The outcome of embedding one file through EmbedStream.
+struct FileOutcome {
+  std::string file;
+  absl::StatusOr<client::Embedding> embedding = absl::UnknownError("not embedded");
+};
+
+// Embeds each file as one EmbedStream message (so one bad file fails alone), in order,
+// printing each failure as it happens. Returns the stream's own status.
+absl::Status EmbedFiles(client::Client& client, const std::vector<std::string>& files,
+                        const FaceOptions& face_options, bool normalize, ProgressBar& progress,
+                        std::vector<FileOutcome>* outcomes);
 
 // The face of `file` as FaceOptions say (its landmarks, else the box, else the whole image).
 absl::StatusOr<client::FaceInput> LoadFace(const std::string& file, const FaceOptions& options);

@@ -1,6 +1,7 @@
 // `arcface-client detect IMAGE`: the faces the server's detector (Detect) finds in one image:
 // boxes, scores and the five landmarks; with --embed their embeddings and pairwise cosines,
-// with --gallery who they are; --json for programs, --plot for people.
+// with --gallery who they are (said to come from random weights when the server runs its demo
+// weights); --json for programs, --plot for people.
 #include <cstdio>
 #include <iostream>
 
@@ -35,11 +36,14 @@ nlohmann::json FaceJson(const client::DetectedFace& f) {
 
 // "1 0.99"; with a gallery "1 alice 0.87" (its best candidate's similarity), "1 ? 0.99" when
 // no subject qualified (the detector's score then).
-std::string PlotLabel(size_t index, const client::DetectedFace& f, bool identified) {
+// A verdict from random weights says so: "1 alice 0.87 (random weights)".
+std::string PlotLabel(size_t index, const client::DetectedFace& f, bool identified,
+                      bool random_weights) {
   if (!identified) return absl::StrFormat("%d %.2f", index + 1, f.score);
-  if (f.candidates.empty()) return absl::StrFormat("%d ? %.2f", index + 1, f.score);
-  return absl::StrFormat("%d %s %.2f", index + 1, f.candidates.front().subject_id,
-                         f.candidates.front().similarity);
+  const std::string note = random_weights ? " (random weights)" : "";
+  if (f.candidates.empty()) return absl::StrFormat("%d ? %.2f%s", index + 1, f.score, note);
+  return absl::StrFormat("%d %s %.2f%s", index + 1, f.candidates.front().subject_id,
+                         f.candidates.front().similarity, note);
 }
 
 }  // namespace
@@ -52,6 +56,14 @@ int RunDetect(const CommonOptions& common, const DetectOptions& options) {
   absl::StatusOr<client::Detection> found = (*client)->Detect(*frame, options.request);
   if (!found.ok()) return Fail("detect", found.status());
   const bool identified = !options.request.gallery.empty();
+  // Embeddings and identities come from the model: whether its weights are random.
+  bool random_weights = false;
+  if (options.request.embed || identified) {
+    absl::StatusOr<arcface::v1::ModelInfo> info = (*client)->GetModelInfo();
+    if (!info.ok()) return Fail("detect", info.status());
+    NoteDemo(*info);
+    random_weights = info->demo_weights();
+  }
 
   // With embeddings, their pairwise cosines (the server's Compare of the embeddings as given).
   std::optional<client::CompareResult> cosines;
@@ -73,6 +85,7 @@ int RunDetect(const CommonOptions& common, const DetectOptions& options) {
                           {"model_id", found->model_id},
                           {"faces", faces}};
     if (identified) doc["gallery"] = options.request.gallery;
+    if (options.request.embed || identified) doc["random_weights"] = random_weights;
     PrintJson(doc);
   } else {
     std::cout << absl::StrFormat("%s: %dx%d, %d faces (%s)\n", options.image, found->image_width,
@@ -89,10 +102,12 @@ int RunDetect(const CommonOptions& common, const DetectOptions& options) {
         std::cout << "  embedding " << EmbeddingSummary(f.embedding->norm, f.embedding->values)
                   << "\n";
       }
-      if (identified && f.candidates.empty()) std::cout << "  identity (no match)\n";
+      const std::string note =
+          random_weights ? absl::StrCat("  (", kRandomWeightsVerdict, ")") : "";
+      if (identified && f.candidates.empty()) std::cout << "  identity (no match)" << note << "\n";
       for (const client::Candidate& c : f.candidates) {
-        std::cout << absl::StrFormat("  identity %s  similarity %.4f  face %s\n", c.subject_id,
-                                     c.similarity, c.face_id);
+        std::cout << absl::StrFormat("  identity %s  similarity %.4f  face %s%s\n", c.subject_id,
+                                     c.similarity, c.face_id, note);
       }
     }
     if (cosines) {
@@ -124,9 +139,9 @@ int RunDetect(const CommonOptions& common, const DetectOptions& options) {
     std::vector<DrawnFace> drawn;
     for (size_t i = 0; i < found->faces.size(); ++i) {
       const client::DetectedFace& f = found->faces[i];
-      drawn.push_back({cv::Rect2f(cv::Point2f(f.box.x_min, f.box.y_min),
-                                  cv::Point2f(f.box.x_max, f.box.y_max)),
-                       f.landmarks, PlotLabel(i, f, identified)});
+      drawn.push_back(
+          {cv::Rect2f(cv::Point2f(f.box.x_min, f.box.y_min), cv::Point2f(f.box.x_max, f.box.y_max)),
+           f.landmarks, PlotLabel(i, f, identified, random_weights)});
     }
     absl::Status s = WritePng(options.plot, DrawDetections(image, drawn));
     if (!s.ok()) return Fail("--plot", s);

@@ -209,6 +209,7 @@ int RunGalleryIdentify(const CommonOptions& common, const GalleryOptions& galler
     }
     PrintJson({{"gallery", GalleryName(gallery)},
                {"model_id", last.model_id()},
+               {"random_weights", info->demo_weights()},
                {"gallery_version", last.gallery_version()},
                {"results", out},
                {"errors", ErrorsJson(failed)}});
@@ -224,6 +225,7 @@ int RunGalleryIdentify(const CommonOptions& common, const GalleryOptions& galler
       }
     }
     std::cout << FormatTable(rows);
+    if (info->demo_weights()) std::cout << "(" << kRandomWeightsVerdict << ")\n";
   }
   if (!status.ok()) return Fail("gallery identify", status);
   return failed.empty() ? kExitOk : kExitSomeFailed;

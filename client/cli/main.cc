@@ -63,10 +63,11 @@ struct FaceFlags {
 };
 
 int Main(int argc, char** argv) {
-  CLI::App app("arcface-client: embed, compare and detect faces with an arcface-server, enroll "
-               "and identify people in its gallery, and load-test it.\nExit codes: 0 ok, 1 some "
-               "inputs failed, 2 usage error, 3 server unreachable.",
-               "arcface-client");
+  CLI::App app(
+      "arcface-client: embed, compare and detect faces with an arcface-server, enroll and "
+      "identify people in its gallery, measure its accuracy (eval) and load-test it.\n"
+      "Exit codes: 0 ok, 1 some inputs failed, 2 usage error, 3 server unreachable.",
+      "arcface-client");
   app.set_version_flag("--version", std::string(ARCFACE_VERSION));
   app.require_subcommand(1);
   app.fallthrough();  // the common flags may come after the command too
@@ -120,7 +121,8 @@ int Main(int argc, char** argv) {
   CompareOptions compare;
   CLI::App* compare_cmd = app.add_subcommand(
       "compare", "compare A B: the cosine and a same/different verdict; compare --matrix "
-                 "FILES...: every pair, as a table and optionally a picture");
+                 "FILES...: every pair, as a table and optionally a picture. Against random "
+                 "(demo) weights the output says it is no identity verdict");
   compare_cmd->add_option("files", compare.files, "Image files")->required();
   compare_cmd->add_flag("--matrix", compare.matrix, "All pairs of FILES");
   compare_cmd->add_option("--threshold", compare.threshold,
@@ -178,6 +180,34 @@ int Main(int argc, char** argv) {
   bench_cmd->add_option("--image", bench.image,
                         "Send this image file (default: a synthetic 112x112 crop, raw)")
       ->check(CLI::ExistingFile);
+
+  // eval
+  EvalOptions eval;
+  std::string eval_faces = "whole";
+  CLI::App* eval_cmd = app.add_subcommand(
+      "eval",
+      "Verification and identification figures of the served model on a folder of identity "
+      "subfolders (LFW's layout ROOT/<person>/<images>): 10-fold accuracy, ROC AUC, TAR at FAR "
+      "1e-3 and 1e-2, leave-one-out top-1");
+  eval_cmd->add_option("root", eval.root, "Folder of identity subfolders")->required();
+  eval_cmd
+      ->add_option("--pairs", eval.pairs,
+                   "LFW-style pairs.txt (\"10 300\" or a count, then \"NAME I J\" and \"NAME1 I "
+                   "NAME2 J\"; image I: ROOT/NAME/NAME_%04d.jpg, else the I-th image of ROOT/NAME "
+                   "by name); default: every pair of images")
+      ->check(CLI::ExistingFile);
+  eval_cmd
+      ->add_option("--faces", eval_faces,
+                   "whole: each image is the crop (resized whole, as embed sends a file); "
+                   "detect: the largest face the server's detector finds (none: a failure)")
+      ->check(CLI::IsMember({"whole", "detect"}))
+      ->capture_default_str();
+  eval_cmd->add_option("--gallery", eval.gallery,
+                       "Also measure top-1 through the server's gallery: enrol every image into "
+                       "this scratch gallery (refused when it holds faces), forget/identify/"
+                       "re-enrol each, forget all at the end");
+  eval_cmd->add_option("--roc", eval.roc, "Write the ROC curve (PNG)");
+  eval_cmd->add_flag("--json", eval.json, "One JSON document on stdout instead of a table");
 
   // gallery
   GalleryOptions gallery;
@@ -278,6 +308,10 @@ int Main(int argc, char** argv) {
       detect.request.threshold = detect_threshold;
     }
     return RunDetect(common, detect);
+  }
+  if (*eval_cmd) {
+    eval.detect = eval_faces == "detect";
+    return RunEval(common, eval);
   }
   if (*bench_cmd) {
     bench.concurrency.clear();

@@ -161,6 +161,59 @@ cv::Mat DrawDetections(const cv::Mat& image, const std::vector<DrawnFace>& faces
   return out;
 }
 
+cv::Mat DrawRoc(const std::vector<std::pair<double, double>>& curve,
+                const std::optional<RocMark>& mark, double far_min, const std::string& title,
+                const std::string& subtitle) {
+  cv::Mat canvas(kRocHeight, kRocWidth, CV_8UC3, kBackground);
+  cv::putText(canvas, title, {8, 20}, cv::FONT_HERSHEY_SIMPLEX, 0.5, kInk, 1, cv::LINE_AA);
+  if (!subtitle.empty()) {
+    cv::putText(canvas, subtitle, {8, 40}, cv::FONT_HERSHEY_SIMPLEX, 0.42, cv::Scalar(0, 0, 190), 1,
+                cv::LINE_AA);
+  }
+  const int x0 = kRocLeft, x1 = kRocWidth - kRocRight, y0 = kRocTop, y1 = kRocHeight - kRocBottom;
+  const double decades = -std::log10(far_min);
+  auto px = [&](double far, double tar) {
+    const double x = far <= far_min ? 0.0 : (std::log10(far) + decades) / decades;
+    return cv::Point(int(std::lround(x0 + x * (x1 - x0))),
+                     int(std::lround(y1 - std::clamp(tar, 0.0, 1.0) * (y1 - y0))));
+  };
+  const cv::Scalar grid(225, 225, 225);
+  for (int d = 0; d <= int(std::floor(decades)); ++d) {
+    const double far = std::pow(10.0, -d);
+    const int x = px(far, 0).x;
+    cv::line(canvas, {x, y0}, {x, y1}, grid);
+    CenteredText(canvas, d == 0 ? std::string("1") : absl::StrFormat("1e-%d", d),
+                 cv::Rect(x - 30, y1 + 4, 60, 18), 0.4, kInk);
+  }
+  for (int t = 0; t <= 5; ++t) {
+    const int y = px(1, t / 5.0).y;
+    cv::line(canvas, {x0, y}, {x1, y}, grid);
+    cv::putText(canvas, absl::StrFormat("%.1f", t / 5.0), {x0 - 34, y + 5},
+                cv::FONT_HERSHEY_SIMPLEX, 0.4, kInk, 1, cv::LINE_AA);
+  }
+  cv::rectangle(canvas, cv::Point(x0, y0), cv::Point(x1, y1), kInk, 1);
+  CenteredText(canvas, "FAR (false accept rate, log scale)", cv::Rect(x0, y1 + 22, x1 - x0, 24),
+               0.45, kInk);
+  cv::putText(canvas, "TAR", {8, (y0 + y1) / 2}, cv::FONT_HERSHEY_SIMPLEX, 0.45, kInk, 1,
+              cv::LINE_AA);
+  std::vector<cv::Point> chance;
+  for (int i = 0; i <= 100; ++i) {
+    const double far = std::pow(10.0, -decades * (1.0 - i / 100.0));
+    chance.push_back(px(far, far));
+  }
+  cv::polylines(canvas, chance, false, cv::Scalar(160, 160, 160), 1, cv::LINE_AA);
+  std::vector<cv::Point> line;
+  for (const auto& [far, tar] : curve) line.push_back(px(far, tar));
+  cv::polylines(canvas, line, false, kRocCurveColor, 2, cv::LINE_AA);
+  if (mark) {
+    const cv::Point p = px(mark->far, mark->tar);
+    cv::circle(canvas, p, 6, kRocMarkColor, 2, cv::LINE_AA);
+    cv::putText(canvas, mark->label, {std::min(p.x + 10, x1 - 200), std::max(p.y - 10, y0 + 14)},
+                cv::FONT_HERSHEY_SIMPLEX, 0.42, kRocMarkColor, 1, cv::LINE_AA);
+  }
+  return canvas;
+}
+
 absl::Status WritePng(const std::string& path, const cv::Mat& image) {
   try {
     if (cv::imwrite(path, image, {cv::IMWRITE_PNG_COMPRESSION, 9})) return absl::OkStatus();

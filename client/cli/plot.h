@@ -1,4 +1,5 @@
-// The pictures of `arcface-client compare --matrix --plot` and `detect --plot` (OpenCV).
+// The pictures of `arcface-client compare --matrix --plot`, `detect --plot` and `eval --roc`
+// (OpenCV).
 //
 // Contract
 // - Pure drawing into a new cv::Mat (CV_8UC3 BGR); WritePng writes it.
@@ -11,14 +12,20 @@
 //   colour i (kDetectionPalette, cycling), its five landmarks as filled dots in the fixed colours
 //   kLandmarkColors (left eye, right eye, nose tip, left and right mouth corners), and its label
 //   on a box of its colour above it; all boxes first, then all dots, then all labels.
+// - ROC: kRocWidth x kRocHeight, white; the title (and a red subtitle) above a plot area whose
+//   x axis is log10 FAR from `far_min` (FAR 0 is drawn at its left edge) to 1 and whose y axis
+//   is TAR from 0 to 1 (kRocLeft, kRocTop, kRocRight, kRocBottom pixels from the canvas's
+//   edges), with a grid at each decade and every 0.2; chance (TAR = FAR) as a grey line, the
+//   curve in kRocCurveColor, the marked point as a kRocMarkColor ring with its label.
 #ifndef ARCFACE_CLIENT_CLI_PLOT_H_
 #define ARCFACE_CLIENT_CLI_PLOT_H_
 
 #include <array>
-#include <string>
-#include <vector>
-
 #include <opencv2/core.hpp>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 
@@ -55,6 +62,22 @@ struct DrawnFace {
 cv::Mat DrawDetections(const cv::Mat& image, const std::vector<DrawnFace>& faces);
 // The radius of the landmark dots DrawDetections draws on an image of that size.
 int LandmarkRadius(const cv::Size& image);
+
+constexpr int kRocWidth = 720;
+constexpr int kRocHeight = 560;
+constexpr int kRocLeft = 70, kRocTop = kTitleHeight + 16, kRocRight = 24, kRocBottom = 56;
+inline const cv::Scalar kRocCurveColor(180, 90, 20);  // BGR
+inline const cv::Scalar kRocMarkColor(0, 0, 220);
+
+struct RocMark {
+  double far = 0, tar = 0;
+  std::string label;  // ASCII
+};
+
+// `curve`: (FAR, TAR) points by FAR ascending. `far_min` in (0, 1).
+cv::Mat DrawRoc(const std::vector<std::pair<double, double>>& curve,
+                const std::optional<RocMark>& mark, double far_min, const std::string& title,
+                const std::string& subtitle);
 
 // cv::imwrite with OpenCV's exceptions turned into a status naming the path.
 absl::Status WritePng(const std::string& path, const cv::Mat& image);

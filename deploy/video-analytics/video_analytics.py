@@ -10,15 +10,16 @@ Without a gallery, each face gets a stable identity of this program's own: the i
 running mean embedding is nearest by cosine, if that cosine reaches --threshold, else a new one:
 
   {"frame": 12, "source": "multi_face.jpg", "face": 0, "box": [x0, y0, x1, y1], "score": 0.99,
-   "identity": "person-3", "cosine": 0.97, "new": false}
+   "identity": "person-3", "cosine": 0.97, "new": false, "random_weights": false}
 
 With --gallery NAME (people enrolled with `arcface-client gallery enroll`), the server's answer:
 the best subject at or above --threshold, or null when nobody in the gallery is that close:
 
   {"frame": 12, "source": "multi_face.jpg", "face": 0, "box": [...], "score": 0.99,
-   "identity": "alice", "similarity": 0.71}
+   "identity": "alice", "similarity": 0.71, "random_weights": false}
 
-With the demo weights the embeddings are not meaningful, but they are deterministic: the same
+"random_weights": true says the service runs its demo (random) weights: the embeddings are not
+meaningful, so an identity is no verdict on who it is; they are deterministic, though: the same
 face in the same frame always gets the same identity, which is what this example shows.
 
 Exit status: 0 after --max-frames frames, at the end of the input (--no-loop) or on
@@ -235,7 +236,7 @@ def main(argv=None):
                             identity, cos, new = identities.assign(
                                 np.asarray(face.embedding, np.float64))
                             entry.update(identity=identity, cosine=round(cos, 4), new=new)
-                        log(**entry)
+                        log(**entry, random_weights=result.random_weights)
                 break  # the input ended, --max-frames, or a stop
             except ArcFaceError as e:  # the stream broke (say, the service restarted)
                 lost = pacer.unanswered()

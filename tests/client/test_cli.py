@@ -2,7 +2,8 @@
 loopback: outputs equal the reference goldens, detect shows the server's Detect (as JSON, text
 and a picture, with identities from the gallery), pictures, the progress bar's terminal rule,
 round robin, retries across a restart and a drain, no retry of INVALID_ARGUMENT, TLS and mutual
-TLS, bench against the server's own counters, exit codes, the gallery commands."""
+TLS, bench against the server's own counters, exit codes, the gallery commands, verdicts from
+random weights saying so, eval on dlib's johns (ARCFACE_DLIB_DATA)."""
 
 import json
 import os
@@ -770,3 +771,235 @@ def test_python_client_round_robin_and_retries(demo_trio, start_server, goldens,
             hold.unlink()
         held.join(timeout=90)
     assert draining.proc.wait(timeout=60) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Verdicts from random weights say so; eval on dlib's johns (five people, eleven aligned photos
+# each) through a demo-weights server with the detector and a gallery store.
+
+RANDOM_NOTE = "random weights: not an identity verdict"
+DLIB_DATA = os.environ.get("ARCFACE_DLIB_DATA", "")
+JOHNS_PEOPLE = ("John_Salley", "John_Savage", "John_Schneider", "John_Shimkus", "John_Simm")
+
+
+@pytest.fixture(scope="module")
+def demo_eval(session_servers, tmp_path_factory):
+    """Demo (random) weights, the face detector, a SQLite gallery store (2 faces per Enroll,
+    so eval's enrolment is split)."""
+    store = tmp_path_factory.mktemp("demo_eval") / "gallery.db"
+    server = session_servers(lib.demo_args(*lib.detector_args(), "--gallery-store",
+                                           f"sqlite:{store}", "--gallery-max-faces-per-enroll",
+                                           "2"), name="demo_eval")
+    return f"127.0.0.1:{server.grpc_port}"
+
+
+@pytest.fixture(scope="module")
+def johns():
+    root = os.path.join(DLIB_DATA, "johns")
+    assert os.path.isdir(root), (
+        f"ARCFACE_DLIB_DATA={DLIB_DATA!r} has no johns/ (tests/data/fetch_dlib_data.sh DIR fetches "
+        "dlib's example faces; ctest sets the variable)")
+    assert sorted(os.listdir(root)) == list(JOHNS_PEOPLE)
+    return root
+
+
+def test_verdicts_from_random_weights_say_so(demo_eval, r50_address, tmp_path):
+    a, b = data("0-f1-su-ph.jpg"), data("single_face.jpg")
+    r = run_cli("--server", demo_eval, "compare", a, b)
+    assert r.returncode == 0, r.stderr
+    assert re.search(rf"cosine=-?[0-9.]+\t(same|different) \(threshold 0\.40; {RANDOM_NOTE}\)$",
+                     r.stdout), r.stdout
+    r = run_cli("--server", demo_eval, "compare", "--matrix", a, b)
+    assert r.returncode == 0 and r.stdout.endswith(f"({RANDOM_NOTE})\n"), r.stdout
+    # Weights from a file: the verdict alone.
+    for args in (["compare", a, b], ["compare", "--matrix", a, b]):
+        r = run_cli("--server", r50_address, *args)
+        assert r.returncode == 0 and "random weights" not in r.stdout, r.stdout
+
+    # identify and detect name their identities as coming from random weights.
+    image = data("multi_face.jpg")
+    doc = json.loads(run_cli("--server", demo_eval, "detect", image, "--embed", "--json").stdout)
+    assert doc["random_weights"] is True
+    face = tmp_path / "face.json"
+    face.write_text(json.dumps({"multi_face.jpg": doc["faces"][0]["landmarks"]}))
+    r = run_cli("--server", demo_eval, "gallery", "--gallery", "verdicts", "enroll", "one", image,
+                "--landmarks", face)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("--server", demo_eval, "gallery", "--gallery", "verdicts", "identify", image)
+    assert r.returncode == 0, r.stderr
+    assert table(r.stdout)[1][2] == "one" and r.stdout.endswith(f"({RANDOM_NOTE})\n"), r.stdout
+    r = run_cli("--server", demo_eval, "gallery", "--gallery", "verdicts", "identify", image,
+                "--json")
+    assert json.loads(r.stdout)["random_weights"] is True
+    r = run_cli("--server", demo_eval, "detect", image, "--gallery", "verdicts")
+    assert r.returncode == 0, r.stderr
+    identities = re.findall(r"^  identity .*$", r.stdout, re.M)
+    assert identities and all(line.endswith(f"  ({RANDOM_NOTE})") for line in identities), r.stdout
+    doc = json.loads(run_cli("--server", r50_address, "detect", image, "--embed", "--json").stdout)
+    assert doc["random_weights"] is False
+
+
+def eval_json(address, *args, rc=0):
+    r = run_cli("--server", address, "eval", *args, "--json")
+    assert r.returncode == rc, r.stderr
+    return json.loads(r.stdout), r.stderr
+
+
+def test_eval_on_johns_with_random_weights_is_near_chance(demo_eval, johns, tmp_path):
+    from arcface_client import ArcFaceClient
+
+    roc = tmp_path / "roc.png"
+    doc, err = eval_json(demo_eval, johns, "--roc", roc, "--gallery", "eval-scratch")
+    n, pairs = 55, 55 * 54 // 2
+    same = 5 * 11 * 10 // 2
+    assert doc["random_weights"] is True and doc["model_id"].startswith("arcface-r50@")
+    assert (doc["identities"], doc["images"], doc["images_failed"], doc["errors"]) == (5, n, 0, [])
+    assert doc["pairs"] == {"total": pairs, "same": same, "different": pairs - same, "skipped": 0}
+    assert doc["faces"] == "whole" and doc["pairs_file"] is None
+    acc = doc["accuracy"]
+    assert acc["folds"] == 10 and len(acc["per_fold"]) == 10
+    assert sum(f["pairs"] for f in acc["per_fold"]) == pairs
+    assert np.mean([f["accuracy"] for f in acc["per_fold"]]) == pytest.approx(acc["mean"])
+    assert np.std([f["accuracy"] for f in acc["per_fold"]]) == pytest.approx(acc["std"])
+    assert 0 <= acc["mean"] <= 1 and acc["chance"] == pytest.approx((pairs - same) / pairs)
+    # Random weights: the 10-fold accuracy is that of answering "different" always (0.815:
+    # 0.817 measured), and the ROC only a little above the diagonal (0.740 measured: a random
+    # network still sees each person's lighting and framing, the same in their eleven photos).
+    # dlib's trained network scores an AUC of about 1 here.
+    assert acc["mean"] <= acc["chance"] + 0.03, acc
+    assert 0.4 <= doc["roc_auc"] <= 0.85, doc["roc_auc"]
+    # 1210 different-person pairs: both FARs are measurable.
+    for entry, far in zip(doc["tar_at_far"], (1e-3, 1e-2)):
+        assert entry["far"] == far and entry["reported"] is True, entry
+        assert 0 <= entry["tar"] <= 1 and entry["far_reached"] <= far, entry
+    top1 = doc["top1"]
+    assert (top1["probes"], top1["skipped"]) == (n, 0) and top1["rate"] == top1["correct"] / n
+    # The gallery (exact flat index) finds the nearest other face as the client's own scan does
+    # (its float cosines may break a near tie the other way).
+    gallery = doc["gallery_top1"]
+    assert gallery["gallery"] == "eval-scratch" and gallery["probes"] == n
+    assert abs(gallery["correct"] - top1["correct"]) <= 1, (gallery, top1)
+    print(f"johns, random weights: accuracy {acc['mean']:.4f} (chance {acc['chance']:.4f}), "
+          f"AUC {doc['roc_auc']:.4f}, top-1 {top1['rate']:.4f}")
+    # ... and leaves the gallery as it found it: empty.
+    with ArcFaceClient(demo_eval, timeout=60) as c:
+        assert list(c.list_subjects(gallery="eval-scratch")) == []
+    eval_json(demo_eval, johns, "--gallery", "eval-scratch")  # so a second run is accepted
+
+    picture = cv2.imread(str(roc), cv2.IMREAD_COLOR)
+    assert picture is not None and picture.shape == (560, 720, 3)  # plot.h kRocWidth/Height
+    curve = np.all(np.abs(picture.astype(int) - [180, 90, 20]) <= 10, axis=2)  # kRocCurveColor
+    assert curve.sum() > 500, curve.sum()
+
+    # The table, as people read it.
+    r = run_cli("--server", demo_eval, "eval", johns)
+    assert r.returncode == 0, r.stderr
+    rows = {row[0]: row[1] for row in table(r.stdout)[1:] if len(row) == 2}
+    assert rows["identities"] == "5" and rows["images"] == "55 (0 failed)", rows
+    assert rows["pairs"].startswith(f"{pairs} ({same} same, {pairs - same} different; 0 skipped")
+    assert rows["ROC AUC"] == f"{doc['roc_auc']:.4f}"
+    assert rows["accuracy"].startswith(f"{acc['mean']:.4f} +- {acc['std']:.4f} (10-fold")
+    assert f"({RANDOM_NOTE}" in r.stdout
+
+
+def test_eval_detect_counts_images_without_a_face(demo_eval, johns):
+    # Johns' photos are tight 150x150 chips: the detector misses the face in many of them, and
+    # each is reported and counted, never dropped in silence.
+    doc, err = eval_json(demo_eval, johns, "--faces", "detect", rc=1)
+    failed = doc["images_failed"]
+    assert 0 < failed < 55 and len(doc["errors"]) == failed
+    for e in doc["errors"]:
+        assert e["code"] == "NOT_FOUND" and e["message"] == "the server's detector found no face"
+        assert f"error: {e['file']}: NOT_FOUND: the server's detector found no face" in err
+    kept = 55 - failed
+    used = doc["pairs"]["same"] + doc["pairs"]["different"]
+    assert used == kept * (kept - 1) // 2 and doc["pairs"]["skipped"] == 1485 - used, doc["pairs"]
+    assert doc["top1"]["probes"] + doc["top1"]["skipped"] == kept
+
+
+def write_johns_pairs(johns, path, lines, header):
+    path.write_text("\n".join([header, *lines]) + "\n")
+    return str(path)
+
+
+def test_eval_with_a_pairs_file(demo_eval, johns, tmp_path):
+    from arcface_client import ArcFaceClient
+
+    # LFW's layout of folds: "10 1": per fold one same-person and one different-person line.
+    # johns' files are not named LFW's way: image I is the I-th file of the folder.
+    lines = []
+    for k in range(10):
+        p, q = JOHNS_PEOPLE[k % 5], JOHNS_PEOPLE[(k + 1) % 5]
+        lines += [f"{p} {k + 1} {k + 2}", f"{p} {k + 1} {q} {11 - k}"]
+    pairs = write_johns_pairs(johns, tmp_path / "pairs.txt", lines, "10 1")
+    doc, _ = eval_json(demo_eval, johns, "--pairs", pairs)
+    assert doc["pairs_file"] == pairs and doc["accuracy"]["folds"] == 10
+    assert doc["pairs"] == {"total": 20, "same": 10, "different": 10, "skipped": 0}
+    files = {(p, i) for k in range(10) for p, i in [(JOHNS_PEOPLE[k % 5], k + 1),
+                                                    (JOHNS_PEOPLE[k % 5], k + 2),
+                                                    (JOHNS_PEOPLE[(k + 1) % 5], 11 - k)]}
+    assert doc["images"] == len(files) and doc["identities"] == 5
+    assert all(f["pairs"] == 2 for f in doc["accuracy"]["per_fold"])
+    assert [t["reported"] for t in doc["tar_at_far"]] == [False, False]
+    assert doc["tar_at_far"][0]["reason"] == "10 different-person pairs; FAR 0.001 needs at least 1000"
+
+    # The AUC from the Python client's embeddings of the same files, computed here.
+    def path(person, i):
+        return os.path.join(johns, person, sorted(os.listdir(os.path.join(johns, person)))[i - 1])
+
+    scored = []
+    with ArcFaceClient(demo_eval, timeout=120) as c:
+        for line in lines:
+            w = line.split()
+            a, b = (path(w[0], int(w[1])), path(w[0], int(w[2]))) if len(w) == 3 else (
+                path(w[0], int(w[1])), path(w[2], int(w[3])))
+            e = c.embed([a, b], normalize=True)
+            scored.append((float(e[0] @ e[1]), len(w) == 3))
+    wins = sum((s > d) + 0.5 * (s == d) for s, same in scored if same
+               for d, other in scored if not other)
+    # One near tie broken the other way by the batch's float rounding moves it by 1/100.
+    assert abs(doc["roc_auc"] - wins / 100) <= 0.01 + 1e-12, (doc["roc_auc"], wins / 100)
+
+    # A count header (pairsDevTrain.txt's form): 10 same then 10 different, 10 folds.
+    counted = write_johns_pairs(johns, tmp_path / "dev.txt", lines[0::2] + lines[1::2], "10")
+    assert eval_json(demo_eval, johns, "--pairs", counted)[0]["pairs"]["total"] == 20
+
+    # A pair naming a file that is not there fails before any call, naming it.
+    bad = write_johns_pairs(johns, tmp_path / "bad.txt", ["John_Simm 1 12", "John_Simm 1 John_Savage 2"], "1")
+    r = run_cli("--server", demo_eval, "eval", johns, "--pairs", bad)
+    assert r.returncode == 2, r.stderr
+    assert (f"{bad} line 2: image 12 of John_Simm: no file "
+            f"{os.path.join(johns, 'John_Simm', 'John_Simm_0012.jpg')}, and "
+            f"{os.path.join(johns, 'John_Simm')} has 11 image files") in r.stderr, r.stderr
+    short = write_johns_pairs(johns, tmp_path / "short.txt", lines[:3], "10 1")
+    r = run_cli("--server", demo_eval, "eval", johns, "--pairs", short)
+    assert r.returncode == 2 and "its header promises 20 pairs, it has 3" in r.stderr, r.stderr
+
+
+def test_eval_refuses_what_it_cannot_measure(demo_eval, johns, tmp_path):
+    from arcface_client import ArcFaceClient
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_cli("--server", demo_eval, "eval", empty)
+    assert r.returncode == 2 and f"{empty} has no identity subfolders with image files" in r.stderr
+    one = tmp_path / "one"
+    one.mkdir()
+    os.symlink(os.path.join(johns, "John_Simm"), one / "John_Simm")
+    r = run_cli("--server", demo_eval, "eval", one)
+    assert r.returncode == 2, r.stderr
+    assert f"{one} has one identity (John_Simm): eval needs at least two" in r.stderr
+    r = run_cli("--server", demo_eval, "eval", tmp_path / "missing")
+    assert r.returncode == 2 and "no such folder" in r.stderr, r.stderr
+    r = run_cli("--server", demo_eval, "eval", johns, "--faces", "eyes")
+    assert r.returncode == 2, r.stderr
+
+    # A gallery that holds faces is refused and left as it was.
+    with ArcFaceClient(demo_eval, timeout=60) as c:
+        c.enroll("keep-me", [np.ones(512, np.float32)], gallery="in-use")
+        before = c.gallery_info("in-use")
+        r = run_cli("--server", demo_eval, "eval", johns, "--gallery", "in-use")
+        assert r.returncode == 1, r.stderr
+        assert "gallery 'in-use' already holds 1 faces of 1 subjects" in r.stderr, r.stderr
+        after = c.gallery_info("in-use")
+        assert (after.num_faces, after.version) == (before.num_faces, before.version)

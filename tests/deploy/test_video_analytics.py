@@ -1,7 +1,8 @@
 """The example video-analytics sidecar (deploy/video-analytics) on the host, against a real
 arcface-server with the demo weights and the face detector (ARCFACE_DETECTOR_MODELS): the
 server detects, aligns and embeds every frame of one DetectStream; identities of the program's
-own from an image folder and from a video file, identities from the server's gallery, and clear
+own from an image folder and from a video file, identities from the server's gallery, each
+marked as coming from random weights (and not, from weights loaded from a file), and clear
 failures for bad input and a server without a detector. (test_docker_stack.py runs it inside
 the compose stack.)"""
 
@@ -61,6 +62,9 @@ def test_folder_loops_and_each_face_keeps_one_identity(server):
     assert not any(src == "free-mountain-vector-01.jpg" for src, _ in seen), seen
     for key, ids in seen.items():
         assert len(ids) == 2 and ids[0] == ids[1], (key, ids)
+    # Every identity says it comes from random weights.
+    sightings = [e for e in events if "identity" in e]
+    assert sightings and all(e["random_weights"] is True for e in sightings), sightings
     assert len({ids[0] for ids in seen.values()}) == len(seen), seen
     assert events[-1] == {"event": "done", "frames": 2 * len(names), "identities": len(seen)}
     # With InsightFace's threshold, the random network's embeddings merge faces.
@@ -107,6 +111,7 @@ def test_gallery_names_the_enrolled_faces_and_no_one_else(server, tmp_path):
     assert len(multi) == 2 * len(found.faces), multi
     for e in multi:
         assert e["identity"] == f"guest-{e['face']}" and e["similarity"] >= 0.999, e
+        assert e["random_weights"] is True, e
     single = [e for e in sightings if e["source"] == "single_face.jpg"]
     assert len(single) == 2 and all(e["identity"] is None for e in single), single
     rc, events, err = analyse(server, "--input", str(folder), "--max-frames", "1",
@@ -142,3 +147,20 @@ def test_a_server_without_a_detector_or_galleries_is_named(tmp_path):
         assert rc == 1 and "--gallery door needs a store" in err, err
     finally:
         s.stop()
+
+
+def test_weights_from_a_file_are_not_flagged(tmp_path):
+    goldens = lib.Goldens(lib.GOLDEN_DIR, lib.TEST_DATA)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    os.symlink(MULTI, folder / "multi_face.jpg")
+    s = lib.ServerProcess(["--weights", goldens.model_path("r50"), "--device", "cpu",
+                           "--threads", str(lib.THREADS), *lib.detector_args()],
+                          str(tmp_path), name="r50").start()
+    try:
+        rc, events, err = analyse(s, "--input", str(folder), "--max-frames", "1")
+    finally:
+        s.stop()
+    assert rc == 0, err
+    sightings = [e for e in events if "identity" in e]
+    assert sightings and all(e["random_weights"] is False for e in sightings), sightings

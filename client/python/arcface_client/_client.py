@@ -209,6 +209,34 @@ def _embeddings_array(embeddings, dim=None):
     return np.asarray([e.values for e in embeddings], np.float32)
 
 
+class Comparison(tuple):
+    """What ``compare`` returns: the pair ``(similarity, matches)``, so that
+    ``sim, same = client.compare(...)`` unpacks it, and ``random_weights``: True when the server
+    runs random (demo) weights, whose cosines and matches are no identity verdict (the repr says
+    so)."""
+
+    def __new__(cls, similarity, matches, random_weights):
+        self = super().__new__(cls, (similarity, matches))
+        self.random_weights = bool(random_weights)
+        return self
+
+    def __getnewargs__(self):
+        return (self[0], self[1], self.random_weights)
+
+    @property
+    def similarity(self):
+        return self[0]
+
+    @property
+    def matches(self):
+        return self[1]
+
+    def __repr__(self):
+        note = " (random weights: not an identity verdict)" if self.random_weights else ""
+        return (f"Comparison(similarity={self[0]!r}, matches={self[1]!r}, "
+                f"random_weights={self.random_weights}){note}")
+
+
 class ArcFaceClient:
     """A client of the ArcFace embedding service.
 
@@ -366,6 +394,19 @@ class ArcFaceClient:
         }
 
     @property
+    def random_weights(self):
+        """True when the server runs random (demo) weights: its embeddings, cosines and
+        identities tell nothing about who is who. Read from GetModelInfo once per client (on
+        first need); ``compare``, ``identify`` and ``detect`` put it on their results."""
+        with self._lock:
+            info = self._info
+        if info is None:
+            self.model_info()
+            with self._lock:
+                info = self._info
+        return bool(info.demo_weights)
+
+    @property
     def max_faces_per_request(self):
         """Faces per Embed request: the constructor's value, else the server's (read once)."""
         if self._max_faces is None:
@@ -499,7 +540,13 @@ class ArcFaceClient:
         fields = detect_fields(min_score, max_faces, embed, normalize, gallery, top_k,
                                threshold, min_face_size)
         req = pb.DetectRequest(image=_image_message(image), request_id=request_id, **fields)
-        return detection_from_proto(self._call("Detect", req, timeout))
+        resp = self._call("Detect", req, timeout)
+        return detection_from_proto(resp, self._model_random_weights(fields))
+
+    def _model_random_weights(self, fields):
+        """Whether a Detect with these fields has the model speak (embeddings, identities)
+        from random weights; the detector's own answer (boxes, landmarks) never is."""
+        return bool(fields["embed"] or fields["gallery"]) and self.random_weights
 
     def detect_stream(self, frames, min_score=0.0, max_faces=0, embed=False, normalize=False,
                       gallery="", top_k=0, threshold=None, min_face_size=0.0, timeout=None,
@@ -523,6 +570,7 @@ class ArcFaceClient:
         return self._detect_stream(frames, fields, timeout, errors, max_in_flight)
 
     def _detect_stream(self, frames, fields, timeout, errors, max_in_flight):
+        random_weights = self._model_random_weights(fields)
         slots = threading.Semaphore(max_in_flight)  # one per frame sent and not answered
         closed = threading.Event()
 
@@ -559,7 +607,7 @@ class ArcFaceClient:
                         raise err
                     yield err
                     continue
-                yield detection_from_proto(resp)
+                yield detection_from_proto(resp, random_weights)
         except grpc.RpcError as e:
             raise ArcFaceError.from_rpc_error(e, "DetectStream") from None
         finally:
@@ -585,8 +633,10 @@ class ArcFaceClient:
 
         Queries and references are lists of faces (paths, bytes, uint8 arrays, FaceSpec) or
         embeddings (1-D float arrays, or one float array [N, 512]); faces are embedded by the
-        server. Returns ``(similarity, matches)``: float32 [rows, cols], and bool [rows, cols]
-        (similarity >= threshold) when a threshold is given, else None. When the faces exceed
+        server. Returns a ``Comparison``, the pair ``(similarity, matches)``: float32 [rows,
+        cols], and bool [rows, cols] (similarity >= threshold) when a threshold is given, else
+        None; its ``random_weights`` says whether the server's weights are random (then the
+        matches are no identity verdict). When the faces exceed
         the server's per-request limit they are embedded first (split) and compared as
         embeddings, which gives the same numbers.
         """
@@ -603,7 +653,7 @@ class ArcFaceClient:
         matches = None
         if threshold is not None:
             matches = np.asarray(resp.matches, bool).reshape(resp.rows, resp.cols)
-        return sim, matches
+        return Comparison(sim, matches, self.random_weights)
 
     def _embed_probes(self, probes, timeout):
         idx = [i for i, p in enumerate(probes) if p.HasField("face")]
@@ -702,7 +752,8 @@ class ArcFaceClient:
                                  for c in r.candidates) for r in resp.results)
         if resp is None:
             return Identification((), "", 0)
-        return Identification(tuple(results), resp.model_id, resp.gallery_version)
+        return Identification(tuple(results), resp.model_id, resp.gallery_version,
+                              self.random_weights)
 
     def forget(self, subject_id=None, face_ids=(), gallery="", timeout=None):
         """Removes ``subject_id`` with all its faces, or the faces ``face_ids`` (which must be

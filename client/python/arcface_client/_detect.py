@@ -47,6 +47,9 @@ class Detection:
     detector_id: str
     model_id: str  # the embedding model, with embed or a gallery; else ""
     request_id: str
+    # True when that model runs random (demo) weights: the embeddings and identities are no
+    # identity verdict (the boxes and landmarks come from the detector's trained weights).
+    random_weights: bool = False
 
     def embeddings(self):
         """float32 [n, 512]: the faces' embeddings (ValueError when they were not asked for)."""
@@ -57,7 +60,7 @@ class Detection:
         return np.stack([f.embedding for f in self.faces])
 
 
-def detection_from_proto(resp):
+def detection_from_proto(resp, random_weights=False):
     faces = []
     for f in resp.faces:
         embedding = None
@@ -72,7 +75,7 @@ def detection_from_proto(resp):
             candidates=tuple(Candidate(c.subject_id, c.face_id, c.similarity)
                              for c in f.identification.candidates)))
     return Detection(tuple(faces), resp.image_width, resp.image_height, resp.detector_id,
-                     resp.model_id, resp.request_id)
+                     resp.model_id, resp.request_id, random_weights)
 
 
 def _count(name, value):

@@ -49,6 +49,8 @@ class Identification:
     results: tuple  # of tuples of Candidate
     model_id: str
     gallery_version: int
+    # True when the server runs random (demo) weights: the candidates are no identity verdict.
+    random_weights: bool = False
 
     def best(self):
         """Each probe's best candidate, or None where it has none."""
