@@ -10,7 +10,7 @@
 #   integration suites'), and TSan not the CLI's; ARCFACE_LANES_ALL=1 runs them too.
 #   tsa   clang's -Wthread-safety as errors over every .cc of server/ and client/ (build-tsa)
 #   fuzz  the libFuzzer targets of tests/fuzz (build-fuzz, ASan+UBSan), each for
-#         ARCFACE_FUZZ_SECONDS (60) on its seed corpus and regression inputs
+#         ARCFACE_FUZZ_SECONDS (30) on its seed corpus and regression inputs
 # Each lane prints a header line and its wall time. Exits non-zero when the suite or any lane
 # fails (a failing suite does not stop the lanes; a summary ends the output).
 # Usage: tests/run.sh [ctest arguments, e.g. -R engine; the lanes' ctest runs get them too]
