@@ -129,8 +129,8 @@ absl::StatusOr<Crop> AlignFace(const cv::Mat& rgb, absl::Span<const Point> landm
     const double a = warp(0, 0), b = warp(0, 1), c = warp(1, 0), d = warp(1, 1);
     const double det = a * d - b * c;  // s² > 0: EstimateSimilarity refuses scale 0
     double min_x = HUGE_VAL, min_y = HUGE_VAL, max_x = -HUGE_VAL, max_y = -HUGE_VAL;
-    for (double qx : {-1.0, double{geometry.size}}) {
-      for (double qy : {-1.0, double{geometry.size}}) {
+    for (double qx : {-1.0, static_cast<double>(geometry.size)}) {
+      for (double qy : {-1.0, static_cast<double>(geometry.size)}) {
         const double ux = qx - warp(0, 2), uy = qy - warp(1, 2);
         const double px = (d * ux - b * uy) / det, py = (-c * ux + a * uy) / det;
         min_x = std::min(min_x, px);
