@@ -1,5 +1,6 @@
-// The network's fixed shapes (docs/MODEL.md): 112×112×3 uint8 RGB crops in (row-major HWC), 512
-// float values out; and the crop geometry of each model family (CropGeometry). The one definition
+// The networks' fixed shapes (docs/MODEL.md): ArcFace's 112×112×3 uint8 RGB crops in (row-major
+// HWC), 512 float values out; dlib's 150×150 chips, 128 values out; and the crop geometry of each
+// model family (CropGeometry). The one definition
 // of the crop size: the image code, which makes crops, and the model and engine, which consume
 // them, may not depend on each other (OpenCV on one side, torch on the other), so both see this
 // header-only, dependency-free target instead.
@@ -33,6 +34,24 @@ inline constexpr CropGeometry kArcFaceCrop = {kCropSize,
                                                 {56.0252f, 71.7366f},
                                                 {41.5493f, 92.3655f},
                                                 {70.7299f, 92.2041f}}}};
+
+// dlib's face chip (get_face_chip_details(det, 150, 0.25), the chip dlib_face_recognition's
+// descriptor was trained on), for five points: dlib fits a similarity transform from its mean
+// face shape (points 17..67 of the 68, in [0, 1]; the header's mean_face_shape_x/y), placed at
+// (0.25 + m) / 1.5 · 150, to the 68 landmarks, then extracts the chip from a rectangle whose
+// corners map to pixels 0 and 149, not 0 and 150. For a chip sampled at the image's own scale
+// that puts a mean-face point m at pixel 100·m + 24.5 (at s image pixels per chip pixel:
+// 74.5 + 149s / (150s − 1) · (100·m − 50), under 0.25 px from it anywhere in the chip). The five
+// points are the mean shape's eye centres (mean of points 36–41 and 42–47), nose tip (30) and
+// mouth corners (48, 54). tests/reference/test_dlib_ref.py recomputes them from dlib's header.
+inline constexpr int kDlibChipSize = 150;
+inline constexpr int kDlibEmbeddingDim = 128;
+inline constexpr CropGeometry kDlibChip = {kDlibChipSize,
+                                           {{{47.0492f, 46.0990f},
+                                             {99.9761f, 46.0990f},
+                                             {73.5127f, 76.0625f},
+                                             {49.9149f, 102.5233f},
+                                             {97.1104f, 102.5233f}}}};
 
 }  // namespace arcface::model
 

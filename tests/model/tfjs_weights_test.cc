@@ -1,6 +1,6 @@
 // TfjsWeights on face-api's real files (shapes, dequantisation checked against the test's own
 // reading of the shards, checksums) and on a table of malformed files written by the test.
-#include "server/detect/tfjs_weights.h"
+#include "server/model/tfjs_weights.h"
 
 #include <stdlib.h>
 
@@ -21,7 +21,7 @@
 
 #include "absl/status/status.h"
 
-namespace arcface::detect {
+namespace arcface::model {
 namespace {
 
 namespace fs = std::filesystem;
@@ -464,4 +464,4 @@ INSTANTIATE_TEST_SUITE_P(Table, MalformedFiles, ::testing::ValuesIn(MalformedTab
                          [](const auto& info) { return info.param.label; });
 
 }  // namespace
-}  // namespace arcface::detect
+}  // namespace arcface::model
