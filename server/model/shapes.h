@@ -38,12 +38,14 @@ inline constexpr CropGeometry kArcFaceCrop = {kCropSize,
 // dlib's face chip (get_face_chip_details(det, 150, 0.25), the chip dlib_face_recognition's
 // descriptor was trained on), for five points: dlib fits a similarity transform from its mean
 // face shape (points 17..67 of the 68, in [0, 1]; the header's mean_face_shape_x/y), placed at
-// (0.25 + m) / 1.5 · 150, to the 68 landmarks, then extracts the chip from a rectangle whose
-// corners map to pixels 0 and 149, not 0 and 150. For a chip sampled at the image's own scale
-// that puts a mean-face point m at pixel 100·m + 24.5 (at s image pixels per chip pixel:
-// 74.5 + 149s / (150s − 1) · (100·m − 50), under 0.25 px from it anywhere in the chip). The five
-// points are the mean shape's eye centres (mean of points 36–41 and 42–47), nose tip (30) and
-// mouth corners (48, 54). tests/reference/test_dlib_ref.py recomputes them from dlib's header.
+// q = (0.25 + m) / 1.5 · 150, to the 68 landmarks, then extracts the chip from a rectangle whose
+// corners map to pixels 0 and 149, not 0 and 150: a point q lands on 74.5 + 149s / (150s − 1) ·
+// (q − 75), with s the image's pixels per chip pixel. At s = 1 that is q − 0.5 = 100·m + 24.5,
+// the numbers below; at the five points other scales move it by under 0.2 px for s ≥ 1 (a face
+// larger in the image than in the chip) and 0.35 px at s = 0.36 (the mean of dlib's upsampled
+// example faces). The five points are the mean shape's eye centres (mean of points 36–41 and
+// 42–47), nose tip (30) and mouth corners (48, 54). tests/reference/test_dlib_ref.py recomputes
+// them from dlib's header; docs/MODEL.md has the derivation and how close the chips come.
 inline constexpr int kDlibChipSize = 150;
 inline constexpr int kDlibEmbeddingDim = 128;
 inline constexpr CropGeometry kDlibChip = {kDlibChipSize,
