@@ -16,7 +16,7 @@ constexpr int64_t kEmbeddingOut = kDlibEmbeddingDim;
 constexpr size_t kMaxListed = 12;
 
 std::string ShapeString(const std::vector<int64_t>& shape) {
-  return absl::StrCat("[", absl::StrJoin(shape, ","), "]");
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
 void AddConv(const std::string& name, int64_t kernel, int64_t in, int64_t out,
