@@ -234,7 +234,11 @@ absl::StatusOr<Checkpoint> LoadCheckpoint(const std::string& path) {
   const std::string prefix = absl::StrCat(path, ": ");
   std::error_code error;
   if (std::filesystem::is_directory(path, error)) {
-    return LoadDlibCheckpoint((std::filesystem::path(path) / kDlibManifestName).string());
+    const std::filesystem::path manifest = std::filesystem::path(path) / kDlibManifestName;
+    if (std::filesystem::exists(manifest, error)) return LoadDlibCheckpoint(manifest.string());
+    return absl::InvalidArgumentError(absl::StrCat(
+        prefix, "not a regular file (a directory), and no ", kDlibManifestName,
+        " in it (a face-api models folder holds the dlib family's weights)"));
   }
   absl::StatusOr<std::string> bytes = common::ReadFile(path);  // its errors name the path
   if (!bytes.ok()) return bytes.status();

@@ -60,7 +60,8 @@ struct Checkpoint {
 
 // Reads `path`, detecting the family and format from what it is: a folder holding face-api's
 // face_recognition_model-weights_manifest.json, or a TF.js manifest itself (a JSON array), is
-// the dlib family; otherwise the contents decide between an ONNX ModelProto and safetensors.
+// the dlib family (a folder without it is INVALID_ARGUMENT, naming both); otherwise the contents
+// decide between an ONNX ModelProto and safetensors.
 absl::StatusOr<Checkpoint> LoadCheckpoint(const std::string& path);
 
 // Reads the residual blocks per stage off checkpoint keys of the form `layer{1..4}.{i}.*`.

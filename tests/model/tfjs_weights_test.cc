@@ -583,9 +583,10 @@ TEST(DlibFamily, FolderWithoutTheManifestNamesIt) {
   const fs::path dir = TempDir();
   absl::StatusOr<Checkpoint> checkpoint = LoadCheckpoint(dir.string());
   ASSERT_FALSE(checkpoint.ok());
-  EXPECT_EQ(checkpoint.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(checkpoint.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(checkpoint.status().message(),
-              HasSubstr((dir / model::kDlibManifestName).string()));
+              AllOf(HasSubstr(dir.string()), HasSubstr("not a regular file"),
+                    HasSubstr(model::kDlibManifestName)));
 }
 
 }  // namespace dlib_family
