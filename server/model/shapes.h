@@ -45,7 +45,8 @@ inline constexpr CropGeometry kArcFaceCrop = {kCropSize,
 // larger in the image than in the chip) and 0.35 px at s = 0.36 (the mean of dlib's upsampled
 // example faces). The five points are the mean shape's eye centres (mean of points 36–41 and
 // 42–47), nose tip (30) and mouth corners (48, 54). tests/reference/test_dlib_ref.py recomputes
-// them from dlib's header; docs/MODEL.md has the derivation and how close the chips come.
+// them from dlib's header, and dlib_chip_test has dlib's own chip of an exact mean face put them
+// there (and at the formula's places for other s); docs/MODEL.md: how close real chips come.
 inline constexpr int kDlibChipSize = 150;
 inline constexpr int kDlibEmbeddingDim = 128;
 inline constexpr CropGeometry kDlibChip = {kDlibChipSize,

@@ -1,4 +1,5 @@
-// How close our five-point dlib chip (image::AlignFace with model::kDlibChip) comes to dlib's own
+// The dlib chip template (model::kDlibChip) checked against dlib's own chip geometry, and how
+// close our five-point dlib chip (image::AlignFace with model::kDlibChip) comes to dlib's own
 // 68-point chip (extract_image_chip(get_face_chip_details(shape, 150, 0.25))), on dlib's
 // examples/faces photos with their 68 labelled landmarks (ARCFACE_DLIB_DATA): the pixels of the
 // two chips, where dlib's chip puts our five points, and the trained descriptor of both chips
@@ -7,7 +8,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
+#include <iterator>
 #include <memory>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -29,6 +33,7 @@ namespace arcface {
 namespace {
 
 const std::string kDlibData = ARCFACE_DLIB_DATA;
+const std::string kDlibHeader = ARCFACE_DLIB_INTERPOLATION_H;
 const std::string kModels = ARCFACE_DETECTOR_MODELS;
 constexpr int kSize = model::kDlibChip.size;
 
@@ -88,6 +93,114 @@ std::vector<uint8_t> DlibChip(const Face& face, const dlib::chip_details& detail
     }
   }
   return out;
+}
+
+// dlib's mean face shape, points 17..67 in [0, 1], read from the header that dlib compiles
+// (mean_face_shape_x/y inside get_face_chip_details), so that the check below trusts no copy.
+std::vector<dlib::dpoint> DlibMeanFace() {
+  std::ifstream in(kDlibHeader);
+  const std::string text((std::istreambuf_iterator<char>(in)), {});
+  auto values = [&](const std::string& name) {
+    std::smatch m;
+    EXPECT_TRUE(std::regex_search(text, m, std::regex(name + R"(\[\]\s*=\s*\{([^}]*)\})")))
+        << name << " not found in " << kDlibHeader;
+    std::vector<double> out;
+    const std::string list = m[1];
+    const std::regex number(R"([-0-9.eE]+)");
+    for (auto it = std::sregex_iterator(list.begin(), list.end(), number);
+         it != std::sregex_iterator(); ++it) {
+      out.push_back(std::stod(it->str()));
+    }
+    return out;
+  };
+  const std::vector<double> x = values("mean_face_shape_x"), y = values("mean_face_shape_y");
+  EXPECT_EQ(x.size(), 51u);
+  EXPECT_EQ(y.size(), 51u);
+  std::vector<dlib::dpoint> shape;
+  for (size_t i = 0; i < std::min(x.size(), y.size()); ++i) shape.emplace_back(x[i], y[i]);
+  return shape;
+}
+
+// Where the template's derivation (shapes.h) says dlib's chip puts a mean-face point q, at s
+// image pixels per chip pixel.
+dlib::dpoint DerivedChipPoint(const dlib::dpoint& q, double s) {
+  const double f = 149 * s / (150 * s - 1);
+  return dlib::dpoint(74.5 + f * (q.x() - 75), 74.5 + f * (q.y() - 75));
+}
+
+// The template's derivation, checked against dlib itself: a face that is exactly dlib's mean
+// face under a similarity (scale s, a rotation, a shift) makes dlib's fit exact, so dlib's chip
+// must put each of our five points where the derivation says, and at s = 1 on kDlibChip.
+TEST(DlibChip, TemplateIsWhereDlibsChipPutsTheMeanFace) {
+  const std::vector<dlib::dpoint> mean = DlibMeanFace();
+  ASSERT_EQ(mean.size(), 51u);
+  auto q_of = [&](int i) {  // i in 17..67 (dlib's vector expressions must not outlive a line)
+    return dlib::dpoint((0.25 + mean[i - 17].x()) / 1.5 * kSize,
+                        (0.25 + mean[i - 17].y()) / 1.5 * kSize);
+  };
+  auto five_of = [](const std::vector<dlib::dpoint>& p) {  // our five points from 68
+    auto avg = [&](int from, int to) {
+      double x = 0, y = 0;
+      for (int i = from; i <= to; ++i) x += p[i].x(), y += p[i].y();
+      return dlib::dpoint(x / (to - from + 1), y / (to - from + 1));
+    };
+    return std::array<dlib::dpoint, 5>{avg(36, 41), avg(42, 47), p[30], p[48], p[54]};
+  };
+  std::vector<dlib::dpoint> q(68, dlib::dpoint(0, 0));
+  for (int i = 17; i < 68; ++i) q[i] = q_of(i);
+  const std::array<dlib::dpoint, 5> q5 = five_of(q);
+  const std::array<image::Point, 5> tmpl = image::Template(model::kDlibChip);
+  for (int i = 0; i < 5; ++i) {  // the constants are the derivation at s = 1
+    const dlib::dpoint want = DerivedChipPoint(q5[i], 1.0);
+    EXPECT_NEAR(tmpl[i].x, want.x(), 1e-4) << "point " << i;
+    EXPECT_NEAR(tmpl[i].y, want.y(), 1e-4) << "point " << i;
+  }
+
+  for (double s : {1.0, 0.36, 2.5, 300.0}) {
+    const double angle = 0.3;
+    auto to_image = [&](const dlib::dpoint& p) {
+      return dlib::dpoint(400.25 + s * (std::cos(angle) * p.x() - std::sin(angle) * p.y()),
+                          230.5 + s * (std::sin(angle) * p.x() + std::cos(angle) * p.y()));
+    };
+    std::vector<dlib::dpoint> image_points(68, dlib::dpoint(0, 0));
+    for (int i = 17; i < 68; ++i) image_points[i] = to_image(q[i]);
+    dlib::chip_details details;
+    double tolerance;
+    if (s > 100) {
+      // dlib's own get_face_chip_details, whose landmarks are whole pixels: at this scale
+      // rounding them moves the chip by under 0.5 / s px.
+      std::vector<dlib::point> parts(68, dlib::point(0, 0));  // 0..16 are not used by dlib
+      for (int i = 17; i < 68; ++i) {
+        parts[i] = dlib::point(std::lround(image_points[i].x()), std::lround(image_points[i].y()));
+        image_points[i] = dlib::dpoint(parts[i]);
+      }
+      const dlib::full_object_detection det(dlib::rectangle(0, 0, 1, 1), parts);
+      details = dlib::get_face_chip_details(det, kSize, 0.25);
+      tolerance = 0.01;
+    } else {
+      // The chip get_face_chip_details builds, from exact points (it takes whole pixels only):
+      // the same chip_details constructor with its from-points, all of 17..67 (on an exact mean
+      // face which of them dlib leaves out does not matter).
+      std::vector<dlib::dpoint> from, to;
+      for (int i = 17; i < 68; ++i) {
+        from.push_back(q[i]);
+        to.push_back(image_points[i]);
+      }
+      details = dlib::chip_details(from, to, dlib::chip_dims(kSize, kSize));
+      tolerance = 1e-6;
+    }
+    const dlib::point_transform_affine to_chip = dlib::get_mapping_to_chip(details);
+    const std::array<dlib::dpoint, 5> in_chip = five_of(image_points);
+    for (int i = 0; i < 5; ++i) {
+      const dlib::dpoint got = to_chip(in_chip[i]), want = DerivedChipPoint(q5[i], s);
+      EXPECT_NEAR(got.x(), want.x(), tolerance) << "s " << s << " point " << i;
+      EXPECT_NEAR(got.y(), want.y(), tolerance) << "s " << s << " point " << i;
+      if (s == 1.0) {
+        EXPECT_NEAR(got.x(), tmpl[i].x, 1e-4) << "point " << i;
+        EXPECT_NEAR(got.y(), tmpl[i].y, 1e-4) << "point " << i;
+      }
+    }
+  }
 }
 
 // Measured on the 43 labelled faces of dlib's examples/faces (Debian's libdlib19.1 19.24):
