@@ -205,11 +205,11 @@ TEST(DlibChip, TemplateIsWhereDlibsChipPutsTheMeanFace) {
 
 // Measured on the 43 labelled faces of dlib's examples/faces (Debian's libdlib19.1 19.24):
 // dlib fits its chip to 33 of the 68 points (nose, eyes, upper lip; no jaw, brows, lower lip),
-// we to five, so a face whose five points sit unlike the mean face's (a turned head moves the nose tip and
-// one mouth corner) is placed differently: our five points land in dlib's chip 5.4 px from the
-// template on average (at most 11.8 px; per point the mean offset is at most 4.1 px, so the
-// template has no bias beyond that spread). Mean absolute pixel difference between the chips
-// 10.7 (at most 23.7); the two chips' descriptors at cosine 0.9943 on average (at least 0.9765)
+// we to five, so a face whose five points sit unlike the mean face's (a turned head moves the
+// nose tip and one mouth corner) is placed differently: our five points land in dlib's chip
+// 5.4 px from the template on average (at most 11.8 px; per point the mean offset is at most
+// 4.1 px, so the template has no bias beyond that spread). Mean absolute pixel difference
+// between the chips 10.7 (at most 23.7); the two chips' descriptors at cosine 0.9943 on average (at least 0.9765)
 // and Euclidean distance 0.146 on average (at most 0.301), against dlib's same-person threshold
 // of 0.6. The bounds below leave a margin over those.
 TEST(DlibChip, FivePointChipIsCloseToDlibs68PointChip) {
