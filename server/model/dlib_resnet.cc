@@ -63,7 +63,8 @@ torch::Tensor DlibResNetImpl::forward(const torch::Tensor& input) {
   // stride 1 pads one on each side. 150 → 72 (stem) → 35 (max pool) → 17 → 8 → 4 → 2.
   torch::Tensor x = torch::relu(Conv2d(input, stem_.weight, stem_.bias, 2, 0));
   x = torch::max_pool2d(x, {3, 3}, {2, 2});
-  // Buffers are re-read from the module, so that the tensors follow to() moves.
+  // The tensors held in stem_, blocks_ and fc_ are the registered buffers themselves: to()
+  // moves those in place (set_data), so a module moved to CUDA computes there.
   for (const Block& block : blocks_) {
     torch::Tensor out = torch::relu(
         Conv2d(x, block.conv1.weight, block.conv1.bias, block.down ? 2 : 1, block.down ? 0 : 1));

@@ -16,8 +16,11 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <torch/torch.h>
+
 #include "server/engine/engine.h"
 #include "server/model/checkpoint.h"
+#include "server/model/dlib_resnet.h"
 #include "server/model/dlib_weights.h"
 #include "server/model/shapes.h"
 
@@ -156,6 +159,24 @@ TEST(DlibEngine, FolderAndManifestLoadTheSameModel) {
   EXPECT_EQ(by_folder->sha256.size(), 64u);
   EXPECT_EQ(&by_folder->geometry(), &model::kDlibChip);
   EXPECT_EQ(by_folder->embedding_dim(), 128);
+}
+
+// The engine moves the module to CUDA with to(); on the CPU a move to float64 shows that the
+// weights the forward pass uses follow such a move (a stale copy would mix dtypes and throw).
+TEST(DlibEngine, ModuleFollowsTo) {
+  absl::StatusOr<model::Checkpoint> checkpoint = model::LoadCheckpoint(kModels);
+  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
+  absl::StatusOr<model::DlibResNet> net = model::BuildDlibResNet(*checkpoint);
+  ASSERT_TRUE(net.ok()) << net.status();
+  c10::InferenceMode inference;
+  const torch::Tensor x = torch::rand({2, 3, 150, 150}) * 255;
+  const torch::Tensor in_float = (*net)->forward(model::DlibNormalize(x));
+  (*net)->to(torch::kFloat64);
+  const torch::Tensor in_double = (*net)->forward(model::DlibNormalize(x.to(torch::kFloat64)));
+  EXPECT_EQ(in_double.scalar_type(), torch::kFloat64);
+  EXPECT_TRUE(torch::allclose(in_double.to(torch::kFloat32), in_float, 1e-4, 1e-5));
+  absl::StatusOr<model::DlibResNet> not_dlib = model::BuildDlibResNet(model::Checkpoint());
+  EXPECT_FALSE(not_dlib.ok());
 }
 
 TEST(DlibEngine, ReportsItsGeometryAndEmbeddingSize) {
