@@ -51,7 +51,7 @@ Architecture ArchitectureOf(BlazeFace::Range range) {
 std::string Unknown(int64_t n) { return absl::StrCat("unknown_", n); }
 
 // The int32 constants: a Pad's paddings or a Reshape's shape must hold exactly `want`.
-absl::Status CheckInts(const TfjsWeights& weights, const std::string& name,
+absl::Status CheckInts(const model::TfjsWeights& weights, const std::string& name,
                        const std::vector<int32_t>& want) {
   auto it = weights.tensors().find(name);
   if (it == weights.tensors().end() || !it->second.is_int) {
@@ -69,7 +69,7 @@ absl::Status CheckInts(const TfjsWeights& weights, const std::string& name,
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<BlazeFace>> BlazeFace::Create(const TfjsWeights& weights,
+absl::StatusOr<std::unique_ptr<BlazeFace>> BlazeFace::Create(const model::TfjsWeights& weights,
                                                              Range range, torch::Device device) {
   const Architecture arch = ArchitectureOf(range);
   std::unique_ptr<BlazeFace> net(new BlazeFace());

@@ -26,7 +26,7 @@
 
 #include "absl/status/statusor.h"
 #include "server/detect/tfjs_layers.h"
-#include "server/detect/tfjs_weights.h"
+#include "server/model/tfjs_weights.h"
 
 namespace arcface::detect {
 
@@ -43,7 +43,7 @@ class BlazeFace {
     torch::Tensor regressors;  // [B, 896, 16]
   };
 
-  static absl::StatusOr<std::unique_ptr<BlazeFace>> Create(const TfjsWeights& weights,
+  static absl::StatusOr<std::unique_ptr<BlazeFace>> Create(const model::TfjsWeights& weights,
                                                            Range range, torch::Device device);
 
   int input_size() const { return input_size_; }

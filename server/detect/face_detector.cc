@@ -13,7 +13,7 @@
 #include "server/detect/box_decoding.h"
 #include "server/detect/landmark68.h"
 #include "server/detect/ssd_mobilenet.h"
-#include "server/detect/tfjs_weights.h"
+#include "server/model/tfjs_weights.h"
 #include "server/detect/tiny_face_detector.h"
 #include "server/engine/device.h"
 #include "server/model/sha256.h"
@@ -342,9 +342,9 @@ absl::StatusOr<std::unique_ptr<FaceDetector>> FaceDetector::Create(const Detecto
                                                                : config.candidate_model_dir,
                             range == BlazeFace::Range::kFull ? "/blazeface-back.json"
                                                              : "/blazeface-front.json");
-  absl::StatusOr<TfjsWeights> box_weights = TfjsWeights::Load(box_file);
+  absl::StatusOr<model::TfjsWeights> box_weights = model::TfjsWeights::Load(box_file);
   if (!box_weights.ok()) return box_weights.status();
-  absl::StatusOr<TfjsWeights> landmark_weights = TfjsWeights::Load(
+  absl::StatusOr<model::TfjsWeights> landmark_weights = model::TfjsWeights::Load(
       absl::StrCat(config.model_dir, "/", kLandmarkName, "_model-weights_manifest.json"));
   if (!landmark_weights.ok()) return landmark_weights.status();
   absl::StatusOr<std::string> sha256 =

@@ -15,8 +15,8 @@ constexpr std::array<int64_t, 5> kChannels = {3, 32, 64, 128, 256};
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Landmark68Net>> Landmark68Net::Create(const TfjsWeights& weights,
-                                                                     torch::Device device) {
+absl::StatusOr<std::unique_ptr<Landmark68Net>> Landmark68Net::Create(
+    const model::TfjsWeights& weights, torch::Device device) {
   std::unique_ptr<Landmark68Net> net(new Landmark68Net());
   KernelReader read(weights, "face_landmark_68");
   for (int b = 0; b < 4; ++b) {

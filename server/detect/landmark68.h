@@ -18,7 +18,7 @@
 
 #include "absl/status/statusor.h"
 #include "server/detect/tfjs_layers.h"
-#include "server/detect/tfjs_weights.h"
+#include "server/model/tfjs_weights.h"
 #include "server/image/image.h"
 
 namespace arcface::detect {
@@ -28,7 +28,7 @@ class Landmark68Net {
   static constexpr int kInputSize = 112;
   static constexpr int kPoints = 68;
 
-  static absl::StatusOr<std::unique_ptr<Landmark68Net>> Create(const TfjsWeights& weights,
+  static absl::StatusOr<std::unique_ptr<Landmark68Net>> Create(const model::TfjsWeights& weights,
                                                                torch::Device device);
 
   // `rgb`: [N, 112, 112, 3] float RGB in [0, 255] on the network's device. Returns [N, 136]:

@@ -46,7 +46,7 @@ torch::Tensor PerAnchor(const torch::Tensor& x, int64_t k) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<SsdMobilenetV1>> SsdMobilenetV1::Create(
-    const TfjsWeights& weights, torch::Device device) {
+    const model::TfjsWeights& weights, torch::Device device) {
   std::unique_ptr<SsdMobilenetV1> net(new SsdMobilenetV1());
   KernelReader read(weights, "ssd_mobilenetv1");
 

@@ -20,7 +20,7 @@
 
 #include "absl/status/statusor.h"
 #include "server/detect/tfjs_layers.h"
-#include "server/detect/tfjs_weights.h"
+#include "server/model/tfjs_weights.h"
 
 namespace arcface::detect {
 
@@ -34,7 +34,7 @@ class SsdMobilenetV1 {
     torch::Tensor class_logits;   // [B, 5118, 3]: background, face, (unused); face-api uses [1]
   };
 
-  static absl::StatusOr<std::unique_ptr<SsdMobilenetV1>> Create(const TfjsWeights& weights,
+  static absl::StatusOr<std::unique_ptr<SsdMobilenetV1>> Create(const model::TfjsWeights& weights,
                                                                 torch::Device device);
 
   // `rgb`: [B, 512, 512, 3] float RGB in [0, 255] on the network's device (NHWC, as stored).

@@ -9,7 +9,7 @@ namespace arcface::detect {
 
 torch::Tensor KernelReader::Read(const std::string& name, const std::vector<int64_t>& shape) {
   if (!status_.ok()) return {};
-  absl::StatusOr<const TfjsTensor*> tensor = weights_.Get(name, shape);
+  absl::StatusOr<const model::TfjsTensor*> tensor = weights_.Get(name, shape);
   if (!tensor.ok()) {
     status_ = absl::Status(tensor.status().code(),
                            absl::StrCat(network_, ": ", tensor.status().message()));

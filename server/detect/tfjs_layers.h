@@ -18,7 +18,7 @@
 #include <torch/torch.h>
 
 #include "absl/status/status.h"
-#include "server/detect/tfjs_weights.h"
+#include "server/model/tfjs_weights.h"
 
 namespace arcface::detect {
 
@@ -41,7 +41,7 @@ struct ConvWeights {
 class KernelReader {
  public:
   // `network` prefixes every error ("ssd_mobilenetv1: ...").
-  KernelReader(const TfjsWeights& weights, std::string network)
+  KernelReader(const model::TfjsWeights& weights, std::string network)
       : weights_(weights), network_(std::move(network)) {}
 
   // A conv kernel stored HWIO [k, k, in, out], returned OIHW [out, in, k, k].
@@ -56,7 +56,7 @@ class KernelReader {
  private:
   torch::Tensor Read(const std::string& name, const std::vector<int64_t>& shape);
 
-  const TfjsWeights& weights_;
+  const model::TfjsWeights& weights_;
   const std::string network_;
   absl::Status status_;
 };

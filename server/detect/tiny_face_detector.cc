@@ -17,7 +17,7 @@ torch::Tensor Leaky(const torch::Tensor& x) { return torch::leaky_relu(x, 0.1); 
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<TinyFaceDetector>> TinyFaceDetector::Create(
-    const TfjsWeights& weights, torch::Device device) {
+    const model::TfjsWeights& weights, torch::Device device) {
   std::unique_ptr<TinyFaceDetector> net(new TinyFaceDetector());
   KernelReader read(weights, "tiny_face_detector");
   net->conv0_ = {read.Conv("conv0/filters", 3, 3, kChannels[0]),

@@ -17,7 +17,7 @@
 
 #include "absl/status/statusor.h"
 #include "server/detect/tfjs_layers.h"
-#include "server/detect/tfjs_weights.h"
+#include "server/model/tfjs_weights.h"
 
 namespace arcface::detect {
 
@@ -27,7 +27,7 @@ class TinyFaceDetector {
   static constexpr int kAnchors = 5;
   static constexpr int kBoxEncoding = 5;  // tx, ty, tw, th, objectness
 
-  static absl::StatusOr<std::unique_ptr<TinyFaceDetector>> Create(const TfjsWeights& weights,
+  static absl::StatusOr<std::unique_ptr<TinyFaceDetector>> Create(const model::TfjsWeights& weights,
                                                                   torch::Device device);
 
   // `rgb`: [B, S, S, 3] float RGB in [0, 255] on the network's device, S a multiple of 32.

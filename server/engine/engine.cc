@@ -10,6 +10,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "server/engine/device.h"
+#include "server/model/dlib_resnet.h"
 #include "server/model/iresnet.h"
 
 #ifdef ARCFACE_WITH_CUDA
@@ -23,6 +24,8 @@ struct Engine::Impl {
   std::unique_ptr<OnednnNet> onednn;  // the CPU path by default; else `net` runs on libtorch
 #endif
   model::IResNet net{nullptr};
+  model::DlibResNet dlib{nullptr};  // the dlib family's network instead of `net`
+  int64_t crop_size = kCropSize;
   torch::Device device{torch::kCPU};
   torch::ScalarType dtype = torch::kFloat32;
   bool channels_last = true;
@@ -31,9 +34,13 @@ struct Engine::Impl {
     c10::InferenceMode inference;
     // from_blob does not copy; the single copy is the transfer to the device (or, on the CPU,
     // the conversion to float below).
-    torch::Tensor nhwc =
-        torch::from_blob(const_cast<uint8_t*>(data), {n, kCropSize, kCropSize, 3}, torch::kUInt8);
+    torch::Tensor nhwc = torch::from_blob(const_cast<uint8_t*>(data),
+                                          {n, crop_size, crop_size, 3}, torch::kUInt8);
     torch::Tensor x = nhwc.to(device, /*non_blocking=*/false).permute({0, 3, 1, 2});
+    if (dlib) {
+      x = model::DlibNormalize(x.to(torch::kFloat32).contiguous());
+      return dlib->forward(x).to(torch::kCPU).contiguous();
+    }
     x = x.to(torch::kFloat32).sub_(127.5).div_(127.5);
     x = x.contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
     if (dtype != torch::kFloat32) x = x.to(dtype);
@@ -127,14 +134,17 @@ torch::ScalarType ScalarTypeOf(Precision precision) {
 }  // namespace
 
 Engine::Engine(std::unique_ptr<Impl> impl, std::shared_ptr<CudaEngine> cuda, int concurrent_runs,
-               std::string device_name, Precision precision, std::string arch, std::string backend)
+               std::string device_name, Precision precision,
+               const model::Checkpoint& checkpoint, std::string backend)
     : impl_(std::move(impl)),
       cuda_(std::move(cuda)),
       concurrent_runs_(concurrent_runs),
       device_name_(std::move(device_name)),
       precision_(precision),
-      arch_(std::move(arch)),
-      backend_(std::move(backend)) {}
+      arch_(checkpoint.arch),
+      backend_(std::move(backend)),
+      geometry_(checkpoint.geometry()),
+      embedding_dim_(checkpoint.embedding_dim()) {}
 
 Engine::~Engine() = default;
 
@@ -142,6 +152,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
                                                        const EngineOptions& options) {
   absl::StatusOr<torch::Device> device = ResolveDevice(options.device);
   if (!device.ok()) return device.status();
+  if (checkpoint.family == model::Family::kDlibResNet && options.precision != Precision::kFp32) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("precision ", PrecisionName(options.precision), " is not supported by the ",
+                     checkpoint.arch, " family (", checkpoint.ModelId(), "): it runs in fp32"));
+  }
   if (options.precision == Precision::kFp16 && device->is_cpu()) {
     return absl::InvalidArgumentError(
         "precision fp16 is not supported on the CPU; use fp32, bf16 or int8");
@@ -180,6 +195,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
         absl::StrCat("CUDA lanes must be >= 1, got ", options.cuda_lanes));
   }
   if (options.threads > 0) at::set_num_threads(options.threads);
+  if (checkpoint.family == model::Family::kDlibResNet) {
+    return CreateDlib(checkpoint, options);
+  }
 
   auto impl = std::make_unique<Impl>();
   std::shared_ptr<CudaEngine> cuda;
@@ -195,7 +213,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
     const char* name = (*net)->winograd() ? "onednn, winograd" : "onednn";
     impl->onednn = *std::move(net);
     return std::unique_ptr<Engine>(
-        new Engine(std::move(impl), nullptr, 1, "cpu", options.precision, checkpoint.arch, name));
+        new Engine(std::move(impl), nullptr, 1, "cpu", options.precision, checkpoint, name));
   }
 #endif
   impl->device = *device;
@@ -234,17 +252,50 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Checkpoint& 
   }
   const int concurrent_runs = cuda ? options.cuda_lanes : 1;
   return std::unique_ptr<Engine>(new Engine(std::move(impl), std::move(cuda), concurrent_runs,
-                                            device->str(), options.precision, checkpoint.arch,
+                                            device->str(), options.precision, checkpoint,
                                             "libtorch"));
 }
 
-absl::StatusOr<EmbeddingBatch> Engine::Run(absl::Span<const uint8_t> crops) {
-  if (crops.empty() || crops.size() % kCropBytes != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("crop buffer of ", crops.size(),
-                                                   " bytes is not a positive multiple of ",
-                                                   kCropBytes, " (112x112x3)"));
+absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateDlib(const model::Checkpoint& checkpoint,
+                                                           const EngineOptions& options) {
+  absl::StatusOr<torch::Device> resolved = ResolveDevice(options.device);
+  if (!resolved.ok()) return resolved.status();
+  const torch::Device device = *resolved;
+  if (options.cpu_backend == "onednn") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "CPU backend onednn runs ArcFace IResNets only; the ", checkpoint.arch,
+        " family runs on libtorch"));
   }
-  const int64_t n = static_cast<int64_t>(crops.size() / kCropBytes);
+  auto impl = std::make_unique<Impl>();
+  impl->device = device;
+  impl->crop_size = checkpoint.geometry().size;
+  try {
+    absl::StatusOr<model::DlibResNet> net = model::BuildDlibResNet(checkpoint);
+    if (!net.ok()) return net.status();
+    impl->dlib = *std::move(net);
+    impl->dlib->to(device);
+    const int warmup = device.is_cuda() ? 1 : options.warmup_batch_size;
+    if (warmup > 0) {
+      std::vector<uint8_t> zeros(checkpoint.geometry().bytes() * warmup, 0);
+      impl->Forward(zeros.data(), warmup);
+    }
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("could not place the ", checkpoint.arch,
+                                            " model on ", device.str(), ": ",
+                                            e.what_without_backtrace()));
+  }
+  return std::unique_ptr<Engine>(new Engine(std::move(impl), nullptr, 1, device.str(),
+                                            options.precision, checkpoint, "libtorch"));
+}
+
+absl::StatusOr<EmbeddingBatch> Engine::Run(absl::Span<const uint8_t> crops) {
+  const size_t crop_bytes = geometry_.bytes();
+  if (crops.empty() || crops.size() % crop_bytes != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "crop buffer of ", crops.size(), " bytes is not a positive multiple of ", crop_bytes, " (",
+        geometry_.size, "x", geometry_.size, "x3)"));
+  }
+  const int64_t n = static_cast<int64_t>(crops.size() / crop_bytes);
   EmbeddingBatch batch;
   batch.size = static_cast<int>(n);
   try {
@@ -280,7 +331,7 @@ absl::StatusOr<EmbeddingBatch> Engine::Run(absl::Span<const uint8_t> crops) {
       }
       return batch;
     }
-    batch.values.assign(out.data_ptr<float>(), out.data_ptr<float>() + n * kEmbeddingDim);
+    batch.values.assign(out.data_ptr<float>(), out.data_ptr<float>() + n * embedding_dim_);
     torch::Tensor norms = out.norm(2, {1});
     batch.norms.assign(norms.data_ptr<float>(), norms.data_ptr<float>() + n);
   } catch (const c10::Error& e) {

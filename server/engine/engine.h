@@ -1,17 +1,21 @@
-// Engine: an IResNet resident on one device, turning batches of 112×112 uint8 RGB crops into
-// raw 512-d embeddings.
+// Engine: one model family's network resident on one device, turning batches of uint8 RGB crops
+// into raw embeddings: an ArcFace IResNet (112×112 crops → 512 values) or dlib's ResNet face
+// descriptor (150×150 chips → 128 values). geometry() and embedding_dim() say which.
 //
 // Contract
-// - Create() validates the options (device, precision, threads, CPU backend), builds the
-//   network from the checkpoint, places it on the device in the requested precision and warms
-//   it up. Errors name the option and the reason (e.g. "cuda" on a CPU-only build, fp16 on the
-//   CPU, int8 on CUDA).
-// - On the CPU the network runs on oneDNN directly (OnednnNet, onednn_net.h: fp32, bf16, int8)
-//   unless cpu_backend is "torch" or the build has no oneDNN; on CUDA, and for "torch", it is
-//   libtorch's module (server/model/iresnet.h) under InferenceMode.
-// - Run() normalizes the uint8 batch ((x - 127.5) / 127.5, the numbers of py-feat's
-//   x/255*2-1; on CUDA after one copy to the device), runs the network and returns float32
-//   embeddings (raw, not normalized) and their L2 norms.
+// - Create() validates the options (device, precision, threads, CPU backend) against the
+//   checkpoint's family, builds the network from the checkpoint, places it on the device in the
+//   requested precision and warms it up. Errors name the option and the reason (e.g. "cuda" on
+//   a CPU-only build, fp16 on the CPU, int8 on CUDA, anything but fp32 for dlib-resnet).
+// - ArcFace: on the CPU the network runs on oneDNN directly (OnednnNet, onednn_net.h: fp32, bf16,
+//   int8) unless cpu_backend is "torch" or the build has no oneDNN; on CUDA, and for "torch", it
+//   is libtorch's module (server/model/iresnet.h) under InferenceMode.
+//   dlib-resnet: libtorch's module (server/model/dlib_resnet.h) under InferenceMode on either
+//   device, fp32 only, without CUDA graphs; cpu_backend "onednn" is refused.
+// - Run() takes n × geometry().bytes() bytes (n crops, HWC RGB), normalizes them as the family
+//   does (ArcFace: (x - 127.5) / 127.5, the numbers of py-feat's x/255*2-1; dlib: (x - mean) / 256
+//   per channel, dlib's input layer; on CUDA after one copy to the device), runs the network and
+//   returns n × embedding_dim() float32 values (raw, not normalized) and their L2 norms.
 // - Blocking: Run() blocks for the forward pass. It is safe to call from any thread; on the CPU
 //   calls are serialized by an internal mutex (see CUDA below for the GPU).
 // - Errors: torch and oneDNN exceptions are caught and returned as INTERNAL (a device or runtime
@@ -19,11 +23,12 @@
 // - Threads: options.threads > 0 sets libtorch's process-wide intra-op count and the OpenMP team
 //   of the thread calling Run() on oneDNN; 0 keeps OpenMP's default (every core).
 // - CUDA (only when built against a CUDA libtorch; else "cuda" is refused with "built without
-//   CUDA"): the work is done by CudaEngine (cuda_engine.h): pinned staging buffers, device-side
-//   normalization, cuDNN autotuning, CUDA graphs captured in Create() for powers of two up to
-//   max_batch_size (a batch is padded up to the next), and `cuda_lanes` batches in flight, so
-//   Run() is NOT serialized on CUDA: up to cuda_lanes callers run at once, more wait for a lane.
-//   Create() then blocks for the warm-up and the captures (seconds).
+//   CUDA"): for ArcFace the work is done by CudaEngine (cuda_engine.h): pinned staging buffers,
+//   device-side normalization, cuDNN autotuning, CUDA graphs captured in Create() for powers of
+//   two up to max_batch_size (a batch is padded up to the next), and `cuda_lanes` batches in
+//   flight, so Run() is NOT serialized on CUDA: up to cuda_lanes callers run at once, more wait
+//   for a lane. Create() then blocks for the warm-up and the captures (seconds). dlib-resnet's
+//   module runs eagerly on the device, serialized like the CPU path (concurrent_runs() 1).
 #ifndef ARCFACE_SERVER_ENGINE_ENGINE_H_
 #define ARCFACE_SERVER_ENGINE_ENGINE_H_
 
@@ -73,7 +78,7 @@ struct DeviceMemory {
 
 struct EmbeddingBatch {
   int size = 0;
-  std::vector<float> values;  // size × 512, row-major, raw embeddings
+  std::vector<float> values;  // size × the engine's embedding_dim(), row-major, raw embeddings
   std::vector<float> norms;   // size, L2 norm of each raw row
 };
 
@@ -91,8 +96,13 @@ class Engine {
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
-  // `crops` holds n = crops.size() / kCropBytes crops, each 112×112×3 RGB HWC.
+  // `crops` holds n = crops.size() / geometry().bytes() crops, each size×size×3 RGB HWC.
   absl::StatusOr<EmbeddingBatch> Run(absl::Span<const uint8_t> crops);
+
+  // The crop the network takes (model::kArcFaceCrop, model::kDlibChip) and the length of its
+  // embeddings (512, 128): the checkpoint's family's.
+  const model::CropGeometry& geometry() const { return geometry_; }
+  int embedding_dim() const { return embedding_dim_; }
 
   const std::string& device() const { return device_name_; }
   Precision precision() const { return precision_; }
@@ -107,8 +117,12 @@ class Engine {
 
  private:
   struct Impl;
+  // Create()'s path for the dlib family, once the options common to both are checked.
+  static absl::StatusOr<std::unique_ptr<Engine>> CreateDlib(const model::Checkpoint& checkpoint,
+                                                            const EngineOptions& options);
   Engine(std::unique_ptr<Impl> impl, std::shared_ptr<CudaEngine> cuda, int concurrent_runs,
-         std::string device_name, Precision precision, std::string arch, std::string backend);
+         std::string device_name, Precision precision, const model::Checkpoint& checkpoint,
+         std::string backend);
 
   absl::Mutex mu_;
   std::unique_ptr<Impl> impl_ ABSL_GUARDED_BY(mu_);  // the CPU path
@@ -120,6 +134,8 @@ class Engine {
   const Precision precision_;
   const std::string arch_;
   const std::string backend_;
+  const model::CropGeometry geometry_;
+  const int embedding_dim_;
 };
 
 }  // namespace arcface::engine

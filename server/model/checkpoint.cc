@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <filesystem>
 #include <set>
+#include <system_error>
 #include <utility>
 
 #include "absl/status/status.h"
@@ -14,6 +16,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "common/files.h"
+#include "server/model/dlib_weights.h"
 #include "server/model/onnx_weights.h"
 #include "server/model/onnx_weights.pb.h"
 #include "server/model/safetensors.h"
@@ -152,7 +155,16 @@ absl::StatusOr<std::array<int, 4>> ValidateTensors(
 }  // namespace
 
 std::string Checkpoint::ModelId() const {
-  return absl::StrCat("arcface-", arch, "@", sha256.substr(0, 12));
+  const absl::string_view family_prefix = family == Family::kArcFace ? "arcface-" : "";
+  return absl::StrCat(family_prefix, arch, "@", sha256.substr(0, 12));
+}
+
+const CropGeometry& Checkpoint::geometry() const {
+  return family == Family::kDlibResNet ? kDlibChip : kArcFaceCrop;
+}
+
+int Checkpoint::embedding_dim() const {
+  return family == Family::kDlibResNet ? kDlibEmbeddingDim : kEmbeddingDim;
 }
 
 absl::StatusOr<std::array<int, 4>> InferBlocks(const std::vector<std::string>& keys) {
@@ -220,9 +232,23 @@ std::map<std::string, std::vector<int64_t>> ExpectedShapes(const std::array<int,
 
 absl::StatusOr<Checkpoint> LoadCheckpoint(const std::string& path) {
   const std::string prefix = absl::StrCat(path, ": ");
+  std::error_code error;
+  if (std::filesystem::is_directory(path, error)) {
+    const std::filesystem::path manifest = std::filesystem::path(path) / kDlibManifestName;
+    if (std::filesystem::exists(manifest, error)) return LoadDlibCheckpoint(manifest.string());
+    return absl::InvalidArgumentError(absl::StrCat(
+        prefix, "not a regular file (a directory), and no ", kDlibManifestName,
+        " in it (a face-api models folder holds the dlib family's weights)"));
+  }
   absl::StatusOr<std::string> bytes = common::ReadFile(path);  // its errors name the path
   if (!bytes.ok()) return bytes.status();
   if (bytes->empty()) return absl::InvalidArgumentError(prefix + "file is empty");
+  // A TF.js manifest is a JSON array. Neither binary format begins so: safetensors is ruled out
+  // first, and for protobuf '[' would open a group (wire type 3), which ONNX never uses.
+  const size_t first = bytes->find_first_not_of(" \t\r\n");
+  if (!LooksLikeSafetensors(*bytes) && first != std::string::npos && (*bytes)[first] == '[') {
+    return LoadDlibCheckpoint(path);
+  }
 
   Checkpoint checkpoint;
   checkpoint.path = path;

@@ -425,9 +425,9 @@ class ReferenceTest : public ::testing::Test {
     index_ = nlohmann::json::parse(ReadAll(kRefs / "index.json"), nullptr, false);
     auto load = [](const char* net) {
       const fs::path manifest = kModels / (std::string(net) + "_model-weights_manifest.json");
-      absl::StatusOr<TfjsWeights> w = TfjsWeights::Load(manifest.string());
+      absl::StatusOr<model::TfjsWeights> w = model::TfjsWeights::Load(manifest.string());
       EXPECT_TRUE(w.ok()) << w.status();
-      return w.ok() ? std::move(*w) : TfjsWeights();
+      return w.ok() ? std::move(*w) : model::TfjsWeights();
     };
     auto made = [](auto net) {
       EXPECT_TRUE(net.ok()) << net.status();
@@ -538,7 +538,8 @@ TEST_F(ReferenceTest, BlazeFaceBothRangesEqualTheReference) {
   for (const auto& [net, file, range] :
        std::vector<Case>{{"blazeface", "blazeface-back.json", BlazeFace::Range::kFull},
                          {"blazeface_front", "blazeface-front.json", BlazeFace::Range::kShort}}) {
-    absl::StatusOr<TfjsWeights> weights = TfjsWeights::Load((kCandidates / file).string());
+    absl::StatusOr<model::TfjsWeights> weights =
+        model::TfjsWeights::Load((kCandidates / file).string());
     ASSERT_TRUE(weights.ok()) << weights.status()
                               << " (run deploy/fetch-models.sh --candidates, or configure with "
                                  "-DARCFACE_CANDIDATE_MODELS=<folder>)";
@@ -569,8 +570,8 @@ TEST_F(ReferenceTest, BlazeFaceBothRangesEqualTheReference) {
 
 // The graph's tensors are anonymous: another model's file must still be refused by name.
 TEST(BlazeFaceTest, RefusesTheOtherRangesFile) {
-  absl::StatusOr<TfjsWeights> front =
-      TfjsWeights::Load((kCandidates / "blazeface-front.json").string());
+  absl::StatusOr<model::TfjsWeights> front =
+      model::TfjsWeights::Load((kCandidates / "blazeface-front.json").string());
   ASSERT_TRUE(front.ok()) << front.status();
   absl::Status wrong = BlazeFace::Create(*front, BlazeFace::Range::kFull, torch::kCPU).status();
   EXPECT_EQ(wrong.code(), absl::StatusCode::kInvalidArgument);

@@ -14,7 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
-#include "server/detect/tfjs_weights.h"
+#include "server/model/tfjs_weights.h"
 
 namespace {
 
@@ -45,8 +45,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     return std::string(pieces[next++]);
   };
-  absl::StatusOr<arcface::detect::TfjsWeights> w =
-      arcface::detect::TfjsWeights::Parse(pieces[0], read_shard, kSource);
+  absl::StatusOr<arcface::model::TfjsWeights> w =
+      arcface::model::TfjsWeights::Parse(pieces[0], read_shard, kSource);
   if (!w.ok()) {
     const absl::Status& s = w.status();
     const bool not_found = s.code() == absl::StatusCode::kNotFound;
@@ -76,7 +76,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     for (float v : t.values) {
       if (!std::isfinite(v)) Fail(absl::StrCat("'", name, "' holds a non-finite value"));
     }
-    absl::StatusOr<const arcface::detect::TfjsTensor*> got = w->Get(name, t.shape);
+    absl::StatusOr<const arcface::model::TfjsTensor*> got = w->Get(name, t.shape);
     if (got.ok() == t.is_int || (got.ok() && *got != &t)) {
       Fail(absl::StrCat("Get('", name, "') with its own shape: ", got.status().ToString()));
     }

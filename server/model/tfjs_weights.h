@@ -24,8 +24,8 @@
 // - Dequantisation, as TF.js does it: uint8/uint16 q as q * scale + min (in double, then
 //   rounded to float32; for int32 tensors rounded half up to an integer), "quantization.dtype"
 //   float16 as IEEE half values; float32 and int32 are read little-endian as stored.
-#ifndef ARCFACE_SERVER_DETECT_TFJS_WEIGHTS_H_
-#define ARCFACE_SERVER_DETECT_TFJS_WEIGHTS_H_
+#ifndef ARCFACE_SERVER_MODEL_TFJS_WEIGHTS_H_
+#define ARCFACE_SERVER_MODEL_TFJS_WEIGHTS_H_
 
 #include <cstdint>
 #include <functional>
@@ -37,7 +37,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 
-namespace arcface::detect {
+namespace arcface::model {
 
 struct TfjsTensor {
   std::vector<int64_t> shape;   // as in the manifest (TF layout, e.g. HWIO for conv kernels)
@@ -78,6 +78,6 @@ class TfjsWeights {
   std::string source_;
 };
 
-}  // namespace arcface::detect
+}  // namespace arcface::model
 
-#endif  // ARCFACE_SERVER_DETECT_TFJS_WEIGHTS_H_
+#endif  // ARCFACE_SERVER_MODEL_TFJS_WEIGHTS_H_

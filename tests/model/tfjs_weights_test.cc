@@ -1,6 +1,7 @@
 // TfjsWeights on face-api's real files (shapes, dequantisation checked against the test's own
-// reading of the shards, checksums) and on a table of malformed files written by the test.
-#include "server/detect/tfjs_weights.h"
+// reading of the shards, checksums) and on a table of malformed files written by the test; and
+// the dlib family's check of face_recognition_model (LoadCheckpoint) on edited copies of it.
+#include "server/model/tfjs_weights.h"
 
 #include <stdlib.h>
 
@@ -20,8 +21,10 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/status/status.h"
+#include "server/model/checkpoint.h"
+#include "server/model/dlib_weights.h"
 
-namespace arcface::detect {
+namespace arcface::model {
 namespace {
 
 namespace fs = std::filesystem;
@@ -463,5 +466,130 @@ TEST_P(MalformedFiles, RejectedWithTheReason) {
 INSTANTIATE_TEST_SUITE_P(Table, MalformedFiles, ::testing::ValuesIn(MalformedTable()),
                          [](const auto& info) { return info.param.label; });
 
+
+// ---- the dlib family's manifest (model::LoadCheckpoint → LoadDlibCheckpoint) ---------------
+// face-api's real face_recognition_model, copied into a temporary folder with one thing changed;
+// the reader or the family's check must refuse it naming the file and the tensor.
+
+namespace dlib_family {
+
+constexpr char kShard[] = "face_recognition_model.bin";
+
+struct DlibCase {
+  std::string label;
+  // Edits the manifest (a list of one group) and the shard's bytes.
+  std::function<void(json&, std::string&)> edit;
+  std::vector<std::string> says;
+};
+
+void PrintTo(const DlibCase& c, std::ostream* os) { *os << c.label; }
+
+json& Spec(json& m, const std::string& name) {
+  for (json& spec : m[0]["weights"]) {
+    if (spec["name"] == name) return spec;
+  }
+  ADD_FAILURE() << "no tensor " << name << " in the real manifest";
+  return m[0]["weights"][0];
+}
+
+const std::vector<DlibCase>& DlibCases() {
+  static const auto* cases = new std::vector<DlibCase>{
+      {"truncated_shard", [](json&, std::string& s) { s.resize(s.size() - 1000); },
+       {kShard, "truncated shard", "tensor 'fc'"}},
+      {"padded_shard", [](json&, std::string& s) { s += std::string(4, '\0'); },
+       {kShard, "padded shard"}},
+      // Same element count, other shape: the reader accepts it, the family's check does not.
+      {"wrong_shape",
+       [](json& m, std::string&) {
+         Spec(m, "conv64_1/conv1/conv/filters")["shape"] = {3, 3, 32, 128};
+       },
+       {"tensor 'conv64_1/conv1/conv/filters'", "has shape [3, 3, 32, 128]",
+        "expected [3, 3, 64, 64]"}},
+      {"int32_dtype", [](json& m, std::string&) { Spec(m, "fc")["dtype"] = "int32"; },
+       {"tensor 'fc'", "is int32, expected float32"}},
+      {"unknown_dtype", [](json& m, std::string&) { Spec(m, "fc")["dtype"] = "float64"; },
+       {"tensor 'fc'", "unknown dtype"}},
+      // fc is the last tensor: without its entry and its bytes the file is consistent.
+      {"missing_entry",
+       [](json& m, std::string& s) {
+         m[0]["weights"].erase(m[0]["weights"].size() - 1);
+         s.resize(s.size() - 256 * 128);
+       },
+       {"not dlib's ResNet face descriptor", "1 tensor(s) missing: fc [256, 128]"}},
+      {"renamed_entry",
+       [](json& m, std::string&) { Spec(m, "conv32_2/conv2/scale/biases")["name"] = "bias"; },
+       {"missing: conv32_2/conv2/scale/biases [32]", "1 unexpected tensor(s): bias"}},
+      {"extra_entry",
+       [](json& m, std::string& s) {
+         m[0]["weights"].push_back({{"name", "extra"}, {"shape", {4}}, {"dtype", "float32"}});
+         s += std::string(16, '\0');
+       },
+       {"1 unexpected tensor(s): extra"}},
+  };
+  return *cases;
+}
+
+class DlibManifest : public ::testing::TestWithParam<DlibCase> {};
+
+TEST_P(DlibManifest, RefusedNamingFileAndTensor) {
+  const fs::path real = RealManifest("face_recognition");
+  json manifest = json::parse(ReadAll(real));
+  std::string shard = ReadAll(real.parent_path() / kShard);
+  ASSERT_EQ(manifest[0]["paths"], json::array({kShard}));
+  GetParam().edit(manifest, shard);
+  const fs::path dir = TempDir();
+  WriteAll(dir / model::kDlibManifestName, manifest.dump());
+  WriteAll(dir / kShard, shard);
+  // By the folder and by the manifest itself: the same refusal.
+  for (const fs::path& path : {dir, dir / model::kDlibManifestName}) {
+    absl::StatusOr<Checkpoint> checkpoint = LoadCheckpoint(path.string());
+    ASSERT_FALSE(checkpoint.ok()) << path;
+    EXPECT_EQ(checkpoint.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(checkpoint.status().message(), HasSubstr(model::kDlibManifestName));
+    for (const std::string& s : GetParam().says) {
+      EXPECT_THAT(checkpoint.status().message(), HasSubstr(s)) << path;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(All, DlibManifest, ::testing::ValuesIn(DlibCases()),
+                         [](const auto& info) { return info.param.label; });
+
+TEST(DlibFamily, RealFileLoadsAsTheDlibFamily) {
+  const fs::path real = RealManifest("face_recognition");
+  absl::StatusOr<Checkpoint> checkpoint = LoadCheckpoint(real.parent_path().string());
+  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
+  EXPECT_EQ(checkpoint->family, Family::kDlibResNet);
+  EXPECT_EQ(checkpoint->path, real.string());
+  EXPECT_EQ(checkpoint->tensors.size(), DlibExpectedShapes().size());
+  EXPECT_EQ(checkpoint->tensors.at("fc").shape, (std::vector<int64_t>{256, 128}));
+  // The TF.js reader's digest: the manifest followed by the shard.
+  EXPECT_EQ(checkpoint->ModelId(), "dlib-resnet@" + checkpoint->sha256.substr(0, 12));
+  EXPECT_EQ(checkpoint->sha256,
+            "c2cf51e45a1f96cf2ba75d6b588dc259d7f602a813ff6efbeba4884d7359fad1");
+}
+
+TEST(DlibFamily, AnotherFaceApiNetworkIsNotTheDlibFamily) {
+  absl::StatusOr<Checkpoint> checkpoint =
+      LoadCheckpoint(RealManifest("face_landmark_68").string());
+  ASSERT_FALSE(checkpoint.ok());
+  EXPECT_THAT(checkpoint.status().message(),
+              AllOf(HasSubstr("face_landmark_68_model-weights_manifest.json"),
+                    HasSubstr("not dlib's ResNet face descriptor"),
+                    HasSubstr("117 tensor(s) missing"), HasSubstr("unexpected tensor(s)")));
+}
+
+TEST(DlibFamily, FolderWithoutTheManifestNamesIt) {
+  const fs::path dir = TempDir();
+  absl::StatusOr<Checkpoint> checkpoint = LoadCheckpoint(dir.string());
+  ASSERT_FALSE(checkpoint.ok());
+  EXPECT_EQ(checkpoint.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(checkpoint.status().message(),
+              AllOf(HasSubstr(dir.string()), HasSubstr("not a regular file"),
+                    HasSubstr(model::kDlibManifestName)));
+}
+
+}  // namespace dlib_family
+
 }  // namespace
-}  // namespace arcface::detect
+}  // namespace arcface::model

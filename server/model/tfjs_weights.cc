@@ -1,4 +1,4 @@
-#include "server/detect/tfjs_weights.h"
+#include "server/model/tfjs_weights.h"
 
 #include <cfloat>
 #include <cmath>
@@ -16,7 +16,7 @@
 #include "common/files.h"
 #include "server/model/sha256.h"
 
-namespace arcface::detect {
+namespace arcface::model {
 namespace {
 
 // The shards are read by memcpy into host integers and floats.
@@ -392,4 +392,4 @@ absl::StatusOr<const TfjsTensor*> TfjsWeights::Get(const std::string& name,
   return &t;
 }
 
-}  // namespace arcface::detect
+}  // namespace arcface::model
