@@ -31,6 +31,10 @@ class EngineModel final : public service::EmbeddingModel {
   EngineModel(engine::Engine* engine, service::FaultInjector* faults)
       : engine_(engine), faults_(faults) {}
 
+  // The engine is IResNet only for now: ArcFace's crop and rows. (A family with other shapes
+  // reports them through Engine::geometry() and embedding_dim().)
+  const model::CropGeometry& geometry() const override { return model::kArcFaceCrop; }
+  int embedding_dim() const override { return model::kEmbeddingDim; }
   absl::StatusOr<engine::EmbeddingBatch> Run(absl::Span<const uint8_t> crops) override;
 
  private:
