@@ -88,19 +88,15 @@ TEST_F(ClientTest, HealthAndModelInfo) {
   ASSERT_TRUE(info.ok()) << info.status();
   EXPECT_EQ(info->arch(), "r50");
   EXPECT_EQ(info->max_faces_per_request(), 4u);
-}
 
-// --weights serves one model, named "arcface"; ClientOptions::model routes every call to a
-// model by name, and an unknown one is NOT_FOUND naming the served ones.
-TEST_F(ClientTest, ListModelsAndTheModelOption) {
+  // --weights serves one model, named "arcface"; ClientOptions::model routes every call to a
+  // model by name, and an unknown one is NOT_FOUND naming the served ones.
   auto models = client_->ListModels();
   ASSERT_TRUE(models.ok()) << models.status();
   ASSERT_EQ(models->models_size(), 1);
   EXPECT_EQ(models->models(0).name(), "arcface");
   EXPECT_TRUE(models->models(0).is_default());
   EXPECT_EQ(models->models(0).metric(), "cosine");
-  auto info = client_->GetModelInfo();
-  ASSERT_TRUE(info.ok()) << info.status();
   EXPECT_EQ(models->models(0).model_id(), info->model_id());
   for (const std::string& model : {std::string("arcface"), std::string("nope")}) {
     ClientOptions o;

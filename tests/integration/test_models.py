@@ -125,12 +125,16 @@ def test_one_models_overload_does_not_delay_the_other(two_models):
             resp = server.embed([face(30 + i)], timeout=30)
             assert time.monotonic() - start < 10
             assert len(resp.embeddings) == 1
-        m = server.metrics()
+        # The batcher reports a batch to /metrics just after its calls got their answers.
+        m = lib.wait_until(
+            lambda: (lambda m: m if m.sum("arcface_batches_total", model="golden")
+                     - before.sum("arcface_batches_total", model="golden") >= 5 else None)(
+                server.metrics()), 10, what="the golden batches counted")
+        assert (m.sum("arcface_batches_total", model="golden")
+                - before.sum("arcface_batches_total", model="golden")) == 5
         assert m.get("arcface_queue_depth", model="golden") == 0
         assert m.get("arcface_batches_held", model=DEMO) == 1
         assert not plug.done() and not any(f.done() for f in queued)
-        assert (m.sum("arcface_batches_total", model="golden")
-                - before.sum("arcface_batches_total", model="golden")) == 5
         assert (m.sum("arcface_batches_total", model=DEMO)
                 - before.sum("arcface_batches_total", model=DEMO)) == 0
     finally:
@@ -185,3 +189,26 @@ def test_python_client_lists_and_routes_models(two_models):
         with pytest.raises(ArcFaceError) as e:
             bad.embed([face(41)])
         assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_cli_lists_models_and_uses_one(two_models):
+    # The CLI is built beside the server (build/client/arcface-client).
+    cli = os.path.join(os.path.dirname(os.path.dirname(lib.SERVER_BIN)), "client",
+                       "arcface-client")
+    assert os.access(cli, os.X_OK), cli
+    server = f"127.0.0.1:{two_models.grpc_port}"
+    out = subprocess.run([cli, "--server", server, "models"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:3] == ["NAME", "FAMILY", "METRIC"]
+    assert lines[1].split()[:5] == ["golden", "arcface", "cosine", "0.40", "512"]
+    assert "(default)" in lines[1] and "(DEMO weights)" in lines[2]
+    info = subprocess.run([cli, "--server", server, "--model", DEMO, "info", "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert info.returncode == 0, info.stderr
+    assert f'"name": "{DEMO}"' in info.stdout
+    bad = subprocess.run([cli, "--server", server, "--model", "nope", "info"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1, bad.stderr
+    assert "NOT_FOUND" in bad.stderr and "golden (default)" in bad.stderr

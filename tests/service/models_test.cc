@@ -182,6 +182,16 @@ class ModelsTest : public ::testing::Test {
     return 0;
   }
 
+  // The batcher reports a batch just after its calls got their answers: waits for `want`.
+  double WaitForMetric(const std::string& name, const std::map<std::string, std::string>& labels,
+                       double want) {
+    const absl::Time end = absl::Now() + absl::Seconds(30);
+    while (Metric(name, labels) != want && absl::Now() < end) {
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+    return Metric(name, labels);
+  }
+
   FakeModel arcface_;
   FakeModel dlib_{kFakeDlibCrop, kDlibDim};
   FakeDetector detector_;
@@ -463,7 +473,8 @@ TEST_F(ModelsTest, OneModelsOverloadNeverHoldsTheOthersCalls) {
   EXPECT_EQ(Metric("arcface_batches_total", {{"model", "dlib"}, {"status", "ok"}}), 0);
   EXPECT_EQ(Metric("arcface_queue_depth", {{"model", "dlib"}}), 4);
   EXPECT_EQ(Metric("arcface_queue_depth", {{"model", "arcface"}}), 0);
-  EXPECT_EQ(Metric("arcface_batches_total", {{"model", "arcface"}, {"status", "ok"}}),
+  EXPECT_EQ(WaitForMetric("arcface_batches_total", {{"model", "arcface"}, {"status", "ok"}},
+                          static_cast<double>(arcface_.batch_sizes().size())),
             static_cast<double>(arcface_.batch_sizes().size()));
 
   dlib_.Release();
@@ -473,7 +484,8 @@ TEST_F(ModelsTest, OneModelsOverloadNeverHoldsTheOthersCalls) {
   int dlib_crops = 0;
   for (int n : dlib_.batch_sizes()) dlib_crops += n;
   EXPECT_EQ(dlib_crops, 5);
-  EXPECT_EQ(Metric("arcface_batches_total", {{"model", "dlib"}, {"status", "ok"}}),
+  EXPECT_EQ(WaitForMetric("arcface_batches_total", {{"model", "dlib"}, {"status", "ok"}},
+                          static_cast<double>(dlib_.batch_sizes().size())),
             static_cast<double>(dlib_.batch_sizes().size()));
 }
 
