@@ -104,6 +104,7 @@ absl::StatusOr<std::unique_ptr<client::Client>> MakeClient(const CommonOptions& 
   if (!(o.timeout_s > 0)) return absl::InvalidArgumentError("--timeout must be positive");
   options.timeout = absl::Seconds(o.timeout_s);
   options.retry.max_attempts = attempts > 0 ? attempts : o.attempts;
+  options.model = o.model;
   if (o.tls || !o.tls_ca.empty() || !o.tls_cert.empty() || !o.tls_key.empty()) {
     absl::StatusOr<client::TlsOptions> tls = client::LoadTlsFiles(o.tls_ca, o.tls_cert, o.tls_key);
     if (!tls.ok()) return absl::InvalidArgumentError(absl::StrCat("--tls-*: ", tls.status().message()));
@@ -183,6 +184,32 @@ int RunInfo(const CommonOptions& common, bool json) {
         d.max_faces_per_frame());
   } else {
     std::cout << "detector        none (Detect is off: the server runs with --detector none)\n";
+  }
+  return kExitOk;
+}
+
+int RunModels(const CommonOptions& common, bool json) {
+  auto client = MakeClient(common);
+  if (!client.ok()) return Fail("client", client.status(), true);
+  absl::StatusOr<arcface::v1::ListModelsResponse> models = (*client)->ListModels();
+  if (!models.ok()) return Fail("models", models.status());
+  if (json) {
+    std::string text;
+    google::protobuf::util::JsonPrintOptions print;
+    print.add_whitespace = true;
+    print.always_print_primitive_fields = true;
+    print.preserve_proto_field_names = true;
+    (void)google::protobuf::util::MessageToJsonString(*models, &text, print);
+    std::cout << text;
+    return kExitOk;
+  }
+  std::cout << absl::StrFormat("%-16s %-8s %-9s %-10s %4s %5s  %s\n", "NAME", "FAMILY", "METRIC",
+                               "THRESHOLD", "DIM", "CROP", "MODEL_ID");
+  for (const arcface::v1::ModelInfo& m : models->models()) {
+    std::cout << absl::StrFormat("%-16s %-8s %-9s %-10.2f %4d %5d  %s%s%s\n", m.name(), m.family(),
+                                 m.metric(), m.default_threshold(), m.embedding_dim(),
+                                 m.input_size(), m.model_id(), m.is_default() ? "  (default)" : "",
+                                 m.demo_weights() ? "  (DEMO weights)" : "");
   }
   return kExitOk;
 }

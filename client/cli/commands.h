@@ -35,6 +35,7 @@ struct CommonOptions {
   int attempts = 5;
   bool tls = false;
   std::string tls_ca, tls_cert, tls_key, tls_server_name;
+  std::string model;  // the served model to use (--model); empty: the server's default
 };
 
 // How each file's face is found: its landmarks (from the landmarks file), else the box, else
@@ -117,6 +118,8 @@ absl::StatusOr<std::unique_ptr<client::Client>> MakeClient(const CommonOptions& 
 int Fail(const std::string& what, const absl::Status& status, bool usage = false);
 
 int RunInfo(const CommonOptions& common, bool json);
+// `models`: the served models (ListModels), the default first.
+int RunModels(const CommonOptions& common, bool json);
 int RunHealth(const CommonOptions& common, double wait_s);
 int RunEmbed(const CommonOptions& common, const EmbedOptions& options);
 int RunCompare(const CommonOptions& common, const CompareOptions& options);

@@ -92,11 +92,19 @@ int Main(int argc, char** argv) {
       ->check(CLI::ExistingFile);
   app.add_option("--tls-server-name", common.tls_server_name,
                  "Name to check in the server's certificate (default: the host)");
+  app.add_option("--model", common.model,
+                 "The served model to use (see `models`); default: the server's default model")
+      ->envname("ARCFACE_MODEL");
 
   // info
   bool info_json = false;
   CLI::App* info = app.add_subcommand("info", "Print the served model and its limits");
   info->add_flag("--json", info_json, "As JSON (the ModelInfo message)");
+
+  // models
+  bool models_json = false;
+  CLI::App* models_cmd = app.add_subcommand("models", "List the served models, the default first");
+  models_cmd->add_flag("--json", models_json, "As JSON (the ListModelsResponse message)");
 
   // health
   double health_wait = 0;
@@ -263,6 +271,7 @@ int Main(int argc, char** argv) {
   }
 
   if (*info) return RunInfo(common, info_json);
+  if (*models_cmd) return RunModels(common, models_json);
   if (*health) return RunHealth(common, health_wait);
   if (*embed_cmd) {
     if (!embed.out.empty() && !IsKnownOutputExtension(embed.out)) {

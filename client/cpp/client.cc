@@ -144,9 +144,10 @@ absl::Status NameFrame(const absl::Status& status, const std::string& rpc,
                           : absl::StrCat(rpc, ": ", frame.label(), ": ", status.message()));
 }
 
-arcface::v1::DetectRequest MakeDetectRequest(const FaceInput& frame,
-                                             const DetectOptions& options) {
+arcface::v1::DetectRequest MakeDetectRequest(const FaceInput& frame, const DetectOptions& options,
+                                             const std::string& model) {
   arcface::v1::DetectRequest request;
+  request.set_model(model);
   *request.mutable_image() = frame.proto().image();
   request.set_min_score(options.min_score);
   request.set_max_faces(options.max_faces);
@@ -450,11 +451,21 @@ grpc::Status Client::WithRetries(
   }
 }
 
+absl::StatusOr<arcface::v1::ListModelsResponse> Client::ListModels() {
+  arcface::v1::ListModelsResponse models;
+  grpc::Status s = WithRetries([&](grpc::ClientContext* context) {
+    return stub_->ListModels(context, arcface::v1::ListModelsRequest(), &models);
+  });
+  if (!s.ok()) return NameFace(ToAbsl(s), "ListModels", nullptr);
+  return models;
+}
+
 absl::StatusOr<arcface::v1::ModelInfo> Client::GetModelInfo() {
   arcface::v1::ModelInfo info;
-  grpc::Status s = WithRetries([&](grpc::ClientContext* context) {
-    return stub_->GetModelInfo(context, arcface::v1::GetModelInfoRequest(), &info);
-  });
+  arcface::v1::GetModelInfoRequest request;
+  request.set_model(options_.model);
+  grpc::Status s = WithRetries(
+      [&](grpc::ClientContext* context) { return stub_->GetModelInfo(context, request, &info); });
   if (!s.ok()) return NameFace(ToAbsl(s), "GetModelInfo", nullptr);
   absl::MutexLock lock(&mu_);
   limits_ = Limits{static_cast<int>(info.max_faces_per_request()), info.max_message_bytes(),
@@ -507,6 +518,7 @@ absl::StatusOr<std::vector<Embedding>> Client::Embed(const std::vector<FaceInput
   for (const auto& [begin, end] : *chunks) {
     EmbedRequest request;
     request.set_normalize(normalize);
+    request.set_model(options_.model);
     for (size_t i = begin; i < end; ++i) *request.add_faces() = faces[i].proto();
     EmbedResponse response;
     grpc::Status s = WithRetries([&](grpc::ClientContext* context) {
@@ -678,6 +690,7 @@ absl::Status Client::EmbedStream(
       [&](const StreamItem& item) {
         EmbedRequest request;
         request.set_normalize(normalize);
+        request.set_model(options_.model);
         for (const FaceInput& f : item.faces) *request.add_faces() = f.proto();
         return request;
       },
@@ -698,7 +711,7 @@ absl::Status Client::EmbedStream(
 
 absl::StatusOr<Detection> Client::Detect(const FaceInput& frame, const DetectOptions& options) {
   if (absl::Status s = CheckFrame(frame); !s.ok()) return NameFrame(s, "Detect", frame);
-  const arcface::v1::DetectRequest request = MakeDetectRequest(frame, options);
+  const arcface::v1::DetectRequest request = MakeDetectRequest(frame, options, options_.model);
   arcface::v1::DetectResponse response;
   grpc::Status s = WithRetries([&](grpc::ClientContext* context) {
     response.Clear();
@@ -715,9 +728,9 @@ absl::Status Client::DetectStream(
   using arcface::v1::DetectRequest;
   using arcface::v1::DetectResponse;
   return RunStream<FrameItem, DetectRequest, DetectResponse>(
-      "DetectStream",
-      [&](grpc::ClientContext* context) { return stub_->DetectStream(context); }, next,
-      [&](const FrameItem& item) { return MakeDetectRequest(item.frame, options); },
+      "DetectStream", [&](grpc::ClientContext* context) { return stub_->DetectStream(context); },
+      next,
+      [&](const FrameItem& item) { return MakeDetectRequest(item.frame, options, options_.model); },
       [&](const FrameItem& item, const DetectResponse& response) {
         // A frame with landmarks or a box went out as its image alone; it fails all the same.
         absl::Status error = CheckFrame(item.frame);
@@ -774,6 +787,7 @@ absl::StatusOr<CompareResult> Client::Compare(const std::vector<Probe>& queries,
     }
   }
   if (threshold) request.set_threshold(*threshold);
+  request.set_model(options_.model);
 
   arcface::v1::CompareResponse response;
   grpc::Status s = WithRetries([&](grpc::ClientContext* context) {
@@ -831,6 +845,7 @@ absl::StatusOr<arcface::v1::EnrollResponse> Client::Enroll(const std::string& ga
     request.mutable_labels()->insert(options.labels.begin(), options.labels.end());
     request.set_request_id(chunks->size() == 1 ? base : absl::StrCat(base, "#", n));
     request.set_model_id(options.model_id);
+    request.set_model(options.model);
     for (size_t i = begin; i < end; ++i) SetProbe(faces[i], request.add_faces());
     arcface::v1::EnrollResponse response;
     grpc::Status s = WithRetries([&](grpc::ClientContext* context) {

@@ -77,6 +77,9 @@ struct ClientOptions {
   RetryPolicy retry;
   int max_faces_per_request = 0;   // 0: the server's (GetModelInfo)
   uint64_t max_message_bytes = 0;  // 0: the server's (GetModelInfo)
+  // The served model (ListModels' names) that Embed, EmbedStream, Compare, Detect, DetectStream
+  // and GetModelInfo ask for; empty: the server's default model (NOT_FOUND for an unknown one).
+  std::string model;
   // Called before each retry's wait (say, to print a note); from the calling thread.
   std::function<void(const absl::Status& error, int next_attempt, absl::Duration wait)> on_retry;
 };
@@ -109,8 +112,10 @@ class FaceInput {
 };
 
 struct Embedding {
-  std::vector<float> values;  // 512 values: raw, or unit length when normalize was asked
-  float norm = 0;             // L2 norm of the raw vector
+  // The model's embedding_dim values (512 for ArcFace): raw, or unit length when normalize was
+  // asked
+  std::vector<float> values;
+  float norm = 0;  // L2 norm of the raw vector
 };
 
 // A Compare operand: a face (embedded by the server) or an embedding taken as given.
@@ -187,13 +192,19 @@ struct EnrollOptions {
   std::map<std::string, std::string> labels;  // set on the subject; other keys are kept
   std::string request_id;                     // idempotency key; empty: one made per call
   std::string model_id;                       // of the embedding probes; empty: the server's
+  // The served model that embeds the face probes of a new gallery; empty: the gallery's own
+  // (a new gallery: the server's default).
+  std::string model;
 };
 
 class Client {
  public:
   static absl::StatusOr<std::unique_ptr<Client>> Create(const ClientOptions& options);
 
+  // ClientOptions::model's ModelInfo.
   absl::StatusOr<arcface::v1::ModelInfo> GetModelInfo();
+  // Every model the server serves, the default first.
+  absl::StatusOr<arcface::v1::ListModelsResponse> ListModels();
 
   // One embedding per face, in order; large lists go in several requests.
   absl::StatusOr<std::vector<Embedding>> Embed(const std::vector<FaceInput>& faces,

@@ -31,6 +31,9 @@ class EngineModel final : public service::EmbeddingModel {
   EngineModel(engine::Engine* engine, service::FaultInjector* faults)
       : engine_(engine), faults_(faults) {}
 
+  // The engine's family's crop and rows (ArcFace 112×112 → 512, dlib 150×150 → 128).
+  const model::CropGeometry& geometry() const override { return engine_->geometry(); }
+  int embedding_dim() const override { return engine_->embedding_dim(); }
   absl::StatusOr<engine::EmbeddingBatch> Run(absl::Span<const uint8_t> crops) override;
 
  private:

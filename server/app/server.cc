@@ -129,7 +129,7 @@ Server::~Server() { StopServing(absl::Now(), absl::Now()); }
 int Server::Run(const absl::Notification& stop) {
   gpr_set_log_function(LogFromGrpc);
   absl::Status status = Listen();
-  if (status.ok()) status = LoadModel();
+  if (status.ok()) status = LoadModels();
   if (status.ok()) status = WarmUp();
   if (status.ok()) status = LoadDetector();
   if (status.ok()) status = OpenGallery();
@@ -144,7 +144,9 @@ int Server::Run(const absl::Notification& stop) {
 
 absl::Status Server::Listen() {
   const service::ServerConfig& cfg = config_;
-  metrics_ = std::make_unique<service::ServiceMetrics>(cfg.max_batch_size);
+  std::vector<std::string> model_names;
+  for (const service::ModelSpec& spec : cfg.models) model_names.push_back(spec.name);
+  metrics_ = std::make_unique<service::ServiceMetrics>(cfg.max_batch_size, model_names);
   pool_threads_ = cfg.preprocess_threads > 0
                       ? cfg.preprocess_threads
                       : std::max(2, static_cast<int>(std::thread::hardware_concurrency()));
@@ -222,18 +224,24 @@ absl::Status Server::Listen() {
   return absl::OkStatus();
 }
 
-absl::Status Server::LoadModel() {
+absl::Status Server::LoadModels() {
   load_start_ = absl::Now();
-  if (config_.demo_weights) {
-    checkpoint_ = model::MakeDemoCheckpoint();
-    return absl::OkStatus();
+  for (const service::ModelSpec& spec : config_.models) {
+    if (spec.demo) {
+      checkpoints_.push_back(model::MakeDemoCheckpoint());
+      continue;
+    }
+    absl::StatusOr<model::Checkpoint> loaded = model::LoadCheckpoint(spec.path);
+    // Whatever is wrong with the file (missing, unreadable, malformed), its flag is at fault.
+    if (!loaded.ok()) {
+      const std::string flag =
+          spec.name == service::kWeightsModelName && spec.path == config_.weights
+              ? std::string("--weights")
+              : absl::StrCat("--model ", spec.name);
+      return absl::InvalidArgumentError(absl::StrCat(flag, ": ", loaded.status().message()));
+    }
+    checkpoints_.push_back(*std::move(loaded));
   }
-  absl::StatusOr<model::Checkpoint> loaded = model::LoadCheckpoint(config_.weights);
-  // Whatever is wrong with the file (missing, unreadable, malformed), --weights is at fault.
-  if (!loaded.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("--weights: ", loaded.status().message()));
-  }
-  checkpoint_ = *std::move(loaded);
   return absl::OkStatus();
 }
 
@@ -250,58 +258,84 @@ absl::Status Server::WarmUp() {
   engine_options.max_batch_size = cfg.max_batch_size;  // CUDA graphs up to the batcher's limit
   // A lane (stream and staging buffers) for each batch in flight; ignored on the CPU.
   if (cfg.max_batches_in_flight > 0) engine_options.cuda_lanes = cfg.max_batches_in_flight;
-  // Built (and warmed up) on a thread that exits afterwards. Every thread that runs libtorch
-  // keeps an OpenMP team of its own; with the loading thread's idle team beside the model
-  // thread's, libgomp manages more threads than there are cores and cuts its spin-wait at
-  // barriers from 300000 to 1000 spins, so the model's threads sleep on a futex and are woken
-  // at most barriers of the forward pass (docs/PERFORMANCE.md).
-  absl::StatusOr<std::unique_ptr<engine::Engine>> engine;
-  std::thread([&] { engine = engine::Engine::Create(checkpoint_, engine_options); }).join();
-  if (!engine.ok()) {
-    // A device or precision this machine cannot serve (INVALID_ARGUMENT, FAILED_PRECONDITION,
-    // UNIMPLEMENTED) is a bad flag value; anything else (out of memory, a runtime failure) is
-    // not: the engine's code decides the exit status.
-    return Prefixed(absl::StrCat("engine (--device ", cfg.device, ", --precision ", cfg.precision,
-                                 ", --threads ", cfg.threads, "): "),
-                    engine.status());
-  }
-  engine_ = *std::move(engine);
   if (!cfg.test_fault_injection.empty()) {
     // Validated with the flags; parsed again here for the injector itself.
     faults_ = *service::FaultInjector::Parse(cfg.test_fault_injection);
   }
-  engine_model_ = std::make_unique<EngineModel>(engine_.get(), faults_.get());
+  for (size_t i = 0; i < cfg.models.size(); ++i) {
+    const service::ModelSpec& spec = cfg.models[i];
+    // Built (and warmed up) on a thread that exits afterwards. Every thread that runs libtorch
+    // keeps an OpenMP team of its own; with the loading thread's idle team beside the model
+    // thread's, libgomp manages more threads than there are cores and cuts its spin-wait at
+    // barriers from 300000 to 1000 spins, so the model's threads sleep on a futex and are woken
+    // at most barriers of the forward pass (docs/PERFORMANCE.md).
+    const model::Checkpoint& checkpoint = checkpoints_[i];
+    const bool dlib = checkpoint.family == model::Family::kDlibResNet;
+    // --precision is ArcFace's: the dlib family runs in fp32 only (its engine refuses others).
+    engine::EngineOptions options = engine_options;
+    if (dlib && options.precision != engine::Precision::kFp32) {
+      spdlog::warn("model {}: {} runs in fp32 (--precision {} applies to ArcFace models)",
+                   spec.name, checkpoint.arch, cfg.precision);
+      options.precision = engine::Precision::kFp32;
+    }
+    absl::StatusOr<std::unique_ptr<engine::Engine>> engine;
+    std::thread([&] { engine = engine::Engine::Create(checkpoint, options); }).join();
+    if (!engine.ok()) {
+      // A device or precision this machine cannot serve (INVALID_ARGUMENT, FAILED_PRECONDITION,
+      // UNIMPLEMENTED) is a bad flag value; anything else (out of memory, a runtime failure) is
+      // not: the engine's code decides the exit status.
+      return Prefixed(
+          absl::StrCat("engine of model ", spec.name, " (--device ", cfg.device, ", --precision ",
+                       cfg.precision, ", --threads ", cfg.threads, "): "),
+          engine.status());
+    }
+    engine::Engine* e = engines_.emplace_back(*std::move(engine)).get();
+    EngineModel* engine_model =
+        engine_models_.emplace_back(std::make_unique<EngineModel>(e, faults_.get())).get();
 
-  model_.arch = checkpoint_.arch;
-  model_.model_id = checkpoint_.ModelId();
-  model_.weights_sha256 = checkpoint_.sha256;
-  model_.weights_path = cfg.demo_weights ? "" : cfg.weights;
-  model_.device = engine_->device();
-  model_.precision = engine::PrecisionName(engine_->precision());
-  model_.demo_weights = cfg.demo_weights;
-  model_.device_memory = [e = engine_.get()] { return e->device_memory(); };
-  checkpoint_ = model::Checkpoint();  // the engine holds its own copy of the weights
+    service::ModelDescription& model = models_.emplace_back();
+    model.name = spec.name;
+    if (dlib) {
+      model.family = "dlib";
+      model.metric = "euclidean";
+      model.default_threshold = service::kDlibCosineThreshold;
+    }
+    model.arch = checkpoint.arch;
+    model.model_id = checkpoint.ModelId();
+    model.weights_sha256 = checkpoint.sha256;
+    model.weights_path = spec.path;
+    model.device = e->device();
+    model.precision = engine::PrecisionName(e->precision());
+    model.demo_weights = spec.demo;
+    model.device_memory = [e] { return e->device_memory(); };
+    checkpoints_[i] = model::Checkpoint();  // the engine holds its own copy of the weights
 
-  service::EmbedderOptions embedder_options;
-  embedder_options.batching.max_batch_size = cfg.max_batch_size;
-  embedder_options.batching.max_queue_delay = absl::Microseconds(cfg.max_queue_delay_us);
-  embedder_options.batching.max_queue_size = cfg.max_queue_size;
-  // Automatic: on the CPU one forward pass already uses every core (a second would only
-  // contend); on CUDA one batch per lane, so copies, compute and the next batch overlap.
-  embedder_options.batching.max_batches_in_flight =
-      cfg.max_batches_in_flight > 0 ? cfg.max_batches_in_flight : engine_->concurrent_runs();
-  embedder_options.batching.cancel_poll_interval = absl::Microseconds(cfg.cancel_poll_interval_us);
-  embedder_options.batching.observer = metrics_.get();
-  embedder_options.hold_file = cfg.test_hold_model_file;
-  absl::StatusOr<std::unique_ptr<service::Embedder>> embedder =
-      service::Embedder::Create(embedder_options, engine_model_.get());
-  if (!embedder.ok()) return Prefixed("batching: ", embedder.status());
-  embedder_ = *std::move(embedder);
-  service::Embedder* emb = embedder_.get();
-  metrics_->SetModelInfo(model_.arch, model_.model_id, model_.device, model_.precision);
-  metrics_->SetQueueDepthSource([emb] { return double(emb->batcher().queue_depth()); });
-  metrics_->SetHeldSource([emb] { return emb->held() ? 1.0 : 0.0; });
-  metrics_->SetDeviceMemorySource(model_.device_memory);
+    service::EmbedderOptions embedder_options;
+    embedder_options.batching.max_batch_size = cfg.max_batch_size;
+    embedder_options.batching.max_queue_delay = absl::Microseconds(cfg.max_queue_delay_us);
+    embedder_options.batching.max_queue_size = cfg.max_queue_size;
+    // Automatic: on the CPU one forward pass already uses every core (a second would only
+    // contend); on CUDA one batch per lane, so copies, compute and the next batch overlap.
+    embedder_options.batching.max_batches_in_flight =
+        cfg.max_batches_in_flight > 0 ? cfg.max_batches_in_flight : e->concurrent_runs();
+    embedder_options.batching.cancel_poll_interval =
+        absl::Microseconds(cfg.cancel_poll_interval_us);
+    embedder_options.batching.observer = metrics_->ForModel(spec.name);
+    if (!cfg.test_hold_model_file.empty()) {
+      embedder_options.hold_file = cfg.test_hold_model_file;
+      embedder_options.hold_model_file = absl::StrCat(cfg.test_hold_model_file, ".", spec.name);
+    }
+    absl::StatusOr<std::unique_ptr<service::Embedder>> embedder =
+        service::Embedder::Create(embedder_options, engine_model);
+    if (!embedder.ok()) return Prefixed("batching: ", embedder.status());
+    service::Embedder* emb = embedders_.emplace_back(*std::move(embedder)).get();
+    service::ModelMetrics* metrics = metrics_->ForModel(spec.name);
+    metrics->SetModelInfo(model.arch, model.model_id, model.device, model.precision);
+    metrics->SetQueueDepthSource([emb] { return double(emb->batcher().queue_depth()); });
+    metrics->SetHeldSource([emb] { return emb->held() ? 1.0 : 0.0; });
+    metrics->SetDeviceMemorySource(model.device_memory);
+  }
+  checkpoints_.clear();
   return absl::OkStatus();
 }
 
@@ -314,7 +348,7 @@ absl::Status Server::LoadDetector() {
     return absl::OkStatus();
   }
   if (config.detector.empty()) config.detector = detect::DetectorConfig().detector;
-  config.device = model_.device;  // beside the embedding model
+  config.device = models_.front().device;  // beside the default embedding model
   config.max_faces_per_frame = cfg.detector_max_faces;
   const absl::Time start = absl::Now();
   // Built and warmed up on a thread that exits afterwards, as the engine is (WarmUp says why).
@@ -381,9 +415,9 @@ absl::Status Server::OpenGallery() {
   gallery::GalleriesOptions options;
   // With the model on CUDA, the galleries' matrices live beside it: a search is a matmul and a
   // top-k there. On the CPU, FAISS.
-  if (absl::StartsWith(model_.device, "cuda")) {
-    const c10::Device device(model_.device);
-    options.index_factory = [device] { return gallery::MakeTorchIndex(device); };
+  if (absl::StartsWith(models_.front().device, "cuda")) {
+    const c10::Device device(models_.front().device);
+    options.index_factory = [device](int dim) { return gallery::MakeTorchIndex(device, dim); };
   }
   options.hnsw_min_faces = static_cast<uint64_t>(cfg.gallery_hnsw_min_faces);
   options.hnsw.m = cfg.gallery_hnsw_m;
@@ -406,30 +440,37 @@ absl::Status Server::OpenGallery() {
 
 void Server::Serve(const absl::Notification& stop) {
   const service::ServerConfig& cfg = config_;
-  spdlog::info("model: arch {} model_id {} weights {} sha256 {}", model_.arch, model_.model_id,
-               cfg.demo_weights ? std::string("(demo)") : cfg.weights, model_.weights_sha256);
-  if (cfg.demo_weights) {
-    spdlog::warn(
-        "DEMO WEIGHTS: seeded random, untrained; the pipeline is real but the "
-        "embeddings are NOT meaningful");
+  std::vector<service::ServedModel> served;
+  for (size_t i = 0; i < models_.size(); ++i) {
+    const service::ModelDescription& m = models_[i];
+    spdlog::info("model {}{}: arch {} model_id {} weights {} sha256 {}", m.name,
+                 i == 0 ? " (default)" : "", m.arch, m.model_id,
+                 m.demo_weights ? std::string("(demo)") : m.weights_path, m.weights_sha256);
+    if (m.demo_weights) {
+      spdlog::warn(
+          "DEMO WEIGHTS (model {}): seeded random, untrained; the pipeline is real but the "
+          "embeddings are NOT meaningful",
+          m.name);
+    }
+    served.push_back({m, embedders_[i].get()});
   }
   spdlog::info(
-      "engine: device {} precision {} backend {} threads {} warm-up batch {}; loaded in "
-      "{:.2f} s",
-      model_.device, model_.precision, engine_->backend(),
+      "engine: device {} precision {} backend {} threads {} warm-up batch {}; {} model(s) "
+      "loaded in {:.2f} s",
+      models_.front().device, models_.front().precision, engines_.front()->backend(),
       cfg.threads == 0 ? std::string("default") : std::to_string(cfg.threads),
-      cfg.warmup_batch_size, absl::ToDoubleSeconds(absl::Now() - load_start_));
+      cfg.warmup_batch_size, models_.size(), absl::ToDoubleSeconds(absl::Now() - load_start_));
   spdlog::info(
       "batching: max batch {} max queue delay {} us max queue {} crops, {} batch(es) in flight; "
       "limits: {} faces per request, {} message bytes, {} image pixels, compare {}x{}; "
       "preprocessing threads {}, faces {}; drain timeout {}",
       cfg.max_batch_size, cfg.max_queue_delay_us, cfg.max_queue_size,
-      embedder_->batcher().options().max_batches_in_flight, cfg.max_faces_per_request,
+      embedders_.front()->batcher().options().max_batches_in_flight, cfg.max_faces_per_request,
       cfg.max_message_bytes, cfg.max_image_pixels, cfg.max_compare_rows, cfg.max_compare_cols,
       pool_threads_, pool_faces_, absl::FormatDuration(cfg.drain_timeout));
   if (!cfg.test_hold_model_file.empty()) {
-    spdlog::warn("TEST HOOK: batches wait before the model while {} exists",
-                 cfg.test_hold_model_file);
+    spdlog::warn("TEST HOOK: batches wait before the model while {} (or {}.MODEL) exists",
+                 cfg.test_hold_model_file, cfg.test_hold_model_file);
   }
   if (faults_) {
     spdlog::warn("TEST HOOK: fault injection {}", faults_->spec());
@@ -437,7 +478,7 @@ void Server::Serve(const absl::Notification& stop) {
     faults_installed_ = true;
   }
 
-  service_->SetReady(embedder_.get(), model_);
+  service_->SetReady(service::ServedModels(std::move(served)));
   SetHealth(grpc_.get(), true);
   http_->SetReady(true);
   if (!cfg.port_file.empty()) {
@@ -477,7 +518,13 @@ int Server::Drain() {
   // to close after GOAWAY, and calls of other services (health Watch). A short grace, then gRPC
   // cancels them.
   StopServing(std::min(deadline, absl::Now() + absl::Seconds(1)), drain_start);
-  const auto counters = embedder_->batcher().counters();
+  batching::BatcherCounters counters;
+  for (const auto& embedder : embedders_) {
+    const auto c = embedder->batcher().counters();
+    counters.tasks_succeeded += c.tasks_succeeded;
+    counters.items_batched += c.items_batched;
+    counters.batches += c.batches;
+  }
   spdlog::info("drain finished in {:.3f} s: {} requests embedded ({} crops in {} batches)",
                absl::ToDoubleSeconds(absl::Now() - drain_start), counters.tasks_succeeded,
                counters.items_batched, counters.batches);
@@ -496,7 +543,7 @@ void Server::StopServing(absl::Time grpc_deadline, absl::Time since) {
   }
   // The detector first: its frames' faces may still go on to the embedder.
   if (frame_detector_) frame_detector_->Shutdown();
-  if (embedder_) embedder_->Shutdown();
+  for (const auto& embedder : embedders_) embedder->Shutdown();
   if (pool_) pool_->Shutdown();
   if (gallery_queue_) gallery_queue_->Shutdown();
   if (faults_installed_) service::FaultInjector::Install(nullptr);  // no preprocessing runs now

@@ -6,9 +6,11 @@
 //    HTTP port (/metrics, /healthz, /readyz) open before the model loads, so that a busy port
 //    is reported at once and liveness probes see the process while it loads. Meanwhile health
 //    says NOT_SERVING, /readyz 503, and FaceEmbedding calls get UNAVAILABLE.
-// 2. Load model: the weights file (or the demo weights) is read and validated.
-// 3. Warm up: the engine is built on its device and runs its warm-up batches (CUDA: captures
-//    its graphs) on a thread that exits afterwards (docs/PERFORMANCE.md); the batcher starts.
+// 2. Load models: each model's weights file (or the demo weights) is read and validated
+//    (ServerConfig::models: --model NAME=PATH, --weights, --demo-weights).
+// 3. Warm up: each model's engine is built on its device and runs its warm-up batches (CUDA:
+//    captures its graphs) on a thread that exits afterwards (docs/PERFORMANCE.md); each model's
+//    batcher (its own Embedder: queue, batch thread, model threads) starts.
 // 4. Load the detector (--detector, unless none): face-api's files are read and validated, the
 //    networks built on the model's device and warmed up (on a thread that exits afterwards),
 //    and the detector's own batcher starts; a missing or malformed file stops the start (exit
@@ -94,7 +96,7 @@ class Server {
 
  private:
   absl::Status Listen();
-  absl::Status LoadModel();
+  absl::Status LoadModels();
   absl::Status WarmUp();
   absl::Status LoadDetector();
   absl::Status OpenGallery();
@@ -105,25 +107,26 @@ class Server {
   void StopServing(absl::Time grpc_deadline, absl::Time since);
 
   const service::ServerConfig config_;
-  // What the phases pass on to the next: the listening ports, the weights (until the engine
-  // holds its own copy), the served model's description.
+  // What the phases pass on to the next: the listening ports, each model's weights (until its
+  // engine holds its own copy) and description, in config_.models' order (the default first).
   int grpc_port_ = 0;
   std::string tls_mode_;  // "plaintext", "tls", "mutual-tls"
   int pool_threads_ = 0;
   int pool_faces_ = 0;
   absl::Time load_start_;
-  model::Checkpoint checkpoint_;
-  service::ModelDescription model_;
+  std::vector<model::Checkpoint> checkpoints_;
+  std::vector<service::ModelDescription> models_;
   bool faults_installed_ = false;
   bool stopped_ = false;  // StopServing() has run
 
   // Declared in dependency order; destroyed bottom-up (see Teardown above).
   // Every part reports into the metrics; the HTTP server renders them.
   std::unique_ptr<service::ServiceMetrics> metrics_;
-  std::unique_ptr<engine::Engine> engine_;
+  // One per model, as models_.
+  std::vector<std::unique_ptr<engine::Engine>> engines_;
   std::unique_ptr<service::FaultInjector> faults_;
-  // Calls the engine and the fault injector.
-  std::unique_ptr<EngineModel> engine_model_;
+  // Each calls its engine and the fault injector.
+  std::vector<std::unique_ptr<EngineModel>> engine_models_;
   // The face detector (null with --detector none), on the engine's device; the adapter that
   // calls it; the metrics its batcher reports into (they render into metrics_'s registry).
   std::unique_ptr<detect::FaceDetector> detector_;
@@ -131,8 +134,8 @@ class Server {
   std::unique_ptr<service::DetectorMetrics> detector_metrics_;
   // Preprocessing calls the installed fault injector.
   std::unique_ptr<service::WorkQueue> pool_;
-  // Its model threads call the engine model.
-  std::unique_ptr<service::Embedder> embedder_;
+  // One per model: its model threads call that model's engine model.
+  std::vector<std::unique_ptr<service::Embedder>> embedders_;
   // Its model thread calls the detector model; its frames' faces go on to the pool and the
   // embedder.
   std::unique_ptr<service::FrameDetector> frame_detector_;

@@ -30,11 +30,12 @@ constexpr size_t kMinShardRows = 32768;
 
 class FlatIndex final : public VectorIndex {
  public:
+  explicit FlatIndex(int dim) : dim_(dim) {}
   std::string Describe() const override { return "flat"; }
-  size_t size() const override { return matrix_.size() / kDim; }
+  size_t size() const override { return matrix_.size() / dim_; }
 
   absl::Status Add(const float* units, size_t n) override {
-    matrix_.insert(matrix_.end(), units, units + n * kDim);
+    matrix_.insert(matrix_.end(), units, units + n * dim_);
     return absl::OkStatus();
   }
 
@@ -43,15 +44,15 @@ class FlatIndex final : public VectorIndex {
       matrix_ = std::move(units);
       return absl::OkStatus();
     }
-    return Add(units.data(), units.size() / kDim);
+    return Add(units.data(), units.size() / dim_);
   }
 
   void SwapRemove(size_t row) override {
     const size_t last = size() - 1;
     if (row != last) {
-      std::memcpy(&matrix_[row * kDim], &matrix_[last * kDim], kDim * sizeof(float));
+      std::memcpy(&matrix_[row * dim_], &matrix_[last * dim_], dim_ * sizeof(float));
     }
-    matrix_.resize(last * kDim);
+    matrix_.resize(last * dim_);
   }
 
   absl::Status Search(const float* probes, int nq, int k, float* sims,
@@ -96,7 +97,7 @@ class FlatIndex final : public VectorIndex {
   }
 
   void Row(size_t row, float* out) const override {
-    std::memcpy(out, &matrix_[row * kDim], kDim * sizeof(float));
+    std::memcpy(out, &matrix_[row * dim_], dim_ * sizeof(float));
   }
 
   size_t bytes() const override { return matrix_.capacity() * sizeof(float); }
@@ -135,7 +136,7 @@ class FlatIndex final : public VectorIndex {
     omp_set_num_threads(1);
     absl::Status status;
     try {
-      faiss::knn_inner_product(probes, matrix_.data() + begin * kDim, kDim, nq, end - begin, k,
+      faiss::knn_inner_product(probes, matrix_.data() + begin * dim_, dim_, nq, end - begin, k,
                                sims, rows);
     } catch (const std::exception& e) {
       status = absl::InternalError(absl::StrCat("FAISS search failed: ", e.what()));
@@ -144,12 +145,13 @@ class FlatIndex final : public VectorIndex {
     return status;
   }
 
+  const size_t dim_;
   std::vector<float> matrix_;
 };
 
 }  // namespace
 
-std::unique_ptr<VectorIndex> MakeFlatIndex() {
+std::unique_ptr<VectorIndex> MakeFlatIndex(int dim) {
   // BLAS from the first probe on, not from 20: Debian's libfaiss is built for the x86-64
   // baseline, so its own dot products run scalar, while OpenBLAS's sgemm is vectorized; one
   // probe against 100k faces took 47 ms of CPU the FAISS way and 19 ms through BLAS
@@ -160,7 +162,7 @@ std::unique_ptr<VectorIndex> MakeFlatIndex() {
     return true;
   }();
   (void)tuned;
-  return std::make_unique<FlatIndex>();
+  return std::make_unique<FlatIndex>(dim);
 }
 
 }  // namespace arcface::gallery

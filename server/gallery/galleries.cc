@@ -20,6 +20,8 @@ struct Galleries::Gallery {
   const std::string name;
   mutable absl::Mutex mu;
   std::string model_id ABSL_GUARDED_BY(mu);
+  // Of every row of `index` (the model's embedding size); set by the first faces added.
+  int dim ABSL_GUARDED_BY(mu) = kDim;
   uint64_t version ABSL_GUARDED_BY(mu) = 0;
   std::unique_ptr<VectorIndex> index ABSL_GUARDED_BY(mu);
   std::vector<std::string> row_face ABSL_GUARDED_BY(mu);
@@ -131,7 +133,7 @@ Galleries::~Galleries() {
 
 absl::StatusOr<std::unique_ptr<Galleries>> Galleries::Open(std::unique_ptr<GalleryStore> store,
                                                            GalleriesOptions options) {
-  if (!options.index_factory) options.index_factory = MakeFlatIndex;
+  if (!options.index_factory) options.index_factory = [](int dim) { return MakeFlatIndex(dim); };
   std::unique_ptr<Galleries> g(new Galleries(std::move(store), std::move(options)));
   const absl::Time start = absl::Now();
   {
@@ -164,14 +166,27 @@ bool Galleries::Apply(GalleryDelta delta) {
     absl::WriterMutexLock lock(&g->mu);
     if (delta.version <= g->version) return true;
     if (delta.from_version != g->version) return false;
-    if (!g->index) g->index = options_.index_factory();
+    const size_t n = delta.face_ids.size();
+    // An empty gallery takes the dimension of the first faces it gets (a gallery's faces are of
+    // one model, so of one dimension; Enroll() refuses others).
+    const int dim = n > 0 ? static_cast<int>(delta.embeddings.size() / n) : g->dim;
+    if (!g->index || (g->num_faces() == 0 && dim != g->dim)) {
+      g->index = options_.index_factory(dim);
+      g->dim = dim;
+      g->hnsw.reset();
+      g->hnsw_dead = 0;
+    }
+    if (dim != g->dim) {
+      spdlog::error("gallery '{}': {} faces of {} values cannot join faces of {}; skipped", g->name,
+                    n, dim, g->dim);
+      return true;
+    }
     g->model_id = delta.model_id;
     for (const std::string& face_id : delta.removed_faces) g->RemoveFace(face_id);
     for (const std::string& subject : delta.removed_subjects) g->RemoveSubject(subject);
     for (SubjectRecord& s : delta.subjects) {
       g->subjects[g->SubjectNumber(s.subject_id)].labels = std::move(s.labels);
     }
-    const size_t n = delta.face_ids.size();
     const size_t first_row = g->num_faces();
     const int64_t first_slot = g->next_slot;
     absl::Status added = g->index->Adopt(std::move(delta.embeddings));
@@ -194,10 +209,10 @@ bool Galleries::Apply(GalleryDelta delta) {
       ++g->next_slot;
     }
     if (g->hnsw && n > 0) {
-      std::vector<float> units(n * kDim);
+      std::vector<float> units(n * g->dim);
       std::vector<int64_t> slots(n);
       for (size_t i = 0; i < n; ++i) {
-        g->index->Row(first_row + i, units.data() + i * kDim);
+        g->index->Row(first_row + i, units.data() + i * g->dim);
         slots[i] = first_slot + static_cast<int64_t>(i);
       }
       if (absl::Status s = g->hnsw->Add(units.data(), slots.data(), n); !s.ok()) {
@@ -258,6 +273,12 @@ absl::StatusOr<EnrollResult> Galleries::Enroll(const EnrollWrite& write) {
     if (!g->model_id.empty() && g->model_id != write.model_id) {
       return ModelMismatch(write.gallery, g->model_id, write.model_id);
     }
+    const size_t dim = write.face_ids.empty() ? 0 : write.embeddings.size() / write.face_ids.size();
+    if (g->num_faces() > 0 && dim != size_t(g->dim)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("gallery '", write.gallery, "' holds embeddings of ", g->dim,
+                       " values (model ", g->model_id, "); these have ", dim));
+    }
   }
   absl::MutexLock lock(&write_mu_);
   absl::StatusOr<EnrollResult> result = store_->Enroll(write);
@@ -300,14 +321,19 @@ void Galleries::OnAvailability(bool up, const std::string& reason) {
 absl::Status Galleries::Identify(const std::string& gallery, const std::string& model_id,
                                  const float* probes, int nq, int top_k,
                                  std::optional<float> threshold,
-                                 std::vector<std::vector<Candidate>>* results,
-                                 uint64_t* version) const {
+                                 std::vector<std::vector<Candidate>>* results, uint64_t* version,
+                                 int dim) const {
   Gallery* g = Find(gallery);
   if (g == nullptr) {
     return absl::NotFoundError(absl::StrCat("gallery '", gallery, "' does not exist"));
   }
   absl::ReaderMutexLock lock(&g->mu);
   if (g->model_id != model_id) return ModelMismatch(gallery, g->model_id, model_id);
+  if (dim != g->dim) {
+    return absl::FailedPreconditionError(absl::StrCat("gallery '", gallery,
+                                                      "' holds embeddings of ", g->dim,
+                                                      " values; these probes have ", dim));
+  }
   *version = g->version;
   results->assign(nq, {});
   const size_t n = g->num_faces();
@@ -324,10 +350,10 @@ absl::Status Galleries::Identify(const std::string& gallery, const std::string& 
   std::vector<float> sims;
   std::vector<int64_t> ids;
   while (!pending.empty()) {
-    batch.resize(pending.size() * kDim);
+    batch.resize(pending.size() * dim);
     for (size_t p = 0; p < pending.size(); ++p) {
-      std::memcpy(batch.data() + p * kDim, probes + size_t(pending[p]) * kDim,
-                  kDim * sizeof(float));
+      std::memcpy(batch.data() + size_t(p) * dim, probes + size_t(pending[p]) * dim,
+                  dim * sizeof(float));
     }
     sims.resize(pending.size() * k);
     ids.resize(pending.size() * k);
@@ -403,7 +429,8 @@ absl::StatusOr<GalleryStats> Galleries::Stats(const std::string& gallery) const 
   absl::ReaderMutexLock lock(&g->mu);
   return GalleryStats{
       g->name,        g->model_id, g->subject_number.size(),
-      g->num_faces(), g->version,  g->hnsw ? g->hnsw->Describe() : g->index->Describe()};
+      g->num_faces(), g->version,  g->hnsw ? g->hnsw->Describe() : g->index->Describe(),
+      g->dim};
 }
 
 std::vector<GalleryStats> Galleries::AllStats() const {
@@ -450,11 +477,13 @@ void Galleries::BuildHnsw(Gallery* g) {
   std::vector<float> units;
   std::vector<int64_t> slots;
   int64_t snapshot_end;
+  int dim;
   {
     absl::ReaderMutexLock lock(&g->mu);
     const size_t n = g->num_faces();
-    units.resize(n * kDim);
-    for (size_t r = 0; r < n; ++r) g->index->Row(r, units.data() + r * kDim);
+    dim = g->dim;
+    units.resize(n * dim);
+    for (size_t r = 0; r < n; ++r) g->index->Row(r, units.data() + r * dim);
     slots = g->row_slot;
     snapshot_end = g->next_slot;
   }
@@ -463,11 +492,11 @@ void Galleries::BuildHnsw(Gallery* g) {
   constexpr size_t kChunk = 16384;
   const size_t first = std::min(kChunk, slots.size());
   absl::StatusOr<std::unique_ptr<HnswIndex>> built =
-      HnswIndex::Build(options_.hnsw, units.data(), slots.data(), first);
+      HnswIndex::Build(options_.hnsw, units.data(), slots.data(), first, dim);
   for (size_t at = first; built.ok() && at < slots.size(); at += kChunk) {
     if (stopping_) return;
     const size_t count = std::min(kChunk, slots.size() - at);
-    if (absl::Status s = (*built)->Add(units.data() + at * kDim, slots.data() + at, count);
+    if (absl::Status s = (*built)->Add(units.data() + at * dim, slots.data() + at, count);
         !s.ok()) {
       built = s;
     }
@@ -476,6 +505,7 @@ void Galleries::BuildHnsw(Gallery* g) {
   units.shrink_to_fit();
   absl::WriterMutexLock lock(&g->mu);
   g->hnsw_building = false;
+  if (g->dim != dim) return;  // emptied and refilled with another model's faces meanwhile
   if (!built.ok()) {
     spdlog::error("gallery '{}': HNSW build failed, searching exactly: {}", g->name,
                   built.status().ToString());
@@ -491,8 +521,8 @@ void Galleries::BuildHnsw(Gallery* g) {
       continue;
     }
     late_slots.push_back(g->row_slot[r]);
-    late_units.resize(late_slots.size() * kDim);
-    g->index->Row(r, late_units.data() + (late_slots.size() - 1) * kDim);
+    late_units.resize(late_slots.size() * dim);
+    g->index->Row(r, late_units.data() + (late_slots.size() - 1) * dim);
   }
   if (!late_slots.empty()) {
     if (absl::Status s = (*built)->Add(late_units.data(), late_slots.data(), late_slots.size());

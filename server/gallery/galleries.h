@@ -17,7 +17,9 @@
 // - Errors: NOT_FOUND (unknown gallery), FAILED_PRECONDITION (gallery bound to another model,
 //   naming both), the store's errors for writes (UNAVAILABLE when it is down), INVALID_ARGUMENT
 //   for a page token this server did not give. Inputs are validated by the caller: ids
-//   (ids.h), unit vectors of kDim finite floats, top_k >= 1.
+//   (ids.h), unit vectors of finite floats, top_k >= 1; Identify's probes of the gallery's dim
+//   (GalleryStats::dim: a gallery holds one model's embeddings, of one size, set by its first
+//   faces; an Enroll of another size is FAILED_PRECONDITION naming both).
 // - Blocking: writes block on the store; Identify on the search (FAISS's OpenMP threads).
 // - Thread safety: every method may be called from any thread at once. Writes are serialized;
 //   Identify calls run concurrently with each other and wait only for a write to the same
@@ -67,6 +69,7 @@ struct GalleryStats {
   uint64_t num_faces = 0;
   uint64_t version = 0;
   std::string index;  // "flat", "hnsw(M=32,efSearch=128)", "torch:cuda:0"
+  int dim = kDim;     // the embeddings' size (the model's)
 };
 
 struct SubjectInfo {
@@ -95,10 +98,12 @@ class Galleries {
   absl::StatusOr<EnrollResult> Enroll(const EnrollWrite& write);
   absl::StatusOr<ForgetResult> Forget(const ForgetWrite& write);
 
-  // `probes`: nq unit vectors from model `model_id`; results: one list per probe.
+  // `probes`: nq unit vectors of `dim` floats from model `model_id`; results: one list per
+  // probe. Probes of another size than the gallery's are FAILED_PRECONDITION naming both.
   absl::Status Identify(const std::string& gallery, const std::string& model_id,
                         const float* probes, int nq, int top_k, std::optional<float> threshold,
-                        std::vector<std::vector<Candidate>>* results, uint64_t* version) const;
+                        std::vector<std::vector<Candidate>>* results, uint64_t* version,
+                        int dim = kDim) const;
 
   // Subjects by id, after the one `page_token` names (empty: from the first); up to page_size.
   // *next_page_token: empty after the last.

@@ -41,7 +41,9 @@
 
 namespace arcface::gallery {
 
-// The dimension of every stored embedding (ArcFace's).
+// ArcFace's embedding size: the default dimension of an index. A store keeps embeddings of any
+// size (a gallery's are all of its model's: 512 for ArcFace, 128 for dlib) as they are, so
+// stores written before several models were served read the same.
 inline constexpr int kDim = 512;
 
 using Labels = std::map<std::string, std::string>;
@@ -64,7 +66,7 @@ struct GalleryDelta {
   std::vector<SubjectRecord> subjects;
   std::vector<std::string> face_ids;       // faces added
   std::vector<std::string> face_subjects;  // the subject of each added face
-  std::vector<float> embeddings;           // face_ids.size() × kDim unit vectors, row-major
+  std::vector<float> embeddings;           // face_ids.size() × dim unit vectors, row-major
 };
 
 struct EnrollWrite {
@@ -74,7 +76,8 @@ struct EnrollWrite {
   Labels labels;           // set on the subject: keys given replace their values, others are kept
   std::string request_id;  // idempotency key; empty: none
   std::vector<std::string> face_ids;  // new, unique ids chosen by the caller, one per face
-  std::vector<float> embeddings;      // face_ids.size() × kDim unit vectors
+  // face_ids.size() × dim unit vectors, dim the model's (one size for all faces of a gallery)
+  std::vector<float> embeddings;
 };
 
 struct EnrollResult {

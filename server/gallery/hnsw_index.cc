@@ -49,33 +49,35 @@ absl::Status CheckOptions(const HnswOptions& options) {
   return CheckEf("efSearch", options.ef_search);
 }
 
-// The graph's inner products, kDim floats each, in 16 independent lanes so that the compiler
-// vectorizes the loop without reordering a sum; one variant per instruction set, chosen once.
+// The graph's inner products, `dim` floats each, in 16 independent lanes so that the compiler
+// vectorizes the loop without reordering a sum (a dim that is not a multiple of 16 ends in a
+// scalar tail); one variant per instruction set, chosen once.
 // (Debian's libfaiss is built for the x86-64 baseline: its own dot product runs scalar, and the
 // graph spends nearly all its time there — build and search were about 4x slower on it.)
 template <int kLanes>
-inline float DotLanes(const float* a, const float* b) {
+inline float DotLanes(const float* a, const float* b, int dim) {
   float acc[kLanes] = {};
-  for (int j = 0; j < kDim; j += kLanes) {
+  int j = 0;
+  for (; j + kLanes <= dim; j += kLanes) {
     for (int l = 0; l < kLanes; ++l) acc[l] += a[j + l] * b[j + l];
   }
   float sum = 0;
   for (int l = 0; l < kLanes; ++l) sum += acc[l];
+  for (; j < dim; ++j) sum += a[j] * b[j];
   return sum;
 }
-static_assert(kDim % 16 == 0);
 
-float DotBaseline(const float* a, const float* b) { return DotLanes<16>(a, b); }
+float DotBaseline(const float* a, const float* b, int dim) { return DotLanes<16>(a, b, dim); }
 #if defined(__x86_64__)
-__attribute__((target("avx2,fma"))) float DotAvx2(const float* a, const float* b) {
-  return DotLanes<16>(a, b);
+__attribute__((target("avx2,fma"))) float DotAvx2(const float* a, const float* b, int dim) {
+  return DotLanes<16>(a, b, dim);
 }
-__attribute__((target("avx512f"))) float DotAvx512(const float* a, const float* b) {
-  return DotLanes<16>(a, b);
+__attribute__((target("avx512f"))) float DotAvx512(const float* a, const float* b, int dim) {
+  return DotLanes<16>(a, b, dim);
 }
 #endif
 
-using DotFn = float (*)(const float*, const float*);
+using DotFn = float (*)(const float*, const float*, int);
 DotFn ChooseDot() {
 #if defined(__x86_64__)
   if (__builtin_cpu_supports("avx512f")) return DotAvx512;
@@ -86,20 +88,22 @@ DotFn ChooseDot() {
 
 class FastInnerProduct final : public faiss::FlatCodesDistanceComputer {
  public:
-  FastInnerProduct(const float* rows, DotFn dot)
-      : FlatCodesDistanceComputer(reinterpret_cast<const uint8_t*>(rows), kDim * sizeof(float)),
+  FastInnerProduct(const float* rows, int dim, DotFn dot)
+      : FlatCodesDistanceComputer(reinterpret_cast<const uint8_t*>(rows), dim * sizeof(float)),
         rows_(rows),
+        dim_(dim),
         dot_(dot) {}
   void set_query(const float* x) override { query_ = x; }
   float distance_to_code(const uint8_t* code) override {
-    return dot_(query_, reinterpret_cast<const float*>(code));
+    return dot_(query_, reinterpret_cast<const float*>(code), dim_);
   }
   float symmetric_dis(idx_t i, idx_t j) override {
-    return dot_(rows_ + i * kDim, rows_ + j * kDim);
+    return dot_(rows_ + i * dim_, rows_ + j * dim_, dim_);
   }
 
  private:
   const float* const rows_;
+  const int dim_;
   const DotFn dot_;
   const float* query_ = nullptr;
 };
@@ -107,9 +111,9 @@ class FastInnerProduct final : public faiss::FlatCodesDistanceComputer {
 // FAISS's flat inner-product storage, with the distance computer above for the graph.
 class FastIpStorage final : public faiss::IndexFlatIP {
  public:
-  FastIpStorage() : faiss::IndexFlatIP(kDim), dot_(ChooseDot()) {}
+  explicit FastIpStorage(int dim) : faiss::IndexFlatIP(dim), dot_(ChooseDot()) {}
   faiss::FlatCodesDistanceComputer* get_FlatCodesDistanceComputer() const override {
-    return new FastInnerProduct(get_xb(), dot_);
+    return new FastInnerProduct(get_xb(), static_cast<int>(d), dot_);
   }
 
  private:
@@ -118,8 +122,8 @@ class FastIpStorage final : public faiss::IndexFlatIP {
 
 class FaissHnswIndex final : public HnswIndex {
  public:
-  explicit FaissHnswIndex(const HnswOptions& options)
-      : options_(options), index_(new FastIpStorage, options.m) {
+  FaissHnswIndex(const HnswOptions& options, int dim)
+      : options_(options), index_(new FastIpStorage(dim), options.m) {
     index_.own_fields = true;  // index_ deletes the storage
     index_.hnsw.efConstruction = options.ef_construction;
     index_.hnsw.efSearch = options.ef_search;
@@ -193,12 +197,13 @@ class FaissHnswIndex final : public HnswIndex {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<HnswIndex>> HnswIndex::Build(const HnswOptions& options,
-                                                             const float* units,
-                                                             const int64_t* slots, size_t n) {
+                                                            const float* units,
+                                                            const int64_t* slots, size_t n,
+                                                            int dim) {
   if (absl::Status s = CheckOptions(options); !s.ok()) return s;
   std::unique_ptr<FaissHnswIndex> index;
   try {
-    index = std::make_unique<FaissHnswIndex>(options);
+    index = std::make_unique<FaissHnswIndex>(options, dim);
   } catch (const std::exception& e) {
     return FaissError("construction", e);
   }

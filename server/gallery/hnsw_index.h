@@ -25,6 +25,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "server/gallery/gallery_store.h"
 
 namespace arcface::gallery {
 
@@ -38,10 +39,10 @@ struct HnswOptions {
 
 class HnswIndex {
  public:
-  // n unit vectors (n × kDim floats) and their slots.
+  // n unit vectors (n × dim floats) and their slots.
   static absl::StatusOr<std::unique_ptr<HnswIndex>> Build(const HnswOptions& options,
-                                                          const float* units,
-                                                          const int64_t* slots, size_t n);
+                                                          const float* units, const int64_t* slots,
+                                                          size_t n, int dim = kDim);
   virtual ~HnswIndex() = default;
   virtual absl::Status Add(const float* units, const int64_t* slots, size_t n) = 0;
   virtual absl::Status Search(const float* probes, int nq, int k, float* sims,

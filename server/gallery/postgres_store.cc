@@ -35,7 +35,7 @@ namespace arcface::gallery {
 namespace {
 
 // The schema this server writes. Migrations[i] takes the schema from version i to i + 1.
-constexpr int kSchemaVersion = 1;
+constexpr int kSchemaVersion = 2;
 const char* const kMigrations[kSchemaVersion] = {
     // 1: galleries, subjects and faces. Rows are never deleted: a removed subject or face keeps
     // its row with `removed_version` (a tombstone, so that a catch-up from any older version
@@ -87,12 +87,14 @@ CREATE INDEX arcface_faces_live_subject ON arcface_faces (gallery, subject_id)
 CREATE UNIQUE INDEX arcface_faces_request ON arcface_faces (gallery, request_id, request_seq)
   WHERE request_id IS NOT NULL;
 )sql",
+    // 2: the size of a gallery's embeddings (its model's); galleries of version 1 were all
+    // ArcFace's 512.
+    "ALTER TABLE arcface_galleries ADD COLUMN dim int NOT NULL DEFAULT 512;",
 };
 
 // pg_advisory_xact_lock's key for migrations ("arcface" in ASCII).
 constexpr int64_t kMigrationLock = 0x61726366616365;
 constexpr char kChannel[] = "arcface_gallery";
-constexpr size_t kEmbeddingBytes = kDim * sizeof(float);
 // Connections for reads and writes; callers beyond it wait for one to come back.
 constexpr int kPoolSize = 8;
 // Rows of faces per FETCH of a load (about 4 MB).
@@ -246,8 +248,9 @@ class PostgresStore final : public GalleryStore {
         Redact(absl::StrCat("gallery store ", described_, " is unavailable: ", reason)));
   }
 
+  // The gallery's changes since `from_version`; its faces' embeddings have `dim` values.
   absl::StatusOr<GalleryDelta> LoadDelta(pqxx::dbtransaction& tx, const std::string& gallery,
-                                         uint64_t from_version);
+                                         uint64_t from_version, size_t dim);
   void FollowLoop(StoreListener listener);
   // Waits for the socket (or stop_fd_ alone when `sock` < 0) up to `timeout`; false once
   // stopping.
@@ -405,7 +408,7 @@ absl::Status PostgresStore::Migrate() {
 
 absl::StatusOr<GalleryDelta> PostgresStore::LoadDelta(pqxx::dbtransaction& tx,
                                                       const std::string& gallery,
-                                                      uint64_t from_version) {
+                                                      uint64_t from_version, size_t dim) {
   GalleryDelta delta;
   delta.gallery = gallery;
   delta.from_version = from_version;
@@ -447,13 +450,14 @@ absl::StatusOr<GalleryDelta> PostgresStore::LoadDelta(pqxx::dbtransaction& tx,
   const size_t count = tx.exec("SELECT count(*)" + live)[0][0].as<size_t>();
   delta.face_ids.reserve(count);
   delta.face_subjects.reserve(count);
-  delta.embeddings.reserve(count * kDim);
+  delta.embeddings.reserve(count * dim);
   tx.exec(
       "DECLARE arcface_added BINARY NO SCROLL CURSOR FOR SELECT face_id, subject_id, embedding" +
       live);
   const std::string fetch = "FETCH " + std::to_string(kFetchRows) + " FROM arcface_added";
   const size_t fetches = (count + kFetchRows - 1) / kFetchRows;
   pqxx::pipeline pipe(tx);
+  const size_t want_bytes = dim * sizeof(float);
   size_t issued = 0;
   for (; issued < fetches && issued < kFetchesAhead; ++issued) pipe.insert(fetch);
   pipe.resume();
@@ -466,16 +470,17 @@ absl::StatusOr<GalleryDelta> PostgresStore::LoadDelta(pqxx::dbtransaction& tx,
     for (const pqxx::row& row : rows) {
       const pqxx::field embedding = row[2];
       std::string face_id(row[0].c_str(), row[0].size());
-      if (embedding.is_null() || embedding.size() != kEmbeddingBytes) {
-        return absl::InternalError(absl::StrCat(
-            "face '", face_id, "' of gallery '", gallery, "' has an embedding of ",
-            embedding.is_null() ? 0 : embedding.size(), " bytes, not ", kEmbeddingBytes));
+      const size_t bytes = embedding.is_null() ? 0 : embedding.size();
+      if (bytes != want_bytes) {
+        return absl::InternalError(absl::StrCat("face '", face_id, "' of gallery '", gallery,
+                                                "' has an embedding of ", bytes, " bytes, not ",
+                                                want_bytes));
       }
       delta.face_ids.push_back(std::move(face_id));
       delta.face_subjects.emplace_back(row[1].c_str(), row[1].size());
       const size_t at = delta.embeddings.size();
-      delta.embeddings.resize(at + kDim);
-      std::memcpy(delta.embeddings.data() + at, embedding.c_str(), kEmbeddingBytes);
+      delta.embeddings.resize(at + dim);
+      std::memcpy(delta.embeddings.data() + at, embedding.c_str(), want_bytes);
     }
   }
   pipe.complete();
@@ -492,14 +497,14 @@ absl::StatusOr<std::vector<GalleryDelta>> PostgresStore::ChangesSince(
     pqxx::transaction<pqxx::repeatable_read, pqxx::read_only> tx(conn);
     const pqxx::result galleries = tx.exec(
         "SELECT name, model_id, version, "
-        "(extract(epoch FROM updated_at) * 1000000)::bigint FROM arcface_galleries");
+        "(extract(epoch FROM updated_at) * 1000000)::bigint, dim FROM arcface_galleries");
     for (const pqxx::row& row : galleries) {
       const std::string name = row[0].as<std::string>();
       const uint64_t version = row[2].as<uint64_t>();
       const auto it = known.find(name);
       const uint64_t from = it == known.end() ? 0 : it->second;
       if (version <= from) continue;
-      absl::StatusOr<GalleryDelta> delta = LoadDelta(tx, name, from);
+      absl::StatusOr<GalleryDelta> delta = LoadDelta(tx, name, from, row[4].as<size_t>());
       if (!delta.ok()) return delta.status();
       delta->model_id = row[1].as<std::string>();
       delta->version = version;
@@ -519,18 +524,24 @@ absl::StatusOr<EnrollResult> PostgresStore::Enroll(const EnrollWrite& write) {
     result = EnrollResult();
     pqxx::work tx(conn);
     // The gallery's row is the lock that orders its writes (and their versions).
+    const size_t dim = write.embeddings.size() / std::max<size_t>(1, write.face_ids.size());
     tx.exec_params(
-        "INSERT INTO arcface_galleries (name, model_id, version, updated_at) "
-        "VALUES ($1, $2, 0, clock_timestamp()) ON CONFLICT (name) DO NOTHING",
-        write.gallery, write.model_id);
+        "INSERT INTO arcface_galleries (name, model_id, version, updated_at, dim) "
+        "VALUES ($1, $2, 0, clock_timestamp(), $3) ON CONFLICT (name) DO NOTHING",
+        write.gallery, write.model_id, static_cast<int64_t>(dim));
     const pqxx::row gallery = tx.exec_params1(
-        "SELECT model_id, version FROM arcface_galleries WHERE name = $1 FOR UPDATE",
+        "SELECT model_id, version, dim FROM arcface_galleries WHERE name = $1 FOR UPDATE",
         write.gallery);
     const std::string bound = gallery[0].as<std::string>();
     if (bound != write.model_id) {
       return absl::FailedPreconditionError(
           absl::StrCat("gallery '", write.gallery, "' is bound to model ", bound,
                        "; these embeddings are from model ", write.model_id));
+    }
+    if (gallery[2].as<size_t>() != dim) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("gallery '", write.gallery, "' holds embeddings of ",
+                       gallery[2].as<size_t>(), " values; these have ", dim));
     }
     if (!write.request_id.empty()) {
       const pqxx::result earlier = tx.exec_params(
@@ -571,11 +582,12 @@ absl::StatusOr<EnrollResult> PostgresStore::Enroll(const EnrollWrite& write) {
     // parameter cut into rows by the server.
     const pqxx::binarystring embeddings(write.embeddings.data(),
                                         write.embeddings.size() * sizeof(float));
+    const std::string row_bytes = std::to_string(dim * sizeof(float));
     tx.exec_params(
         "INSERT INTO arcface_faces (gallery, face_id, subject_id, model_id, embedding, "
         "  request_id, request_seq, added_version) "
         "SELECT $1, f.id, $2, $3, substring($4::bytea FROM ((f.n - 1) * " +
-            std::to_string(kEmbeddingBytes) + " + 1)::int FOR " + std::to_string(kEmbeddingBytes) +
+            row_bytes + " + 1)::int FOR " + row_bytes +
             "), $5, (f.n - 1)::int, $6 "
             "FROM unnest($7::text[]) WITH ORDINALITY AS f (id, n)",
         write.gallery, write.subject_id, write.model_id, embeddings,

@@ -2,6 +2,7 @@
 
 #include <sqlite3.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -22,8 +23,10 @@
 namespace arcface::gallery {
 namespace {
 
-// PRAGMA user_version of the schema this server writes.
-constexpr int kSchemaVersion = 1;
+// PRAGMA user_version of the schema this server writes. 2: galleries.dim, the size of the
+// gallery's embeddings (its model's); galleries of version 1 were all ArcFace's 512.
+constexpr int kSchemaVersion = 2;
+constexpr char kMigrateTo2[] = "ALTER TABLE galleries ADD COLUMN dim INTEGER NOT NULL DEFAULT 512";
 
 constexpr char kSchema[] = R"sql(
 CREATE TABLE galleries(
@@ -200,7 +203,7 @@ class SqliteStore final : public GalleryStore {
     // One read transaction: the deltas are of one consistent state.
     Transaction read(db_, "BEGIN", "begin a read");
     if (!read.begun().ok()) return read.begun();
-    Stmt galleries(db_, "SELECT name, model_id, version, committed_us FROM galleries");
+    Stmt galleries(db_, "SELECT name, model_id, version, committed_us, dim FROM galleries");
     if (absl::Status s = galleries.prepared("list the galleries"); !s.ok()) return s;
     while (galleries.Step(&status, "list the galleries")) {
       GalleryDelta d;
@@ -208,10 +211,11 @@ class SqliteStore final : public GalleryStore {
       d.model_id = galleries.Text(1);
       d.version = static_cast<uint64_t>(galleries.Int(2));
       d.committed = absl::FromUnixMicros(galleries.Int(3));
+      const size_t dim = static_cast<size_t>(galleries.Int(4));
       auto it = known.find(d.gallery);
       d.from_version = it == known.end() ? 0 : it->second;
       if (d.version <= d.from_version) continue;
-      if (absl::Status s = ReadDelta(&d); !s.ok()) return s;
+      if (absl::Status s = ReadDelta(&d, dim); !s.ok()) return s;
       deltas.push_back(std::move(d));
     }
     if (!status.ok()) return status;
@@ -222,7 +226,8 @@ class SqliteStore final : public GalleryStore {
     absl::MutexLock lock(&mu_);
     Transaction tx(db_, "BEGIN IMMEDIATE", "begin an enrollment");
     if (!tx.begun().ok()) return tx.begun();
-    absl::StatusOr<uint64_t> from = BoundVersion(write.gallery, write.model_id);
+    const size_t dim = write.embeddings.size() / std::max<size_t>(1, write.face_ids.size());
+    absl::StatusOr<uint64_t> from = BoundVersion(write.gallery, write.model_id, dim);
     if (!from.ok()) return from.status();
     EnrollResult result;
     if (!write.request_id.empty()) {
@@ -260,11 +265,12 @@ class SqliteStore final : public GalleryStore {
                   "INSERT INTO faces(gallery, face_id, subject_id, model_id, embedding, "
                   "request_id, request_seq, added_version) VALUES(?,?,?,?,?,?,?,?)");
       if (absl::Status s = insert.prepared("add the faces"); !s.ok()) return s;
+      const size_t dim = write.embeddings.size() / std::max<size_t>(1, write.face_ids.size());
       for (size_t i = 0; i < write.face_ids.size(); ++i) {
         insert.Reset();
         insert.Bind(1, write.gallery).Bind(2, write.face_ids[i]).Bind(3, write.subject_id);
         insert.Bind(4, write.model_id);
-        insert.BindBlob(5, write.embeddings.data() + i * kDim, kDim * sizeof(float));
+        insert.BindBlob(5, write.embeddings.data() + i * dim, dim * sizeof(float));
         if (write.request_id.empty()) {
           insert.BindNull(6).BindNull(7);
         } else {
@@ -274,7 +280,7 @@ class SqliteStore final : public GalleryStore {
         if (absl::Status s = insert.Run("add the faces"); !s.ok()) return s;
       }
     }
-    if (absl::Status s = SetVersion(write.gallery, write.model_id, version, now); !s.ok()) {
+    if (absl::Status s = SetVersion(write.gallery, write.model_id, version, now, dim); !s.ok()) {
       return s;
     }
     if (absl::Status s = tx.Commit("commit the enrollment"); !s.ok()) return s;
@@ -394,10 +400,11 @@ class SqliteStore final : public GalleryStore {
   }
 
  private:
-  // The gallery's version, after checking that `model_id` may write to it (0: a new gallery).
-  absl::StatusOr<uint64_t> BoundVersion(const std::string& gallery, const std::string& model_id)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    Stmt read(db_, "SELECT model_id, version FROM galleries WHERE name=?");
+  // The gallery's version, after checking that `model_id`'s embeddings of `dim` values may be
+  // written to it (0: a new gallery).
+  absl::StatusOr<uint64_t> BoundVersion(const std::string& gallery, const std::string& model_id,
+                                        size_t dim) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    Stmt read(db_, "SELECT model_id, version, dim FROM galleries WHERE name=?");
     if (absl::Status s = read.prepared("read the gallery"); !s.ok()) return s;
     read.Bind(1, gallery);
     absl::Status status;
@@ -409,6 +416,11 @@ class SqliteStore final : public GalleryStore {
       return absl::FailedPreconditionError(absl::StrCat("gallery '", gallery,
                                                         "' is bound to model ", read.Text(0),
                                                         "; these faces are from model ", model_id));
+    }
+    if (static_cast<size_t>(read.Int(2)) != dim) {
+      return absl::FailedPreconditionError(absl::StrCat("gallery '", gallery,
+                                                        "' holds embeddings of ", read.Int(2),
+                                                        " values; these have ", dim));
     }
     return static_cast<uint64_t>(read.Int(1));
   }
@@ -435,20 +447,22 @@ class SqliteStore final : public GalleryStore {
     return status;
   }
 
+  // `dim` is written for a new gallery only (a Forget's is 0 and never creates one).
   absl::Status SetVersion(const std::string& gallery, const std::string& model_id, uint64_t version,
-                          absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+                          absl::Time now, size_t dim = 0) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     Stmt write(db_,
-               "INSERT INTO galleries(name, model_id, version, committed_us) VALUES(?,?,?,?) "
-               "ON CONFLICT(name) DO UPDATE SET version=excluded.version, "
+               "INSERT INTO galleries(name, model_id, version, committed_us, dim) "
+               "VALUES(?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET version=excluded.version, "
                "committed_us=excluded.committed_us");
     if (absl::Status s = write.prepared("write the gallery's version"); !s.ok()) return s;
     write.Bind(1, gallery).Bind(2, model_id).Bind(3, static_cast<int64_t>(version));
-    write.Bind(4, absl::ToUnixMicros(now));
+    write.Bind(4, absl::ToUnixMicros(now)).Bind(5, static_cast<int64_t>(dim));
     return write.Run("write the gallery's version");
   }
 
-  // Fills the lists of d (gallery, from_version and version set) from the tables.
-  absl::Status ReadDelta(GalleryDelta* d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // Fills the lists of d (gallery, from_version and version set) from the tables; every face's
+  // embedding has the gallery's `dim` values.
+  absl::Status ReadDelta(GalleryDelta* d, size_t dim) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     const int64_t since = static_cast<int64_t>(d->from_version);
     absl::Status status;
     if (since > 0) {
@@ -486,7 +500,7 @@ class SqliteStore final : public GalleryStore {
         const size_t n = static_cast<size_t>(count.Int(0));
         d->face_ids.reserve(n);
         d->face_subjects.reserve(n);
-        d->embeddings.reserve(n * kDim);
+        d->embeddings.reserve(n * dim);
       }
       if (!status.ok()) return status;
     }
@@ -495,19 +509,20 @@ class SqliteStore final : public GalleryStore {
                "added_version>? AND removed_version IS NULL ORDER BY rowid");
     if (absl::Status s = faces.prepared("read faces"); !s.ok()) return s;
     faces.Bind(1, d->gallery).Bind(2, since);
+    const size_t want_bytes = dim * sizeof(float);
     while (faces.Step(&status, "read faces")) {
       size_t bytes = 0;
       const void* blob = faces.Blob(2, &bytes);
-      if (bytes != kDim * sizeof(float) || faces.Text(3) != d->model_id) {
-        return absl::InternalError(absl::StrCat(
-            "gallery store (SQLite): face '", faces.Text(0), "' of gallery '", d->gallery, "' has ",
-            bytes, " bytes of embedding from model ", faces.Text(3), ", expected ",
-            kDim * sizeof(float), " from ", d->model_id));
+      if (bytes != want_bytes || faces.Text(3) != d->model_id) {
+        return absl::InternalError(absl::StrCat("gallery store (SQLite): face '", faces.Text(0),
+                                                "' of gallery '", d->gallery, "' has ", bytes,
+                                                " bytes of embedding from model ", faces.Text(3),
+                                                ", expected ", want_bytes, " from ", d->model_id));
       }
       d->face_ids.push_back(faces.Text(0));
       d->face_subjects.push_back(faces.Text(1));
       const size_t at = d->embeddings.size();
-      d->embeddings.resize(at + kDim);
+      d->embeddings.resize(at + dim);
       std::memcpy(d->embeddings.data() + at, blob, bytes);
     }
     return status;
@@ -565,6 +580,9 @@ absl::StatusOr<std::unique_ptr<GalleryStore>> OpenSqliteStore(const std::string&
   }
   if (version < 1) {
     if (absl::Status s = exec(kSchema, "create the schema"); !s.ok()) return s;
+  }
+  if (version < 2) {
+    if (absl::Status s = exec(kMigrateTo2, "migrate the schema to version 2"); !s.ok()) return s;
   }
   if (absl::Status s = exec(absl::StrCat("PRAGMA user_version=", kSchemaVersion).c_str(),
                             "set the schema version");

@@ -36,7 +36,7 @@ absl::Status OutOfMemory(const char* what, const c10::OutOfMemoryError& e) {
 
 class TorchIndex final : public VectorIndex {
  public:
-  explicit TorchIndex(c10::Device device) : device_(device) {}
+  TorchIndex(c10::Device device, int dim) : device_(device), dim_(dim) {}
 
   std::string Describe() const override { return absl::StrCat("torch:", device_.str()); }
 
@@ -50,13 +50,13 @@ class TorchIndex final : public VectorIndex {
     try {
       c10::InferenceMode inference;
       // from_blob only reads `units` here (the tensor is the source of a copy).
-      const torch::Tensor host = torch::from_blob(const_cast<float*>(units), {count, kDim},
-                                                  torch::dtype(torch::kFloat32));
+      const torch::Tensor host =
+          torch::from_blob(const_cast<float*>(units), {count, dim_}, torch::dtype(torch::kFloat32));
       const int64_t needed = rows_ + count;
       if (needed > capacity()) {
         const int64_t grown = std::max({needed, 2 * capacity(), kMinCapacity});
         torch::Tensor bigger =
-            torch::empty({grown, kDim}, torch::dtype(torch::kFloat32).device(device_));
+            torch::empty({grown, dim_}, torch::dtype(torch::kFloat32).device(device_));
         if (rows_ > 0) bigger.narrow(0, 0, rows_).copy_(matrix_.narrow(0, 0, rows_));
         bigger.narrow(0, rows_, count).copy_(host);
         matrix_ = std::move(bigger);
@@ -74,13 +74,13 @@ class TorchIndex final : public VectorIndex {
   }
 
   absl::Status Adopt(std::vector<float> units) override {
-    if (units.size() % kDim != 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "device index Adopt: ", units.size(), " floats are not a whole number of rows of ",
-          kDim));
+    if (units.size() % dim_ != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("device index Adopt: ", units.size(),
+                                                     " floats are not a whole number of rows of ",
+                                                     dim_));
     }
     // The rows go to the device; the host copy is freed when `units` goes out of scope.
-    return Add(units.data(), units.size() / kDim);
+    return Add(units.data(), units.size() / dim_);
   }
 
   void SwapRemove(size_t row) override {
@@ -114,7 +114,7 @@ class TorchIndex final : public VectorIndex {
     try {
       c10::InferenceMode inference;
       const torch::Tensor queries =
-          torch::from_blob(const_cast<float*>(probes), {nq, kDim}, torch::dtype(torch::kFloat32))
+          torch::from_blob(const_cast<float*>(probes), {nq, dim_}, torch::dtype(torch::kFloat32))
               .to(device_);
       const torch::Tensor scores = torch::matmul(queries, matrix_.narrow(0, 0, rows_).t());
       auto [values, indices] = scores.topk(k, /*dim=*/1, /*largest=*/true, /*sorted=*/true);
@@ -132,17 +132,15 @@ class TorchIndex final : public VectorIndex {
   void Row(size_t row, float* out) const override {
     try {
       c10::InferenceMode inference;
-      torch::from_blob(out, {kDim}, torch::dtype(torch::kFloat32))
+      torch::from_blob(out, {dim_}, torch::dtype(torch::kFloat32))
           .copy_(matrix_[static_cast<int64_t>(row)]);
     } catch (const c10::Error& e) {
-      std::fill(out, out + kDim, std::numeric_limits<float>::quiet_NaN());
+      std::fill(out, out + dim_, std::numeric_limits<float>::quiet_NaN());
       MarkBroken(TorchError("row read", e));
     }
   }
 
-  size_t bytes() const override {
-    return static_cast<size_t>(capacity()) * kDim * sizeof(float);
-  }
+  size_t bytes() const override { return static_cast<size_t>(capacity()) * dim_ * sizeof(float); }
 
  private:
   int64_t capacity() const { return matrix_.defined() ? matrix_.size(0) : 0; }
@@ -161,7 +159,8 @@ class TorchIndex final : public VectorIndex {
   }
 
   const c10::Device device_;
-  // Rows [0, rows_) of [capacity × kDim]. Changed only by Add() and SwapRemove(), which the
+  const int64_t dim_;
+  // Rows [0, rows_) of [capacity × dim_]. Changed only by Add() and SwapRemove(), which the
   // caller runs alone (VectorIndex's contract), so Search() reads them without a lock.
   torch::Tensor matrix_;
   int64_t rows_ = 0;
@@ -172,8 +171,8 @@ class TorchIndex final : public VectorIndex {
 
 }  // namespace
 
-std::unique_ptr<VectorIndex> MakeTorchIndex(c10::Device device) {
-  return std::make_unique<TorchIndex>(device);
+std::unique_ptr<VectorIndex> MakeTorchIndex(c10::Device device, int dim) {
+  return std::make_unique<TorchIndex>(device, dim);
 }
 
 }  // namespace arcface::gallery

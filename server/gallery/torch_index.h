@@ -3,7 +3,7 @@
 // only the nq × k answers come back to the host.
 //
 // Contract (beyond VectorIndex's)
-// - Memory: rows live in a [capacity × kDim] float32 tensor on `device`; Add() doubles the
+// - Memory: rows live in a [capacity × dim] float32 tensor on `device`; Add() doubles the
 //   capacity when it is full (a new tensor, the old rows copied, then the old one freed), so
 //   bytes() is the capacity's size, at most twice the rows'. Adopt() copies the vector to the
 //   device and frees it.
@@ -26,7 +26,7 @@
 
 namespace arcface::gallery {
 
-std::unique_ptr<VectorIndex> MakeTorchIndex(c10::Device device);
+std::unique_ptr<VectorIndex> MakeTorchIndex(c10::Device device, int dim = kDim);
 
 }  // namespace arcface::gallery
 

@@ -1,5 +1,7 @@
 // VectorIndex: exact maximum-inner-product search over one gallery's unit vectors, kept as rows
-// 0..size()-1. Galleries (galleries.h) maps rows to faces; an index knows only vectors.
+// 0..size()-1, each of the index's dimension (fixed when it is made: the gallery's model's, 512
+// for ArcFace, 128 for dlib; kDim below stands for it). Galleries (galleries.h) maps rows to faces;
+// an index knows only vectors.
 //
 // Contract
 // - Rows: Add() appends; SwapRemove(r) moves the last row into row r (unless r is the last) and
@@ -48,11 +50,13 @@ class VectorIndex {
   virtual size_t bytes() const = 0;
 };
 
-// Exact search with FAISS on the CPU (faiss::knn_inner_product over a row-major matrix).
-std::unique_ptr<VectorIndex> MakeFlatIndex();
+// Exact search with FAISS on the CPU (faiss::knn_inner_product over a row-major matrix) of
+// `dim`-long rows.
+std::unique_ptr<VectorIndex> MakeFlatIndex(int dim = kDim);
 
-// Makes a new, empty index for a gallery (the flat index, or the device matrix on CUDA).
-using VectorIndexFactory = std::function<std::unique_ptr<VectorIndex>()>;
+// Makes a new, empty index of `dim`-long rows for a gallery (the flat index, or the device
+// matrix on CUDA).
+using VectorIndexFactory = std::function<std::unique_ptr<VectorIndex>(int dim)>;
 
 }  // namespace arcface::gallery
 

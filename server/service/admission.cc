@@ -7,10 +7,9 @@
 
 namespace arcface::service {
 
-void Admission::SetReady(Embedder* embedder, const ModelDescription& model) {
+void Admission::SetReady(ServedModels models) {
   absl::MutexLock lock(&mu_);
-  model_ = model;
-  embedder_ = embedder;
+  models_ = std::move(models);
   ready_ = true;
 }
 
@@ -88,11 +87,6 @@ void Admission::Unregister(Stream* stream) {
     streams_.erase(stream);
   }
   Release();
-}
-
-Embedder* Admission::embedder() {
-  absl::MutexLock lock(&mu_);
-  return embedder_;
 }
 
 }  // namespace arcface::service

@@ -3,13 +3,14 @@
 // EmbedStream streams register here so that a drain can end them.
 //
 // Contract
-// - Ownership: the Embedder passed to SetReady() is borrowed and must outlive every call.
+// - Ownership: the Embedders of the models passed to SetReady() are borrowed and must outlive
+//   every call.
 //   Registered streams are borrowed from Register() until Unregister() (their OnDone).
 // - Blocking: WaitForIdle() and WaitForQuiet() block up to their deadline; everything else takes
 //   a short mutex only. BeginDrain() calls each open stream's Pin() under that mutex (the lock
 //   order is admission, then stream) and its DrainAndUnpin() after releasing it.
 // - Errors: Admit() returns UNAVAILABLE naming why (loading, draining).
-// - Thread safety: every method may be called from any thread. model() may be read without a
+// - Thread safety: every method may be called from any thread. models() may be read without a
 //   lock by an admitted call: it is written once, by SetReady(), before any call is admitted.
 #ifndef ARCFACE_SERVER_SERVICE_ADMISSION_H_
 #define ARCFACE_SERVER_SERVICE_ADMISSION_H_
@@ -19,8 +20,8 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "server/service/embedder.h"
 #include "server/service/embedding_model.h"
+#include "server/service/served_models.h"
 #include "server/service/service_metrics.h"
 
 namespace arcface::service {
@@ -42,8 +43,8 @@ class Admission {
   // `metrics` is borrowed.
   explicit Admission(ServiceMetrics* metrics) : metrics_(metrics) {}
 
-  // The model is loaded and warm: calls are admitted from now on.
-  void SetReady(Embedder* embedder, const ModelDescription& model) ABSL_LOCKS_EXCLUDED(mu_);
+  // The models are loaded and warm: calls are admitted from now on.
+  void SetReady(ServedModels models) ABSL_LOCKS_EXCLUDED(mu_);
   // New calls get UNAVAILABLE; open streams finish once their read messages are answered.
   void BeginDrain() ABSL_LOCKS_EXCLUDED(mu_);
   // Blocks until no accepted call is unfinished or until `deadline`; true when idle.
@@ -62,9 +63,8 @@ class Admission {
   // A stream's OnDone: forget it and release its call.
   void Unregister(Stream* stream) ABSL_LOCKS_EXCLUDED(mu_);
 
-  Embedder* embedder() ABSL_LOCKS_EXCLUDED(mu_);
   // For admitted calls (see the contract).
-  const ModelDescription& model() const { return model_; }
+  const ServedModels& models() const { return models_; }
 
  private:
   ServiceMetrics* const metrics_;
@@ -75,10 +75,9 @@ class Admission {
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   int inflight_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Time last_arrival_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
-  Embedder* embedder_ ABSL_GUARDED_BY(mu_) = nullptr;
   absl::flat_hash_set<Stream*> streams_ ABSL_GUARDED_BY(mu_);
   // Written once by SetReady() before ready_ becomes true; read-only afterwards.
-  ModelDescription model_;
+  ServedModels models_;
 };
 
 }  // namespace arcface::service

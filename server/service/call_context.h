@@ -117,14 +117,15 @@ void CompleteIfRefused(absl::Status queued, int faces, ServiceMetrics* metrics, 
   state.Complete(std::move(queued));
 }
 
-// A pool job that decodes, crops and aligns a call's `n` faces, a time slice per step, checking
-// before each face that the call is still alive, then hands the crops to `then` (on the pool).
+// A pool job that decodes, crops and aligns a call's `n` faces into crops of `geometry` (the
+// model's, which outlives the job), a time slice per step, checking before each face that the
+// call is still alive, then hands the crops to `then` (on the pool).
 // `face_at(i)` is the i-th face; `label_at(i)` names it in errors ("face 3", "query 0").
 template <typename State, typename FaceAt, typename LabelAt, typename Then>
 WorkQueue::Job PreprocessJob(std::shared_ptr<State> state, int n, const image::Limits& limits,
-                             ServiceMetrics* metrics, FaceAt face_at, LabelAt label_at,
-                             Then then) {
-  return [state = std::move(state), n, &limits, metrics, face_at = std::move(face_at),
+                             const model::CropGeometry& geometry, ServiceMetrics* metrics,
+                             FaceAt face_at, LabelAt label_at, Then then) {
+  return [state = std::move(state), n, &limits, &geometry, metrics, face_at = std::move(face_at),
           label_at = std::move(label_at), then = std::move(then), next = 0,
           crops = std::vector<uint8_t>(), busy = absl::ZeroDuration()]() mutable -> bool {
     const absl::Time step_start = absl::Now();
@@ -135,8 +136,8 @@ WorkQueue::Job PreprocessJob(std::shared_ptr<State> state, int n, const image::L
         return false;
       }
       // Reserved at the first face, not at admission: queued calls hold only their request.
-      if (crops.empty()) crops.reserve(size_t(n) * image::kCropBytes);
-      absl::Status s = AppendFaceCrop(face_at(next), limits, &crops);
+      if (crops.empty()) crops.reserve(size_t(n) * geometry.bytes());
+      absl::Status s = AppendFaceCrop(face_at(next), limits, &crops, geometry);
       if (!s.ok()) {
         state->Complete(WithContext(s, label_at(next)));
         return false;

@@ -30,8 +30,9 @@ constexpr int64_t kMatrixStepMacs = int64_t{1} << 24;
 struct CompareWork {
   int rows = 0;
   int cols = 0;
-  std::vector<float> queries;     // rows × 512 unit vectors
-  std::vector<float> references;  // cols × 512 unit vectors
+  int dim = 0;                    // the model's embedding_dim
+  std::vector<float> queries;     // rows × dim unit vectors
+  std::vector<float> references;  // cols × dim unit vectors
   // Face probes in embedding order: (is_query, index).
   std::vector<std::pair<bool, int>> faces;
 };
@@ -51,10 +52,11 @@ void FillCompare(const std::vector<float>& sims, const CompareRequest& request,
   }
 }
 
-// What a matrix job costs the pool: the memory of its answer, in crop-sized units.
+// What a matrix job costs the pool: the memory of its answer, in units of ArcFace's crop (the
+// pool's unit, whatever the model's crop).
 int64_t MatrixCost(const CompareWork& work, const CompareRequest& request) {
   const uint64_t bytes = CompareReplyBytes(work.rows, work.cols, request.has_threshold(), 0);
-  return static_cast<int64_t>((bytes + kCropBytes - 1) / kCropBytes);
+  return static_cast<int64_t>((bytes + model::kCropBytes - 1) / model::kCropBytes);
 }
 
 // A pool job computing the matrix a block of rows per step; it stops when the call is dead.
@@ -67,8 +69,7 @@ WorkQueue::Job MatrixJob(std::shared_ptr<CompareState> state, std::shared_ptr<Co
       state->Complete(alive);
       return false;
     }
-    if (!blocks) blocks.emplace(work->queries, work->references, work->rows, work->cols,
-                                kEmbeddingDim);
+    if (!blocks) blocks.emplace(work->queries, work->references, work->rows, work->cols, work->dim);
     if (blocks->ComputeSome(kMatrixStepMacs)) return true;
     FillCompare(std::move(*blocks).Take(), *state->request, state->response);
     state->Complete(absl::OkStatus());
@@ -88,8 +89,12 @@ uint64_t CompareReplyBytes(int rows, int cols, bool with_matches, size_t model_i
 void StartCompare(const CallEnv& env, const CompareRequest* request, CompareResponse* response,
                   CallContext call, DoneFn done) {
   const ServiceOptions& options = *env.options;
-  response->set_model_id(env.admission->model().model_id);
+  absl::StatusOr<const ServedModel*> found = env.admission->models().Find(request->model());
+  if (!found.ok()) return done(found.status());
+  const ServedModel& m = **found;
+  response->set_model_id(m.model_id());
   auto work = std::make_shared<CompareWork>();
+  work->dim = m.dim();
   work->rows = request->queries_size();
   work->cols = request->references_size();
   response->set_rows(work->rows);
@@ -101,8 +106,8 @@ void StartCompare(const CallEnv& env, const CompareRequest* request, CompareResp
         " references is over the limit of ", options.max_compare_rows, " x ",
         options.max_compare_cols, " (--max-compare-rows, --max-compare-cols)")));
   }
-  const uint64_t reply_bytes = CompareReplyBytes(work->rows, work->cols, request->has_threshold(),
-                                                 env.admission->model().model_id.size());
+  const uint64_t reply_bytes =
+      CompareReplyBytes(work->rows, work->cols, request->has_threshold(), m.model_id().size());
   if (reply_bytes > options.max_message_bytes) {
     env.metrics->RecordRejected("compare_too_large");
     return done(absl::ResourceExhaustedError(absl::StrCat(
@@ -114,12 +119,12 @@ void StartCompare(const CallEnv& env, const CompareRequest* request, CompareResp
   if (request->has_threshold() && !std::isfinite(request->threshold())) {
     return done(absl::InvalidArgumentError("threshold is not finite"));
   }
-  work->queries.resize(size_t(work->rows) * kEmbeddingDim);
-  work->references.resize(size_t(work->cols) * kEmbeddingDim);
+  work->queries.resize(size_t(work->rows) * work->dim);
+  work->references.resize(size_t(work->cols) * work->dim);
   for (bool is_query : {true, false}) {
     std::vector<int> faces;
     absl::Status s = CollectProbes(is_query ? request->queries() : request->references(),
-                                   ProbeLabel(is_query),
+                                   ProbeLabel(is_query), work->dim, m.model_id(),
                                    (is_query ? work->queries : work->references).data(), &faces);
     if (!s.ok()) return done(s);
     for (int i : faces) work->faces.push_back({is_query, i});
@@ -131,10 +136,9 @@ void StartCompare(const CallEnv& env, const CompareRequest* request, CompareResp
         absl::StrCat("too many face probes: ", num_faces, " in one request, the limit is ",
                      options.max_faces_per_request, " (--max-faces-per-request)")));
   }
-  const bool small = int64_t{work->rows} * work->cols * kEmbeddingDim <= kInlineCompareMacs;
+  const bool small = int64_t{work->rows} * work->cols * work->dim <= kInlineCompareMacs;
   if (num_faces == 0 && small) {
-    FillCompare(CosineMatrix(work->queries, work->references, work->rows, work->cols,
-                             kEmbeddingDim),
+    FillCompare(CosineMatrix(work->queries, work->references, work->rows, work->cols, work->dim),
                 *request, response);
     return done(absl::OkStatus());
   }
@@ -147,47 +151,48 @@ void StartCompare(const CallEnv& env, const CompareRequest* request, CompareResp
     queued = env.preprocess->Submit(MatrixJob(state, work, env.metrics),
                                     MatrixCost(*work, *request));
   } else {
-    queued = env.preprocess->Submit(PreprocessJob(
-        state, num_faces, options.image_limits, env.metrics,
-        [request, work](int k) -> const arcface::v1::Face& {
-          const auto& [is_query, index] = work->faces[k];
-          return (is_query ? request->queries(index) : request->references(index)).face();
-        },
-        [work](int k) {
-          const auto& [is_query, index] = work->faces[k];
-          return absl::StrCat(ProbeLabel(is_query), " ", index);
-        },
-        [env, state, work, num_faces, small](std::vector<uint8_t> crops) {
-          absl::Status scheduled = env.admission->embedder()->Submit(
-              std::move(crops), state->deadline, state->is_cancelled,
-              [env, state, work, num_faces, small](absl::StatusOr<EmbeddingBatch> rows) {
-                if (!rows.ok()) return state->Complete(rows.status());
-                for (int k = 0; k < num_faces; ++k) {
-                  const auto& [is_query, index] = work->faces[k];
-                  float* unit = (is_query ? work->queries : work->references).data() +
-                                size_t(index) * kEmbeddingDim;
-                  if (!ToUnit(rows->values.data() + size_t(k) * kEmbeddingDim, unit)) {
-                    return state->Complete(absl::InvalidArgumentError(absl::StrCat(
-                        ProbeLabel(is_query), " ", index,
-                        ": the face's embedding has zero norm (cosine is undefined)")));
-                  }
-                }
-                env.metrics->AddFaces(num_faces);
-                if (small) {  // ~1 ms: here, on the batch thread
-                  FillCompare(CosineMatrix(work->queries, work->references, work->rows,
-                                           work->cols, kEmbeddingDim),
-                              *state->request, state->response);
-                  return state->Complete(absl::OkStatus());
-                }
-                // The matrix itself on the pool, so the batch thread only feeds the model; as a
-                // later stage of a call already admitted, it is never refused for room (these
-                // calls are bounded by the batcher's queue, which they came through).
-                absl::Status continued = env.preprocess->Continue(
-                    MatrixJob(state, work, env.metrics), MatrixCost(*work, *state->request));
-                if (!continued.ok()) state->Complete(continued);
-              });
-          if (!scheduled.ok()) state->Complete(scheduled);
-        }),
+    queued = env.preprocess->Submit(
+        PreprocessJob(
+            state, num_faces, options.image_limits, m.geometry(), env.metrics,
+            [request, work](int k) -> const arcface::v1::Face& {
+              const auto& [is_query, index] = work->faces[k];
+              return (is_query ? request->queries(index) : request->references(index)).face();
+            },
+            [work](int k) {
+              const auto& [is_query, index] = work->faces[k];
+              return absl::StrCat(ProbeLabel(is_query), " ", index);
+            },
+            [env, state, work, num_faces, small, &m](std::vector<uint8_t> crops) {
+              absl::Status scheduled = m.embedder->Submit(
+                  std::move(crops), state->deadline, state->is_cancelled,
+                  [env, state, work, num_faces, small](absl::StatusOr<EmbeddingBatch> rows) {
+                    if (!rows.ok()) return state->Complete(rows.status());
+                    for (int k = 0; k < num_faces; ++k) {
+                      const auto& [is_query, index] = work->faces[k];
+                      float* unit = (is_query ? work->queries : work->references).data() +
+                                    size_t(index) * work->dim;
+                      if (!ToUnit(rows->values.data() + size_t(k) * work->dim, work->dim, unit)) {
+                        return state->Complete(absl::InvalidArgumentError(absl::StrCat(
+                            ProbeLabel(is_query), " ", index,
+                            ": the face's embedding has zero norm (cosine is undefined)")));
+                      }
+                    }
+                    env.metrics->AddFaces(num_faces);
+                    if (small) {  // ~1 ms: here, on the batch thread
+                      FillCompare(CosineMatrix(work->queries, work->references, work->rows,
+                                               work->cols, work->dim),
+                                  *state->request, state->response);
+                      return state->Complete(absl::OkStatus());
+                    }
+                    // The matrix itself on the pool, so the batch thread only feeds the model; as a
+                    // later stage of a call already admitted, it is never refused for room (these
+                    // calls are bounded by the batcher's queue, which they came through).
+                    absl::Status continued = env.preprocess->Continue(
+                        MatrixJob(state, work, env.metrics), MatrixCost(*work, *state->request));
+                    if (!continued.ok()) state->Complete(continued);
+                  });
+              if (!scheduled.ok()) state->Complete(scheduled);
+            }),
         /*cost=*/num_faces);
   }
   CompleteIfRefused(std::move(queued), num_faces, env.metrics, *state);

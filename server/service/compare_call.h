@@ -11,7 +11,11 @@
 // - Errors: RESOURCE_EXHAUSTED for a matrix over the caps or whose reply would exceed
 //   max_message_bytes, too many face probes, a full pool or batcher (all before any work but
 //   the last); INVALID_ARGUMENT naming the probe ("query 2: embedding has 128 values, expected
-//   512"); DEADLINE_EXCEEDED / CANCELLED, checked before each block of rows.
+//   512"); NOT_FOUND for an unknown request.model; FAILED_PRECONDITION for an embedding probe
+//   of another model than the request's (Probe.model_id); DEADLINE_EXCEEDED / CANCELLED,
+//   checked before each block of rows.
+// - Model: request.model (empty: the default) embeds the face probes and fixes the embeddings'
+//   size; the response's model_id is its.
 // - Thread safety: calls are independent; each may start from any thread.
 #ifndef ARCFACE_SERVER_SERVICE_COMPARE_CALL_H_
 #define ARCFACE_SERVER_SERVICE_COMPARE_CALL_H_

@@ -9,19 +9,19 @@
 namespace arcface::service {
 namespace {
 
-// The L2 norm of a kEmbeddingDim-long row, summed in double.
-double RawNorm(const float* row) {
+// The L2 norm of a row, summed in double.
+double RawNorm(const float* row, int dim) {
   double ss = 0;
-  for (int j = 0; j < kEmbeddingDim; ++j) ss += double(row[j]) * row[j];
+  for (int j = 0; j < dim; ++j) ss += double(row[j]) * row[j];
   return std::sqrt(ss);
 }
 
 }  // namespace
 
-bool ToUnit(const float* row, float* unit) {
-  const double norm = RawNorm(row);
+bool ToUnit(const float* row, int dim, float* unit) {
+  const double norm = RawNorm(row, dim);
   if (!(norm > 0) || !std::isfinite(norm)) return false;
-  for (int j = 0; j < kEmbeddingDim; ++j) unit[j] = static_cast<float>(row[j] / norm);
+  for (int j = 0; j < dim; ++j) unit[j] = static_cast<float>(row[j] / norm);
   return true;
 }
 

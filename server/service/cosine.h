@@ -17,8 +17,8 @@
 
 namespace arcface::service {
 
-// Writes row / |row| into unit[0..kEmbeddingDim); false when the norm is zero (or not finite).
-bool ToUnit(const float* row, float* unit);
+// Writes row / |row| into unit[0..dim); false when the norm is zero (or not finite).
+bool ToUnit(const float* row, int dim, float* unit);
 
 // The cosine similarity matrix of unit-length rows (rows × dim and cols × dim, row-major):
 // similarities[i * cols + j] = dot(a_i, b_j), computed a block of rows at a time so that a large

@@ -28,7 +28,8 @@ using DetectState = CallState<DetectRequest, DetectResponse>;
 // What one Detect carries from step to step, beside its CallState.
 struct DetectWork {
   FrameDetector* detector = nullptr;
-  GallerySearch* gallery = nullptr;  // set when the request names a gallery
+  const ServedModel* model = nullptr;  // aligns and embeds the faces
+  GallerySearch* gallery = nullptr;    // set when the request names a gallery
   DetectFilter filter;
   bool embed = false;  // also with a gallery
   int top_k = 1;
@@ -69,6 +70,10 @@ absl::Status CheckDetect(const CallEnv& env, const DetectRequest& r, DetectWork*
   work->filter.max_faces =
       r.max_faces() == 0 ? static_cast<uint32_t>(detector.max_faces_per_frame) : r.max_faces();
   work->embed = r.embed() || !r.gallery().empty();
+  const ServedModels& models = env.admission->models();
+  absl::StatusOr<const ServedModel*> model = models.Find(r.model());
+  if (!model.ok()) return model.status();
+  work->model = *model;
   if (r.gallery().empty()) return absl::OkStatus();
 
   GallerySearch* search = detection->gallery;
@@ -81,9 +86,14 @@ absl::Status CheckDetect(const CallEnv& env, const DetectRequest& r, DetectWork*
   }
   // Known now, so that an unknown gallery costs no detection; the search says it again should
   // the gallery go in between.
-  if (absl::StatusOr<gallery::GalleryStats> stats = search->galleries()->Stats(r.gallery());
-      !stats.ok()) {
-    return stats.status();
+  absl::StatusOr<gallery::GalleryStats> stats = search->galleries()->Stats(r.gallery());
+  if (!stats.ok()) return stats.status();
+  // Without a model name, the gallery's own model embeds (when this server serves it; else the
+  // search names the mismatch).
+  if (r.model().empty()) {
+    if (const ServedModel* own = models.ByModelId(stats->model_id); own != nullptr) {
+      work->model = own;
+    }
   }
   work->gallery = search;
   work->top_k = *top_k;
@@ -111,17 +121,17 @@ void FillFaces(const std::vector<DetectedBox>& faces, DetectResponse* response) 
 void Identify(const CallEnv& env, std::shared_ptr<DetectState> state,
               std::shared_ptr<DetectWork> work, const EmbeddingBatch& rows) {
   const int n = rows.size;
+  const int dim = work->model->dim();
   GalleryQuery query;
-  query.units.resize(size_t(n) * kEmbeddingDim);
+  query.units.resize(size_t(n) * dim);
   for (int i = 0; i < n; ++i) {
-    if (!ToUnit(rows.values.data() + size_t(i) * kEmbeddingDim,
-                query.units.data() + size_t(i) * kEmbeddingDim)) {
+    if (!ToUnit(rows.values.data() + size_t(i) * dim, dim, query.units.data() + size_t(i) * dim)) {
       return state->Complete(absl::InvalidArgumentError(
           absl::StrCat("face ", i, ": the face's embedding has zero norm")));
     }
   }
   query.gallery = state->request->gallery();
-  query.model_id = env.admission->model().model_id;
+  query.model_id = work->model->model_id();
   query.n = n;
   query.top_k = work->top_k;
   if (state->request->has_threshold()) query.threshold = state->request->threshold();
@@ -153,9 +163,10 @@ WorkQueue::Job AlignJob(const CallEnv& env, std::shared_ptr<DetectState> state,
         state->Complete(alive);
         return false;
       }
-      if (crops.empty()) crops.reserve(size_t(n) * kCropBytes);
+      const model::CropGeometry& geometry = work->model->geometry();
+      if (crops.empty()) crops.reserve(size_t(n) * geometry.bytes());
       const auto& landmarks = work->faces[next].landmarks;
-      absl::StatusOr<image::Crop> crop = image::AlignFace(work->frame, landmarks);
+      absl::StatusOr<image::Crop> crop = image::AlignFace(work->frame, landmarks, geometry);
       if (!crop.ok()) {
         state->Complete(WithContext(crop.status(), absl::StrCat("face ", next)));
         return false;
@@ -172,13 +183,14 @@ WorkQueue::Job AlignJob(const CallEnv& env, std::shared_ptr<DetectState> state,
       return false;
     }
     const bool normalize = state->request->normalize();
-    absl::Status scheduled = env.admission->embedder()->Submit(
+    absl::Status scheduled = work->model->embedder->Submit(
         std::move(crops), state->deadline, state->is_cancelled,
         [env, state, work, normalize, n](absl::StatusOr<EmbeddingBatch> rows) {
           if (!rows.ok()) return state->Complete(rows.status());
+          const int dim = work->model->dim();
           for (int i = 0; i < n; ++i) {
-            FillEmbedding(rows->values.data() + size_t(i) * kEmbeddingDim, rows->norms[i],
-                          normalize, state->response->mutable_faces(i)->mutable_embedding());
+            FillEmbedding(rows->values.data() + size_t(i) * dim, dim, rows->norms[i], normalize,
+                          state->response->mutable_faces(i)->mutable_embedding());
           }
           env.metrics->AddFaces(n);
           if (work->gallery == nullptr) return state->Complete(absl::OkStatus());
@@ -269,7 +281,7 @@ void StartDetect(const CallEnv& env, const DetectRequest* request, DetectRespons
   auto work = std::make_shared<DetectWork>();
   if (absl::Status s = CheckDetect(env, *request, work.get()); !s.ok()) return done(s);
   response->set_detector_id(work->detector->description().detector_id);
-  if (work->embed) response->set_model_id(env.admission->model().model_id);
+  if (work->embed) response->set_model_id(work->model->model_id());
   auto state = std::make_shared<DetectState>(
       DetectState{request, response, std::move(call.is_cancelled), call.deadline, std::move(done)});
   absl::Status queued = env.preprocess->Submit(FrameJob(env, state, work), /*cost=*/1);

@@ -18,10 +18,13 @@
 //   large frame, raw pixels of the wrong size, min_score outside [0, 1], min_face_size negative
 //   or not finite, max_faces over --detector-max-faces, top_k over --gallery-max-top-k, a
 //   threshold that is not finite, a long request_id), "image: ..." for the frame's own errors;
-//   NOT_FOUND for an unknown gallery, FAILED_PRECONDITION for one bound to another model;
-//   RESOURCE_EXHAUSTED for a full pool or a full detector or embedder queue (transient);
-//   DEADLINE_EXCEEDED / CANCELLED, checked before each step; the detector's INTERNAL.
-//   A frame with no faces is an empty list, not an error.
+//   NOT_FOUND for an unknown gallery or model (request.model), FAILED_PRECONDITION for a
+//   gallery bound to another model; RESOURCE_EXHAUSTED for a full pool or a full detector or
+//   embedder queue (transient); DEADLINE_EXCEEDED / CANCELLED, checked before each step; the
+//   detector's INTERNAL. A frame with no faces is an empty list, not an error.
+// - Model: request.model (empty: a gallery's own model, else the default) gives the crop
+//   geometry the faces are aligned to and the Embedder that embeds them; the response's model_id
+//   is its.
 // - Thread safety: calls are independent; each may start from any thread.
 #ifndef ARCFACE_SERVER_SERVICE_DETECT_CALL_H_
 #define ARCFACE_SERVER_SERVICE_DETECT_CALL_H_

@@ -17,11 +17,11 @@ using arcface::v1::EmbedResponse;
 
 namespace {
 
-void FillEmbeddings(const EmbeddingBatch& rows, bool normalize, EmbedResponse* response) {
+void FillEmbeddings(const EmbeddingBatch& rows, int dim, bool normalize, EmbedResponse* response) {
   const int n = rows.size;
   response->mutable_embeddings()->Reserve(n);
   for (int i = 0; i < n; ++i) {
-    FillEmbedding(rows.values.data() + size_t(i) * kEmbeddingDim, rows.norms[i], normalize,
+    FillEmbedding(rows.values.data() + size_t(i) * dim, dim, rows.norms[i], normalize,
                   response->add_embeddings());
   }
 }
@@ -29,23 +29,27 @@ void FillEmbeddings(const EmbeddingBatch& rows, bool normalize, EmbedResponse* r
 }  // namespace
 
 // The norms are the model's own (EmbeddingModel's contract), reported and divided by as they are.
-void FillEmbedding(const float* row, float norm, bool normalize, arcface::v1::Embedding* e) {
+void FillEmbedding(const float* row, int dim, float norm, bool normalize,
+                   arcface::v1::Embedding* e) {
   e->set_norm(norm);
   auto* out = e->mutable_values();
-  out->Resize(kEmbeddingDim, 0.0f);
+  out->Resize(dim, 0.0f);
   float* dst = out->mutable_data();
   if (normalize && norm > 0) {
     const double n = norm;
-    for (int j = 0; j < kEmbeddingDim; ++j) dst[j] = static_cast<float>(row[j] / n);
+    for (int j = 0; j < dim; ++j) dst[j] = static_cast<float>(row[j] / n);
   } else {
-    std::copy(row, row + kEmbeddingDim, dst);
+    std::copy(row, row + dim, dst);
   }
 }
 
 void StartEmbed(const CallEnv& env, const EmbedRequest* request, EmbedResponse* response,
                 CallContext call, DoneFn done) {
   response->set_request_id(request->request_id());
-  response->set_model_id(env.admission->model().model_id);
+  absl::StatusOr<const ServedModel*> found = env.admission->models().Find(request->model());
+  if (!found.ok()) return done(found.status());
+  const ServedModel& m = **found;
+  response->set_model_id(m.model_id());
   const int n = request->faces_size();
   if (n > env.options->max_faces_per_request) {
     env.metrics->RecordRejected("too_many_faces", n);
@@ -62,22 +66,23 @@ void StartEmbed(const CallEnv& env, const EmbedRequest* request, EmbedResponse* 
   auto state = std::make_shared<State>(
       State{request, response, std::move(call.is_cancelled), call.deadline, std::move(done)});
 
-  absl::Status queued = env.preprocess->Submit(PreprocessJob(
-      state, n, env.options->image_limits, env.metrics,
-      [request](int i) -> const arcface::v1::Face& { return request->faces(i); },
-      [](int i) { return absl::StrCat("face ", i); },
-      [env, state, n](std::vector<uint8_t> crops) {
-        const bool normalize = state->request->normalize();
-        absl::Status scheduled = env.admission->embedder()->Submit(
-            std::move(crops), state->deadline, state->is_cancelled,
-            [env, state, normalize, n](absl::StatusOr<EmbeddingBatch> rows) {
-              if (!rows.ok()) return state->Complete(rows.status());
-              FillEmbeddings(*rows, normalize, state->response);
-              env.metrics->AddFaces(n);
-              state->Complete(absl::OkStatus());
-            });
-        if (!scheduled.ok()) state->Complete(scheduled);
-      }),
+  absl::Status queued = env.preprocess->Submit(
+      PreprocessJob(
+          state, n, env.options->image_limits, m.geometry(), env.metrics,
+          [request](int i) -> const arcface::v1::Face& { return request->faces(i); },
+          [](int i) { return absl::StrCat("face ", i); },
+          [env, state, n, &m](std::vector<uint8_t> crops) {
+            const bool normalize = state->request->normalize();
+            absl::Status scheduled = m.embedder->Submit(
+                std::move(crops), state->deadline, state->is_cancelled,
+                [env, state, normalize, n, dim = m.dim()](absl::StatusOr<EmbeddingBatch> rows) {
+                  if (!rows.ok()) return state->Complete(rows.status());
+                  FillEmbeddings(*rows, dim, normalize, state->response);
+                  env.metrics->AddFaces(n);
+                  state->Complete(absl::OkStatus());
+                });
+            if (!scheduled.ok()) state->Complete(scheduled);
+          }),
       /*cost=*/n);
   CompleteIfRefused(std::move(queued), n, env.metrics, *state);
 }

@@ -8,6 +8,8 @@
 //   the call.
 // - Blocking: StartEmbed() never blocks; `done` is called exactly once, possibly before it
 //   returns (an early error, an empty request), else from the pool or the batch thread.
+// - Model: request.model names the served model (empty: the default); an unknown one is
+//   NOT_FOUND naming the served ones. The response's model_id is that model's.
 // - Errors: RESOURCE_EXHAUSTED for too many faces or a full pool or batcher, INVALID_ARGUMENT
 //   naming the face ("face 3: ..."), DEADLINE_EXCEEDED / CANCELLED (see the service's contract).
 // - Thread safety: calls are independent; each may start from any thread.
@@ -20,9 +22,10 @@
 
 namespace arcface::service {
 
-// One row of the model (kEmbeddingDim raw floats and its norm) into `e`: the values raw, or
-// divided by the norm with `normalize`; Embed's and Detect's embeddings alike.
-void FillEmbedding(const float* row, float norm, bool normalize, arcface::v1::Embedding* e);
+// One row of the model (`dim` raw floats and its norm) into `e`: the values raw, or divided by
+// the norm with `normalize`; Embed's and Detect's embeddings alike.
+void FillEmbedding(const float* row, int dim, float norm, bool normalize,
+                   arcface::v1::Embedding* e);
 
 // Fills *response and calls `done` (see the contract). The request_id is not checked here.
 void StartEmbed(const CallEnv& env, const arcface::v1::EmbedRequest* request,

@@ -12,7 +12,7 @@
 namespace arcface::service {
 
 struct Embedder::EmbedTask : batching::Task {
-  std::vector<uint8_t> crops;  // num_items × kCropBytes
+  std::vector<uint8_t> crops;  // num_items × the model's crop bytes
   EmbeddingBatch rows;         // num_items rows, filled by RunBatch
   Done user_done;
 };
@@ -25,14 +25,18 @@ absl::StatusOr<std::unique_ptr<Embedder>> Embedder::Create(const EmbedderOptions
   Embedder* raw = embedder.get();
   auto batcher = batching::DynamicBatcher::Create(
       options.batching, [raw](batching::Batch& batch) { return raw->RunBatch(batch); }, clock,
-      [](batching::Batch& batch, int first_item) { StageCrops(batch, first_item); });
+      [raw](batching::Batch& batch, int first_item) { raw->StageCrops(batch, first_item); });
   if (!batcher.ok()) return batcher.status();
   embedder->batcher_ = std::move(*batcher);
   return embedder;
 }
 
 Embedder::Embedder(const EmbedderOptions& options, EmbeddingModel* model)
-    : options_(options), model_(model) {}
+    : options_(options),
+      model_(model),
+      geometry_(model->geometry()),
+      crop_bytes_(geometry_.bytes()),
+      dim_(model->embedding_dim()) {}
 
 Embedder::~Embedder() { Shutdown(); }
 
@@ -42,19 +46,19 @@ void Embedder::Shutdown() {
 
 absl::Status Embedder::Submit(std::vector<uint8_t> crops, absl::Time deadline,
                               std::function<bool()> is_cancelled, Done done) {
-  if (crops.empty() || crops.size() % kCropBytes != 0) {
+  if (crops.empty() || crops.size() % crop_bytes_ != 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("crops buffer of ", crops.size(), " bytes is not a whole number of crops"));
   }
   auto task = std::make_shared<EmbedTask>();
-  task->num_items = static_cast<int>(crops.size() / kCropBytes);
+  task->num_items = static_cast<int>(crops.size() / crop_bytes_);
   task->deadline = deadline;
   task->is_cancelled = std::move(is_cancelled);
   task->crops = std::move(crops);
   // Sized here, not in RunBatch: with several batches in flight, batches holding different
   // crops of this request write their rows at the same time.
   task->rows.size = task->num_items;
-  task->rows.values.resize(size_t(task->num_items) * kEmbeddingDim);
+  task->rows.values.resize(size_t(task->num_items) * dim_);
   task->rows.norms.resize(size_t(task->num_items));
   task->user_done = std::move(done);
   // A plain pointer, not a shared_ptr: the batcher keeps the task alive until `done` has
@@ -76,26 +80,29 @@ absl::Status Embedder::Submit(std::vector<uint8_t> crops, absl::Time deadline,
 }
 
 void Embedder::WaitWhileHeld() {
-  if (options_.hold_file.empty()) return;
-  struct stat st;
-  while (::stat(options_.hold_file.c_str(), &st) == 0) {
+  if (options_.hold_file.empty() && options_.hold_model_file.empty()) return;
+  auto exists = [](const std::string& path) {
+    struct stat st;
+    return !path.empty() && ::stat(path.c_str(), &st) == 0;
+  };
+  while (exists(options_.hold_file) || exists(options_.hold_model_file)) {
     held_.store(true);
     absl::SleepFor(absl::Milliseconds(2));
   }
   held_.store(false);
 }
 
-void Embedder::StageCrops(batching::Batch& batch, int first_item) {
+void Embedder::StageCrops(batching::Batch& batch, int first_item) const {
   // One contiguous uint8 buffer for the model, gathered while the model runs the batch before.
-  batch.staging.resize(size_t(batch.size) * kCropBytes);
+  batch.staging.resize(size_t(batch.size) * crop_bytes_);
   int position = 0;
   for (const batching::BatchSlice& s : batch.slices) {
     const int skip = std::clamp(first_item - position, 0, s.num_items);
     if (skip < s.num_items) {
       const auto* task = static_cast<const EmbedTask*>(s.task);
-      std::memcpy(batch.staging.data() + size_t(position + skip) * kCropBytes,
-                  task->crops.data() + size_t(s.first_item + skip) * kCropBytes,
-                  size_t(s.num_items - skip) * kCropBytes);
+      std::memcpy(batch.staging.data() + size_t(position + skip) * crop_bytes_,
+                  task->crops.data() + size_t(s.first_item + skip) * crop_bytes_,
+                  size_t(s.num_items - skip) * crop_bytes_);
     }
     position += s.num_items;
   }
@@ -104,25 +111,22 @@ void Embedder::StageCrops(batching::Batch& batch, int first_item) {
 absl::Status Embedder::RunBatch(batching::Batch& batch) {
   WaitWhileHeld();
   const absl::Span<const uint8_t> input =
-      absl::MakeConstSpan(batch.staging.data(), size_t(batch.size) * kCropBytes);
+      absl::MakeConstSpan(batch.staging.data(), size_t(batch.size) * crop_bytes_);
   absl::StatusOr<EmbeddingBatch> out = model_->Run(input);
   if (!out.ok()) return out.status();
-  if (out->values.size() != size_t(batch.size) * kEmbeddingDim ||
-      out->norms.size() != size_t(batch.size)) {
+  if (out->values.size() != size_t(batch.size) * dim_ || out->norms.size() != size_t(batch.size)) {
     return absl::InternalError(absl::StrCat(
-        "the model returned ", out->values.size(), " values and ", out->norms.size(),
-        " norms for ", batch.size, " crops, expected ", size_t(batch.size) * kEmbeddingDim,
-        " and ", batch.size));
+        "the model returned ", out->values.size(), " values and ", out->norms.size(), " norms for ",
+        batch.size, " crops, expected ", size_t(batch.size) * dim_, " and ", batch.size));
   }
   const float* values = out->values.data();
   const float* norms = out->norms.data();
   for (batching::BatchSlice& s : batch.slices) {
     EmbeddingBatch& rows = static_cast<EmbedTask*>(s.task)->rows;
     const size_t n = size_t(s.num_items);
-    std::memcpy(rows.values.data() + size_t(s.first_item) * kEmbeddingDim, values,
-                n * kEmbeddingDim * sizeof(float));
+    std::memcpy(rows.values.data() + size_t(s.first_item) * dim_, values, n * dim_ * sizeof(float));
     std::memcpy(rows.norms.data() + s.first_item, norms, n * sizeof(float));
-    values += n * kEmbeddingDim;
+    values += n * dim_;
     norms += n;
   }
   return absl::OkStatus();

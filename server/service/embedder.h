@@ -14,7 +14,7 @@
 // - Blocking: Submit() never blocks (see DynamicBatcher::Schedule). Shutdown() blocks until
 //   every accepted request got its `done` and the batcher's threads have exited.
 // - Results: on an OK Submit(), `done` is called exactly once, on the batch thread, with the
-//   request's EmbeddingBatch (size n: n × kEmbeddingDim raw floats and the n norms the model
+//   request's EmbeddingBatch (size n: n × embedding_dim() raw floats and the n norms the model
 //   computed, in crop order), or with the request's error:
 //   DEADLINE_EXCEEDED / CANCELLED when it expired or was cancelled while queued (its crops never
 //   reached the model), or the model's error for a batch it was in. A failure never touches the
@@ -23,12 +23,12 @@
 //   cancelled one within options.batching.cancel_poll_interval, even while the model is busy
 //   (see DynamicBatcher, "Expired and cancelled").
 // - Errors of Submit() itself: INVALID_ARGUMENT (no crops, or a size that is not a multiple of
-//   kCropBytes), RESOURCE_EXHAUSTED (queue full — transient — or more crops than the whole queue
-//   holds), UNAVAILABLE (shutting down). Then `done` is never called, and it and the crops are
-//   destroyed before Submit() returns: a refused request holds no memory.
-// - Test hook: while the file options.hold_file names exists, the BatchFn waits before running
-//   the model (polling every 2 ms); held() is true meanwhile. The batch it holds has already
-//   left the queue, so queue space counts only what arrives after it.
+//   the model's crop, geometry().bytes()), RESOURCE_EXHAUSTED (queue full — transient — or more
+//   crops than the whole queue holds), UNAVAILABLE (shutting down). Then `done` is never called,
+//   and it and the crops are destroyed before Submit() returns: a refused request holds no memory.
+// - Test hook: while the file options.hold_file (or options.hold_model_file) names exists, the
+//   BatchFn waits before running the model (polling every 2 ms); held() is true meanwhile. The
+//   batch it holds has already left the queue, so queue space counts only what arrives after it.
 // - Thread safety: all methods may be called from any thread.
 #ifndef ARCFACE_SERVER_SERVICE_EMBEDDER_H_
 #define ARCFACE_SERVER_SERVICE_EMBEDDER_H_
@@ -53,9 +53,10 @@ namespace arcface::service {
 struct EmbedderOptions {
   // The batcher's options, ranges and defaults (see DynamicBatcher::Options).
   batching::DynamicBatcher::Options batching;
-  // Test hook (see the contract): a path whose existence holds each batch before the model.
-  // Default empty: off.
+  // Test hook (see the contract): paths whose existence holds each batch before the model (the
+  // server's, and this model's own). Default empty: off.
   std::string hold_file;
+  std::string hold_model_file;
 };
 
 class Embedder {
@@ -70,13 +71,16 @@ class Embedder {
   Embedder(const Embedder&) = delete;
   Embedder& operator=(const Embedder&) = delete;
 
-  // `crops` holds n >= 1 crops of kCropBytes each. `deadline` is on the batcher's clock;
+  // `crops` holds n >= 1 crops of geometry().bytes() each. `deadline` is on the batcher's clock;
   // `is_cancelled` may be empty.
   absl::Status Submit(std::vector<uint8_t> crops, absl::Time deadline,
                       std::function<bool()> is_cancelled, Done done);
 
   void Shutdown();
 
+  // The model's (EmbeddingModel::geometry(), embedding_dim()).
+  const model::CropGeometry& geometry() const { return geometry_; }
+  int embedding_dim() const { return dim_; }
   batching::DynamicBatcher& batcher() { return *batcher_; }
   bool held() const { return held_.load(); }
 
@@ -84,11 +88,14 @@ class Embedder {
   struct EmbedTask;
   Embedder(const EmbedderOptions& options, EmbeddingModel* model);
   absl::Status RunBatch(batching::Batch& batch);
-  static void StageCrops(batching::Batch& batch, int first_item);
+  void StageCrops(batching::Batch& batch, int first_item) const;
   void WaitWhileHeld();
 
   const EmbedderOptions options_;
   EmbeddingModel* const model_;
+  const model::CropGeometry geometry_;
+  const size_t crop_bytes_;
+  const int dim_;
   std::atomic<bool> held_{false};
   std::unique_ptr<batching::DynamicBatcher> batcher_;
 };

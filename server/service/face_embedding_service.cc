@@ -22,9 +22,7 @@ FaceEmbeddingService::FaceEmbeddingService(const ServiceOptions& options,
 
 FaceEmbeddingService::~FaceEmbeddingService() = default;
 
-void FaceEmbeddingService::SetReady(Embedder* embedder, const ModelDescription& model) {
-  admission_.SetReady(embedder, model);
-}
+void FaceEmbeddingService::SetReady(ServedModels models) { admission_.SetReady(std::move(models)); }
 
 void FaceEmbeddingService::BeginDrain() { admission_.BeginDrain(); }
 
@@ -63,34 +61,55 @@ grpc::ServerUnaryReactor* FaceEmbeddingService::Compare(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* FaceEmbeddingService::GetModelInfo(
     grpc::CallbackServerContext* context, const arcface::v1::GetModelInfoRequest* request,
     arcface::v1::ModelInfo* response) {
-  return ServeUnary(env_, context, "GetModelInfo", [this, response](CallContext, DoneFn done) {
-    const ModelDescription& model = admission_.model();
-    response->set_arch(model.arch);
-    response->set_embedding_dim(kEmbeddingDim);
-    response->set_input_size(kCropSize);
-    response->set_weights_sha256(model.weights_sha256);
-    response->set_model_id(model.model_id);
-    response->set_device(model.device);
-    response->set_precision(model.precision);
-    response->set_demo_weights(model.demo_weights);
-    response->set_server_version(options_.server_version);
-    const auto& batching = admission_.embedder()->batcher().options();
-    response->mutable_batching()->set_max_batch_size(batching.max_batch_size);
-    response->mutable_batching()->set_max_queue_delay_us(
-        static_cast<uint64_t>(absl::ToInt64Microseconds(batching.max_queue_delay)));
-    response->mutable_batching()->set_max_queue_size(batching.max_queue_size);
-    response->mutable_batching()->set_max_batches_in_flight(batching.max_batches_in_flight);
-    response->set_max_faces_per_request(options_.max_faces_per_request);
-    response->set_max_message_bytes(options_.max_message_bytes);
-    *response->mutable_gallery() = gallery_limits_;
-    FillDetectorInfo(response->mutable_detector());
-    if (model.device_memory) {
-      const engine::DeviceMemory memory = model.device_memory();
-      response->set_device_memory_allocated_bytes(static_cast<uint64_t>(memory.allocated_bytes));
-      response->set_device_memory_reserved_bytes(static_cast<uint64_t>(memory.reserved_bytes));
-    }
+  return ServeUnary(
+      env_, context, "GetModelInfo", [this, request, response](CallContext, DoneFn done) {
+        absl::StatusOr<const ServedModel*> found = admission_.models().Find(request->model());
+        if (!found.ok()) return done(found.status());
+        FillModelInfo(**found, response);
+        done(absl::OkStatus());
+      });
+}
+
+grpc::ServerUnaryReactor* FaceEmbeddingService::ListModels(
+    grpc::CallbackServerContext* context, const arcface::v1::ListModelsRequest* request,
+    arcface::v1::ListModelsResponse* response) {
+  return ServeUnary(env_, context, "ListModels", [this, response](CallContext, DoneFn done) {
+    for (const ServedModel& m : admission_.models().all()) FillModelInfo(m, response->add_models());
     done(absl::OkStatus());
   });
+}
+
+void FaceEmbeddingService::FillModelInfo(const ServedModel& served, arcface::v1::ModelInfo* info) {
+  const ModelDescription& model = served.description;
+  info->set_name(model.name);
+  info->set_family(model.family);
+  info->set_metric(model.metric);
+  info->set_default_threshold(model.default_threshold);
+  info->set_is_default(&served == &admission_.models().default_model());
+  info->set_arch(model.arch);
+  info->set_embedding_dim(static_cast<uint32_t>(served.dim()));
+  info->set_input_size(static_cast<uint32_t>(served.geometry().size));
+  info->set_weights_sha256(model.weights_sha256);
+  info->set_model_id(model.model_id);
+  info->set_device(model.device);
+  info->set_precision(model.precision);
+  info->set_demo_weights(model.demo_weights);
+  info->set_server_version(options_.server_version);
+  const auto& batching = served.embedder->batcher().options();
+  info->mutable_batching()->set_max_batch_size(batching.max_batch_size);
+  info->mutable_batching()->set_max_queue_delay_us(
+      static_cast<uint64_t>(absl::ToInt64Microseconds(batching.max_queue_delay)));
+  info->mutable_batching()->set_max_queue_size(batching.max_queue_size);
+  info->mutable_batching()->set_max_batches_in_flight(batching.max_batches_in_flight);
+  info->set_max_faces_per_request(options_.max_faces_per_request);
+  info->set_max_message_bytes(options_.max_message_bytes);
+  *info->mutable_gallery() = gallery_limits_;
+  FillDetectorInfo(info->mutable_detector());
+  if (model.device_memory) {
+    const engine::DeviceMemory memory = model.device_memory();
+    info->set_device_memory_allocated_bytes(static_cast<uint64_t>(memory.allocated_bytes));
+    info->set_device_memory_reserved_bytes(static_cast<uint64_t>(memory.reserved_bytes));
+  }
 }
 
 grpc::ServerUnaryReactor* FaceEmbeddingService::Detect(grpc::CallbackServerContext* context,

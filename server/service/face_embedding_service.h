@@ -40,6 +40,10 @@
 // - Lifetime: the service must outlive the grpc::Server it is registered with (destroy the
 //   server, or Shutdown() it, first). The Embedder, metrics and work queue are borrowed and must
 //   outlive every call (shut the server down before them).
+// - Models: every call may name a served model (ServedModels: `model` on the request, empty the
+//   default); each model has its own Embedder (batcher, queue, model threads), so one model's
+//   queue or failure never holds another's calls. ListModels answers each model's ModelInfo,
+//   the default first. An unknown name is NOT_FOUND naming the served ones.
 // - Thread safety: every public method may be called from any thread.
 #ifndef ARCFACE_SERVER_SERVICE_FACE_EMBEDDING_SERVICE_H_
 #define ARCFACE_SERVER_SERVICE_FACE_EMBEDDING_SERVICE_H_
@@ -73,7 +77,8 @@ using FaceEmbeddingCallbackBase = arcface::v1::FaceEmbedding::WithCallbackMethod
             arcface::v1::FaceEmbedding::WithCallbackMethod_GetModelInfo<
                 arcface::v1::FaceEmbedding::WithCallbackMethod_Detect<
                     arcface::v1::FaceEmbedding::WithRawCallbackMethod_DetectStream<
-                        arcface::v1::FaceEmbedding::Service>>>>>>;
+                        arcface::v1::FaceEmbedding::WithCallbackMethod_ListModels<
+                            arcface::v1::FaceEmbedding::Service>>>>>>>;
 
 // The calls live in their own files: admission and drain (admission.h), Embed (embed_call.h),
 // EmbedStream (embed_stream.h), Compare (compare_call.h), Detect (detect_call.h) and
@@ -85,8 +90,12 @@ class FaceEmbeddingService final : public FaceEmbeddingCallbackBase {
                        WorkQueue* preprocess);
   ~FaceEmbeddingService() override;
 
-  // The model is loaded and warm: calls are served from now on. `embedder` is borrowed.
-  void SetReady(Embedder* embedder, const ModelDescription& model);
+  // The models are loaded and warm: calls are served from now on. Their Embedders are borrowed.
+  void SetReady(ServedModels models);
+  // One model (tests).
+  void SetReady(Embedder* embedder, const ModelDescription& model) {
+    SetReady(ServedModels({{model, embedder}}));
+  }
   // What GetModelInfo reports of the gallery (ModelInfo.gallery); set before SetReady().
   void SetGalleryLimits(const arcface::v1::GalleryLimits& limits) { gallery_limits_ = limits; }
   // Detect's detector (null: --detector none, Detect answers UNIMPLEMENTED) and the gallery
@@ -119,6 +128,9 @@ class FaceEmbeddingService final : public FaceEmbeddingCallbackBase {
   grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
                                          const arcface::v1::GetModelInfoRequest* request,
                                          arcface::v1::ModelInfo* response) override;
+  grpc::ServerUnaryReactor* ListModels(grpc::CallbackServerContext* context,
+                                       const arcface::v1::ListModelsRequest* request,
+                                       arcface::v1::ListModelsResponse* response) override;
   grpc::ServerUnaryReactor* Detect(grpc::CallbackServerContext* context,
                                    const arcface::v1::DetectRequest* request,
                                    arcface::v1::DetectResponse* response) override;
@@ -126,6 +138,7 @@ class FaceEmbeddingService final : public FaceEmbeddingCallbackBase {
       grpc::CallbackServerContext* context) override;
 
  private:
+  void FillModelInfo(const ServedModel& model, arcface::v1::ModelInfo* info);
   void FillDetectorInfo(arcface::v1::DetectorInfo* info);
 
   const ServiceOptions options_;

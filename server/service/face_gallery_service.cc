@@ -1,5 +1,6 @@
 #include "server/service/face_gallery_service.h"
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <optional>
@@ -14,6 +15,7 @@
 #include "server/service/cosine.h"
 #include "server/service/embedding_model.h"
 #include "server/service/probe_units.h"
+#include "server/service/served_models.h"
 
 namespace arcface::service {
 
@@ -39,7 +41,7 @@ constexpr int kMaxForgetFaceIds = 10000;
 
 // A call's probes as unit vectors: embedding probes at once, face probes from the model.
 struct ProbeWork {
-  std::vector<float> units;  // one row of kEmbeddingDim per probe
+  std::vector<float> units;  // one row of the probes' dim per probe
   std::vector<int> faces;    // the face probes' indices
 };
 
@@ -56,18 +58,83 @@ absl::Status CheckLabels(const google::protobuf::Map<std::string, std::string>& 
   return absl::OkStatus();
 }
 
-// The model that computed a call's probes: the server's for faces, request.model_id (default
-// the server's) for embeddings; one call never mixes two.
-absl::StatusOr<std::string> ProbeModel(const std::string& requested, const std::string& served,
-                                       bool has_faces) {
-  if (requested.empty() || requested == served) return served;
-  if (absl::Status s = CheckId("model_id", requested); !s.ok()) return s;
-  if (has_faces) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("model_id is ", requested, " but this server embeds faces with model ", served,
-                     "; send faces and embeddings of another model in separate calls"));
+// Which served model embeds a gallery call's faces, and which model its embedding probes come
+// from: one call never mixes two.
+struct ProbeModel {
+  const ServedModel* embeds = nullptr;  // null only when the call has no face probes
+  std::string model_id;                 // of every probe
+  int dim = 0;                          // the probes' embedding size
+};
+
+// A gallery's binding: its model_id (empty: a new or unknown gallery) and embedding size.
+struct Bound {
+  std::string model_id;
+  int dim = 0;
+};
+
+Bound BoundModel(const gallery::Galleries* galleries, const std::string& gallery) {
+  absl::StatusOr<gallery::GalleryStats> stats = galleries->Stats(gallery);
+  if (!stats.ok()) return {};
+  return {stats->model_id, stats->dim};
+}
+
+// `name`: the request's served model (empty: the gallery's own, else the default); `requested`:
+// the request's model_id for its embeddings (empty: the embedding model's).
+absl::StatusOr<ProbeModel> ResolveProbeModel(
+    const ServedModels& models, const std::string& name, const std::string& requested,
+    const Bound& gallery, const google::protobuf::RepeatedPtrField<Probe>& probes, bool has_faces) {
+  const std::string& bound = gallery.model_id;
+  ProbeModel out;
+  if (!name.empty()) {
+    absl::StatusOr<const ServedModel*> found = models.Find(name);
+    if (!found.ok()) return found.status();
+    out.embeds = *found;
+    if (!bound.empty() && out.embeds->model_id() != bound) {
+      return absl::FailedPreconditionError(absl::StrCat("the gallery is bound to model ", bound,
+                                                        " but model '", name, "' computes ",
+                                                        out.embeds->model_id()));
+    }
+  } else {
+    out.embeds = bound.empty() ? &models.default_model() : models.ByModelId(bound);
   }
-  return requested;
+  if (has_faces && out.embeds == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the gallery is bound to model ", bound, ", which this server does not serve (it serves: ",
+        models.Names(), "); send embeddings of that model instead of faces"));
+  }
+  const std::string& embedding_id =
+      out.embeds != nullptr ? out.embeds->model_id() : models.default_model().model_id();
+  out.model_id = embedding_id;
+  if (!requested.empty() && requested != embedding_id) {
+    if (absl::Status s = CheckId("model_id", requested); !s.ok()) return s;
+    if (has_faces) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "model_id is ", requested, " but this server embeds faces with model ", embedding_id,
+          "; send faces and embeddings of another model in separate calls"));
+    }
+    out.model_id = requested;
+  }
+  if (const ServedModel* m = models.ByModelId(out.model_id); m != nullptr) {
+    out.dim = m->dim();
+  } else if (out.model_id == bound) {
+    out.dim = gallery.dim;
+  } else {
+    // Embeddings of a model this server does not serve, for a new gallery (or one bound to
+    // another model, which the gallery refuses): their own size, which CollectProbes checks
+    // they agree on.
+    for (const Probe& p : probes) {
+      if (p.has_embedding()) {
+        out.dim = p.embedding().values_size();
+        break;
+      }
+    }
+  }
+  return out;
+}
+
+bool HasFaces(const google::protobuf::RepeatedPtrField<Probe>& probes) {
+  return std::any_of(probes.begin(), probes.end(),
+                     [](const Probe& p) { return p.probe_case() == Probe::kFace; });
 }
 
 // Embeds the face probes listed in work->faces (through the preprocessing pool and the batcher)
@@ -76,28 +143,28 @@ absl::StatusOr<std::string> ProbeModel(const std::string& requested, const std::
 template <typename State>
 void EmbedFaces(const CallEnv& env, std::shared_ptr<State> state,
                 const google::protobuf::RepeatedPtrField<Probe>* probes,
-                std::shared_ptr<ProbeWork> work, const char* label,
+                std::shared_ptr<ProbeWork> work, const ServedModel* model, const char* label,
                 absl::AnyInvocable<void()> then) {
   const int num_faces = static_cast<int>(work->faces.size());
   if (num_faces == 0) return then();
   absl::Status queued = env.preprocess->Submit(
       PreprocessJob(
-          state, num_faces, env.options->image_limits, env.metrics,
+          state, num_faces, env.options->image_limits, model->geometry(), env.metrics,
           [probes, work](int k) -> const arcface::v1::Face& {
             return (*probes)[work->faces[k]].face();
           },
           [work, label](int k) { return absl::StrCat(label, " ", work->faces[k]); },
-          [env, state, work, label, num_faces,
+          [env, state, work, model, label, num_faces,
            then = std::move(then)](std::vector<uint8_t> crops) mutable {
-            absl::Status scheduled = env.admission->embedder()->Submit(
+            absl::Status scheduled = model->embedder->Submit(
                 std::move(crops), state->deadline, state->is_cancelled,
-                [env, state, work, label, num_faces,
+                [env, state, work, label, num_faces, dim = model->dim(),
                  then = std::move(then)](absl::StatusOr<EmbeddingBatch> rows) mutable {
                   if (!rows.ok()) return state->Complete(rows.status());
                   for (int k = 0; k < num_faces; ++k) {
                     const int index = work->faces[k];
-                    if (!ToUnit(rows->values.data() + size_t(k) * kEmbeddingDim,
-                                work->units.data() + size_t(index) * kEmbeddingDim)) {
+                    if (!ToUnit(rows->values.data() + size_t(k) * dim, dim,
+                                work->units.data() + size_t(index) * dim)) {
                       return state->Complete(absl::InvalidArgumentError(
                           absl::StrCat(label, " ", index, ": the face's embedding has zero norm")));
                     }
@@ -182,20 +249,22 @@ grpc::ServerUnaryReactor* FaceGalleryService::Enroll(grpc::CallbackServerContext
           absl::StrCat("too many faces: ", n, " in one Enroll, the limit is ",
                        options_.max_faces_per_enroll, " (--gallery-max-faces-per-enroll)")));
     }
+    absl::StatusOr<ProbeModel> model = ResolveProbeModel(
+        env_.admission->models(), request->model(), request->model_id(),
+        BoundModel(galleries(), gallery_name), request->faces(), HasFaces(request->faces()));
+    if (!model.ok()) return done(model.status());
     auto work = std::make_shared<ProbeWork>();
-    work->units.resize(size_t(n) * kEmbeddingDim);
-    if (absl::Status s = CollectProbes(request->faces(), "faces", work->units.data(), &work->faces);
+    work->units.resize(size_t(n) * model->dim);
+    if (absl::Status s = CollectProbes(request->faces(), "faces", model->dim, model->model_id,
+                                       work->units.data(), &work->faces);
         !s.ok()) {
       return done(s);
     }
-    absl::StatusOr<std::string> model =
-        ProbeModel(request->model_id(), env_.admission->model().model_id, !work->faces.empty());
-    if (!model.ok()) return done(model.status());
     using State = CallState<EnrollRequest, EnrollResponse>;
     auto state = std::make_shared<State>(
         State{request, response, std::move(call.is_cancelled), call.deadline, std::move(done)});
-    EmbedFaces(env_, state, &request->faces(), work, "faces",
-               [this, state, work, gallery_name, model = *std::move(model), n]() mutable {
+    EmbedFaces(env_, state, &request->faces(), work, model->embeds, "faces",
+               [this, state, work, gallery_name, model = model->model_id, n]() mutable {
                  OnQueue(queue_, *state, n, [this, state, work, gallery_name, model, n] {
                    // A call that died while its faces were embedded writes nothing.
                    absl::Status alive =
@@ -244,17 +313,20 @@ grpc::ServerUnaryReactor* FaceGalleryService::Identify(grpc::CallbackServerConte
     if (request->has_threshold() && !std::isfinite(request->threshold())) {
       return done(absl::InvalidArgumentError("threshold is not finite"));
     }
-    const std::string& served = env_.admission->model().model_id;
-    if (IdentifyReplyBytes(n, top_k, served.size()) > env_.options->max_message_bytes) {
+    absl::StatusOr<ProbeModel> model = ResolveProbeModel(
+        env_.admission->models(), "", request->model_id(), BoundModel(galleries(), gallery_name),
+        request->probes(), HasFaces(request->probes()));
+    if (!model.ok()) return done(model.status());
+    if (IdentifyReplyBytes(n, top_k, model->model_id.size()) > env_.options->max_message_bytes) {
       return done(absl::ResourceExhaustedError(absl::StrCat(
           "an Identify of ", n, " probes with top_k ", top_k,
           " could answer more than the message cap of ", env_.options->max_message_bytes,
           " bytes (--max-message-bytes); send fewer probes per call")));
     }
     auto work = std::make_shared<ProbeWork>();
-    work->units.resize(size_t(n) * kEmbeddingDim);
-    if (absl::Status s =
-            CollectProbes(request->probes(), "probes", work->units.data(), &work->faces);
+    work->units.resize(size_t(n) * model->dim);
+    if (absl::Status s = CollectProbes(request->probes(), "probes", model->dim, model->model_id,
+                                       work->units.data(), &work->faces);
         !s.ok()) {
       return done(s);
     }
@@ -265,34 +337,31 @@ grpc::ServerUnaryReactor* FaceGalleryService::Identify(grpc::CallbackServerConte
           absl::StrCat("too many face probes: ", num_faces, " in one request, the limit is ",
                        env_.options->max_faces_per_request, " (--max-faces-per-request)")));
     }
-    absl::StatusOr<std::string> model = ProbeModel(request->model_id(), served, num_faces > 0);
-    if (!model.ok()) return done(model.status());
-    response->set_model_id(*model);
+    response->set_model_id(model->model_id);
     using State = CallState<IdentifyRequest, IdentifyResponse>;
     auto state = std::make_shared<State>(
         State{request, response, std::move(call.is_cancelled), call.deadline, std::move(done)});
-    EmbedFaces(
-        env_, state, &request->probes(), work, "probes",
-        [this, state, work, gallery_name, model = *std::move(model), n, top_k]() mutable {
-          GalleryQuery query;
-          query.gallery = gallery_name;
-          query.model_id = std::move(model);
-          query.units = std::move(work->units);
-          query.n = n;
-          query.top_k = top_k;
-          if (state->request->has_threshold()) query.threshold = state->request->threshold();
-          query.deadline = state->deadline;
-          query.is_cancelled = state->is_cancelled;
-          search_.Search(std::move(query), [state](absl::StatusOr<GalleryMatches> found) {
-            if (!found.ok()) return state->Complete(found.status());
-            IdentifyResponse* out = state->response;
-            out->set_gallery_version(found->version);
-            for (std::vector<gallery::Candidate>& candidates : found->results) {
-              FillIdentification(std::move(candidates), out->add_results());
-            }
-            state->Complete(absl::OkStatus());
-          });
-        });
+    EmbedFaces(env_, state, &request->probes(), work, model->embeds, "probes",
+               [this, state, work, gallery_name, model = model->model_id, n, top_k]() mutable {
+                 GalleryQuery query;
+                 query.gallery = gallery_name;
+                 query.model_id = std::move(model);
+                 query.units = std::move(work->units);
+                 query.n = n;
+                 query.top_k = top_k;
+                 if (state->request->has_threshold()) query.threshold = state->request->threshold();
+                 query.deadline = state->deadline;
+                 query.is_cancelled = state->is_cancelled;
+                 search_.Search(std::move(query), [state](absl::StatusOr<GalleryMatches> found) {
+                   if (!found.ok()) return state->Complete(found.status());
+                   IdentifyResponse* out = state->response;
+                   out->set_gallery_version(found->version);
+                   for (std::vector<gallery::Candidate>& candidates : found->results) {
+                     FillIdentification(std::move(candidates), out->add_results());
+                   }
+                   state->Complete(absl::OkStatus());
+                 });
+               });
   });
 }
 

@@ -51,7 +51,7 @@ absl::Status WithContext(const absl::Status& status, absl::string_view context) 
 }
 
 absl::Status AppendFaceCrop(const arcface::v1::Face& face, const image::Limits& limits,
-                            std::vector<uint8_t>* out) {
+                            std::vector<uint8_t>* out, const model::CropGeometry& geometry) {
   if (absl::Status injected = FaultInjector::BeforeFace(); !injected.ok()) return injected;
   const int num_landmarks = face.landmarks_size();
   if (num_landmarks != 0 && num_landmarks != 5) {
@@ -66,15 +66,16 @@ absl::Status AppendFaceCrop(const arcface::v1::Face& face, const image::Limits& 
     std::vector<image::Point> points;
     points.reserve(5);
     for (const arcface::v1::Point& p : face.landmarks()) points.push_back({p.x(), p.y()});
-    crop = image::AlignFace(*rgb, points);
+    crop = image::AlignFace(*rgb, points, geometry);
   } else if (face.has_box()) {
     const arcface::v1::Box& b = face.box();
-    crop = image::CropBox(*rgb, image::Box{b.x_min(), b.y_min(), b.x_max(), b.y_max()}, limits);
+    crop = image::CropBox(*rgb, image::Box{b.x_min(), b.y_min(), b.x_max(), b.y_max()}, limits,
+                          geometry);
   } else {
-    crop = image::ResizeWhole(*rgb);
+    crop = image::ResizeWhole(*rgb, geometry);
   }
   if (!crop.ok()) return crop.status();
-  if (crop->size() != image::kCropBytes) {
+  if (crop->size() != geometry.bytes()) {
     return absl::InternalError(absl::StrCat("crop has ", crop->size(), " bytes"));
   }
   out->insert(out->end(), crop->begin(), crop->end());

@@ -1,7 +1,7 @@
 // Face preprocessing: turns an API Face (encoded or raw image, plus optional box or five
-// landmarks) into the 112×112×3 RGB crop the model consumes, per docs/MODEL.md: 5 landmarks →
-// aligned to the ArcFace template; else a box → that region, cropped and resized; else the
-// whole image.
+// landmarks) into the crop a model consumes (its model::CropGeometry: ArcFace's 112×112×3 RGB),
+// per docs/MODEL.md: 5 landmarks → aligned to the geometry's template; else a box → that
+// region, cropped and resized; else the whole image.
 //
 // Contract
 // - Errors are INVALID_ARGUMENT with the reason (never naming the face index: callers prefix
@@ -28,9 +28,10 @@ namespace arcface::service {
 absl::StatusOr<cv::Mat> DecodeFaceImage(const arcface::v1::Image& image,
                                         const image::Limits& limits);
 
-// Appends the face's crop (kCropBytes) to *out; on error *out is unchanged.
+// Appends the face's crop (geometry.bytes()) to *out; on error *out is unchanged.
 absl::Status AppendFaceCrop(const arcface::v1::Face& face, const image::Limits& limits,
-                            std::vector<uint8_t>* out);
+                            std::vector<uint8_t>* out,
+                            const model::CropGeometry& geometry = model::kArcFaceCrop);
 
 // The same status with "<context>: " before its message (OK stays OK).
 absl::Status WithContext(const absl::Status& status, absl::string_view context);

@@ -47,8 +47,8 @@ void GallerySearch::Search(GalleryQuery query, Done done) {
         const absl::Time start = absl::Now();
         absl::Status searched =
             galleries()->Identify(query.gallery, query.model_id, query.units.data(), query.n,
-                                  query.top_k, query.threshold, &matches.results,
-                                  &matches.version);
+                                  query.top_k, query.threshold, &matches.results, &matches.version,
+                                  static_cast<int>(query.units.size() / std::max(1, query.n)));
         if (!searched.ok()) {
           done(std::move(searched));
           return false;

@@ -42,8 +42,8 @@ std::string GalleryName(const std::string& name);
 
 struct GalleryQuery {
   std::string gallery;
-  std::string model_id;  // of the probes
-  std::vector<float> units;  // n rows of kEmbeddingDim unit vectors
+  std::string model_id;      // of the probes
+  std::vector<float> units;  // n rows of the model's embedding_dim unit vectors
   int n = 0;
   int top_k = 1;
   std::optional<float> threshold;

@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -71,6 +72,17 @@ CLI::Validator DrainTimeout() {
       "DURATION");
 }
 
+// NAME=PATH: the name as requests give it, the weights file (or, for a family stored as a
+// folder of files, the folder).
+CLI::Validator ModelFlag() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        ModelSpec spec;
+        return ParseModelFlag(text, &spec);
+      },
+      "NAME=PATH");
+}
+
 CLI::Validator DetectorSpec() {
   return CLI::Validator(
       [](std::string& text) -> std::string {
@@ -93,6 +105,31 @@ CLI::Validator DetectorSpec() {
 }
 
 }  // namespace
+
+std::string ParseModelFlag(const std::string& text, ModelSpec* spec) {
+  const size_t eq = text.find('=');
+  if (eq == std::string::npos) {
+    return absl::StrCat("'", text,
+                        "' is not NAME=PATH (e.g. arcface=models/arcface_r50.safetensors)");
+  }
+  spec->name = text.substr(0, eq);
+  spec->path = text.substr(eq + 1);
+  spec->demo = false;
+  const bool name_ok = !spec->name.empty() && spec->name.size() <= 64 &&
+                       std::all_of(spec->name.begin(), spec->name.end(), [](char ch) {
+                         return (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '_' ||
+                                ch == '.' || ch == '-';
+                       });
+  if (!name_ok) {
+    return absl::StrCat("model name '", spec->name,
+                        "' must be 1 to 64 characters of a-z, 0-9, '_', '.' and '-'");
+  }
+  struct stat st;
+  if (spec->path.empty() || ::stat(spec->path.c_str(), &st) != 0) {
+    return absl::StrCat(spec->path, ": no such file (model '", spec->name, "')");
+  }
+  return "";
+}
 
 bool ParseDetectorFlag(const std::string& text, std::string* network, std::string* dir) {
   if (text == "none") return false;
@@ -138,6 +175,13 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
   app.add_flag("--demo-weights", c.demo_weights,
                "Serve seeded random (untrained) weights: a real pipeline, meaningless embeddings")
       ->envname("ARCFACE_DEMO_WEIGHTS");
+  app.add_option("--model", c.model_flags,
+                 "NAME=PATH: serve the weights file PATH as model NAME (repeatable; the first is "
+                 "the default; NAME is a-z, 0-9, '_', '.', '-'). --weights PATH serves model "
+                 "'arcface', --demo-weights model 'arcface-demo', after the --model ones")
+      ->envname("ARCFACE_MODELS")
+      ->delimiter(',')
+      ->check(ModelFlag());
   app.add_option("--listen", c.listen,
                  "gRPC address host:port, an IPv6 host in brackets (port 0: any free port)")
       ->envname("ARCFACE_LISTEN")
@@ -342,12 +386,25 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
 
   // Every value passed its option's validator; what is left are the rules between flags.
   std::vector<Bad> bad;
+  for (const std::string& flag : c.model_flags) {
+    ModelSpec spec;
+    ParseModelFlag(flag, &spec);  // passed ModelFlag()
+    c.models.push_back(std::move(spec));
+  }
+  if (!c.weights.empty()) c.models.push_back({kWeightsModelName, c.weights, false});
+  if (c.demo_weights) c.models.push_back({kDemoModelName, "", true});
   if (!c.weights.empty() && c.demo_weights) {
     bad.push_back({"--weights and --demo-weights: give exactly one, not both"});
-  } else if (c.weights.empty() && !c.demo_weights) {
+  } else if (c.models.empty()) {
     bad.push_back(
-        {"--weights: no model; give --weights PATH (or ARCFACE_WEIGHTS), or "
+        {"--weights: no model; give --weights PATH (or ARCFACE_WEIGHTS), --model NAME=PATH, or "
          "--demo-weights to try the pipeline on untrained weights"});
+  }
+  for (size_t i = 0; i < c.models.size(); ++i) {
+    for (size_t j = 0; j < i; ++j) {
+      Check(&bad, c.models[i].name != c.models[j].name, "--model",
+            absl::StrCat("model name '", c.models[i].name, "' is given twice"));
+    }
   }
   Check(&bad, c.max_queue_size >= c.max_batch_size, "--max-queue-size",
         absl::StrCat("must be at least --max-batch-size (", c.max_batch_size, "), got ",

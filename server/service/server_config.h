@@ -9,7 +9,8 @@
 //   CLI::IsMember for precision and logging, CLI::ExistingFile for the weights and TLS files,
 //   validators of our own for the device, host:port addresses (common/address.h) and the
 //   drain timeout); the first bad value ends the parse, its message saying "--flag: what is
-//   wrong". Then the rules between flags (exactly one of --weights/--demo-weights,
+//   wrong". Then the rules between flags (at least one model: --model, --weights or
+//   --demo-weights, not both of the last two; distinct model names;
 //   --max-queue-size >= --max-batch-size, TLS files in the right combinations) and the hidden
 //   test hook's fault spec are checked, every broken one reported. Whether the device or precision
 //   is available on this machine is decided later, by the engine.
@@ -20,14 +21,32 @@
 #include <cstdint>
 #include <ostream>
 #include <string>
+#include <vector>
 
 #include "absl/time/time.h"
 
 namespace arcface::service {
 
+// One served model: the name requests give (EmbedRequest.model), and its weights (a file whose
+// architecture is read from it), or the seeded random demo weights.
+struct ModelSpec {
+  std::string name;
+  std::string path;  // empty with demo
+  bool demo = false;
+};
+
+// The model names --weights and --demo-weights give their model.
+inline constexpr char kWeightsModelName[] = "arcface";
+inline constexpr char kDemoModelName[] = "arcface-demo";
+
 struct ServerConfig {
   std::string weights;
   bool demo_weights = false;
+  // --model NAME=PATH, in order: NAME [a-z0-9_.-]{1,64}, distinct.
+  std::vector<std::string> model_flags;
+  // Every served model, the default first: the --model ones in order, then --weights's
+  // (kWeightsModelName), then --demo-weights's (kDemoModelName). Filled by ParseServerFlags().
+  std::vector<ModelSpec> models;
   std::string listen = "0.0.0.0:50051";
   std::string http_listen = "0.0.0.0:8080";
   std::string device = "auto";
@@ -93,6 +112,10 @@ struct ParsedFlags {
 
 ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& out,
                              std::ostream& err);
+
+// --model's value into *spec; "" when it is good, else what is wrong with it (the name's rule,
+// a path that does not exist).
+std::string ParseModelFlag(const std::string& text, ModelSpec* spec);
 
 // --detector's value: false for "none"; else true with the folder in *dir and the box network
 // in *network ("" when the value names none: the detector's default).

@@ -27,6 +27,13 @@ const std::vector<double>& StageBounds() {
   return bounds;
 }
 
+std::vector<std::string> Labels(const std::vector<std::string>& first,
+                                std::vector<std::string> rest) {
+  std::vector<std::string> names = first;
+  names.insert(names.end(), rest.begin(), rest.end());
+  return names;
+}
+
 const std::vector<double>& LatencyBounds() {
   static const std::vector<double> bounds = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                              0.1,    0.25,  0.5,    1,     2.5,  5,     10,
@@ -36,8 +43,10 @@ const std::vector<double>& LatencyBounds() {
 
 }  // namespace
 
-ServiceMetrics::ServiceMetrics(int max_batch_size)
-    : requests_(registry_.AddCounter("arcface_requests_total",
+ServiceMetrics::ServiceMetrics(int max_batch_size, std::vector<std::string> models)
+    : model_label_(models.size() > 1 ? std::vector<std::string>{"model"}
+                                     : std::vector<std::string>{}),
+      requests_(registry_.AddCounter("arcface_requests_total",
                                      "Finished RPCs (EmbedStream: messages) by method and code.",
                                      {"rpc", "code"})),
       request_seconds_(registry_.AddHistogram(
@@ -53,29 +62,24 @@ ServiceMetrics::ServiceMetrics(int max_batch_size)
       dropped_(registry_.AddCounter(
           "arcface_dropped_total",
           "Requests dropped by the batcher before the model (expired or cancelled while queued).",
-          {"reason"})),
+          Labels(model_label_, {"reason"}))),
       batches_(registry_.AddCounter("arcface_batches_total", "Batches run, by outcome.",
-                                    {"status"})),
-      batch_size_(registry_
-                      .AddHistogram("arcface_batch_size", "Crops per batch run by the model.",
-                                    BatchSizeBounds(max_batch_size))
-                      .WithLabels({})),
-      queue_wait_(registry_
-                      .AddHistogram("arcface_queue_wait_seconds",
-                                    "Per crop: time from scheduling to its batch's formation.",
-                                    LatencyBounds())
-                      .WithLabels({})),
-      inference_(registry_
-                     .AddHistogram("arcface_inference_seconds",
-                                   "Per batch: time in the model (the batch function).",
-                                   LatencyBounds())
-                     .WithLabels({})),
-      preprocess_(registry_
-                      .AddHistogram("arcface_preprocess_seconds",
-                                    "Per request: time spent decoding, cropping and aligning its faces "
-                                    "(its turns on the pool, not the waits between them).",
-                                    StageBounds())
-                      .WithLabels({})),
+                                    Labels(model_label_, {"status"}))),
+      batch_size_(registry_.AddHistogram("arcface_batch_size", "Crops per batch run by the model.",
+                                         BatchSizeBounds(max_batch_size), model_label_)),
+      queue_wait_(registry_.AddHistogram("arcface_queue_wait_seconds",
+                                         "Per crop: time from scheduling to its batch's formation.",
+                                         LatencyBounds(), model_label_)),
+      inference_(registry_.AddHistogram("arcface_inference_seconds",
+                                        "Per batch: time in the model (the batch function).",
+                                        LatencyBounds(), model_label_)),
+      preprocess_(
+          registry_
+              .AddHistogram("arcface_preprocess_seconds",
+                            "Per request: time spent decoding, cropping and aligning its faces "
+                            "(its turns on the pool, not the waits between them).",
+                            StageBounds())
+              .WithLabels({})),
       preprocess_faces_(registry_
                             .AddCounter("arcface_preprocess_faces_total",
                                         "Faces decoded, cropped and aligned on the "
@@ -86,29 +90,23 @@ ServiceMetrics::ServiceMetrics(int max_batch_size)
           "Calls whose preprocessing or Compare matrix stopped early because their deadline "
           "passed or they were cancelled, by reason (deadline, cancelled).",
           {"reason"})),
-      stage_(registry_
-                 .AddHistogram("arcface_batch_stage_seconds",
-                               "Per batch: gathering its crops into the model's input buffer "
-                               "(mostly while the model runs the batch before).",
-                               StageBounds())
-                 .WithLabels({})),
-      postprocess_(registry_
-                       .AddHistogram("arcface_postprocess_seconds",
-                                     "Per batch: handing its embeddings back to the requests "
-                                     "and finishing the calls it completed.",
-                                     StageBounds())
-                       .WithLabels({})),
-      model_idle_(registry_
-                      .AddHistogram("arcface_model_idle_seconds",
-                                    "Per batch: time the model sat idle between the previous "
-                                    "batch and this one (the hand-over alone when saturated).",
-                                    StageBounds())
-                      .WithLabels({})),
-      staged_ahead_(registry_
-                        .AddCounter("arcface_staged_ahead_crops_total",
-                                    "Crops whose input was gathered while the model still ran "
-                                    "the batch before theirs.")
-                        .WithLabels({})),
+      stage_(registry_.AddHistogram("arcface_batch_stage_seconds",
+                                    "Per batch: gathering its crops into the model's input buffer "
+                                    "(mostly while the model runs the batch before).",
+                                    StageBounds(), model_label_)),
+      postprocess_(registry_.AddHistogram("arcface_postprocess_seconds",
+                                          "Per batch: handing its embeddings back to the requests "
+                                          "and finishing the calls it completed.",
+                                          StageBounds(), model_label_)),
+      model_idle_(registry_.AddHistogram(
+          "arcface_model_idle_seconds",
+          "Per batch: time the model sat idle between the previous batch and this one (the "
+          "hand-over alone when saturated).",
+          StageBounds(), model_label_)),
+      staged_ahead_(registry_.AddCounter("arcface_staged_ahead_crops_total",
+                                         "Crops whose input was gathered while the model still "
+                                         "ran the batch before theirs.",
+                                         model_label_)),
       inflight_(registry_.AddGauge("arcface_inflight_requests", "RPCs accepted and not finished.")
                     .WithLabels({})),
       stream_held_bytes_(registry_
@@ -116,52 +114,86 @@ ServiceMetrics::ServiceMetrics(int max_batch_size)
                                        "Bytes EmbedStream streams hold: messages read and not "
                                        "yet answered, answers not yet written.")
                              .WithLabels({})),
-      model_info_(registry_.AddGauge("arcface_model_info", "The served model; always 1.",
-                                     {"arch", "model_id", "device", "precision"})) {
-  registry_.AddCallbackGauge("arcface_queue_depth", "Crops queued and not yet in a batch.",
-                             [this] {
-                               absl::MutexLock lock(&source_mu_);
-                               return queue_depth_source_ ? queue_depth_source_() : 0.0;
-                             });
-  registry_.AddCallbackGauge(
-      "arcface_batches_held",
-      "1 while a batch is held before the model by the --test-hold-model-file hook.", [this] {
-        absl::MutexLock lock(&source_mu_);
-        return held_source_ ? held_source_() : 0.0;
-      });
-  registry_.AddCallbackGauge(
-      "arcface_device_memory_allocated_bytes",
-      "Bytes of the model's CUDA device held by live tensors (libtorch's caching allocator); "
-      "0 on the CPU.",
-      [this] { return static_cast<double>(ReadDeviceMemory().allocated_bytes); });
-  registry_.AddCallbackGauge(
-      "arcface_device_memory_reserved_bytes",
-      "Bytes of the model's CUDA device reserved from the driver by libtorch's caching "
-      "allocator; 0 on the CPU.",
-      [this] { return static_cast<double>(ReadDeviceMemory().reserved_bytes); });
+      model_info_(
+          registry_.AddGauge("arcface_model_info", "The served model; always 1.",
+                             Labels(model_label_, {"arch", "model_id", "device", "precision"}))),
+      queue_depth_(registry_.AddGauge("arcface_queue_depth", "Crops queued and not yet in a batch.",
+                                      model_label_)),
+      batches_held_(registry_.AddGauge(
+          "arcface_batches_held",
+          "1 while a batch is held before the model by the --test-hold-model-file hook.",
+          model_label_)),
+      device_allocated_(registry_.AddGauge(
+          "arcface_device_memory_allocated_bytes",
+          "Bytes of the model's CUDA device held by live tensors (libtorch's caching allocator); "
+          "0 on the CPU.",
+          model_label_)),
+      device_reserved_(registry_.AddGauge(
+          "arcface_device_memory_reserved_bytes",
+          "Bytes of the model's CUDA device reserved from the driver by libtorch's caching "
+          "allocator; 0 on the CPU.",
+          model_label_)) {
+  for (const std::string& name : models) {
+    models_.push_back(std::unique_ptr<ModelMetrics>(new ModelMetrics(
+        this, model_label_.empty() ? std::vector<std::string>{} : std::vector<std::string>{name})));
+  }
+  registry_.AddRenderHook([this] {
+    for (const auto& m : models_) m->Refresh();
+  });
 }
 
-engine::DeviceMemory ServiceMetrics::ReadDeviceMemory() {
+ModelMetrics* ServiceMetrics::ForModel(const std::string& name) {
+  for (const auto& m : models_) {
+    if (m->label_.empty() || m->label_.front() == name) return m.get();
+  }
+  return models_.front().get();
+}
+
+ModelMetrics::ModelMetrics(ServiceMetrics* parent, std::vector<std::string> label)
+    : parent_(parent),
+      label_(std::move(label)),
+      batch_size_(parent->batch_size_.WithLabels(label_)),
+      queue_wait_(parent->queue_wait_.WithLabels(label_)),
+      inference_(parent->inference_.WithLabels(label_)),
+      stage_(parent->stage_.WithLabels(label_)),
+      postprocess_(parent->postprocess_.WithLabels(label_)),
+      model_idle_(parent->model_idle_.WithLabels(label_)),
+      staged_ahead_(parent->staged_ahead_.WithLabels(label_)) {
+  Refresh();
+}
+
+std::vector<std::string> ModelMetrics::With(std::vector<std::string> more) const {
+  std::vector<std::string> values = label_;
+  values.insert(values.end(), more.begin(), more.end());
+  return values;
+}
+
+void ModelMetrics::Refresh() {
   absl::MutexLock lock(&source_mu_);
-  return device_memory_source_ ? device_memory_source_() : engine::DeviceMemory();
+  parent_->queue_depth_.WithLabels(label_).Set(queue_depth_source_ ? queue_depth_source_() : 0.0);
+  parent_->batches_held_.WithLabels(label_).Set(held_source_ ? held_source_() : 0.0);
+  const engine::DeviceMemory memory =
+      device_memory_source_ ? device_memory_source_() : engine::DeviceMemory();
+  parent_->device_allocated_.WithLabels(label_).Set(static_cast<double>(memory.allocated_bytes));
+  parent_->device_reserved_.WithLabels(label_).Set(static_cast<double>(memory.reserved_bytes));
 }
 
-void ServiceMetrics::SetDeviceMemorySource(std::function<engine::DeviceMemory()> read) {
+void ModelMetrics::SetDeviceMemorySource(std::function<engine::DeviceMemory()> read) {
   absl::MutexLock lock(&source_mu_);
   device_memory_source_ = std::move(read);
 }
 
-void ServiceMetrics::SetModelInfo(const std::string& arch, const std::string& model_id,
-                                  const std::string& device, const std::string& precision) {
-  model_info_.WithLabels({arch, model_id, device, precision}).Set(1);
+void ModelMetrics::SetModelInfo(const std::string& arch, const std::string& model_id,
+                                const std::string& device, const std::string& precision) {
+  parent_->model_info_.WithLabels(With({arch, model_id, device, precision})).Set(1);
 }
 
-void ServiceMetrics::SetQueueDepthSource(std::function<double()> read) {
+void ModelMetrics::SetQueueDepthSource(std::function<double()> read) {
   absl::MutexLock lock(&source_mu_);
   queue_depth_source_ = std::move(read);
 }
 
-void ServiceMetrics::SetHeldSource(std::function<double()> read) {
+void ModelMetrics::SetHeldSource(std::function<double()> read) {
   absl::MutexLock lock(&source_mu_);
   held_source_ = std::move(read);
 }
@@ -176,8 +208,8 @@ void ServiceMetrics::RecordRejected(const std::string& reason, int64_t faces) {
   rejected_.WithLabels({reason}).Inc();
 }
 
-void ServiceMetrics::OnBatch(const batching::BatchInfo& info) {
-  batches_.WithLabels({info.status.ok() ? "ok" : "error"}).Inc();
+void ModelMetrics::OnBatch(const batching::BatchInfo& info) {
+  parent_->batches_.WithLabels(With({info.status.ok() ? "ok" : "error"})).Inc();
   batch_size_.Observe(info.size);
   for (absl::Duration wait : info.queue_waits) queue_wait_.Observe(absl::ToDoubleSeconds(wait));
   inference_.Observe(absl::ToDoubleSeconds(info.run_time));
@@ -187,24 +219,26 @@ void ServiceMetrics::OnBatch(const batching::BatchInfo& info) {
   staged_ahead_.Inc(info.items_staged_ahead);
 }
 
-void ServiceMetrics::OnRejected(batching::RejectReason reason, int num_items) {
+void ModelMetrics::OnRejected(batching::RejectReason reason, int num_items) {
   switch (reason) {
     case batching::RejectReason::kQueueFull:
-      RecordRejected("queue_full", num_items);
+      parent_->RecordRejected("queue_full", num_items);
       break;
     case batching::RejectReason::kTooLarge:
-      RecordRejected("too_large", num_items);
+      parent_->RecordRejected("too_large", num_items);
       break;
     case batching::RejectReason::kShuttingDown:
-      RecordRejected("shutting_down", num_items);
+      parent_->RecordRejected("shutting_down", num_items);
       break;
     case batching::RejectReason::kInvalid:
       break;  // a bug of ours, not load: it surfaces as the request's error
   }
 }
 
-void ServiceMetrics::OnDropped(batching::DropReason reason, int num_items_dropped) {
-  dropped_.WithLabels({reason == batching::DropReason::kExpired ? "expired" : "cancelled"}).Inc();
+void ModelMetrics::OnDropped(batching::DropReason reason, int num_items_dropped) {
+  parent_->dropped_
+      .WithLabels(With({reason == batching::DropReason::kExpired ? "expired" : "cancelled"}))
+      .Inc();
 }
 
 }  // namespace arcface::service

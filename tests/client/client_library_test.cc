@@ -88,6 +88,34 @@ TEST_F(ClientTest, HealthAndModelInfo) {
   ASSERT_TRUE(info.ok()) << info.status();
   EXPECT_EQ(info->arch(), "r50");
   EXPECT_EQ(info->max_faces_per_request(), 4u);
+
+  // --weights serves one model, named "arcface"; ClientOptions::model routes every call to a
+  // model by name, and an unknown one is NOT_FOUND naming the served ones.
+  auto models = client_->ListModels();
+  ASSERT_TRUE(models.ok()) << models.status();
+  ASSERT_EQ(models->models_size(), 1);
+  EXPECT_EQ(models->models(0).name(), "arcface");
+  EXPECT_TRUE(models->models(0).is_default());
+  EXPECT_EQ(models->models(0).metric(), "cosine");
+  EXPECT_EQ(models->models(0).model_id(), info->model_id());
+  for (const std::string& model : {std::string("arcface"), std::string("nope")}) {
+    ClientOptions o;
+    o.addresses = {Env("ARCFACE_TEST_SERVER")};
+    o.model = model;
+    auto named = Client::Create(o);
+    ASSERT_TRUE(named.ok()) << named.status();
+    auto faces = (*named)->Embed({*FaceInput::FromMat(CropBgr(kCrops[0]))});
+    if (model == "arcface") {
+      ASSERT_TRUE(faces.ok()) << faces.status();
+      EXPECT_EQ((*faces)[0].values.size(), 512u);
+    } else {
+      EXPECT_EQ(faces.status().code(), absl::StatusCode::kNotFound);
+      EXPECT_NE(faces.status().message().find(
+                    "model 'nope' is not served here; this server serves: arcface (default)"),
+                absl::string_view::npos)
+          << faces.status();
+    }
+  }
 }
 
 TEST_F(ClientTest, EmbedMatsAcrossSeveralRequestsMatchesTheReference) {

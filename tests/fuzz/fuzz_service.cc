@@ -65,6 +65,8 @@ namespace arcface::service {
 namespace {
 
 namespace v1 = ::arcface::v1;
+using model::kCropBytes;
+using model::kEmbeddingDim;
 
 constexpr char kSeparator[] = "#next#";
 
@@ -75,6 +77,12 @@ void Fail(const std::string& what) {
 
 // Each crop's embedding is a function of its bytes: finite, of both signs, never zero.
 class FakeModel final : public EmbeddingModel {
+ public:
+  const arcface::model::CropGeometry& geometry() const override {
+    return arcface::model::kArcFaceCrop;
+  }
+  int embedding_dim() const override { return kEmbeddingDim; }
+
  public:
   absl::StatusOr<EmbeddingBatch> Run(absl::Span<const uint8_t> crops) override {
     const size_t n = crops.size() / kCropBytes;

@@ -241,11 +241,13 @@ void FlagSeeds() {
         argv({"--demo-weights", "--max-batch-size", "8", "--max-queue-size=64",
               "--max-image-pixels", "1000000", "--drain-timeout", "1.5m", "--device", "cpu"}));
   Write("fuzz_server_flags", "bad", argv({"--weights", "/nonexistent", "--threads", "-1"}));
-  Write("fuzz_server_flags", "detector",
-        argv({"--demo-weights", "--detector", "tiny_face_detector:/tmp",
-              "--detector-max-batch-size", "4", "--detector-max-queue-size=16",
-              "--detector-max-queue-delay-us", "500", "--detector-max-faces", "10",
-              "--detector-min-score", "0.6"}));
+  Write(
+      "fuzz_server_flags", "detector",
+      argv({"--demo-weights", "--detector", "tiny_face_detector:/tmp", "--detector-max-batch-size",
+            "4", "--detector-max-queue-size=16", "--detector-max-queue-delay-us", "500",
+            "--detector-max-faces", "10", "--detector-min-score", "0.6"}));
+  Write("fuzz_server_flags", "models",
+        argv({"--model", "arcface=/tmp", "--model", "dlib.v1=/tmp", "--demo-weights"}));
   Write("fuzz_server_flags", "help", argv({"--help"}));
   Write("fuzz_server_flags", "address_only", "0.0.0.0:50051");
 }

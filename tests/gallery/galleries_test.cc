@@ -20,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "server/gallery/gallery_store.h"
+#include "server/gallery/hnsw_index.h"
 #include "server/gallery/ids.h"
 #include "server/gallery/sqlite_store.h"
 #include "server/gallery/vector_index.h"
@@ -497,6 +498,140 @@ TEST(Galleries, ApproximateSearchAboveTheSizeFlag) {
   for (const Candidate& c : results[0]) EXPECT_NE(c.face_id, faces[42].face_id);
   EXPECT_EQ(results[1][0].face_id, late.face_ids[0]);
   EXPECT_NEAR(results[1][0].similarity, 1.0, 1e-4);
+}
+
+// Several models: each gallery holds its model's embeddings at their own size (a dlib-like
+// 128 beside ArcFace's 512) in one store, through a reload; an embedding of another size is
+// refused naming both, never mixed in; both indexes (exact and HNSW) search any size.
+TEST(Galleries, GalleriesOfTwoSizesSideBySideAcrossReloads) {
+  TempDir dir;
+  const std::string path = dir.file("two.db");
+  constexpr char kSmall[] = "dlib-resnet@000000000000";
+  constexpr int kSmallDim = 128;
+  const std::vector<float> big = RandomUnits(6, 11);
+  const std::vector<float> small = RandomUnits(6, 12, kSmallDim);
+  auto check = [&](const Galleries& g) {
+    std::vector<std::vector<Candidate>> results;
+    uint64_t version = 0;
+    ASSERT_TRUE(g.Identify("small", kSmall, small.data() + 4 * kSmallDim, 1, 1, std::nullopt,
+                           &results, &version, kSmallDim)
+                    .ok());
+    ASSERT_EQ(results[0].size(), 1u);
+    EXPECT_EQ(results[0][0].subject_id, "s");
+    EXPECT_NEAR(results[0][0].similarity, 1.0, 1e-5);
+    ASSERT_TRUE(
+        g.Identify("big", kModel, big.data() + 2 * kDim, 1, 1, std::nullopt, &results, &version)
+            .ok());
+    EXPECT_NEAR(results[0][0].similarity, 1.0, 1e-5);
+    // Probes of the other size: refused, naming both sizes.
+    absl::Status s =
+        g.Identify("small", kSmall, big.data(), 1, 1, std::nullopt, &results, &version, kDim);
+    EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(s.message(), HasSubstr("holds embeddings of 128 values; these probes have 512"));
+    absl::StatusOr<GalleryStats> stats = g.Stats("small");
+    ASSERT_TRUE(stats.ok());
+    EXPECT_EQ(stats->dim, kSmallDim);
+    EXPECT_EQ(stats->num_faces, 6u);
+    EXPECT_EQ(g.Stats("big")->dim, kDim);
+  };
+  {
+    std::unique_ptr<Galleries> g = OpenGalleries(path);
+    ASSERT_TRUE(g->Enroll(Write("big", "b", big)).ok());
+    EnrollWrite w = Write("small", "s", small);
+    w.model_id = kSmall;
+    w.face_ids.resize(6);  // Write() counted faces of 512
+    for (std::string& id : w.face_ids) id = NewFaceId();
+    ASSERT_TRUE(g->Enroll(w).ok());
+    check(*g);
+    // 512-wide faces under the small gallery's model: refused, naming both.
+    EnrollWrite wrong = Write("small", "s", RandomUnits(1, 13));
+    wrong.model_id = kSmall;
+    absl::StatusOr<EnrollResult> refused = g->Enroll(wrong);
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(refused.status().message(),
+                HasSubstr("holds embeddings of 128 values (model dlib-resnet@000000000000); "
+                          "these have 512"));
+  }
+  std::unique_ptr<Galleries> reopened = OpenGalleries(path);
+  check(*reopened);
+
+  const std::vector<float> many = RandomUnits(300, 14, kSmallDim);
+  std::vector<int64_t> slots(300);
+  for (int i = 0; i < 300; ++i) slots[i] = i;
+  auto hnsw = HnswIndex::Build(HnswOptions{}, many.data(), slots.data(), 300, kSmallDim);
+  ASSERT_TRUE(hnsw.ok()) << hnsw.status();
+  auto flat = MakeFlatIndex(kSmallDim);
+  ASSERT_TRUE(flat->Add(many.data(), 300).ok());
+  for (int q : {0, 123, 299}) {
+    float sim = 0;
+    int64_t found = -1;
+    ASSERT_TRUE((*hnsw)->Search(many.data() + q * kSmallDim, 1, 1, &sim, &found).ok());
+    EXPECT_EQ(found, q);
+    EXPECT_NEAR(sim, 1.0, 1e-5);
+    ASSERT_TRUE(flat->Search(many.data() + q * kSmallDim, 1, 1, &sim, &found).ok());
+    EXPECT_EQ(found, q);
+  }
+}
+
+// A file written before galleries knew their embedding size (schema version 1: every gallery
+// ArcFace's 512) is migrated in place and reads as before.
+TEST(SqliteStore, SchemaVersion1FilesAreMigratedAndRead) {
+  TempDir dir;
+  const std::string path = dir.file("v1.db");
+  const std::vector<float> unit = RandomUnits(1, 21);
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+    // Version 1's tables, as that server created them.
+    const char* v1 =
+        "CREATE TABLE galleries(name TEXT PRIMARY KEY, model_id TEXT NOT NULL, version INTEGER "
+        "NOT NULL, committed_us INTEGER NOT NULL);"
+        "CREATE TABLE subjects(gallery TEXT NOT NULL, subject_id TEXT NOT NULL, labels TEXT NOT "
+        "NULL, updated_version INTEGER NOT NULL, removed_version INTEGER, PRIMARY KEY(gallery, "
+        "subject_id));"
+        "CREATE TABLE faces(gallery TEXT NOT NULL, face_id TEXT NOT NULL, subject_id TEXT NOT "
+        "NULL, model_id TEXT NOT NULL, embedding BLOB, request_id TEXT, request_seq INTEGER, "
+        "added_version INTEGER NOT NULL, removed_version INTEGER);"
+        "CREATE UNIQUE INDEX faces_id ON faces(gallery, face_id);"
+        "INSERT INTO galleries VALUES('old', 'arcface-r50@000000000000', 1, 0);"
+        "INSERT INTO subjects VALUES('old', 'ann', '{}', 1, NULL);"
+        "PRAGMA user_version=1;";
+    ASSERT_EQ(sqlite3_exec(db, v1, nullptr, nullptr, nullptr), SQLITE_OK) << sqlite3_errmsg(db);
+    sqlite3_stmt* insert = nullptr;
+    ASSERT_EQ(sqlite3_prepare_v2(db,
+                                 "INSERT INTO faces VALUES('old', 'f1', 'ann', "
+                                 "'arcface-r50@000000000000', ?, NULL, NULL, 1, NULL)",
+                                 -1, &insert, nullptr),
+              SQLITE_OK);
+    sqlite3_bind_blob(insert, 1, unit.data(), kDim * sizeof(float), SQLITE_TRANSIENT);
+    ASSERT_EQ(sqlite3_step(insert), SQLITE_DONE);
+    sqlite3_finalize(insert);
+    sqlite3_close(db);
+  }
+  {
+    std::unique_ptr<Galleries> g = OpenGalleries(path);
+    absl::StatusOr<GalleryStats> stats = g->Stats("old");
+    ASSERT_TRUE(stats.ok()) << stats.status();
+    EXPECT_EQ(stats->dim, kDim);
+    EXPECT_EQ(stats->num_faces, 1u);
+    std::vector<std::vector<Candidate>> results;
+    uint64_t version = 0;
+    ASSERT_TRUE(
+        g->Identify("old", kModel, unit.data(), 1, 1, std::nullopt, &results, &version).ok());
+    ASSERT_EQ(results[0].size(), 1u);
+    EXPECT_EQ(results[0][0].face_id, "f1");
+    // The migrated gallery takes more 512-wide faces, and no others.
+    ASSERT_TRUE(g->Enroll(Write("old", "bob", RandomUnits(2, 22))).ok());
+  }
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  sqlite3_stmt* read = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &read, nullptr), SQLITE_OK);
+  ASSERT_EQ(sqlite3_step(read), SQLITE_ROW);
+  EXPECT_EQ(sqlite3_column_int(read, 0), 2);
+  sqlite3_finalize(read);
+  sqlite3_close(db);
+  EXPECT_EQ(OpenGalleries(path)->Stats("old")->num_faces, 3u);
 }
 
 TEST(FlatIndex, SwapRemoveKeepsRowsDense) {

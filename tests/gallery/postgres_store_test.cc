@@ -457,7 +457,49 @@ TEST_F(PostgresStoreTest, SchemaNewerThanTheServerIsRefused) {
   absl::StatusOr<std::unique_ptr<GalleryStore>> s = OpenPostgresStore(uri_);
   EXPECT_EQ(s.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(s.status().message(), HasSubstr("version 99"));
-  EXPECT_THAT(s.status().message(), HasSubstr("newer than this server's 1"));
+  EXPECT_THAT(s.status().message(), HasSubstr("newer than this server's 2"));
+}
+
+// Schema 2 records each gallery's embedding size (its model's). A store of schema 1 (every
+// gallery ArcFace's 512) is migrated and reads as before; a gallery takes only its own size.
+TEST_F(PostgresStoreTest, EmbeddingSizesPerGalleryAndSchema1IsMigrated) {
+  EnrollWrite old = Write("old", "ann", {"f1", "f2"}, 7);
+  {
+    auto store = OpenPostgresStore(uri_);
+    ASSERT_TRUE(store.ok()) << store.status();
+    ASSERT_TRUE((*store)->Enroll(old).ok());
+  }
+  {
+    // Back to what a schema-1 server left.
+    pqxx::connection conn(uri_);
+    pqxx::work tx(conn);
+    tx.exec("ALTER TABLE arcface_galleries DROP COLUMN dim");
+    tx.exec("UPDATE arcface_schema SET version = 1");
+    tx.commit();
+  }
+  auto store = OpenPostgresStore(uri_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  absl::StatusOr<std::vector<GalleryDelta>> all = (*store)->ChangesSince({});
+  ASSERT_TRUE(all.ok()) << all.status();
+  ASSERT_EQ(all->size(), 1u);
+  EXPECT_EQ(Faces((*all)[0])["f2"], Row(old, 1));
+
+  // A 128-wide gallery beside it; 512-wide faces are refused there, naming both sizes.
+  EnrollWrite small = Write("small", "bob", {"s1", "s2"}, 8, {}, "", "dlib");
+  small.embeddings.resize(2 * 128);
+  ASSERT_TRUE((*store)->Enroll(small).ok());
+  EnrollWrite wide = Write("small", "bob", {"s3"}, 9, {}, "", "dlib");
+  absl::StatusOr<EnrollResult> refused = (*store)->Enroll(wide);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(refused.status().message(),
+              HasSubstr("gallery 'small' holds embeddings of 128 values; these have 512"));
+  all = (*store)->ChangesSince({{"old", 1}});
+  ASSERT_TRUE(all.ok()) << all.status();
+  ASSERT_EQ(all->size(), 1u);
+  const GalleryDelta& d = (*all)[0];
+  ASSERT_EQ(d.face_ids.size(), 2u);
+  ASSERT_EQ(d.embeddings.size(), 2u * 128);
+  EXPECT_TRUE(std::equal(d.embeddings.begin(), d.embeddings.end(), small.embeddings.begin()));
 }
 
 TEST_F(PostgresStoreTest, ConcurrentWritersGetDenseVersionsAndExactCounts) {

@@ -1,6 +1,7 @@
 // The fake embedding model of the service's tests (no torch): the embedding of a crop is a
 // deterministic function of its bytes, so every expected value can be computed by the test; it
-// can hold its batches (Hold/Release) and fail the next one.
+// can hold its batches (Hold/Release) and fail the next one. Its crop geometry and embedding size
+// are ArcFace's by default, or any other family's (a 150×150 / 128-d fake beside it).
 #ifndef ARCFACE_TESTS_SERVICE_FAKE_MODEL_H_
 #define ARCFACE_TESTS_SERVICE_FAKE_MODEL_H_
 
@@ -19,14 +20,20 @@
 
 namespace arcface::service {
 
+// ArcFace's shapes, which most tests use.
+using model::kCropBytes;
+using model::kCropSize;
+using model::kEmbeddingDim;
+
 // A crop's fake embedding: row j is a function of the crop's bytes (a hash) and j, with values
 // of both signs so that cosines spread over [-1, 1].
-inline std::vector<float> FakeEmbedding(const uint8_t* crop) {
+inline std::vector<float> FakeEmbedding(const uint8_t* crop, size_t crop_bytes = kCropBytes,
+                                        int dim = kEmbeddingDim) {
   uint64_t h = 1469598103934665603ull;
-  for (size_t i = 0; i < kCropBytes; ++i) h = (h ^ crop[i]) * 1099511628211ull;
-  std::vector<float> v(kEmbeddingDim);
+  for (size_t i = 0; i < crop_bytes; ++i) h = (h ^ crop[i]) * 1099511628211ull;
+  std::vector<float> v(dim);
   uint64_t x = h;
-  for (int j = 0; j < kEmbeddingDim; ++j) {
+  for (int j = 0; j < dim; ++j) {
     x ^= x >> 12;
     x ^= x << 25;
     x ^= x >> 27;
@@ -83,21 +90,35 @@ class BatchGate {
   bool held_ ABSL_GUARDED_BY(mu_) = false;
 };
 
+// The geometry of a dlib-like fake: 150×150 crops, the five points anywhere inside.
+inline constexpr model::CropGeometry kFakeDlibCrop = {
+    150, {{{51.0f, 61.0f}, {99.0f, 61.0f}, {75.0f, 88.0f}, {56.0f, 112.0f}, {94.0f, 112.0f}}}};
+
 class FakeModel final : public EmbeddingModel, public BatchGate {
  public:
+  FakeModel() = default;
+  FakeModel(const model::CropGeometry& geometry, int dim) : geometry_(geometry), dim_(dim) {}
+
+  const model::CropGeometry& geometry() const override { return geometry_; }
+  int embedding_dim() const override { return dim_; }
   absl::StatusOr<EmbeddingBatch> Run(absl::Span<const uint8_t> crops) override {
-    const int n = static_cast<int>(crops.size() / kCropBytes);
+    const size_t crop_bytes = geometry_.bytes();
+    const int n = static_cast<int>(crops.size() / crop_bytes);
     if (absl::Status s = Enter(n); !s.ok()) return s;
     EmbeddingBatch out;
     out.size = n;
-    out.values.reserve(size_t(n) * kEmbeddingDim);
+    out.values.reserve(size_t(n) * dim_);
     for (int i = 0; i < n; ++i) {
-      std::vector<float> e = FakeEmbedding(crops.data() + size_t(i) * kCropBytes);
+      std::vector<float> e = FakeEmbedding(crops.data() + size_t(i) * crop_bytes, crop_bytes, dim_);
       out.values.insert(out.values.end(), e.begin(), e.end());
       out.norms.push_back(static_cast<float>(Norm(e)));
     }
     return out;
   }
+
+ private:
+  const model::CropGeometry geometry_ = model::kArcFaceCrop;
+  const int dim_ = kEmbeddingDim;
 };
 
 }  // namespace arcface::service

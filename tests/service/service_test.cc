@@ -171,6 +171,49 @@ TEST(ServerFlags, BadValuesExitTwoNamingTheFlag) {
   }
 }
 
+TEST(ServerFlags, SeveralModelsByName) {
+  // --model ones first, in order, then --weights's and --demo-weights's; the first is the default.
+  FlagRun r = RunFlags(
+      {"--model", "dlib.v1=/etc/hostname", "--model", "r100=/etc/hostname", "--demo-weights"});
+  ASSERT_EQ(r.exit_code, -1) << r.err;
+  ASSERT_EQ(r.config.models.size(), 3u);
+  EXPECT_EQ(r.config.models[0].name, "dlib.v1");
+  EXPECT_EQ(r.config.models[0].path, "/etc/hostname");
+  EXPECT_FALSE(r.config.models[0].demo);
+  EXPECT_EQ(r.config.models[1].name, "r100");
+  EXPECT_EQ(r.config.models[2].name, "arcface-demo");
+  EXPECT_TRUE(r.config.models[2].demo);
+  r = RunFlags({"--weights", "/etc/hostname"});
+  ASSERT_EQ(r.exit_code, -1) << r.err;
+  ASSERT_EQ(r.config.models.size(), 1u);
+  EXPECT_EQ(r.config.models[0].name, "arcface");
+  EXPECT_EQ(r.config.models[0].path, "/etc/hostname");
+  setenv("ARCFACE_MODELS", "a=/etc/hostname,b_2=/etc/hostname", 1);
+  r = RunFlags({});
+  unsetenv("ARCFACE_MODELS");
+  ASSERT_EQ(r.exit_code, -1) << r.err;
+  ASSERT_EQ(r.config.models.size(), 2u);
+  EXPECT_EQ(r.config.models[1].name, "b_2");
+
+  const std::vector<std::pair<std::vector<std::string>, std::string>> bad = {
+      {{"--model", "Arc=/etc/hostname"},
+       "--model: model name 'Arc' must be 1 to 64 characters of a-z, 0-9, '_', '.' and '-'"},
+      {{"--model", std::string(65, 'a') + "=/etc/hostname"}, "must be 1 to 64 characters"},
+      {{"--model", "=/etc/hostname"}, "model name '' must be"},
+      {{"--model", "arcface"}, "'arcface' is not NAME=PATH"},
+      {{"--model", "a=/nonexistent/w"}, "/nonexistent/w: no such file (model 'a')"},
+      {{"--model", "a=/etc/hostname", "--model", "a=/etc/hostname"},
+       "--model: model name 'a' is given twice"},
+      {{"--model", "arcface=/etc/hostname", "--weights", "/etc/hostname"},
+       "--model: model name 'arcface' is given twice"},
+  };
+  for (const auto& [args, message] : bad) {
+    FlagRun b = RunFlags(args);
+    EXPECT_EQ(b.exit_code, 2) << absl::StrJoin(args, " ");
+    EXPECT_THAT(b.err, HasSubstr(message)) << absl::StrJoin(args, " ");
+  }
+}
+
 TEST(ServerFlags, EnvironmentVariablesAndHelp) {
   setenv("ARCFACE_DEMO_WEIGHTS", "true", 1);
   setenv("ARCFACE_MAX_BATCH_SIZE", "8", 1);

@@ -254,6 +254,9 @@ class ArcFaceClient:
     caps it at 5; 1 disables retries. No other code is retried (never INVALID_ARGUMENT). ``credentials``: a ``grpc.ChannelCredentials`` (``grpc.ssl_channel_credentials``,
     with a key and chain for mutual TLS) for a TLS channel; plaintext when None.
     ``options``: extra channel arguments, added to unlimited client-side message sizes.
+    ``model``: the served model (``list_models()`` names them) that ``embed``, ``embed_stream``,
+    ``compare``, ``detect``, ``detect_stream`` and ``model_info`` use; "" means the server's
+    default model. An unknown name raises ArcFaceError ``NOT_FOUND`` naming the served ones.
     ``max_faces_per_request``: faces per Embed request; None reads the server's limit from
     GetModelInfo on first use (256 if that fails). Large lists are split into several calls;
     the result keeps the input order.
@@ -264,9 +267,12 @@ class ArcFaceClient:
     """
 
     def __init__(self, target, timeout=DEFAULT_TIMEOUT, credentials=None, options=(),
-                 max_faces_per_request=None, channel=None, retries=DEFAULT_RETRIES):
+                 max_faces_per_request=None, channel=None, retries=DEFAULT_RETRIES, model=""):
         self.target = _channel_target(target)
         self.timeout = timeout
+        if not isinstance(model, str):
+            raise ValueError(f"model must be a served model's name (str), got {model!r}")
+        self.model = model
         merged = dict(DEFAULT_OPTIONS)
         merged["grpc.service_config"] = _service_config(retries)
         if self.target != target and credentials is not None:
@@ -336,7 +342,7 @@ class ArcFaceClient:
 
     def model_info(self, timeout=None):
         """GetModelInfo as a dict (proto field names; ``batching`` a nested dict)."""
-        info = self._call("GetModelInfo", pb.GetModelInfoRequest(), timeout)
+        info = self._call("GetModelInfo", pb.GetModelInfoRequest(model=self.model), timeout)
         with self._lock:
             self._info = info
             if self._max_faces is None and info.max_faces_per_request:
@@ -348,6 +354,11 @@ class ArcFaceClient:
         g = info.gallery
         d = info.detector
         return {
+            "name": info.name,
+            "family": info.family,
+            "metric": info.metric,
+            "default_threshold": info.default_threshold,
+            "is_default": info.is_default,
             "arch": info.arch,
             "embedding_dim": info.embedding_dim,
             "input_size": info.input_size,
@@ -392,6 +403,16 @@ class ArcFaceClient:
                 },
             },
         }
+
+    def list_models(self, timeout=None):
+        """The served models, the default first: a list of dicts (name, family, metric,
+        default_threshold, embedding_dim, input_size, model_id, demo_weights, is_default)."""
+        resp = self._call("ListModels", pb.ListModelsRequest(), timeout)
+        return [{"name": m.name, "family": m.family, "metric": m.metric,
+                 "default_threshold": m.default_threshold, "embedding_dim": m.embedding_dim,
+                 "input_size": m.input_size, "model_id": m.model_id,
+                 "demo_weights": m.demo_weights, "is_default": m.is_default}
+                for m in resp.models]
 
     @property
     def random_weights(self):
@@ -460,8 +481,8 @@ class ArcFaceClient:
             return np.zeros((0, EMBEDDING_DIM), np.float32)
         parts = []
         for chunk in self._chunks(faces):
-            resp = self._call("Embed", pb.EmbedRequest(faces=chunk, normalize=normalize),
-                              timeout)
+            resp = self._call("Embed", pb.EmbedRequest(faces=chunk, normalize=normalize,
+                                                       model=self.model), timeout)
             if len(resp.embeddings) != len(chunk):
                 raise ArcFaceError(grpc.StatusCode.INTERNAL,
                                    f"{len(resp.embeddings)} embeddings for {len(chunk)} faces",
@@ -490,7 +511,8 @@ class ArcFaceClient:
                 faces = [_face_message(item)] if single else [_face_message(f) for f in item]
                 with lock:
                     shapes.append(single)
-                yield pb.EmbedRequest(faces=faces, normalize=normalize, request_id=str(i))
+                yield pb.EmbedRequest(faces=faces, normalize=normalize, request_id=str(i),
+                                      model=self.model)
 
         call = self._stub.EmbedStream(requests(), timeout=timeout)
         index = 0
@@ -539,7 +561,8 @@ class ArcFaceClient:
         """
         fields = detect_fields(min_score, max_faces, embed, normalize, gallery, top_k,
                                threshold, min_face_size)
-        req = pb.DetectRequest(image=_image_message(image), request_id=request_id, **fields)
+        req = pb.DetectRequest(image=_image_message(image), request_id=request_id,
+                               model=self.model, **fields)
         resp = self._call("Detect", req, timeout)
         return detection_from_proto(resp, self._model_random_weights(fields))
 
@@ -587,7 +610,8 @@ class ArcFaceClient:
                     frame = next(source)
                 except StopIteration:
                     return
-                yield pb.DetectRequest(image=_image_message(frame), request_id=str(i), **fields)
+                yield pb.DetectRequest(image=_image_message(frame), request_id=str(i),
+                                       model=self.model, **fields)
                 i += 1
 
         call = self._stub.DetectStream(requests(), timeout=timeout)
@@ -645,7 +669,7 @@ class ArcFaceClient:
         n_faces = sum(p.HasField("face") for p in q + r)
         if n_faces > self.max_faces_per_request:
             q, r = self._embed_probes(q, timeout), self._embed_probes(r, timeout)
-        req = pb.CompareRequest(queries=q, references=r)
+        req = pb.CompareRequest(queries=q, references=r, model=self.model)
         if threshold is not None:
             req.threshold = float(threshold)
         resp = self._call("Compare", req, timeout)
@@ -693,7 +717,7 @@ class ArcFaceClient:
             offset += len(chunk)
 
     def enroll(self, subject_id, faces_or_embeddings, gallery="", labels=None, request_id="",
-               model_id="", timeout=None):
+               model_id="", timeout=None, model=""):
         """Adds faces to ``subject_id`` in ``gallery`` ("" means "default"), creating the
         subject and the gallery when new; returns an ``Enrollment`` (one face id per face, in
         order) once the faces are durable in the server's store.
@@ -701,7 +725,9 @@ class ArcFaceClient:
         ``faces_or_embeddings``: as ``compare`` takes them: faces (paths, bytes, uint8 arrays,
         ``FaceSpec``), embedded by the server's model, or embeddings (1-D float arrays, or one
         float array [N, 512]) taken as given (``model_id``: the model that computed them; ""
-        means the server's). ``labels``: a dict of strings set on the subject (keys given
+        means the server's). ``model``: the served model that embeds the faces of a new
+        gallery ("": the gallery's own model, for a new gallery the server's default); a
+        gallery's faces are always embedded by the model it is bound to. ``labels``: a dict of strings set on the subject (keys given
         replace their values). ``request_id``: the idempotency key: repeating a call with it
         adds nothing twice. More faces than the server's ``max_faces_per_enroll`` go in several
         requests (keys ``<request_id>#<n>``): a call that fails part way may have enrolled its
@@ -715,7 +741,7 @@ class ArcFaceClient:
         face_ids, resp = [], None
         for n, (offset, chunk) in enumerate(chunks):
             req = gpb.EnrollRequest(gallery=gallery, subject_id=subject_id, faces=chunk,
-                                    labels=labels or {}, model_id=model_id,
+                                    labels=labels or {}, model_id=model_id, model=model,
                                     request_id=base if len(chunks) == 1 else f"{base}#{n}")
             resp = self._gallery_call("Enroll", req, timeout, offset)
             if len(resp.face_ids) != len(chunk):
