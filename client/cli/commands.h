@@ -55,7 +55,7 @@ struct EmbedOptions {
 struct CompareOptions {
   std::vector<std::string> files;
   bool matrix = false;
-  float threshold = 0.4f;
+  std::optional<float> threshold;  // unset: the model's default_threshold (GetModelInfo)
   std::string plot;
 };
 

@@ -133,9 +133,11 @@ int Main(int argc, char** argv) {
                  "(demo) weights the output says it is no identity verdict");
   compare_cmd->add_option("files", compare.files, "Image files")->required();
   compare_cmd->add_flag("--matrix", compare.matrix, "All pairs of FILES");
-  compare_cmd->add_option("--threshold", compare.threshold,
-                          "Cosine at or above which two faces are the same person (default "
-                          "0.4, InsightFace's verification threshold for ArcFace)");
+  float compare_threshold = 0;
+  CLI::Option* compare_threshold_opt = compare_cmd->add_option(
+      "--threshold", compare_threshold,
+      "Cosine at or above which two faces are the same person (default: the model's own, "
+      "`models`: 0.4 for ArcFace as InsightFace uses, 0.9144 for dlib)");
   compare_cmd->add_option("--plot", compare.plot,
                           "With --matrix: write a PNG with face thumbnails and the heat map");
 
@@ -304,7 +306,10 @@ int Main(int argc, char** argv) {
       return Usage("compare takes two files (A B), or --matrix with several");
     }
     if (!compare.matrix && !compare.plot.empty()) return Usage("--plot needs --matrix");
-    if (!std::isfinite(compare.threshold)) return Usage("--threshold must be a number");
+    if (compare_threshold_opt->count() > 0) {
+      if (!std::isfinite(compare_threshold)) return Usage("--threshold must be a number");
+      compare.threshold = compare_threshold;
+    }
     return RunCompare(common, compare);
   }
   if (*detect_cmd) {

@@ -145,9 +145,11 @@ def test_compare_equals_golden_cosines(client, goldens):
     # faces (3 + 2 > 4 per request: the client embeds them first, split)
     sim, matches = client.compare([goldens.crop_u8(c) for c in q_cases],
                                   [goldens.crop_u8(c) for c in r_cases])
-    assert matches is None
     assert sim.dtype == np.float32 and sim.shape == (3, 2)
     np.testing.assert_allclose(sim, expected, atol=1e-4)
+    # No threshold given: the model's own (ArcFace's 0.4, from GetModelInfo).
+    assert client.default_threshold == pytest.approx(0.4)
+    np.testing.assert_array_equal(matches, sim >= np.float32(0.4))
 
     # embeddings as given, with a threshold between the values
     thr = float(np.median(expected))

@@ -419,13 +419,23 @@ class ArcFaceClient:
         """True when the server runs random (demo) weights: its embeddings, cosines and
         identities tell nothing about who is who. Read from GetModelInfo once per client (on
         first need); ``compare``, ``identify`` and ``detect`` put it on their results."""
+        return bool(self._cached_info().demo_weights)
+
+    def _cached_info(self):
+        """The model's GetModelInfo answer, asked for once per client."""
         with self._lock:
             info = self._info
         if info is None:
             self.model_info()
             with self._lock:
                 info = self._info
-        return bool(info.demo_weights)
+        return info
+
+    @property
+    def default_threshold(self):
+        """The model's own verification threshold as a cosine (ArcFace 0.4, dlib 0.9144): what
+        ``compare`` uses when given none. Read from GetModelInfo once per client."""
+        return float(self._cached_info().default_threshold)
 
     @property
     def max_faces_per_request(self):
@@ -658,9 +668,9 @@ class ArcFaceClient:
         Queries and references are lists of faces (paths, bytes, uint8 arrays, FaceSpec) or
         embeddings (1-D float arrays, or one float array [N, 512]); faces are embedded by the
         server. Returns a ``Comparison``, the pair ``(similarity, matches)``: float32 [rows,
-        cols], and bool [rows, cols] (similarity >= threshold) when a threshold is given, else
-        None; its ``random_weights`` says whether the server's weights are random (then the
-        matches are no identity verdict). When the faces exceed
+        cols], and bool [rows, cols] (similarity >= threshold; None: the model's own,
+        ``default_threshold``); its ``random_weights`` says whether the server's weights are
+        random (then the matches are no identity verdict). When the faces exceed
         the server's per-request limit they are embedded first (split) and compared as
         embeddings, which gives the same numbers.
         """
@@ -669,14 +679,13 @@ class ArcFaceClient:
         n_faces = sum(p.HasField("face") for p in q + r)
         if n_faces > self.max_faces_per_request:
             q, r = self._embed_probes(q, timeout), self._embed_probes(r, timeout)
-        req = pb.CompareRequest(queries=q, references=r, model=self.model)
-        if threshold is not None:
-            req.threshold = float(threshold)
+        if threshold is None:
+            threshold = self.default_threshold
+        req = pb.CompareRequest(queries=q, references=r, model=self.model,
+                                threshold=float(threshold))
         resp = self._call("Compare", req, timeout)
         sim = np.asarray(resp.similarities, np.float32).reshape(resp.rows, resp.cols)
-        matches = None
-        if threshold is not None:
-            matches = np.asarray(resp.matches, bool).reshape(resp.rows, resp.cols)
+        matches = np.asarray(resp.matches, bool).reshape(resp.rows, resp.cols)
         return Comparison(sim, matches, self.random_weights)
 
     def _embed_probes(self, probes, timeout):
