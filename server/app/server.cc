@@ -122,7 +122,8 @@ void SetHealth(grpc::Server* server, bool serving) {
 
 }  // namespace
 
-Server::Server(service::ServerConfig config) : config_(std::move(config)) {}
+Server::Server(service::ServerConfig config)
+    : config_(std::move(config)), specs_(service::ServedModelSpecs(config_)) {}
 
 Server::~Server() { StopServing(absl::Now(), absl::Now()); }
 
@@ -145,7 +146,7 @@ int Server::Run(const absl::Notification& stop) {
 absl::Status Server::Listen() {
   const service::ServerConfig& cfg = config_;
   std::vector<std::string> model_names;
-  for (const service::ModelSpec& spec : cfg.models) model_names.push_back(spec.name);
+  for (const service::ModelSpec& spec : specs_) model_names.push_back(spec.name);
   metrics_ = std::make_unique<service::ServiceMetrics>(cfg.max_batch_size, model_names);
   pool_threads_ = cfg.preprocess_threads > 0
                       ? cfg.preprocess_threads
@@ -226,7 +227,10 @@ absl::Status Server::Listen() {
 
 absl::Status Server::LoadModels() {
   load_start_ = absl::Now();
-  for (const service::ModelSpec& spec : config_.models) {
+  if (specs_.empty()) {
+    return absl::InvalidArgumentError("--weights: no model (--model, --weights, --demo-weights)");
+  }
+  for (const service::ModelSpec& spec : specs_) {
     if (spec.demo) {
       checkpoints_.push_back(model::MakeDemoCheckpoint());
       continue;
@@ -262,8 +266,8 @@ absl::Status Server::WarmUp() {
     // Validated with the flags; parsed again here for the injector itself.
     faults_ = *service::FaultInjector::Parse(cfg.test_fault_injection);
   }
-  for (size_t i = 0; i < cfg.models.size(); ++i) {
-    const service::ModelSpec& spec = cfg.models[i];
+  for (size_t i = 0; i < specs_.size(); ++i) {
+    const service::ModelSpec& spec = specs_[i];
     // Built (and warmed up) on a thread that exits afterwards. Every thread that runs libtorch
     // keeps an OpenMP team of its own; with the loading thread's idle team beside the model
     // thread's, libgomp manages more threads than there are cores and cuts its spin-wait at

@@ -107,6 +107,8 @@ class Server {
   void StopServing(absl::Time grpc_deadline, absl::Time since);
 
   const service::ServerConfig config_;
+  // The models to serve (service::ServedModelSpecs), the default first.
+  const std::vector<service::ModelSpec> specs_;
   // What the phases pass on to the next: the listening ports, each model's weights (until its
   // engine holds its own copy) and description, in config_.models' order (the default first).
   int grpc_port_ = 0;

@@ -97,11 +97,6 @@ absl::StatusOr<ProbeModel> ResolveProbeModel(
   } else {
     out.embeds = bound.empty() ? &models.default_model() : models.ByModelId(bound);
   }
-  if (has_faces && out.embeds == nullptr) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "the gallery is bound to model ", bound, ", which this server does not serve (it serves: ",
-        models.Names(), "); send embeddings of that model instead of faces"));
-  }
   const std::string& embedding_id =
       out.embeds != nullptr ? out.embeds->model_id() : models.default_model().model_id();
   out.model_id = embedding_id;
@@ -113,6 +108,17 @@ absl::StatusOr<ProbeModel> ResolveProbeModel(
           "; send faces and embeddings of another model in separate calls"));
     }
     out.model_id = requested;
+  }
+  if (has_faces && out.embeds == nullptr) {
+    std::string served;
+    for (const ServedModel& m : models.all()) {
+      absl::StrAppend(&served, served.empty() ? "" : ", ", m.model_id(), " ('", m.description.name,
+                      "')");
+    }
+    return absl::FailedPreconditionError(
+        absl::StrCat("the gallery is bound to model ", bound,
+                     ", which this server does not serve (it embeds faces with ", served,
+                     "); send embeddings of that model instead of faces"));
   }
   if (const ServedModel* m = models.ByModelId(out.model_id); m != nullptr) {
     out.dim = m->dim();

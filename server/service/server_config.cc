@@ -106,6 +106,13 @@ CLI::Validator DetectorSpec() {
 
 }  // namespace
 
+std::vector<ModelSpec> ServedModelSpecs(const ServerConfig& config) {
+  std::vector<ModelSpec> specs = config.models;
+  if (!config.weights.empty()) specs.push_back({kWeightsModelName, config.weights, false});
+  if (config.demo_weights) specs.push_back({kDemoModelName, "", true});
+  return specs;
+}
+
 std::string ParseModelFlag(const std::string& text, ModelSpec* spec) {
   const size_t eq = text.find('=');
   if (eq == std::string::npos) {
@@ -391,19 +398,18 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
     ParseModelFlag(flag, &spec);  // passed ModelFlag()
     c.models.push_back(std::move(spec));
   }
-  if (!c.weights.empty()) c.models.push_back({kWeightsModelName, c.weights, false});
-  if (c.demo_weights) c.models.push_back({kDemoModelName, "", true});
+  const std::vector<ModelSpec> served = ServedModelSpecs(c);
   if (!c.weights.empty() && c.demo_weights) {
     bad.push_back({"--weights and --demo-weights: give exactly one, not both"});
-  } else if (c.models.empty()) {
+  } else if (served.empty()) {
     bad.push_back(
         {"--weights: no model; give --weights PATH (or ARCFACE_WEIGHTS), --model NAME=PATH, or "
          "--demo-weights to try the pipeline on untrained weights"});
   }
-  for (size_t i = 0; i < c.models.size(); ++i) {
+  for (size_t i = 0; i < served.size(); ++i) {
     for (size_t j = 0; j < i; ++j) {
-      Check(&bad, c.models[i].name != c.models[j].name, "--model",
-            absl::StrCat("model name '", c.models[i].name, "' is given twice"));
+      Check(&bad, served[i].name != served[j].name, "--model",
+            absl::StrCat("model name '", served[i].name, "' is given twice"));
     }
   }
   Check(&bad, c.max_queue_size >= c.max_batch_size, "--max-queue-size",

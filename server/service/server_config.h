@@ -42,10 +42,8 @@ inline constexpr char kDemoModelName[] = "arcface-demo";
 struct ServerConfig {
   std::string weights;
   bool demo_weights = false;
-  // --model NAME=PATH, in order: NAME [a-z0-9_.-]{1,64}, distinct.
+  // --model NAME=PATH as given, and parsed, in order: NAME [a-z0-9_.-]{1,64}, distinct.
   std::vector<std::string> model_flags;
-  // Every served model, the default first: the --model ones in order, then --weights's
-  // (kWeightsModelName), then --demo-weights's (kDemoModelName). Filled by ParseServerFlags().
   std::vector<ModelSpec> models;
   std::string listen = "0.0.0.0:50051";
   std::string http_listen = "0.0.0.0:8080";
@@ -112,6 +110,10 @@ struct ParsedFlags {
 
 ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& out,
                              std::ostream& err);
+
+// Every model `config` serves, the default first: the --model ones in order, then --weights's
+// (kWeightsModelName), then --demo-weights's (kDemoModelName).
+std::vector<ModelSpec> ServedModelSpecs(const ServerConfig& config);
 
 // --model's value into *spec; "" when it is good, else what is wrong with it (the name's rule,
 // a path that does not exist).

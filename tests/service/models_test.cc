@@ -410,6 +410,34 @@ TEST_F(ModelsTest, AGalleryIsEmbeddedByItsOwnModel) {
   EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_EQ(s.error_message(), absl::StrCat("the gallery is bound to model ", kDlibId,
                                             " but model 'arcface' computes ", kArcFaceId));
+  // A gallery of a model this server does not serve takes its embeddings, never faces.
+  v1::EnrollRequest foreign;
+  foreign.set_gallery("u");
+  foreign.set_subject_id("x");
+  foreign.set_model_id("facenet@000000000000");
+  foreign.add_faces()->mutable_embedding()->mutable_values()->Resize(64, 0.5f);
+  s = Timed([&](grpc::ClientContext* c) { return gallery_stub_->Enroll(c, foreign, &enrolled); });
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  v1::IdentifyRequest by_face;
+  by_face.set_gallery("u");
+  *by_face.add_probes()->mutable_face() = FaceOf(ann);
+  s = Timed([&](grpc::ClientContext* c) { return gallery_stub_->Identify(c, by_face, &found); });
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(s.error_message(),
+            absl::StrCat("the gallery is bound to model facenet@000000000000, which this server "
+                         "does not serve (it embeds faces with ",
+                         kArcFaceId, " ('arcface'), ", kDlibId,
+                         " ('dlib')); send embeddings of that model instead of faces"));
+  // Its own embeddings (64 values, the size it was enrolled with) are identified.
+  v1::IdentifyRequest by_embedding;
+  by_embedding.set_gallery("u");
+  by_embedding.set_model_id("facenet@000000000000");
+  by_embedding.add_probes()->mutable_embedding()->mutable_values()->Resize(64, 0.5f);
+  s = Timed(
+      [&](grpc::ClientContext* c) { return gallery_stub_->Identify(c, by_embedding, &found); });
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_NEAR(found.results(0).candidates(0).similarity(), 1.0, 1e-5);
+
   // Detect against the gallery embeds with the gallery's model too.
   v1::DetectRequest detect;
   *detect.mutable_image() = RawImage(MakeFrame(2, 7));
