@@ -146,19 +146,24 @@ int Fail(const std::string& what, const absl::Status& status, bool usage) {
   return kExitSomeFailed;
 }
 
+// A server's answer as indented JSON with every field, named as in the proto (info, models).
+void PrintProtoJson(const google::protobuf::Message& message) {
+  std::string text;
+  google::protobuf::util::JsonPrintOptions print;
+  print.add_whitespace = true;
+  print.always_print_primitive_fields = true;
+  print.preserve_proto_field_names = true;
+  (void)google::protobuf::util::MessageToJsonString(message, &text, print);
+  std::cout << text;
+}
+
 int RunInfo(const CommonOptions& common, bool json) {
   auto client = MakeClient(common);
   if (!client.ok()) return Fail("client", client.status(), true);
   absl::StatusOr<arcface::v1::ModelInfo> info = (*client)->GetModelInfo();
   if (!info.ok()) return Fail("info", info.status());
   if (json) {
-    std::string text;
-    google::protobuf::util::JsonPrintOptions print;
-    print.add_whitespace = true;
-    print.always_print_primitive_fields = true;
-    print.preserve_proto_field_names = true;
-    (void)google::protobuf::util::MessageToJsonString(*info, &text, print);
-    std::cout << text;
+    PrintProtoJson(*info);
     return kExitOk;
   }
   const auto& b = info->batching();
@@ -194,13 +199,7 @@ int RunModels(const CommonOptions& common, bool json) {
   absl::StatusOr<arcface::v1::ListModelsResponse> models = (*client)->ListModels();
   if (!models.ok()) return Fail("models", models.status());
   if (json) {
-    std::string text;
-    google::protobuf::util::JsonPrintOptions print;
-    print.add_whitespace = true;
-    print.always_print_primitive_fields = true;
-    print.preserve_proto_field_names = true;
-    (void)google::protobuf::util::MessageToJsonString(*models, &text, print);
-    std::cout << text;
+    PrintProtoJson(*models);
     return kExitOk;
   }
   std::cout << absl::StrFormat("%-16s %-8s %-9s %-10s %4s %5s  %s\n", "NAME", "FAMILY", "METRIC",

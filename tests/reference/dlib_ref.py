@@ -39,7 +39,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from detect_ref import conv2d, read_tfjs, relu  # noqa: E402
+from detect_ref import avg_pool_valid, conv2d, read_tfjs, relu  # noqa: E402
 
 MEAN_RGB = (122.782, 117.001, 104.298)
 CHIP = 150
@@ -89,16 +89,6 @@ def max_pool_valid(x: np.ndarray, k: int, stride: int) -> np.ndarray:
             out = np.maximum(out, x[:, i:i + stride * (ho - 1) + 1:stride,
                                     j:j + stride * (wo - 1) + 1:stride, :])
     return out
-
-
-def avg_pool_valid(x: np.ndarray, k: int, stride: int) -> np.ndarray:
-    ho = (x.shape[1] - k) // stride + 1
-    wo = (x.shape[2] - k) // stride + 1
-    out = np.zeros((x.shape[0], ho, wo, x.shape[3]))
-    for i in range(k):
-        for j in range(k):
-            out += x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
-    return out / (k * k)
 
 
 def conv_layer(w, x, name: str, stride: int, padding: str, with_relu: bool) -> np.ndarray:
