@@ -101,6 +101,7 @@ struct EvalOptions {
   std::string root;
   std::string pairs;    // LFW-style pairs.txt; empty: every pair of images
   bool detect = false;  // --faces detect: the largest face the server's detector finds
+  double pad = 0;       // with detect: a black border this fraction of the size (PadImage)
   std::string gallery;  // also measure top-1 through FaceGallery in this scratch gallery
   std::string roc;      // PNG of the ROC
   bool json = false;

@@ -12,6 +12,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "client/cli/commands.h"
+#include "client/cli/eval_data.h"
 
 #ifndef ARCFACE_VERSION
 #define ARCFACE_VERSION "0.0.0"
@@ -210,6 +211,13 @@ int Main(int argc, char** argv) {
                    "detect: the largest face the server's detector finds (none: a failure)")
       ->check(CLI::IsMember({"whole", "detect"}))
       ->capture_default_str();
+  CLI::Option* eval_pad_opt =
+      eval_cmd
+          ->add_option("--pad", eval.pad,
+                       "With --faces detect: send each image inside a black border FRACTION of "
+                       "its width left and right and of its height above and below, so that a "
+                       "face filling a tight crop is found (dlib's johns chips: 1)")
+          ->check(CLI::Range(0.0, kMaxPad));
   eval_cmd->add_option("--gallery", eval.gallery,
                        "Also measure top-1 through the server's gallery: enrol every image into "
                        "this scratch gallery (refused when it holds faces), forget/identify/"
@@ -320,6 +328,9 @@ int Main(int argc, char** argv) {
   }
   if (*eval_cmd) {
     eval.detect = eval_faces == "detect";
+    if (eval_pad_opt->count() > 0 && !eval.detect) {
+      return Usage("--pad pads the image for the detector: it needs --faces detect");
+    }
     return RunEval(common, eval);
   }
   if (*bench_cmd) {
