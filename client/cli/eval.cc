@@ -137,9 +137,11 @@ absl::Status CheckScratchGallery(Client& client, const std::string& gallery) {
 
 // Top-1 through FaceGallery: every embedded image enrolled under its subject; then for each
 // image whose subject has another: Forget that face, Identify it, Enroll it back. At the end
-// every subject enrolled is forgotten again (also after an error).
+// every subject enrolled is forgotten again (also after an error). The embeddings are enrolled
+// as `model_id`'s, so that a new gallery binds to the model eval measures, not the default.
 absl::StatusOr<Top1Result> GalleryTop1(Client& client, const std::string& gallery,
-                                       const EvalSet& set, const Rows& rows) {
+                                       const std::string& model_id, const EvalSet& set,
+                                       const Rows& rows) {
   std::map<int, std::vector<size_t>> images_of;  // subject -> its embedded images
   for (size_t i = 0; i < rows.size(); ++i) {
     if (rows[i].ok()) images_of[set.images[i].subject].push_back(i);
@@ -149,8 +151,10 @@ absl::StatusOr<Top1Result> GalleryTop1(Client& client, const std::string& galler
   auto enroll = [&](int subject, const std::vector<size_t>& images) -> absl::Status {
     std::vector<client::Probe> probes;
     for (size_t i : images) probes.emplace_back(*rows[i]);
+    client::EnrollOptions options;
+    options.model_id = model_id;
     absl::StatusOr<arcface::v1::EnrollResponse> r =
-        client.Enroll(gallery, set.subjects[subject], probes);
+        client.Enroll(gallery, set.subjects[subject], probes, options);
     if (!r.ok()) return r.status();
     for (size_t k = 0; k < images.size(); ++k) face_id[images[k]] = r->face_ids(k);
     return absl::OkStatus();
@@ -278,7 +282,7 @@ int RunEval(const CommonOptions& common, const EvalOptions& options) {
   const Top1Result top1 = LeaveOneOutTop1(unit, subjects);
   std::optional<Top1Result> gallery_top1;
   if (!options.gallery.empty()) {
-    absl::StatusOr<Top1Result> t = GalleryTop1(**client, options.gallery, *set, rows);
+    absl::StatusOr<Top1Result> t = GalleryTop1(**client, options.gallery, info->model_id(), *set, rows);
     if (!t.ok()) return Fail(absl::StrCat("eval --gallery ", options.gallery), t.status());
     gallery_top1 = *t;
   }
