@@ -1,6 +1,7 @@
 #include "client/cli/commands.h"
 
 #include <atomic>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -78,6 +79,12 @@ cv::Mat ReadThumbnailSource(const std::string& file) {
   } catch (const cv::Exception&) {
     return cv::Mat();  // drawn as a placeholder; the embedding came from the server anyway
   }
+}
+
+// Two decimals when they say it all (ArcFace's 0.40), else four (dlib's 0.9144).
+std::string FormatThreshold(float threshold) {
+  const bool two = std::abs(std::round(threshold * 100.0) / 100.0 - threshold) < 1e-6;
+  return absl::StrFormat(two ? "%.2f" : "%.4f", threshold);
 }
 
 }  // namespace
@@ -292,6 +299,7 @@ int RunCompare(const CommonOptions& common, const CompareOptions& options) {
   absl::StatusOr<arcface::v1::ModelInfo> info = (*client)->GetModelInfo();
   if (!info.ok()) return Fail("compare", info.status());
   NoteDemo(*info);
+  const float threshold = options.threshold.value_or(info->default_threshold());
   if (!options.matrix) {
     std::vector<client::Probe> probes;
     for (const std::string& f : options.files) {
@@ -300,13 +308,13 @@ int RunCompare(const CommonOptions& common, const CompareOptions& options) {
       probes.emplace_back(std::move(*face));
     }
     absl::StatusOr<client::CompareResult> r =
-        (*client)->Compare({probes[0]}, {probes[1]}, options.threshold);
+        (*client)->Compare({probes[0]}, {probes[1]}, threshold);
     if (!r.ok()) return Fail("compare", r.status());
     const float cosine = r->at(0, 0);
     const bool same = !r->matches.empty() && r->matches[0];
     std::cout << absl::StrFormat(
-        "%s\t%s\tcosine=%.4f\t%s (threshold %.2f%s)\n", options.files[0], options.files[1], cosine,
-        same ? "same" : "different", options.threshold,
+        "%s\t%s\tcosine=%.4f\t%s (threshold %s%s)\n", options.files[0], options.files[1], cosine,
+        same ? "same" : "different", FormatThreshold(threshold),
         info->demo_weights() ? absl::StrCat("; ", kRandomWeightsVerdict) : "");
     return kExitOk;
   }
@@ -326,7 +334,7 @@ int RunCompare(const CommonOptions& common, const CompareOptions& options) {
   const bool some_failed = names.size() != options.files.size();
   if (names.empty()) return kExitSomeFailed;
   // The server computes the matrix from the embeddings as given.
-  absl::StatusOr<client::CompareResult> r = (*client)->Compare(vectors, vectors, options.threshold);
+  absl::StatusOr<client::CompareResult> r = (*client)->Compare(vectors, vectors, threshold);
   if (!r.ok()) return Fail("compare", r.status());
 
   const int n = static_cast<int>(names.size());
@@ -344,7 +352,7 @@ int RunCompare(const CommonOptions& common, const CompareOptions& options) {
     std::vector<cv::Mat> thumbnails;
     for (const std::string& f : names) thumbnails.push_back(ReadThumbnailSource(f));
     cv::Mat picture = DrawSimilarityMatrix(
-        thumbnails, r->similarities, options.threshold,
+        thumbnails, r->similarities, threshold,
         absl::StrCat("cosine similarity, ", info->model_id()),
         info->demo_weights() ? absl::StrCat(kRandomWeightsVerdict, " (the server's demo weights)")
                              : "");

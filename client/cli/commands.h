@@ -55,7 +55,9 @@ struct EmbedOptions {
 struct CompareOptions {
   std::vector<std::string> files;
   bool matrix = false;
-  float threshold = 0.4f;
+  // Cosine at or above which two faces are the same person; unset: the served model's
+  // default_threshold (ArcFace 0.4, dlib 0.9144).
+  std::optional<float> threshold;
   std::string plot;
 };
 

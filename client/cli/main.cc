@@ -135,8 +135,9 @@ int Main(int argc, char** argv) {
   compare_cmd->add_option("files", compare.files, "Image files")->required();
   compare_cmd->add_flag("--matrix", compare.matrix, "All pairs of FILES");
   compare_cmd->add_option("--threshold", compare.threshold,
-                          "Cosine at or above which two faces are the same person (default "
-                          "0.4, InsightFace's verification threshold for ArcFace)");
+                          "Cosine at or above which two faces are the same person (default: "
+                          "the served model's, 0.4 for ArcFace as InsightFace uses, 0.9144 for "
+                          "dlib's 0.6)");
   compare_cmd->add_option("--plot", compare.plot,
                           "With --matrix: write a PNG with face thumbnails and the heat map");
 
@@ -312,7 +313,9 @@ int Main(int argc, char** argv) {
       return Usage("compare takes two files (A B), or --matrix with several");
     }
     if (!compare.matrix && !compare.plot.empty()) return Usage("--plot needs --matrix");
-    if (!std::isfinite(compare.threshold)) return Usage("--threshold must be a number");
+    if (compare.threshold && !std::isfinite(*compare.threshold)) {
+      return Usage("--threshold must be a number");
+    }
     return RunCompare(common, compare);
   }
   if (*detect_cmd) {
