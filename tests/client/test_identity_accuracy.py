@@ -17,6 +17,7 @@ rounding, never for a model that stopped telling these five people apart."""
 
 import json
 import os
+import re
 
 import pytest
 
@@ -98,3 +99,20 @@ def test_random_arcface_is_the_control(server, johns):
     assert doc["top1"]["rate"] <= 0.85, figures
     gallery = doc["gallery_top1"]
     assert gallery["probes"] == 55 and abs(gallery["correct"] - doc["top1"]["correct"]) <= 1, gallery
+
+
+def test_compare_gives_dlibs_verdict_at_its_threshold(server, johns):
+    """What a new user of `deploy/run.sh --demo-weights` sees: compare's threshold is the served
+    model's, dlib's 0.9144, and its verdicts are right; `--model arcface-demo` says its own are
+    no identity verdict."""
+    def photos(person):
+        return [os.path.join(johns, person, f)
+                for f in sorted(os.listdir(os.path.join(johns, person)))]
+    (a, b), other = photos("John_Salley")[:2], photos("John_Savage")[0]
+    for x, y, verdict in ((a, b, "same"), (a, other, "different")):
+        r = run_cli("--server", server, "compare", x, y)
+        assert r.returncode == 0, r.stderr
+        assert re.search(rf"cosine=[0-9.]+\t{verdict} \(threshold 0\.9144\)$", r.stdout), r.stdout
+    r = run_cli("--server", server, "--model", "arcface-demo", "compare", a, other)
+    assert r.returncode == 0 and re.search(
+        r"\(threshold 0\.40; random weights: not an identity verdict\)$", r.stdout), r.stdout
