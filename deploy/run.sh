@@ -40,7 +40,8 @@ else
   echo "run: no weights at '$weights'." >&2
   echo "run:   get them:  deploy/fetch-weights.sh   (py-feat/arcface_r50, non-commercial licence)" >&2
   echo "run:   or point ARCFACE_WEIGHTS at a .safetensors or InsightFace .onnx file" >&2
-  echo "run:   or try the demo: dlib's trained model, and ArcFace on seeded random weights: deploy/run.sh --demo-weights" >&2
+  echo "run:   or try the demo (dlib's trained model; ArcFace on seeded random weights):" \
+    "deploy/run.sh --demo-weights" >&2
   if [[ -t 0 ]]; then
     read -r -p "Use the demo now? [y/N] " answer
     [[ $answer == [yY]* ]] || exit 1

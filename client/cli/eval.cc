@@ -282,7 +282,8 @@ int RunEval(const CommonOptions& common, const EvalOptions& options) {
   const Top1Result top1 = LeaveOneOutTop1(unit, subjects);
   std::optional<Top1Result> gallery_top1;
   if (!options.gallery.empty()) {
-    absl::StatusOr<Top1Result> t = GalleryTop1(**client, options.gallery, info->model_id(), *set, rows);
+    absl::StatusOr<Top1Result> t =
+        GalleryTop1(**client, options.gallery, info->model_id(), *set, rows);
     if (!t.ok()) return Fail(absl::StrCat("eval --gallery ", options.gallery), t.status());
     gallery_top1 = *t;
   }

@@ -217,8 +217,8 @@ absl::StatusOr<EvalSet> PairsFromFile(const std::string& root, const std::string
 absl::StatusOr<cv::Mat> PadImage(const cv::Mat& image, double fraction) {
   if (image.empty()) return absl::InvalidArgumentError("--pad: empty image");
   if (!(fraction >= 0 && fraction <= kMaxPad)) {  // also NaN
-    return absl::InvalidArgumentError(
-        absl::StrFormat("--pad %g: not a fraction of the image's size in [0, %g]", fraction, kMaxPad));
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--pad %g: not a fraction of the image's size in [0, %g]", fraction, kMaxPad));
   }
   const int x = static_cast<int>(std::lround(fraction * image.cols));
   const int y = static_cast<int>(std::lround(fraction * image.rows));

@@ -98,7 +98,10 @@ def test_random_arcface_is_the_control(server, johns):
     assert 0.5 <= doc["roc_auc"] <= 0.85, figures
     assert doc["top1"]["rate"] <= 0.85, figures
     gallery = doc["gallery_top1"]
-    assert gallery["probes"] == 55 and abs(gallery["correct"] - doc["top1"]["correct"]) <= 1, gallery
+    # The gallery's exact search finds the nearest face as the client's scan does (float
+    # cosines may break a near tie the other way).
+    assert gallery["probes"] == 55, gallery
+    assert abs(gallery["correct"] - doc["top1"]["correct"]) <= 1, (gallery, doc["top1"])
 
 
 def test_compare_gives_dlibs_verdict_at_its_threshold(server, johns):
