@@ -60,7 +60,12 @@ Rows EmbedWhole(Client& client, const EvalSet& set, absl::Status* stream) {
 // The file as the detector gets it: its bytes, or with --pad its pixels inside the border.
 absl::StatusOr<client::FaceInput> Frame(const std::string& path, double pad) {
   if (pad == 0) return client::FaceInput::FromFile(path);
-  const cv::Mat image = cv::imread(path, cv::IMREAD_COLOR);
+  cv::Mat image;
+  try {
+    image = cv::imread(path, cv::IMREAD_COLOR);
+  } catch (const cv::Exception& e) {  // e.g. beyond OpenCV's pixel limit
+    return absl::InvalidArgumentError(absl::StrCat(path, ": OpenCV cannot decode it: ", e.what()));
+  }
   if (image.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": not an image OpenCV can decode"));
   }
