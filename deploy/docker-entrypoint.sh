@@ -1,7 +1,11 @@
 #!/bin/sh
 # The image's entry point: picks the weights, then runs arcface-server as PID 1 (it handles
 # SIGTERM itself: drain, then exit 0).
-#   ARCFACE_DEMO_WEIGHTS=true   seeded random weights (the pipeline is real, the embeddings are not
+#   ARCFACE_DEMO_WEIGHTS=true   the demo: the default model `dlib` is dlib's trained face
+#                               descriptor (face-api's face_recognition_model, which the image
+#                               carries in /opt/arcface/face-api with the detector's files: real
+#                               verdicts), and model `arcface-demo` ArcFace on seeded random
+#                               weights (the pipeline is real, the embeddings are not
 #                               meaningful); ARCFACE_WEIGHTS is then ignored
 #   ARCFACE_WEIGHTS=/models/..  otherwise (default /models/arcface_r50.safetensors, mounted read-only)
 # Arguments starting with "-" go to arcface-server; anything else runs as a command
@@ -27,7 +31,9 @@ done
 # The server refuses both a weights file and the demo weights: keep only the chosen one.
 if [ "$demo" = true ]; then
   unset ARCFACE_WEIGHTS
-  echo "docker-entrypoint: DEMO weights (seeded random): the embeddings are NOT meaningful" >&2
+  echo "docker-entrypoint: DEMO: the default model 'dlib' is dlib's trained face descriptor;" \
+    "'arcface-demo' is ArcFace on seeded random weights, its embeddings are NOT meaningful" >&2
+  set -- --model dlib=/opt/arcface/face-api "$@"
 else
   unset ARCFACE_DEMO_WEIGHTS
   if [ "$demo" = false ] && [ ! -r "${ARCFACE_WEIGHTS:-}" ]; then

@@ -55,7 +55,9 @@ struct EmbedOptions {
 struct CompareOptions {
   std::vector<std::string> files;
   bool matrix = false;
-  std::optional<float> threshold;  // unset: the model's default_threshold (GetModelInfo)
+  // Cosine at or above which two faces are the same person; unset: the served model's
+  // default_threshold (ArcFace 0.4, dlib 0.9144).
+  std::optional<float> threshold;
   std::string plot;
 };
 
@@ -101,6 +103,7 @@ struct EvalOptions {
   std::string root;
   std::string pairs;    // LFW-style pairs.txt; empty: every pair of images
   bool detect = false;  // --faces detect: the largest face the server's detector finds
+  double pad = 0;       // with detect: a black border this fraction of the size (PadImage)
   std::string gallery;  // also measure top-1 through FaceGallery in this scratch gallery
   std::string roc;      // PNG of the ROC
   bool json = false;

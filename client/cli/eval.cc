@@ -2,9 +2,10 @@
 // identity subfolders (eval_data.h: the images and pairs; eval_metrics.h: the figures).
 // Each image gets one unit-length embedding from the server: the whole image as the crop
 // (EmbedStream, as `embed` sends a file), or with --faces detect the largest face the server's
-// detector finds (DetectStream with embed); an image that fails, or shows no face, is reported
-// and counted, and the pairs it is in are left out and counted. With --gallery the top-1 is
-// measured again through the server's FaceGallery, in a scratch gallery that is emptied again.
+// detector finds (DetectStream with embed; --pad puts a black border around each image first);
+// an image that fails, or shows no face, is reported and counted, and the pairs it is in are
+// left out and counted. With --gallery the top-1 is measured again through the server's
+// FaceGallery, in a scratch gallery that is emptied again.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -13,6 +14,8 @@
 #include <iostream>
 #include <map>
 #include <optional>
+
+#include <opencv2/imgcodecs.hpp>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -54,7 +57,24 @@ Rows EmbedWhole(Client& client, const EvalSet& set, absl::Status* stream) {
   return rows;
 }
 
-Rows EmbedDetected(Client& client, const EvalSet& set, absl::Status* stream) {
+// The file as the detector gets it: its bytes, or with --pad its pixels inside the border.
+absl::StatusOr<client::FaceInput> Frame(const std::string& path, double pad) {
+  if (pad == 0) return client::FaceInput::FromFile(path);
+  cv::Mat image;
+  try {
+    image = cv::imread(path, cv::IMREAD_COLOR);
+  } catch (const cv::Exception& e) {  // e.g. beyond OpenCV's pixel limit
+    return absl::InvalidArgumentError(absl::StrCat(path, ": OpenCV cannot decode it: ", e.what()));
+  }
+  if (image.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not an image OpenCV can decode"));
+  }
+  absl::StatusOr<cv::Mat> padded = PadImage(image, pad);
+  if (!padded.ok()) return padded.status();
+  return client::FaceInput::FromMat(*padded, path);
+}
+
+Rows EmbedDetected(Client& client, const EvalSet& set, double pad, absl::Status* stream) {
   const size_t n = set.images.size();
   // Slot i is written by one thread only: the writer (an unreadable file) or the caller (the
   // answer); the stream has joined its writer when it returns.
@@ -72,7 +92,7 @@ Rows EmbedDetected(Client& client, const EvalSet& set, absl::Status* stream) {
   auto next = [&]() -> std::optional<client::FrameItem> {
     while (next_index < n) {
       const size_t i = next_index++;
-      absl::StatusOr<client::FaceInput> frame = client::FaceInput::FromFile(set.images[i].path);
+      absl::StatusOr<client::FaceInput> frame = Frame(set.images[i].path, pad);
       if (frame.ok()) return client::FrameItem{*std::move(frame), static_cast<int64_t>(i)};
       rows[i] = frame.status();
       finished(i);
@@ -122,9 +142,11 @@ absl::Status CheckScratchGallery(Client& client, const std::string& gallery) {
 
 // Top-1 through FaceGallery: every embedded image enrolled under its subject; then for each
 // image whose subject has another: Forget that face, Identify it, Enroll it back. At the end
-// every subject enrolled is forgotten again (also after an error).
+// every subject enrolled is forgotten again (also after an error). The embeddings are enrolled
+// as `model_id`'s, so that a new gallery binds to the model eval measures, not the default.
 absl::StatusOr<Top1Result> GalleryTop1(Client& client, const std::string& gallery,
-                                       const EvalSet& set, const Rows& rows) {
+                                       const std::string& model_id, const EvalSet& set,
+                                       const Rows& rows) {
   std::map<int, std::vector<size_t>> images_of;  // subject -> its embedded images
   for (size_t i = 0; i < rows.size(); ++i) {
     if (rows[i].ok()) images_of[set.images[i].subject].push_back(i);
@@ -134,8 +156,10 @@ absl::StatusOr<Top1Result> GalleryTop1(Client& client, const std::string& galler
   auto enroll = [&](int subject, const std::vector<size_t>& images) -> absl::Status {
     std::vector<client::Probe> probes;
     for (size_t i : images) probes.emplace_back(*rows[i]);
+    client::EnrollOptions options;
+    options.model_id = model_id;
     absl::StatusOr<arcface::v1::EnrollResponse> r =
-        client.Enroll(gallery, set.subjects[subject], probes);
+        client.Enroll(gallery, set.subjects[subject], probes, options);
     if (!r.ok()) return r.status();
     for (size_t k = 0; k < images.size(); ++k) face_id[images[k]] = r->face_ids(k);
     return absl::OkStatus();
@@ -223,7 +247,8 @@ int RunEval(const CommonOptions& common, const EvalOptions& options) {
 
   absl::Status stream;
   const Rows rows =
-      options.detect ? EmbedDetected(**client, *set, &stream) : EmbedWhole(**client, *set, &stream);
+      options.detect ? EmbedDetected(**client, *set, options.pad, &stream)
+                     : EmbedWhole(**client, *set, &stream);
   if (!stream.ok()) return Fail("eval", stream);
   std::vector<FailedInput> failed;
   std::vector<std::vector<float>> unit;
@@ -262,7 +287,8 @@ int RunEval(const CommonOptions& common, const EvalOptions& options) {
   const Top1Result top1 = LeaveOneOutTop1(unit, subjects);
   std::optional<Top1Result> gallery_top1;
   if (!options.gallery.empty()) {
-    absl::StatusOr<Top1Result> t = GalleryTop1(**client, options.gallery, *set, rows);
+    absl::StatusOr<Top1Result> t =
+        GalleryTop1(**client, options.gallery, info->model_id(), *set, rows);
     if (!t.ok()) return Fail(absl::StrCat("eval --gallery ", options.gallery), t.status());
     gallery_top1 = *t;
   }
@@ -321,6 +347,7 @@ int RunEval(const CommonOptions& common, const EvalOptions& options) {
                           {"pairs_file", options.pairs.empty() ? nlohmann::json(nullptr)
                                                                : nlohmann::json(options.pairs)},
                           {"faces", options.detect ? "detect" : "whole"},
+                          {"pad", options.pad},
                           {"model_id", info->model_id()},
                           {"random_weights", random},
                           {"identities", set->subjects.size()},
@@ -351,7 +378,10 @@ int RunEval(const CommonOptions& common, const EvalOptions& options) {
     std::vector<std::vector<std::string>> table = {
         {"MEASURE", "VALUE"},
         {"model", absl::StrCat(info->model_id(), random ? " (random demo weights)" : "")},
-        {"faces", options.detect ? "detect (the largest face)" : "whole (each image as the crop)"},
+        {"faces", !options.detect ? "whole (each image as the crop)"
+                  : options.pad > 0
+                      ? absl::StrFormat("detect (the largest face; padded by %g)", options.pad)
+                      : "detect (the largest face)"},
         {"pairs from", options.pairs.empty() ? "every pair of images" : options.pairs},
         {"identities", absl::StrCat(set->subjects.size())},
         {"images", absl::StrFormat("%d (%d failed)", rows.size(), failed.size())},

@@ -1,10 +1,13 @@
 #include "client/cli/eval_data.h"
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <sstream>
+
+#include <opencv2/core.hpp>
 
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
@@ -209,6 +212,19 @@ absl::StatusOr<EvalSet> PairsFromFile(const std::string& root, const std::string
   }
   if (absl::Status s = CheckUsable(set, pairs_path); !s.ok()) return s;
   return set;
+}
+
+absl::StatusOr<cv::Mat> PadImage(const cv::Mat& image, double fraction) {
+  if (image.empty()) return absl::InvalidArgumentError("--pad: empty image");
+  if (!(fraction >= 0 && fraction <= kMaxPad)) {  // also NaN
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--pad %g: not a fraction of the image's size in [0, %g]", fraction, kMaxPad));
+  }
+  const int x = static_cast<int>(std::lround(fraction * image.cols));
+  const int y = static_cast<int>(std::lround(fraction * image.rows));
+  cv::Mat padded;
+  cv::copyMakeBorder(image, padded, y, y, x, x, cv::BORDER_CONSTANT, cv::Scalar::all(0));
+  return padded;
 }
 
 }  // namespace arcface::cli

@@ -21,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include <opencv2/core/mat.hpp>
+
 #include "absl/status/statusor.h"
 
 namespace arcface::cli {
@@ -66,6 +68,14 @@ absl::StatusOr<EvalSet> AllPairs(const std::string& root, int folds);
 // The images and pairs `pairs_path` names; its folds when its header gives them, else `folds`.
 absl::StatusOr<EvalSet> PairsFromFile(const std::string& root, const std::string& pairs_path,
                                       int folds);
+
+// eval --pad FRACTION (with --faces detect): `image` inside a black border FRACTION of its width
+// on the left and on the right and FRACTION of its height above and below. A face that fills a
+// tight crop (dlib's 150x150 johns chips) is mostly missed by the detector, which was trained on
+// faces with surroundings; with a border it is found, and aligned by its own landmarks. 0 gives
+// the image unchanged. INVALID_ARGUMENT for an empty image or a fraction outside [0, kMaxPad].
+inline constexpr double kMaxPad = 4.0;
+absl::StatusOr<cv::Mat> PadImage(const cv::Mat& image, double fraction);
 
 }  // namespace arcface::cli
 

@@ -12,6 +12,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "client/cli/commands.h"
+#include "client/cli/eval_data.h"
 
 #ifndef ARCFACE_VERSION
 #define ARCFACE_VERSION "0.0.0"
@@ -133,11 +134,10 @@ int Main(int argc, char** argv) {
                  "(demo) weights the output says it is no identity verdict");
   compare_cmd->add_option("files", compare.files, "Image files")->required();
   compare_cmd->add_flag("--matrix", compare.matrix, "All pairs of FILES");
-  float compare_threshold = 0;
-  CLI::Option* compare_threshold_opt = compare_cmd->add_option(
-      "--threshold", compare_threshold,
-      "Cosine at or above which two faces are the same person (default: the model's own, "
-      "`models`: 0.4 for ArcFace as InsightFace uses, 0.9144 for dlib)");
+  compare_cmd->add_option("--threshold", compare.threshold,
+                          "Cosine at or above which two faces are the same person (default: "
+                          "the served model's, 0.4 for ArcFace as InsightFace uses, 0.9144 for "
+                          "dlib's 0.6)");
   compare_cmd->add_option("--plot", compare.plot,
                           "With --matrix: write a PNG with face thumbnails and the heat map");
 
@@ -212,6 +212,13 @@ int Main(int argc, char** argv) {
                    "detect: the largest face the server's detector finds (none: a failure)")
       ->check(CLI::IsMember({"whole", "detect"}))
       ->capture_default_str();
+  CLI::Option* eval_pad_opt =
+      eval_cmd
+          ->add_option("--pad", eval.pad,
+                       "With --faces detect: send each image inside a black border FRACTION of "
+                       "its width left and right and of its height above and below, so that a "
+                       "face filling a tight crop is found (dlib's johns chips: 1)")
+          ->check(CLI::Range(0.0, kMaxPad));
   eval_cmd->add_option("--gallery", eval.gallery,
                        "Also measure top-1 through the server's gallery: enrol every image into "
                        "this scratch gallery (refused when it holds faces), forget/identify/"
@@ -306,9 +313,8 @@ int Main(int argc, char** argv) {
       return Usage("compare takes two files (A B), or --matrix with several");
     }
     if (!compare.matrix && !compare.plot.empty()) return Usage("--plot needs --matrix");
-    if (compare_threshold_opt->count() > 0) {
-      if (!std::isfinite(compare_threshold)) return Usage("--threshold must be a number");
-      compare.threshold = compare_threshold;
+    if (compare.threshold && !std::isfinite(*compare.threshold)) {
+      return Usage("--threshold must be a number");
     }
     return RunCompare(common, compare);
   }
@@ -325,6 +331,9 @@ int Main(int argc, char** argv) {
   }
   if (*eval_cmd) {
     eval.detect = eval_faces == "detect";
+    if (eval_pad_opt->count() > 0 && !eval.detect) {
+      return Usage("--pad pads the image for the detector: it needs --faces detect");
+    }
     return RunEval(common, eval);
   }
   if (*bench_cmd) {

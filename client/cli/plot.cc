@@ -95,6 +95,10 @@ cv::Mat DrawSimilarityMatrix(const std::vector<cv::Mat>& thumbnails,
       const cv::Scalar color = CosineColor(v);
       cv::rectangle(canvas, box, color, cv::FILLED);
       cv::rectangle(canvas, box, kBackground, 1);
+      if (v >= threshold) {  // the verdict "same": on a trained model's narrow range of cosines
+        cv::rectangle(canvas, cv::Rect(box.x + 2, box.y + 2, box.width - 4, box.height - 4),
+                      kSameFrame, kSameFrameWidth);
+      }
       const double luminance = 0.114 * color[0] + 0.587 * color[1] + 0.299 * color[2];
       CenteredText(canvas, absl::StrFormat("%.2f", v), box, value_scale,
                    luminance < 140 ? kBackground : kInk);
@@ -120,7 +124,7 @@ cv::Mat DrawSimilarityMatrix(const std::vector<cv::Mat>& thumbnails,
                 cv::FONT_HERSHEY_SIMPLEX, 0.38, kInk, 1, cv::LINE_AA);
   }
   const int ty = y_of(threshold);
-  cv::line(canvas, {bar_x - 4, ty}, {bar_x + bar_w + 3, ty}, cv::Scalar(0, 160, 0), 2);
+  cv::line(canvas, {bar_x - 4, ty}, {bar_x + bar_w + 3, ty}, kSameFrame, 2);
   cv::putText(canvas, absl::StrFormat("thr %.2f", threshold), {bar_x + bar_w + 7, ty + 14},
               cv::FONT_HERSHEY_SIMPLEX, 0.35, cv::Scalar(0, 120, 0), 1, cv::LINE_AA);
   cv::putText(canvas, "cosine", {bar_x - 6, bar_top - 8}, cv::FONT_HERSHEY_SIMPLEX, 0.4, kInk, 1,

@@ -7,7 +7,10 @@
 //     width  = cell (row thumbnails) + n * cell (matrix) + kColorBarWidth
 //     height = kTitleHeight + cell (column thumbnails) + n * cell + kBottomMargin
 //   Cells are coloured on a fixed blue-white-red scale over [-1, 1] with the value printed;
-//   the colour bar on the right marks the threshold.
+//   a cell at or above the threshold (the verdict "same") is framed in kSameFrame, its frame
+//   kSameFrameWidth pixels wide from 2 pixels inside the cell's edge (a trained model's cosines
+//   can all be red: dlib's lie in 0.7-1 and its threshold is 0.9144); the colour bar on the
+//   right marks the threshold.
 // - Detections: the image itself (the same size) with, for face i, its box in the palette's
 //   colour i (kDetectionPalette, cycling), its five landmarks as filled dots in the fixed colours
 //   kLandmarkColors (left eye, right eye, nose tip, left and right mouth corners), and its label
@@ -34,6 +37,8 @@ namespace arcface::cli {
 constexpr int kTitleHeight = 52;  // a title line and a subtitle line
 constexpr int kColorBarWidth = 110;
 constexpr int kBottomMargin = 10;
+inline const cv::Scalar kSameFrame(0, 160, 0);  // BGR, the threshold's green
+constexpr int kSameFrameWidth = 2;
 
 // 96 pixels, smaller for many items so the picture stays within ~1600 pixels (at least 32).
 int MatrixCellSize(int n);

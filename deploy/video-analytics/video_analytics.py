@@ -172,9 +172,11 @@ def main(argv=None):
     p.add_argument("--fps", type=float, default=float(os.environ.get("VIDEO_FPS", "2")),
                    help="frames per second at most, 0: no pause (env VIDEO_FPS; default 2)")
     p.add_argument("--max-frames", type=int, default=0, help="stop after this many frames (0: never)")
-    p.add_argument("--threshold", type=float, default=float(os.environ.get("VIDEO_THRESHOLD", "0.4")),
+    threshold = os.environ.get("VIDEO_THRESHOLD")
+    p.add_argument("--threshold", type=float, default=float(threshold) if threshold else None,
                    help="cosine at which a face is an identity already seen, or a gallery's "
-                        "subject (env VIDEO_THRESHOLD; default InsightFace's 0.4)")
+                        "subject (env VIDEO_THRESHOLD; default the served model's: ArcFace 0.4, "
+                        "InsightFace's; dlib 0.9144)")
     p.add_argument("--min-score", type=float, default=0.0,
                    help="the detector's score below which a face is left out (0: the server's)")
     p.add_argument("--min-face", type=float, default=40,
@@ -191,12 +193,6 @@ def main(argv=None):
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
 
-    identities = Identities(args.threshold)
-    options = dict(min_score=args.min_score, min_face_size=args.min_face)
-    if args.gallery:
-        options.update(gallery=args.gallery, top_k=1, threshold=args.threshold)
-    else:
-        options.update(embed=True)
     with ArcFaceClient(args.server, timeout=30) as client:
         if not client.wait_ready(args.wait):
             print(f"video-analytics: {args.server} not SERVING after {args.wait} s", file=sys.stderr)
@@ -210,9 +206,16 @@ def main(argv=None):
             print(f"video-analytics: {args.server} keeps no galleries (--gallery-store none): "
                   f"--gallery {args.gallery} needs a store", file=sys.stderr)
             return 1
+        threshold = info["default_threshold"] if args.threshold is None else args.threshold
+        identities = Identities(threshold)
+        options = dict(min_score=args.min_score, min_face_size=args.min_face)
+        if args.gallery:
+            options.update(gallery=args.gallery, top_k=1, threshold=threshold)
+        else:
+            options.update(embed=True)
         log(event="connected", server=args.server, model_id=info["model_id"],
             demo_weights=info["demo_weights"], detector_id=info["detector"]["detector_id"],
-            gallery=args.gallery or None)
+            gallery=args.gallery or None, threshold=threshold)
         pacer = Pacer(frames(args.input, loop=not args.no_loop), args.fps, args.max_frames, stop)
         while True:
             try:

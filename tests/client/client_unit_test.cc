@@ -310,6 +310,16 @@ TEST(Plot, MatrixLayoutAndColours) {
   const cv::Scalar want = cli::CosineColor(-1);
   EXPECT_EQ(blue, cv::Vec3b(want[0], want[1], want[2]));
   EXPECT_EQ(cli::CosineColor(0), cv::Scalar(242, 242, 242));
+  // At or above the threshold 0.4 a cell is framed ("same"): cell (1, 2) is 0.5, cell (0, 2)
+  // is 0 and keeps its colour to the edge. Sampled on the frame, halfway down the left side.
+  auto pixel = [&](int r, int c) {
+    return m.at<cv::Vec3b>(cli::kTitleHeight + 96 + r * 96 + 48, 96 + c * 96 + 2);
+  };
+  const cv::Vec3b green(cli::kSameFrame[0], cli::kSameFrame[1], cli::kSameFrame[2]);
+  EXPECT_EQ(pixel(1, 2), green);
+  EXPECT_EQ(pixel(2, 2), green);  // the diagonal
+  const cv::Scalar white = cli::CosineColor(0);
+  EXPECT_EQ(pixel(0, 2), cv::Vec3b(white[0], white[1], white[2]));
 }
 
 TEST(Plot, DetectionsDrawBoxesLandmarksAndLabels) {

@@ -1,7 +1,9 @@
 // `arcface-client eval`'s figures against hand-computed cases (eval_metrics.h) and its reading
-// of LFW's pairs.txt and of identity folders (eval_data.h); its ROC picture (plot.h).
+// of LFW's pairs.txt and of identity folders (eval_data.h), its --pad border; its ROC picture
+// (plot.h).
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 
@@ -268,6 +270,33 @@ TEST_F(EvalFolder, PairsFileByLfwNameOrByIndexAndAMissingImageNamed) {
   EXPECT_EQ(s.message(), missing + " line 3: image 3 of Bo: no file " +
                              (root_ / "Bo/Bo_0003.jpg").string() + ", and " +
                              (root_ / "Bo").string() + " has 2 image files");
+}
+
+TEST(PadImage, ABlackBorderAFractionOfEachSideAroundTheUntouchedImage) {
+  cv::Mat image(20, 40, CV_8UC3, cv::Scalar(10, 20, 30));
+  image.at<cv::Vec3b>(0, 0) = {1, 2, 3};
+  absl::StatusOr<cv::Mat> padded = PadImage(image, 0.5);
+  ASSERT_TRUE(padded.ok()) << padded.status();
+  // 0.5 of the width (20 px) left and right, 0.5 of the height (10 px) above and below.
+  ASSERT_EQ(padded->size(), cv::Size(80, 40));
+  ASSERT_EQ(padded->type(), CV_8UC3);
+  EXPECT_EQ(cv::norm((*padded)(cv::Rect(20, 10, 40, 20)), image, cv::NORM_INF), 0);
+  EXPECT_EQ(padded->at<cv::Vec3b>(10, 20), cv::Vec3b(1, 2, 3));
+  cv::Mat border = padded->clone();
+  border(cv::Rect(20, 10, 40, 20)).setTo(cv::Scalar::all(0));
+  EXPECT_EQ(cv::countNonZero(border.reshape(1)), 0);  // black all round
+
+  EXPECT_EQ(PadImage(image, 0)->size(), image.size());
+  EXPECT_EQ(PadImage(image, 1.0 / 3)->size(), cv::Size(40 + 2 * 13, 20 + 2 * 7));  // rounded
+}
+
+TEST(PadImage, AFractionOutOfRangeOrAnEmptyImageIsNamed) {
+  const cv::Mat image(4, 4, CV_8UC3, cv::Scalar::all(0));
+  EXPECT_EQ(PadImage(image, -0.1).status().message(),
+            "--pad -0.1: not a fraction of the image's size in [0, 4]");
+  EXPECT_EQ(PadImage(image, kMaxPad + 1).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(PadImage(image, std::nan("")).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(PadImage(cv::Mat(), 1).status().message(), "--pad: empty image");
 }
 
 TEST(RocPlot, LogFarAxisCurveAndMark) {

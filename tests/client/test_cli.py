@@ -236,8 +236,11 @@ def test_compare_pair_threshold_verdict(r50_address, goldens):
         assert m, r.stdout
         assert abs(float(m.group(1)) - want) < 2e-3
         assert m.group(2) == verdict
+    # Without --threshold: the served model's (ArcFace: 0.4, InsightFace's).
+    r = run_cli("--server", r50_address, "compare", a, b)
+    assert r.returncode == 0 and "(threshold 0.40)" in r.stdout, (r.stdout, r.stderr)
     help_text = run_cli("compare", "--help").stdout
-    assert "default 0.4" in help_text and "InsightFace" in help_text
+    assert "the served model's" in help_text and "InsightFace" in help_text
 
 
 def test_compare_matrix_table_and_plot(r50_address, goldens, tmp_path):

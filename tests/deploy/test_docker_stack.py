@@ -138,8 +138,9 @@ def leftovers(env, project=PROJECT):
 def stack(engine, images):
     ports = {"ARCFACE_GRPC_PORT": lib.free_port(), "ARCFACE_HTTP_PORT": lib.free_port(),
              "PROMETHEUS_PORT": lib.free_port()}
-    # The demo weights are a random network: unrelated faces already reach cosines of 0.4-0.85
-    # there, so the sidecar's identity threshold is raised to tell the photos' faces apart.
+    # The demo's default model is dlib's trained one (threshold 0.9144; different people reach
+    # 0.89 on dlib's johns): the sidecar's identity threshold is raised above that, as it was
+    # for the random ArcFace of earlier demos, to tell the photos' faces apart.
     # No ARCFACE_VIDEO_INPUT: the sidecar reads its image's photos (the named volume).
     env = {k: v for k, v in engine.items() if k not in ("ARCFACE_VIDEO_INPUT", "COMPOSE_PROFILES")}
     env.update(ARCFACE_DEMO_WEIGHTS="true", VIDEO_THRESHOLD="0.95", VIDEO_FPS="4",
@@ -257,7 +258,9 @@ def test_image_lean(engine, images):
                 pytest.fail(f"not SERVING 120 s after docker run:\n{logs.stdout}{logs.stderr}")
             print(f"{image}: {size / 1e6:.0f} MB, SERVING {elapsed:.1f} s after docker run")
             assert elapsed <= MAX_START_TO_READY_S, f"SERVING after {elapsed:.1f} s"
-            assert client.embed([np.zeros((112, 112, 3), np.uint8)]).shape == (1, 512)
+            # The demo: dlib's trained model (128-d) by default, the random ArcFace by name.
+            assert client.embed([np.zeros((112, 112, 3), np.uint8)]).shape == (1, 128)
+            assert [m["name"] for m in client.list_models()] == ["dlib", "arcface-demo"]
             assert client.model_info()["detector"]["enabled"] is True
             found = client.detect(os.path.join(lib.TEST_DATA, "multi_face.jpg"))
             assert len(found.faces) >= 4, found.faces
@@ -300,7 +303,7 @@ def test_gallery_outlives_the_container(engine, images):
 SIDECAR_EMBED = """
 import json
 from arcface_client import ArcFaceClient
-with ArcFaceClient("localhost:50051", timeout=120) as c:
+with ArcFaceClient("localhost:50051", timeout=120, model="arcface-demo") as c:
     info = c.model_info()
     e = c.embed(["/input/single_face.jpg"])
 print(json.dumps({"model_id": info["model_id"], "embedding": e[0].tolist()}))
@@ -314,7 +317,11 @@ def test_compose_stack(engine, stack, reference):
 
     # Embed from the host through the published gRPC port.
     ref_info = reference.model_info()
+    # The demo serves dlib's trained model by default; the random ArcFace is `arcface-demo`.
     with ArcFaceClient(f"127.0.0.1:{ports['ARCFACE_GRPC_PORT']}", timeout=120) as client:
+        assert client.model_info()["model_id"].startswith("dlib-resnet@")
+    with ArcFaceClient(f"127.0.0.1:{ports['ARCFACE_GRPC_PORT']}", timeout=120,
+                       model="arcface-demo") as client:
         info = client.model_info()
         assert info["demo_weights"] and info["model_id"] == ref_info["model_id"], info
         for name, image, box in inputs():

@@ -56,6 +56,7 @@ def test_folder_loops_and_each_face_keeps_one_identity(server):
     connected = events[0]
     assert connected["event"] == "connected" and connected["demo_weights"] is True
     assert connected["detector_id"] and connected["gallery"] is None, connected
+    assert connected["threshold"] == pytest.approx(0.95), connected
     seen = faces(events)
     # The server's detector finds the five faces of multi_face.jpg (Haar's cascade found one).
     assert sum(src == "multi_face.jpg" for src, _ in seen) >= 4, seen
@@ -67,9 +68,11 @@ def test_folder_loops_and_each_face_keeps_one_identity(server):
     assert sightings and all(e["random_weights"] is True for e in sightings), sightings
     assert len({ids[0] for ids in seen.values()}) == len(seen), seen
     assert events[-1] == {"event": "done", "frames": 2 * len(names), "identities": len(seen)}
-    # With InsightFace's threshold, the random network's embeddings merge faces.
+    # Without VIDEO_THRESHOLD: the served model's, InsightFace's 0.4 for ArcFace, at which the
+    # random network's embeddings merge faces.
     rc, events, err = analyse(server, "--input", lib.TEST_DATA, "--max-frames", str(len(names)))
     assert rc == 0, err
+    assert events[0]["threshold"] == pytest.approx(0.4), events[0]
     assert events[-1]["identities"] < len(seen)
 
 
