@@ -214,10 +214,17 @@ def test_bad_options_are_invalid_argument(server):
 
 
 def test_concurrent_frames_coalesce_and_each_caller_gets_its_own_faces(server, multi_face):
+    def batch_sizes():
+        return server.metrics().histogram("arcface_detector_batch_size")
+
+    # A batch is recorded just after its calls are answered: wait for each count to land.
+    start = batch_sizes()["sum"]
     single = detect(server, encoded(SINGLE_FACE))
     assert len(single.faces) == 1
     expected = {"multi": multi_face, "single": single}
-    before = server.metrics().histogram("arcface_detector_batch_size")
+    lib.wait_until(lambda: batch_sizes()["sum"] >= start + 1, 30, interval=0.01,
+                   what="the single frame's batch is recorded")
+    before = batch_sizes()
     callers = 24
     results, errors = [None] * callers, []
 
@@ -240,7 +247,9 @@ def test_concurrent_frames_coalesce_and_each_caller_gets_its_own_faces(server, m
         assert r.request_id == f"caller-{i}"
         # Batched with others, the frame's faces are the ones it has alone.
         match(expected[which], r, min_iou=0.98, max_landmark_error=0.02)
-    after = server.metrics().histogram("arcface_detector_batch_size")
+    lib.wait_until(lambda: batch_sizes()["sum"] >= before["sum"] + callers, 30, interval=0.01,
+                   what="every caller's batch is recorded")
+    after = batch_sizes()
     batches = after["count"] - before["count"]
     frames = after["sum"] - before["sum"]
     single_frame_batches = after["buckets"][1.0] - before["buckets"].get(1.0, 0)
