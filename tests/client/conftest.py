@@ -73,3 +73,19 @@ def demo_trio(session_servers):
     """Three small demo-weights servers (round robin, bench)."""
     return [session_servers(lib.demo_args("--warmup-batch-size", "1", "--drain-timeout", "10"),
                             name=f"demo{i}") for i in range(3)]
+
+
+# dlib's examples/johns (fetched by tests/data/fetch_dlib_data.sh; ctest sets the variable): five
+# people, eleven aligned 150x150 photos each.
+DLIB_DATA = os.environ.get("ARCFACE_DLIB_DATA", "")
+JOHNS_PEOPLE = ("John_Salley", "John_Savage", "John_Schneider", "John_Shimkus", "John_Simm")
+
+
+@pytest.fixture(scope="module")
+def johns():
+    root = os.path.join(DLIB_DATA, "johns")
+    assert os.path.isdir(root), (
+        f"ARCFACE_DLIB_DATA={DLIB_DATA!r} has no johns/ (tests/data/fetch_dlib_data.sh DIR fetches "
+        "dlib's example faces; ctest sets the variable)")
+    assert sorted(os.listdir(root)) == list(JOHNS_PEOPLE)
+    return root

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import arcface_testlib as lib
-from conftest import CLIENT_BIN, LIBRARY_TEST, MAX_FACES, cli_env, run_cli
+from conftest import CLIENT_BIN, JOHNS_PEOPLE, LIBRARY_TEST, MAX_FACES, cli_env, run_cli
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -781,8 +781,6 @@ def test_python_client_round_robin_and_retries(demo_trio, start_server, goldens,
 # each) through a demo-weights server with the detector and a gallery store.
 
 RANDOM_NOTE = "random weights: not an identity verdict"
-DLIB_DATA = os.environ.get("ARCFACE_DLIB_DATA", "")
-JOHNS_PEOPLE = ("John_Salley", "John_Savage", "John_Schneider", "John_Shimkus", "John_Simm")
 
 
 @pytest.fixture(scope="module")
@@ -794,16 +792,6 @@ def demo_eval(session_servers, tmp_path_factory):
                                            f"sqlite:{store}", "--gallery-max-faces-per-enroll",
                                            "2"), name="demo_eval")
     return f"127.0.0.1:{server.grpc_port}"
-
-
-@pytest.fixture(scope="module")
-def johns():
-    root = os.path.join(DLIB_DATA, "johns")
-    assert os.path.isdir(root), (
-        f"ARCFACE_DLIB_DATA={DLIB_DATA!r} has no johns/ (tests/data/fetch_dlib_data.sh DIR fetches "
-        "dlib's example faces; ctest sets the variable)")
-    assert sorted(os.listdir(root)) == list(JOHNS_PEOPLE)
-    return root
 
 
 def test_verdicts_from_random_weights_say_so(demo_eval, r50_address, tmp_path):

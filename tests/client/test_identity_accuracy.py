@@ -24,7 +24,6 @@ import pytest
 import arcface_testlib as lib
 from conftest import run_cli
 
-DLIB_DATA = os.environ.get("ARCFACE_DLIB_DATA", "")
 PAIRS, SAME = 55 * 54 // 2, 5 * 11 * 10 // 2
 
 
@@ -36,15 +35,6 @@ def server(session_servers, tmp_path_factory):
          "--device", "cpu", "--threads", str(lib.THREADS), "--gallery-store", f"sqlite:{store}"],
         name="identity")
     return f"127.0.0.1:{started.grpc_port}"
-
-
-@pytest.fixture(scope="module")
-def johns():
-    root = os.path.join(DLIB_DATA, "johns")
-    assert os.path.isdir(root), (
-        f"ARCFACE_DLIB_DATA={DLIB_DATA!r} has no johns/ (tests/data/fetch_dlib_data.sh DIR fetches "
-        "dlib's example faces; ctest sets the variable)")
-    return root
 
 
 def evaluate(server, johns, *args, model=None):
