@@ -9,7 +9,7 @@
 
 #include "absl/status/status.h"
 #include "server/app/server.h"
-#include "server/app/stop_signals.h"
+#include "server/app/process_signals.h"
 #include "server/engine/openmp_env.h"
 #include "server/service/logging.h"
 #include "server/service/server_config.h"
@@ -17,7 +17,7 @@
 int main(int argc, char** argv) {
   // May re-execute the program (openmp_env.h), so before anything else.
   const std::string openmp = arcface::engine::ApplyOpenMpDefaults(argv);
-  arcface::app::BlockStopSignals();  // before any thread exists (stop_signals.h)
+  arcface::app::BlockProcessSignals();  // before any thread exists (process_signals.h)
   arcface::service::ParsedFlags parsed =
       arcface::service::ParseServerFlags(argc, argv, std::cout, std::cerr);
   if (parsed.exit_code >= 0) return parsed.exit_code;
@@ -29,7 +29,7 @@ int main(int argc, char** argv) {
   }
   spdlog::info("{}", openmp);
   arcface::app::Server server(parsed.config);
-  const int code = server.Run(arcface::app::WatchStopSignals());
+  const int code = server.Run(arcface::app::WatchProcessSignals());
   spdlog::default_logger()->flush();
   return code;
 }

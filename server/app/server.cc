@@ -19,6 +19,7 @@
 #include "absl/time/clock.h"
 #include "common/files.h"
 #include "server/gallery/torch_index.h"
+#include "server/app/process_signals.h"
 #include "server/model/demo_weights.h"
 
 #ifndef ARCFACE_VERSION
@@ -189,6 +190,7 @@ absl::Status Server::Listen() {
   gallery_options.hnsw_min_faces = static_cast<uint64_t>(cfg.gallery_hnsw_min_faces);
   gallery_service_ = std::make_unique<service::FaceGalleryService>(
       service_->env(), gallery_options, gallery_queue_.get(), gallery_metrics_.get());
+  admin_service_ = std::make_unique<service::ModelAdminService>(service_->env());
 
   absl::StatusOr<Credentials> creds = MakeCredentials(cfg);
   if (!creds.ok()) return Prefixed("--tls-*: ", creds.status());
@@ -204,6 +206,7 @@ absl::Status Server::Listen() {
   builder.AddListeningPort(cfg.listen, creds->creds, &grpc_port_);
   builder.RegisterService(service_.get());
   builder.RegisterService(gallery_service_.get());
+  builder.RegisterService(admin_service_.get());
   builder.SetMaxReceiveMessageSize(static_cast<int>(cfg.max_message_bytes));
   // gRPC enables SO_REUSEPORT by default, which would let a second server "bind" a busy port.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
@@ -266,78 +269,12 @@ absl::Status Server::WarmUp() {
     // Validated with the flags; parsed again here for the injector itself.
     faults_ = *service::FaultInjector::Parse(cfg.test_fault_injection);
   }
+  builder_ = std::make_unique<ModelBuilder>(cfg, engine_options, faults_.get(), metrics_.get());
   for (size_t i = 0; i < specs_.size(); ++i) {
-    const service::ModelSpec& spec = specs_[i];
-    // Built (and warmed up) on a thread that exits afterwards. Every thread that runs libtorch
-    // keeps an OpenMP team of its own; with the loading thread's idle team beside the model
-    // thread's, libgomp manages more threads than there are cores and cuts its spin-wait at
-    // barriers from 300000 to 1000 spins, so the model's threads sleep on a futex and are woken
-    // at most barriers of the forward pass (docs/PERFORMANCE.md).
-    const model::Checkpoint& checkpoint = checkpoints_[i];
-    const bool dlib = checkpoint.family == model::Family::kDlibResNet;
-    // --precision is ArcFace's: the dlib family runs in fp32 only (its engine refuses others).
-    engine::EngineOptions options = engine_options;
-    if (dlib && options.precision != engine::Precision::kFp32) {
-      spdlog::warn("model {}: {} runs in fp32 (--precision {} applies to ArcFace models)",
-                   spec.name, checkpoint.arch, cfg.precision);
-      options.precision = engine::Precision::kFp32;
-    }
-    absl::StatusOr<std::unique_ptr<engine::Engine>> engine;
-    std::thread([&] { engine = engine::Engine::Create(checkpoint, options); }).join();
-    if (!engine.ok()) {
-      // A device or precision this machine cannot serve (INVALID_ARGUMENT, FAILED_PRECONDITION,
-      // UNIMPLEMENTED) is a bad flag value; anything else (out of memory, a runtime failure) is
-      // not: the engine's code decides the exit status.
-      return Prefixed(
-          absl::StrCat("engine of model ", spec.name, " (--device ", cfg.device, ", --precision ",
-                       cfg.precision, ", --threads ", cfg.threads, "): "),
-          engine.status());
-    }
-    engine::Engine* e = engines_.emplace_back(*std::move(engine)).get();
-    EngineModel* engine_model =
-        engine_models_.emplace_back(std::make_unique<EngineModel>(e, faults_.get())).get();
-
-    service::ModelDescription& model = models_.emplace_back();
-    model.name = spec.name;
-    if (dlib) {
-      model.family = "dlib";
-      model.metric = "euclidean";
-      model.default_threshold = service::kDlibCosineThreshold;
-    }
-    model.arch = checkpoint.arch;
-    model.model_id = checkpoint.ModelId();
-    model.weights_sha256 = checkpoint.sha256;
-    model.weights_path = spec.path;
-    model.device = e->device();
-    model.precision = engine::PrecisionName(e->precision());
-    model.demo_weights = spec.demo;
-    model.device_memory = [e] { return e->device_memory(); };
-    checkpoints_[i] = model::Checkpoint();  // the engine holds its own copy of the weights
-
-    service::EmbedderOptions embedder_options;
-    embedder_options.batching.max_batch_size = cfg.max_batch_size;
-    embedder_options.batching.max_queue_delay = absl::Microseconds(cfg.max_queue_delay_us);
-    embedder_options.batching.max_queue_size = cfg.max_queue_size;
-    // Automatic: on the CPU one forward pass already uses every core (a second would only
-    // contend); on CUDA one batch per lane, so copies, compute and the next batch overlap.
-    embedder_options.batching.max_batches_in_flight =
-        cfg.max_batches_in_flight > 0 ? cfg.max_batches_in_flight : e->concurrent_runs();
-    embedder_options.batching.cancel_poll_interval =
-        absl::Microseconds(cfg.cancel_poll_interval_us);
-    embedder_options.batching.observer = metrics_->ForModel(spec.name);
-    if (!cfg.test_hold_model_file.empty()) {
-      embedder_options.hold_file = cfg.test_hold_model_file;
-      embedder_options.hold_model_file = absl::StrCat(cfg.test_hold_model_file, ".", spec.name);
-    }
-    absl::StatusOr<std::unique_ptr<service::Embedder>> embedder =
-        service::Embedder::Create(embedder_options, engine_model);
-    if (!embedder.ok()) return Prefixed("batching: ", embedder.status());
-    service::Embedder* emb = embedders_.emplace_back(*std::move(embedder)).get();
-    service::ModelMetrics* metrics = metrics_->ForModel(spec.name);
-    metrics->SetModelInfo(model.arch, model.model_id, model.device, model.precision);
-    metrics->SetQueueDepthSource([emb] { return double(emb->batcher().queue_depth()); });
-    metrics->SetHeldSource([emb] { return emb->held() ? 1.0 : 0.0; });
-    metrics->SetDeviceMemorySource(model.device_memory);
+    absl::StatusOr<service::ServedModel> built =
+        builder_->Build(specs_[i], std::move(checkpoints_[i]));
+    if (!built.ok()) return built.status();
+    built_.push_back(*std::move(built));
   }
   checkpoints_.clear();
   return absl::OkStatus();
@@ -352,7 +289,7 @@ absl::Status Server::LoadDetector() {
     return absl::OkStatus();
   }
   if (config.detector.empty()) config.detector = detect::DetectorConfig().detector;
-  config.device = models_.front().device;  // beside the default embedding model
+  config.device = built_.front().description.device;  // beside the default embedding model
   config.max_faces_per_frame = cfg.detector_max_faces;
   const absl::Time start = absl::Now();
   // Built and warmed up on a thread that exits afterwards, as the engine is (WarmUp says why).
@@ -419,8 +356,8 @@ absl::Status Server::OpenGallery() {
   gallery::GalleriesOptions options;
   // With the model on CUDA, the galleries' matrices live beside it: a search is a matmul and a
   // top-k there. On the CPU, FAISS.
-  if (absl::StartsWith(models_.front().device, "cuda")) {
-    const c10::Device device(models_.front().device);
+  if (absl::StartsWith(built_.front().description.device, "cuda")) {
+    const c10::Device device(built_.front().description.device);
     options.index_factory = [device](int dim) { return gallery::MakeTorchIndex(device, dim); };
   }
   options.hnsw_min_faces = static_cast<uint64_t>(cfg.gallery_hnsw_min_faces);
@@ -444,9 +381,8 @@ absl::Status Server::OpenGallery() {
 
 void Server::Serve(const absl::Notification& stop) {
   const service::ServerConfig& cfg = config_;
-  std::vector<service::ServedModel> served;
-  for (size_t i = 0; i < models_.size(); ++i) {
-    const service::ModelDescription& m = models_[i];
+  for (size_t i = 0; i < built_.size(); ++i) {
+    const service::ModelDescription& m = built_[i].description;
     spdlog::info("model {}{}: arch {} model_id {} weights {} sha256 {}", m.name,
                  i == 0 ? " (default)" : "", m.arch, m.model_id,
                  m.demo_weights ? std::string("(demo)") : m.weights_path, m.weights_sha256);
@@ -456,20 +392,21 @@ void Server::Serve(const absl::Notification& stop) {
           "embeddings are NOT meaningful",
           m.name);
     }
-    served.push_back({m, embedders_[i].get()});
+    builder_->Publish(built_[i]);
   }
+  const service::ModelDescription& first = built_.front().description;
   spdlog::info(
       "engine: device {} precision {} backend {} threads {} warm-up batch {}; {} model(s) "
       "loaded in {:.2f} s",
-      models_.front().device, models_.front().precision, engines_.front()->backend(),
+      first.device, first.precision, first.backend,
       cfg.threads == 0 ? std::string("default") : std::to_string(cfg.threads),
-      cfg.warmup_batch_size, models_.size(), absl::ToDoubleSeconds(absl::Now() - load_start_));
+      cfg.warmup_batch_size, built_.size(), absl::ToDoubleSeconds(absl::Now() - load_start_));
   spdlog::info(
       "batching: max batch {} max queue delay {} us max queue {} crops, {} batch(es) in flight; "
       "limits: {} faces per request, {} message bytes, {} image pixels, compare {}x{}; "
       "preprocessing threads {}, faces {}; drain timeout {}",
       cfg.max_batch_size, cfg.max_queue_delay_us, cfg.max_queue_size,
-      embedders_.front()->batcher().options().max_batches_in_flight, cfg.max_faces_per_request,
+      built_.front().embedder->batcher().options().max_batches_in_flight, cfg.max_faces_per_request,
       cfg.max_message_bytes, cfg.max_image_pixels, cfg.max_compare_rows, cfg.max_compare_cols,
       pool_threads_, pool_faces_, absl::FormatDuration(cfg.drain_timeout));
   if (!cfg.test_hold_model_file.empty()) {
@@ -482,7 +419,27 @@ void Server::Serve(const absl::Notification& stop) {
     faults_installed_ = true;
   }
 
-  service_->SetReady(service::ServedModels(std::move(served)));
+  service_->SetReady(std::move(built_));
+  built_.clear();
+  reloader_ = std::make_unique<service::ModelReloader>(
+      &service_->models(),
+      [this](const service::ServedModel& current) {
+        const service::ModelSpec* spec = nullptr;
+        for (const service::ModelSpec& s : specs_) {
+          if (s.name == current.name()) spec = &s;
+        }
+        return builder_->Reread(*spec, current);
+      },
+      [this](const service::ServedModel& now, const service::ServedModel&) {
+        builder_->Publish(now);
+      },
+      metrics_.get());
+  if (cfg.admin_rpc) admin_service_->SetReloader(reloader_.get());
+  SetReloadHandler([reloader = reloader_.get()] {
+    reloader->Request({}, "SIGHUP", [](absl::StatusOr<std::vector<service::ModelReload>> done) {
+      if (!done.ok()) spdlog::warn("reload (SIGHUP): {}", std::string(done.status().message()));
+    });
+  });
   SetHealth(grpc_.get(), true);
   http_->SetReady(true);
   if (!cfg.port_file.empty()) {
@@ -490,7 +447,8 @@ void Server::Serve(const absl::Notification& stop) {
       spdlog::error("--port-file: {}", std::string(s.message()));
     }
   }
-  spdlog::info("SERVING");
+  spdlog::info("SERVING (model reload: SIGHUP{})",
+               cfg.admin_rpc ? ", ModelAdmin.ReloadModels (--admin-rpc)" : "");
   stop.WaitForNotification();
 }
 
@@ -523,13 +481,15 @@ int Server::Drain() {
   // cancels them.
   StopServing(std::min(deadline, absl::Now() + absl::Seconds(1)), drain_start);
   batching::BatcherCounters counters;
-  for (const auto& embedder : embedders_) {
-    const auto c = embedder->batcher().counters();
+  for (const service::ModelRef& model : service_->models().all()) {
+    const auto c = model->embedder->batcher().counters();
     counters.tasks_succeeded += c.tasks_succeeded;
     counters.items_batched += c.items_batched;
     counters.batches += c.batches;
   }
-  spdlog::info("drain finished in {:.3f} s: {} requests embedded ({} crops in {} batches)",
+  spdlog::info(
+      "drain finished in {:.3f} s: {} requests embedded by the serving models ({} crops in {} "
+      "batches)",
                absl::ToDoubleSeconds(absl::Now() - drain_start), counters.tasks_succeeded,
                counters.items_batched, counters.batches);
   drained.Notify();
@@ -541,13 +501,19 @@ void Server::StopServing(absl::Time grpc_deadline, absl::Time since) {
   if (stopped_) return;
   stopped_ = true;
   auto elapsed = [since] { return absl::ToDoubleSeconds(absl::Now() - since); };
+  SetReloadHandler(nullptr);
   if (grpc_) {
     grpc_->Shutdown(absl::ToChronoTime(grpc_deadline));
     spdlog::debug("stopping: gRPC server shut down after {:.3f} s", elapsed());
   }
   // The detector first: its frames' faces may still go on to the embedder.
   if (frame_detector_) frame_detector_->Shutdown();
-  for (const auto& embedder : embedders_) embedder->Shutdown();
+  // No call reaches the reloader now: a reload in progress finishes, a replaced version retires.
+  if (reloader_) reloader_->Stop();
+  if (service_) {
+    for (const service::ModelRef& model : service_->models().all()) model->embedder->Shutdown();
+  }
+  for (const service::ServedModel& model : built_) model.embedder->Shutdown();  // a failed start
   if (pool_) pool_->Shutdown();
   if (gallery_queue_) gallery_queue_->Shutdown();
   if (faults_installed_) service::FaultInjector::Install(nullptr);  // no preprocessing runs now

@@ -64,7 +64,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "server/app/detector_model.h"
-#include "server/app/engine_model.h"
+#include "server/app/model_builder.h"
 #include "server/detect/face_detector.h"
 #include "server/engine/engine.h"
 #include "server/gallery/galleries.h"
@@ -75,6 +75,8 @@
 #include "server/service/face_embedding_service.h"
 #include "server/service/face_gallery_service.h"
 #include "server/service/gallery_metrics.h"
+#include "server/service/model_admin_service.h"
+#include "server/service/model_reloader.h"
 #include "server/service/fault_injection.h"
 #include "server/service/frame_detector.h"
 #include "server/service/http_server.h"
@@ -117,18 +119,18 @@ class Server {
   int pool_faces_ = 0;
   absl::Time load_start_;
   std::vector<model::Checkpoint> checkpoints_;
-  std::vector<service::ModelDescription> models_;
   bool faults_installed_ = false;
   bool stopped_ = false;  // StopServing() has run
 
   // Declared in dependency order; destroyed bottom-up (see Teardown above).
   // Every part reports into the metrics; the HTTP server renders them.
   std::unique_ptr<service::ServiceMetrics> metrics_;
-  // One per model, as models_.
-  std::vector<std::unique_ptr<engine::Engine>> engines_;
   std::unique_ptr<service::FaultInjector> faults_;
-  // Each calls its engine and the fault injector.
-  std::vector<std::unique_ptr<EngineModel>> engine_models_;
+  // Builds each model's version (engine, adapter, Embedder), which reports into the metrics and
+  // calls the fault injector; the versions built by the warm-up, until they serve (then the
+  // service's ServedModels own them, and a reload's versions).
+  std::unique_ptr<ModelBuilder> builder_;
+  std::vector<service::ServedModel> built_;
   // The face detector (null with --detector none), on the engine's device; the adapter that
   // calls it; the metrics its batcher reports into (they render into metrics_'s registry).
   std::unique_ptr<detect::FaceDetector> detector_;
@@ -136,8 +138,6 @@ class Server {
   std::unique_ptr<service::DetectorMetrics> detector_metrics_;
   // Preprocessing calls the installed fault injector.
   std::unique_ptr<service::WorkQueue> pool_;
-  // One per model: its model threads call that model's engine model.
-  std::vector<std::unique_ptr<service::Embedder>> embedders_;
   // Its model thread calls the detector model; its frames' faces go on to the pool and the
   // embedder.
   std::unique_ptr<service::FrameDetector> frame_detector_;
@@ -152,6 +152,10 @@ class Server {
   std::unique_ptr<service::WorkQueue> gallery_queue_;
   // Borrows the embedding service's call environment, the galleries, the queue and metrics.
   std::unique_ptr<service::FaceGalleryService> gallery_service_;
+  // ModelAdmin (reloads with --admin-rpc), and the reloader that SIGHUP and it ask: it swaps
+  // versions in the service's models, built by builder_.
+  std::unique_ptr<service::ModelAdminService> admin_service_;
+  std::unique_ptr<service::ModelReloader> reloader_;
   // Dispatches calls into the service.
   std::unique_ptr<grpc::Server> grpc_;
   // Renders the metrics, whose sources read the pool, the batcher and the engine.

@@ -7,9 +7,9 @@
 
 namespace arcface::service {
 
-void Admission::SetReady(ServedModels models) {
+void Admission::SetReady(std::vector<ServedModel> models) {
+  models_.Set(std::move(models));
   absl::MutexLock lock(&mu_);
-  models_ = std::move(models);
   ready_ = true;
 }
 

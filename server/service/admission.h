@@ -3,17 +3,19 @@
 // EmbedStream streams register here so that a drain can end them.
 //
 // Contract
-// - Ownership: the Embedders of the models passed to SetReady() are borrowed and must outlive
-//   every call.
+// - Ownership: the models passed to SetReady() are kept as ServedModels (served_models.h: a call
+//   holds the version it found until it has handed its crops over).
 //   Registered streams are borrowed from Register() until Unregister() (their OnDone).
 // - Blocking: WaitForIdle() and WaitForQuiet() block up to their deadline; everything else takes
 //   a short mutex only. BeginDrain() calls each open stream's Pin() under that mutex (the lock
 //   order is admission, then stream) and its DrainAndUnpin() after releasing it.
 // - Errors: Admit() returns UNAVAILABLE naming why (loading, draining).
-// - Thread safety: every method may be called from any thread. models() may be read without a
-//   lock by an admitted call: it is written once, by SetReady(), before any call is admitted.
+// - Thread safety: every method may be called from any thread. models() is set by SetReady()
+//   before any call is admitted; a reload swaps versions in it (ServedModels::Replace()).
 #ifndef ARCFACE_SERVER_SERVICE_ADMISSION_H_
 #define ARCFACE_SERVER_SERVICE_ADMISSION_H_
+
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_set.h"
@@ -44,7 +46,7 @@ class Admission {
   explicit Admission(ServiceMetrics* metrics) : metrics_(metrics) {}
 
   // The models are loaded and warm: calls are admitted from now on.
-  void SetReady(ServedModels models) ABSL_LOCKS_EXCLUDED(mu_);
+  void SetReady(std::vector<ServedModel> models) ABSL_LOCKS_EXCLUDED(mu_);
   // New calls get UNAVAILABLE; open streams finish once their read messages are answered.
   void BeginDrain() ABSL_LOCKS_EXCLUDED(mu_);
   // Blocks until no accepted call is unfinished or until `deadline`; true when idle.
@@ -63,8 +65,8 @@ class Admission {
   // A stream's OnDone: forget it and release its call.
   void Unregister(Stream* stream) ABSL_LOCKS_EXCLUDED(mu_);
 
-  // For admitted calls (see the contract).
   const ServedModels& models() const { return models_; }
+  ServedModels& models() { return models_; }
 
  private:
   ServiceMetrics* const metrics_;
@@ -76,7 +78,7 @@ class Admission {
   int inflight_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Time last_arrival_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
   absl::flat_hash_set<Stream*> streams_ ABSL_GUARDED_BY(mu_);
-  // Written once by SetReady() before ready_ becomes true; read-only afterwards.
+  // Set by SetReady() before ready_ becomes true; versions swapped by reloads.
   ServedModels models_;
 };
 

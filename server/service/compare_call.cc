@@ -89,9 +89,11 @@ uint64_t CompareReplyBytes(int rows, int cols, bool with_matches, size_t model_i
 void StartCompare(const CallEnv& env, const CompareRequest* request, CompareResponse* response,
                   CallContext call, DoneFn done) {
   const ServiceOptions& options = *env.options;
-  absl::StatusOr<const ServedModel*> found = env.admission->models().Find(request->model());
+  absl::StatusOr<ModelRef> found = env.admission->models().Find(request->model());
   if (!found.ok()) return done(found.status());
-  const ServedModel& m = **found;
+  // Held until the crops are handed to this version's embedder (served_models.h).
+  ModelRef model = *std::move(found);
+  const ServedModel& m = *model;
   response->set_model_id(m.model_id());
   auto work = std::make_shared<CompareWork>();
   work->dim = m.dim();
@@ -162,8 +164,8 @@ void StartCompare(const CallEnv& env, const CompareRequest* request, CompareResp
               const auto& [is_query, index] = work->faces[k];
               return absl::StrCat(ProbeLabel(is_query), " ", index);
             },
-            [env, state, work, num_faces, small, &m](std::vector<uint8_t> crops) {
-              absl::Status scheduled = m.embedder->Submit(
+            [env, state, work, num_faces, small, model](std::vector<uint8_t> crops) {
+              absl::Status scheduled = model->embedder->Submit(
                   std::move(crops), state->deadline, state->is_cancelled,
                   [env, state, work, num_faces, small](absl::StatusOr<EmbeddingBatch> rows) {
                     if (!rows.ok()) return state->Complete(rows.status());

@@ -28,7 +28,7 @@ using DetectState = CallState<DetectRequest, DetectResponse>;
 // What one Detect carries from step to step, beside its CallState.
 struct DetectWork {
   FrameDetector* detector = nullptr;
-  const ServedModel* model = nullptr;  // aligns and embeds the faces
+  ModelRef model;                      // aligns and embeds the faces
   GallerySearch* gallery = nullptr;    // set when the request names a gallery
   DetectFilter filter;
   bool embed = false;  // also with a gallery
@@ -71,9 +71,9 @@ absl::Status CheckDetect(const CallEnv& env, const DetectRequest& r, DetectWork*
       r.max_faces() == 0 ? static_cast<uint32_t>(detector.max_faces_per_frame) : r.max_faces();
   work->embed = r.embed() || !r.gallery().empty();
   const ServedModels& models = env.admission->models();
-  absl::StatusOr<const ServedModel*> model = models.Find(r.model());
+  absl::StatusOr<ModelRef> model = models.Find(r.model());
   if (!model.ok()) return model.status();
-  work->model = *model;
+  work->model = *std::move(model);
   if (r.gallery().empty()) return absl::OkStatus();
 
   GallerySearch* search = detection->gallery;
@@ -91,8 +91,8 @@ absl::Status CheckDetect(const CallEnv& env, const DetectRequest& r, DetectWork*
   // Without a model name, the gallery's own model embeds (when this server serves it; else the
   // search names the mismatch).
   if (r.model().empty()) {
-    if (const ServedModel* own = models.ByModelId(stats->model_id); own != nullptr) {
-      work->model = own;
+    if (ModelRef own = models.ByModelId(stats->model_id); own != nullptr) {
+      work->model = std::move(own);
     }
   }
   work->gallery = search;

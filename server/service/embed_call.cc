@@ -46,9 +46,11 @@ void FillEmbedding(const float* row, int dim, float norm, bool normalize,
 void StartEmbed(const CallEnv& env, const EmbedRequest* request, EmbedResponse* response,
                 CallContext call, DoneFn done) {
   response->set_request_id(request->request_id());
-  absl::StatusOr<const ServedModel*> found = env.admission->models().Find(request->model());
+  absl::StatusOr<ModelRef> found = env.admission->models().Find(request->model());
   if (!found.ok()) return done(found.status());
-  const ServedModel& m = **found;
+  // Held until the crops are handed to this version's embedder (served_models.h).
+  ModelRef model = *std::move(found);
+  const ServedModel& m = *model;
   response->set_model_id(m.model_id());
   const int n = request->faces_size();
   if (n > env.options->max_faces_per_request) {
@@ -71,11 +73,11 @@ void StartEmbed(const CallEnv& env, const EmbedRequest* request, EmbedResponse* 
           state, n, env.options->image_limits, m.geometry(), env.metrics,
           [request](int i) -> const arcface::v1::Face& { return request->faces(i); },
           [](int i) { return absl::StrCat("face ", i); },
-          [env, state, n, &m](std::vector<uint8_t> crops) {
+          [env, state, n, model](std::vector<uint8_t> crops) {
             const bool normalize = state->request->normalize();
-            absl::Status scheduled = m.embedder->Submit(
+            absl::Status scheduled = model->embedder->Submit(
                 std::move(crops), state->deadline, state->is_cancelled,
-                [env, state, normalize, n, dim = m.dim()](absl::StatusOr<EmbeddingBatch> rows) {
+                [env, state, normalize, n, dim = model->dim()](absl::StatusOr<EmbeddingBatch> rows) {
                   if (!rows.ok()) return state->Complete(rows.status());
                   FillEmbeddings(*rows, dim, normalize, state->response);
                   env.metrics->AddFaces(n);

@@ -17,7 +17,7 @@ struct EmbedStreamMethod {
     StartEmbed(env, request, response, std::move(call), std::move(done));
   }
   static void Describe(const CallEnv& env, Response* response) {
-    response->set_model_id(env.admission->models().default_model().model_id());
+    response->set_model_id(env.admission->models().default_model()->model_id());
   }
 };
 

@@ -63,6 +63,7 @@ struct ModelDescription {
   std::string weights_path;    // empty for demo weights
   std::string device;          // "cpu", "cuda:0"
   std::string precision;       // "fp32", "fp16", "bf16"
+  std::string backend;         // the engine's, for the log: "onednn, winograd", "cuda graphs"
   bool demo_weights = false;
   // Live device memory of the model (read per GetModelInfo call and per scrape); empty: zeros.
   std::function<engine::DeviceMemory()> device_memory;

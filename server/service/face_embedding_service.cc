@@ -22,7 +22,9 @@ FaceEmbeddingService::FaceEmbeddingService(const ServiceOptions& options,
 
 FaceEmbeddingService::~FaceEmbeddingService() = default;
 
-void FaceEmbeddingService::SetReady(ServedModels models) { admission_.SetReady(std::move(models)); }
+void FaceEmbeddingService::SetReady(std::vector<ServedModel> models) {
+  admission_.SetReady(std::move(models));
+}
 
 void FaceEmbeddingService::BeginDrain() { admission_.BeginDrain(); }
 
@@ -63,7 +65,7 @@ grpc::ServerUnaryReactor* FaceEmbeddingService::GetModelInfo(
     arcface::v1::ModelInfo* response) {
   return ServeUnary(
       env_, context, "GetModelInfo", [this, request, response](CallContext, DoneFn done) {
-        absl::StatusOr<const ServedModel*> found = admission_.models().Find(request->model());
+        absl::StatusOr<ModelRef> found = admission_.models().Find(request->model());
         if (!found.ok()) return done(found.status());
         FillModelInfo(**found, response);
         done(absl::OkStatus());
@@ -74,7 +76,7 @@ grpc::ServerUnaryReactor* FaceEmbeddingService::ListModels(
     grpc::CallbackServerContext* context, const arcface::v1::ListModelsRequest* request,
     arcface::v1::ListModelsResponse* response) {
   return ServeUnary(env_, context, "ListModels", [this, response](CallContext, DoneFn done) {
-    for (const ServedModel& m : admission_.models().all()) FillModelInfo(m, response->add_models());
+    for (const ModelRef& m : admission_.models().all()) FillModelInfo(*m, response->add_models());
     done(absl::OkStatus());
   });
 }
@@ -85,7 +87,7 @@ void FaceEmbeddingService::FillModelInfo(const ServedModel& served, arcface::v1:
   info->set_family(model.family);
   info->set_metric(model.metric);
   info->set_default_threshold(model.default_threshold);
-  info->set_is_default(&served == &admission_.models().default_model());
+  info->set_is_default(served.name() == admission_.models().default_model()->name());
   info->set_arch(model.arch);
   info->set_embedding_dim(static_cast<uint32_t>(served.dim()));
   info->set_input_size(static_cast<uint32_t>(served.geometry().size));

@@ -91,11 +91,13 @@ class FaceEmbeddingService final : public FaceEmbeddingCallbackBase {
   ~FaceEmbeddingService() override;
 
   // The models are loaded and warm: calls are served from now on. Their Embedders are borrowed.
-  void SetReady(ServedModels models);
+  void SetReady(std::vector<ServedModel> models);
   // One model (tests).
   void SetReady(Embedder* embedder, const ModelDescription& model) {
-    SetReady(ServedModels({{model, embedder}}));
+    SetReady({{model, embedder, nullptr}});
   }
+  // The served models, whose versions a reload swaps (ServedModels::Replace()).
+  ServedModels& models() { return admission_.models(); }
   // What GetModelInfo reports of the gallery (ModelInfo.gallery); set before SetReady().
   void SetGalleryLimits(const arcface::v1::GalleryLimits& limits) { gallery_limits_ = limits; }
   // Detect's detector (null: --detector none, Detect answers UNIMPLEMENTED) and the gallery

@@ -61,7 +61,7 @@ absl::Status CheckLabels(const google::protobuf::Map<std::string, std::string>& 
 // Which served model embeds a gallery call's faces, and which model its embedding probes come
 // from: one call never mixes two.
 struct ProbeModel {
-  const ServedModel* embeds = nullptr;  // null only when the call has no face probes
+  ModelRef embeds;                      // null only when the call has no face probes
   std::string model_id;                 // of every probe
   int dim = 0;                          // the probes' embedding size
 };
@@ -86,19 +86,19 @@ absl::StatusOr<ProbeModel> ResolveProbeModel(
   const std::string& bound = gallery.model_id;
   ProbeModel out;
   if (!name.empty()) {
-    absl::StatusOr<const ServedModel*> found = models.Find(name);
+    absl::StatusOr<ModelRef> found = models.Find(name);
     if (!found.ok()) return found.status();
-    out.embeds = *found;
+    out.embeds = *std::move(found);
     if (!bound.empty() && out.embeds->model_id() != bound) {
       return absl::FailedPreconditionError(absl::StrCat("the gallery is bound to model ", bound,
                                                         " but model '", name, "' computes ",
                                                         out.embeds->model_id()));
     }
   } else {
-    out.embeds = bound.empty() ? &models.default_model() : models.ByModelId(bound);
+    out.embeds = bound.empty() ? models.default_model() : models.ByModelId(bound);
   }
-  const std::string& embedding_id =
-      out.embeds != nullptr ? out.embeds->model_id() : models.default_model().model_id();
+  const std::string embedding_id =
+      out.embeds != nullptr ? out.embeds->model_id() : models.default_model()->model_id();
   out.model_id = embedding_id;
   if (!requested.empty() && requested != embedding_id) {
     if (absl::Status s = CheckId("model_id", requested); !s.ok()) return s;
@@ -111,16 +111,15 @@ absl::StatusOr<ProbeModel> ResolveProbeModel(
   }
   if (has_faces && out.embeds == nullptr) {
     std::string served;
-    for (const ServedModel& m : models.all()) {
-      absl::StrAppend(&served, served.empty() ? "" : ", ", m.model_id(), " ('", m.description.name,
-                      "')");
+    for (const ModelRef& m : models.all()) {
+      absl::StrAppend(&served, served.empty() ? "" : ", ", m->model_id(), " ('", m->name(), "')");
     }
     return absl::FailedPreconditionError(
         absl::StrCat("the gallery is bound to model ", bound,
                      ", which this server does not serve (it embeds faces with ", served,
                      "); send embeddings of that model instead of faces"));
   }
-  if (const ServedModel* m = models.ByModelId(out.model_id); m != nullptr) {
+  if (ModelRef m = models.ByModelId(out.model_id); m != nullptr) {
     out.dim = m->dim();
   } else if (out.model_id == bound) {
     out.dim = gallery.dim;
@@ -149,7 +148,7 @@ bool HasFaces(const google::protobuf::RepeatedPtrField<Probe>& probes) {
 template <typename State>
 void EmbedFaces(const CallEnv& env, std::shared_ptr<State> state,
                 const google::protobuf::RepeatedPtrField<Probe>* probes,
-                std::shared_ptr<ProbeWork> work, const ServedModel* model, const char* label,
+                std::shared_ptr<ProbeWork> work, ModelRef model, const char* label,
                 absl::AnyInvocable<void()> then) {
   const int num_faces = static_cast<int>(work->faces.size());
   if (num_faces == 0) return then();

@@ -11,6 +11,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/strip.h"
 #include "absl/strings/str_cat.h"
 #include "common/address.h"
 #include "server/batching/dynamic_batcher.h"
@@ -136,6 +137,14 @@ std::string ParseModelFlag(const std::string& text, ModelSpec* spec) {
     return absl::StrCat(spec->path, ": no such file (model '", spec->name, "')");
   }
   return "";
+}
+
+bool IsLoopback(const std::string& listen) {
+  if (absl::StartsWith(listen, "unix:") || absl::StartsWith(listen, "unix-abstract:")) return true;
+  const size_t colon = listen.rfind(':');
+  absl::string_view host = absl::string_view(listen).substr(0, colon);
+  if (absl::ConsumePrefix(&host, "[") && !absl::ConsumeSuffix(&host, "]")) return false;
+  return host == "localhost" || host == "::1" || absl::StartsWith(host, "127.");
 }
 
 bool ParseDetectorFlag(const std::string& text, std::string* network, std::string* dir) {
@@ -347,6 +356,10 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
       ->check(CLI::IsMember({"text", "json"}));
   app.add_flag("--reflection", c.reflection, "Serve gRPC server reflection")
       ->envname("ARCFACE_REFLECTION");
+  app.add_flag("--admin-rpc", c.admin_rpc,
+               "Serve ModelAdmin.ReloadModels (reload models without a restart, as SIGHUP does); "
+               "only with a loopback --listen address or mutual TLS (--tls-client-ca)")
+      ->envname("ARCFACE_ADMIN_RPC");
   app.add_option("--tls-cert", c.tls_cert, "Server certificate chain (PEM); enables TLS")
       ->envname("ARCFACE_TLS_CERT")
       ->check(CLI::ExistingFile);
@@ -425,6 +438,11 @@ ParsedFlags ParseServerFlags(int argc, const char* const* argv, std::ostream& ou
         "give both the certificate and the key, or neither");
   Check(&bad, c.tls_client_ca.empty() || !c.tls_cert.empty(), "--tls-client-ca",
         "mutual TLS needs --tls-cert and --tls-key too");
+  Check(&bad, !c.admin_rpc || IsLoopback(c.listen) || !c.tls_client_ca.empty(), "--admin-rpc",
+        absl::StrCat("--listen ", c.listen,
+                     " can be reached from other machines; the admin RPC is served there only "
+                     "with mutual TLS (--tls-client-ca); or listen on 127.0.0.1, [::1] or a unix: "
+                     "socket, or reload with SIGHUP"));
   Check(&bad,
         c.gallery_store == "none" ||
             (absl::StartsWith(c.gallery_store, "sqlite:") && c.gallery_store.size() > 7) ||

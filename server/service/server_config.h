@@ -95,6 +95,8 @@ struct ServerConfig {
   std::string log_level = "info";
   std::string log_format = "text";
   bool reflection = false;
+  // ModelAdmin.ReloadModels (model_admin_service.h); only with a loopback --listen or mutual TLS.
+  bool admin_rpc = false;
   std::string tls_cert;
   std::string tls_key;
   std::string tls_client_ca;
@@ -122,6 +124,10 @@ std::string ParseModelFlag(const std::string& text, ModelSpec* spec);
 // --detector's value: false for "none"; else true with the folder in *dir and the box network
 // in *network ("" when the value names none: the detector's default).
 bool ParseDetectorFlag(const std::string& text, std::string* network, std::string* dir);
+
+// Whether a gRPC listen address ("host:port", "[v6]:port", "unix:PATH") reaches this machine
+// only: 127.0.0.0/8, ::1, localhost, or a unix socket.
+bool IsLoopback(const std::string& listen);
 
 // "30s", "1.5m", "500ms" (absl::ParseDuration) or a plain number of seconds ("30", "0.5").
 bool ParseDrainTimeout(const std::string& text, absl::Duration* out);

@@ -115,7 +115,9 @@ ServiceMetrics::ServiceMetrics(int max_batch_size, std::vector<std::string> mode
                                        "yet answered, answers not yet written.")
                              .WithLabels({})),
       model_info_(
-          registry_.AddGauge("arcface_model_info", "The served model; always 1.",
+          registry_.AddGauge("arcface_model_info",
+                             "The served model: 1 for the weights serving, 0 for weights a "
+                             "reload replaced.",
                              Labels(model_label_, {"arch", "model_id", "device", "precision"}))),
       queue_depth_(registry_.AddGauge("arcface_queue_depth", "Crops queued and not yet in a batch.",
                                       model_label_)),
@@ -132,7 +134,12 @@ ServiceMetrics::ServiceMetrics(int max_batch_size, std::vector<std::string> mode
           "arcface_device_memory_reserved_bytes",
           "Bytes of the model's CUDA device reserved from the driver by libtorch's caching "
           "allocator; 0 on the CPU.",
-          model_label_)) {
+          model_label_)),
+      reloads_(registry_.AddCounter(
+          "arcface_model_reloads_total",
+          "Reloads of a served model (SIGHUP, ReloadModels), by model and result: reloaded, "
+          "unchanged (same weights), failed (the previous weights keep serving).",
+          {"model", "result"})) {
   for (const std::string& name : models) {
     models_.push_back(std::unique_ptr<ModelMetrics>(new ModelMetrics(
         this, model_label_.empty() ? std::vector<std::string>{} : std::vector<std::string>{name})));
@@ -185,7 +192,11 @@ void ModelMetrics::SetDeviceMemorySource(std::function<engine::DeviceMemory()> r
 
 void ModelMetrics::SetModelInfo(const std::string& arch, const std::string& model_id,
                                 const std::string& device, const std::string& precision) {
-  parent_->model_info_.WithLabels(With({arch, model_id, device, precision})).Set(1);
+  Gauge& info = parent_->model_info_.WithLabels(With({arch, model_id, device, precision}));
+  absl::MutexLock lock(&source_mu_);
+  if (info_ != nullptr && info_ != &info) info_->Set(0);
+  info_ = &info;
+  info_->Set(1);
 }
 
 void ModelMetrics::SetQueueDepthSource(std::function<double()> read) {

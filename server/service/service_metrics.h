@@ -45,8 +45,9 @@ class ServiceMetrics;
 // One model's series: its batcher's observer and the sources read at each scrape.
 class ModelMetrics final : public batching::BatcherObserver {
  public:
+  // arcface_model_info: 1 for the version serving, 0 for those it replaced (a reload).
   void SetModelInfo(const std::string& arch, const std::string& model_id, const std::string& device,
-                    const std::string& precision);
+                    const std::string& precision) ABSL_LOCKS_EXCLUDED(source_mu_);
   // Read at each scrape (the batcher's queue_depth()); unset: 0.
   void SetQueueDepthSource(std::function<double()> read) ABSL_LOCKS_EXCLUDED(source_mu_);
   void SetHeldSource(std::function<double()> read) ABSL_LOCKS_EXCLUDED(source_mu_);
@@ -80,6 +81,7 @@ class ModelMetrics final : public batching::BatcherObserver {
   std::function<double()> queue_depth_source_ ABSL_GUARDED_BY(source_mu_);
   std::function<double()> held_source_ ABSL_GUARDED_BY(source_mu_);
   std::function<engine::DeviceMemory()> device_memory_source_ ABSL_GUARDED_BY(source_mu_);
+  Gauge* info_ ABSL_GUARDED_BY(source_mu_) = nullptr;  // the serving version's
 };
 
 class ServiceMetrics final : public batching::BatcherObserver {
@@ -120,6 +122,10 @@ class ServiceMetrics final : public batching::BatcherObserver {
   // Reasons: "queue_full", "too_large", "shutting_down", "too_many_faces", "draining",
   // "preprocess_queue_full", "compare_too_large".
   void RecordRejected(const std::string& reason, int64_t faces = 1);
+  // A model's reload (model_reloader.h): result "reloaded", "unchanged" or "failed".
+  void RecordReload(const std::string& model, const std::string& result) {
+    reloads_.WithLabels({model, result}).Inc();
+  }
   Gauge& inflight() { return inflight_; }
   // Bytes EmbedStream streams hold (FaceEmbeddingService: messages read and not answered,
   // answers not written).
@@ -166,6 +172,7 @@ class ServiceMetrics final : public batching::BatcherObserver {
   Family<Gauge>& batches_held_;
   Family<Gauge>& device_allocated_;
   Family<Gauge>& device_reserved_;
+  Family<Counter>& reloads_;
   // One per served model, the default first; fixed after construction.
   std::vector<std::unique_ptr<ModelMetrics>> models_;
 };

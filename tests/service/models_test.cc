@@ -143,7 +143,7 @@ class ModelsTest : public ::testing::Test {
     dlib.default_threshold = kDlibCosineThreshold;
     dlib.arch = "resnet34";
     dlib.model_id = kDlibId;
-    service_->SetReady(ServedModels({{arcface, embedders_[0].get()}, {dlib, embedders_[1].get()}}));
+    service_->SetReady({{arcface, embedders_[0].get()}, {dlib, embedders_[1].get()}});
     auto channel =
         grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_), grpc::InsecureChannelCredentials());
     stub_ = v1::FaceEmbedding::NewStub(channel);
