@@ -389,6 +389,34 @@ TEST(ServerFlags, DrainTimeoutForms) {
   EXPECT_FALSE(ParseDrainTimeout("forever", &d));
 }
 
+TEST(ServerFlags, AdminRpcOnlyOnLoopbackOrWithMutualTls) {
+  for (const char* local : {"127.0.0.1:50051", "127.1.2.3:0", "[::1]:50051", "localhost:1",
+                            "unix:/run/arcface.sock", "unix-abstract:arcface"}) {
+    EXPECT_TRUE(IsLoopback(local)) << local;
+  }
+  for (const char* open : {"0.0.0.0:50051", "[::]:50051", "10.1.2.3:50051", "[fe80::1]:1",
+                           "localhost.example.com:1", "128.0.0.1:1", "[::1:50051", "host:1"}) {
+    EXPECT_FALSE(IsLoopback(open)) << open;
+  }
+  FlagRun r = RunFlags({"--demo-weights", "--admin-rpc", "--listen", "127.0.0.1:0"});
+  EXPECT_EQ(r.exit_code, -1) << r.err;
+  EXPECT_TRUE(r.config.admin_rpc);
+  EXPECT_FALSE(RunFlags({"--demo-weights"}).config.admin_rpc);
+  r = RunFlags({"--demo-weights", "--admin-rpc"});  // the default --listen, 0.0.0.0:50051
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_THAT(r.err, HasSubstr("--admin-rpc: --listen 0.0.0.0:50051 can be reached from other "
+                               "machines; the admin RPC is served there only with mutual TLS"));
+  // With mutual TLS (the files only need to exist for the flags) any address will do.
+  const std::string pem = absl::StrCat(::testing::TempDir(), "/admin_flags.pem");
+  std::ofstream(pem) << "x";
+  r = RunFlags({"--demo-weights", "--admin-rpc", "--tls-cert", pem, "--tls-key", pem,
+                "--tls-client-ca", pem});
+  EXPECT_EQ(r.exit_code, -1) << r.err;
+  r = RunFlags({"--demo-weights", "--admin-rpc", "--tls-cert", pem, "--tls-key", pem});
+  EXPECT_EQ(r.exit_code, 2) << "TLS without client certificates is not enough";
+  std::remove(pem.c_str());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Embedder over a puppet batcher
 
