@@ -19,7 +19,8 @@
 //    and every gallery loaded into memory, timed and logged; a store that cannot be opened
 //    stops the start (exit 2 for a bad URI or a newer schema, 1 when it cannot be reached).
 // 6. Serve: health SERVING, /readyz 200, the port file is written, "SERVING" is logged; then
-//    Run() waits for `stop`.
+//    Run() waits for `stop`. Meanwhile SIGHUP (and ModelAdmin.ReloadModels with --admin-rpc)
+//    reloads the models whose files changed, beside the serving ones (service::ModelReloader).
 // 7. Drain: health NOT_SERVING, /readyz 503, new calls UNAVAILABLE, open streams finish after
 //    their read messages; every accepted call finishes (calls still running at the drain
 //    timeout are cancelled); the gRPC server shuts down, the batcher flushes, the
@@ -39,15 +40,16 @@
 // - `stop` may be notified from any thread at any time; before SERVING, the drain follows
 //   right after the model is ready. It is borrowed and must outlive Run().
 // - Process-wide state it sets: gRPC's log function (into spdlog), the installed fault
-//   injector (--test-fault-injection), libtorch's thread count (--threads). One Server per
-//   process.
+//   injector (--test-fault-injection), libtorch's thread count (--threads), the SIGHUP reload
+//   handler (process_signals.h) while it serves. One Server per process.
 // - Thread safety: Run() and the destructor on one thread; nothing else is public.
 //
 // Teardown
 // Stopping and destroying are two steps. StopServing() stops, in this order: the gRPC server
 // (no call reaches the service any more; those running at its deadline are cancelled), the
-// detector's batcher and then the embedder's (each flushes: every accepted frame and crop is
-// answered; a frame's faces may still go on to the embedder), the preprocessing pool, the fault
+// reloader (a reload in progress finishes, a replaced version is shut down), the detector's
+// batcher and then each model's (each flushes: every accepted frame and crop is answered; a
+// frame's faces may still go on to the embedder), the preprocessing pool, the fault
 // injector's installation, the HTTP server (the last reader of the metrics' sources). Both the
 // drain and a failed start end with it. Then the members are destroyed in the reverse of their
 // declaration order below, which is why they are declared so: each is declared after

@@ -38,14 +38,21 @@ void ModelReloader::Request(std::vector<std::string> names, std::string source, 
     absl::StatusOr<ModelRef> found = models_->Find(name);
     if (!found.ok()) return done(found.status());
   }
+  absl::Status refused;
   {
     absl::MutexLock lock(&mu_);
-    if (!stopping_) {
+    if (stopping_) {
+      refused = absl::UnavailableError("the server is stopping: no reload now");
+    } else if (pending_.size() >= kMaxPending) {
+      refused = absl::ResourceExhaustedError(absl::StrCat(
+          pending_.size(), " reloads are already waiting; try again once they are done"));
+    } else {
       pending_.push_back({std::move(names), std::move(source), std::move(done)});
       return;
     }
   }
-  done(absl::UnavailableError("the server is stopping: no reload now"));
+  spdlog::warn("reload ({}) refused: {}", source, std::string(refused.message()));
+  done(std::move(refused));
 }
 
 void ModelReloader::Stop() {

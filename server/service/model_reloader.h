@@ -22,7 +22,8 @@
 //   returns at once. `done` is called exactly once: on the reloader's thread with one result
 //   per model once all are reloaded (UNAVAILABLE if Stop() came first), or at once, in
 //   Request(), with its refusal: NOT_FOUND (naming the served models) for a name not served,
-//   INVALID_ARGUMENT for an empty one, UNAVAILABLE after Stop().
+//   INVALID_ARGUMENT for an empty one, RESOURCE_EXHAUSTED with kMaxPending requests waiting
+//   (a burst of SIGHUPs cannot queue work without end), UNAVAILABLE after Stop().
 // - Ownership: `models` and `metrics` are borrowed and outlive the reloader; `load` is owned.
 // - Blocking: Request() takes a short mutex. Stop() waits for the reload in progress (a model
 //   being built finishes; a retiring version is shut down at once, running its queued
@@ -71,6 +72,8 @@ class ModelReloader {
   // move to the new version).
   using SwappedFn = std::function<void(const ServedModel& now, const ServedModel& before)>;
   using Done = absl::AnyInvocable<void(absl::StatusOr<std::vector<ModelReload>>)>;
+
+  static constexpr size_t kMaxPending = 8;
 
   ModelReloader(ServedModels* models, LoadFn load, SwappedFn swapped, ServiceMetrics* metrics);
   ~ModelReloader();  // Stop()

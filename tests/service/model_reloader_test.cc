@@ -309,6 +309,45 @@ TEST_F(ModelReloaderTest, ARequestQueuedBehindAReloadWhenStoppingIsAnsweredUnava
   EXPECT_GE(refused.load(), 1);
 }
 
+TEST_F(ModelReloaderTest, AtMostkMaxPendingRequestsWait) {
+  std::shared_ptr<Version> first;
+  Serve(Make(1.0f, &first));
+  first->model.gate().Hold();
+  Call(1, [](absl::StatusOr<float>, std::string) {});
+  ASSERT_TRUE(first->model.gate().WaitForBatches(1));
+  NextLoad(2.0f);
+  absl::Notification busy_done;
+  reloader_->Request({}, "test", [&](absl::StatusOr<std::vector<ModelReload>>) {
+    busy_done.Notify();
+  });
+  // Swapped; the old version cannot retire while its batch is held, so this reload goes on.
+  const absl::Time end = absl::Now() + absl::Seconds(30);
+  while ((*models_.Find("m"))->model_id() != "fake@2" && absl::Now() < end) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  NextLoad(0.0f);
+  std::atomic<int> unchanged{0};
+  for (size_t i = 0; i < ModelReloader::kMaxPending; ++i) {
+    reloader_->Request({"m"}, "test", [&](absl::StatusOr<std::vector<ModelReload>> r) {
+      if (r.ok() && r->front().result == ModelReload::Result::kUnchanged) unchanged++;
+    });
+  }
+  absl::StatusOr<std::vector<ModelReload>> refused;
+  reloader_->Request({}, "test", [&](absl::StatusOr<std::vector<ModelReload>> r) {
+    refused = std::move(r);
+  });
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(refused.status().message(), HasSubstr("8 reloads are already waiting"));
+  first->model.gate().Release();
+  ASSERT_TRUE(busy_done.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  // The queued requests then run, one after the other.
+  const absl::Time end2 = absl::Now() + absl::Seconds(30);
+  while (unchanged.load() < int(ModelReloader::kMaxPending) && absl::Now() < end2) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  EXPECT_EQ(unchanged.load(), int(ModelReloader::kMaxPending));
+}
+
 TEST_F(ModelReloaderTest, ManyCallersThroughFiveReloadsAllAnsweredByTheirOwnVersion) {
   Serve(Make(1.0f));
   constexpr int kThreads = 8;
