@@ -517,5 +517,32 @@ TEST_F(ModelsTest, OneModelsOverloadNeverHoldsTheOthersCalls) {
             static_cast<double>(dlib_.batch_sizes().size()));
 }
 
+TEST_F(ModelsTest, OneModelsFailingBatchFailsOnlyItsOwnCalls) {
+  Start();
+  const cv::Mat picture = Picture(40, 9);
+  v1::EmbedRequest dlib_request;
+  *dlib_request.add_faces() = FaceOf(picture);
+  dlib_request.set_model("dlib");
+  v1::EmbedRequest arcface_request;
+  *arcface_request.add_faces() = FaceOf(picture);
+  dlib_.FailNext(absl::InternalError("the dlib engine failed"));
+  v1::EmbedResponse response;
+  grpc::Status s = Embed(dlib_request, &response);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INTERNAL);
+  EXPECT_THAT(s.error_message(), HasSubstr("the dlib engine failed"));
+  for (int i = 0; i < 3; ++i) {
+    v1::EmbedResponse ok;
+    s = Embed(arcface_request, &ok);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    EXPECT_EQ(ok.model_id(), kArcFaceId);
+  }
+  // The failure was one batch's: the dlib model's next call is answered.
+  s = Embed(dlib_request, &response);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(response.model_id(), kDlibId);
+  EXPECT_EQ(WaitForMetric("arcface_batches_total", {{"model", "dlib"}, {"status", "error"}}, 1), 1);
+  EXPECT_EQ(Metric("arcface_batches_total", {{"model", "arcface"}, {"status", "error"}}), 0);
+}
+
 }  // namespace
 }  // namespace arcface::service
