@@ -66,7 +66,8 @@ struct FaceFlags {
 int Main(int argc, char** argv) {
   CLI::App app(
       "arcface-client: embed, compare and detect faces with an arcface-server, enroll and "
-      "identify people in its gallery, measure its accuracy (eval) and load-test it.\n"
+      "identify people in its gallery, measure its accuracy (eval), load-test it and "
+      "reload its models.\n"
       "Exit codes: 0 ok, 1 some inputs failed, 2 usage error, 3 server unreachable.",
       "arcface-client");
   app.set_version_flag("--version", std::string(ARCFACE_VERSION));
