@@ -153,7 +153,6 @@ int Fail(const std::string& what, const absl::Status& status, bool usage) {
   return kExitSomeFailed;
 }
 
-// A server's answer as indented JSON with every field, named as in the proto (info, models).
 void PrintProtoJson(const google::protobuf::Message& message) {
   std::string text;
   google::protobuf::util::JsonPrintOptions print;

@@ -109,6 +109,12 @@ struct EvalOptions {
   bool json = false;
 };
 
+// `reload`: ModelAdmin.ReloadModels on a server started with --admin-rpc.
+struct ReloadOptions {
+  std::vector<std::string> models;  // served names; empty: every model
+  bool json = false;                // the ReloadModelsResponse as JSON instead of a table
+};
+
 // Said with every verdict (same/different, who a face is) when the server runs random (demo)
 // weights: such a verdict tells nothing about identity.
 inline constexpr char kRandomWeightsVerdict[] = "random weights: not an identity verdict";
@@ -129,9 +135,14 @@ int RunCompare(const CommonOptions& common, const CompareOptions& options);
 int RunDetect(const CommonOptions& common, const DetectOptions& options);
 int RunBench(const CommonOptions& common, const BenchOptions& options);
 int RunEval(const CommonOptions& common, const EvalOptions& options);
+// reload.cc: one line per model (result, seconds, previous -> new model_id, error); exit 1 when
+// a model FAILED (it keeps serving its previous weights), Fail's codes when the call fails.
+int RunReload(const CommonOptions& common, const ReloadOptions& options);
 
 // One JSON document on stdout (invalid UTF-8 in a file name replaced, not fatal).
 void PrintJson(const nlohmann::json& doc);
+// A server's answer as indented JSON with every field, named as in the proto (info, models).
+void PrintProtoJson(const google::protobuf::Message& message);
 
 // A note on stderr when the server runs the demo (random) weights.
 void NoteDemo(const arcface::v1::ModelInfo& info);

@@ -66,7 +66,8 @@ struct FaceFlags {
 int Main(int argc, char** argv) {
   CLI::App app(
       "arcface-client: embed, compare and detect faces with an arcface-server, enroll and "
-      "identify people in its gallery, measure its accuracy (eval) and load-test it.\n"
+      "identify people in its gallery, measure its accuracy (eval), load-test it and "
+      "reload its models.\n"
       "Exit codes: 0 ok, 1 some inputs failed, 2 usage error, 3 server unreachable.",
       "arcface-client");
   app.set_version_flag("--version", std::string(ARCFACE_VERSION));
@@ -106,6 +107,19 @@ int Main(int argc, char** argv) {
   bool models_json = false;
   CLI::App* models_cmd = app.add_subcommand("models", "List the served models, the default first");
   models_cmd->add_flag("--json", models_json, "As JSON (the ListModelsResponse message)");
+
+  // reload
+  ReloadOptions reload;
+  CLI::App* reload_cmd = app.add_subcommand(
+      "reload", "Reload the served models' files (ModelAdmin.ReloadModels: a server with "
+                "--admin-rpc): one line per model, RELOADED (previous -> new model_id), "
+                "UNCHANGED or FAILED (the previous weights keep serving); exit 1 if any failed. "
+                "The answer waits for the new weights to load and warm up: raise --timeout for "
+                "large models");
+  reload_cmd->add_option("models", reload.models,
+                         "Served model names (see `models`); none: every model (--model is not "
+                         "used)");
+  reload_cmd->add_flag("--json", reload.json, "As JSON (the ReloadModelsResponse message)");
 
   // health
   double health_wait = 0;
@@ -282,6 +296,7 @@ int Main(int argc, char** argv) {
   if (*info) return RunInfo(common, info_json);
   if (*models_cmd) return RunModels(common, models_json);
   if (*health) return RunHealth(common, health_wait);
+  if (*reload_cmd) return RunReload(common, reload);
   if (*embed_cmd) {
     if (!embed.out.empty() && !IsKnownOutputExtension(embed.out)) {
       return Usage("--out: use a .npy, .json or .csv file name");

@@ -413,6 +413,7 @@ Client::Client(const ClientOptions& options, std::shared_ptr<grpc::Channel> chan
       channel_(std::move(channel)),
       stub_(arcface::v1::FaceEmbedding::NewStub(channel_)),
       gallery_stub_(arcface::v1::FaceGallery::NewStub(channel_)),
+      admin_stub_(arcface::v1::ModelAdmin::NewStub(channel_)),
       rng_state_(std::random_device{}() ^ (uint64_t{std::random_device{}()} << 32)) {}
 
 void Client::SetDeadline(grpc::ClientContext* context) const {
@@ -458,6 +459,18 @@ absl::StatusOr<arcface::v1::ListModelsResponse> Client::ListModels() {
   });
   if (!s.ok()) return NameFace(ToAbsl(s), "ListModels", nullptr);
   return models;
+}
+
+absl::StatusOr<arcface::v1::ReloadModelsResponse> Client::ReloadModels(
+    const std::vector<std::string>& models) {
+  arcface::v1::ReloadModelsRequest request;
+  for (const std::string& m : models) request.add_models(m);
+  arcface::v1::ReloadModelsResponse response;
+  grpc::ClientContext context;
+  SetDeadline(&context);
+  grpc::Status s = admin_stub_->ReloadModels(&context, request, &response);
+  if (!s.ok()) return NameFace(ToAbsl(s), "ReloadModels", nullptr);
+  return response;
 }
 
 absl::StatusOr<arcface::v1::ModelInfo> Client::GetModelInfo() {

@@ -1,5 +1,5 @@
 // arcface::client::Client: the C++ client of arcface.v1.FaceEmbedding (embedding, comparison,
-// the server's face detector) and arcface.v1.FaceGallery.
+// the server's face detector), arcface.v1.FaceGallery and arcface.v1.ModelAdmin (reloads).
 //
 // Contract
 // - Client::Create validates the options and builds one gRPC channel; it does not connect (the
@@ -18,6 +18,8 @@
 //   The gallery's reads are idempotent too, and Enroll always carries a request_id (the
 //   caller's, else one made per call) with which the server adds its faces once; Forget alone
 //   is never retried (a repeat would report 0 faces removed for faces the first one removed).
+//   Nor is ReloadModels: a reload whose answer was lost may have swapped the model in, and a
+//   repeat would report it UNCHANGED.
 // - Limits: Embed and Compare read the server's max_faces_per_request and max_message_bytes
 //   from GetModelInfo once (on first need) and split large lists into several requests, keeping
 //   input order. ClientOptions can set smaller limits. Enroll and Identify split likewise under
@@ -29,7 +31,8 @@
 //   caller's list, e.g. "face 7 (img/b.png): undecodable image ..." (Enroll: "faces 7 ...",
 //   Identify: "probes 7 ...", as the server names the request's fields); a frame's error
 //   (Detect, DetectStream) is prefixed with its label. A server without a gallery store answers
-//   the gallery calls UNIMPLEMENTED, one started with --detector none Detect and DetectStream.
+//   the gallery calls UNIMPLEMENTED, one started with --detector none Detect and DetectStream,
+//   one without --admin-rpc ReloadModels (its message names the flag and SIGHUP).
 // - Thread safety: a Client may be used from many threads at once. FaceInput is a value.
 #ifndef ARCFACE_CLIENT_CPP_CLIENT_H_
 #define ARCFACE_CLIENT_CPP_CLIENT_H_
@@ -205,6 +208,15 @@ class Client {
   absl::StatusOr<arcface::v1::ModelInfo> GetModelInfo();
   // Every model the server serves, the default first.
   absl::StatusOr<arcface::v1::ListModelsResponse> ListModels();
+  // ModelAdmin.ReloadModels: the server re-reads the named models' files (empty: every served
+  // model) and swaps in those that changed; one result per model, in the request's order (all:
+  // the served order). A file that fails leaves its model serving and is a FAILED result with
+  // its error, not an error of the call; NOT_FOUND names the served models when one is not.
+  // The answer comes once every model is loaded and warmed up (seconds each), so
+  // ClientOptions::timeout must cover that; a deadline passing first only loses the answer,
+  // the reload goes on. Never retried (see Retries).
+  absl::StatusOr<arcface::v1::ReloadModelsResponse> ReloadModels(
+      const std::vector<std::string>& models = {});
 
   // One embedding per face, in order; large lists go in several requests.
   absl::StatusOr<std::vector<Embedding>> Embed(const std::vector<FaceInput>& faces,
@@ -306,6 +318,7 @@ class Client {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<arcface::v1::FaceEmbedding::Stub> stub_;
   std::unique_ptr<arcface::v1::FaceGallery::Stub> gallery_stub_;
+  std::unique_ptr<arcface::v1::ModelAdmin::Stub> admin_stub_;
 
   absl::Mutex mu_;
   std::optional<Limits> limits_ ABSL_GUARDED_BY(mu_);

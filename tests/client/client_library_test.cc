@@ -1,7 +1,9 @@
 // arcface::client::Client against a real arcface-server with the golden r50 weights,
 // --max-faces-per-request 4, the face detector (--detector) and a SQLite gallery store limited to
 // 3 faces per Enroll and 2 probes per Identify (tests/client/test_cli.py starts it and runs this binary with
-// ARCFACE_TEST_SERVER=host:port, ARCFACE_GOLDEN_DIR and ARCFACE_TEST_DATA).
+// ARCFACE_TEST_SERVER=host:port, ARCFACE_GOLDEN_DIR and ARCFACE_TEST_DATA). ClientReload: a
+// second server with --admin-rpc serving ARCFACE_ADMIN_MODEL_FILE (r50) as model "live" and the
+// demo weights (ARCFACE_ADMIN_SERVER).
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -12,6 +14,7 @@
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "client/cpp/client.h"
 
@@ -440,6 +443,83 @@ TEST_F(ClientTest, DetectStreamAnswersEachFrameInOrderWithItsOwnError) {
   EXPECT_TRUE(results[2]->faces.empty());  // no face: an empty answer, not an error
   ASSERT_TRUE(results[3].ok()) << results[3].status();
   EXPECT_EQ(results[3]->faces.size(), 1u);
+}
+
+TEST_F(ClientTest, ReloadModelsIsOffWithoutTheAdminFlag) {
+  auto r = client_->ReloadModels();
+  ASSERT_EQ(r.status().code(), absl::StatusCode::kUnimplemented) << r.status();
+  EXPECT_TRUE(absl::StartsWith(r.status().message(), "ReloadModels: model administration is off"))
+      << r.status();
+  EXPECT_NE(r.status().message().find("--admin-rpc"), std::string::npos) << r.status();
+  EXPECT_NE(r.status().message().find("SIGHUP"), std::string::npos) << r.status();
+}
+
+// Replaces `path` as an operator should: the new bytes written beside it, then renamed over it.
+void Install(const std::string& path, const std::string& bytes) {
+  {
+    std::ofstream out(path + ".new", std::ios::binary | std::ios::trunc);
+    out.write(bytes.data(), std::streamsize(bytes.size()));
+    ASSERT_TRUE(out.good()) << path;
+  }
+  std::filesystem::rename(path + ".new", path);
+}
+
+TEST(ClientReload, ReportsEachModelAndABrokenFileLeavesTheModelServing) {
+  const std::string path = Env("ARCFACE_ADMIN_MODEL_FILE");
+  ASSERT_FALSE(Env("ARCFACE_ADMIN_SERVER").empty() || path.empty())
+      << "set ARCFACE_ADMIN_SERVER and ARCFACE_ADMIN_MODEL_FILE (ctest -R client_pytest)";
+  ClientOptions o;
+  o.addresses = {Env("ARCFACE_ADMIN_SERVER")};
+  o.timeout = absl::Seconds(120);
+  o.model = "live";
+  auto c = Client::Create(o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  Client& client = **c;
+  auto served = client.ListModels();
+  ASSERT_TRUE(served.ok()) << served.status();
+  ASSERT_EQ(served->models_size(), 2);
+  const std::string live_id = served->models(0).model_id(), demo_id = served->models(1).model_id();
+
+  // Nothing changed: every served model, in the served order, UNCHANGED.
+  auto r = client.ReloadModels();
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->models_size(), 2);
+  EXPECT_EQ(r->models(0).model(), "live");
+  EXPECT_EQ(r->models(1).model(), "arcface-demo");
+  for (int i = 0; i < 2; ++i) {
+    const arcface::v1::ModelReload& m = r->models(i);
+    EXPECT_EQ(m.result(), arcface::v1::ModelReload::UNCHANGED) << m.DebugString();
+    EXPECT_EQ(m.model_id(), i == 0 ? live_id : demo_id);
+    EXPECT_EQ(m.previous_model_id(), m.model_id());
+    EXPECT_EQ(m.error(), "");
+  }
+
+  // A copy cut short: FAILED with the file named, in an OK answer; the old weights serve on.
+  std::string bytes;
+  {
+    std::ifstream in(path, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  ASSERT_GT(bytes.size(), 1000u);
+  Install(path, bytes.substr(0, bytes.size() / 2));
+  r = client.ReloadModels({"live"});
+  Install(path, bytes);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->models_size(), 1);
+  EXPECT_EQ(r->models(0).model(), "live");
+  EXPECT_EQ(r->models(0).result(), arcface::v1::ModelReload::FAILED);
+  EXPECT_EQ(r->models(0).model_id(), live_id);
+  EXPECT_EQ(r->models(0).previous_model_id(), live_id);
+  EXPECT_NE(r->models(0).error().find(path), std::string::npos) << r->models(0).error();
+  auto info = client.GetModelInfo();
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->model_id(), live_id);
+
+  auto unknown = client.ReloadModels({"live", "nope"});
+  EXPECT_EQ(unknown.status().code(), absl::StatusCode::kNotFound) << unknown.status();
+  EXPECT_EQ(unknown.status().message(),
+            "ReloadModels: model 'nope' is not served here; this server serves: live (default), "
+            "arcface-demo");
 }
 
 TEST(ClientUnreachable, RetriesUnavailableThenGivesUp) {

@@ -2,6 +2,7 @@
 tests/integration/arcface_testlib.py) and a runner for the arcface-client binary."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -66,6 +67,18 @@ def r50(session_servers, goldens, tmp_path_factory):
 @pytest.fixture(scope="session")
 def r50_address(r50):
     return f"127.0.0.1:{r50.grpc_port}"
+
+
+@pytest.fixture(scope="session")
+def admin(session_servers, goldens, tmp_path_factory):
+    """--admin-rpc (loopback): a copy of the golden r50 weights as model "live" (model_file:
+    tests swap it and put r50 back, reloaded) beside the demo weights."""
+    path = str(tmp_path_factory.mktemp("admin") / "live.safetensors")
+    shutil.copyfile(goldens.model_path("r50"), path)
+    server = session_servers(lib.demo_args("--model", f"live={path}", "--admin-rpc",
+                                           "--warmup-batch-size", "1"), name="admin")
+    server.model_file = path
+    return server
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,14 @@ loopback: outputs equal the reference goldens, detect shows the server's Detect 
 and a picture, with identities from the gallery), pictures, the progress bar's terminal rule,
 round robin, retries across a restart and a drain, no retry of INVALID_ARGUMENT, TLS and mutual
 TLS, bench against the server's own counters, exit codes, the gallery commands, verdicts from
-random weights saying so, eval on dlib's johns (ARCFACE_DLIB_DATA)."""
+random weights saying so, eval on dlib's johns (ARCFACE_DLIB_DATA), reload (--admin-rpc)."""
 
 import json
 import os
 import pty
 import re
 import select
+import shutil
 import signal
 import subprocess
 import threading
@@ -62,13 +63,15 @@ def embed_counts(metrics):
 # The library
 
 
-def test_cpp_library_against_the_golden_server(r50_address):
+def test_cpp_library_against_the_golden_server(r50_address, admin):
     env = cli_env(ARCFACE_TEST_SERVER=r50_address, ARCFACE_GOLDEN_DIR=lib.GOLDEN_DIR,
                   ARCFACE_TEST_DATA=lib.TEST_DATA,
-                  ARCFACE_FREE_ADDRESS=f"127.0.0.1:{lib.free_port()}")
+                  ARCFACE_FREE_ADDRESS=f"127.0.0.1:{lib.free_port()}",
+                  ARCFACE_ADMIN_SERVER=f"127.0.0.1:{admin.grpc_port}",
+                  ARCFACE_ADMIN_MODEL_FILE=admin.model_file)
     r = subprocess.run([LIBRARY_TEST], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert "[  PASSED  ] 11 tests" in r.stdout, r.stdout[-3000:]
+    assert "[  PASSED  ] 13 tests" in r.stdout, r.stdout[-3000:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -994,3 +997,67 @@ def test_eval_refuses_what_it_cannot_measure(demo_eval, johns, tmp_path):
         assert "gallery 'in-use' already holds 1 faces of 1 subjects" in r.stderr, r.stderr
         after = c.gallery_info("in-use")
         assert (after.num_faces, after.version) == (before.num_faces, before.version)
+
+
+# --------------------------------------------------------------------------------------------
+# reload (ModelAdmin.ReloadModels; the admin server serves a copy of r50 as "live")
+
+
+def install(src, path):
+    """As an operator should: the new file written beside, then renamed over the old one."""
+    shutil.copyfile(src, path + ".new")
+    os.replace(path + ".new", path)
+
+
+def test_reload_prints_each_model_and_fails_when_one_failed(admin, goldens, r50_address):
+    address = f"127.0.0.1:{admin.grpc_port}"
+    r50, r100 = (f"arcface-{m}@" + lib.sha256_file(goldens.model_path(m))[:12]
+                 for m in ("r50", "r100"))
+    demo = json.loads(run_cli("--server", address, "models", "--json").stdout)["models"][1]
+    assert demo["name"] == "arcface-demo"
+    try:
+        install(goldens.model_path("r100"), admin.model_file)
+        r = run_cli("--server", address, "--timeout", "300", "reload")
+        assert r.returncode == 0, r.stderr
+        rows = [line.split() for line in r.stdout.splitlines()]
+        assert rows[0] == ["MODEL", "RESULT", "SECONDS", "MODEL_ID"]
+        assert [row[:2] + row[3:] for row in rows[1:]] == [
+            ["live", "RELOADED", r50, "->", r100],
+            ["arcface-demo", "UNCHANGED", demo["model_id"]]], r.stdout
+        assert float(rows[1][2]) > 0
+
+        # Back to r50, one model named, as JSON (the ReloadModelsResponse).
+        install(goldens.model_path("r50"), admin.model_file)
+        r = run_cli("--server", address, "--timeout", "300", "reload", "live", "--json")
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout)
+        assert doc["models"][0].pop("seconds") > 0
+        assert doc == {"models": [{"model": "live", "result": "RELOADED", "model_id": r50,
+                                   "previous_model_id": r100, "error": ""}]}
+
+        # A copy cut short: FAILED (exit 1), r50 serving on.
+        with open(goldens.model_path("r50"), "rb") as f:
+            data = f.read()
+        with open(admin.model_file + ".new", "wb") as f:
+            f.write(data[: len(data) // 2])
+        os.replace(admin.model_file + ".new", admin.model_file)
+        r = run_cli("--server", address, "reload", "live", "arcface-demo")
+        assert r.returncode == 1, r.stdout + r.stderr
+        lines = r.stdout.splitlines()
+        assert re.match(rf"live +FAILED +[0-9.]+  {re.escape(r50)} \(keeps serving\): .*"
+                        rf"{re.escape(admin.model_file)}", lines[1]), r.stdout
+        assert lines[2].split()[:2] == ["arcface-demo", "UNCHANGED"], r.stdout
+    finally:
+        install(goldens.model_path("r50"), admin.model_file)
+    info = json.loads(run_cli("--server", address, "--model", "live", "info", "--json").stdout)
+    assert info["model_id"] == r50
+
+    # Errors of the call itself: an unknown model; a server without --admin-rpc.
+    r = run_cli("--server", address, "reload", "nope")
+    assert r.returncode == 1 and "NOT_FOUND" in r.stderr and "live (default)" in r.stderr, r.stderr
+    r = run_cli("--server", r50_address, "reload")
+    assert r.returncode == 1 and r.stdout == "", r.stdout
+    assert "UNIMPLEMENTED" in r.stderr and "--admin-rpc" in r.stderr, r.stderr
+    assert "kill -HUP <pid>" in r.stderr and "docker kill -s HUP" in r.stderr, r.stderr
+    r = run_cli("--server", f"127.0.0.1:{lib.free_port()}", "--retries", "1", "reload")
+    assert r.returncode == 3 and "unreachable" in r.stderr, r.stderr

@@ -1,5 +1,5 @@
 """ArcFaceClient: a thin, NumPy-native client of arcface.v1.FaceEmbedding and
-arcface.v1.FaceGallery.
+arcface.v1.FaceGallery (and arcface.v1.ModelAdmin's reloads).
 
 Needs the stubs the build generates (``<build>/python`` on PYTHONPATH: ``arcface.v1`` and
 ``grpc_health_v1``), Debian's ``python3-grpcio`` and ``python3-numpy``. Nothing here imports
@@ -21,6 +21,7 @@ from arcface.v1 import face_embedding_pb2_grpc as pb_grpc
 from arcface.v1 import face_gallery_pb2 as gpb
 from arcface.v1 import face_gallery_pb2_grpc as gpb_grpc
 
+from ._admin import ModelReload
 from ._detect import detect_fields, detection_from_proto
 from ._gallery import (Candidate, Enrollment, ForgetResult, GalleryInfo, GalleryLimits,
                        Identification, Subject, shift_index)
@@ -48,7 +49,8 @@ DEFAULT_RETRIES = 5
 
 
 # Retried on UNAVAILABLE: every call but Forget, whose repetition would report 0 faces removed
-# for faces the first attempt removed. Enroll is safe to repeat: it always carries a request_id
+# for faces the first attempt removed, and ReloadModels, whose repetition would report UNCHANGED
+# a model the first attempt reloaded. Enroll is safe to repeat: it always carries a request_id
 # (the caller's, else one made per call), with which the server adds the faces only once.
 _RETRIED = [{"service": "arcface.v1.FaceEmbedding"}, {"service": "grpc.health.v1.Health"}] + [
     {"service": "arcface.v1.FaceGallery", "method": m}
@@ -289,6 +291,7 @@ class ArcFaceClient:
             self._channel = grpc.insecure_channel(target, options=list(merged.items()))
         self._stub = pb_grpc.FaceEmbeddingStub(self._channel)
         self._gallery_stub = gpb_grpc.FaceGalleryStub(self._channel)
+        self._admin_stub = pb_grpc.ModelAdminStub(self._channel)
         self._max_faces = max_faces_per_request
         self._gallery_limits = None
         self._max_bytes = None
@@ -413,6 +416,22 @@ class ArcFaceClient:
                  "input_size": m.input_size, "model_id": m.model_id,
                  "demo_weights": m.demo_weights, "is_default": m.is_default}
                 for m in resp.models]
+
+    def reload_models(self, models=None, timeout=None):
+        """Has the server re-read its models' files and swap in those that changed
+        (ModelAdmin.ReloadModels, as SIGHUP does): ``models`` names served models (a list of
+        names; None or empty: every one). Returns one ``ModelReload`` per model, in the order
+        asked (all: the served order); a file that fails is a ``"FAILED"`` result, its model
+        serving on as before. Raises ArcFaceError: ``UNIMPLEMENTED`` when the server runs
+        without ``--admin-rpc``, ``NOT_FOUND`` (naming the served models) for an unknown name.
+        The answer waits for every new version to load and warm up: ``timeout`` must cover
+        that (a deadline that passes first loses the answer, not the reload). Not retried on
+        UNAVAILABLE (a repeat would report UNCHANGED a model the first call reloaded)."""
+        if isinstance(models, (str, bytes)):
+            raise TypeError("models is a list of model names, not one string")
+        resp = self._call("ReloadModels", pb.ReloadModelsRequest(models=list(models or ())),
+                          timeout, stub=self._admin_stub)
+        return [ModelReload.from_proto(m) for m in resp.models]
 
     @property
     def random_weights(self):
