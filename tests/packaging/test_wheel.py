@@ -81,8 +81,8 @@ def test_wheel_in_venv_embeds_like_the_in_tree_client(tmp_path, env, venv, serve
                  "arcface/v1/face_gallery_pb2.py", "arcface/v1/face_gallery_pb2_grpc.py",
                  "grpc_health_v1/__init__.py", "grpc_health_v1/health_pb2.py",
                  "grpc_health_v1/health_pb2_grpc.py", "arcface_client/__init__.py",
-                 "arcface_client/_client.py", "arcface_client/_detect.py",
-                 "arcface_client/_gallery.py",
+                 "arcface_client/_admin.py", "arcface_client/_client.py",
+                 "arcface_client/_detect.py", "arcface_client/_gallery.py",
                  "arcface_client/_remote.py"):
         assert stub in files, f"{stub} not installed: {sorted(files)}"
     assert out["version"] == out["module_version"] == env["ARCFACE_VERSION"]
