@@ -3,6 +3,8 @@
 // the calls queued on the old one are answered by it once it runs again, and only then does it
 // retire; a failed or unchanged load leaves the serving version as it is; refusals; and many
 // client threads through five reloads, every answer the one its version computes.
+#include "server/service/model_reloader.h"
+
 #include <atomic>
 #include <map>
 #include <memory>
@@ -16,7 +18,6 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/service/embedder.h"
-#include "server/service/model_reloader.h"
 #include "server/service/served_models.h"
 #include "server/service/service_metrics.h"
 #include "tests/service/fake_model.h"
@@ -111,11 +112,10 @@ class ModelReloaderTest : public ::testing::Test {
   absl::StatusOr<std::vector<ModelReload>> Reload(std::vector<std::string> names = {}) {
     absl::StatusOr<std::vector<ModelReload>> results;
     absl::Notification done;
-    reloader_->Request(std::move(names), "test",
-                       [&](absl::StatusOr<std::vector<ModelReload>> r) {
-                         results = std::move(r);
-                         done.Notify();
-                       });
+    reloader_->Request(std::move(names), "test", [&](absl::StatusOr<std::vector<ModelReload>> r) {
+      results = std::move(r);
+      done.Notify();
+    });
     EXPECT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(60)));
     return results;
   }
@@ -290,13 +290,15 @@ TEST_F(ModelReloaderTest, ARequestQueuedBehindAReloadWhenStoppingIsAnsweredUnava
   // Stop() has begun once a request is refused at once (those queued before are refused too).
   std::atomic<int> refused{0};
   for (bool stopping = false; !stopping;) {
-    std::atomic<bool> answered{false};
-    reloader_->Request({}, "probe", [&](absl::StatusOr<std::vector<ModelReload>> r) {
-      EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
-      answered = true;
-      refused++;
-    });
-    stopping = answered.load();
+    // Probes queued before Stop() began are answered later, when the loop is over.
+    auto answered = std::make_shared<std::atomic<bool>>(false);
+    reloader_->Request({}, "probe",
+                       [&refused, answered](absl::StatusOr<std::vector<ModelReload>> r) {
+                         EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
+                         *answered = true;
+                         refused++;
+                       });
+    stopping = answered->load();
     if (!stopping) absl::SleepFor(absl::Milliseconds(1));
   }
   first->model.gate().Release();
@@ -317,9 +319,8 @@ TEST_F(ModelReloaderTest, AtMostkMaxPendingRequestsWait) {
   ASSERT_TRUE(first->model.gate().WaitForBatches(1));
   NextLoad(2.0f);
   absl::Notification busy_done;
-  reloader_->Request({}, "test", [&](absl::StatusOr<std::vector<ModelReload>>) {
-    busy_done.Notify();
-  });
+  reloader_->Request({}, "test",
+                     [&](absl::StatusOr<std::vector<ModelReload>>) { busy_done.Notify(); });
   // Swapped; the old version cannot retire while its batch is held, so this reload goes on.
   const absl::Time end = absl::Now() + absl::Seconds(30);
   while ((*models_.Find("m"))->model_id() != "fake@2" && absl::Now() < end) {
@@ -333,9 +334,8 @@ TEST_F(ModelReloaderTest, AtMostkMaxPendingRequestsWait) {
     });
   }
   absl::StatusOr<std::vector<ModelReload>> refused;
-  reloader_->Request({}, "test", [&](absl::StatusOr<std::vector<ModelReload>> r) {
-    refused = std::move(r);
-  });
+  reloader_->Request({}, "test",
+                     [&](absl::StatusOr<std::vector<ModelReload>> r) { refused = std::move(r); });
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(refused.status().message(), HasSubstr("8 reloads are already waiting"));
   first->model.gate().Release();
