@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "server/gallery/ids.h"
@@ -138,6 +139,22 @@ absl::StatusOr<ProbeModel> ResolveProbeModel(
   return out;
 }
 
+// Identify's threshold when the request gives none: the verification threshold of the model
+// that computed the probes, else of a served model of its family (model_ids start with the
+// family: "arcface-r50@...", "dlib-resnet@..."); none for a model of no served family, whose
+// scale this server cannot know.
+std::optional<float> DefaultThreshold(const ServedModels& models, const std::string& model_id) {
+  if (const ServedModel* m = models.ByModelId(model_id); m != nullptr) {
+    return m->description.default_threshold;
+  }
+  for (const ServedModel& m : models.all()) {
+    if (absl::StartsWith(model_id, absl::StrCat(m.description.family, "-"))) {
+      return m.description.default_threshold;
+    }
+  }
+  return std::nullopt;
+}
+
 bool HasFaces(const google::protobuf::RepeatedPtrField<Probe>& probes) {
   return std::any_of(probes.begin(), probes.end(),
                      [](const Probe& p) { return p.probe_case() == Probe::kFace; });
@@ -229,11 +246,11 @@ void FaceGalleryService::SetGalleries(gallery::Galleries* galleries) {
 
 grpc::ServerUnaryReactor* FaceGalleryService::Serve(
     grpc::CallbackServerContext* context, const char* rpc,
-    absl::AnyInvocable<void(CallContext, DoneFn)> work) {
+    absl::AnyInvocable<void(CallContext, DoneFn)> work, ModelIdOf model_id) {
   if (galleries_.load() == nullptr) {
     work = [](CallContext, DoneFn done) { done(NoGalleryError()); };
   }
-  return ServeUnary(env_, context, rpc, std::move(work));
+  return ServeUnary(env_, context, rpc, std::move(work), std::move(model_id));
 }
 
 grpc::ServerUnaryReactor* FaceGalleryService::Enroll(grpc::CallbackServerContext* context,
@@ -259,6 +276,7 @@ grpc::ServerUnaryReactor* FaceGalleryService::Enroll(grpc::CallbackServerContext
         env_.admission->models(), request->model(), request->model_id(),
         BoundModel(galleries(), gallery_name), request->faces(), HasFaces(request->faces()));
     if (!model.ok()) return done(model.status());
+    response->set_model_id(model->model_id);
     auto work = std::make_shared<ProbeWork>();
     work->units.resize(size_t(n) * model->dim);
     if (absl::Status s = CollectProbes(request->faces(), "faces", model->dim, model->model_id,
@@ -296,7 +314,7 @@ grpc::ServerUnaryReactor* FaceGalleryService::Enroll(grpc::CallbackServerContext
                    state->Complete(absl::OkStatus());
                  });
                });
-  });
+  }, ModelIdOfResponse(response));
 }
 
 grpc::ServerUnaryReactor* FaceGalleryService::Identify(grpc::CallbackServerContext* context,
@@ -344,18 +362,23 @@ grpc::ServerUnaryReactor* FaceGalleryService::Identify(grpc::CallbackServerConte
                        env_.options->max_faces_per_request, " (--max-faces-per-request)")));
     }
     response->set_model_id(model->model_id);
+    const std::optional<float> threshold =
+        request->has_threshold() ? request->threshold()
+                                 : DefaultThreshold(env_.admission->models(), model->model_id);
+    if (threshold) response->set_threshold(*threshold);
     using State = CallState<IdentifyRequest, IdentifyResponse>;
     auto state = std::make_shared<State>(
         State{request, response, std::move(call.is_cancelled), call.deadline, std::move(done)});
     EmbedFaces(env_, state, &request->probes(), work, model->embeds, "probes",
-               [this, state, work, gallery_name, model = model->model_id, n, top_k]() mutable {
+               [this, state, work, gallery_name, model = model->model_id, n, top_k,
+                threshold]() mutable {
                  GalleryQuery query;
                  query.gallery = gallery_name;
                  query.model_id = std::move(model);
                  query.units = std::move(work->units);
                  query.n = n;
                  query.top_k = top_k;
-                 if (state->request->has_threshold()) query.threshold = state->request->threshold();
+                 query.threshold = threshold;
                  query.deadline = state->deadline;
                  query.is_cancelled = state->is_cancelled;
                  search_.Search(std::move(query), [state](absl::StatusOr<GalleryMatches> found) {
@@ -368,7 +391,7 @@ grpc::ServerUnaryReactor* FaceGalleryService::Identify(grpc::CallbackServerConte
                    state->Complete(absl::OkStatus());
                  });
                });
-  });
+  }, ModelIdOfResponse(response));
 }
 
 grpc::ServerUnaryReactor* FaceGalleryService::Forget(grpc::CallbackServerContext* context,

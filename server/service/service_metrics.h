@@ -10,7 +10,12 @@
 // arcface_batches_held, arcface_device_memory_*_bytes, arcface_model_info) carry a `model` label
 // (the served model's name, first) when the server serves several models. With one model they
 // have none, so that a one-model server's exposition, and the dashboards and alerts written for
-// it, stay as they were.
+// it, stay as they were. The same rule labels arcface_requests_total (the served model that
+// answered the call, the one its response's model_id names; "" for calls that no served model
+// answered: refused before one was resolved, an unknown model name, a call that needs none) and
+// arcface_rejected_total (the model whose batcher refused; "" for the server's own limits:
+// draining, too_many_faces, compare_too_large, preprocess_queue_full). Label values are served
+// names only, never a caller's string.
 //
 // Contract
 // - Ownership: owns its registry; the sources set with Set*Source() are called at each scrape
@@ -106,7 +111,9 @@ class ServiceMetrics final : public batching::BatcherObserver {
     models_.front()->SetDeviceMemorySource(std::move(read));
   }
 
-  void RecordRequest(const std::string& rpc, const absl::Status& status, double seconds);
+  // `model`: the served model's name, or "" (see the model label above).
+  void RecordRequest(const std::string& rpc, const absl::Status& status, double seconds,
+                     const std::string& model = "");
   void AddFaces(int64_t n) { faces_total_.Inc(static_cast<double>(n)); }
   // One request's faces decoded, cropped and aligned (on the preprocessing pool): the time of
   // its steps, not of the turns it waited between them.
@@ -117,8 +124,9 @@ class ServiceMetrics final : public batching::BatcherObserver {
   void RecordPreprocessAborted(const std::string& reason) {
     preprocess_aborted_.WithLabels({reason}).Inc();
   }
-  // Reasons: "queue_full", "too_large", "shutting_down", "too_many_faces", "draining",
-  // "preprocess_queue_full", "compare_too_large".
+  // Reasons: "too_many_faces", "draining", "preprocess_queue_full", "compare_too_large" (the
+  // server's limits, model ""); a model's batcher counts "queue_full", "too_large" and
+  // "shutting_down" as ModelMetrics::OnRejected.
   void RecordRejected(const std::string& reason, int64_t faces = 1);
   Gauge& inflight() { return inflight_; }
   // Bytes EmbedStream streams hold (FaceEmbeddingService: messages read and not answered,
@@ -139,6 +147,10 @@ class ServiceMetrics final : public batching::BatcherObserver {
 
  private:
   friend class ModelMetrics;
+
+  // `model`'s label values before `more`: none with one model.
+  std::vector<std::string> ModelFirst(const std::string& model,
+                                      std::vector<std::string> more) const;
 
   MetricsRegistry registry_;
   // {"model"} with several models, else {}: the model families' first label names.
