@@ -104,9 +104,9 @@ def test_identify_equals_a_brute_force_scan(gc):
     probes = np.stack([faces[3][2] + 0.05 * unit_rows(rng, 1)[0], faces[9][2],
                        *unit_rows(rng, 3)]).astype(np.float32)
     for top_k in (1, 3, MAX_TOP_K):
-        got = gc.identify(probes, gallery="bf", top_k=top_k)
+        got = gc.identify(probes, gallery="bf", top_k=top_k, threshold=-1)  # every candidate
         assert isinstance(got, Identification) and got.gallery_version == versions
-        assert got.model_id == gc.model_info()["model_id"]
+        assert got.model_id == gc.model_info()["model_id"] and got.threshold == -1
         assert_same_ranking(got.results, brute_force(probes, faces, top_k), f"top_k {top_k}")
     best = got.best()[1]
     assert best.face_id == faces[9][1] and best.similarity == pytest.approx(1, abs=1e-5)
@@ -115,6 +115,13 @@ def test_identify_equals_a_brute_force_scan(gc):
     expected = brute_force(probes, faces, 5, threshold)
     assert any(len(e) < 5 for e in expected), "the threshold must cut something"
     assert_same_ranking(got.results, expected, "threshold")
+    assert got.threshold == pytest.approx(threshold)
+    # None: the server cuts at the model's own (ArcFace 0.4), which only the near probes reach.
+    got = gc.identify(probes, gallery="bf", top_k=5)
+    assert got.threshold == pytest.approx(gc.default_threshold) == pytest.approx(0.4)
+    expected = brute_force(probes, faces, 5, gc.default_threshold)
+    assert [len(e) for e in expected] == [1, 1, 0, 0, 0]
+    assert_same_ranking(got.results, expected, "the model's threshold")
     # top_k 0 means 1
     assert [len(r) for r in gc.identify(probes[:1], gallery="bf", top_k=0).results] == [1]
 
