@@ -698,7 +698,7 @@ def test_gallery_enroll_identify_list_forget(r50_address, goldens, tmp_path):
     assert json.loads(r.stdout) == {"gallery": "cli", "subjects": [
         {"subject_id": "alice", "num_faces": 3, "labels": {"team": "red"}}]}
     # forgotten faces no longer answer
-    r = run_cli(*cli, "identify", alice[0], "--top-k", "5", "--json")
+    r = run_cli(*cli, "identify", alice[0], "--top-k", "5", "--threshold=-1", "--json")
     found = json.loads(r.stdout)["results"][0]["candidates"]
     assert alice_ids[0] not in [c["face_id"] for c in found] and found
 

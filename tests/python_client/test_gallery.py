@@ -132,7 +132,7 @@ def test_faces_given_as_images_are_embedded_by_the_server(gc, goldens):
     e = gc.enroll("alice", [crops[0], FaceSpec(crops[1])], gallery="photos",
                   labels={"team": "red"})
     bob = gc.enroll("bob", [crops[2]], gallery="photos")
-    got = gc.identify([crops[1], crops[3]], gallery="photos", top_k=2)
+    got = gc.identify([crops[1], crops[3]], gallery="photos", top_k=2, threshold=-1)
     # The same crop finds its own face; the server's embedding of the others decides the rest.
     first = got.results[0][0]
     assert (first.subject_id, first.face_id) == ("alice", e.face_ids[1])
@@ -163,13 +163,13 @@ def test_forget_faces_then_the_subject(gc):
     r = gc.forget("s-0", face_ids=[gone[1]], gallery="fg")
     assert r.faces_removed == 1 and r.gallery_version > before.version
     rest = faces[1:]
-    got = gc.identify(np.stack([gone[2]]), gallery="fg", top_k=2)
+    got = gc.identify(np.stack([gone[2]]), gallery="fg", top_k=2, threshold=-1)
     assert gone[1] not in [c.face_id for c in got.results[0]]
     assert_same_ranking(got.results, brute_force([gone[2]], rest, 2), "after forgetting a face")
     # the whole subject s-0
     r = gc.forget("s-0", gallery="fg")
     assert r.faces_removed == 2
-    got = gc.identify(np.stack([faces[1][2]]), gallery="fg", top_k=MAX_TOP_K)
+    got = gc.identify(np.stack([faces[1][2]]), gallery="fg", top_k=MAX_TOP_K, threshold=-1)
     assert {c.subject_id for c in got.results[0]} == {"s-1"}
     assert [s.subject_id for s in gc.list_subjects("fg")] == ["s-1"]
     # a subject whose last face goes is gone
