@@ -486,8 +486,8 @@ TEST_F(ModelsTest, AnUnsetThresholdIsTheModelsOwn) {
     enroll.set_model_id(c.model_id);
     at(c.dim, 1.0, enroll.add_faces());
     v1::EnrollResponse enrolled;
-    grpc::Status s =
-        Timed([&](grpc::ClientContext* cx) { return gallery_stub_->Enroll(cx, enroll, &enrolled); });
+    grpc::Status s = Timed(
+        [&](grpc::ClientContext* cx) { return gallery_stub_->Enroll(cx, enroll, &enrolled); });
     ASSERT_TRUE(s.ok()) << s.error_message();
     EXPECT_EQ(enrolled.model_id(), c.model_id);
 
@@ -498,17 +498,19 @@ TEST_F(ModelsTest, AnUnsetThresholdIsTheModelsOwn) {
     at(c.dim, t + 2e-3, identify.add_probes());
     at(c.dim, t - 2e-3, identify.add_probes());
     v1::IdentifyResponse found;
-    s = Timed([&](grpc::ClientContext* cx) { return gallery_stub_->Identify(cx, identify, &found); });
+    s = Timed(
+        [&](grpc::ClientContext* cx) { return gallery_stub_->Identify(cx, identify, &found); });
     ASSERT_TRUE(s.ok()) << s.error_message();
     ASSERT_EQ(found.results_size(), 2);
     EXPECT_EQ(found.has_threshold(), c.threshold.has_value());
-    if (c.threshold) EXPECT_FLOAT_EQ(found.threshold(), *c.threshold);
+    EXPECT_FLOAT_EQ(found.threshold(), c.threshold.value_or(0));  // 0: unset's value
     ASSERT_EQ(found.results(0).candidates_size(), 1);
     EXPECT_NEAR(found.results(0).candidates(0).similarity(), t + 2e-3, 1e-5);
     EXPECT_EQ(found.results(1).candidates_size(), c.threshold ? 0 : 1);
     // An explicit threshold is the request's, however low.
     identify.set_threshold(-1);
-    s = Timed([&](grpc::ClientContext* cx) { return gallery_stub_->Identify(cx, identify, &found); });
+    s = Timed(
+        [&](grpc::ClientContext* cx) { return gallery_stub_->Identify(cx, identify, &found); });
     ASSERT_TRUE(s.ok()) << s.error_message();
     EXPECT_EQ(found.threshold(), -1);
     EXPECT_EQ(found.results(1).candidates_size(), 1);
@@ -521,7 +523,8 @@ TEST_F(ModelsTest, AnUnsetThresholdIsTheModelsOwn) {
   detect.set_embed(true);
   detect.set_normalize(true);
   v1::DetectResponse detected;
-  grpc::Status s = Timed([&](grpc::ClientContext* cx) { return stub_->Detect(cx, detect, &detected); });
+  grpc::Status s =
+      Timed([&](grpc::ClientContext* cx) { return stub_->Detect(cx, detect, &detected); });
   ASSERT_TRUE(s.ok()) << s.error_message();
   ASSERT_EQ(detected.faces_size(), 3);
   EXPECT_FALSE(detected.has_threshold());  // no gallery
