@@ -85,8 +85,8 @@ std::string FormatTable(const std::vector<std::vector<std::string>>& rows);
 std::string FormatThreshold(float threshold);
 
 // What a gallery search's candidates were cut at: "threshold 0.99", "threshold 0.40, the
-// model's" (the server's default, when none was `asked`), or "no threshold" (a model of no
-// family the server serves).
+// model's" (the server's default, when none was `asked`), or "no threshold" (a model of a
+// family the server does not know).
 std::string ThresholdNote(bool has_threshold, float threshold, bool asked);
 
 // "key=value" (a --label) → the pair. INVALID_ARGUMENT without '=' or with an empty key.

@@ -44,17 +44,12 @@ absl::Status CheckAlive(const std::function<bool()>& is_cancelled, absl::Time de
   return absl::OkStatus();
 }
 
-std::string ModelLabel(const CallEnv& env, const std::string& model_id) {
-  if (model_id.empty()) return "";
-  const ServedModel* m = env.admission->models().ByModelId(model_id);
-  return m != nullptr ? m->description.name : "";
-}
-
 namespace {
 
 void FinishUnary(const CallEnv& env, grpc::ServerUnaryReactor* reactor, const char* rpc,
-                 absl::Time start, const absl::Status& status, const std::string& model = "") {
-  env.metrics->RecordRequest(rpc, status, SecondsSince(start), model);
+                 absl::Time start, const absl::Status& status,
+                 const std::string& model_id = "") {
+  env.metrics->RecordRequest(rpc, status, SecondsSince(start), model_id);
   if (!status.ok()) spdlog::debug("{} failed: {}", rpc, status.ToString());
   reactor->Finish(ToGrpcStatus(status));
 }
@@ -75,8 +70,7 @@ grpc::ServerUnaryReactor* ServeUnary(const CallEnv& env, grpc::CallbackServerCon
   // A unary call ends only after its work's done: the work may poll the call's context.
   work(ContextOf(context, [context] { return context->IsCancelled(); }),
        [env, reactor, rpc, start, model_id = std::move(model_id)](absl::Status status) {
-         FinishUnary(env, reactor, rpc, start, status,
-                     model_id ? ModelLabel(env, model_id()) : "");
+         FinishUnary(env, reactor, rpc, start, status, model_id ? model_id() : "");
          env.admission->Release();
        });
   return reactor;

@@ -139,19 +139,16 @@ absl::StatusOr<ProbeModel> ResolveProbeModel(
   return out;
 }
 
-// Identify's threshold when the request gives none: the verification threshold of the model
-// that computed the probes, else of a served model of its family (model_ids start with the
-// family: "arcface-r50@...", "dlib-resnet@..."); none for a model of no served family, whose
-// scale this server cannot know.
+// Identify's threshold when the request gives none: the verification threshold of the served
+// model that computed the probes; for embeddings of a model not served here, its family's, told
+// by the model_id's prefix (model::Checkpoint::ModelId: "arcface-r100@...", "dlib-resnet@...");
+// none for a model of another family, whose scale this server cannot know.
 std::optional<float> DefaultThreshold(const ServedModels& models, const std::string& model_id) {
-  if (const ServedModel* m = models.ByModelId(model_id); m != nullptr) {
-    return m->description.default_threshold;
+  if (const auto served = models.ByModelId(model_id); served != nullptr) {
+    return served->description.default_threshold;
   }
-  for (const ServedModel& m : models.all()) {
-    if (absl::StartsWith(model_id, absl::StrCat(m.description.family, "-"))) {
-      return m.description.default_threshold;
-    }
-  }
+  if (absl::StartsWith(model_id, "arcface-")) return ModelDescription().default_threshold;
+  if (absl::StartsWith(model_id, "dlib-")) return kDlibCosineThreshold;
   return std::nullopt;
 }
 

@@ -186,6 +186,9 @@ void ModelMetrics::SetDeviceMemorySource(std::function<engine::DeviceMemory()> r
 void ModelMetrics::SetModelInfo(const std::string& arch, const std::string& model_id,
                                 const std::string& device, const std::string& precision) {
   parent_->model_info_.WithLabels(With({arch, model_id, device, precision})).Set(1);
+  if (label_.empty()) return;
+  absl::MutexLock lock(&parent_->names_mu_);
+  parent_->name_of_model_id_[model_id] = label_.front();
 }
 
 void ModelMetrics::SetQueueDepthSource(std::function<double()> read) {
@@ -206,7 +209,13 @@ std::vector<std::string> ServiceMetrics::ModelFirst(const std::string& model,
 }
 
 void ServiceMetrics::RecordRequest(const std::string& rpc, const absl::Status& status,
-                                   double seconds, const std::string& model) {
+                                   double seconds, const std::string& model_id) {
+  std::string model;
+  if (!model_label_.empty() && !model_id.empty()) {
+    absl::MutexLock lock(&names_mu_);
+    auto it = name_of_model_id_.find(model_id);
+    if (it != name_of_model_id_.end()) model = it->second;
+  }
   requests_.WithLabels(ModelFirst(model, {rpc, absl::StatusCodeToString(status.code())})).Inc();
   request_seconds_.WithLabels({rpc}).Observe(seconds);
 }

@@ -10,12 +10,13 @@
 // arcface_batches_held, arcface_device_memory_*_bytes, arcface_model_info) carry a `model` label
 // (the served model's name, first) when the server serves several models. With one model they
 // have none, so that a one-model server's exposition, and the dashboards and alerts written for
-// it, stay as they were. The same rule labels arcface_requests_total (the served model that
-// answered the call, the one its response's model_id names; "" for calls that no served model
-// answered: refused before one was resolved, an unknown model name, a call that needs none) and
-// arcface_rejected_total (the model whose batcher refused; "" for the server's own limits:
-// draining, too_many_faces, compare_too_large, preprocess_queue_full). Label values are served
-// names only, never a caller's string.
+// it, stay as they were. The same rule labels arcface_requests_total (the model whose version
+// published the model_id that the call's response names, SetModelInfo(); "" for calls that no
+// served model answered: refused before one was resolved, an unknown model name, a call that
+// needs none, embeddings of another model) and arcface_rejected_total (the model whose batcher
+// refused; "" for the server's own limits: draining, too_many_faces, compare_too_large,
+// preprocess_queue_full). Label values are served names only, never a caller's string; a call
+// answered by a version that a reload has since replaced still counts under its model.
 //
 // Contract
 // - Ownership: owns its registry; the sources set with Set*Source() are called at each scrape
@@ -29,6 +30,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -111,9 +113,9 @@ class ServiceMetrics final : public batching::BatcherObserver {
     models_.front()->SetDeviceMemorySource(std::move(read));
   }
 
-  // `model`: the served model's name, or "" (see the model label above).
+  // `model_id`: the call's response's, or "" (see the model label above).
   void RecordRequest(const std::string& rpc, const absl::Status& status, double seconds,
-                     const std::string& model = "");
+                     const std::string& model_id = "") ABSL_LOCKS_EXCLUDED(names_mu_);
   void AddFaces(int64_t n) { faces_total_.Inc(static_cast<double>(n)); }
   // One request's faces decoded, cropped and aligned (on the preprocessing pool): the time of
   // its steps, not of the turns it waited between them.
@@ -153,6 +155,10 @@ class ServiceMetrics final : public batching::BatcherObserver {
                                       std::vector<std::string> more) const;
 
   MetricsRegistry registry_;
+  // Every model_id a served model's versions published (SetModelInfo), to its name; only with
+  // several models.
+  absl::Mutex names_mu_;
+  std::map<std::string, std::string> name_of_model_id_ ABSL_GUARDED_BY(names_mu_);
   // {"model"} with several models, else {}: the model families' first label names.
   const std::vector<std::string> model_label_;
   Family<Counter>& requests_;

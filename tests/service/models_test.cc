@@ -144,6 +144,9 @@ class ModelsTest : public ::testing::Test {
     dlib.default_threshold = kDlibCosineThreshold;
     dlib.arch = "resnet34";
     dlib.model_id = kDlibId;
+    // As the server publishes each model's version (the requests' model label follows it).
+    metrics_->ForModel("arcface")->SetModelInfo(arcface.arch, arcface.model_id, "cpu", "fp32");
+    metrics_->ForModel("dlib")->SetModelInfo(dlib.arch, dlib.model_id, "cpu", "fp32");
     service_->SetReady(ServedModels({{arcface, embedders_[0].get()}, {dlib, embedders_[1].get()}}));
     auto channel =
         grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_), grpc::InsecureChannelCredentials());
@@ -458,7 +461,8 @@ TEST_F(ModelsTest, AGalleryIsEmbeddedByItsOwnModel) {
 
 // Identify and Detect without a threshold cut at the model's own: a candidate just above it is a
 // match, one just below is not, for an ArcFace gallery (0.4), a dlib one (0.9144) and one of an
-// ArcFace model this server does not serve (its family's); none for a model of no served family.
+// ArcFace and a dlib model this server does not serve (their family's); none for a model of
+// another family.
 TEST_F(ModelsTest, AnUnsetThresholdIsTheModelsOwn) {
   Start();
   struct Case {
@@ -469,6 +473,7 @@ TEST_F(ModelsTest, AnUnsetThresholdIsTheModelsOwn) {
   const Case cases[] = {{kArcFaceId, model::kEmbeddingDim, 0.4f},
                         {kDlibId, kDlibDim, kDlibCosineThreshold},
                         {"arcface-r100@000000000000", model::kEmbeddingDim, 0.4f},
+                        {"dlib-resnet@000000000000", kDlibDim, kDlibCosineThreshold},
                         {"other@000000000000", 64, std::nullopt}};
   // A unit vector at cosine `c` from the first axis.
   auto at = [](int dim, double c, v1::Probe* probe) {

@@ -54,7 +54,7 @@ class Identification:
     random_weights: bool = False
     # The similarity the candidates were cut at: the one asked for, else the gallery's model's
     # default_threshold (ArcFace 0.4, dlib 0.9144); None when none applied (embeddings of a
-    # model of no family the server serves).
+    # model of a family the server does not know).
     threshold: Optional[float] = None
 
     def best(self):
