@@ -81,12 +81,6 @@ cv::Mat ReadThumbnailSource(const std::string& file) {
   }
 }
 
-// Two decimals when they say it all (ArcFace's 0.40), else four (dlib's 0.9144).
-std::string FormatThreshold(float threshold) {
-  const bool two = std::abs(std::round(threshold * 100.0) / 100.0 - threshold) < 1e-6;
-  return two ? absl::StrFormat("%.2f", threshold) : absl::StrFormat("%.4f", threshold);
-}
-
 }  // namespace
 
 void PrintJson(const nlohmann::json& doc) {

@@ -94,7 +94,7 @@ struct GalleryIdentifyOptions {
   std::vector<std::string> inputs;
   FaceOptions face;
   uint32_t top_k = 1;
-  std::optional<float> threshold;
+  std::optional<float> threshold;  // unset: the server's, the gallery's model's default
 };
 
 // `eval`: verification and identification figures on a folder of identity subfolders

@@ -84,12 +84,21 @@ int RunDetect(const CommonOptions& common, const DetectOptions& options) {
                           {"detector_id", found->detector_id},
                           {"model_id", found->model_id},
                           {"faces", faces}};
-    if (identified) doc["gallery"] = options.request.gallery;
+    if (identified) {
+      doc["gallery"] = options.request.gallery;
+      doc["threshold"] = found->threshold ? nlohmann::json(*found->threshold) : nullptr;
+    }
     if (options.request.embed || identified) doc["random_weights"] = random_weights;
     PrintJson(doc);
   } else {
     std::cout << absl::StrFormat("%s: %dx%d, %d faces (%s)\n", options.image, found->image_width,
                                  found->image_height, found->faces.size(), found->detector_id);
+    if (identified) {
+      std::cout << absl::StrFormat(
+          "identities in gallery '%s' (%s)\n", options.request.gallery,
+          ThresholdNote(found->threshold.has_value(), found->threshold.value_or(0),
+                        options.request.threshold.has_value()));
+    }
     for (size_t i = 0; i < found->faces.size(); ++i) {
       const client::DetectedFace& f = found->faces[i];
       std::vector<std::string> points;

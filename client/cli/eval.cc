@@ -185,8 +185,10 @@ absl::StatusOr<Top1Result> GalleryTop1(Client& client, const std::string& galler
         absl::StatusOr<arcface::v1::ForgetResponse> forgot =
             client.Forget(gallery, name, {face_id[i]});
         if (!forgot.ok()) return forgot.status();
+        // Closed-set rank 1: the best candidate whatever its similarity (-1: no cut; the
+        // server's default would cut at the model's verification threshold).
         absl::StatusOr<arcface::v1::IdentifyResponse> found =
-            client.Identify(gallery, {client::Probe(*rows[i])});
+            client.Identify(gallery, {client::Probe(*rows[i])}, /*top_k=*/1, /*threshold=*/-1.0f);
         if (!found.ok()) return found.status();
         const auto& candidates = found->results(0).candidates();
         ++out.probes;

@@ -209,6 +209,7 @@ int RunGalleryIdentify(const CommonOptions& common, const GalleryOptions& galler
     }
     PrintJson({{"gallery", GalleryName(gallery)},
                {"model_id", last.model_id()},
+               {"threshold", last.has_threshold() ? nlohmann::json(last.threshold()) : nullptr},
                {"random_weights", info->demo_weights()},
                {"gallery_version", last.gallery_version()},
                {"results", out},
@@ -226,6 +227,14 @@ int RunGalleryIdentify(const CommonOptions& common, const GalleryOptions& galler
     }
     std::cout << FormatTable(rows);
     if (info->demo_weights()) std::cout << "(" << kRandomWeightsVerdict << ")\n";
+  }
+  if (!results.empty()) {
+    // The server's cut: --threshold, else the gallery's model's own.
+    std::fprintf(stderr, "identified %zu files in gallery '%s' (%s)\n", results.size(),
+                 GalleryName(gallery).c_str(), ThresholdNote(last.has_threshold(),
+                                                             last.threshold(),
+                                                             options.threshold.has_value())
+                                                   .c_str());
   }
   if (!status.ok()) return Fail("gallery identify", status);
   return failed.empty() ? kExitOk : kExitSomeFailed;

@@ -186,7 +186,8 @@ int Main(int argc, char** argv) {
       ->check(CLI::Range(1, 1000000));
   CLI::Option* detect_threshold_opt = detect_cmd->add_option(
       "--threshold", detect_threshold,
-      "With --gallery: only subjects with at least this similarity");
+      "With --gallery: only subjects with at least this similarity (default: the model's, "
+      "0.4 for ArcFace, 0.9144 for dlib; -1 keeps all)");
 
   // bench
   BenchOptions bench;
@@ -273,7 +274,9 @@ int Main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(1, 1000000));
   CLI::Option* threshold_opt = identify_cmd->add_option(
-      "--threshold", identify_threshold, "Only candidates with at least this similarity");
+      "--threshold", identify_threshold,
+      "Only candidates with at least this similarity (default: the gallery's model's, 0.4 for "
+      "ArcFace, 0.9144 for dlib; -1 keeps all)");
   identify_face.AddTo(identify_cmd);
 
   std::string forget_subject;

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -117,6 +118,16 @@ std::string CsvField(const std::string& text) {
   }
   out += '"';
   return out;
+}
+
+std::string FormatThreshold(float threshold) {
+  const bool two = std::abs(std::round(threshold * 100.0) / 100.0 - threshold) < 1e-6;
+  return two ? absl::StrFormat("%.2f", threshold) : absl::StrFormat("%.4f", threshold);
+}
+
+std::string ThresholdNote(bool has_threshold, float threshold, bool asked) {
+  if (!has_threshold) return "no threshold";
+  return absl::StrCat("threshold ", FormatThreshold(threshold), asked ? "" : ", the model's");
 }
 
 std::string FormatTable(const std::vector<std::vector<std::string>>& rows) {

@@ -81,6 +81,14 @@ std::string CsvField(const std::string& text);
 // (counted in UTF-8 code points) and two spaces apart; no trailing spaces; one line per row.
 std::string FormatTable(const std::vector<std::vector<std::string>>& rows);
 
+// A threshold in two decimals when they say it all (ArcFace's 0.40), else four (dlib's 0.9144).
+std::string FormatThreshold(float threshold);
+
+// What a gallery search's candidates were cut at: "threshold 0.99", "threshold 0.40, the
+// model's" (the server's default, when none was `asked`), or "no threshold" (a model of a
+// family the server does not know).
+std::string ThresholdNote(bool has_threshold, float threshold, bool asked);
+
 // "key=value" (a --label) → the pair. INVALID_ARGUMENT without '=' or with an empty key.
 absl::StatusOr<std::pair<std::string, std::string>> ParseLabel(const std::string& text);
 

@@ -177,6 +177,7 @@ absl::StatusOr<Detection> ToDetection(const arcface::v1::DetectResponse& respons
   out.image_height = static_cast<int>(response.image_height());
   out.model_id = response.model_id();
   out.detector_id = response.detector_id();
+  if (response.has_threshold()) out.threshold = response.threshold();
   out.faces.reserve(response.faces_size());
   for (int i = 0; i < response.faces_size(); ++i) {
     const arcface::v1::DetectedFace& f = response.faces(i);
@@ -912,6 +913,7 @@ absl::StatusOr<arcface::v1::IdentifyResponse> Client::Identify(const std::string
     out.mutable_results()->MergeFrom(response.results());
     out.set_model_id(response.model_id());
     out.set_gallery_version(response.gallery_version());
+    if (response.has_threshold()) out.set_threshold(response.threshold());
   }
   return out;
 }

@@ -155,7 +155,8 @@ struct DetectOptions {
   bool normalize = false;   // unit-length embeddings
   std::string gallery;      // identify each face in this gallery (implies embed)
   uint32_t top_k = 0;       // candidates (distinct subjects) per face; 0: 1
-  std::optional<float> threshold;  // only candidates with at least this similarity
+  // Only candidates with at least this similarity; unset: the model's default_threshold.
+  std::optional<float> threshold;
 };
 
 // A gallery subject that matches a detected face (arcface.v1.Candidate).
@@ -182,6 +183,7 @@ struct Detection {
   int image_height = 0;
   std::string model_id;  // with embed or a gallery
   std::string detector_id;
+  std::optional<float> threshold;  // with a gallery: the candidates' cut (asked, or the model's)
 };
 
 // One DetectStream message: a frame (its image only: no landmarks, no box). `tag` is echoed.
@@ -267,6 +269,8 @@ class Client {
                                                      const EnrollOptions& options = {});
   // One Identification per probe, in order (top_k 0 means 1); more probes than the server's
   // max_probes_per_identify (face probes: its max_faces_per_request) go in several requests.
+  // Without a threshold the server cuts at the model's default_threshold; the response's
+  // `threshold` says the one used.
   absl::StatusOr<arcface::v1::IdentifyResponse> Identify(
       const std::string& gallery, const std::vector<Probe>& probes, uint32_t top_k = 1,
       std::optional<float> threshold = std::nullopt);

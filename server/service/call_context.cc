@@ -47,8 +47,9 @@ absl::Status CheckAlive(const std::function<bool()>& is_cancelled, absl::Time de
 namespace {
 
 void FinishUnary(const CallEnv& env, grpc::ServerUnaryReactor* reactor, const char* rpc,
-                 absl::Time start, const absl::Status& status) {
-  env.metrics->RecordRequest(rpc, status, SecondsSince(start));
+                 absl::Time start, const absl::Status& status,
+                 const std::string& model_id = "") {
+  env.metrics->RecordRequest(rpc, status, SecondsSince(start), model_id);
   if (!status.ok()) spdlog::debug("{} failed: {}", rpc, status.ToString());
   reactor->Finish(ToGrpcStatus(status));
 }
@@ -57,7 +58,8 @@ void FinishUnary(const CallEnv& env, grpc::ServerUnaryReactor* reactor, const ch
 
 grpc::ServerUnaryReactor* ServeUnary(const CallEnv& env, grpc::CallbackServerContext* context,
                                      const char* rpc,
-                                     absl::AnyInvocable<void(CallContext, DoneFn)> work) {
+                                     absl::AnyInvocable<void(CallContext, DoneFn)> work,
+                                     ModelIdOf model_id) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   const absl::Time start = absl::Now();
   absl::Status admitted = env.admission->Admit();
@@ -67,8 +69,8 @@ grpc::ServerUnaryReactor* ServeUnary(const CallEnv& env, grpc::CallbackServerCon
   }
   // A unary call ends only after its work's done: the work may poll the call's context.
   work(ContextOf(context, [context] { return context->IsCancelled(); }),
-       [env, reactor, rpc, start](absl::Status status) {
-         FinishUnary(env, reactor, rpc, start, status);
+       [env, reactor, rpc, start, model_id = std::move(model_id)](absl::Status status) {
+         FinishUnary(env, reactor, rpc, start, status, model_id ? model_id() : "");
          env.admission->Release();
        });
   return reactor;

@@ -65,12 +65,21 @@ using DoneFn = absl::AnyInvocable<void(absl::Status)>;
 // only until the work's done (the work may keep it longer, in the batcher).
 CallContext ContextOf(grpc::CallbackServerContext* context, std::function<bool()> is_cancelled);
 
+// A call's response's model_id, read once its work is done: the model its metrics count under
+// (ServiceMetrics::RecordRequest).
+using ModelIdOf = std::function<std::string()>;
+template <typename Response>
+ModelIdOf ModelIdOfResponse(const Response* response) {
+  return [response] { return response->model_id(); };
+}
+
 // The life of every unary call (of every service): admit it through env.admission (or finish it
 // with the refusal), run `work`, which calls its DoneFn exactly once, then finish, meter (by
-// `rpc`) and release the call from there.
+// `rpc`, and by the model that `model_id` names, if any) and release the call from there.
 grpc::ServerUnaryReactor* ServeUnary(const CallEnv& env, grpc::CallbackServerContext* context,
                                      const char* rpc,
-                                     absl::AnyInvocable<void(CallContext, DoneFn)> work);
+                                     absl::AnyInvocable<void(CallContext, DoneFn)> work,
+                                     ModelIdOf model_id = nullptr);
 
 // INVALID_ARGUMENT naming the limit for a request_id over kMaxRequestIdBytes (Embed, Detect and
 // their streams echo it in every answer).

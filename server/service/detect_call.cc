@@ -33,6 +33,7 @@ struct DetectWork {
   DetectFilter filter;
   bool embed = false;  // also with a gallery
   int top_k = 1;
+  float threshold = 0;  // with a gallery: the request's, else the model's default
   // Declared before the frame, so that it is given back after the frame is freed.
   FrameDetector::FrameReservation reservation;
   cv::Mat frame;  // decoded; kept until the faces are aligned
@@ -97,6 +98,8 @@ absl::Status CheckDetect(const CallEnv& env, const DetectRequest& r, DetectWork*
   }
   work->gallery = search;
   work->top_k = *top_k;
+  work->threshold =
+      r.has_threshold() ? r.threshold() : work->model->description.default_threshold;
   return absl::OkStatus();
 }
 
@@ -134,7 +137,7 @@ void Identify(const CallEnv& env, std::shared_ptr<DetectState> state,
   query.model_id = work->model->model_id();
   query.n = n;
   query.top_k = work->top_k;
-  if (state->request->has_threshold()) query.threshold = state->request->threshold();
+  query.threshold = work->threshold;
   query.deadline = state->deadline;
   query.is_cancelled = state->is_cancelled;
   work->gallery->Search(std::move(query), [state](absl::StatusOr<GalleryMatches> found) {
@@ -282,6 +285,7 @@ void StartDetect(const CallEnv& env, const DetectRequest* request, DetectRespons
   if (absl::Status s = CheckDetect(env, *request, work.get()); !s.ok()) return done(s);
   response->set_detector_id(work->detector->description().detector_id);
   if (work->embed) response->set_model_id(work->model->model_id());
+  if (work->gallery != nullptr) response->set_threshold(work->threshold);
   auto state = std::make_shared<DetectState>(
       DetectState{request, response, std::move(call.is_cancelled), call.deadline, std::move(done)});
   absl::Status queued = env.preprocess->Submit(FrameJob(env, state, work), /*cost=*/1);

@@ -24,7 +24,8 @@
 //   detector's INTERNAL. A frame with no faces is an empty list, not an error.
 // - Model: request.model (empty: a gallery's own model, else the default) gives the crop
 //   geometry the faces are aligned to and the Embedder that embeds them; the response's model_id
-//   is its.
+//   is its, and so is the threshold a gallery's candidates are cut at when the request sets none
+//   (ModelDescription::default_threshold; the response's `threshold` says the one used).
 // - Thread safety: calls are independent; each may start from any thread.
 #ifndef ARCFACE_SERVER_SERVICE_DETECT_CALL_H_
 #define ARCFACE_SERVER_SERVICE_DETECT_CALL_H_

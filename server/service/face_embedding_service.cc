@@ -44,7 +44,7 @@ grpc::ServerUnaryReactor* FaceEmbeddingService::Embed(grpc::CallbackServerContex
   return ServeUnary(env_, context, "Embed", [this, request, response](CallContext call, DoneFn done) {
     if (absl::Status id = CheckRequestId(request->request_id()); !id.ok()) return done(std::move(id));
     StartEmbed(env_, request, response, std::move(call), std::move(done));
-  });
+  }, ModelIdOfResponse(response));
 }
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* FaceEmbeddingService::EmbedStream(
@@ -57,7 +57,7 @@ grpc::ServerUnaryReactor* FaceEmbeddingService::Compare(grpc::CallbackServerCont
                                                         CompareResponse* response) {
   return ServeUnary(env_, context, "Compare", [this, request, response](CallContext call, DoneFn done) {
     StartCompare(env_, request, response, std::move(call), std::move(done));
-  });
+  }, ModelIdOfResponse(response));
 }
 
 grpc::ServerUnaryReactor* FaceEmbeddingService::GetModelInfo(
@@ -69,7 +69,8 @@ grpc::ServerUnaryReactor* FaceEmbeddingService::GetModelInfo(
         if (!found.ok()) return done(found.status());
         FillModelInfo(**found, response);
         done(absl::OkStatus());
-      });
+      },
+      ModelIdOfResponse(response));
 }
 
 grpc::ServerUnaryReactor* FaceEmbeddingService::ListModels(
@@ -119,7 +120,7 @@ grpc::ServerUnaryReactor* FaceEmbeddingService::Detect(grpc::CallbackServerConte
                                                        arcface::v1::DetectResponse* response) {
   return ServeUnary(env_, context, "Detect", [this, request, response](CallContext call, DoneFn done) {
     StartDetect(env_, request, response, std::move(call), std::move(done));
-  });
+  }, ModelIdOfResponse(response));
 }
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* FaceEmbeddingService::DetectStream(

@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "server/gallery/ids.h"
@@ -137,6 +138,19 @@ absl::StatusOr<ProbeModel> ResolveProbeModel(
   return out;
 }
 
+// Identify's threshold when the request gives none: the verification threshold of the served
+// model that computed the probes; for embeddings of a model not served here, its family's, told
+// by the model_id's prefix (model::Checkpoint::ModelId: "arcface-r100@...", "dlib-resnet@...");
+// none for a model of another family, whose scale this server cannot know.
+std::optional<float> DefaultThreshold(const ServedModels& models, const std::string& model_id) {
+  if (const auto served = models.ByModelId(model_id); served != nullptr) {
+    return served->description.default_threshold;
+  }
+  if (absl::StartsWith(model_id, "arcface-")) return ModelDescription().default_threshold;
+  if (absl::StartsWith(model_id, "dlib-")) return kDlibCosineThreshold;
+  return std::nullopt;
+}
+
 bool HasFaces(const google::protobuf::RepeatedPtrField<Probe>& probes) {
   return std::any_of(probes.begin(), probes.end(),
                      [](const Probe& p) { return p.probe_case() == Probe::kFace; });
@@ -228,11 +242,11 @@ void FaceGalleryService::SetGalleries(gallery::Galleries* galleries) {
 
 grpc::ServerUnaryReactor* FaceGalleryService::Serve(
     grpc::CallbackServerContext* context, const char* rpc,
-    absl::AnyInvocable<void(CallContext, DoneFn)> work) {
+    absl::AnyInvocable<void(CallContext, DoneFn)> work, ModelIdOf model_id) {
   if (galleries_.load() == nullptr) {
     work = [](CallContext, DoneFn done) { done(NoGalleryError()); };
   }
-  return ServeUnary(env_, context, rpc, std::move(work));
+  return ServeUnary(env_, context, rpc, std::move(work), std::move(model_id));
 }
 
 grpc::ServerUnaryReactor* FaceGalleryService::Enroll(grpc::CallbackServerContext* context,
@@ -258,6 +272,7 @@ grpc::ServerUnaryReactor* FaceGalleryService::Enroll(grpc::CallbackServerContext
         env_.admission->models(), request->model(), request->model_id(),
         BoundModel(galleries(), gallery_name), request->faces(), HasFaces(request->faces()));
     if (!model.ok()) return done(model.status());
+    response->set_model_id(model->model_id);
     auto work = std::make_shared<ProbeWork>();
     work->units.resize(size_t(n) * model->dim);
     if (absl::Status s = CollectProbes(request->faces(), "faces", model->dim, model->model_id,
@@ -295,7 +310,7 @@ grpc::ServerUnaryReactor* FaceGalleryService::Enroll(grpc::CallbackServerContext
                    state->Complete(absl::OkStatus());
                  });
                });
-  });
+  }, ModelIdOfResponse(response));
 }
 
 grpc::ServerUnaryReactor* FaceGalleryService::Identify(grpc::CallbackServerContext* context,
@@ -343,18 +358,23 @@ grpc::ServerUnaryReactor* FaceGalleryService::Identify(grpc::CallbackServerConte
                        env_.options->max_faces_per_request, " (--max-faces-per-request)")));
     }
     response->set_model_id(model->model_id);
+    const std::optional<float> threshold =
+        request->has_threshold() ? request->threshold()
+                                 : DefaultThreshold(env_.admission->models(), model->model_id);
+    if (threshold) response->set_threshold(*threshold);
     using State = CallState<IdentifyRequest, IdentifyResponse>;
     auto state = std::make_shared<State>(
         State{request, response, std::move(call.is_cancelled), call.deadline, std::move(done)});
     EmbedFaces(env_, state, &request->probes(), work, model->embeds, "probes",
-               [this, state, work, gallery_name, model = model->model_id, n, top_k]() mutable {
+               [this, state, work, gallery_name, model = model->model_id, n, top_k,
+                threshold]() mutable {
                  GalleryQuery query;
                  query.gallery = gallery_name;
                  query.model_id = std::move(model);
                  query.units = std::move(work->units);
                  query.n = n;
                  query.top_k = top_k;
-                 if (state->request->has_threshold()) query.threshold = state->request->threshold();
+                 query.threshold = threshold;
                  query.deadline = state->deadline;
                  query.is_cancelled = state->is_cancelled;
                  search_.Search(std::move(query), [state](absl::StatusOr<GalleryMatches> found) {
@@ -367,7 +387,7 @@ grpc::ServerUnaryReactor* FaceGalleryService::Identify(grpc::CallbackServerConte
                    state->Complete(absl::OkStatus());
                  });
                });
-  });
+  }, ModelIdOfResponse(response));
 }
 
 grpc::ServerUnaryReactor* FaceGalleryService::Forget(grpc::CallbackServerContext* context,

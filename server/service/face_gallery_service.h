@@ -19,6 +19,9 @@
 //   reused for another subject; UNAVAILABLE when the store is down (writes only: Identify
 //   answers from memory); DEADLINE_EXCEEDED / CANCELLED while the faces are prepared or queued.
 // - Enroll answers only after its faces are durable in the store and visible to Identify.
+// - Identify without a threshold cuts at the probes' model's default_threshold (its family's,
+//   ArcFace or dlib, for embeddings of a model not served here; none for another family); the
+//   response's `threshold` says the one used.
 // - Lifetime: the env's parts, the galleries and the queue are borrowed and must outlive every
 //   call (the server shuts gRPC down first). Thread safety: any method from any thread.
 #ifndef ARCFACE_SERVER_SERVICE_FACE_GALLERY_SERVICE_H_
@@ -85,7 +88,8 @@ class FaceGalleryService final : public arcface::v1::FaceGallery::CallbackServic
  private:
   // Serves `work` like ServeUnary, or UNIMPLEMENTED without galleries.
   grpc::ServerUnaryReactor* Serve(grpc::CallbackServerContext* context, const char* rpc,
-                                  absl::AnyInvocable<void(CallContext, DoneFn)> work);
+                                  absl::AnyInvocable<void(CallContext, DoneFn)> work,
+                                  ModelIdOf model_id = nullptr);
 
   gallery::Galleries* galleries() const { return galleries_.load(); }
 

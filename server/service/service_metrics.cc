@@ -48,7 +48,7 @@ ServiceMetrics::ServiceMetrics(int max_batch_size, std::vector<std::string> mode
                                      : std::vector<std::string>{}),
       requests_(registry_.AddCounter("arcface_requests_total",
                                      "Finished RPCs (EmbedStream: messages) by method and code.",
-                                     {"rpc", "code"})),
+                                     Labels(model_label_, {"rpc", "code"}))),
       request_seconds_(registry_.AddHistogram(
           "arcface_request_seconds", "Time from an RPC's (or stream message's) arrival to its answer.",
           LatencyBounds(), {"rpc"})),
@@ -58,7 +58,7 @@ ServiceMetrics::ServiceMetrics(int max_batch_size, std::vector<std::string> mode
                        .WithLabels({})),
       rejected_(registry_.AddCounter("arcface_rejected_total",
                                      "Requests refused for load or size reasons, by reason.",
-                                     {"reason"})),
+                                     Labels(model_label_, {"reason"}))),
       dropped_(registry_.AddCounter(
           "arcface_dropped_total",
           "Requests dropped by the batcher before the model (expired or cancelled while queued).",
@@ -193,10 +193,15 @@ void ModelMetrics::SetDeviceMemorySource(std::function<engine::DeviceMemory()> r
 void ModelMetrics::SetModelInfo(const std::string& arch, const std::string& model_id,
                                 const std::string& device, const std::string& precision) {
   Gauge& info = parent_->model_info_.WithLabels(With({arch, model_id, device, precision}));
-  absl::MutexLock lock(&source_mu_);
-  if (info_ != nullptr && info_ != &info) info_->Set(0);
-  info_ = &info;
-  info_->Set(1);
+  {
+    absl::MutexLock lock(&source_mu_);
+    if (info_ != nullptr && info_ != &info) info_->Set(0);
+    info_ = &info;
+    info_->Set(1);
+  }
+  if (label_.empty()) return;
+  absl::MutexLock lock(&parent_->names_mu_);
+  parent_->name_of_model_id_[model_id] = label_.front();
 }
 
 void ModelMetrics::SetQueueDepthSource(std::function<double()> read) {
@@ -209,14 +214,27 @@ void ModelMetrics::SetHeldSource(std::function<double()> read) {
   held_source_ = std::move(read);
 }
 
+std::vector<std::string> ServiceMetrics::ModelFirst(const std::string& model,
+                                                    std::vector<std::string> more) const {
+  if (model_label_.empty()) return more;
+  more.insert(more.begin(), model);
+  return more;
+}
+
 void ServiceMetrics::RecordRequest(const std::string& rpc, const absl::Status& status,
-                                   double seconds) {
-  requests_.WithLabels({rpc, absl::StatusCodeToString(status.code())}).Inc();
+                                   double seconds, const std::string& model_id) {
+  std::string model;
+  if (!model_label_.empty() && !model_id.empty()) {
+    absl::MutexLock lock(&names_mu_);
+    auto it = name_of_model_id_.find(model_id);
+    if (it != name_of_model_id_.end()) model = it->second;
+  }
+  requests_.WithLabels(ModelFirst(model, {rpc, absl::StatusCodeToString(status.code())})).Inc();
   request_seconds_.WithLabels({rpc}).Observe(seconds);
 }
 
 void ServiceMetrics::RecordRejected(const std::string& reason, int64_t faces) {
-  rejected_.WithLabels({reason}).Inc();
+  rejected_.WithLabels(ModelFirst("", {reason})).Inc();
 }
 
 void ModelMetrics::OnBatch(const batching::BatchInfo& info) {
@@ -231,19 +249,21 @@ void ModelMetrics::OnBatch(const batching::BatchInfo& info) {
 }
 
 void ModelMetrics::OnRejected(batching::RejectReason reason, int num_items) {
+  const char* name = nullptr;
   switch (reason) {
     case batching::RejectReason::kQueueFull:
-      parent_->RecordRejected("queue_full", num_items);
+      name = "queue_full";
       break;
     case batching::RejectReason::kTooLarge:
-      parent_->RecordRejected("too_large", num_items);
+      name = "too_large";
       break;
     case batching::RejectReason::kShuttingDown:
-      parent_->RecordRejected("shutting_down", num_items);
+      name = "shutting_down";
       break;
     case batching::RejectReason::kInvalid:
-      break;  // a bug of ours, not load: it surfaces as the request's error
+      return;  // a bug of ours, not load: it surfaces as the request's error
   }
+  parent_->rejected_.WithLabels(With({name})).Inc();
 }
 
 void ModelMetrics::OnDropped(batching::DropReason reason, int num_items_dropped) {

@@ -10,7 +10,13 @@
 // arcface_batches_held, arcface_device_memory_*_bytes, arcface_model_info) carry a `model` label
 // (the served model's name, first) when the server serves several models. With one model they
 // have none, so that a one-model server's exposition, and the dashboards and alerts written for
-// it, stay as they were.
+// it, stay as they were. The same rule labels arcface_requests_total (the model whose version
+// published the model_id that the call's response names, SetModelInfo(); "" for calls that no
+// served model answered: refused before one was resolved, an unknown model name, a call that
+// needs none, embeddings of another model) and arcface_rejected_total (the model whose batcher
+// refused; "" for the server's own limits: draining, too_many_faces, compare_too_large,
+// preprocess_queue_full). Label values are served names only, never a caller's string; a call
+// answered by a version that a reload has since replaced still counts under its model.
 //
 // Contract
 // - Ownership: owns its registry; the sources set with Set*Source() are called at each scrape
@@ -24,6 +30,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -108,7 +115,9 @@ class ServiceMetrics final : public batching::BatcherObserver {
     models_.front()->SetDeviceMemorySource(std::move(read));
   }
 
-  void RecordRequest(const std::string& rpc, const absl::Status& status, double seconds);
+  // `model_id`: the call's response's, or "" (see the model label above).
+  void RecordRequest(const std::string& rpc, const absl::Status& status, double seconds,
+                     const std::string& model_id = "") ABSL_LOCKS_EXCLUDED(names_mu_);
   void AddFaces(int64_t n) { faces_total_.Inc(static_cast<double>(n)); }
   // One request's faces decoded, cropped and aligned (on the preprocessing pool): the time of
   // its steps, not of the turns it waited between them.
@@ -119,8 +128,9 @@ class ServiceMetrics final : public batching::BatcherObserver {
   void RecordPreprocessAborted(const std::string& reason) {
     preprocess_aborted_.WithLabels({reason}).Inc();
   }
-  // Reasons: "queue_full", "too_large", "shutting_down", "too_many_faces", "draining",
-  // "preprocess_queue_full", "compare_too_large".
+  // Reasons: "too_many_faces", "draining", "preprocess_queue_full", "compare_too_large" (the
+  // server's limits, model ""); a model's batcher counts "queue_full", "too_large" and
+  // "shutting_down" as ModelMetrics::OnRejected.
   void RecordRejected(const std::string& reason, int64_t faces = 1);
   // A model's reload (model_reloader.h): result "reloaded", "unchanged" or "failed".
   void RecordReload(const std::string& model, const std::string& result) {
@@ -146,7 +156,15 @@ class ServiceMetrics final : public batching::BatcherObserver {
  private:
   friend class ModelMetrics;
 
+  // `model`'s label values before `more`: none with one model.
+  std::vector<std::string> ModelFirst(const std::string& model,
+                                      std::vector<std::string> more) const;
+
   MetricsRegistry registry_;
+  // Every model_id a served model's versions published (SetModelInfo), to its name; only with
+  // several models.
+  absl::Mutex names_mu_;
+  std::map<std::string, std::string> name_of_model_id_ ABSL_GUARDED_BY(names_mu_);
   // {"model"} with several models, else {}: the model families' first label names.
   const std::vector<std::string> model_label_;
   Family<Counter>& requests_;

@@ -230,7 +230,8 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
 
   // A message's done: its answer is serialized and its request freed, then it may be written.
   void OnMessageDone(Slot* slot, absl::Status status) {
-    env_.metrics->RecordRequest(Method::kRpc, status, SecondsSince(slot->start));
+    env_.metrics->RecordRequest(Method::kRpc, status, SecondsSince(slot->start),
+                                slot->response->model_id());
     Response& response = *slot->response;
     if (!status.ok()) {
       response.Clear();

@@ -256,12 +256,14 @@ TEST_F(ClientTest, GalleryEnrollIdentifyListForget) {
   ASSERT_TRUE(b.ok()) << b.status();
   EXPECT_GT(b->gallery_version(), a->gallery_version());
 
-  // 3 probes: two Identify requests; each finds its own face.
+  // 3 probes: two Identify requests; each finds its own face (-1: every candidate).
   auto found = client_->Identify(
-      "cpp", {std::vector<float>(g6.begin(), g6.end()), alice[0], alice[1]}, /*top_k=*/2);
+      "cpp", {std::vector<float>(g6.begin(), g6.end()), alice[0], alice[1]}, /*top_k=*/2,
+      /*threshold=*/-1.0f);
   ASSERT_TRUE(found.ok()) << found.status();
   ASSERT_EQ(found->results_size(), 3);
   EXPECT_EQ(found->model_id(), info->model_id());
+  EXPECT_EQ(found->threshold(), -1.0f);
   EXPECT_EQ(found->gallery_version(), b->gallery_version());
   const std::vector<std::pair<std::string, std::string>> want = {
       {"c-bob", b->face_ids(0)}, {"c-alice", a->face_ids(0)}, {"c-alice", a->face_ids(1)}};
@@ -300,6 +302,8 @@ TEST_F(ClientTest, GalleryEnrollIdentifyListForget) {
   EXPECT_EQ(forgot->faces_removed(), 1u);
   auto again = client_->Identify("cpp", {alice[0]}, 5);
   ASSERT_TRUE(again.ok()) << again.status();
+  ASSERT_TRUE(again->has_threshold());  // none asked: the model's
+  EXPECT_FLOAT_EQ(again->threshold(), info->default_threshold());
   for (const auto& c : again->results(0).candidates()) EXPECT_NE(c.face_id(), a->face_ids(0));
   forgot = client_->Forget("cpp", "c-bob");
   ASSERT_TRUE(forgot.ok()) << forgot.status();
@@ -391,15 +395,33 @@ TEST_F(ClientTest, DetectEmbedsAsEmbedDoesAndIdentifies) {
   DetectOptions identify;
   identify.gallery = "cpp-detect";
   identify.top_k = 2;
+  identify.threshold = -1;  // every candidate
   auto named = client_->Detect(*frame, identify);
   ASSERT_TRUE(named.ok()) << named.status();
   ASSERT_EQ(named->faces.size(), found->faces.size());
+  EXPECT_EQ(named->threshold, -1.0f);
+  EXPECT_EQ(found->threshold, std::nullopt);  // no gallery
   for (size_t i = 0; i < named->faces.size(); ++i) {
     const DetectedFace& f = named->faces[i];
     ASSERT_EQ(f.candidates.size(), 2u) << i;
     EXPECT_EQ(f.candidates[0].subject_id, absl::StrCat("person-", i));
     EXPECT_GE(f.candidates[0].similarity, 0.999f);
     EXPECT_LT(f.candidates[1].similarity, f.candidates[0].similarity);
+  }
+  // None asked: the model's, with each face's candidates those of -1 that reach it.
+  identify.threshold.reset();
+  auto by_default = client_->Detect(*frame, identify);
+  ASSERT_TRUE(by_default.ok()) << by_default.status();
+  const float model_threshold = client_->GetModelInfo()->default_threshold();
+  EXPECT_EQ(by_default->threshold, model_threshold);
+  ASSERT_EQ(by_default->faces.size(), named->faces.size());
+  for (size_t i = 0; i < named->faces.size(); ++i) {
+    std::vector<std::string> want, got;
+    for (const Candidate& c : named->faces[i].candidates) {
+      if (c.similarity >= model_threshold) want.push_back(c.subject_id);
+    }
+    for (const Candidate& c : by_default->faces[i].candidates) got.push_back(c.subject_id);
+    EXPECT_EQ(got, want) << i;
   }
   identify.gallery = "cpp-never-enrolled";
   EXPECT_EQ(client_->Detect(*frame, identify).status().code(), absl::StatusCode::kNotFound);

@@ -333,16 +333,24 @@ def test_detect_identifies_in_a_gallery_and_plots(r50_address, tmp_path):
         for i, e in enumerate(found.embeddings()):
             c.enroll(f"person-{i}", [e], gallery="cli-detect")
     n = len(found.faces)
-    doc = detect_json(r50_address, image, "--gallery", "cli-detect", "--top-k", "2")
-    assert doc["gallery"] == "cli-detect" and len(doc["faces"]) == n
+    doc = detect_json(r50_address, image, "--gallery", "cli-detect", "--top-k", "2",
+                      "--threshold=-1")
+    assert doc["gallery"] == "cli-detect" and len(doc["faces"]) == n and doc["threshold"] == -1
     for i, face in enumerate(doc["faces"]):
         assert [c["subject_id"] for c in face["candidates"]][:1] == [f"person-{i}"], face
         assert len(face["candidates"]) == 2 and face["candidates"][0]["similarity"] >= 0.999
+    # Without --threshold: the model's own.
+    by_default = detect_json(r50_address, image, "--gallery", "cli-detect", "--top-k", "2")
+    assert by_default["threshold"] == pytest.approx(0.4)
+    for face, every in zip(by_default["faces"], doc["faces"]):
+        assert [c["subject_id"] for c in face["candidates"]] == [
+            c["subject_id"] for c in every["candidates"] if c["similarity"] >= 0.4]
 
     plot = tmp_path / "faces.png"
     r = run_cli("--server", r50_address, "detect", image, "--gallery", "cli-detect",
                 "--threshold", "0.9", "--plot", plot)
     assert r.returncode == 0, r.stderr
+    assert "\nidentities in gallery 'cli-detect' (threshold 0.90)\n" in r.stdout, r.stdout
     identities = re.findall(r"^  identity (\S+)  similarity ([0-9.]+)  face (\S+)$", r.stdout, re.M)
     assert [m[0] for m in identities] == [f"person-{i}" for i in range(n)], r.stdout
     assert all(float(m[1]) >= 0.999 for m in identities), r.stdout
@@ -646,10 +654,12 @@ def test_gallery_enroll_identify_list_forget(r50_address, goldens, tmp_path):
     bob_id = rows[1][1]
 
     # identify: each file finds its own face first (similarity 1), the other subject second.
-    r = run_cli(*cli, "identify", alice[0], alice[3], bob, "--top-k", "2", "--json")
+    r = run_cli(*cli, "identify", alice[0], alice[3], bob, "--top-k", "2", "--threshold=-1",
+                "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["model_id"].startswith("arcface-r50@") and doc["errors"] == []
+    assert doc["threshold"] == -1
     want = [("alice", alice_ids[0]), ("alice", alice_ids[3]), ("bob", bob_id)]
     for result, file, (subject, face) in zip(doc["results"], [alice[0], alice[3], bob], want):
         assert result["file"] == file
@@ -657,6 +667,15 @@ def test_gallery_enroll_identify_list_forget(r50_address, goldens, tmp_path):
         assert (first["subject_id"], first["face_id"]) == (subject, face)
         assert first["similarity"] == pytest.approx(1.0, abs=1e-4)
         assert second["subject_id"] != subject and second["similarity"] < first["similarity"]
+    # Without --threshold: the server's cut, at the model's own (ArcFace 0.4).
+    every = doc["results"]
+    r = run_cli(*cli, "identify", alice[0], alice[3], bob, "--top-k", "2", "--json")
+    doc = json.loads(r.stdout)
+    assert doc["threshold"] == pytest.approx(0.4)
+    for result, all_of in zip(doc["results"], every):
+        assert [c["face_id"] for c in result["candidates"]] == [
+            c["face_id"] for c in all_of["candidates"] if c["similarity"] >= doc["threshold"]]
+    assert "identified 3 files in gallery 'cli' (threshold 0.40, the model's)" in r.stderr
     # as a table, with a threshold that leaves only the files' own faces
     r = run_cli(*cli, "identify", alice[0], bob, "--top-k", "2", "--threshold", "0.99")
     assert r.returncode == 0, r.stderr
@@ -665,6 +684,7 @@ def test_gallery_enroll_identify_list_forget(r50_address, goldens, tmp_path):
     assert [(x[0], x[1], x[2], x[4]) for x in rows[1:]] == [
         (alice[0], "1", "alice", alice_ids[0]), (bob, "1", "bob", bob_id)]
     assert all(float(x[3]) > 0.99 for x in rows[1:])
+    assert "identified 2 files in gallery 'cli' (threshold 0.99)" in r.stderr
 
     r = run_cli(*cli, "list")
     assert r.returncode == 0, r.stderr
@@ -681,7 +701,7 @@ def test_gallery_enroll_identify_list_forget(r50_address, goldens, tmp_path):
     assert json.loads(r.stdout) == {"gallery": "cli", "subjects": [
         {"subject_id": "alice", "num_faces": 3, "labels": {"team": "red"}}]}
     # forgotten faces no longer answer
-    r = run_cli(*cli, "identify", alice[0], "--top-k", "5", "--json")
+    r = run_cli(*cli, "identify", alice[0], "--top-k", "5", "--threshold=-1", "--json")
     found = json.loads(r.stdout)["results"][0]["candidates"]
     assert alice_ids[0] not in [c["face_id"] for c in found] and found
 

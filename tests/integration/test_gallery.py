@@ -90,14 +90,17 @@ def enroll_random_gallery(stub, gallery, subjects, seed):
     return stored
 
 
-def check_identify(stub, gallery, stored, probes, top_k, threshold):
+def check_identify(stub, gallery, stored, probes, top_k, threshold, model_default):
+    """threshold None: unset, so the server cuts at the gallery's model's `model_default`."""
     req = gpb.IdentifyRequest(gallery=gallery, probes=[emb_probe(p) for p in probes], top_k=top_k)
     if threshold is not None:
         req.threshold = threshold
     r = stub.Identify(req, timeout=30)
+    applied = model_default if threshold is None else threshold
+    assert r.HasField("threshold") and r.threshold == pytest.approx(applied, abs=1e-7)
     assert len(r.results) == len(probes)
     for i, (probe, result) in enumerate(zip(probes, r.results)):
-        want = brute_force(stored, probe, max(top_k, 1), threshold)
+        want = brute_force(stored, probe, max(top_k, 1), applied)
         got = [(c.similarity, c.subject_id, c.face_id) for c in result.candidates]
         assert len(got) == len(want), (i, top_k, threshold)
         for (gs, gsub, gface), (ws, wsub, wface) in zip(got, want):
@@ -114,10 +117,15 @@ def check_identify(stub, gallery, stored, probes, top_k, threshold):
 def test_identify_equals_brute_force_with_thresholds_topk_and_forgets(gallery_server):
     stub = gallery_stub(gallery_server)
     stored = enroll_random_gallery(stub, "brute", 60, seed=3)
+    default = gallery_server.stub.GetModelInfo(pb.GetModelInfoRequest(),
+                                               timeout=30).default_threshold
+    assert default == pytest.approx(0.4)  # ArcFace's
+    # Random unit rows: cosines near 0 to each other, a few above 0.05, none at 0.4; the two
+    # stored rows are 1 to themselves. -1 keeps every candidate.
     probes = np.concatenate([unit_rows(6, 77), np.stack([stored[5][2], stored[40][2]])])
     for top_k in (0, 1, 2, 5, 10):
-        for threshold in (None, 0.05, 0.999):
-            check_identify(stub, "brute", stored, probes, top_k, threshold)
+        for threshold in (None, -1.0, 0.05, 0.999):
+            check_identify(stub, "brute", stored, probes, top_k, threshold, default)
     # Forget a subject, then single faces (one of them its subject's last).
     gone = stored[5][0]
     r = stub.Forget(gpb.ForgetRequest(gallery="brute", subject_id=gone), timeout=30)
@@ -132,8 +140,8 @@ def test_identify_equals_brute_force_with_thresholds_topk_and_forgets(gallery_se
     assert r.faces_removed == 2
     stored = [s for s in stored if s[1] not in (lone[1], pair[1])]
     for top_k in (1, 3, 10):
-        for threshold in (None, 0.05):
-            check_identify(stub, "brute", stored, probes, top_k, threshold)
+        for threshold in (None, -1.0, 0.05):
+            check_identify(stub, "brute", stored, probes, top_k, threshold, default)
     listed = set()
     token = ""
     while True:
@@ -211,6 +219,8 @@ def test_a_gallery_is_bound_to_its_first_model(gallery_server):
     r = stub.Identify(gpb.IdentifyRequest(gallery="other-model", probes=[emb_probe(v)],
                                           model_id=other))
     assert r.model_id == other and r.results[0].candidates[0].subject_id == "x"
+    # Not served here, but of a served family: cut at ArcFace's threshold.
+    assert r.HasField("threshold") and r.threshold == pytest.approx(0.4)
     # Faces and another model's embeddings in one call.
     code, details = code_of(stub.Enroll, gpb.EnrollRequest(
         gallery="other-model", subject_id="y", model_id=other,

@@ -92,9 +92,19 @@ def test_calls_are_routed_by_name(two_models, goldens):
 
 
 def test_metrics_carry_the_model_label(two_models):
+    before = two_models.metrics()
     two_models.embed([face(3)], model=DEMO)
     two_models.embed([face(4)])
+    with pytest.raises(grpc.RpcError) as e:
+        two_models.embed([face(5)], model="nope")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
     m = two_models.metrics()
+    # Each call under the model that answered it; an unknown name under "", never as a value.
+    for model, code in (("golden", "OK"), (DEMO, "OK"), ("", "NOT_FOUND")):
+        assert (m.get("arcface_requests_total", 0.0, model=model, rpc="Embed", code=code)
+                - before.get("arcface_requests_total", 0.0, model=model, rpc="Embed",
+                             code=code)) == 1, (model, code)
+    assert not [s for s in m.series("arcface_requests_total") if s[0]["model"] == "nope"]
     for name in ("golden", DEMO):
         assert m.sum("arcface_batches_total", model=name, status="ok") >= 1
         assert m.get("arcface_queue_depth", model=name) == 0
@@ -119,6 +129,11 @@ def test_one_models_overload_does_not_delay_the_other(two_models):
         with pytest.raises(grpc.RpcError) as e:
             server.embed([face(20)], model=DEMO)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        refused = server.metrics()
+        for model, want in ((DEMO, 1), ("golden", 0)):
+            assert (refused.get("arcface_rejected_total", 0.0, model=model, reason="queue_full")
+                    - before.get("arcface_rejected_total", 0.0, model=model,
+                                 reason="queue_full")) == want, model
         # The golden model answers meanwhile, as fast as alone: one forward pass each.
         for i in range(5):
             start = time.monotonic()

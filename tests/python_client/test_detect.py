@@ -148,8 +148,9 @@ def test_gallery_identifies_each_face_of_the_frame(dc):
     found = dc.detect(MULTI, embed=True)
     for i, e in enumerate(found.embeddings()):
         dc.enroll(f"person-{i}", [e], gallery="detect")
-    named = dc.detect(MULTI, gallery="detect", top_k=2)
+    named = dc.detect(MULTI, gallery="detect", top_k=2, threshold=-1)  # every candidate
     assert named.model_id == found.model_id and len(named.faces) == len(found.faces)
+    assert named.threshold == -1 and found.threshold is None
     for i, f in enumerate(named.faces):
         assert f.embedding is not None  # a gallery implies embed
         assert len(f.candidates) == 2 and isinstance(f.candidates[0], Candidate), f.candidates
@@ -158,6 +159,13 @@ def test_gallery_identifies_each_face_of_the_frame(dc):
     # Above a threshold no other person qualifies: one candidate each.
     strict = dc.detect(MULTI, gallery="detect", top_k=3, threshold=0.9)
     assert [len(f.candidates) for f in strict.faces] == [1] * len(found.faces)
+    # None: the model's own threshold, each face's candidates those of -1 that reach it.
+    by_default = dc.detect(MULTI, gallery="detect", top_k=2)
+    assert by_default.threshold == pytest.approx(dc.default_threshold)
+    for f, every in zip(by_default.faces, named.faces):
+        assert [c.subject_id for c in f.candidates] == [
+            c.subject_id for c in every.candidates if c.similarity >= dc.default_threshold], (
+            f.candidates, every.candidates)
     with pytest.raises(ArcFaceError) as e:
         dc.detect(MULTI, gallery="no-such-gallery")
     assert e.value.code == grpc.StatusCode.NOT_FOUND and "no-such-gallery" in e.value.details

@@ -104,9 +104,9 @@ def test_identify_equals_a_brute_force_scan(gc):
     probes = np.stack([faces[3][2] + 0.05 * unit_rows(rng, 1)[0], faces[9][2],
                        *unit_rows(rng, 3)]).astype(np.float32)
     for top_k in (1, 3, MAX_TOP_K):
-        got = gc.identify(probes, gallery="bf", top_k=top_k)
+        got = gc.identify(probes, gallery="bf", top_k=top_k, threshold=-1)  # every candidate
         assert isinstance(got, Identification) and got.gallery_version == versions
-        assert got.model_id == gc.model_info()["model_id"]
+        assert got.model_id == gc.model_info()["model_id"] and got.threshold == -1
         assert_same_ranking(got.results, brute_force(probes, faces, top_k), f"top_k {top_k}")
     best = got.best()[1]
     assert best.face_id == faces[9][1] and best.similarity == pytest.approx(1, abs=1e-5)
@@ -115,6 +115,13 @@ def test_identify_equals_a_brute_force_scan(gc):
     expected = brute_force(probes, faces, 5, threshold)
     assert any(len(e) < 5 for e in expected), "the threshold must cut something"
     assert_same_ranking(got.results, expected, "threshold")
+    assert got.threshold == pytest.approx(threshold)
+    # None: the server cuts at the model's own (ArcFace 0.4), which only the near probes reach.
+    got = gc.identify(probes, gallery="bf", top_k=5)
+    assert got.threshold == pytest.approx(gc.default_threshold) == pytest.approx(0.4)
+    expected = brute_force(probes, faces, 5, gc.default_threshold)
+    assert [len(e) for e in expected] == [1, 1, 0, 0, 0]
+    assert_same_ranking(got.results, expected, "the model's threshold")
     # top_k 0 means 1
     assert [len(r) for r in gc.identify(probes[:1], gallery="bf", top_k=0).results] == [1]
 
@@ -125,7 +132,7 @@ def test_faces_given_as_images_are_embedded_by_the_server(gc, goldens):
     e = gc.enroll("alice", [crops[0], FaceSpec(crops[1])], gallery="photos",
                   labels={"team": "red"})
     bob = gc.enroll("bob", [crops[2]], gallery="photos")
-    got = gc.identify([crops[1], crops[3]], gallery="photos", top_k=2)
+    got = gc.identify([crops[1], crops[3]], gallery="photos", top_k=2, threshold=-1)
     # The same crop finds its own face; the server's embedding of the others decides the rest.
     first = got.results[0][0]
     assert (first.subject_id, first.face_id) == ("alice", e.face_ids[1])
@@ -156,13 +163,13 @@ def test_forget_faces_then_the_subject(gc):
     r = gc.forget("s-0", face_ids=[gone[1]], gallery="fg")
     assert r.faces_removed == 1 and r.gallery_version > before.version
     rest = faces[1:]
-    got = gc.identify(np.stack([gone[2]]), gallery="fg", top_k=2)
+    got = gc.identify(np.stack([gone[2]]), gallery="fg", top_k=2, threshold=-1)
     assert gone[1] not in [c.face_id for c in got.results[0]]
     assert_same_ranking(got.results, brute_force([gone[2]], rest, 2), "after forgetting a face")
     # the whole subject s-0
     r = gc.forget("s-0", gallery="fg")
     assert r.faces_removed == 2
-    got = gc.identify(np.stack([faces[1][2]]), gallery="fg", top_k=MAX_TOP_K)
+    got = gc.identify(np.stack([faces[1][2]]), gallery="fg", top_k=MAX_TOP_K, threshold=-1)
     assert {c.subject_id for c in got.results[0]} == {"s-1"}
     assert [s.subject_id for s in gc.list_subjects("fg")] == ["s-1"]
     # a subject whose last face goes is gone

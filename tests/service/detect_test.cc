@@ -473,9 +473,11 @@ TEST_F(DetectTest, WithAGalleryEachFaceIsIdentified) {
   request.set_embed(false);  // a gallery implies it
   request.set_gallery("staff");
   request.set_top_k(2);
+  request.set_threshold(-1);  // every candidate
   v1::DetectResponse identified;
   ASSERT_TRUE(Detect(request, &identified).ok());
   ASSERT_EQ(identified.faces_size(), 3);
+  EXPECT_EQ(identified.threshold(), -1);
   for (int i = 0; i < 3; ++i) {
     const v1::Identification& id = identified.faces(i).identification();
     ASSERT_EQ(id.candidates_size(), 2) << "face " << i;
@@ -485,9 +487,31 @@ TEST_F(DetectTest, WithAGalleryEachFaceIsIdentified) {
     EXPECT_LT(id.candidates(1).similarity(), id.candidates(0).similarity());
     EXPECT_EQ(identified.faces(i).embedding().values_size(), kEmbeddingDim);
   }
+  // Without a threshold: the model's (ArcFace's 0.4), which only some others reach.
+  request.clear_threshold();
+  v1::DetectResponse by_default;
+  ASSERT_TRUE(Detect(request, &by_default).ok());
+  ASSERT_TRUE(by_default.has_threshold());
+  EXPECT_FLOAT_EQ(by_default.threshold(), 0.4f);
+  int cut = 0;
+  for (int i = 0; i < 3; ++i) {
+    const v1::Identification& all = identified.faces(i).identification();
+    std::vector<std::string> want;
+    for (const v1::Candidate& c : all.candidates()) {
+      if (c.similarity() >= 0.4f) want.push_back(c.subject_id());
+    }
+    cut += all.candidates_size() - static_cast<int>(want.size());
+    std::vector<std::string> got;
+    for (const v1::Candidate& c : by_default.faces(i).identification().candidates()) {
+      got.push_back(c.subject_id());
+    }
+    EXPECT_EQ(got, want) << "face " << i;
+  }
+  EXPECT_GT(cut, 0) << "the default threshold must cut a candidate here";
   // A threshold above every other subject's similarity leaves each face only itself.
   request.set_threshold(0.999f);
   ASSERT_TRUE(Detect(request, &identified).ok());
+  EXPECT_FLOAT_EQ(identified.threshold(), 0.999f);
   for (int i = 0; i < 3; ++i) {
     EXPECT_EQ(identified.faces(i).identification().candidates_size(), 1);
   }

@@ -106,6 +106,7 @@ TEST(Metrics, ServiceMetricsHaveTheRequiredFamilies) {
   });
   m.RecordRequest("Embed", absl::OkStatus(), 0.01);
   m.RecordRequest("Embed", absl::InvalidArgumentError("x"), 0.001);
+  m.RecordRequest("Compare", absl::OkStatus(), 0.01, "arcface-r50@0123456789ab");
   m.AddFaces(4);
   m.OnRejected(batching::RejectReason::kQueueFull, 1);
   m.OnDropped(batching::DropReason::kExpired, 2);
@@ -150,6 +151,7 @@ TEST(Metrics, ServiceMetricsHaveTheRequiredFamilies) {
   }
   EXPECT_EQ(flat["arcface_requests_total,code=OK,rpc=Embed"], 1);
   EXPECT_EQ(flat["arcface_requests_total,code=INVALID_ARGUMENT,rpc=Embed"], 1);
+  EXPECT_EQ(flat["arcface_requests_total,code=OK,rpc=Compare"], 1);  // one model: no label
   EXPECT_EQ(flat["arcface_faces_total"], 4);
   EXPECT_EQ(flat["arcface_queue_depth"], 3);
   EXPECT_EQ(types["arcface_device_memory_allocated_bytes"], "gauge");
@@ -177,6 +179,42 @@ TEST(Metrics, ServiceMetricsHaveTheRequiredFamilies) {
   EXPECT_NEAR(flat["arcface_postprocess_seconds_sum"], 1.4e-3, 1e-12);
   EXPECT_EQ(flat["arcface_preprocess_seconds_count"], 1);
   EXPECT_NEAR(flat["arcface_preprocess_seconds_sum"], 0.002, 1e-12);
+}
+
+// With several models: each call under the model whose version published its response's
+// model_id (a replaced version's too), "" for none; a batcher's refusals under its model, the
+// server's own under "".
+TEST(Metrics, RequestsAndRejectionsCarryTheModelWithSeveralModels) {
+  ServiceMetrics m(/*max_batch_size=*/8, {"arcface", "dlib"});
+  m.ForModel("arcface")->SetModelInfo("r50", "arcface-r50@aaaaaaaaaaaa", "cpu", "fp32");
+  m.ForModel("dlib")->SetModelInfo("dlib-resnet", "dlib-resnet@bbbbbbbbbbbb", "cpu", "fp32");
+  m.ForModel("dlib")->SetModelInfo("dlib-resnet", "dlib-resnet@cccccccccccc", "cpu", "fp32");
+  m.RecordRequest("Embed", absl::OkStatus(), 0.01, "arcface-r50@aaaaaaaaaaaa");
+  m.RecordRequest("Embed", absl::OkStatus(), 0.01, "dlib-resnet@bbbbbbbbbbbb");
+  m.RecordRequest("Embed", absl::OkStatus(), 0.01, "dlib-resnet@cccccccccccc");
+  m.RecordRequest("Identify", absl::OkStatus(), 0.01, "facenet@000000000000");
+  m.RecordRequest("Embed", absl::NotFoundError("model 'x'"), 0.01);
+  m.ForModel("dlib")->OnRejected(batching::RejectReason::kQueueFull, 3);
+  m.RecordRejected("draining");
+
+  std::map<std::string, std::string> types;
+  std::map<std::vector<std::string>, double> requests, rejected;
+  for (const Sample& s : ParseExposition(m.Render(), &types)) {
+    if (s.name == "arcface_requests_total") {
+      requests[{s.labels.at("model"), s.labels.at("rpc"), s.labels.at("code")}] = s.value;
+    } else if (s.name == "arcface_rejected_total") {
+      rejected[{s.labels.at("model"), s.labels.at("reason")}] = s.value;
+    }
+  }
+  const std::map<std::vector<std::string>, double> want_requests = {
+      {{"arcface", "Embed", "OK"}, 1},
+      {{"dlib", "Embed", "OK"}, 2},
+      {{"", "Identify", "OK"}, 1},
+      {{"", "Embed", "NOT_FOUND"}, 1}};
+  EXPECT_EQ(requests, want_requests);
+  const std::map<std::vector<std::string>, double> want_rejected = {
+      {{"dlib", "queue_full"}, 1}, {{"", "draining"}, 1}};
+  EXPECT_EQ(rejected, want_rejected);
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -143,6 +144,9 @@ class ModelsTest : public ::testing::Test {
     dlib.default_threshold = kDlibCosineThreshold;
     dlib.arch = "resnet34";
     dlib.model_id = kDlibId;
+    // As the server publishes each model's version (the requests' model label follows it).
+    metrics_->ForModel("arcface")->SetModelInfo(arcface.arch, arcface.model_id, "cpu", "fp32");
+    metrics_->ForModel("dlib")->SetModelInfo(dlib.arch, dlib.model_id, "cpu", "fp32");
     service_->SetReady({{arcface, embedders_[0].get()}, {dlib, embedders_[1].get()}});
     auto channel =
         grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_), grpc::InsecureChannelCredentials());
@@ -391,11 +395,13 @@ TEST_F(ModelsTest, AGalleryIsEmbeddedByItsOwnModel) {
   v1::IdentifyRequest identify;
   identify.set_gallery("g");
   identify.set_top_k(2);
+  identify.set_threshold(-1);  // every candidate
   *identify.add_probes()->mutable_face() = FaceOf(bob);
   v1::IdentifyResponse found;
   s = Timed([&](grpc::ClientContext* c) { return gallery_stub_->Identify(c, identify, &found); });
   ASSERT_TRUE(s.ok()) << s.error_message();
   EXPECT_EQ(found.model_id(), kDlibId);
+  EXPECT_EQ(found.threshold(), -1);
   ASSERT_EQ(found.results(0).candidates_size(), 2);
   EXPECT_EQ(found.results(0).candidates(0).subject_id(), "bob");
   EXPECT_NEAR(found.results(0).candidates(0).similarity(), 1.0, 1e-5);
@@ -437,11 +443,13 @@ TEST_F(ModelsTest, AGalleryIsEmbeddedByItsOwnModel) {
       [&](grpc::ClientContext* c) { return gallery_stub_->Identify(c, by_embedding, &found); });
   ASSERT_TRUE(s.ok()) << s.error_message();
   EXPECT_NEAR(found.results(0).candidates(0).similarity(), 1.0, 1e-5);
+  EXPECT_FALSE(found.has_threshold());  // no served model of its family: no cut
 
   // Detect against the gallery embeds with the gallery's model too.
   v1::DetectRequest detect;
   *detect.mutable_image() = RawImage(MakeFrame(2, 7));
   detect.set_gallery("g");
+  detect.set_threshold(-1);
   v1::DetectResponse detected;
   s = Timed([&](grpc::ClientContext* c) { return stub_->Detect(c, detect, &detected); });
   ASSERT_TRUE(s.ok()) << s.error_message();
@@ -449,6 +457,203 @@ TEST_F(ModelsTest, AGalleryIsEmbeddedByItsOwnModel) {
   ASSERT_EQ(detected.faces_size(), 2);
   EXPECT_EQ(detected.faces(0).embedding().values_size(), kDlibDim);
   EXPECT_EQ(detected.faces(0).identification().candidates_size(), 1);
+}
+
+// Identify and Detect without a threshold cut at the model's own: a candidate just above it is a
+// match, one just below is not, for an ArcFace gallery (0.4), a dlib one (0.9144) and one of an
+// ArcFace and a dlib model this server does not serve (their family's); none for a model of
+// another family.
+TEST_F(ModelsTest, AnUnsetThresholdIsTheModelsOwn) {
+  Start();
+  struct Case {
+    std::string model_id;
+    int dim;
+    std::optional<float> threshold;  // the one expected
+  };
+  const Case cases[] = {{kArcFaceId, model::kEmbeddingDim, 0.4f},
+                        {kDlibId, kDlibDim, kDlibCosineThreshold},
+                        {"arcface-r100@000000000000", model::kEmbeddingDim, 0.4f},
+                        {"dlib-resnet@000000000000", kDlibDim, kDlibCosineThreshold},
+                        {"other@000000000000", 64, std::nullopt}};
+  // A unit vector at cosine `c` from the first axis.
+  auto at = [](int dim, double c, v1::Probe* probe) {
+    auto* values = probe->mutable_embedding()->mutable_values();
+    values->Resize(dim, 0.0f);
+    values->Set(0, static_cast<float>(c));
+    values->Set(1, static_cast<float>(std::sqrt(1 - c * c)));
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.model_id);
+    const std::string gallery = absl::StrCat("t", &c - cases);
+    v1::EnrollRequest enroll;
+    enroll.set_gallery(gallery);
+    enroll.set_subject_id("axis");
+    enroll.set_model_id(c.model_id);
+    at(c.dim, 1.0, enroll.add_faces());
+    v1::EnrollResponse enrolled;
+    grpc::Status s = Timed(
+        [&](grpc::ClientContext* cx) { return gallery_stub_->Enroll(cx, enroll, &enrolled); });
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    EXPECT_EQ(enrolled.model_id(), c.model_id);
+
+    const double t = c.threshold.value_or(0.5);
+    v1::IdentifyRequest identify;
+    identify.set_gallery(gallery);
+    identify.set_model_id(c.model_id);
+    at(c.dim, t + 2e-3, identify.add_probes());
+    at(c.dim, t - 2e-3, identify.add_probes());
+    v1::IdentifyResponse found;
+    s = Timed(
+        [&](grpc::ClientContext* cx) { return gallery_stub_->Identify(cx, identify, &found); });
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    ASSERT_EQ(found.results_size(), 2);
+    EXPECT_EQ(found.has_threshold(), c.threshold.has_value());
+    EXPECT_FLOAT_EQ(found.threshold(), c.threshold.value_or(0));  // 0: unset's value
+    ASSERT_EQ(found.results(0).candidates_size(), 1);
+    EXPECT_NEAR(found.results(0).candidates(0).similarity(), t + 2e-3, 1e-5);
+    EXPECT_EQ(found.results(1).candidates_size(), c.threshold ? 0 : 1);
+    // An explicit threshold is the request's, however low.
+    identify.set_threshold(-1);
+    s = Timed(
+        [&](grpc::ClientContext* cx) { return gallery_stub_->Identify(cx, identify, &found); });
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    EXPECT_EQ(found.threshold(), -1);
+    EXPECT_EQ(found.results(1).candidates_size(), 1);
+  }
+
+  // Detect: the faces' own embeddings enrolled in a dlib gallery, then cut at dlib's threshold.
+  v1::DetectRequest detect;
+  *detect.mutable_image() = RawImage(MakeFrame(3, 9));
+  detect.set_model("dlib");
+  detect.set_embed(true);
+  detect.set_normalize(true);
+  v1::DetectResponse detected;
+  grpc::Status s =
+      Timed([&](grpc::ClientContext* cx) { return stub_->Detect(cx, detect, &detected); });
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  ASSERT_EQ(detected.faces_size(), 3);
+  EXPECT_FALSE(detected.has_threshold());  // no gallery
+  v1::EnrollRequest enroll;
+  enroll.set_gallery("seen");
+  enroll.set_subject_id("first");
+  enroll.set_model_id(kDlibId);
+  *enroll.add_faces()->mutable_embedding() = detected.faces(0).embedding();
+  v1::EnrollResponse enrolled;
+  s = Timed([&](grpc::ClientContext* cx) { return gallery_stub_->Enroll(cx, enroll, &enrolled); });
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  detect.clear_model();
+  detect.set_gallery("seen");
+  v1::DetectResponse identified;
+  s = Timed([&](grpc::ClientContext* cx) { return stub_->Detect(cx, detect, &identified); });
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  ASSERT_EQ(identified.faces_size(), 3);
+  ASSERT_TRUE(identified.has_threshold());
+  EXPECT_FLOAT_EQ(identified.threshold(), kDlibCosineThreshold);
+  int cut = 0;
+  for (int i = 0; i < 3; ++i) {
+    const double similarity =
+        Dot({detected.faces(0).embedding().values().begin(),
+             detected.faces(0).embedding().values().end()},
+            {detected.faces(i).embedding().values().begin(),
+             detected.faces(i).embedding().values().end()});
+    EXPECT_EQ(identified.faces(i).identification().candidates_size(),
+              similarity >= kDlibCosineThreshold ? 1 : 0)
+        << "face " << i << ": " << similarity;
+    cut += similarity < kDlibCosineThreshold;
+  }
+  EXPECT_EQ(identified.faces(0).identification().candidates_size(), 1);
+  EXPECT_GT(cut, 0) << "the other faces must be below dlib's threshold";
+}
+
+// arcface_requests_total and arcface_rejected_total count each call under the served model that
+// answered it, "" when none did (an unknown name is never a label value), exactly.
+TEST_F(ModelsTest, RequestsAndRejectionsCountUnderTheirModel) {
+  Start();
+  const cv::Mat picture = Picture(40, 3);
+  v1::EmbedRequest embed;
+  *embed.add_faces() = FaceOf(picture);
+  v1::EmbedResponse embedded;
+  ASSERT_TRUE(Embed(embed, &embedded).ok());  // the default: arcface
+  embed.set_model("dlib");
+  ASSERT_TRUE(Embed(embed, &embedded).ok());
+  ASSERT_TRUE(Embed(embed, &embedded).ok());
+  embed.set_model("nope");
+  EXPECT_EQ(Embed(embed, &embedded).error_code(), grpc::StatusCode::NOT_FOUND);
+  // Over the faces limit: the server's own limit, refused once the model is known.
+  v1::EmbedRequest many;
+  many.set_model("dlib");
+  for (int i = 0; i <= ServiceOptions().max_faces_per_request; ++i) many.add_faces();
+  EXPECT_EQ(Embed(many, &embedded).error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+
+  v1::GetModelInfoRequest info_request;
+  info_request.set_model("dlib");
+  v1::ModelInfo info;
+  ASSERT_TRUE(Timed([&](grpc::ClientContext* c) {
+                return stub_->GetModelInfo(c, info_request, &info);
+              }).ok());
+  v1::ListModelsResponse listed;
+  ASSERT_TRUE(Timed([&](grpc::ClientContext* c) {
+                return stub_->ListModels(c, v1::ListModelsRequest(), &listed);
+              }).ok());
+  v1::EnrollRequest enroll;
+  enroll.set_gallery("m");
+  enroll.set_subject_id("s");
+  enroll.set_model("dlib");
+  *enroll.add_faces()->mutable_face() = FaceOf(picture);
+  v1::EnrollResponse enrolled;
+  ASSERT_TRUE(Timed([&](grpc::ClientContext* c) {
+                return gallery_stub_->Enroll(c, enroll, &enrolled);
+              }).ok());
+  EXPECT_EQ(enrolled.model_id(), kDlibId);
+  v1::IdentifyRequest identify;
+  identify.set_gallery("m");
+  *identify.add_probes()->mutable_face() = FaceOf(picture);
+  v1::IdentifyResponse found;
+  ASSERT_TRUE(Timed([&](grpc::ClientContext* c) {
+                return gallery_stub_->Identify(c, identify, &found);
+              }).ok());
+  // EmbedStream: each message under its own model.
+  {
+    grpc::ClientContext context;
+    auto stream = stub_->EmbedStream(&context);
+    for (const char* model : {"dlib", "nope", ""}) {
+      v1::EmbedRequest r;
+      *r.add_faces() = FaceOf(picture);
+      r.set_model(model);
+      ASSERT_TRUE(stream->Write(r));
+      v1::EmbedResponse answer;
+      ASSERT_TRUE(stream->Read(&answer));
+    }
+    stream->WritesDone();
+    ASSERT_TRUE(stream->Finish().ok());
+  }
+
+  std::map<std::vector<std::string>, double> requests, rejected;
+  std::map<std::string, std::string> types;
+  for (const test_util::Sample& m : test_util::ParseExposition(metrics_->Render(), &types)) {
+    for (const auto& [key, value] : m.labels) EXPECT_NE(value, "nope") << m.name;
+    if (m.name == "arcface_requests_total") {
+      requests[{m.labels.at("model"), m.labels.at("rpc"), m.labels.at("code")}] = m.value;
+    } else if (m.name == "arcface_rejected_total") {
+      rejected[{m.labels.at("model"), m.labels.at("reason")}] = m.value;
+    }
+  }
+  const std::map<std::vector<std::string>, double> want_requests = {
+      {{"arcface", "Embed", "OK"}, 1},
+      {{"dlib", "Embed", "OK"}, 2},
+      {{"", "Embed", "NOT_FOUND"}, 1},
+      {{"dlib", "Embed", "RESOURCE_EXHAUSTED"}, 1},
+      {{"dlib", "GetModelInfo", "OK"}, 1},
+      {{"", "ListModels", "OK"}, 1},
+      {{"dlib", "Enroll", "OK"}, 1},
+      {{"dlib", "Identify", "OK"}, 1},
+      {{"dlib", "EmbedStream", "OK"}, 1},
+      {{"", "EmbedStream", "NOT_FOUND"}, 1},
+      {{"arcface", "EmbedStream", "OK"}, 1}};
+  EXPECT_EQ(requests, want_requests);
+  const std::map<std::vector<std::string>, double> want_rejected = {
+      {{"", "too_many_faces"}, 1}};
+  EXPECT_EQ(rejected, want_rejected);
 }
 
 // One model's batch held in its fake and its queue full: the other model's calls are answered at
@@ -483,6 +688,12 @@ TEST_F(ModelsTest, OneModelsOverloadNeverHoldsTheOthersCalls) {
   v1::EmbedResponse refused;
   grpc::Status s = Embed(dlib_request, &refused);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+  // Counted under its model, before its answer.
+  EXPECT_EQ(Metric("arcface_rejected_total", {{"model", "dlib"}, {"reason", "queue_full"}}), 1);
+  EXPECT_EQ(Metric("arcface_rejected_total", {{"model", "arcface"}, {"reason", "queue_full"}}), 0);
+  EXPECT_EQ(Metric("arcface_requests_total",
+                   {{"model", "dlib"}, {"rpc", "Embed"}, {"code", "RESOURCE_EXHAUSTED"}}),
+            1);
 
   // ArcFace's calls go through meanwhile.
   v1::EmbedRequest arcface_request;
@@ -496,6 +707,9 @@ TEST_F(ModelsTest, OneModelsOverloadNeverHoldsTheOthersCalls) {
     EXPECT_EQ(response.model_id(), kArcFaceId);
   }
   EXPECT_EQ(embedders_[0]->batcher().counters().tasks_succeeded, 10);
+  EXPECT_EQ(
+      Metric("arcface_requests_total", {{"model", "arcface"}, {"rpc", "Embed"}, {"code", "OK"}}),
+      10);
   EXPECT_EQ(embedders_[1]->batcher().counters().tasks_succeeded, 0);
   EXPECT_EQ(embedders_[1]->batcher().counters().rejected_queue_full, 1);
   EXPECT_EQ(Metric("arcface_batches_total", {{"model", "dlib"}, {"status", "ok"}}), 0);
@@ -509,6 +723,8 @@ TEST_F(ModelsTest, OneModelsOverloadNeverHoldsTheOthersCalls) {
   for (std::thread& t : held) t.join();
   for (const grpc::Status& st : held_status) EXPECT_TRUE(st.ok()) << st.error_message();
   EXPECT_EQ(embedders_[1]->batcher().counters().tasks_succeeded, 5);
+  EXPECT_EQ(
+      Metric("arcface_requests_total", {{"model", "dlib"}, {"rpc", "Embed"}, {"code", "OK"}}), 5);
   int dlib_crops = 0;
   for (int n : dlib_.batch_sizes()) dlib_crops += n;
   EXPECT_EQ(dlib_crops, 5);

@@ -583,7 +583,8 @@ class ArcFaceClient:
         all). ``min_face_size``: leave out boxes whose shorter side is smaller, in pixels.
         ``embed``: also align each face by its landmarks and embed it (``normalize``: unit
         length). ``gallery``: also identify each face there (implies ``embed``), with up to
-        ``top_k`` candidates (0 means 1) at or above ``threshold``.
+        ``top_k`` candidates (0 means 1) at or above ``threshold`` (None: the model's
+        ``default_threshold``; the ``Detection``'s ``threshold`` says the one used).
         Raises ValueError for a bad argument before any call; ArcFaceError for the server's
         answer: INVALID_ARGUMENT (an undecodable, empty or too large image), NOT_FOUND (no
         such gallery), UNIMPLEMENTED (a server with ``--detector none``).
@@ -782,8 +783,10 @@ class ArcFaceClient:
     def identify(self, probes, gallery="", top_k=1, threshold=None, model_id="", timeout=None):
         """For each probe, the best-matching subjects of ``gallery``: an ``Identification``
         whose ``results[i]`` lists probe i's candidates (up to ``top_k`` distinct subjects,
-        each with its best face, by cosine similarity descending; with ``threshold``, only
-        those at or above it). Probes are faces or embeddings, as ``enroll`` takes them; more
+        each with its best face, by cosine similarity descending, only those at or above
+        ``threshold``; None: the gallery's model's ``default_threshold``, ArcFace 0.4, dlib
+        0.9144; -1 keeps all; the answer's ``threshold`` says the one used). Probes are faces
+        or embeddings, as ``enroll`` takes them; more
         than the server's ``max_probes_per_identify`` (faces: its ``max_faces_per_request``)
         go in several requests. An unknown gallery raises ArcFaceError ``NOT_FOUND``.
         """
@@ -807,7 +810,8 @@ class ArcFaceClient:
         if resp is None:
             return Identification((), "", 0)
         return Identification(tuple(results), resp.model_id, resp.gallery_version,
-                              self.random_weights)
+                              self.random_weights,
+                              resp.threshold if resp.HasField("threshold") else None)
 
     def forget(self, subject_id=None, face_ids=(), gallery="", timeout=None):
         """Removes ``subject_id`` with all its faces, or the faces ``face_ids`` (which must be

@@ -4,6 +4,7 @@ gRPC objects kept; and the request they send, checked before it goes."""
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -50,6 +51,9 @@ class Detection:
     # True when that model runs random (demo) weights: the embeddings and identities are no
     # identity verdict (the boxes and landmarks come from the detector's trained weights).
     random_weights: bool = False
+    # With a gallery: the similarity the candidates were cut at (the one asked for, else the
+    # model's default_threshold); else None.
+    threshold: Optional[float] = None
 
     def embeddings(self):
         """float32 [n, 512]: the faces' embeddings (ValueError when they were not asked for)."""
@@ -75,7 +79,8 @@ def detection_from_proto(resp, random_weights=False):
             candidates=tuple(Candidate(c.subject_id, c.face_id, c.similarity)
                              for c in f.identification.candidates)))
     return Detection(tuple(faces), resp.image_width, resp.image_height, resp.detector_id,
-                     resp.model_id, resp.request_id, random_weights)
+                     resp.model_id, resp.request_id, random_weights,
+                     resp.threshold if resp.HasField("threshold") else None)
 
 
 def _count(name, value):

@@ -3,6 +3,7 @@ response messages; plain frozen dataclasses, no gRPC objects kept."""
 
 import re
 from dataclasses import dataclass, field
+from typing import Optional
 
 __all__ = ["Candidate", "Enrollment", "ForgetResult", "GalleryInfo", "GalleryLimits",
            "Identification", "Subject"]
@@ -51,6 +52,10 @@ class Identification:
     gallery_version: int
     # True when the server runs random (demo) weights: the candidates are no identity verdict.
     random_weights: bool = False
+    # The similarity the candidates were cut at: the one asked for, else the gallery's model's
+    # default_threshold (ArcFace 0.4, dlib 0.9144); None when none applied (embeddings of a
+    # model of a family the server does not know).
+    threshold: Optional[float] = None
 
     def best(self):
         """Each probe's best candidate, or None where it has none."""
