@@ -2,14 +2,14 @@
 // /readyz over HTTP. `arcface-server --help` lists the flags (each with an ARCFACE_* variable).
 // Exit status: 0 after a drain (or --help/--version), 2 for a bad flag or a value that cannot be
 // served, 1 when the machine failed; the life cycle and its rules are server/app/server.h's.
+#include <spdlog/spdlog.h>
+
 #include <iostream>
 #include <string>
 
-#include <spdlog/spdlog.h>
-
 #include "absl/status/status.h"
-#include "server/app/server.h"
 #include "server/app/process_signals.h"
+#include "server/app/server.h"
 #include "server/engine/openmp_env.h"
 #include "server/service/logging.h"
 #include "server/service/server_config.h"

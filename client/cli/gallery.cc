@@ -230,11 +230,11 @@ int RunGalleryIdentify(const CommonOptions& common, const GalleryOptions& galler
   }
   if (!results.empty()) {
     // The server's cut: --threshold, else the gallery's model's own.
-    std::fprintf(stderr, "identified %zu files in gallery '%s' (%s)\n", results.size(),
-                 GalleryName(gallery).c_str(), ThresholdNote(last.has_threshold(),
-                                                             last.threshold(),
-                                                             options.threshold.has_value())
-                                                   .c_str());
+    std::fprintf(
+        stderr, "identified %zu files in gallery '%s' (%s)\n", results.size(),
+        GalleryName(gallery).c_str(),
+        ThresholdNote(last.has_threshold(), last.threshold(), options.threshold.has_value())
+            .c_str());
   }
   if (!status.ok()) return Fail("gallery identify", status);
   return failed.empty() ? kExitOk : kExitSomeFailed;

@@ -111,11 +111,12 @@ int Main(int argc, char** argv) {
   // reload
   ReloadOptions reload;
   CLI::App* reload_cmd = app.add_subcommand(
-      "reload", "Reload the served models' files (ModelAdmin.ReloadModels: a server with "
-                "--admin-rpc): one line per model, RELOADED (previous -> new model_id), "
-                "UNCHANGED or FAILED (the previous weights keep serving); exit 1 if any failed. "
-                "The answer waits for the new weights to load and warm up: raise --timeout for "
-                "large models");
+      "reload",
+      "Reload the served models' files (ModelAdmin.ReloadModels: a server with "
+      "--admin-rpc): one line per model, RELOADED (previous -> new model_id), "
+      "UNCHANGED or FAILED (the previous weights keep serving); exit 1 if any failed. "
+      "The answer waits for the new weights to load and warm up: raise --timeout for "
+      "large models");
   reload_cmd->add_option("models", reload.models,
                          "Served model names (see `models`); none: every model (--model is not "
                          "used)");

@@ -2,12 +2,11 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <spdlog/spdlog.h>
 
 #include <cstdlib>
 #include <thread>
 #include <utility>
-
-#include <spdlog/spdlog.h>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"

@@ -18,8 +18,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/files.h"
-#include "server/gallery/torch_index.h"
 #include "server/app/process_signals.h"
+#include "server/gallery/torch_index.h"
 #include "server/model/demo_weights.h"
 
 #ifndef ARCFACE_VERSION
@@ -490,8 +490,8 @@ int Server::Drain() {
   spdlog::info(
       "drain finished in {:.3f} s: {} requests embedded by the serving models ({} crops in {} "
       "batches)",
-               absl::ToDoubleSeconds(absl::Now() - drain_start), counters.tasks_succeeded,
-               counters.items_batched, counters.batches);
+      absl::ToDoubleSeconds(absl::Now() - drain_start), counters.tasks_succeeded,
+      counters.items_batched, counters.batches);
   drained.Notify();
   watchdog.join();
   return 0;

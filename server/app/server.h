@@ -57,10 +57,10 @@
 #ifndef ARCFACE_SERVER_APP_SERVER_H_
 #define ARCFACE_SERVER_APP_SERVER_H_
 
+#include <grpcpp/grpcpp.h>
+
 #include <memory>
 #include <string>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/status/status.h"
 #include "absl/synchronization/notification.h"
@@ -76,14 +76,14 @@
 #include "server/service/embedding_model.h"
 #include "server/service/face_embedding_service.h"
 #include "server/service/face_gallery_service.h"
-#include "server/service/gallery_metrics.h"
-#include "server/service/model_admin_service.h"
-#include "server/service/model_reloader.h"
 #include "server/service/fault_injection.h"
 #include "server/service/frame_detector.h"
+#include "server/service/gallery_metrics.h"
 #include "server/service/http_server.h"
-#include "server/service/service_metrics.h"
+#include "server/service/model_admin_service.h"
+#include "server/service/model_reloader.h"
 #include "server/service/server_config.h"
+#include "server/service/service_metrics.h"
 #include "server/service/work_queue.h"
 
 namespace arcface::app {

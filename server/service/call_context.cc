@@ -47,8 +47,7 @@ absl::Status CheckAlive(const std::function<bool()>& is_cancelled, absl::Time de
 namespace {
 
 void FinishUnary(const CallEnv& env, grpc::ServerUnaryReactor* reactor, const char* rpc,
-                 absl::Time start, const absl::Status& status,
-                 const std::string& model_id = "") {
+                 absl::Time start, const absl::Status& status, const std::string& model_id = "") {
   env.metrics->RecordRequest(rpc, status, SecondsSince(start), model_id);
   if (!status.ok()) spdlog::debug("{} failed: {}", rpc, status.ToString());
   reactor->Finish(ToGrpcStatus(status));

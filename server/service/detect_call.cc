@@ -98,8 +98,7 @@ absl::Status CheckDetect(const CallEnv& env, const DetectRequest& r, DetectWork*
   }
   work->gallery = search;
   work->top_k = *top_k;
-  work->threshold =
-      r.has_threshold() ? r.threshold() : work->model->description.default_threshold;
+  work->threshold = r.has_threshold() ? r.threshold() : work->model->description.default_threshold;
   return absl::OkStatus();
 }
 

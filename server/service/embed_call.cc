@@ -75,14 +75,15 @@ void StartEmbed(const CallEnv& env, const EmbedRequest* request, EmbedResponse* 
           [](int i) { return absl::StrCat("face ", i); },
           [env, state, n, model](std::vector<uint8_t> crops) {
             const bool normalize = state->request->normalize();
-            absl::Status scheduled = model->embedder->Submit(
-                std::move(crops), state->deadline, state->is_cancelled,
-                [env, state, normalize, n, dim = model->dim()](absl::StatusOr<EmbeddingBatch> rows) {
-                  if (!rows.ok()) return state->Complete(rows.status());
-                  FillEmbeddings(*rows, dim, normalize, state->response);
-                  env.metrics->AddFaces(n);
-                  state->Complete(absl::OkStatus());
-                });
+            absl::Status scheduled =
+                model->embedder->Submit(std::move(crops), state->deadline, state->is_cancelled,
+                                        [env, state, normalize, n,
+                                         dim = model->dim()](absl::StatusOr<EmbeddingBatch> rows) {
+                                          if (!rows.ok()) return state->Complete(rows.status());
+                                          FillEmbeddings(*rows, dim, normalize, state->response);
+                                          env.metrics->AddFaces(n);
+                                          state->Complete(absl::OkStatus());
+                                        });
             if (!scheduled.ok()) state->Complete(scheduled);
           }),
       /*cost=*/n);

@@ -41,10 +41,14 @@ int FaceEmbeddingService::inflight() const { return admission_.inflight(); }
 grpc::ServerUnaryReactor* FaceEmbeddingService::Embed(grpc::CallbackServerContext* context,
                                                       const EmbedRequest* request,
                                                       EmbedResponse* response) {
-  return ServeUnary(env_, context, "Embed", [this, request, response](CallContext call, DoneFn done) {
-    if (absl::Status id = CheckRequestId(request->request_id()); !id.ok()) return done(std::move(id));
-    StartEmbed(env_, request, response, std::move(call), std::move(done));
-  }, ModelIdOfResponse(response));
+  return ServeUnary(
+      env_, context, "Embed",
+      [this, request, response](CallContext call, DoneFn done) {
+        if (absl::Status id = CheckRequestId(request->request_id()); !id.ok())
+          return done(std::move(id));
+        StartEmbed(env_, request, response, std::move(call), std::move(done));
+      },
+      ModelIdOfResponse(response));
 }
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* FaceEmbeddingService::EmbedStream(
@@ -55,16 +59,20 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* FaceEmbeddingServic
 grpc::ServerUnaryReactor* FaceEmbeddingService::Compare(grpc::CallbackServerContext* context,
                                                         const CompareRequest* request,
                                                         CompareResponse* response) {
-  return ServeUnary(env_, context, "Compare", [this, request, response](CallContext call, DoneFn done) {
-    StartCompare(env_, request, response, std::move(call), std::move(done));
-  }, ModelIdOfResponse(response));
+  return ServeUnary(
+      env_, context, "Compare",
+      [this, request, response](CallContext call, DoneFn done) {
+        StartCompare(env_, request, response, std::move(call), std::move(done));
+      },
+      ModelIdOfResponse(response));
 }
 
 grpc::ServerUnaryReactor* FaceEmbeddingService::GetModelInfo(
     grpc::CallbackServerContext* context, const arcface::v1::GetModelInfoRequest* request,
     arcface::v1::ModelInfo* response) {
   return ServeUnary(
-      env_, context, "GetModelInfo", [this, request, response](CallContext, DoneFn done) {
+      env_, context, "GetModelInfo",
+      [this, request, response](CallContext, DoneFn done) {
         absl::StatusOr<ModelRef> found = admission_.models().Find(request->model());
         if (!found.ok()) return done(found.status());
         FillModelInfo(**found, response);
@@ -118,9 +126,12 @@ void FaceEmbeddingService::FillModelInfo(const ServedModel& served, arcface::v1:
 grpc::ServerUnaryReactor* FaceEmbeddingService::Detect(grpc::CallbackServerContext* context,
                                                        const arcface::v1::DetectRequest* request,
                                                        arcface::v1::DetectResponse* response) {
-  return ServeUnary(env_, context, "Detect", [this, request, response](CallContext call, DoneFn done) {
-    StartDetect(env_, request, response, std::move(call), std::move(done));
-  }, ModelIdOfResponse(response));
+  return ServeUnary(
+      env_, context, "Detect",
+      [this, request, response](CallContext call, DoneFn done) {
+        StartDetect(env_, request, response, std::move(call), std::move(done));
+      },
+      ModelIdOfResponse(response));
 }
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* FaceEmbeddingService::DetectStream(

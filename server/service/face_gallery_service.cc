@@ -252,142 +252,151 @@ grpc::ServerUnaryReactor* FaceGalleryService::Serve(
 grpc::ServerUnaryReactor* FaceGalleryService::Enroll(grpc::CallbackServerContext* context,
                                                      const EnrollRequest* request,
                                                      EnrollResponse* response) {
-  return Serve(context, "Enroll", [this, request, response](CallContext call, DoneFn done) {
-    const std::string gallery_name = GalleryName(request->gallery());
-    if (absl::Status s = CheckId("gallery", gallery_name); !s.ok()) return done(s);
-    if (absl::Status s = CheckId("subject_id", request->subject_id()); !s.ok()) return done(s);
-    if (!request->request_id().empty()) {
-      if (absl::Status s = CheckId("request_id", request->request_id()); !s.ok()) return done(s);
-    }
-    if (absl::Status s = CheckLabels(request->labels()); !s.ok()) return done(s);
-    const int n = request->faces_size();
-    if (n == 0) return done(absl::InvalidArgumentError("faces is empty: nothing to enroll"));
-    if (n > options_.max_faces_per_enroll) {
-      env_.metrics->RecordRejected("too_many_faces", n);
-      return done(absl::ResourceExhaustedError(
-          absl::StrCat("too many faces: ", n, " in one Enroll, the limit is ",
-                       options_.max_faces_per_enroll, " (--gallery-max-faces-per-enroll)")));
-    }
-    absl::StatusOr<ProbeModel> model = ResolveProbeModel(
-        env_.admission->models(), request->model(), request->model_id(),
-        BoundModel(galleries(), gallery_name), request->faces(), HasFaces(request->faces()));
-    if (!model.ok()) return done(model.status());
-    response->set_model_id(model->model_id);
-    auto work = std::make_shared<ProbeWork>();
-    work->units.resize(size_t(n) * model->dim);
-    if (absl::Status s = CollectProbes(request->faces(), "faces", model->dim, model->model_id,
-                                       work->units.data(), &work->faces);
-        !s.ok()) {
-      return done(s);
-    }
-    using State = CallState<EnrollRequest, EnrollResponse>;
-    auto state = std::make_shared<State>(
-        State{request, response, std::move(call.is_cancelled), call.deadline, std::move(done)});
-    EmbedFaces(env_, state, &request->faces(), work, model->embeds, "faces",
-               [this, state, work, gallery_name, model = model->model_id, n]() mutable {
-                 OnQueue(queue_, *state, n, [this, state, work, gallery_name, model, n] {
-                   // A call that died while its faces were embedded writes nothing.
-                   absl::Status alive =
-                       CheckAlive(state->is_cancelled, state->deadline, env_.metrics);
-                   if (!alive.ok()) return state->Complete(alive);
-                   const EnrollRequest& r = *state->request;
-                   gallery::EnrollWrite write;
-                   write.gallery = gallery_name;
-                   write.model_id = model;
-                   write.subject_id = r.subject_id();
-                   write.labels.insert(r.labels().begin(), r.labels().end());
-                   write.request_id = r.request_id();
-                   for (int i = 0; i < n; ++i) write.face_ids.push_back(gallery::NewFaceId());
-                   write.embeddings = std::move(work->units);
-                   absl::StatusOr<gallery::EnrollResult> result = galleries()->Enroll(write);
-                   metrics_->RecordStoreResult("enroll", result.status());
-                   if (!result.ok()) return state->Complete(result.status());
-                   state->response->set_subject_id(r.subject_id());
-                   for (std::string& id : result->face_ids) {
-                     state->response->add_face_ids(std::move(id));
-                   }
-                   state->response->set_gallery_version(result->version);
-                   state->Complete(absl::OkStatus());
-                 });
-               });
-  }, ModelIdOfResponse(response));
+  return Serve(
+      context, "Enroll",
+      [this, request, response](CallContext call, DoneFn done) {
+        const std::string gallery_name = GalleryName(request->gallery());
+        if (absl::Status s = CheckId("gallery", gallery_name); !s.ok()) return done(s);
+        if (absl::Status s = CheckId("subject_id", request->subject_id()); !s.ok()) return done(s);
+        if (!request->request_id().empty()) {
+          if (absl::Status s = CheckId("request_id", request->request_id()); !s.ok())
+            return done(s);
+        }
+        if (absl::Status s = CheckLabels(request->labels()); !s.ok()) return done(s);
+        const int n = request->faces_size();
+        if (n == 0) return done(absl::InvalidArgumentError("faces is empty: nothing to enroll"));
+        if (n > options_.max_faces_per_enroll) {
+          env_.metrics->RecordRejected("too_many_faces", n);
+          return done(absl::ResourceExhaustedError(
+              absl::StrCat("too many faces: ", n, " in one Enroll, the limit is ",
+                           options_.max_faces_per_enroll, " (--gallery-max-faces-per-enroll)")));
+        }
+        absl::StatusOr<ProbeModel> model = ResolveProbeModel(
+            env_.admission->models(), request->model(), request->model_id(),
+            BoundModel(galleries(), gallery_name), request->faces(), HasFaces(request->faces()));
+        if (!model.ok()) return done(model.status());
+        response->set_model_id(model->model_id);
+        auto work = std::make_shared<ProbeWork>();
+        work->units.resize(size_t(n) * model->dim);
+        if (absl::Status s = CollectProbes(request->faces(), "faces", model->dim, model->model_id,
+                                           work->units.data(), &work->faces);
+            !s.ok()) {
+          return done(s);
+        }
+        using State = CallState<EnrollRequest, EnrollResponse>;
+        auto state = std::make_shared<State>(
+            State{request, response, std::move(call.is_cancelled), call.deadline, std::move(done)});
+        EmbedFaces(env_, state, &request->faces(), work, model->embeds, "faces",
+                   [this, state, work, gallery_name, model = model->model_id, n]() mutable {
+                     OnQueue(queue_, *state, n, [this, state, work, gallery_name, model, n] {
+                       // A call that died while its faces were embedded writes nothing.
+                       absl::Status alive =
+                           CheckAlive(state->is_cancelled, state->deadline, env_.metrics);
+                       if (!alive.ok()) return state->Complete(alive);
+                       const EnrollRequest& r = *state->request;
+                       gallery::EnrollWrite write;
+                       write.gallery = gallery_name;
+                       write.model_id = model;
+                       write.subject_id = r.subject_id();
+                       write.labels.insert(r.labels().begin(), r.labels().end());
+                       write.request_id = r.request_id();
+                       for (int i = 0; i < n; ++i) write.face_ids.push_back(gallery::NewFaceId());
+                       write.embeddings = std::move(work->units);
+                       absl::StatusOr<gallery::EnrollResult> result = galleries()->Enroll(write);
+                       metrics_->RecordStoreResult("enroll", result.status());
+                       if (!result.ok()) return state->Complete(result.status());
+                       state->response->set_subject_id(r.subject_id());
+                       for (std::string& id : result->face_ids) {
+                         state->response->add_face_ids(std::move(id));
+                       }
+                       state->response->set_gallery_version(result->version);
+                       state->Complete(absl::OkStatus());
+                     });
+                   });
+      },
+      ModelIdOfResponse(response));
 }
 
 grpc::ServerUnaryReactor* FaceGalleryService::Identify(grpc::CallbackServerContext* context,
                                                        const IdentifyRequest* request,
                                                        IdentifyResponse* response) {
-  return Serve(context, "Identify", [this, request, response](CallContext call, DoneFn done) {
-    const std::string gallery_name = GalleryName(request->gallery());
-    if (absl::Status s = CheckId("gallery", gallery_name); !s.ok()) return done(s);
-    const int n = request->probes_size();
-    if (n == 0) return done(absl::InvalidArgumentError("probes is empty: nothing to identify"));
-    if (n > options_.max_probes_per_identify) {
-      env_.metrics->RecordRejected("too_many_faces", n);
-      return done(absl::ResourceExhaustedError(
-          absl::StrCat("too many probes: ", n, " in one Identify, the limit is ",
-                       options_.max_probes_per_identify, " (--gallery-max-probes)")));
-    }
-    absl::StatusOr<int> checked_top_k = search_.TopK(request->top_k());
-    if (!checked_top_k.ok()) return done(checked_top_k.status());
-    const int top_k = *checked_top_k;
-    if (request->has_threshold() && !std::isfinite(request->threshold())) {
-      return done(absl::InvalidArgumentError("threshold is not finite"));
-    }
-    absl::StatusOr<ProbeModel> model = ResolveProbeModel(
-        env_.admission->models(), "", request->model_id(), BoundModel(galleries(), gallery_name),
-        request->probes(), HasFaces(request->probes()));
-    if (!model.ok()) return done(model.status());
-    if (IdentifyReplyBytes(n, top_k, model->model_id.size()) > env_.options->max_message_bytes) {
-      return done(absl::ResourceExhaustedError(absl::StrCat(
-          "an Identify of ", n, " probes with top_k ", top_k,
-          " could answer more than the message cap of ", env_.options->max_message_bytes,
-          " bytes (--max-message-bytes); send fewer probes per call")));
-    }
-    auto work = std::make_shared<ProbeWork>();
-    work->units.resize(size_t(n) * model->dim);
-    if (absl::Status s = CollectProbes(request->probes(), "probes", model->dim, model->model_id,
-                                       work->units.data(), &work->faces);
-        !s.ok()) {
-      return done(s);
-    }
-    const int num_faces = static_cast<int>(work->faces.size());
-    if (num_faces > env_.options->max_faces_per_request) {
-      env_.metrics->RecordRejected("too_many_faces", num_faces);
-      return done(absl::ResourceExhaustedError(
-          absl::StrCat("too many face probes: ", num_faces, " in one request, the limit is ",
-                       env_.options->max_faces_per_request, " (--max-faces-per-request)")));
-    }
-    response->set_model_id(model->model_id);
-    const std::optional<float> threshold =
-        request->has_threshold() ? request->threshold()
-                                 : DefaultThreshold(env_.admission->models(), model->model_id);
-    if (threshold) response->set_threshold(*threshold);
-    using State = CallState<IdentifyRequest, IdentifyResponse>;
-    auto state = std::make_shared<State>(
-        State{request, response, std::move(call.is_cancelled), call.deadline, std::move(done)});
-    EmbedFaces(env_, state, &request->probes(), work, model->embeds, "probes",
-               [this, state, work, gallery_name, model = model->model_id, n, top_k,
-                threshold]() mutable {
-                 GalleryQuery query;
-                 query.gallery = gallery_name;
-                 query.model_id = std::move(model);
-                 query.units = std::move(work->units);
-                 query.n = n;
-                 query.top_k = top_k;
-                 query.threshold = threshold;
-                 query.deadline = state->deadline;
-                 query.is_cancelled = state->is_cancelled;
-                 search_.Search(std::move(query), [state](absl::StatusOr<GalleryMatches> found) {
-                   if (!found.ok()) return state->Complete(found.status());
-                   IdentifyResponse* out = state->response;
-                   out->set_gallery_version(found->version);
-                   for (std::vector<gallery::Candidate>& candidates : found->results) {
-                     FillIdentification(std::move(candidates), out->add_results());
-                   }
-                   state->Complete(absl::OkStatus());
-                 });
-               });
-  }, ModelIdOfResponse(response));
+  return Serve(
+      context, "Identify",
+      [this, request, response](CallContext call, DoneFn done) {
+        const std::string gallery_name = GalleryName(request->gallery());
+        if (absl::Status s = CheckId("gallery", gallery_name); !s.ok()) return done(s);
+        const int n = request->probes_size();
+        if (n == 0) return done(absl::InvalidArgumentError("probes is empty: nothing to identify"));
+        if (n > options_.max_probes_per_identify) {
+          env_.metrics->RecordRejected("too_many_faces", n);
+          return done(absl::ResourceExhaustedError(
+              absl::StrCat("too many probes: ", n, " in one Identify, the limit is ",
+                           options_.max_probes_per_identify, " (--gallery-max-probes)")));
+        }
+        absl::StatusOr<int> checked_top_k = search_.TopK(request->top_k());
+        if (!checked_top_k.ok()) return done(checked_top_k.status());
+        const int top_k = *checked_top_k;
+        if (request->has_threshold() && !std::isfinite(request->threshold())) {
+          return done(absl::InvalidArgumentError("threshold is not finite"));
+        }
+        absl::StatusOr<ProbeModel> model = ResolveProbeModel(
+            env_.admission->models(), "", request->model_id(),
+            BoundModel(galleries(), gallery_name), request->probes(), HasFaces(request->probes()));
+        if (!model.ok()) return done(model.status());
+        if (IdentifyReplyBytes(n, top_k, model->model_id.size()) >
+            env_.options->max_message_bytes) {
+          return done(absl::ResourceExhaustedError(absl::StrCat(
+              "an Identify of ", n, " probes with top_k ", top_k,
+              " could answer more than the message cap of ", env_.options->max_message_bytes,
+              " bytes (--max-message-bytes); send fewer probes per call")));
+        }
+        auto work = std::make_shared<ProbeWork>();
+        work->units.resize(size_t(n) * model->dim);
+        if (absl::Status s = CollectProbes(request->probes(), "probes", model->dim, model->model_id,
+                                           work->units.data(), &work->faces);
+            !s.ok()) {
+          return done(s);
+        }
+        const int num_faces = static_cast<int>(work->faces.size());
+        if (num_faces > env_.options->max_faces_per_request) {
+          env_.metrics->RecordRejected("too_many_faces", num_faces);
+          return done(absl::ResourceExhaustedError(
+              absl::StrCat("too many face probes: ", num_faces, " in one request, the limit is ",
+                           env_.options->max_faces_per_request, " (--max-faces-per-request)")));
+        }
+        response->set_model_id(model->model_id);
+        const std::optional<float> threshold =
+            request->has_threshold() ? request->threshold()
+                                     : DefaultThreshold(env_.admission->models(), model->model_id);
+        if (threshold) response->set_threshold(*threshold);
+        using State = CallState<IdentifyRequest, IdentifyResponse>;
+        auto state = std::make_shared<State>(
+            State{request, response, std::move(call.is_cancelled), call.deadline, std::move(done)});
+        EmbedFaces(env_, state, &request->probes(), work, model->embeds, "probes",
+                   [this, state, work, gallery_name, model = model->model_id, n, top_k,
+                    threshold]() mutable {
+                     GalleryQuery query;
+                     query.gallery = gallery_name;
+                     query.model_id = std::move(model);
+                     query.units = std::move(work->units);
+                     query.n = n;
+                     query.top_k = top_k;
+                     query.threshold = threshold;
+                     query.deadline = state->deadline;
+                     query.is_cancelled = state->is_cancelled;
+                     search_.Search(
+                         std::move(query), [state](absl::StatusOr<GalleryMatches> found) {
+                           if (!found.ok()) return state->Complete(found.status());
+                           IdentifyResponse* out = state->response;
+                           out->set_gallery_version(found->version);
+                           for (std::vector<gallery::Candidate>& candidates : found->results) {
+                             FillIdentification(std::move(candidates), out->add_results());
+                           }
+                           state->Complete(absl::OkStatus());
+                         });
+                   });
+      },
+      ModelIdOfResponse(response));
 }
 
 grpc::ServerUnaryReactor* FaceGalleryService::Forget(grpc::CallbackServerContext* context,

@@ -49,9 +49,10 @@ ServiceMetrics::ServiceMetrics(int max_batch_size, std::vector<std::string> mode
       requests_(registry_.AddCounter("arcface_requests_total",
                                      "Finished RPCs (EmbedStream: messages) by method and code.",
                                      Labels(model_label_, {"rpc", "code"}))),
-      request_seconds_(registry_.AddHistogram(
-          "arcface_request_seconds", "Time from an RPC's (or stream message's) arrival to its answer.",
-          LatencyBounds(), {"rpc"})),
+      request_seconds_(
+          registry_.AddHistogram("arcface_request_seconds",
+                                 "Time from an RPC's (or stream message's) arrival to its answer.",
+                                 LatencyBounds(), {"rpc"})),
       faces_total_(registry_
                        .AddCounter("arcface_faces_total",
                                    "Faces embedded successfully (Embed, EmbedStream, Compare).")

@@ -1,15 +1,15 @@
 // arcface::client::Client against a real arcface-server with the golden r50 weights,
 // --max-faces-per-request 4, the face detector (--detector) and a SQLite gallery store limited to
-// 3 faces per Enroll and 2 probes per Identify (tests/client/test_cli.py starts it and runs this binary with
-// ARCFACE_TEST_SERVER=host:port, ARCFACE_GOLDEN_DIR and ARCFACE_TEST_DATA). ClientReload: a
-// second server with --admin-rpc serving ARCFACE_ADMIN_MODEL_FILE (r50) as model "live" and the
-// demo weights (ARCFACE_ADMIN_SERVER).
+// 3 faces per Enroll and 2 probes per Identify (tests/client/test_cli.py starts it and runs this
+// binary with ARCFACE_TEST_SERVER=host:port, ARCFACE_GOLDEN_DIR and ARCFACE_TEST_DATA).
+// ClientReload: a second server with --admin-rpc serving ARCFACE_ADMIN_MODEL_FILE (r50) as model
+// "live" and the demo weights (ARCFACE_ADMIN_SERVER).
+#include <gtest/gtest.h>
+
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-
-#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>

@@ -212,8 +212,8 @@ TEST(Metrics, RequestsAndRejectionsCarryTheModelWithSeveralModels) {
       {{"", "Identify", "OK"}, 1},
       {{"", "Embed", "NOT_FOUND"}, 1}};
   EXPECT_EQ(requests, want_requests);
-  const std::map<std::vector<std::string>, double> want_rejected = {
-      {{"dlib", "queue_full"}, 1}, {{"", "draining"}, 1}};
+  const std::map<std::vector<std::string>, double> want_rejected = {{{"dlib", "queue_full"}, 1},
+                                                                    {{"", "draining"}, 1}};
   EXPECT_EQ(rejected, want_rejected);
 }
 

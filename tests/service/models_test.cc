@@ -147,7 +147,8 @@ class ModelsTest : public ::testing::Test {
     // As the server publishes each model's version (the requests' model label follows it).
     metrics_->ForModel("arcface")->SetModelInfo(arcface.arch, arcface.model_id, "cpu", "fp32");
     metrics_->ForModel("dlib")->SetModelInfo(dlib.arch, dlib.model_id, "cpu", "fp32");
-    service_->SetReady({{arcface, embedders_[0].get()}, {dlib, embedders_[1].get()}});
+    service_->SetReady(
+        {{arcface, embedders_[0].get(), nullptr}, {dlib, embedders_[1].get(), nullptr}});
     auto channel =
         grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_), grpc::InsecureChannelCredentials());
     stub_ = v1::FaceEmbedding::NewStub(channel);
@@ -551,11 +552,10 @@ TEST_F(ModelsTest, AnUnsetThresholdIsTheModelsOwn) {
   EXPECT_FLOAT_EQ(identified.threshold(), kDlibCosineThreshold);
   int cut = 0;
   for (int i = 0; i < 3; ++i) {
-    const double similarity =
-        Dot({detected.faces(0).embedding().values().begin(),
-             detected.faces(0).embedding().values().end()},
-            {detected.faces(i).embedding().values().begin(),
-             detected.faces(i).embedding().values().end()});
+    const double similarity = Dot({detected.faces(0).embedding().values().begin(),
+                                   detected.faces(0).embedding().values().end()},
+                                  {detected.faces(i).embedding().values().begin(),
+                                   detected.faces(i).embedding().values().end()});
     EXPECT_EQ(identified.faces(i).identification().candidates_size(),
               similarity >= kDlibCosineThreshold ? 1 : 0)
         << "face " << i << ": " << similarity;
@@ -639,20 +639,14 @@ TEST_F(ModelsTest, RequestsAndRejectionsCountUnderTheirModel) {
     }
   }
   const std::map<std::vector<std::string>, double> want_requests = {
-      {{"arcface", "Embed", "OK"}, 1},
-      {{"dlib", "Embed", "OK"}, 2},
-      {{"", "Embed", "NOT_FOUND"}, 1},
-      {{"dlib", "Embed", "RESOURCE_EXHAUSTED"}, 1},
-      {{"dlib", "GetModelInfo", "OK"}, 1},
-      {{"", "ListModels", "OK"}, 1},
-      {{"dlib", "Enroll", "OK"}, 1},
-      {{"dlib", "Identify", "OK"}, 1},
-      {{"dlib", "EmbedStream", "OK"}, 1},
-      {{"", "EmbedStream", "NOT_FOUND"}, 1},
+      {{"arcface", "Embed", "OK"}, 1},      {{"dlib", "Embed", "OK"}, 2},
+      {{"", "Embed", "NOT_FOUND"}, 1},      {{"dlib", "Embed", "RESOURCE_EXHAUSTED"}, 1},
+      {{"dlib", "GetModelInfo", "OK"}, 1},  {{"", "ListModels", "OK"}, 1},
+      {{"dlib", "Enroll", "OK"}, 1},        {{"dlib", "Identify", "OK"}, 1},
+      {{"dlib", "EmbedStream", "OK"}, 1},   {{"", "EmbedStream", "NOT_FOUND"}, 1},
       {{"arcface", "EmbedStream", "OK"}, 1}};
   EXPECT_EQ(requests, want_requests);
-  const std::map<std::vector<std::string>, double> want_rejected = {
-      {{"", "too_many_faces"}, 1}};
+  const std::map<std::vector<std::string>, double> want_rejected = {{{"", "too_many_faces"}, 1}};
   EXPECT_EQ(rejected, want_rejected);
 }
 
@@ -723,8 +717,8 @@ TEST_F(ModelsTest, OneModelsOverloadNeverHoldsTheOthersCalls) {
   for (std::thread& t : held) t.join();
   for (const grpc::Status& st : held_status) EXPECT_TRUE(st.ok()) << st.error_message();
   EXPECT_EQ(embedders_[1]->batcher().counters().tasks_succeeded, 5);
-  EXPECT_EQ(
-      Metric("arcface_requests_total", {{"model", "dlib"}, {"rpc", "Embed"}, {"code", "OK"}}), 5);
+  EXPECT_EQ(Metric("arcface_requests_total", {{"model", "dlib"}, {"rpc", "Embed"}, {"code", "OK"}}),
+            5);
   int dlib_crops = 0;
   for (int n : dlib_.batch_sizes()) dlib_crops += n;
   EXPECT_EQ(dlib_crops, 5);
