@@ -7,7 +7,8 @@
 #   tsan  ThreadSanitizer (build-tsan): the batching, service and client C++ suites, the
 #         integration and fault suites against the TSan server
 #   Neither runs the Python client's suite (Python code; the server paths it reaches are the
-#   integration suites'), and TSan not the CLI's; ARCFACE_LANES_ALL=1 runs them too.
+#   integration suites'), and TSan not the CLI's nor integration_reload (model_reloader_test
+#   runs the reloader's threads under TSan); ARCFACE_LANES_ALL=1 runs them too.
 #   tsa   clang's -Wthread-safety as errors over every .cc of server/ and client/ (build-tsa)
 #   fuzz  the libFuzzer targets of tests/fuzz (build-fuzz, ASan+UBSan), each for
 #         ARCFACE_FUZZ_SECONDS (30) on its seed corpus and regression inputs
@@ -69,8 +70,10 @@ tsan() {
   timed build cmake --build build-tsan -j"$(nproc)" &&
   # The CLI's suite (client_pytest, 6 minutes under TSan) adds no server path that the
   # integration suites do not cover, and the CLI's threads are its C++ tests' (run here).
+  # integration_reload (2.5 minutes under TSan, loading r100 twice) runs under ASan; its threads,
+  # the reloader's swap and retirement under concurrent callers, are model_reloader_test's here.
   timed tests ctest --test-dir build-tsan --output-on-failure \
-    $(lane_skip 'client_pytest|python_client_pytest') "$@"
+    $(lane_skip 'client_pytest|python_client_pytest|integration_reload') "$@"
 }
 
 # lane_skip NAMES: ctest's exclusion of those suites (a regex alternation), unless
