@@ -142,6 +142,15 @@ class ModelReloaderTest : public ::testing::Test {
     return 0;
   }
 
+  // Whether the version `model_id` serves within 30 s (the reloader swaps on its own thread).
+  bool WaitForServing(const std::string& model_id) {
+    const absl::Time end = absl::Now() + absl::Seconds(30);
+    while ((*models_.Find("m"))->model_id() != model_id && absl::Now() < end) {
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+    return (*models_.Find("m"))->model_id() == model_id;
+  }
+
   // The norm version `scale` gives a crop filled with `fill`.
   static float NormOf(uint8_t fill, float scale) {
     const std::vector<uint8_t> crop(kCropBytes, fill);
@@ -183,11 +192,7 @@ TEST_F(ModelReloaderTest, CallsQueuedOnTheOldVersionFinishOnItWhileNewCallsGetTh
     reloaded.Notify();
   });
   // Swapped while the old version is still held: new calls go to the new one at once...
-  const absl::Time end = absl::Now() + absl::Seconds(30);
-  while ((*models_.Find("m"))->model_id() != "fake@2" && absl::Now() < end) {
-    absl::SleepFor(absl::Milliseconds(1));
-  }
-  ASSERT_EQ((*models_.Find("m"))->model_id(), "fake@2");
+  ASSERT_TRUE(WaitForServing("fake@2"));
   Answer fresh;
   Call(50, [&fresh](absl::StatusOr<float> norm, std::string id) {
     fresh.norm = norm;
@@ -282,10 +287,7 @@ TEST_F(ModelReloaderTest, ARequestQueuedBehindAReloadWhenStoppingIsAnsweredUnava
   });
   // The first reload swapped and waits for the held old version to retire; Stop() ends that
   // wait (the old version shuts down, which runs its held batch) and refuses the second.
-  const absl::Time end = absl::Now() + absl::Seconds(30);
-  while ((*models_.Find("m"))->model_id() != "fake@3" && absl::Now() < end) {
-    absl::SleepFor(absl::Milliseconds(1));
-  }
+  ASSERT_TRUE(WaitForServing("fake@3"));
   std::thread stop([this] { reloader_->Stop(); });
   // Stop() has begun once a request is refused at once (those queued before are refused too).
   std::atomic<int> refused{0};
@@ -322,10 +324,7 @@ TEST_F(ModelReloaderTest, AtMostkMaxPendingRequestsWait) {
   reloader_->Request({}, "test",
                      [&](absl::StatusOr<std::vector<ModelReload>>) { busy_done.Notify(); });
   // Swapped; the old version cannot retire while its batch is held, so this reload goes on.
-  const absl::Time end = absl::Now() + absl::Seconds(30);
-  while ((*models_.Find("m"))->model_id() != "fake@2" && absl::Now() < end) {
-    absl::SleepFor(absl::Milliseconds(1));
-  }
+  ASSERT_TRUE(WaitForServing("fake@2"));
   NextLoad(0.0f);
   std::atomic<int> unchanged{0};
   for (size_t i = 0; i < ModelReloader::kMaxPending; ++i) {
@@ -341,8 +340,8 @@ TEST_F(ModelReloaderTest, AtMostkMaxPendingRequestsWait) {
   first->model.gate().Release();
   ASSERT_TRUE(busy_done.WaitForNotificationWithTimeout(absl::Seconds(30)));
   // The queued requests then run, one after the other.
-  const absl::Time end2 = absl::Now() + absl::Seconds(30);
-  while (unchanged.load() < int(ModelReloader::kMaxPending) && absl::Now() < end2) {
+  const absl::Time end = absl::Now() + absl::Seconds(30);
+  while (unchanged.load() < int(ModelReloader::kMaxPending) && absl::Now() < end) {
     absl::SleepFor(absl::Milliseconds(1));
   }
   EXPECT_EQ(unchanged.load(), int(ModelReloader::kMaxPending));
