@@ -112,8 +112,8 @@ ModelReload ModelReloader::ReloadOne(const std::string& name) {
     } else if (!loaded->has_value()) {
       spdlog::info("reload of model {}: unchanged ({})", name, out.model_id);
     } else {
-      old = *models_->Replace(**std::move(loaded));  // served: Find() found it
-      const ModelRef now = *models_->Find(name);
+      const ModelRef now = std::make_shared<const ServedModel>(**std::move(loaded));
+      old = *models_->Replace(now);  // served: Find() found it
       out.result = ModelReload::Result::kReloaded;
       out.model_id = now->model_id();
       swapped_(*now, *old);
@@ -129,13 +129,12 @@ ModelReload ModelReloader::ReloadOne(const std::string& name) {
 void ModelReloader::Retire(ModelRef old) {
   const absl::Time start = absl::Now();
   // Calls let go of the version once their crops are queued in its Embedder, a few ms after
-  // the swap; they are not told to, so this polls.
-  while (old.use_count() > 1) {
-    {
-      absl::MutexLock lock(&mu_);
-      if (stopping_) break;
+  // the swap; they are not told to, so this polls (Stop() ends the wait at once).
+  {
+    absl::MutexLock lock(&mu_);
+    while (old.use_count() > 1 && !stopping_) {
+      mu_.AwaitWithTimeout(absl::Condition(&stopping_), absl::Milliseconds(5));
     }
-    absl::SleepFor(absl::Milliseconds(5));
   }
   old->embedder->Shutdown();
   spdlog::info("model {}: {} retired after {:.3f} s", old->name(), old->model_id(),

@@ -27,8 +27,7 @@ void ServedModels::Set(std::vector<ServedModel> models) {
   models_.swap(refs);
 }
 
-absl::StatusOr<ModelRef> ServedModels::Replace(ServedModel next) {
-  ModelRef ref = std::make_shared<const ServedModel>(std::move(next));
+absl::StatusOr<ModelRef> ServedModels::Replace(ModelRef ref) {
   absl::MutexLock lock(&mu_);
   for (ModelRef& m : models_) {
     if (m->name() == ref->name()) {

@@ -58,7 +58,7 @@ class ServedModels {
   void Set(std::vector<ServedModel> models) ABSL_LOCKS_EXCLUDED(mu_);
   // Swaps `next` in for the served model of the same name (it stays the default if it was);
   // returns the version it replaced. NOT_FOUND if no model of that name is served.
-  absl::StatusOr<ModelRef> Replace(ServedModel next) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<ModelRef> Replace(ModelRef next) ABSL_LOCKS_EXCLUDED(mu_);
 
   absl::StatusOr<ModelRef> Find(absl::string_view name) const ABSL_LOCKS_EXCLUDED(mu_);
   ModelRef ByModelId(absl::string_view model_id) const ABSL_LOCKS_EXCLUDED(mu_);
